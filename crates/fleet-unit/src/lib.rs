@@ -1,0 +1,1 @@
+//! Unit files, unit names and the [X-Fleet] model (no IO).

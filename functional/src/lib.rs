@@ -1,0 +1,1 @@
+//! Multi-node functional tests: real systemd nodes, real etcd, the real binaries.
