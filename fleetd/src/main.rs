@@ -12,4 +12,8 @@ struct Args {
 
 fn main() {
     let _args = Args::parse();
+    // Placeholder until the agent and engine land: stay up until systemd stops us.
+    loop {
+        std::thread::park();
+    }
 }
