@@ -1,0 +1,84 @@
+//! A lease kept alive in the background, and told apart from a lost one.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::Client;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+/// A granted lease refreshed every ttl/3. `lost()` resolves once etcd says the lease is
+/// gone, or no refresh succeeded for a whole ttl (then it has expired on etcd's side too).
+pub struct LeaseKeeper {
+    id: i64,
+    lost: watch::Receiver<bool>,
+    task: JoinHandle<()>,
+}
+
+impl LeaseKeeper {
+    pub async fn grant(client: &Client, ttl: Duration) -> Result<LeaseKeeper, etcd_client::Error> {
+        let secs = ttl.as_secs().max(1) as i64;
+        let resp = client.lease_client().grant(secs, None).await?;
+        let id = resp.id();
+        let (tx, lost) = watch::channel(false);
+        let task = tokio::spawn(keep(client.clone(), id, Duration::from_secs(secs as u64), tx));
+        Ok(LeaseKeeper { id, lost, task })
+    }
+
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves when the lease is lost (immediately if it already is).
+    pub async fn lost(&self) {
+        let mut rx = self.lost.clone();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// Stops refreshing and revokes the lease, so what it holds vanishes at once.
+    pub async fn revoke(self, client: &Client) {
+        self.task.abort();
+        if let Err(e) = client.lease_client().revoke(self.id).await {
+            debug!(lease = self.id, error = %e, "lease revoke failed");
+        }
+    }
+}
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
+    let period = ttl / 3;
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(period).await;
+        let attempt = tokio::time::timeout(period.max(Duration::from_secs(1)), async {
+            let (mut keeper, mut stream) = client.lease_client().keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            stream.message().await
+        })
+        .await;
+        match attempt {
+            Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
+            Ok(Ok(_)) => {
+                warn!(lease = id, "lease expired");
+                let _ = lost.send(true);
+                return;
+            }
+            Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
+            Err(_) => debug!(lease = id, "lease refresh timed out"),
+        }
+        if last_ok.elapsed() >= ttl {
+            warn!(lease = id, "lease not refreshed for a whole ttl; treating it as lost");
+            let _ = lost.send(true);
+            return;
+        }
+    }
+}

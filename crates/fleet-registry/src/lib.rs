@@ -1,0 +1,63 @@
+//! fleet's shared state on etcd v3: unit definitions, schedule, machine presence and unit states.
+//!
+//! Everything fleet knows lives under one key prefix (`etcd_key_prefix`, default
+//! `/_coreos.com/fleet/`). The layout is documented in `keys` and in
+//! `Documentation/etcd-layout.md`; values are JSON objects with a `version` field.
+//!
+//! Three kinds of users talk to the registry, each through its own part of the API:
+//! - clients (the HTTP API and fleetctl's etcd driver): create, change and destroy units,
+//!   list units, machines and states ([`Registry`]);
+//! - the engine: leader election, one consistent snapshot, fenced writes of decisions;
+//! - the agent: machine presence under a lease, its own schedule and the global units
+//!   through a watch, unit states under its lease.
+
+mod error;
+mod etcd;
+pub mod keys;
+mod lease;
+mod model;
+mod watch;
+
+pub use error::{RegistryError, Result};
+pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
+pub use lease::LeaseKeeper;
+pub use model::{
+    GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
+    current_state,
+};
+pub use watch::{ListWatch, WatchEvent};
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_unit::{TargetState, UnitFile, UnitName};
+
+/// What clients (the HTTP API and fleetctl's etcd driver) may do with the registry.
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Stores a new unit. Fails with [`RegistryError::AlreadyExists`] when the name is taken.
+    async fn create_unit(&self, name: &UnitName, file: &UnitFile, desired: TargetState)
+    -> Result<()>;
+    /// Changes the desired state of an existing unit.
+    async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()>;
+    /// Removes a unit; `false` when there was none.
+    async fn destroy_unit(&self, name: &UnitName) -> Result<bool>;
+    /// One unit with its body, placement and current state.
+    async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>>;
+    /// All units, sorted by name.
+    async fn units(&self) -> Result<Vec<UnitView>>;
+    /// All machines present now, sorted by ID, with API-set metadata merged in.
+    async fn machines(&self) -> Result<Vec<MachineView>>;
+    /// All unit states reported by agents, sorted by unit name then machine ID.
+    async fn unit_states(&self) -> Result<Vec<StateRecord>>;
+    /// Sets (Some) or removes (None) one metadata key of a machine; persists across restarts.
+    async fn set_machine_metadata(&self, machine: &str, key: &str, value: Option<&str>)
+    -> Result<()>;
+    /// Waits until something about `unit` may have changed (its record, placement, reason or
+    /// states, or the machine list), or `max` passed. Drivers that can watch do; the default
+    /// just waits a little, which is what a polling client can do.
+    async fn wait_for_change(&self, unit: &UnitName, max: Duration) {
+        let _ = unit;
+        tokio::time::sleep(max.min(Duration::from_millis(250))).await;
+    }
+}

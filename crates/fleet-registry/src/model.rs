@@ -1,0 +1,129 @@
+//! The values stored in etcd (records, JSON with a `version` field) and the views clients get.
+
+use std::collections::BTreeMap;
+
+use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
+use serde::{Deserialize, Serialize};
+
+/// Format version of every record this code writes. Readers accept this version and skip
+/// (with a log line) records of a version they do not know.
+pub const RECORD_VERSION: u32 = 1;
+
+fn v1() -> u32 {
+    RECORD_VERSION
+}
+
+/// `units/<name>`: what the user asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UnitRecord {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub name: UnitName,
+    pub hash: UnitHash,
+    pub desired_state: TargetState,
+    #[serde(default)]
+    pub global: bool,
+}
+
+/// `global/<name>`: the part of a global unit every agent needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRecord {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub hash: UnitHash,
+    pub desired_state: TargetState,
+}
+
+/// `schedule/<machine>/<name>`: what one machine must run, written by the engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScheduleRecord {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub hash: UnitHash,
+    pub desired_state: TargetState,
+}
+
+/// `machines/<id>`: a live machine, kept under its agent's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineRecord {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub id: String,
+    #[serde(default)]
+    pub public_ip: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub agent_version: String,
+    /// Random per fleetd installation on a node (kept in /run): tells a restarted fleetd
+    /// its own stale registration apart from a second fleetd with the same machine ID.
+    #[serde(default)]
+    pub token: String,
+}
+
+/// `states/<name>/<machine>`: what systemd on that machine says about the unit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StateRecord {
+    #[serde(default = "v1")]
+    pub version: u32,
+    pub name: String,
+    pub machine_id: String,
+    pub hash: String,
+    pub load_state: String,
+    pub active_state: String,
+    pub sub_state: String,
+    /// What the agent has done with the unit: `loaded` or `launched`.
+    pub agent_state: TargetState,
+}
+
+/// A unit as clients see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnitView {
+    pub name: UnitName,
+    pub file: UnitFile,
+    pub hash: UnitHash,
+    pub desired: TargetState,
+    pub global: bool,
+    /// Machine the engine placed it on (never set for global units).
+    pub machine_id: Option<String>,
+    /// What the unit's machine reports having done (fleet's `currentState`).
+    pub current: TargetState,
+    /// Why the engine cannot place the unit now, if it cannot.
+    pub reason: Option<String>,
+}
+
+/// A machine as clients see it: its own record with API-set metadata merged over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineView {
+    pub id: String,
+    pub public_ip: String,
+    pub metadata: BTreeMap<String, String>,
+    pub version: String,
+}
+
+/// fleet's current state of a unit: `inactive` unless placed and reported by its machine,
+/// then whatever that machine's agent says it did.
+pub fn current_state(machine: Option<&str>, state: Option<&StateRecord>) -> TargetState {
+    match (machine, state) {
+        (Some(m), Some(s)) if s.machine_id == m => s.agent_state,
+        _ => TargetState::Inactive,
+    }
+}
+
+/// Decodes a JSON record, naming the key when it is malformed.
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> crate::Result<T> {
+    serde_json::from_slice(value).map_err(|e| crate::RegistryError::BadValue {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing these plain structs cannot fail (string keys, no custom serializers).
+    serde_json::to_vec(value).unwrap_or_default()
+}
