@@ -1,0 +1,177 @@
+//! `Session::shell` on a real terminal: this binary re-runs itself as the client on the terminal
+//! side of a pseudo-terminal, against a private sshd, and checks what a user would see: the
+//! remote PTY has our TERM and size, a resize reaches it, the exit status comes back, and the
+//! terminal is out of raw mode during the session and back to normal afterwards.
+//!
+//! A custom harness (`harness = false`): `main` is the test, or the client when
+//! `FLEET_SSH_SHELL_CLIENT` is set.
+
+mod support;
+
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_ssh::{NewHostPolicy, SshConfig};
+use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+use rustix::termios::{self, LocalModes, Winsize};
+use support::{Fixture, wait_for};
+
+const REMOTE: &str = "echo term=$TERM; stty size; \
+     for i in $(seq 300); do [ \"$(stty size)\" = '50 132' ] && break; sleep 0.05; done; \
+     echo resized-to=$(stty size); exit 5";
+
+fn main() {
+    if std::env::var_os("FLEET_SSH_SHELL_CLIENT").is_some() {
+        client();
+    }
+    shell_on_a_terminal();
+    println!("test shell_on_a_terminal ... ok");
+}
+
+/// The client side: connect with the settings from the environment and run the shell.
+fn client() -> ! {
+    let var = |name: &str| std::env::var(name).unwrap_or_default();
+    let cfg = SshConfig {
+        user: var("FLEET_SSH_USER"),
+        identity_file: Some(var("FLEET_SSH_KEY").into()),
+        known_hosts_file: var("FLEET_SSH_KNOWN_HOSTS").into(),
+        agent_socket: None,
+        new_host: NewHostPolicy::Accept,
+        ..SshConfig::default()
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let code = rt.block_on(async {
+        let session = fleet_ssh::connect(&var("FLEET_SSH_ADDR"), &cfg)
+            .await
+            .expect("connect");
+        session.shell(Some(REMOTE)).await.expect("shell")
+    });
+    std::process::exit(code);
+}
+
+fn pty_pair() -> (OwnedFd, std::fs::File) {
+    let controller = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).expect("openpt");
+    grantpt(&controller).expect("grantpt");
+    unlockpt(&controller).expect("unlockpt");
+    let name = ptsname(&controller, Vec::new()).expect("ptsname");
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(name.to_str().expect("utf-8 pty name"))
+        .expect("open pty");
+    (controller, terminal)
+}
+
+fn shell_on_a_terminal() {
+    let fx = Fixture::new();
+    let (controller, term) = pty_pair();
+    let size = |rows, cols| Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    termios::tcsetwinsize(&term, size(30, 90)).expect("set size");
+    let before = termios::tcgetattr(&term).expect("tcgetattr");
+    assert!(
+        before
+            .local_modes
+            .contains(LocalModes::ICANON | LocalModes::ECHO)
+    );
+
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let sink = output.clone();
+    let mut reader = std::fs::File::from(controller);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut out) = sink.lock() {
+                out.extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let seen = |what: &str| {
+        output
+            .lock()
+            .map(|o| String::from_utf8_lossy(&o).contains(what))
+            .unwrap_or(false)
+    };
+    let shown = || {
+        output
+            .lock()
+            .map(|o| String::from_utf8_lossy(&o).into_owned())
+            .unwrap_or_default()
+    };
+
+    let clone = |f: &std::fs::File| Stdio::from(f.try_clone().expect("dup pty"));
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .env("FLEET_SSH_SHELL_CLIENT", "1")
+        .env("FLEET_SSH_ADDR", fx.sshd.addr())
+        .env("FLEET_SSH_USER", &fx.cfg.user)
+        .env("FLEET_SSH_KEY", &fx.key.private)
+        .env("FLEET_SSH_KNOWN_HOSTS", &fx.cfg.known_hosts_file)
+        .env("TERM", "xterm-test")
+        .stdin(clone(&term))
+        .stdout(clone(&term))
+        .stderr(clone(&term))
+        .spawn()
+        .expect("start client");
+    let pid = child.id().to_string();
+    let finish = |child: &mut std::process::Child, ok: bool, what: &str| {
+        if !ok {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what}; terminal output:\n{}\nsshd log:\n{}",
+                shown(),
+                fx.sshd.log_text()
+            );
+        }
+    };
+
+    let started = wait_for(Duration::from_secs(30), || seen("30 90"));
+    finish(
+        &mut child,
+        started,
+        "the remote PTY did not report the initial size 30x90",
+    );
+    let during = termios::tcgetattr(&term).expect("tcgetattr");
+    let raw = !during.local_modes.contains(LocalModes::ICANON)
+        && !during.local_modes.contains(LocalModes::ECHO);
+    finish(
+        &mut child,
+        raw,
+        "the local terminal is not in raw mode during the session",
+    );
+
+    termios::tcsetwinsize(&term, size(50, 132)).expect("resize");
+    let resized = wait_for(Duration::from_secs(20), || {
+        // The client only reads the new size when told, as a terminal emulator would tell it.
+        let _ = Command::new("kill").args(["-WINCH", &pid]).status();
+        seen("resized-to=50 132")
+    });
+    finish(
+        &mut child,
+        resized,
+        "the new window size did not reach the remote PTY",
+    );
+
+    let mut status = None;
+    let exited = wait_for(Duration::from_secs(20), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    finish(&mut child, exited, "the client did not exit");
+    assert_eq!(status.and_then(|s| s.code()), Some(5), "{}", shown());
+    assert!(seen("term=xterm-test"), "{}", shown());
+    let after = termios::tcgetattr(&term).expect("tcgetattr");
+    assert_eq!(after.local_modes, before.local_modes, "terminal restored");
+    assert_eq!(after.input_modes, before.input_modes, "terminal restored");
+    assert_eq!(after.output_modes, before.output_modes, "terminal restored");
+}
