@@ -1,0 +1,568 @@
+//! The `[X-Fleet]` section: scheduling requirements of a unit, read and validated as fleet did.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::file::{UnitFile, split_multivalue};
+use crate::glob::glob_match;
+use crate::name::UnitName;
+use crate::quote::go_quote;
+
+/// The section fleet reads requirements from.
+pub const X_FLEET: &str = "X-Fleet";
+
+/// Every key fleet accepts in `[X-Fleet]` (current and deprecated spellings).
+pub const KNOWN_KEYS: &[&str] = &[
+    "MachineID",
+    "X-ConditionMachineID",
+    "X-ConditionMachineBootID",
+    "X-ConditionMachineOf",
+    "MachineOf",
+    "X-Conflicts",
+    "Conflicts",
+    "X-ConditionMachineMetadata",
+    "MachineMetadata",
+    "Global",
+    "Replaces",
+];
+
+/// What a unit asks of the machine it runs on, with specifiers expanded and deprecated
+/// spellings folded in.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Requirements {
+    /// Run only on this machine (`MachineID`, else `X-ConditionMachineID`, else
+    /// `X-ConditionMachineBootID`; the first value wins). Matches a machine's full ID or its
+    /// 8-character short ID.
+    pub machine_id: Option<String>,
+    /// Run only where all these units are (`X-ConditionMachineOf` then `MachineOf`; exact names).
+    pub machine_of: Vec<String>,
+    /// Run only on machines whose metadata has, for every key, one of the listed values
+    /// (AND across keys, OR within a key). Values sorted and unique.
+    pub metadata: BTreeMap<String, Vec<String>>,
+    /// Never share a machine with units matching these globs (`X-Conflicts` then `Conflicts`,
+    /// each value split on whitespace).
+    pub conflicts: Vec<String>,
+    /// Run on every eligible machine instead of being scheduled (`Global`, last value wins).
+    pub global: bool,
+    /// Push units matching these globs off the machine this unit is placed on.
+    pub replaces: Vec<String>,
+}
+
+impl Requirements {
+    /// Reads the `[X-Fleet]` section of `file` for the unit called `name`.
+    ///
+    /// Returns the requirements and warnings (unknown keys, with fleet's text, and ignored
+    /// malformed `MachineMetadata` values), or an error for combinations fleet rejects.
+    pub fn from_unit(
+        name: &UnitName,
+        file: &UnitFile,
+    ) -> Result<(Requirements, Vec<String>), RequirementError> {
+        // key -> values, keys in first-seen order, values split and expanded.
+        let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
+        for opt in file.options().iter().filter(|o| o.section == X_FLEET) {
+            let values = split_multivalue(&opt.value)
+                .into_iter()
+                .map(|v| name.expand_specifiers(&v));
+            match keys.iter_mut().find(|(k, _)| *k == opt.name) {
+                Some((_, vs)) => vs.extend(values),
+                None => keys.push((&opt.name, values.collect())),
+            }
+        }
+        let get = |key: &str| -> &[String] {
+            keys.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.as_slice())
+                .unwrap_or(&[])
+        };
+
+        let mut warnings = Vec::new();
+        for (key, _) in &keys {
+            if !KNOWN_KEYS.contains(key) {
+                warnings.push(format!(
+                    "unrecognized requirement in [X-Fleet] section: {}",
+                    go_quote(key)
+                ));
+            }
+        }
+
+        let machine_id = [
+            "MachineID",
+            "X-ConditionMachineID",
+            "X-ConditionMachineBootID",
+        ]
+        .iter()
+        .find_map(|k| get(k).first().cloned());
+
+        let mut machine_of: Vec<String> = Vec::new();
+        for k in ["X-ConditionMachineOf", "MachineOf"] {
+            machine_of.extend(get(k).iter().cloned());
+        }
+
+        let mut metadata: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for k in ["X-ConditionMachineMetadata", "MachineMetadata"] {
+            for pair in get(k) {
+                let parts: Vec<&str> = pair.split('=').collect();
+                match parts.as_slice() {
+                    [key, value] if !key.is_empty() && !value.is_empty() => {
+                        let values = metadata.entry(key.to_string()).or_default();
+                        if let Err(at) = values.binary_search_by(|v| v.as_str().cmp(value)) {
+                            values.insert(at, value.to_string());
+                        }
+                    }
+                    _ => warnings.push(format!(
+                        "ignoring {k} value {}: expected key=value",
+                        go_quote(pair)
+                    )),
+                }
+            }
+        }
+
+        let mut conflicts: Vec<String> = Vec::new();
+        for k in ["X-Conflicts", "Conflicts"] {
+            for v in get(k) {
+                conflicts.extend(v.split_whitespace().map(str::to_string));
+            }
+        }
+
+        let global = get("Global").last().is_some_and(|v| is_truthy(v));
+        let replaces = get("Replaces").to_vec();
+
+        let req = Requirements {
+            machine_id,
+            machine_of,
+            metadata,
+            conflicts,
+            global,
+            replaces,
+        };
+        req.validate().map_err(|kind| RequirementError {
+            unit: name.clone(),
+            kind,
+        })?;
+        Ok((req, warnings))
+    }
+
+    /// fleet's consistency checks (the API's `ValidateOptions`), first failure reported.
+    fn validate(&self) -> Result<(), RequirementErrorKind> {
+        for peer in &self.machine_of {
+            if let Some(c) = self.conflicts.iter().find(|c| glob_match(c, peer)) {
+                return Err(RequirementErrorKind::PeerMatchesConflict {
+                    peer: peer.clone(),
+                    conflict: c.clone(),
+                });
+            }
+            if let Some(r) = self.replaces.iter().find(|r| glob_match(r, peer)) {
+                return Err(RequirementErrorKind::PeerMatchesReplace {
+                    peer: peer.clone(),
+                    replace: r.clone(),
+                });
+            }
+        }
+        let target = self.machine_id.is_some();
+        let peers = !self.machine_of.is_empty();
+        let conflicts = !self.conflicts.is_empty();
+        let replaces = !self.replaces.is_empty();
+        let global = self.global;
+        let clash = |first, second| Err(RequirementErrorKind::Combination { first, second });
+        match () {
+            _ if target && peers => clash(FleetOption::MachineId, FleetOption::Peers),
+            _ if target && conflicts => clash(FleetOption::MachineId, FleetOption::Conflicts),
+            _ if target && global => clash(FleetOption::MachineId, FleetOption::Global),
+            _ if target && replaces => clash(FleetOption::MachineId, FleetOption::Replaces),
+            _ if global && peers => clash(FleetOption::Global, FleetOption::Peers),
+            _ if global && replaces => clash(FleetOption::Global, FleetOption::Replaces),
+            _ if conflicts && replaces => clash(FleetOption::Conflicts, FleetOption::Replaces),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a machine with this metadata satisfies `MachineMetadata` (every required key
+    /// present with one of its allowed values).
+    pub fn metadata_satisfied_by(&self, machine: &BTreeMap<String, String>) -> bool {
+        self.metadata.iter().all(|(key, allowed)| {
+            machine
+                .get(key)
+                .is_some_and(|v| allowed.iter().any(|a| a == v))
+        })
+    }
+
+    /// Whether this unit's `Conflicts` globs match `other`.
+    pub fn conflicts_with(&self, other: &str) -> bool {
+        self.conflicts.iter().any(|p| glob_match(p, other))
+    }
+
+    /// Whether this unit's `Replaces` globs match `other`.
+    pub fn replaces_unit(&self, other: &str) -> bool {
+        self.replaces.iter().any(|p| glob_match(p, other))
+    }
+}
+
+/// fleet's truthy spellings for `Global`: true, yes, 1, on, t (any case).
+fn is_truthy(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "true" | "yes" | "1" | "on" | "t"
+    )
+}
+
+/// An option as fleet's validation messages named it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetOption {
+    MachineId,
+    /// `MachineOf` (fleet's messages call it "Peers").
+    Peers,
+    Conflicts,
+    Global,
+    Replaces,
+}
+
+impl FleetOption {
+    /// The word fleet's message used.
+    pub fn fleet_word(self) -> &'static str {
+        match self {
+            FleetOption::MachineId => "MachineID",
+            FleetOption::Peers => "Peers",
+            FleetOption::Conflicts => "Conflicts",
+            FleetOption::Global => "Global",
+            FleetOption::Replaces => "Replaces",
+        }
+    }
+
+    /// The option name a user writes in `[X-Fleet]`.
+    pub fn option_name(self) -> &'static str {
+        match self {
+            FleetOption::Peers => "MachineOf",
+            other => other.fleet_word(),
+        }
+    }
+}
+
+/// What is wrong with a unit's requirements.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequirementErrorKind {
+    /// A `MachineOf` unit matches one of the unit's own `Conflicts`.
+    PeerMatchesConflict { peer: String, conflict: String },
+    /// A `MachineOf` unit matches one of the unit's own `Replaces`.
+    PeerMatchesReplace { peer: String, replace: String },
+    /// Two options that cannot be used together.
+    Combination {
+        first: FleetOption,
+        second: FleetOption,
+    },
+}
+
+/// A unit whose `[X-Fleet]` section fleet would refuse. `Display` names the unit and the
+/// options; [`RequirementError::fleet_message`] is fleet's exact text (for API answers).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequirementError {
+    pub unit: UnitName,
+    pub kind: RequirementErrorKind,
+}
+
+impl RequirementError {
+    /// The message fleet v1.0 gave, word for word (e.g. `MachineID cannot be used with Peers`).
+    pub fn fleet_message(&self) -> String {
+        match &self.kind {
+            RequirementErrorKind::PeerMatchesConflict { peer, conflict } => format!(
+                "unresolvable requirements: peer {} matches conflict {}",
+                go_quote(peer),
+                go_quote(conflict)
+            ),
+            RequirementErrorKind::PeerMatchesReplace { peer, replace } => format!(
+                "unresolvable requirements: peer {} matches replace {}",
+                go_quote(peer),
+                go_quote(replace)
+            ),
+            RequirementErrorKind::Combination { first, second } => format!(
+                "{} cannot be used with {}",
+                first.fleet_word(),
+                second.fleet_word()
+            ),
+        }
+    }
+}
+
+impl fmt::Display for RequirementError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unit {}: ", self.unit)?;
+        match &self.kind {
+            RequirementErrorKind::PeerMatchesConflict { peer, conflict } => write!(
+                f,
+                "unresolvable requirements: MachineOf={peer} matches Conflicts={conflict}"
+            ),
+            RequirementErrorKind::PeerMatchesReplace { peer, replace } => write!(
+                f,
+                "unresolvable requirements: MachineOf={peer} matches Replaces={replace}"
+            ),
+            RequirementErrorKind::Combination { first, second } => write!(
+                f,
+                "{} cannot be used with {}",
+                first.option_name(),
+                second.option_name()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for RequirementError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(name: &str, xfleet: &str) -> Result<(Requirements, Vec<String>), RequirementError> {
+        let name = UnitName::parse(name).expect("valid name");
+        let file = UnitFile::parse(&format!(
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{xfleet}"
+        ))
+        .expect("valid unit");
+        Requirements::from_unit(&name, &file)
+    }
+
+    fn md(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+        pairs
+            .iter()
+            .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.to_string()).collect()))
+            .collect()
+    }
+
+    fn strs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn reads_requirements() {
+        let cases: Vec<(&str, &str, Requirements)> = vec![
+            ("a.service", "", Requirements::default()),
+            (
+                "a.service",
+                "MachineID=abc\nMachineID=def\n",
+                Requirements {
+                    machine_id: Some("abc".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "X-ConditionMachineID=old\n",
+                Requirements {
+                    machine_id: Some("old".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "X-ConditionMachineBootID=boot\nX-ConditionMachineID=mid\n",
+                Requirements {
+                    machine_id: Some("mid".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "pin@m1.service",
+                "MachineID=%i\n",
+                Requirements {
+                    machine_id: Some("m1".into()),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "MachineOf=b.service\nX-ConditionMachineOf=c.service\n",
+                Requirements {
+                    machine_of: strs(&["c.service", "b.service"]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "sidekick@web.service",
+                "MachineOf=%i.service\n",
+                Requirements {
+                    machine_of: strs(&["web.service"]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "MachineMetadata=\"region=us-east-1\" \"diskType=SSD\"\nMachineMetadata=region=us-west-1\nX-ConditionMachineMetadata=region=eu\n",
+                Requirements {
+                    metadata: md(&[
+                        ("diskType", &["SSD"]),
+                        ("region", &["eu", "us-east-1", "us-west-1"]),
+                    ]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "metadata@host1.service",
+                "MachineMetadata=hostname=%i\n",
+                Requirements {
+                    metadata: md(&[("hostname", &["host1"])]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "Conflicts=x.service y.service\nX-Conflicts=z.service\nConflicts=\"q.service\" \"r.*\"\n",
+                Requirements {
+                    conflicts: strs(&["z.service", "x.service", "y.service", "q.service", "r.*"]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "Global=true\nGlobal=no\n",
+                Requirements::default(),
+            ),
+            (
+                "a.service",
+                "Global=false\nGlobal=Yes\n",
+                Requirements {
+                    global: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "Global=t\nMachineMetadata=role=edge\nConflicts=b.service\n",
+                Requirements {
+                    global: true,
+                    metadata: md(&[("role", &["edge"])]),
+                    conflicts: strs(&["b.service"]),
+                    ..Default::default()
+                },
+            ),
+            (
+                "a.service",
+                "Replaces=b.service\nReplaces=\"c.service\" \"d.service\"\n",
+                Requirements {
+                    replaces: strs(&["b.service", "c.service", "d.service"]),
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (name, xfleet, want) in cases {
+            let (got, warnings) = read(name, xfleet).expect("valid requirements");
+            assert_eq!(got, want, "{name} {xfleet:?}");
+            assert!(warnings.is_empty(), "{name} {xfleet:?}: {warnings:?}");
+        }
+    }
+
+    #[test]
+    fn warns_about_unknown_keys_and_bad_metadata() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "Foo=bar\nMachineID=x\nFoo=baz\nbar=1\n",
+                &[
+                    "unrecognized requirement in [X-Fleet] section: \"Foo\"",
+                    "unrecognized requirement in [X-Fleet] section: \"bar\"",
+                ],
+            ),
+            (
+                "MachineMetadata=a=b=c\nMachineMetadata=novalue\nMachineMetadata==x\nMachineMetadata=ok=1\n",
+                &[
+                    "ignoring MachineMetadata value \"a=b=c\": expected key=value",
+                    "ignoring MachineMetadata value \"novalue\": expected key=value",
+                    "ignoring MachineMetadata value \"=x\": expected key=value",
+                ],
+            ),
+        ];
+        for (xfleet, want) in cases {
+            let (_, warnings) = read("a.service", xfleet).expect("valid");
+            assert_eq!(warnings, *want, "{xfleet:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_fleet_rejects() {
+        // (x-fleet section, fleet's message, our message)
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "MachineOf=db.service\nConflicts=db.*\n",
+                "unresolvable requirements: peer \"db.service\" matches conflict \"db.*\"",
+                "unit a.service: unresolvable requirements: MachineOf=db.service matches Conflicts=db.*",
+            ),
+            (
+                "MachineOf=db.service\nReplaces=db.service\n",
+                "unresolvable requirements: peer \"db.service\" matches replace \"db.service\"",
+                "unit a.service: unresolvable requirements: MachineOf=db.service matches Replaces=db.service",
+            ),
+            (
+                "MachineID=m1\nMachineOf=db.service\n",
+                "MachineID cannot be used with Peers",
+                "unit a.service: MachineID cannot be used with MachineOf",
+            ),
+            (
+                "MachineID=m1\nConflicts=x.service\n",
+                "MachineID cannot be used with Conflicts",
+                "unit a.service: MachineID cannot be used with Conflicts",
+            ),
+            (
+                "MachineID=m1\nGlobal=true\n",
+                "MachineID cannot be used with Global",
+                "unit a.service: MachineID cannot be used with Global",
+            ),
+            (
+                "X-ConditionMachineID=m1\nReplaces=x.service\n",
+                "MachineID cannot be used with Replaces",
+                "unit a.service: MachineID cannot be used with Replaces",
+            ),
+            (
+                "Global=true\nMachineOf=db.service\n",
+                "Global cannot be used with Peers",
+                "unit a.service: Global cannot be used with MachineOf",
+            ),
+            (
+                "Global=true\nReplaces=x.service\n",
+                "Global cannot be used with Replaces",
+                "unit a.service: Global cannot be used with Replaces",
+            ),
+            (
+                "X-Conflicts=x.service\nReplaces=y.service\n",
+                "Conflicts cannot be used with Replaces",
+                "unit a.service: Conflicts cannot be used with Replaces",
+            ),
+        ];
+        for (xfleet, fleet, ours) in cases {
+            let err = read("a.service", xfleet).expect_err(xfleet);
+            assert_eq!(err.fleet_message(), *fleet, "{xfleet:?}");
+            assert_eq!(err.to_string(), *ours, "{xfleet:?}");
+        }
+    }
+
+    #[test]
+    fn machine_checks() {
+        let (req, _) = read(
+            "a.service",
+            "MachineMetadata=\"region=us-east-1\" \"region=us-west-1\"\nMachineMetadata=disk=ssd\nConflicts=web.*\n",
+        )
+        .expect("valid");
+        let machine = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("region", "us-east-1"), ("disk", "ssd")], true),
+            (
+                &[("region", "us-west-1"), ("disk", "ssd"), ("x", "y")],
+                true,
+            ),
+            (&[("region", "eu"), ("disk", "ssd")], false),
+            (&[("region", "us-east-1")], false),
+            (&[], false),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(
+                req.metadata_satisfied_by(&machine(pairs)),
+                *want,
+                "{pairs:?}"
+            );
+        }
+        assert!(req.conflicts_with("web.1.service"));
+        assert!(!req.conflicts_with("db.service"));
+    }
+}
