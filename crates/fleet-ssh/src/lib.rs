@@ -47,6 +47,22 @@
 //! The remote exit status is returned as is; a command killed by a signal yields 128 + the
 //! signal number (fleet's behaviour via Go's SSH library); a channel that closes without either
 //! is [`SshError::NoExitStatus`].
+//!
+//! # Wiring into fleetctl
+//!
+//! - Flags: `--ssh-username` → `user`, `--ssh-port` → `port`, `--ssh-timeout` → `timeout`,
+//!   `--strict-host-key-checking` → `strict_host_key_checking`, `--known-hosts-file` →
+//!   `known_hosts_file`, `-A/--forward-agent` → `forward_agent`.
+//! - `fleetctl ssh MACHINE [CMD...]`: `shell(None)` / `shell(Some(cmd))`. fleet's `Execute`
+//!   also served `status` and `journal`, so `shell(Some(cmd))` is the faithful call there too (a
+//!   PTY when stdin is a terminal, so Ctrl-C reaches `journalctl -f`); `exec` is for callers
+//!   that want no PTY and no stdin.
+//! - `--tunnel HOST` for the API: `connect(HOST)`, then one `open_unix_socket(path)` (or
+//!   `open_tcp`) per HTTP connection; for etcd, `open_tcp(host, port)`. fleet ran
+//!   `fleetctl fd-forward` remotely instead; the direct channel needs no fleetctl on the host.
+//! - `--tunnel HOST ssh MACHINE`: `connect(HOST)` then `connect_via(MACHINE)`.
+//! - fleet prefixed these errors with `Failed building SSH client: `, `Unable to SSH to remote
+//!   host: ` and so on; those prefixes belong to fleetctl.
 
 mod client;
 mod error;
@@ -132,4 +148,28 @@ impl Default for SshConfig {
 /// given), verifies its host key and authenticates. See the crate docs for the policies.
 pub async fn connect(host: &str, cfg: &SshConfig) -> Result<Session, SshError> {
     client::connect(host, cfg).await
+}
+
+/// Compile-time checks that the public types and futures can move between tasks, as fleetctl's
+/// tunnel connectors and spawned commands need.
+#[allow(dead_code)]
+fn _static_assertions() {
+    fn send_sync<T: Send + Sync>() {}
+    fn stream<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<Session>();
+    send_sync::<SshError>();
+    send_sync::<SshConfig>();
+    stream::<SshStream>();
+    let cfg = SshConfig::default();
+    send(&connect("h", &cfg));
+    send(&fd_forward(std::path::Path::new("/s")));
+    let _ = |s: &Session| {
+        send(&s.exec("x"));
+        send(&s.exec_capture("x"));
+        send(&s.shell(None));
+        send(&s.open_unix_socket("/s"));
+        send(&s.open_tcp("h", 1));
+        send(&s.connect_via("h", &cfg));
+    };
 }

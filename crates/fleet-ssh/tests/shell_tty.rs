@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,7 +21,7 @@ use support::{Fixture, wait_for};
 
 const REMOTE: &str = "echo term=$TERM; stty size; \
      for i in $(seq 300); do [ \"$(stty size)\" = '50 132' ] && break; sleep 0.05; done; \
-     echo resized-to=$(stty size); exit 5";
+     echo resized-to=$(stty size); echo ready; read x; echo got=$x; exit 5";
 
 fn main() {
     if std::env::var_os("FLEET_SSH_SHELL_CLIENT").is_some() {
@@ -85,6 +85,7 @@ fn shell_on_a_terminal() {
     let output = Arc::new(Mutex::new(Vec::new()));
     let sink = output.clone();
     let mut reader = std::fs::File::from(controller);
+    let writer = reader.try_clone().expect("dup controller");
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = reader.read(&mut buf) {
@@ -162,6 +163,26 @@ fn shell_on_a_terminal() {
         "the new window size did not reach the remote PTY",
     );
 
+    // Keystrokes reach the remote side one by one (the remote PTY echoes them before any
+    // newline), which only happens when the local terminal is really in raw mode.
+    let typed = wait_for(Duration::from_secs(20), || seen("ready"));
+    finish(
+        &mut child,
+        typed,
+        "the remote command did not get ready for input",
+    );
+    let mut keyboard = writer.try_clone().expect("dup controller");
+    keyboard.write_all(b"hello").expect("type");
+    let echoed = wait_for(Duration::from_secs(20), || {
+        seen("readyhello") || seen("ready\r\nhello")
+    });
+    finish(
+        &mut child,
+        echoed,
+        "typed characters were not forwarded before a newline",
+    );
+    keyboard.write_all(b"\r").expect("type enter");
+
     let mut status = None;
     let exited = wait_for(Duration::from_secs(20), || {
         status = child.try_wait().ok().flatten();
@@ -170,6 +191,7 @@ fn shell_on_a_terminal() {
     finish(&mut child, exited, "the client did not exit");
     assert_eq!(status.and_then(|s| s.code()), Some(5), "{}", shown());
     assert!(seen("term=xterm-test"), "{}", shown());
+    assert!(seen("got=hello"), "{}", shown());
     let after = termios::tcgetattr(&term).expect("tcgetattr");
     assert_eq!(after.local_modes, before.local_modes, "terminal restored");
     assert_eq!(after.input_modes, before.input_modes, "terminal restored");
