@@ -80,8 +80,11 @@ pub struct EngineSnapshot {
     pub revision: i64,
     pub units: Vec<UnitRecord>,
     pub machines: Vec<MachineView>,
+    /// unit name → (machine, what that machine was told)
+    pub schedules: BTreeMap<String, (String, ScheduleRecord)>,
     pub placements: BTreeMap<String, String>,
     pub reasons: BTreeMap<String, String>,
+    pub leader: Option<String>,
 }
 
 /// Proof of engine leadership: the lease and the leader key's create revision, which fences
@@ -397,21 +400,66 @@ impl EtcdRegistry {
         leadership.lease.revoke(&self.client).await;
     }
 
-    /// Everything the engine decides from, at one revision.
-    pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
-        let prefixes: Vec<String> =
-            [keys::UNITS, keys::MACHINES, keys::METADATA, keys::PLACEMENT, keys::REASONS]
-                .iter()
-                .map(|k| self.keys.dir(k))
-                .collect();
-        let (revision, kvs) = self.list(&prefixes).await?;
-        Ok(EngineSnapshot {
+    /// The key prefixes the engine mirrors (list-watch) and decides from.
+    pub fn engine_prefixes(&self) -> Vec<String> {
+        let mut p: Vec<String> = [
+            keys::UNITS,
+            keys::MACHINES,
+            keys::METADATA,
+            keys::SCHEDULE,
+            keys::PLACEMENT,
+            keys::REASONS,
+        ]
+        .iter()
+        .map(|k| self.keys.dir(k))
+        .collect();
+        p.push(self.keys.leader());
+        p
+    }
+
+    /// Decodes a mirror of [`Self::engine_prefixes`] into what the engine decides from.
+    /// Malformed records are logged and skipped.
+    pub fn decode_engine_snapshot<'a>(
+        &self,
+        revision: i64,
+        kvs: impl Iterator<Item = (&'a String, &'a Vec<u8>)> + Clone,
+    ) -> EngineSnapshot {
+        let owned: Vec<(String, Vec<u8>)> = kvs.map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut schedules = BTreeMap::new();
+        for (k, v) in &owned {
+            let Some(rest) = self.keys.strip(keys::SCHEDULE, k) else { continue };
+            let Some((machine, unit)) = rest.split_once('/') else { continue };
+            match decode::<ScheduleRecord>(k, v) {
+                Ok(r) => {
+                    schedules.insert(unit.to_string(), (machine.to_string(), r));
+                }
+                Err(e) => warn!(error = %e, "skipping schedule record"),
+            }
+        }
+        let leader_key = self.keys.leader();
+        EngineSnapshot {
             revision,
-            units: self.decode_units(&kvs),
-            machines: self.decode_machines(&kvs),
-            placements: self.decode_strings(keys::PLACEMENT, &kvs),
-            reasons: self.decode_strings(keys::REASONS, &kvs),
-        })
+            units: self.decode_units(&owned),
+            machines: self.decode_machines(&owned),
+            schedules,
+            placements: self.decode_strings(keys::PLACEMENT, &owned),
+            reasons: self.decode_strings(keys::REASONS, &owned),
+            leader: owned
+                .iter()
+                .find(|(k, _)| *k == leader_key)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
+        }
+    }
+
+    /// Everything the engine decides from, read at one revision.
+    pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
+        let (revision, kvs) = self.list(&self.engine_prefixes()).await?;
+        Ok(self.decode_engine_snapshot(revision, kvs.iter().map(|(k, v)| (k, v))))
+    }
+
+    /// Mirrors the engine's prefixes (see [`ListWatch`]).
+    pub fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
+        ListWatch::spawn(self.client.clone(), self.engine_prefixes(), poll, self.timeout * 5)
     }
 
     /// The bodies of the given units (for their requirements).
@@ -420,8 +468,9 @@ impl EtcdRegistry {
     }
 
     /// Writes decisions, each transaction fenced on the leader key: a deposed leader's writes
-    /// fail as a whole ([`RegistryError::NotLeader`]). Returns the number of etcd operations.
-    pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<usize> {
+    /// fail as a whole ([`RegistryError::NotLeader`]). Returns the revision of the last write
+    /// (0 when there was nothing to write).
+    pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
         // one group of etcd operations per decision; a transaction never splits a group
         // a unit that moves is unscheduled and scheduled in one batch: its placement key is
         // then only overwritten (etcd refuses a put and a delete of one key in one txn)
@@ -441,7 +490,7 @@ impl EtcdRegistry {
                 _ => self.engine_txn_ops(op),
             })
             .collect();
-        let total = groups.iter().map(Vec::len).sum();
+        let mut revision = 0;
         let leader = self.keys.leader();
         let mut chunk: Vec<TxnOp> = Vec::new();
         let mut iter = groups.into_iter().peekable();
@@ -459,11 +508,13 @@ impl EtcdRegistry {
                     leadership.create_revision,
                 )])
                 .and_then(std::mem::take(&mut chunk));
-            if !self.txn(txn).await?.succeeded() {
+            let resp = self.txn(txn).await?;
+            if !resp.succeeded() {
                 return Err(RegistryError::NotLeader);
             }
+            revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
         }
-        Ok(total)
+        Ok(revision)
     }
 
     fn engine_txn_ops(&self, op: &EngineOp) -> Vec<TxnOp> {
@@ -486,33 +537,6 @@ impl EtcdRegistry {
             }
             EngineOp::ClearReason { unit } => vec![TxnOp::delete(self.keys.reason(unit), None)],
         }
-    }
-
-    /// Removes everything the engine keeps about a unit that no longer exists.
-    pub async fn forget_unit(&self, leadership: &Leadership, unit: &str) -> Result<()> {
-        let txn = Txn::new()
-            .when([Compare::create_revision(
-                self.keys.leader(),
-                CompareOp::Equal,
-                leadership.create_revision,
-            )])
-            .and_then([
-                TxnOp::delete(self.keys.placement(unit), None),
-                TxnOp::delete(self.keys.reason(unit), None),
-            ]);
-        if !self.txn(txn).await?.succeeded() {
-            return Err(RegistryError::NotLeader);
-        }
-        Ok(())
-    }
-
-    /// Watches what the engine reacts to.
-    pub fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        let prefixes = [keys::UNITS, keys::MACHINES, keys::METADATA]
-            .iter()
-            .map(|k| self.keys.dir(k))
-            .collect();
-        ListWatch::spawn(self.client.clone(), prefixes, poll, self.timeout * 5)
     }
 
     // ---- agent ----

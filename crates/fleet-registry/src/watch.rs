@@ -16,8 +16,8 @@ use tracing::{debug, warn};
 pub enum WatchEvent {
     /// Everything under the watched prefixes at `revision`.
     Snapshot { revision: i64, kvs: Vec<(String, Vec<u8>)> },
-    Put { key: String, value: Vec<u8> },
-    Delete { key: String },
+    Put { key: String, value: Vec<u8>, revision: i64 },
+    Delete { key: String, revision: i64 },
     /// The watch broke; a Snapshot follows when etcd answers again.
     Disconnected,
 }
@@ -161,9 +161,10 @@ async fn watch(
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let revision = kv.mod_revision();
             let event = match ev.event_type() {
-                EventType::Put => WatchEvent::Put { key, value: kv.value().to_vec() },
-                EventType::Delete => WatchEvent::Delete { key },
+                EventType::Put => WatchEvent::Put { key, value: kv.value().to_vec(), revision },
+                EventType::Delete => WatchEvent::Delete { key, revision },
             };
             if tx.send(event).await.is_err() {
                 return WatchEnd::ReceiverGone;

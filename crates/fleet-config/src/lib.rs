@@ -1,0 +1,405 @@
+//! fleetd's configuration: fleet's options, read from `/etc/fleet/fleet.conf` (INI, global
+//! section) and overridden by `FLEET_*` environment variables, fully validated before the
+//! daemon binds or connects to anything.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/fleet/fleet.conf";
+
+#[derive(Debug, Error, PartialEq)]
+pub enum ConfigError {
+    #[error("unable to use config file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("{source_name}: invalid value {value:?} for {key}: {reason}")]
+    Value { source_name: String, key: String, value: String, reason: String },
+    #[error("{source_name} line {line}: {reason}")]
+    Syntax { source_name: String, line: usize, reason: String },
+}
+
+/// All of fleet's options, with fleet's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub verbosity: u32,
+    pub etcd_servers: Vec<String>,
+    pub etcd_username: String,
+    pub etcd_password: String,
+    pub etcd_keyfile: String,
+    pub etcd_certfile: String,
+    pub etcd_cafile: String,
+    pub etcd_key_prefix: String,
+    pub etcd_request_timeout: Duration,
+    pub engine_reconcile_interval: Duration,
+    pub public_ip: String,
+    pub metadata: BTreeMap<String, String>,
+    pub agent_ttl: Duration,
+    pub units_directory: PathBuf,
+    pub systemd_user: bool,
+    pub token_limit: usize,
+    pub disable_engine: bool,
+    pub disable_watches: bool,
+    /// Beyond fleet: listen addresses for the API when not socket-activated
+    /// (`unix:///path` or `host:port`, comma-separated).
+    pub api_listen: Vec<String>,
+    /// Beyond fleet: TLS for TCP API listeners, and an optional CA that client certificates
+    /// must be signed by.
+    pub api_certfile: String,
+    pub api_keyfile: String,
+    pub api_client_cafile: String,
+    /// Warnings to log once logging is set up (deprecated or unknown options).
+    pub warnings: Vec<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            verbosity: 0,
+            etcd_servers: vec!["http://127.0.0.1:2379".into(), "http://127.0.0.1:4001".into()],
+            etcd_username: String::new(),
+            etcd_password: String::new(),
+            etcd_keyfile: String::new(),
+            etcd_certfile: String::new(),
+            etcd_cafile: String::new(),
+            etcd_key_prefix: "/_coreos.com/fleet/".into(),
+            etcd_request_timeout: Duration::from_secs(1),
+            engine_reconcile_interval: Duration::from_secs(2),
+            public_ip: String::new(),
+            metadata: BTreeMap::new(),
+            agent_ttl: Duration::from_secs(30),
+            units_directory: PathBuf::from("/run/fleet/units/"),
+            systemd_user: false,
+            token_limit: 100,
+            disable_engine: false,
+            disable_watches: false,
+            api_listen: Vec::new(),
+            api_certfile: String::new(),
+            api_keyfile: String::new(),
+            api_client_cafile: String::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
+/// Every option name fleet accepts, in fleet's order.
+pub const OPTIONS: &[&str] = &[
+    "verbosity",
+    "etcd_servers",
+    "etcd_username",
+    "etcd_password",
+    "etcd_keyfile",
+    "etcd_certfile",
+    "etcd_cafile",
+    "etcd_key_prefix",
+    "etcd_request_timeout",
+    "engine_reconcile_interval",
+    "public_ip",
+    "metadata",
+    "agent_ttl",
+    "units_directory",
+    "systemd_user",
+    "token_limit",
+    "enable_grpc",
+    "disable_engine",
+    "disable_watches",
+    "verify_units",
+    "authorized_keys_file",
+    "api_listen",
+    "api_certfile",
+    "api_keyfile",
+    "api_client_cafile",
+];
+
+impl Config {
+    /// Loads the configuration as fleetd does: `path` if given (it must be usable), else the
+    /// default file if it exists; then `FLEET_*` variables from `env` override it.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::default();
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        if let Some(p) = file {
+            let name = p.display().to_string();
+            if p.is_dir() {
+                return Err(ConfigError::File {
+                    path: name,
+                    reason: "is a directory, not a file".into(),
+                });
+            }
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| ConfigError::File { path: name.clone(), reason: e.to_string() })?;
+            for (line, key, value) in parse_ini(&name, &text)? {
+                let _ = line;
+                cfg.set(&name, &key, &value)?;
+            }
+        }
+        let env: BTreeMap<String, String> = env.into_iter().collect();
+        for opt in OPTIONS {
+            let var = format!("FLEET_{}", opt.to_uppercase());
+            if let Some(v) = env.get(&var) {
+                cfg.set(&var, opt, v)?;
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Sets one option from its text form.
+    pub fn set(&mut self, source: &str, key: &str, raw: &str) -> Result<(), ConfigError> {
+        let value = unquote(raw.trim());
+        let bad = |reason: &str| ConfigError::Value {
+            source_name: source.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        match key {
+            "verbosity" => self.verbosity = value.parse().map_err(|_| bad("expected a whole number"))?,
+            "etcd_servers" => {
+                let list = parse_list(value);
+                if list.is_empty() {
+                    return Err(bad("at least one etcd endpoint is needed"));
+                }
+                for e in &list {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(bad("endpoints must start with http:// or https://"));
+                    }
+                }
+                self.etcd_servers = list;
+            }
+            "etcd_username" => self.etcd_username = value.to_string(),
+            "etcd_password" => self.etcd_password = value.to_string(),
+            "etcd_keyfile" => self.etcd_keyfile = value.to_string(),
+            "etcd_certfile" => self.etcd_certfile = value.to_string(),
+            "etcd_cafile" => self.etcd_cafile = value.to_string(),
+            "etcd_key_prefix" => {
+                if value.is_empty() {
+                    return Err(bad("must not be empty"));
+                }
+                self.etcd_key_prefix = value.to_string();
+            }
+            "etcd_request_timeout" => self.etcd_request_timeout = seconds(value).ok_or_else(|| bad("expected seconds, e.g. 1.0"))?,
+            "engine_reconcile_interval" => {
+                self.engine_reconcile_interval =
+                    seconds(value).ok_or_else(|| bad("expected seconds, e.g. 2"))?
+            }
+            "public_ip" => {
+                if !value.is_empty() && value.parse::<std::net::IpAddr>().is_err() {
+                    return Err(bad("expected an IP address"));
+                }
+                self.public_ip = value.to_string();
+            }
+            "metadata" => self.metadata = parse_metadata(value),
+            "agent_ttl" => {
+                let d = parse_duration(value).ok_or_else(|| bad("expected a duration, e.g. 30s"))?;
+                if d < Duration::from_secs(1) {
+                    return Err(bad("must be at least 1s"));
+                }
+                self.agent_ttl = d;
+            }
+            "units_directory" => {
+                if value.is_empty() {
+                    return Err(bad("must not be empty"));
+                }
+                self.units_directory = PathBuf::from(value);
+            }
+            "systemd_user" => self.systemd_user = boolean(value).ok_or_else(|| bad("expected true or false"))?,
+            "token_limit" => {
+                let n: usize = value.parse().map_err(|_| bad("expected a whole number"))?;
+                if n == 0 {
+                    return Err(bad("must be at least 1"));
+                }
+                self.token_limit = n;
+            }
+            "disable_engine" => self.disable_engine = boolean(value).ok_or_else(|| bad("expected true or false"))?,
+            "disable_watches" => self.disable_watches = boolean(value).ok_or_else(|| bad("expected true or false"))?,
+            "enable_grpc" => {
+                boolean(value).ok_or_else(|| bad("expected true or false"))?;
+                self.warnings.push("config option enable_grpc is ignored: agents and engine always talk through etcd".into());
+            }
+            "verify_units" => {
+                if boolean(value).ok_or_else(|| bad("expected true or false"))? {
+                    self.warnings.push("Config option verify_units is no longer supported - ignoring".into());
+                }
+            }
+            "authorized_keys_file" => {
+                if !value.is_empty() {
+                    self.warnings.push("Config option authorized_keys_file is no longer supported - ignoring".into());
+                }
+            }
+            "api_listen" => self.api_listen = parse_list(value),
+            "api_certfile" => self.api_certfile = value.to_string(),
+            "api_keyfile" => self.api_keyfile = value.to_string(),
+            "api_client_cafile" => self.api_client_cafile = value.to_string(),
+            other => self.warnings.push(format!("{source}: unknown option {other:?} ignored")),
+        }
+        Ok(())
+    }
+}
+
+/// `key=value` lines of the global section; `#`/`;` comments; `[section]` headers other than
+/// the first global part are an error (fleet reads only the global section).
+fn parse_ini(name: &str, text: &str) -> Result<Vec<(usize, String, String)>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
+            continue;
+        }
+        if l.starts_with('[') {
+            return Err(ConfigError::Syntax {
+                source_name: name.to_string(),
+                line: i + 1,
+                reason: "sections are not supported: fleet options go at the top level".into(),
+            });
+        }
+        let Some((k, v)) = l.split_once('=') else {
+            return Err(ConfigError::Syntax {
+                source_name: name.to_string(),
+                line: i + 1,
+                reason: format!("expected key=value, found {l:?}"),
+            });
+        };
+        out.push((i + 1, k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(out)
+}
+
+fn unquote(v: &str) -> &str {
+    if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') { &v[1..v.len() - 1] } else { v }
+}
+
+/// fleet's list syntax: `["a", "b"]` or `a,b`.
+fn parse_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|item| item.trim_start_matches([' ', '[', '"']).trim_end_matches([' ', '"', ']']))
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// fleet's metadata syntax: comma-separated `key=value`, pairs without `=` skipped.
+pub fn parse_metadata(v: &str) -> BTreeMap<String, String> {
+    v.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn seconds(v: &str) -> Option<Duration> {
+    let f: f64 = v.parse().ok()?;
+    (f.is_finite() && f > 0.0).then(|| Duration::from_secs_f64(f))
+}
+
+fn boolean(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// Go's duration syntax (`30s`, `1m30s`, `500ms`, `1.5h`); a bare number means seconds.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    if let Ok(n) = v.parse::<f64>() {
+        return (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n));
+    }
+    let mut total = 0f64;
+    let mut rest = v;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let factor = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += n * factor;
+        rest = &rest[unit_end..];
+    }
+    Some(Duration::from_secs_f64(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("fleet.conf");
+        std::fs::write(&p, text).expect("write");
+        Config::load(Some(&p), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn defaults_are_fleets() {
+        let c = load("", &[]).expect("load");
+        assert_eq!(c.agent_ttl, Duration::from_secs(30));
+        assert_eq!(c.engine_reconcile_interval, Duration::from_secs(2));
+        assert_eq!(c.etcd_key_prefix, "/_coreos.com/fleet/");
+        assert_eq!(c.units_directory, PathBuf::from("/run/fleet/units/"));
+        assert_eq!(c.token_limit, 100);
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let c = load(
+            "# comment\netcd_servers=[\"http://10.0.0.1:2379\", \"http://10.0.0.2:2379\"]\nmetadata=\"region=us-west, az = a ,bogus\"\nagent_ttl=\"1m30s\"\npublic_ip=172.18.0.11\n",
+            &[("FLEET_AGENT_TTL", "10s"), ("FLEET_DISABLE_ENGINE", "true")],
+        )
+        .expect("load");
+        assert_eq!(c.etcd_servers, vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(c.metadata.get("region").map(String::as_str), Some("us-west"));
+        assert_eq!(c.metadata.get("az").map(String::as_str), Some("a"));
+        assert_eq!(c.metadata.len(), 2);
+        assert_eq!(c.agent_ttl, Duration::from_secs(10));
+        assert!(c.disable_engine);
+    }
+
+    #[test]
+    fn invalid_values_are_errors_naming_the_option() {
+        for (text, key) in [
+            ("agent_ttl=soon\n", "agent_ttl"),
+            ("engine_reconcile_interval=-1\n", "engine_reconcile_interval"),
+            ("disable_watches=maybe\n", "disable_watches"),
+            ("etcd_servers=127.0.0.1:2379\n", "etcd_servers"),
+            ("public_ip=nope\n", "public_ip"),
+            ("token_limit=0\n", "token_limit"),
+        ] {
+            let err = load(text, &[]).expect_err(text);
+            assert!(err.to_string().contains(key), "{err}");
+        }
+        assert!(load("just words\n", &[]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_duration("5x"), None);
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/fleet.conf")), []).expect_err("missing");
+        assert!(err.to_string().contains("/nonexistent/fleet.conf"));
+    }
+}
