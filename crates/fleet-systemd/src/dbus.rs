@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, Semaphore, mpsc};
 use zbus::Connection;
 use zbus::message::Message;
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
@@ -91,11 +91,18 @@ impl BusKind {
     }
 }
 
+/// Calls in flight at once on the shared connection. dbus-daemon refuses more than
+/// `max_replies_per_connection` pending replies (128 by default on the system bus) with
+/// `org.freedesktop.DBus.Error.LimitsExceeded`; an agent starting 200 units concurrently hit
+/// that, so callers beyond this many wait their turn instead.
+const MAX_CALLS_IN_FLIGHT: usize = 64;
+
 /// The shared, self-healing connection for method calls.
 #[derive(Debug)]
 pub(crate) struct Caller {
     kind: BusKind,
     conn: Mutex<Option<Connection>>,
+    in_flight: Semaphore,
 }
 
 impl Caller {
@@ -130,6 +137,8 @@ impl Caller {
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
         let mut retried = false;
+        // Never closed, so acquiring cannot fail; a closed semaphore would just not limit.
+        let _permit = self.in_flight.acquire().await.ok();
         loop {
             let conn = self.connection().await?;
             let error: DBusError = match conn
@@ -346,6 +355,7 @@ impl SystemdManager {
         let caller = Caller {
             kind,
             conn: Mutex::new(None),
+            in_flight: Semaphore::new(MAX_CALLS_IN_FLIGHT),
         };
         // Connect now, so a missing bus fails here rather than at the first call.
         let _connected = caller.connection().await?;
@@ -449,7 +459,9 @@ impl UnitManager for SystemdManager {
         }
         let owned_name = name.to_owned();
         let removed = self
-            .blocking("removing unit file", name, move |dir| dir.remove(&owned_name))
+            .blocking("removing unit file", name, move |dir| {
+                dir.remove(&owned_name)
+            })
             .await;
         match (first_error, removed) {
             (Some(e), _) => Err(e),
@@ -472,10 +484,11 @@ impl UnitManager for SystemdManager {
             .caller
             .manager("EnableUnitFiles", Some(name), &(vec![path], true, true))
             .await?;
-        let (carries_install_info, changes): (bool, Vec<FileChange>) = reply
-            .body()
-            .deserialize()
-            .map_err(|e| decode_error(name, "EnableUnitFiles", e))?;
+        let (carries_install_info, changes): (bool, Vec<FileChange>) =
+            reply
+                .body()
+                .deserialize()
+                .map_err(|e| decode_error(name, "EnableUnitFiles", e))?;
         tracing::debug!(unit = name, ?changes, "enabled unit file");
         if !carries_install_info {
             return Err(Error::NoInstallInfo {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use crate::{
-    DBusError, Error, ResyncReason, Result, SUBSCRIPTION_BUFFER, StateChange, SystemdState,
+    DBusError, Error, Result, ResyncReason, SUBSCRIPTION_BUFFER, StateChange, SystemdState,
     UnitEvent, UnitManager, WatchSet, recognized_unit_type, validate_name,
 };
 
@@ -247,9 +247,16 @@ impl UnitManager for FakeUnitManager {
             s.calls.push(Call::RemoveUnit(name.to_owned()));
             let result = s.take_injected("DisableUnitFiles", Some(name));
             s.enabled.remove(name);
-            if s.units.get(name).is_some_and(|u| u.active_state == "failed") {
+            if s.units
+                .get(name)
+                .is_some_and(|u| u.active_state == "failed")
+            {
                 let load = s.units[name].load_state.clone();
-                s.set_state(name, Some(SystemdState::new(&load, "inactive", "dead")), out);
+                s.set_state(
+                    name,
+                    Some(SystemdState::new(&load, "inactive", "dead")),
+                    out,
+                );
             }
             s.files.remove(name);
             result
@@ -317,7 +324,11 @@ impl UnitManager for FakeUnitManager {
             s.calls.push(Call::Start(name.to_owned()));
             s.take_injected("StartUnit", Some(name))?;
             if !s.files.contains_key(name) && !s.units.contains_key(name) {
-                return Err(no_such_unit(name, "StartUnit", format!("Unit {name} not found.")));
+                return Err(no_such_unit(
+                    name,
+                    "StartUnit",
+                    format!("Unit {name} not found."),
+                ));
             }
             let state = if s.fail_on_start.contains(name) {
                 SystemdState::new("loaded", "failed", "failed")
@@ -339,13 +350,21 @@ impl UnitManager for FakeUnitManager {
                 if s.files.contains_key(name) {
                     return Ok(());
                 }
-                return Err(no_such_unit(name, "StopUnit", format!("Unit {name} not loaded.")));
+                return Err(no_such_unit(
+                    name,
+                    "StopUnit",
+                    format!("Unit {name} not loaded."),
+                ));
             };
             if current.active_state == "failed" {
                 return Ok(());
             }
             let load = current.load_state.clone();
-            s.set_state(name, Some(SystemdState::new(&load, "inactive", "dead")), out);
+            s.set_state(
+                name,
+                Some(SystemdState::new(&load, "inactive", "dead")),
+                out,
+            );
             Ok(())
         })
         .await
@@ -412,7 +431,10 @@ mod tests {
         fake.write_unit("a.service", BODY).await.expect("write");
         fake.write_unit("b.service", BODY).await.expect("write");
         fake.reload().await.expect("reload");
-        let got = fake.states(&names(&["a.service", "x.service"])).await.expect("states");
+        let got = fake
+            .states(&names(&["a.service", "x.service"]))
+            .await
+            .expect("states");
         assert_eq!(got["a.service"], st("loaded", "inactive", "dead"));
         assert_eq!(got["x.service"], st("not-found", "inactive", "dead"));
 
@@ -435,7 +457,10 @@ mod tests {
             ]
         );
         assert_eq!(fake.reload_count(), 2);
-        assert_eq!(fake.unit_file_names().await.expect("names"), vec!["b.service"]);
+        assert_eq!(
+            fake.unit_file_names().await.expect("names"),
+            vec!["b.service"]
+        );
         assert_eq!(
             fake.calls(),
             vec![
@@ -456,7 +481,9 @@ mod tests {
     async fn errors_name_the_unit() {
         let fake = FakeUnitManager::new();
         fake.write_unit("plain.service", BODY).await.expect("write");
-        fake.write_unit("inst.service", INSTALL).await.expect("write");
+        fake.write_unit("inst.service", INSTALL)
+            .await
+            .expect("write");
         fake.enable("inst.service").await.expect("enable");
         assert!(fake.is_enabled("inst.service"));
         let cases: Vec<(Result<()>, &str)> = vec![
@@ -488,7 +515,9 @@ mod tests {
             "StartUnit plain.service: org.freedesktop.DBus.Error.AccessDenied: no"
         );
         // The injected error was one-shot.
-        fake.start("plain.service").await.expect("start after injected error");
+        fake.start("plain.service")
+            .await
+            .expect("start after injected error");
     }
 
     #[tokio::test]
@@ -500,8 +529,10 @@ mod tests {
         drop(dropped);
 
         fake.write_unit("a.service", BODY).await.expect("write");
-        fake.set_state("a.service", st("loaded", "active", "running")).await;
-        fake.set_state("a.service", st("loaded", "active", "running")).await;
+        fake.set_state("a.service", st("loaded", "active", "running"))
+            .await;
+        fake.set_state("a.service", st("loaded", "active", "running"))
+            .await;
         fake.collect("a.service").await;
         fake.resync(ResyncReason::Reloaded).await;
         assert_eq!(

@@ -185,9 +185,12 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o755);
 
-        let path = dir.write("b.service", "[Service]\nExecStart=/bin/true\n").expect("write");
+        let path = dir
+            .write("b.service", "[Service]\nExecStart=/bin/true\n")
+            .expect("write");
         dir.write("a.socket", "[Socket]\n").expect("write");
-        dir.write("b.service", "[Service]\nExecStart=/bin/false\n").expect("rewrite");
+        dir.write("b.service", "[Service]\nExecStart=/bin/false\n")
+            .expect("rewrite");
         std::fs::write(tmp.path().join("run/fleet/units/notes.txt"), "x").expect("stray");
         std::fs::write(tmp.path().join("run/fleet/units/.c.service.fleet-tmp"), "x").expect("tmp");
 
@@ -209,8 +212,14 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = UnitsDir::create(tmp.path().join("units")).expect("create");
         for name in ["../escape.service", "..", ".", "", "a/b.service"] {
-            assert!(matches!(dir.write(name, "x"), Err(Error::InvalidName { .. })), "{name:?}");
-            assert!(matches!(dir.remove(name), Err(Error::InvalidName { .. })), "{name:?}");
+            assert!(
+                matches!(dir.write(name, "x"), Err(Error::InvalidName { .. })),
+                "{name:?}"
+            );
+            assert!(
+                matches!(dir.remove(name), Err(Error::InvalidName { .. })),
+                "{name:?}"
+            );
         }
         assert!(!tmp.path().join("escape.service").exists());
         assert!(dir.list().expect("list").is_empty());

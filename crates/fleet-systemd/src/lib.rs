@@ -77,7 +77,8 @@ pub struct StateChange {
     /// it as `inactive`/`dead` with the load state of its file, which is what fleet published.
     /// So a publisher should keep the last state rather than delete it; and it should not answer
     /// `None` with a `states()` call for the same unit, because that load is collected again,
-    /// and sends another `None`.
+    /// and sends another `None`. A `daemon-reexec` also sends `None` for every loaded unit
+    /// (the old manager unloads them all, running or not), followed by a [`UnitEvent::Resync`].
     pub state: Option<SystemdState>,
 }
 

@@ -38,9 +38,11 @@ use zbus::message::{Message, Type as MessageType};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MessageStream};
 
-use crate::dbus::{BusKind, Inner, MANAGER_INTERFACE, SYSTEMD_PATH, SYSTEMD_SERVICE, UNIT_INTERFACE};
+use crate::dbus::{
+    BusKind, Inner, MANAGER_INTERFACE, SYSTEMD_PATH, SYSTEMD_SERVICE, UNIT_INTERFACE,
+};
 use crate::{
-    Error, ResyncReason, Result, SUBSCRIPTION_BUFFER, StateChange, SystemdState, UnitEvent,
+    Error, Result, ResyncReason, SUBSCRIPTION_BUFFER, StateChange, SystemdState, UnitEvent,
     WatchSet,
 };
 
@@ -409,13 +411,19 @@ impl Subscription {
             match self.pump(&conn, &mut stream).await {
                 Stop::Closed => return,
                 Stop::Lost => {
-                    tracing::warn!("lost the D-Bus connection of the systemd subscription, reconnecting");
+                    tracing::warn!(
+                        "lost the D-Bus connection of the systemd subscription, reconnecting"
+                    );
                     let Some((new_conn, new_stream)) = self.reopen().await else {
                         return;
                     };
                     (conn, stream) = (new_conn, new_stream);
                     self.tracker.reset();
-                    if self.send(UnitEvent::Resync(ResyncReason::Reconnected)).await.is_err() {
+                    if self
+                        .send(UnitEvent::Resync(ResyncReason::Reconnected))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -508,7 +516,9 @@ impl Subscription {
         loop {
             match open(self.manager.kind).await {
                 Ok(opened) => return Some(opened),
-                Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "systemd subscription: reconnect failed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "systemd subscription: reconnect failed")
+                }
             }
             tokio::select! {
                 () = self.tx.closed() => return None,
@@ -540,14 +550,26 @@ mod tests {
     #[test]
     fn unit_paths_round_trip() {
         let cases = [
-            ("hello.service", "/org/freedesktop/systemd1/unit/hello_2eservice"),
+            (
+                "hello.service",
+                "/org/freedesktop/systemd1/unit/hello_2eservice",
+            ),
             (
                 "foo@bar-1.service",
                 "/org/freedesktop/systemd1/unit/foo_40bar_2d1_2eservice",
             ),
-            ("a_b.socket", "/org/freedesktop/systemd1/unit/a_5fb_2esocket"),
-            ("dev-sda.device", "/org/freedesktop/systemd1/unit/dev_2dsda_2edevice"),
-            ("ü.service", "/org/freedesktop/systemd1/unit/_c3_bc_2eservice"),
+            (
+                "a_b.socket",
+                "/org/freedesktop/systemd1/unit/a_5fb_2esocket",
+            ),
+            (
+                "dev-sda.device",
+                "/org/freedesktop/systemd1/unit/dev_2dsda_2edevice",
+            ),
+            (
+                "ü.service",
+                "/org/freedesktop/systemd1/unit/_c3_bc_2eservice",
+            ),
         ];
         for (name, path) in cases {
             assert_eq!(unit_path(name), path);
@@ -579,7 +601,12 @@ mod tests {
 
     /// One scripted signal for the tracker tests.
     enum In {
-        Props(&'static str, Option<&'static str>, Option<&'static str>, Option<&'static str>),
+        Props(
+            &'static str,
+            Option<&'static str>,
+            Option<&'static str>,
+            Option<&'static str>,
+        ),
         New(&'static str),
         Removed(&'static str),
         Job(&'static str),
@@ -630,7 +657,11 @@ mod tests {
             ),
             (
                 "changes folded into UnitNew: fetched when the job ends",
-                vec![New(a), Job(a), Fetched(a, st("loaded", "active", "running"))],
+                vec![
+                    New(a),
+                    Job(a),
+                    Fetched(a, st("loaded", "active", "running")),
+                ],
                 vec![
                     Step::Nothing,
                     Step::Fetch(a.into()),

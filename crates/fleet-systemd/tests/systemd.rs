@@ -1,0 +1,541 @@
+//! `SystemdManager` against a real systemd: runs only where systemd is PID 1 of the current
+//! namespace (a harness node: build with `cargo test -p fleet-systemd --no-run`, run the binary
+//! inside the node with nsenter), and says it is skipping everywhere else.
+//!
+//! Every test uses its own units directory and unit names, and removes what it created.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fleet_systemd::{
+    Error, ManagerConfig, ResyncReason, StateChange, SystemdManager, SystemdState, UnitEvent,
+    UnitManager, WatchSet,
+};
+use futures_util::future::join_all;
+use tokio::sync::mpsc::Receiver;
+
+/// How long any awaited signal may take before the test fails.
+const SIGNAL_DEADLINE: Duration = Duration::from_secs(30);
+
+const RUNTIME_UNIT_DIR: &str = "/run/systemd/system";
+
+/// Whether this namespace runs systemd as PID 1; prints a skip notice when it does not.
+fn real_systemd(test: &str) -> bool {
+    let comm = std::fs::read_to_string("/proc/1/comm").unwrap_or_default();
+    let yes = comm.trim() == "systemd" && Path::new("/run/systemd/system").is_dir();
+    if !yes {
+        // Straight to stderr: the test harness captures print macros of passing tests.
+        let _ = writeln!(
+            std::io::stderr(),
+            "fleet-systemd {test}: skipping, PID 1 of this namespace is not systemd (run inside a harness node)"
+        );
+    }
+    yes
+}
+
+fn st(load: &str, active: &str, sub: &str) -> SystemdState {
+    SystemdState::new(load, active, sub)
+}
+
+fn sleeper() -> String {
+    "[Unit]\nDescription=fleet-systemd test unit\n\n[Service]\nExecStart=/bin/sleep 100000\n"
+        .to_owned()
+}
+
+struct Env {
+    mgr: SystemdManager,
+    dir: PathBuf,
+}
+
+async fn env(test: &str) -> Env {
+    let dir = PathBuf::from(format!("/run/fleet-systemd-test/{test}/units"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mgr = SystemdManager::connect(ManagerConfig {
+        units_directory: dir.clone(),
+        user: false,
+    })
+    .await
+    .expect("connect to the system bus");
+    Env { mgr, dir }
+}
+
+impl Env {
+    /// Stops, removes and forgets `names`, then reloads once.
+    async fn cleanup(&self, names: &[String]) {
+        for name in names {
+            let _ = self.mgr.stop(name).await;
+            self.mgr
+                .remove_unit(name)
+                .await
+                .expect("remove_unit in cleanup");
+        }
+        self.mgr.reload().await.expect("reload in cleanup");
+    }
+}
+
+/// Receives events until `done` says the wanted one came; fails after [`SIGNAL_DEADLINE`],
+/// listing what did arrive.
+async fn wait_for(
+    rx: &mut Receiver<UnitEvent>,
+    what: &str,
+    mut done: impl FnMut(&UnitEvent) -> bool,
+) -> Vec<UnitEvent> {
+    let deadline = tokio::time::Instant::now() + SIGNAL_DEADLINE;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(event)) => {
+                let hit = done(&event);
+                seen.push(event);
+                if hit {
+                    return seen;
+                }
+            }
+            Ok(None) => panic!("subscription closed while waiting for {what}; saw {seen:?}"),
+            Err(_) => panic!("no {what} within {SIGNAL_DEADLINE:?}; saw {seen:?}"),
+        }
+    }
+}
+
+fn is_state(event: &UnitEvent, name: &str, want: &SystemdState) -> bool {
+    matches!(event, UnitEvent::Changed(StateChange { name: n, state: Some(s) }) if n == name && s == want)
+}
+
+fn link_target(name: &str) -> Option<PathBuf> {
+    std::fs::read_link(Path::new(RUNTIME_UNIT_DIR).join(name)).ok()
+}
+
+#[tokio::test]
+async fn write_start_stop_remove_seen_through_signals() {
+    if !real_systemd("write_start_stop_remove_seen_through_signals") {
+        return;
+    }
+    let env = env("lifecycle").await;
+    let name = "fsd-lifecycle.service".to_owned();
+    let watch = WatchSet::from_iter([name.clone()]);
+    let mut rx = env.mgr.subscribe(watch).await.expect("subscribe");
+
+    env.mgr
+        .write_unit(&name, &sleeper())
+        .await
+        .expect("write_unit");
+    assert_eq!(
+        std::fs::read_to_string(env.dir.join(&name)).expect("unit file"),
+        sleeper()
+    );
+    assert_eq!(
+        link_target(&name),
+        Some(env.dir.join(&name)),
+        "runtime link"
+    );
+    env.mgr.reload().await.expect("reload");
+
+    env.mgr.start(&name).await.expect("start");
+    let running = st("loaded", "active", "running");
+    wait_for(&mut rx, "active/running signal", |e| {
+        is_state(e, &name, &running)
+    })
+    .await;
+    let states = env
+        .mgr
+        .states(std::slice::from_ref(&name))
+        .await
+        .expect("states");
+    assert_eq!(states.get(&name), Some(&running));
+    assert_eq!(
+        env.mgr
+            .states_by_properties(std::slice::from_ref(&name))
+            .await
+            .expect("fallback states"),
+        states,
+        "the pre-230 fallback reads the same"
+    );
+
+    env.mgr.stop(&name).await.expect("stop");
+    let dead = st("loaded", "inactive", "dead");
+    wait_for(&mut rx, "inactive/dead signal", |e| {
+        is_state(e, &name, &dead)
+    })
+    .await;
+
+    env.mgr.remove_unit(&name).await.expect("remove_unit");
+    assert!(!env.dir.join(&name).exists(), "unit file removed");
+    assert_eq!(link_target(&name), None, "runtime link removed");
+    env.mgr.reload().await.expect("reload");
+    let states = env
+        .mgr
+        .states(std::slice::from_ref(&name))
+        .await
+        .expect("states");
+    assert_eq!(
+        states.get(&name),
+        Some(&st("not-found", "inactive", "dead"))
+    );
+    assert!(env.mgr.unit_file_names().await.expect("names").is_empty());
+}
+
+#[tokio::test]
+async fn enable_links_install_section_and_refuses_units_without_one() {
+    if !real_systemd("enable_links_install_section_and_refuses_units_without_one") {
+        return;
+    }
+    let env = env("enable").await;
+    let with = "fsd-enable.service".to_owned();
+    let without = "fsd-noinstall.service".to_owned();
+    let body = format!("{}\n[Install]\nWantedBy=multi-user.target\n", sleeper());
+    env.mgr.write_unit(&with, &body).await.expect("write_unit");
+    env.mgr
+        .write_unit(&without, &sleeper())
+        .await
+        .expect("write_unit");
+    env.mgr.reload().await.expect("reload");
+
+    env.mgr.enable(&with).await.expect("enable");
+    let wants = Path::new(RUNTIME_UNIT_DIR)
+        .join("multi-user.target.wants")
+        .join(&with);
+    assert!(
+        std::fs::symlink_metadata(&wants).is_ok(),
+        "{} exists",
+        wants.display()
+    );
+
+    let err = env.mgr.enable(&without).await.expect_err("no [Install]");
+    assert!(
+        matches!(&err, Error::NoInstallInfo { unit } if *unit == without),
+        "{err}"
+    );
+
+    assert_eq!(
+        env.mgr.unit_file_names().await.expect("names"),
+        vec![with.clone(), without.clone()]
+    );
+    env.cleanup(&[with.clone(), without]).await;
+    assert!(
+        std::fs::symlink_metadata(&wants).is_err(),
+        "wants link removed"
+    );
+    assert_eq!(link_target(&with), None, "runtime link removed");
+}
+
+#[tokio::test]
+async fn failing_unit_reports_failed_and_errors_name_the_unit() {
+    if !real_systemd("failing_unit_reports_failed_and_errors_name_the_unit") {
+        return;
+    }
+    let env = env("failing").await;
+    let name = "fsd-failing.service".to_owned();
+    let mut rx = env
+        .mgr
+        .subscribe(WatchSet::from_iter([name.clone()]))
+        .await
+        .expect("subscribe");
+    env.mgr
+        .write_unit(&name, "[Service]\nExecStart=/bin/false\n")
+        .await
+        .expect("write_unit");
+    env.mgr.reload().await.expect("reload");
+    env.mgr.start(&name).await.expect("start is only queued");
+    let failed = st("loaded", "failed", "failed");
+    wait_for(&mut rx, "failed signal", |e| is_state(e, &name, &failed)).await;
+    let states = env
+        .mgr
+        .states(std::slice::from_ref(&name))
+        .await
+        .expect("states");
+    assert_eq!(states.get(&name), Some(&failed));
+
+    // remove_unit resets the failed state, so nothing stale stays loaded.
+    env.mgr.remove_unit(&name).await.expect("remove_unit");
+    env.mgr.reload().await.expect("reload");
+    let states = env
+        .mgr
+        .states(std::slice::from_ref(&name))
+        .await
+        .expect("states");
+    assert_eq!(
+        states.get(&name),
+        Some(&st("not-found", "inactive", "dead"))
+    );
+
+    let missing = "fsd-missing.service";
+    let err = env.mgr.start(missing).await.expect_err("no such unit");
+    let dbus = err.dbus().expect("a D-Bus error");
+    assert_eq!(err.unit(), Some(missing));
+    assert!(dbus.is("org.freedesktop.systemd1.NoSuchUnit"), "{err}");
+    assert!(err.to_string().contains(missing), "{err}");
+}
+
+#[tokio::test]
+async fn signals_keep_coming_after_daemon_reload_and_reexec() {
+    if !real_systemd("signals_keep_coming_after_daemon_reload_and_reexec") {
+        return;
+    }
+    let env = env("reload").await;
+    let name = "fsd-reload.service".to_owned();
+    let mut rx = env
+        .mgr
+        .subscribe(WatchSet::from_iter([name.clone()]))
+        .await
+        .expect("subscribe");
+    env.mgr
+        .write_unit(&name, &sleeper())
+        .await
+        .expect("write_unit");
+    env.mgr.reload().await.expect("reload");
+    wait_for(&mut rx, "resync after our reload", |e| {
+        *e == UnitEvent::Resync(ResyncReason::Reloaded)
+    })
+    .await;
+
+    // A reload by somebody else.
+    let status = std::process::Command::new("systemctl")
+        .arg("daemon-reload")
+        .status()
+        .expect("run systemctl");
+    assert!(status.success());
+    wait_for(&mut rx, "resync after systemctl daemon-reload", |e| {
+        *e == UnitEvent::Resync(ResyncReason::Reloaded)
+    })
+    .await;
+    env.mgr.start(&name).await.expect("start");
+    let running = st("loaded", "active", "running");
+    wait_for(&mut rx, "active/running after reload", |e| {
+        is_state(e, &name, &running)
+    })
+    .await;
+
+    // daemon-reexec: systemd re-executes itself and reconnects to the bus.
+    let status = std::process::Command::new("systemctl")
+        .arg("daemon-reexec")
+        .status()
+        .expect("run systemctl");
+    assert!(status.success());
+    let seen = wait_for(&mut rx, "resync after daemon-reexec", |e| {
+        matches!(e, UnitEvent::Resync(_))
+    })
+    .await;
+    let _ = writeln!(std::io::stderr(), "events after daemon-reexec: {seen:?}");
+    env.mgr.stop(&name).await.expect("stop");
+    let dead = st("loaded", "inactive", "dead");
+    wait_for(&mut rx, "inactive/dead after reexec", |e| {
+        is_state(e, &name, &dead)
+    })
+    .await;
+    env.cleanup(&[name]).await;
+}
+
+#[tokio::test]
+async fn names_that_escape_the_units_directory_are_refused() {
+    if !real_systemd("names_that_escape_the_units_directory_are_refused") {
+        return;
+    }
+    let env = env("badnames").await;
+    for name in ["../escape.service", "a/b.service", "..", ".", ""] {
+        let refused = |r: Result<(), Error>| matches!(r, Err(Error::InvalidName { .. }));
+        assert!(
+            refused(env.mgr.write_unit(name, &sleeper()).await),
+            "write {name:?}"
+        );
+        assert!(refused(env.mgr.remove_unit(name).await), "remove {name:?}");
+        assert!(refused(env.mgr.enable(name).await), "enable {name:?}");
+        assert!(refused(env.mgr.start(name).await), "start {name:?}");
+        assert!(refused(env.mgr.stop(name).await), "stop {name:?}");
+        let states = env.mgr.states(&[name.to_owned()]).await;
+        assert!(
+            matches!(states, Err(Error::InvalidName { .. })),
+            "states {name:?}"
+        );
+    }
+    assert!(
+        !env.dir
+            .parent()
+            .expect("parent")
+            .join("escape.service")
+            .exists()
+    );
+    assert!(env.mgr.unit_file_names().await.expect("names").is_empty());
+}
+
+/// CPU time (user + system) this process has used; /proc/<pid>/stat counts in clock ticks,
+/// 100 per second on Linux.
+fn cpu_time(pid: &str) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read stat");
+    let after_comm = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // After the comm: state is field 3 of the file, utime 14, stime 15.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+#[tokio::test]
+async fn two_hundred_units_started_at_once_all_report_through_signals() {
+    if !real_systemd("two_hundred_units_started_at_once_all_report_through_signals") {
+        return;
+    }
+    const WATCHED: usize = 200;
+    const UNWATCHED: usize = 50;
+    let env = env("many").await;
+    let watched: Vec<String> = (0..WATCHED)
+        .map(|i| format!("fsd-many-{i:03}.service"))
+        .collect();
+    let unwatched: Vec<String> = (0..UNWATCHED)
+        .map(|i| format!("fsd-other-{i:03}.service"))
+        .collect();
+    let all: Vec<String> = watched.iter().chain(&unwatched).cloned().collect();
+    let mut rx = env
+        .mgr
+        .subscribe(watched.iter().cloned().collect())
+        .await
+        .expect("subscribe");
+
+    let (cpu0, sd0, t0) = (cpu_time("self"), cpu_time("1"), Instant::now());
+    for name in &all {
+        env.mgr
+            .write_unit(name, &sleeper())
+            .await
+            .expect("write_unit");
+    }
+    let t_written = Instant::now();
+    env.mgr.reload().await.expect("reload");
+    wait_for(&mut rx, "resync after reload", |e| {
+        *e == UnitEvent::Resync(ResyncReason::Reloaded)
+    })
+    .await;
+    let t_reloaded = Instant::now();
+    let (cpu1, sd1) = (cpu_time("self"), cpu_time("1"));
+
+    let started = join_all(all.iter().map(|n| env.mgr.start(n))).await;
+    for (name, result) in all.iter().zip(started) {
+        result.unwrap_or_else(|e| panic!("start {name}: {e}"));
+    }
+    let t_started = Instant::now();
+    let running = st("loaded", "active", "running");
+    let mut pending: BTreeSet<&String> = watched.iter().collect();
+    let seen = wait_for(&mut rx, "active/running of all watched units", |e| {
+        if let UnitEvent::Changed(StateChange {
+            name,
+            state: Some(s),
+        }) = e
+            && *s == running
+        {
+            pending.remove(name);
+        }
+        pending.is_empty()
+    })
+    .await;
+    let t_all = Instant::now();
+    let (cpu2, sd2) = (cpu_time("self"), cpu_time("1"));
+
+    let reported: BTreeSet<&str> = seen
+        .iter()
+        .filter_map(|e| match e {
+            UnitEvent::Changed(c) => Some(c.name.as_str()),
+            UnitEvent::Resync(_) => None,
+        })
+        .collect();
+    assert!(
+        reported.iter().all(|n| n.starts_with("fsd-many-")),
+        "unwatched units reported: {reported:?}"
+    );
+    let states: BTreeMap<String, SystemdState> = env.mgr.states(&all).await.expect("states");
+    assert!(states.values().all(|s| *s == running), "{states:?}");
+
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} units ({WATCHED} watched): write+link {:?}, reload {:?}, {} StartUnit calls {:?}, \
+         last active signal {:?} after the first start ({} events); \
+         CPU of this process: load {:?}, start+signals {:?}; systemd (PID 1) CPU: load {:?}, start {:?}",
+        all.len(),
+        t_written - t0,
+        t_reloaded - t_written,
+        all.len(),
+        t_started - t_reloaded,
+        t_all - t_reloaded,
+        seen.len(),
+        cpu1 - cpu0,
+        cpu2 - cpu1,
+        sd1 - sd0,
+        sd2 - sd1,
+    );
+
+    let t_cleanup = Instant::now();
+    let stopped = join_all(all.iter().map(|n| env.mgr.stop(n))).await;
+    assert!(stopped.iter().all(Result::is_ok));
+    let dead = st("loaded", "inactive", "dead");
+    let mut pending: BTreeSet<&String> = watched.iter().collect();
+    wait_for(&mut rx, "inactive/dead of all watched units", |e| {
+        if let UnitEvent::Changed(StateChange { name, state }) = e
+            && (state.is_none() || state.as_ref() == Some(&dead))
+        {
+            pending.remove(name);
+        }
+        pending.is_empty()
+    })
+    .await;
+    let t_stopped = Instant::now();
+    for name in &all {
+        env.mgr.remove_unit(name).await.expect("remove_unit");
+    }
+    env.mgr.reload().await.expect("reload");
+    let _ = writeln!(
+        std::io::stderr(),
+        "{} units: concurrent stop until all inactive signals {:?}, remove_unit one by one + reload {:?}",
+        all.len(),
+        t_stopped - t_cleanup,
+        t_stopped.elapsed()
+    );
+    assert!(env.mgr.unit_file_names().await.expect("names").is_empty());
+}
+
+#[tokio::test]
+async fn subscription_and_calls_survive_a_dbus_restart() {
+    if !real_systemd("subscription_and_calls_survive_a_dbus_restart") {
+        return;
+    }
+    let env = env("dbus-restart").await;
+    let name = "fsd-dbus-restart.service".to_owned();
+    let mut rx = env
+        .mgr
+        .subscribe(WatchSet::from_iter([name.clone()]))
+        .await
+        .expect("subscribe");
+    env.mgr
+        .write_unit(&name, &sleeper())
+        .await
+        .expect("write_unit");
+    env.mgr.reload().await.expect("reload");
+
+    // systemctl talks to systemd over its private socket, not through dbus-daemon.
+    let status = std::process::Command::new("systemctl")
+        .args(["restart", "dbus.service"])
+        .status()
+        .expect("run systemctl");
+    assert!(status.success());
+    wait_for(&mut rx, "resync after the bus came back", |e| {
+        *e == UnitEvent::Resync(ResyncReason::Reconnected)
+    })
+    .await;
+
+    // The call connection broke too: the first call reconnects by itself.
+    env.mgr
+        .start(&name)
+        .await
+        .expect("start after dbus restart");
+    let running = st("loaded", "active", "running");
+    wait_for(&mut rx, "active/running after dbus restart", |e| {
+        is_state(e, &name, &running)
+    })
+    .await;
+    env.cleanup(&[name]).await;
+}
