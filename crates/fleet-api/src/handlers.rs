@@ -1,0 +1,758 @@
+//! The API's routes and what each answers, status codes and messages as fleet v1.0's.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fleet_registry::{MachineView, Registry, RegistryError, StateRecord, UnitView};
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitName};
+use http::header::{CONTENT_TYPE, HeaderValue, SERVER};
+use http::{HeaderMap, Method, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Body;
+use tracing::{debug, error, warn};
+
+use crate::page::PageToken;
+use crate::wire;
+use crate::{ApiConfig, DISCOVERY_JSON};
+
+/// Both prefixes fleet served the same resources under.
+const PREFIXES: [&str; 2] = ["/v1-alpha", "/fleet/v1"];
+
+const JSON: &str = "application/json";
+
+/// The request-independent part of the server: the registry and the configuration.
+pub(crate) struct Api {
+    pub(crate) registry: Arc<dyn Registry>,
+    pub(crate) config: ApiConfig,
+    server: HeaderValue,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+/// A failed request: status code and fleet's message (empty where fleet sent none).
+#[derive(Debug)]
+struct Failure {
+    code: StatusCode,
+    message: String,
+}
+
+fn fail(code: StatusCode, message: impl Into<String>) -> Failure {
+    Failure {
+        code,
+        message: message.into(),
+    }
+}
+
+/// fleet answered registry failures with a bare 500 and logged the cause.
+fn internal(what: &str, e: &RegistryError) -> Failure {
+    error!(error = %e, "{what}");
+    fail(StatusCode::INTERNAL_SERVER_ERROR, "")
+}
+
+type Result<T, E = Failure> = std::result::Result<T, E>;
+
+impl Api {
+    pub(crate) fn new(registry: Arc<dyn Registry>, config: ApiConfig) -> Api {
+        let server = HeaderValue::from_str(&format!("fleetd/{}", config.version))
+            .unwrap_or_else(|_| HeaderValue::from_static("fleetd"));
+        Api {
+            registry,
+            config,
+            server,
+        }
+    }
+
+    /// Answers one request. Never fails: every problem becomes an error response.
+    pub(crate) async fn respond<B>(&self, req: http::Request<B>) -> Reply
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        debug!("HTTP {} {}", req.method(), req.uri());
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let result = match tokio::time::timeout_at(deadline, self.route(req, deadline)).await {
+            Ok(r) => r,
+            Err(_) => Err(fail(StatusCode::SERVICE_UNAVAILABLE, "request timed out")),
+        };
+        let mut reply = result.unwrap_or_else(|f| error_reply(f.code, &f.message));
+        reply.headers_mut().insert(SERVER, self.server.clone());
+        reply
+    }
+
+    /// A reply for a request whose handler panicked.
+    pub(crate) fn panic_reply(&self) -> Reply {
+        let mut reply = error_reply(StatusCode::INTERNAL_SERVER_ERROR, "");
+        reply.headers_mut().insert(SERVER, self.server.clone());
+        reply
+    }
+
+    async fn route<B>(&self, req: http::Request<B>, deadline: tokio::time::Instant) -> Result<Reply>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Some(rx) = &self.config.available {
+            if !*rx.borrow() {
+                return Err(fail(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fleet server unable to communicate with etcd",
+                ));
+            }
+        }
+        let path = percent_decode(req.uri().path())
+            .ok_or_else(|| fail(StatusCode::BAD_REQUEST, "invalid URL escape in path"))?;
+        let query = parse_query(req.uri().query().unwrap_or(""));
+        if path == "/metrics" {
+            return Ok(bytes_reply(
+                StatusCode::OK,
+                crate::metrics::CONTENT_TYPE,
+                self.config.metrics.encode().into_bytes(),
+            ));
+        }
+        for prefix in PREFIXES {
+            if path == prefix {
+                return Err(fail(StatusCode::METHOD_NOT_ALLOWED, ""));
+            }
+            let Some(rest) = path.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) else {
+                continue;
+            };
+            let (resource, item) = match rest.split_once('/') {
+                Some((r, i)) => (r, Some(i)),
+                None => (rest, None),
+            };
+            let method = req.method().clone();
+            return match (resource, item) {
+                ("discovery", None) => discovery(&method),
+                ("machines", None) => match method {
+                    Method::GET => self.list_machines(&query).await,
+                    Method::PATCH => {
+                        let body = self.json_body(req, deadline).await?;
+                        self.patch_machines(&body).await
+                    }
+                    _ => Err(fail(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "only GET and PATCH supported against this resource",
+                    )),
+                },
+                ("units", None) => match method {
+                    Method::GET => self.list_units(&query).await,
+                    _ => Err(fail(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "only GET supported against this resource",
+                    )),
+                },
+                ("units", Some(item)) if is_item(item) => match method {
+                    Method::GET => self.get_unit(item).await,
+                    Method::DELETE => self.destroy_unit(item).await,
+                    Method::PUT => {
+                        let body = self.json_body(req, deadline).await?;
+                        self.set_unit(item, &body).await
+                    }
+                    _ => Err(fail(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "only GET, PUT and DELETE supported against this resource",
+                    )),
+                },
+                ("state", None) => match method {
+                    Method::GET => self.list_states(&query).await,
+                    _ => Err(fail(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "only GET supported against this resource",
+                    )),
+                },
+                ("state", Some(item)) if is_item(item) => match method {
+                    Method::GET => self.get_state(item).await,
+                    _ => Err(fail(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "only GET supported against this resource",
+                    )),
+                },
+                _ => Err(fail(StatusCode::NOT_FOUND, "")),
+            };
+        }
+        if path == "/" {
+            return Err(fail(StatusCode::METHOD_NOT_ALLOWED, ""));
+        }
+        Err(fail(StatusCode::NOT_FOUND, ""))
+    }
+
+    /// The body of a PUT or PATCH: JSON only (415 otherwise, as fleet v1.0), at most
+    /// `max_body_bytes` (413), received before the request's deadline (408).
+    async fn json_body<B>(
+        &self,
+        req: http::Request<B>,
+        deadline: tokio::time::Instant,
+    ) -> Result<Bytes>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        check_content_type(req.headers())?;
+        let limit = self.config.max_body_bytes;
+        let too_large = || {
+            fail(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds {limit} bytes"),
+            )
+        };
+        let declared = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let collected =
+            tokio::time::timeout_at(deadline, Limited::new(req.into_body(), limit).collect()).await;
+        match collected {
+            Err(_) => Err(fail(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+            )),
+            Ok(Ok(c)) => Ok(c.to_bytes()),
+            Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+            Ok(Err(e)) => Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!("unable to read body: {e}"),
+            )),
+        }
+    }
+
+    // ---- units ----
+
+    async fn list_units(&self, query: &[(String, String)]) -> Result<Reply> {
+        let token = self.page_token(query)?;
+        let units = self
+            .registry
+            .units()
+            .await
+            .map_err(|e| internal("failed fetching page of units", &e))?;
+        let (items, next) = token.slice(&units);
+        let page = wire::UnitPage {
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+            units: items.iter().map(unit_to_wire).collect(),
+        };
+        Ok(json_reply(StatusCode::OK, &page))
+    }
+
+    async fn get_unit(&self, item: &str) -> Result<Reply> {
+        let unit = match UnitName::parse(item) {
+            Ok(name) => self
+                .registry
+                .unit(&name)
+                .await
+                .map_err(|e| internal("failed fetching unit", &e))?,
+            // no unit can have an invalid name
+            Err(_) => None,
+        };
+        match unit {
+            Some(u) => Ok(json_reply(StatusCode::OK, &unit_to_wire(&u))),
+            None => Err(fail(StatusCode::NOT_FOUND, "unit does not exist")),
+        }
+    }
+
+    async fn destroy_unit(&self, item: &str) -> Result<Reply> {
+        let Ok(name) = UnitName::parse(item) else {
+            return Err(fail(StatusCode::NOT_FOUND, "unit does not exist"));
+        };
+        match self.registry.destroy_unit(&name).await {
+            Ok(true) => Ok(empty_reply(StatusCode::NO_CONTENT)),
+            Ok(false) => Err(fail(StatusCode::NOT_FOUND, "unit does not exist")),
+            Err(e) => Err(internal("failed destroying unit", &e)),
+        }
+    }
+
+    /// PUT: create a unit, or change the desired state of an existing one.
+    async fn set_unit(&self, item: &str, body: &[u8]) -> Result<Reply> {
+        let mut su: wire::Unit = serde_json::from_slice(body).map_err(|e| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("unable to decode body: {e}"),
+            )
+        })?;
+        if su.name.is_empty() {
+            su.name = item.to_string();
+        }
+        if su.name != item {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "name in URL {} differs from unit name in request body {}",
+                    go_quote(item),
+                    go_quote(&su.name)
+                ),
+            ));
+        }
+        let name =
+            UnitName::parse(&su.name).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let existing = self
+            .registry
+            .unit(&name)
+            .await
+            .map_err(|e| internal("failed fetching unit", &e))?;
+        let file = UnitFile::from_options(su.options.iter().map(option_from_wire).collect());
+        let create = match &existing {
+            None if su.options.is_empty() => {
+                return Err(fail(
+                    StatusCode::CONFLICT,
+                    "unit does not exist and options field empty",
+                ));
+            }
+            None => true,
+            // the same name with other contents is a new unit (which the registry refuses)
+            Some(eu) => !su.options.is_empty() && eu.hash != file.hash(),
+        };
+        if create {
+            validate_options(&name, &file)?;
+            let desired = if su.desired_state.is_empty() {
+                TargetState::Inactive
+            } else {
+                parse_state(&su.desired_state)?
+            };
+            check_template(&name, desired)?;
+            return match self.registry.create_unit(&name, &file, desired).await {
+                Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
+                Err(RegistryError::AlreadyExists(_)) => Err(fail(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "unit {} already exists with different options",
+                        go_quote(name.as_str())
+                    ),
+                )),
+                Err(e) => Err(internal("failed creating unit", &e)),
+            };
+        }
+        if su.desired_state.is_empty() {
+            return Err(fail(
+                StatusCode::CONFLICT,
+                "must provide DesiredState to update existing unit",
+            ));
+        }
+        let desired = parse_state(&su.desired_state)?;
+        check_template(&name, desired)?;
+        match self.registry.set_desired_state(&name, desired).await {
+            Ok(()) => Ok(empty_reply(StatusCode::NO_CONTENT)),
+            Err(RegistryError::NotFound(_)) => {
+                Err(fail(StatusCode::NOT_FOUND, "unit does not exist"))
+            }
+            Err(e) => Err(internal("failed setting target state of unit", &e)),
+        }
+    }
+
+    // ---- state ----
+
+    async fn list_states(&self, query: &[(String, String)]) -> Result<Reply> {
+        let token = self.page_token(query)?;
+        let machine = first_value(query, "machineID");
+        let unit = first_value(query, "unitName");
+        let states = self
+            .registry
+            .unit_states()
+            .await
+            .map_err(|e| internal("failed fetching page of unit states", &e))?;
+        let filtered: Vec<StateRecord> = states
+            .into_iter()
+            .filter(|s| machine.is_none_or(|m| m == s.machine_id))
+            .filter(|s| unit.is_none_or(|u| u == s.name))
+            .collect();
+        let (items, next) = token.slice(&filtered);
+        let page = wire::UnitStatePage {
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+            states: items.iter().map(state_to_wire).collect(),
+        };
+        Ok(json_reply(StatusCode::OK, &page))
+    }
+
+    async fn get_state(&self, item: &str) -> Result<Reply> {
+        let states = self
+            .registry
+            .unit_states()
+            .await
+            .map_err(|e| internal("failed fetching unit state", &e))?;
+        match states.iter().find(|s| s.name == item) {
+            Some(s) => Ok(json_reply(StatusCode::OK, &state_to_wire(s))),
+            None => Err(fail(StatusCode::NOT_FOUND, "unit state does not exist")),
+        }
+    }
+
+    // ---- machines ----
+
+    async fn list_machines(&self, query: &[(String, String)]) -> Result<Reply> {
+        let token = self.page_token(query)?;
+        let machines = self
+            .registry
+            .machines()
+            .await
+            .map_err(|e| internal("failed fetching page of machines", &e))?;
+        let (items, next) = token.slice(&machines);
+        let page = wire::MachinePage {
+            machines: items.iter().map(machine_to_wire).collect(),
+            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
+        };
+        Ok(json_reply(StatusCode::OK, &page))
+    }
+
+    /// PATCH: JSON Patch add/replace/remove of `/<machineID>/metadata/<key>`. Every operation
+    /// is validated before any is applied; then they run in order.
+    async fn patch_machines(&self, body: &[u8]) -> Result<Reply> {
+        let ops: Vec<wire::MachinePatchOp> = serde_json::from_slice(body)
+            .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let mut planned = Vec::with_capacity(ops.len());
+        for op in &ops {
+            if !matches!(op.op.as_str(), "add" | "remove" | "replace") {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "invalid op: expect add, remove, or replace",
+                ));
+            }
+            let Some((machine, key)) = metadata_path(&op.path) else {
+                return Err(fail(
+                    StatusCode::BAD_REQUEST,
+                    "machine metadata path invalid",
+                ));
+            };
+            let value = if op.op == "remove" {
+                None
+            } else {
+                let v = op
+                    .value_string()
+                    .map_err(|m| fail(StatusCode::BAD_REQUEST, m))?;
+                if v.is_empty() {
+                    return Err(fail(
+                        StatusCode::BAD_REQUEST,
+                        "invalid value: add and replace require a value",
+                    ));
+                }
+                Some(v)
+            };
+            planned.push((machine, key, value));
+        }
+        for (machine, key, value) in planned {
+            if let Err(e) = self
+                .registry
+                .set_machine_metadata(machine, key, value.as_deref())
+                .await
+            {
+                warn!(machine, key, error = %e, "failed changing machine metadata");
+                return Err(fail(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+            }
+        }
+        Ok(empty_reply(StatusCode::NO_CONTENT))
+    }
+
+    fn page_token(&self, query: &[(String, String)]) -> Result<PageToken> {
+        let values: Vec<String> = query
+            .iter()
+            .filter(|(k, _)| k == "nextPageToken")
+            .map(|(_, v)| v.clone())
+            .collect();
+        PageToken::from_query(&values, self.config.token_limit)
+            .map_err(|m| fail(StatusCode::BAD_REQUEST, m))
+    }
+}
+
+fn discovery(method: &Method) -> Result<Reply> {
+    if method != Method::GET {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "only HTTP GET supported against this resource",
+        ));
+    }
+    Ok(bytes_reply(
+        StatusCode::OK,
+        JSON,
+        DISCOVERY_JSON.as_bytes().to_vec(),
+    ))
+}
+
+/// fleet's `validateContentType`: exactly one Content-Type, of media type application/json.
+fn check_content_type(headers: &HeaderMap) -> Result<()> {
+    let values: Vec<&HeaderValue> = headers.get_all(CONTENT_TYPE).iter().collect();
+    if values.len() != 1 {
+        return Err(fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("expected 1 Content-Type, got {}", values.len()),
+        ));
+    }
+    let media = values[0]
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim();
+    if media != JSON {
+        return Err(fail(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "only acceptable Content-Type is application/json",
+        ));
+    }
+    Ok(())
+}
+
+fn parse_state(s: &str) -> Result<TargetState> {
+    TargetState::from_str(s).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+fn check_template(name: &UnitName, desired: TargetState) -> Result<()> {
+    if name.is_template() && desired != TargetState::Inactive {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            format!("cannot activate template {}", go_quote(name.as_str())),
+        ));
+    }
+    Ok(())
+}
+
+/// fleet's `ValidateOptions`: the unit must survive its own serialization (line lengths) and
+/// its `[X-Fleet]` requirements must be consistent.
+fn validate_options(name: &UnitName, file: &UnitFile) -> Result<()> {
+    UnitFile::parse(&file.serialize()).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (_, warnings) = Requirements::from_unit(name, file)
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.fleet_message()))?;
+    for w in warnings {
+        warn!(unit = %name, "{w}");
+    }
+    Ok(())
+}
+
+/// `/<machineID>/metadata/<key>` with key in `[A-Za-z0-9_.-]+`.
+fn metadata_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix('/')?;
+    let (machine, rest) = rest.split_once('/')?;
+    let key = rest.strip_prefix("metadata/")?;
+    let key_ok = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    (!machine.is_empty() && key_ok).then_some((machine, key))
+}
+
+/// An item path segment as fleet's `path.Match(base/*)` took it: no further `/`, not empty.
+fn is_item(item: &str) -> bool {
+    !item.is_empty() && !item.contains('/')
+}
+
+fn first_value<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+// ---- domain -> wire ----
+
+fn option_from_wire(o: &wire::UnitOption) -> fleet_unit::UnitOption {
+    fleet_unit::UnitOption::new(o.section.clone(), o.name.clone(), o.value.clone())
+}
+
+/// A unit as fleet showed it: `currentState` and `machineID` only for non-global units.
+pub(crate) fn unit_to_wire(u: &UnitView) -> wire::Unit {
+    wire::Unit {
+        current_state: if u.global {
+            String::new()
+        } else {
+            u.current.to_string()
+        },
+        desired_state: u.desired.to_string(),
+        machine_id: u.machine_id.clone().unwrap_or_default(),
+        name: u.name.to_string(),
+        options: u
+            .file
+            .options()
+            .iter()
+            .map(|o| wire::UnitOption {
+                name: o.name.clone(),
+                section: o.section.clone(),
+                value: o.value.clone(),
+            })
+            .collect(),
+        reason: u.reason.clone().unwrap_or_default(),
+    }
+}
+
+fn state_to_wire(s: &StateRecord) -> wire::UnitState {
+    wire::UnitState {
+        hash: s.hash.clone(),
+        machine_id: s.machine_id.clone(),
+        name: s.name.clone(),
+        systemd_active_state: s.active_state.clone(),
+        systemd_load_state: s.load_state.clone(),
+        systemd_sub_state: s.sub_state.clone(),
+    }
+}
+
+fn machine_to_wire(m: &MachineView) -> wire::Machine {
+    wire::Machine {
+        id: m.id.clone(),
+        metadata: m.metadata.clone(),
+        primary_ip: m.public_ip.clone(),
+    }
+}
+
+// ---- replies ----
+
+fn bytes_reply(code: StatusCode, content_type: &'static str, body: Vec<u8>) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_reply<T: serde::Serialize>(code: StatusCode, value: &T) -> Reply {
+    bytes_reply(code, JSON, wire::to_go_json(value))
+}
+
+fn empty_reply(code: StatusCode) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = code;
+    r
+}
+
+pub(crate) fn error_reply(code: StatusCode, message: &str) -> Reply {
+    let body = wire::ErrorResponse {
+        error: wire::ErrorEntity {
+            code: code.as_u16(),
+            message: message.to_string(),
+        },
+    };
+    json_reply(code, &body)
+}
+
+// ---- URL pieces ----
+
+/// Decodes `%XX` escapes of a URL path (not `+`); `None` for a malformed escape or non-UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    decode_bytes(s, false)
+}
+
+fn decode_bytes(s: &str, plus_is_space: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let hex = std::str::from_utf8(hex).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `a=1&b=2` into pairs; pairs that do not decode are skipped, as Go's `URL.Query` did.
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split(['&', ';'])
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((decode_bytes(k, true)?, decode_bytes(v, true)?))
+        })
+        .collect()
+}
+
+/// Go's `%q` for the strings that appear in messages.
+fn go_quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_paths() {
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            ("/m1/metadata/region", Some(("m1", "region"))),
+            ("/m1/metadata/a.b-c_d", Some(("m1", "a.b-c_d"))),
+            ("/m1/metadata/", None),
+            ("/m1/metadata/a/b", None),
+            ("/m1/metadata/a b", None),
+            ("m1/metadata/a", None),
+            ("//metadata/a", None),
+            ("/m1/foo", None),
+            ("/m1/x/metadata/a", None),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(metadata_path(path), *expected, "{path}");
+        }
+    }
+
+    #[test]
+    fn url_decoding() {
+        assert_eq!(
+            percent_decode("/fleet/v1/units/a%40b.service").as_deref(),
+            Some("/fleet/v1/units/a@b.service")
+        );
+        assert_eq!(percent_decode("/a+b").as_deref(), Some("/a+b"));
+        assert_eq!(percent_decode("/a%4"), None);
+        assert_eq!(percent_decode("/a%zz"), None);
+        assert_eq!(
+            parse_query("alt=json&unitName=a%40b.service&machineID=x+y&flag"),
+            vec![
+                ("alt".to_string(), "json".to_string()),
+                ("unitName".to_string(), "a@b.service".to_string()),
+                ("machineID".to_string(), "x y".to_string()),
+                ("flag".to_string(), String::new()),
+            ]
+        );
+    }
+
+    #[test]
+    fn content_types() {
+        let check = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(CONTENT_TYPE, HeaderValue::from_str(v).expect("header"));
+            }
+            check_content_type(&h).map_err(|f| (f.code.as_u16(), f.message))
+        };
+        assert!(check(&["application/json"]).is_ok());
+        assert!(check(&["application/json; charset=utf-8"]).is_ok());
+        assert_eq!(
+            check(&[]),
+            Err((415, "expected 1 Content-Type, got 0".into()))
+        );
+        assert_eq!(
+            check(&["a", "b"]),
+            Err((415, "expected 1 Content-Type, got 2".into()))
+        );
+        assert_eq!(
+            check(&["text/plain"]),
+            Err((
+                415,
+                "only acceptable Content-Type is application/json".into()
+            ))
+        );
+    }
+}

@@ -1,0 +1,74 @@
+//! fleet's JSON HTTP API v1: the server fleetd runs, its wire types and its metrics.
+//!
+//! - [`wire`]: the JSON entities, byte-compatible with fleet v1 (the client uses them too);
+//! - [`serve`]: answers on listeners it is handed (systemd socket activation, a unix socket,
+//!   TCP with optional TLS) until a shutdown future resolves;
+//! - [`Metrics`]: the Prometheus metrics of fleetd, served at `/metrics`;
+//! - [`DISCOVERY_JSON`]: the discovery document served at `/fleet/v1/discovery`.
+//!
+//! Only this crate and `fleet-client` know HTTP; the registry behind the API is any
+//! [`fleet_registry::Registry`].
+
+mod error;
+mod handlers;
+mod listen;
+mod metrics;
+mod page;
+mod server;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use error::ServeError;
+pub use listen::{
+    Listener, TlsConfig, TlsFiles, bind_tcp, bind_unix, listeners_from_systemd, load_tls,
+};
+pub use metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, Metrics, RegistryOp};
+pub use page::{DEFAULT_TOKEN_LIMIT, PageToken};
+pub use server::serve;
+
+/// The discovery document of API v1 (same structure as fleet's `schema/v1.json`, our wording).
+pub const DISCOVERY_JSON: &str = include_str!("discovery.json");
+
+/// Where the API lives under a server's root.
+pub const API_PREFIX: &str = "/fleet/v1";
+
+/// How the server behaves; fleetd fills it from its configuration.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Items per page of the list endpoints (fleet's `token_limit`).
+    pub token_limit: u16,
+    /// A client must send a request's headers within this time, also between the requests
+    /// of a kept-alive connection; otherwise the connection is closed.
+    pub header_read_timeout: Duration,
+    /// Reading the body and answering one request must finish within this time.
+    pub request_timeout: Duration,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// After shutdown, open connections get this long to finish their current request.
+    pub shutdown_grace: Duration,
+    /// Sent as `Server: fleetd/<version>`.
+    pub version: String,
+    pub metrics: Metrics,
+    /// While this says `false`, every request gets fleet's 503 ("fleet server unable to
+    /// communicate with etcd"). `None`: always available.
+    pub available: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            token_limit: DEFAULT_TOKEN_LIMIT,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 1024 * 1024,
+            max_connections: 1024,
+            shutdown_grace: Duration::from_secs(5),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            metrics: Metrics::new(),
+            available: None,
+        }
+    }
+}

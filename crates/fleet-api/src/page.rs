@@ -1,0 +1,173 @@
+//! Page tokens of the list endpoints: opaque to clients, the same bytes as fleet's.
+//!
+//! A token is the page size (`token_limit`) and the 1-based page number, two little-endian
+//! `u16`s, in URL-safe base64 with padding. A token made under another `token_limit` is
+//! refused, so a client never mixes page sizes.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE;
+
+/// fleet's default page size.
+pub const DEFAULT_TOKEN_LIMIT: u16 = 100;
+
+/// Which page of how many items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageToken {
+    pub limit: u16,
+    pub page: u16,
+}
+
+impl PageToken {
+    /// The first page.
+    pub fn first(limit: u16) -> PageToken {
+        PageToken { limit, page: 1 }
+    }
+
+    pub fn next(self) -> PageToken {
+        PageToken {
+            limit: self.limit,
+            page: self.page.saturating_add(1),
+        }
+    }
+
+    pub fn encode(self) -> String {
+        let mut raw = [0u8; 4];
+        raw[..2].copy_from_slice(&self.limit.to_le_bytes());
+        raw[2..].copy_from_slice(&self.page.to_le_bytes());
+        URL_SAFE.encode(raw)
+    }
+
+    /// Decodes a token; the messages are the ones fleet's Go decoder gave.
+    pub fn decode(text: &str) -> Result<PageToken, String> {
+        let raw = URL_SAFE.decode(text).map_err(|e| {
+            let at = match e {
+                base64::DecodeError::InvalidByte(at, _)
+                | base64::DecodeError::InvalidLastSymbol(at, _) => at,
+                // a missing or short final quantum: Go names where that quantum starts
+                base64::DecodeError::InvalidLength(_) | base64::DecodeError::InvalidPadding => {
+                    text.len() / 4 * 4
+                }
+            };
+            format!("illegal base64 data at input byte {at}")
+        })?;
+        match raw.len() {
+            0 => Err("EOF".to_string()),
+            1..=3 => Err("unexpected EOF".to_string()),
+            _ => Ok(PageToken {
+                limit: u16::from_le_bytes([raw[0], raw[1]]),
+                page: u16::from_le_bytes([raw[2], raw[3]]),
+            }),
+        }
+    }
+
+    /// Reads the `nextPageToken` query values of a list request: none means the first page.
+    pub fn from_query(values: &[String], limit: u16) -> Result<PageToken, String> {
+        match values {
+            [] => Ok(PageToken::first(limit)),
+            [one] => {
+                let tok = PageToken::decode(one)?;
+                if tok.limit != limit {
+                    return Err(format!("token limit must be {limit}"));
+                }
+                if tok.page == 0 {
+                    return Err("token page must be greater than zero".to_string());
+                }
+                Ok(tok)
+            }
+            _ => Err("too many values for page token".to_string()),
+        }
+    }
+
+    /// The items of this page, and the token of the next page when this one is full.
+    ///
+    /// As in fleet, a full last page still gets a next token; that next page is empty.
+    pub fn slice<T: Clone>(self, all: &[T]) -> (Vec<T>, Option<PageToken>) {
+        let start = (usize::from(self.page) - 1).saturating_mul(usize::from(self.limit));
+        let stop = usize::from(self.page).saturating_mul(usize::from(self.limit));
+        if start >= all.len() {
+            return (Vec::new(), None);
+        }
+        if stop > all.len() {
+            (all[start..].to_vec(), None)
+        } else {
+            (all[start..stop].to_vec(), Some(self.next()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_like_fleet() {
+        // fleet: PageToken{Limit: 100, Page: 2} -> "ZAACAA=="
+        assert_eq!(
+            PageToken {
+                limit: 100,
+                page: 2
+            }
+            .encode(),
+            "ZAACAA=="
+        );
+        assert_eq!(
+            PageToken::decode("ZAACAA=="),
+            Ok(PageToken {
+                limit: 100,
+                page: 2
+            })
+        );
+    }
+
+    #[test]
+    fn query_values() {
+        let t = |limit: u16, page: u16| PageToken { limit, page }.encode();
+        let cases: Vec<(Vec<String>, Result<PageToken, &str>)> = vec![
+            (vec![], Ok(PageToken { limit: 2, page: 1 })),
+            (vec![t(2, 3)], Ok(PageToken { limit: 2, page: 3 })),
+            (vec![t(3, 1)], Err("token limit must be 2")),
+            (vec![t(2, 0)], Err("token page must be greater than zero")),
+            (
+                vec![t(2, 1), t(2, 2)],
+                Err("too many values for page token"),
+            ),
+            (vec!["".into()], Err("EOF")),
+            (vec!["AAA=".into()], Err("unexpected EOF")),
+            (
+                vec!["!!!!".into()],
+                Err("illegal base64 data at input byte 0"),
+            ),
+            (
+                vec!["ZAACAA".into()],
+                Err("illegal base64 data at input byte 4"),
+            ),
+        ];
+        for (values, expected) in cases {
+            let got = PageToken::from_query(&values, 2);
+            assert_eq!(got, expected.map_err(String::from), "{values:?}");
+        }
+    }
+
+    #[test]
+    fn slices_pages() {
+        let all = [1, 2, 3, 4, 5];
+        let cases: &[(u16, &[i32], Option<u16>)] = &[
+            (1, &[1, 2], Some(2)),
+            (2, &[3, 4], Some(3)),
+            (3, &[5], None),
+            (4, &[], None),
+        ];
+        for (page, items, next) in cases {
+            let (got, tok) = PageToken {
+                limit: 2,
+                page: *page,
+            }
+            .slice(&all);
+            assert_eq!(got, *items, "page {page}");
+            assert_eq!(tok.map(|t| t.page), *next, "page {page}");
+        }
+        // a full last page points at an empty one, as fleet did
+        let (got, tok) = PageToken { limit: 5, page: 1 }.slice(&all);
+        assert_eq!((got.len(), tok.map(|t| t.page)), (5, Some(2)));
+    }
+}

@@ -1,0 +1,162 @@
+//! The accept loops and per-connection serving: HTTP/1.1 on hyper, with timeouts and limits
+//! so that slow or malformed clients cannot hold the server, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleet_registry::Registry;
+use futures_util::FutureExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::handlers::Api;
+use crate::listen::{Listener, Socket};
+use crate::{ApiConfig, ServeError};
+
+/// Request headers larger than this get 431 (hyper's minimum is 8 KiB).
+const MAX_HEADER_BUF: usize = 64 * 1024;
+
+/// Serves the API on `listeners` until `shutdown` resolves, then lets open connections finish
+/// their current request for up to `config.shutdown_grace`.
+///
+/// The listeners come from outside ([`crate::listeners_from_systemd`], [`crate::bind_unix`],
+/// [`crate::bind_tcp`]), so tests and fleetd choose where to listen.
+pub async fn serve(
+    listeners: Vec<Listener>,
+    registry: Arc<dyn Registry>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    if listeners.is_empty() {
+        return Err(ServeError::NoListeners);
+    }
+    let grace = config.shutdown_grace;
+    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let api = Arc::new(Api::new(registry, config));
+    let graceful = GracefulShutdown::new();
+    for l in &listeners {
+        info!(listener = %l.describe(), tls = l.tls.is_some(), "serving fleet API");
+    }
+    {
+        let loops = listeners
+            .into_iter()
+            .map(|l| Box::pin(accept_loop(l, &api, &graceful, &slots)))
+            .collect::<Vec<_>>();
+        tokio::select! {
+            _ = futures_util::future::join_all(loops) => {}
+            _ = shutdown => {}
+        }
+        // the accept loops and their listeners are dropped here: no new connections
+    }
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            ?grace,
+            "API connections still open after the shutdown grace period; dropping them"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: Listener,
+    api: &Arc<Api>,
+    graceful: &GracefulShutdown,
+    slots: &Arc<Semaphore>,
+) {
+    let name = listener.describe();
+    loop {
+        // wait for a free connection slot before accepting: excess clients queue in the backlog
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let accepted = match &listener.socket {
+            Socket::Unix(l) => l.accept().await.map(|(s, _)| Conn::Unix(s)),
+            Socket::Tcp(l) => l.accept().await.map(|(s, peer)| {
+                let _ = s.set_nodelay(true);
+                Conn::Tcp(s, peer)
+            }),
+        };
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                // e.g. EMFILE: back off a little instead of spinning
+                warn!(listener = %name, error = %e, "accepting an API connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let api = api.clone();
+        let watcher = graceful.watcher();
+        let tls = listener.tls.clone();
+        tokio::spawn(async move {
+            match (conn, tls) {
+                (Conn::Unix(s), _) => serve_connection(s, api, watcher, permit).await,
+                (Conn::Tcp(s, _), None) => serve_connection(s, api, watcher, permit).await,
+                (Conn::Tcp(s, peer), Some(acceptor)) => {
+                    let timeout = api.config.header_read_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(s)).await {
+                        Ok(Ok(tls)) => serve_connection(tls, api, watcher, permit).await,
+                        Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                }
+            }
+        });
+    }
+}
+
+enum Conn {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, std::net::SocketAddr),
+}
+
+async fn serve_connection<IO>(
+    io: IO,
+    api: Arc<Api>,
+    watcher: Watcher,
+    _permit: OwnedSemaphorePermit,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service_api = api.clone();
+    let service = service_fn(move |req: hyper::Request<Incoming>| {
+        let api = service_api.clone();
+        async move {
+            let start = Instant::now();
+            let method = req.method().to_string();
+            // a bug in a handler answers 500 for that request, never takes the server down
+            let reply = match AssertUnwindSafe(api.respond(req)).catch_unwind().await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!("API request handler panicked");
+                    api.panic_reply()
+                }
+            };
+            api.config
+                .metrics
+                .api_request(&method, reply.status().as_u16(), start.elapsed());
+            Ok::<_, Infallible>(reply)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(api.config.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BUF)
+        .keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        debug!(error = %e, "API connection ended with an error");
+    }
+}
