@@ -9,6 +9,7 @@ use tracing::{debug, warn};
 
 /// A granted lease refreshed every ttl/3. `lost()` resolves once etcd says the lease is
 /// gone, or no refresh succeeded for a whole ttl (then it has expired on etcd's side too).
+#[derive(Debug)]
 pub struct LeaseKeeper {
     id: i64,
     lost: watch::Receiver<bool>,
