@@ -261,7 +261,7 @@ impl<'a> Lexer<'a> {
     }
 
     /// The rest of the current line without its `\n`/`\r\n`, and whether input ended there.
-    fn to_eol(&mut self) -> (&'a str, bool) {
+    fn line_rest(&mut self) -> (&'a str, bool) {
         let rest = &self.text[self.pos..];
         let (line, eof) = match rest.find('\n') {
             Some(i) => {
@@ -312,7 +312,7 @@ impl<'a> Lexer<'a> {
         let name = rest[..end].to_string();
         self.pos += end + 1;
         let line = self.line_number();
-        let (garbage, _) = self.to_eol();
+        let (garbage, _) = self.line_rest();
         let garbage = garbage.trim();
         if !garbage.is_empty() {
             return Err(ParseError::GarbageAfterSection {
@@ -327,7 +327,7 @@ impl<'a> Lexer<'a> {
     /// Skips a comment, following `\` continuations (one trailing space is ignored).
     fn skip_comment(&mut self) {
         loop {
-            let (line, eof) = self.to_eol();
+            let (line, eof) = self.line_rest();
             let line = line.strip_suffix(' ').unwrap_or(line);
             if eof || !line.ends_with('\\') {
                 return;
@@ -350,7 +350,7 @@ impl<'a> Lexer<'a> {
     fn option_value(&mut self) -> String {
         let mut partial = String::new();
         loop {
-            let (line, eof) = self.to_eol();
+            let (line, eof) = self.line_rest();
             if line.trim().is_empty() {
                 break;
             }
@@ -381,13 +381,15 @@ impl<'a> Lexer<'a> {
 mod tests {
     use super::*;
 
+    type Expected<'a> = Result<&'a [(&'a str, &'a str, &'a str)], &'a str>;
+
     fn opts(list: &[(&str, &str, &str)]) -> Vec<UnitOption> {
         list.iter()
             .map(|(s, n, v)| UnitOption::new(*s, *n, *v))
             .collect()
     }
 
-    fn check(input: &str, want: Result<&[(&str, &str, &str)], &str>) {
+    fn check(input: &str, want: Expected<'_>) {
         let got = UnitFile::parse(input)
             .map(UnitFile::into_options)
             .map_err(|e| e.to_string());
@@ -397,7 +399,7 @@ mod tests {
 
     #[test]
     fn parses_like_fleet() {
-        let cases: &[(&str, Result<&[(&str, &str, &str)], &str>)] = &[
+        let cases: &[(&str, Expected<'_>)] = &[
             ("", Ok(&[])),
             ("[Unit]\n", Ok(&[])),
             (

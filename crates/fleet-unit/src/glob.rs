@@ -18,18 +18,13 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 pub fn is_valid_pattern(pattern: &str) -> bool {
     let mut chars = pattern.chars();
     while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if chars.next().is_none() {
-                    return false;
-                }
-            }
-            '[' => {
-                if !skip_class(&mut chars) {
-                    return false;
-                }
-            }
-            _ => {}
+        let ok = match c {
+            '\\' => chars.next().is_some(),
+            '[' => skip_class(&mut chars),
+            _ => true,
+        };
+        if !ok {
+            return false;
         }
     }
     true
