@@ -1,0 +1,594 @@
+//! The agent's loop: one event enum, one `select!`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleet_registry::{
+    EtcdRegistry, GlobalRecord, LeaseKeeper, MachineRecord, RegistryError, ScheduleRecord,
+    StateRecord, WatchEvent, keys,
+};
+use fleet_scheduler::Machine;
+use fleet_systemd::{SystemdState, UnitEvent, UnitManager, WatchSet};
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::desired::{Desired, desired_units};
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub machine_id: String,
+    pub public_ip: String,
+    /// Configured metadata (fleet's `metadata`); API-set metadata is merged over it.
+    pub metadata: BTreeMap<String, String>,
+    pub agent_ttl: Duration,
+    pub units_directory: PathBuf,
+    pub disable_watches: bool,
+    pub version: String,
+}
+
+/// Counters fleetd exports as metrics.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    pub reconciles: AtomicU64,
+    pub tasks: AtomicU64,
+    pub task_failures: AtomicU64,
+    pub state_writes: AtomicU64,
+    pub reloads: AtomicU64,
+}
+
+enum Event {
+    Watch(WatchEvent),
+    WatchClosed,
+    Systemd(UnitEvent),
+    SystemdClosed,
+    LeaseLost,
+    Tick,
+    Shutdown,
+}
+
+/// What the agent has done with a unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Current {
+    hash: UnitHash,
+    state: TargetState,
+}
+
+struct Agent {
+    registry: EtcdRegistry,
+    systemd: Arc<dyn UnitManager>,
+    cfg: AgentConfig,
+    stats: Arc<AgentStats>,
+    record: MachineRecord,
+    lease: LeaseKeeper,
+    mirror: BTreeMap<String, Vec<u8>>,
+    synced: bool,
+    requirements: HashMap<(UnitName, UnitHash), Requirements>,
+    current: BTreeMap<String, Current>,
+    systemd_states: BTreeMap<String, SystemdState>,
+    published: BTreeMap<String, StateRecord>,
+    watching: WatchSet,
+    refused_globals: BTreeMap<UnitName, String>,
+}
+
+/// Runs the agent until `shutdown` is cancelled. Then, if `purge` is set, it stops and
+/// unloads its units and withdraws the machine (fleet's purge, on SIGTERM), so its units move
+/// elsewhere; if not (a configuration reload), it leaves everything running for its successor.
+///
+/// Fails before doing anything when this machine ID is registered by another fleetd.
+pub async fn run(
+    registry: EtcdRegistry,
+    systemd: Arc<dyn UnitManager>,
+    cfg: AgentConfig,
+    stats: Arc<AgentStats>,
+    shutdown: CancellationToken,
+    purge: Arc<std::sync::atomic::AtomicBool>,
+) -> Result<(), RegistryError> {
+    let token = agent_token(&cfg.units_directory);
+    let record = MachineRecord {
+        version: 1,
+        id: cfg.machine_id.clone(),
+        public_ip: cfg.public_ip.clone(),
+        metadata: cfg.metadata.clone(),
+        agent_version: cfg.version.clone(),
+        token,
+    };
+    let lease = tokio::select! {
+        l = register(&registry, &record, cfg.agent_ttl) => l?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    info!(machine = %cfg.machine_id, "machine registered");
+    let watching = WatchSet::new();
+    let mut agent = Agent {
+        registry,
+        systemd,
+        cfg,
+        stats,
+        record,
+        lease,
+        mirror: BTreeMap::new(),
+        synced: false,
+        requirements: HashMap::new(),
+        current: BTreeMap::new(),
+        systemd_states: BTreeMap::new(),
+        published: BTreeMap::new(),
+        watching,
+        refused_globals: BTreeMap::new(),
+    };
+    agent.adopt().await;
+    agent.run(shutdown, purge).await;
+    Ok(())
+}
+
+/// Registers the machine, retrying while etcd cannot be reached.
+async fn register(
+    registry: &EtcdRegistry,
+    record: &MachineRecord,
+    ttl: Duration,
+) -> Result<LeaseKeeper, RegistryError> {
+    let mut wait = Duration::from_millis(500);
+    loop {
+        match registry.register_machine(record, ttl).await {
+            Ok(lease) => return Ok(lease),
+            Err(e @ RegistryError::DuplicateMachine { .. }) => return Err(e),
+            Err(e) => {
+                warn!(error = %e, "registering machine failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// A random token kept next to the unit files, so a restarted fleetd recognizes its own
+/// registration (see `EtcdRegistry::register_machine`).
+fn agent_token(units_directory: &std::path::Path) -> String {
+    let path = units_directory.join(".agent-token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        let t = t.trim().to_string();
+        if !t.is_empty() {
+            return t;
+        }
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let _ = std::fs::create_dir_all(units_directory);
+    if let Err(e) = std::fs::write(&path, &token) {
+        warn!(path = %path.display(), error = %e, "cannot store agent token");
+    }
+    token
+}
+
+impl Agent {
+    /// Takes over the units a previous fleetd left in the units directory, keeping them as
+    /// they are; the first reconcile then removes only those no longer wanted here.
+    async fn adopt(&mut self) {
+        let names = match self.systemd.unit_file_names().await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "cannot list the units directory");
+                return;
+            }
+        };
+        if names.is_empty() {
+            return;
+        }
+        let states = self.systemd.states(&names).await.unwrap_or_default();
+        for name in names {
+            let path = self.cfg.units_directory.join(&name);
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let Ok(file) = UnitFile::parse(&text) else { continue };
+            let running = states.get(&name).is_some_and(|s| {
+                matches!(s.active_state.as_str(), "active" | "activating" | "reloading")
+            });
+            let state = if running { TargetState::Launched } else { TargetState::Loaded };
+            info!(unit = %name, ?state, "adopting unit left by a previous fleetd");
+            self.current.insert(name.clone(), Current { hash: file.hash(), state });
+            self.watching.insert(name.clone());
+            if let Some(s) = states.get(&name) {
+                self.systemd_states.insert(name, s.clone());
+            }
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken, purge: Arc<std::sync::atomic::AtomicBool>) {
+        let poll = self.cfg.disable_watches.then_some(Duration::from_secs(2));
+        let mut watch = self.registry.watch_agent(&self.cfg.machine_id, poll);
+        let mut signals = self.subscribe().await;
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut dirty = true;
+        loop {
+            let event = {
+                let soon = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let sys = async {
+                    match signals.as_mut() {
+                        Some(rx) => rx.recv().await.map(Event::Systemd).unwrap_or(Event::SystemdClosed),
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = shutdown.cancelled() => Event::Shutdown,
+                    ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
+                    ev = sys => ev,
+                    _ = self.lease.lost() => Event::LeaseLost,
+                    _ = tick.tick() => Event::Tick,
+                    _ = soon => { deadline = None; Event::Tick }
+                }
+            };
+            match event {
+                Event::Shutdown => {
+                    if purge.load(Ordering::SeqCst) {
+                        self.purge().await;
+                    }
+                    return;
+                }
+                Event::Watch(ev) => {
+                    if self.apply_watch(ev) {
+                        dirty = true;
+                        if deadline.is_none() {
+                            deadline = Some(tokio::time::Instant::now() + Duration::from_millis(30));
+                        }
+                    }
+                }
+                Event::WatchClosed => {
+                    watch = self.registry.watch_agent(&self.cfg.machine_id, poll);
+                    self.synced = false;
+                }
+                Event::Systemd(UnitEvent::Changed(change)) => {
+                    if let Some(s) = change.state {
+                        self.systemd_states.insert(change.name.clone(), s);
+                        self.publish(&change.name).await;
+                    }
+                }
+                Event::Systemd(UnitEvent::Resync(reason)) => {
+                    debug!(?reason, "re-reading unit states");
+                    self.refresh_states(None).await;
+                }
+                Event::SystemdClosed => {
+                    warn!("systemd subscription ended; subscribing again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    signals = self.subscribe().await;
+                    self.refresh_states(None).await;
+                }
+                Event::LeaseLost => self.reregister(&shutdown).await,
+                Event::Tick => {
+                    if dirty && self.synced {
+                        dirty = !self.reconcile().await;
+                    } else if self.synced {
+                        // periodic check that what we did still matches what we want
+                        dirty = !self.reconcile().await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(&self) -> Option<mpsc::Receiver<UnitEvent>> {
+        match self.systemd.subscribe(self.watching.clone()).await {
+            Ok(rx) => Some(rx),
+            Err(e) => {
+                error!(error = %e, "cannot subscribe to systemd signals");
+                None
+            }
+        }
+    }
+
+    /// Updates the mirror; returns whether what we must run may have changed.
+    fn apply_watch(&mut self, ev: WatchEvent) -> bool {
+        match ev {
+            WatchEvent::Snapshot { kvs, .. } => {
+                self.mirror = kvs.into_iter().collect();
+                self.synced = true;
+                true
+            }
+            WatchEvent::Put { key, value, .. } => {
+                self.mirror.insert(key, value);
+                true
+            }
+            WatchEvent::Delete { key, .. } => {
+                self.mirror.remove(&key);
+                true
+            }
+            WatchEvent::Disconnected => {
+                // desired state unknown from now on: keep everything as it is
+                warn!("lost etcd; keeping units as they are until it is back");
+                self.synced = false;
+                false
+            }
+        }
+    }
+
+    async fn requirements_of(&mut self, name: &UnitName, hash: UnitHash) -> Result<Requirements, RegistryError> {
+        if let Some(r) = self.requirements.get(&(name.clone(), hash)) {
+            return Ok(r.clone());
+        }
+        let file = self.registry.body(&hash).await?;
+        let req = match Requirements::from_unit(name, &file) {
+            Ok((r, _)) => r,
+            Err(e) => {
+                warn!(unit = %name, error = %e, "invalid requirements; treating as none");
+                Requirements::default()
+            }
+        };
+        self.requirements.insert((name.clone(), hash), req.clone());
+        Ok(req)
+    }
+
+    /// Brings systemd in line with the mirror. Returns false when it could not finish (etcd
+    /// error reading a body) and should be tried again.
+    async fn reconcile(&mut self) -> bool {
+        let keys = self.registry.keys().clone();
+        let mut scheduled = BTreeMap::new();
+        let mut globals = BTreeMap::new();
+        let mut metadata = self.cfg.metadata.clone();
+        let sched_dir = keys.schedule_dir(&self.cfg.machine_id);
+        let meta_dir = keys.metadata_dir(&self.cfg.machine_id);
+        let mut entries: Vec<(bool, UnitName, UnitHash, TargetState)> = Vec::new();
+        for (k, v) in &self.mirror {
+            if let Some(name) = k.strip_prefix(&sched_dir) {
+                let (Ok(name), Ok(rec)) = (UnitName::parse(name), serde_json_decode::<ScheduleRecord>(v)) else {
+                    warn!(key = %k, "skipping malformed schedule record");
+                    continue;
+                };
+                entries.push((false, name, rec.hash, rec.desired_state));
+            } else if let Some(name) = keys.strip(keys::GLOBAL, k) {
+                let (Ok(name), Ok(rec)) = (UnitName::parse(name), serde_json_decode::<GlobalRecord>(v)) else {
+                    warn!(key = %k, "skipping malformed global record");
+                    continue;
+                };
+                entries.push((true, name, rec.hash, rec.desired_state));
+            } else if let Some(key) = k.strip_prefix(&meta_dir) {
+                metadata.insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
+            }
+        }
+        for (global, name, hash, state) in entries {
+            let req = match self.requirements_of(&name, hash).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(unit = %name, error = %e, "cannot read unit body; will retry");
+                    return false;
+                }
+            };
+            if global {
+                globals.insert(name, (hash, state, req));
+            } else {
+                scheduled.insert(name, (hash, state, req));
+            }
+        }
+        let machine = Machine { id: self.cfg.machine_id.clone(), metadata };
+        let (desired, refused) = desired_units(&machine, &scheduled, &globals);
+        if refused != self.refused_globals {
+            for (name, reason) in &refused {
+                info!(unit = %name, %reason, "global unit does not run on this machine");
+            }
+            self.refused_globals = refused;
+        }
+        self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        self.converge(desired).await
+    }
+
+    /// Runs the tasks that take systemd from `current` to `desired`.
+    async fn converge(&mut self, desired: BTreeMap<UnitName, Desired>) -> bool {
+        let desired: BTreeMap<String, Desired> =
+            desired.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut complete = true;
+        let mut files_changed = false;
+        let mut touched: Vec<String> = Vec::new();
+        // 1. units no longer wanted here, or whose body changed: stop and remove
+        let stale: Vec<(String, Current)> = self
+            .current
+            .iter()
+            .filter(|(n, c)| desired.get(*n).is_none_or(|d| d.hash != c.hash))
+            .map(|(n, c)| (n.clone(), *c))
+            .collect();
+        for (name, cur) in stale {
+            if cur.state == TargetState::Launched {
+                self.task("stop", &name, self.systemd.stop(&name).await);
+            }
+            self.task("unload", &name, self.systemd.remove_unit(&name).await);
+            self.current.remove(&name);
+            self.watching.remove(&name);
+            self.systemd_states.remove(&name);
+            files_changed = true;
+            self.unpublish(&name).await;
+        }
+        // 2. units to write
+        let mut written: Vec<(String, bool)> = Vec::new();
+        for (name, d) in &desired {
+            if self.current.contains_key(name) {
+                continue;
+            }
+            let file = match self.registry.body(&d.hash).await {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(unit = %name, error = %e, "cannot read unit body; will retry");
+                    complete = false;
+                    continue;
+                }
+            };
+            if self.task("load", name, self.systemd.write_unit(name, &file.serialize()).await) {
+                self.watching.insert(name.clone());
+                self.current.insert(name.clone(), Current { hash: d.hash, state: TargetState::Loaded });
+                written.push((name.clone(), file.has_section("Install")));
+                files_changed = true;
+                touched.push(name.clone());
+            } else {
+                complete = false;
+            }
+        }
+        if files_changed {
+            self.stats.reloads.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.systemd.reload().await {
+                warn!(error = %e, "daemon-reload failed");
+                complete = false;
+            }
+        }
+        for (name, install) in &written {
+            if *install {
+                self.task("enable", name, self.systemd.enable(name).await);
+            }
+        }
+        // 3. start / stop to the desired state
+        for (name, d) in &desired {
+            let Some(cur) = self.current.get(name).copied() else { continue };
+            match (d.state, cur.state) {
+                (TargetState::Launched, s) if s != TargetState::Launched => {
+                    if self.task("start", name, self.systemd.start(name).await) {
+                        self.current.insert(name.clone(), Current { state: TargetState::Launched, ..cur });
+                        touched.push(name.clone());
+                    } else {
+                        complete = false;
+                    }
+                }
+                (TargetState::Loaded, TargetState::Launched) => {
+                    if self.task("stop", name, self.systemd.stop(name).await) {
+                        self.current.insert(name.clone(), Current { state: TargetState::Loaded, ..cur });
+                        touched.push(name.clone());
+                    } else {
+                        complete = false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !touched.is_empty() {
+            touched.sort();
+            touched.dedup();
+            self.refresh_states(Some(&touched)).await;
+        }
+        complete
+    }
+
+    /// Logs a task's outcome; true when it succeeded.
+    fn task(&self, what: &str, unit: &str, result: Result<(), fleet_systemd::Error>) -> bool {
+        self.stats.tasks.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                info!(unit, task = what, "agent task done");
+                true
+            }
+            Err(e) => {
+                self.stats.task_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(unit, task = what, error = %e, "agent task failed");
+                false
+            }
+        }
+    }
+
+    /// Reads states from systemd (all managed units, or `only`) and publishes what changed.
+    async fn refresh_states(&mut self, only: Option<&[String]>) {
+        let names: Vec<String> = match only {
+            Some(n) => n.to_vec(),
+            None => self.current.keys().cloned().collect(),
+        };
+        if names.is_empty() {
+            return;
+        }
+        match self.systemd.states(&names).await {
+            Ok(states) => {
+                for (name, s) in states {
+                    if self.current.contains_key(&name) {
+                        self.systemd_states.insert(name, s);
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot read unit states"),
+        }
+        for name in names {
+            self.publish(&name).await;
+        }
+    }
+
+    /// Publishes the state of one managed unit if it differs from what was published.
+    async fn publish(&mut self, name: &str) {
+        let (Some(cur), Some(sys)) = (self.current.get(name), self.systemd_states.get(name)) else {
+            return;
+        };
+        let rec = StateRecord {
+            version: 1,
+            name: name.to_string(),
+            machine_id: self.cfg.machine_id.clone(),
+            hash: cur.hash.to_string(),
+            load_state: sys.load_state.clone(),
+            active_state: sys.active_state.clone(),
+            sub_state: sys.sub_state.clone(),
+            agent_state: cur.state,
+        };
+        if self.published.get(name) == Some(&rec) {
+            return;
+        }
+        match self.registry.publish_state(name, &self.cfg.machine_id, Some(&rec), &self.lease).await {
+            Ok(()) => {
+                self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
+                self.published.insert(name.to_string(), rec);
+            }
+            Err(e) => debug!(unit = name, error = %e, "publishing state failed; will retry"),
+        }
+    }
+
+    async fn unpublish(&mut self, name: &str) {
+        if self.published.remove(name).is_some() {
+            if let Err(e) = self.registry.publish_state(name, &self.cfg.machine_id, None, &self.lease).await {
+                debug!(unit = name, error = %e, "withdrawing state failed");
+            }
+        }
+    }
+
+    /// The lease is gone (etcd unreachable for a whole ttl): register again and publish every
+    /// state again under the new lease. Units keep running meanwhile.
+    async fn reregister(&mut self, shutdown: &CancellationToken) {
+        warn!("machine lease lost; registering again");
+        let lease = tokio::select! {
+            l = register(&self.registry, &self.record, self.cfg.agent_ttl) => l,
+            _ = shutdown.cancelled() => return,
+        };
+        match lease {
+            Ok(l) => {
+                self.lease = l;
+                self.published.clear();
+                let names: Vec<String> = self.current.keys().cloned().collect();
+                for n in names {
+                    self.publish(&n).await;
+                }
+                info!("machine registered again");
+            }
+            Err(e) => {
+                error!(error = %e, "cannot register again; shutting down the agent");
+                shutdown.cancel();
+            }
+        }
+    }
+
+    /// fleet's purge: stop and unload every unit, withdraw states and presence.
+    async fn purge(mut self) {
+        info!("agent shutting down: stopping and unloading its units");
+        let names: Vec<(String, Current)> = self.current.iter().map(|(n, c)| (n.clone(), *c)).collect();
+        for (name, cur) in &names {
+            if cur.state == TargetState::Launched {
+                self.task("stop", name, self.systemd.stop(name).await);
+            }
+            self.task("unload", name, self.systemd.remove_unit(name).await);
+        }
+        if !names.is_empty() {
+            let _ = self.systemd.reload().await;
+        }
+        for (name, _) in &names {
+            self.unpublish(name).await;
+        }
+        self.registry.withdraw_machine(&self.cfg.machine_id, self.lease).await;
+    }
+}
+
+fn serde_json_decode<T: for<'de> serde::Deserialize<'de>>(v: &[u8]) -> Result<T, ()> {
+    serde_json::from_slice(v).map_err(|_| ())
+}

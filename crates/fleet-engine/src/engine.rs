@@ -1,0 +1,249 @@
+//! The engine's loop: one event enum, one `select!`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fleet_registry::{EtcdRegistry, Leadership, RegistryError, UnitRecord, WatchEvent};
+use fleet_unit::{Requirements, UnitHash, UnitName};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::plan::{diff, to_scheduler_snapshot};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub machine_id: String,
+    /// fleet's `engine_reconcile_interval`.
+    pub reconcile_interval: Duration,
+    /// fleet's `agent_ttl`: how long a new leader keeps units on machines it has not seen.
+    pub agent_ttl: Duration,
+    /// fleet's `disable_watches`: re-list every interval instead of watching.
+    pub disable_watches: bool,
+}
+
+/// Counters fleetd exports as metrics.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    pub reconciles: AtomicU64,
+    pub reconcile_failures: AtomicU64,
+    pub tasks: AtomicU64,
+    /// Unix time (seconds) this engine last became leader; 0 when it is not leader.
+    pub leader_since: AtomicU64,
+    pub last_reconcile_micros: AtomicU64,
+}
+
+enum Event {
+    Watch(WatchEvent),
+    WatchClosed,
+    Tick,
+    LeaseLost,
+    Shutdown,
+}
+
+struct Leader {
+    leadership: Leadership,
+    since: Instant,
+}
+
+/// Runs the engine until `shutdown` is cancelled; on shutdown a leader resigns at once so
+/// another engine takes over without waiting for the lease to expire.
+pub async fn run(
+    registry: EtcdRegistry,
+    cfg: EngineConfig,
+    stats: Arc<EngineStats>,
+    shutdown: CancellationToken,
+) {
+    let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
+    let mut watch = registry.watch_engine(poll);
+    let mut mirror: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut mirror_rev: i64 = 0;
+    let mut synced = false;
+    let mut written_rev: i64 = 0;
+    let mut leader: Option<Leader> = None;
+    let mut requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>> =
+        HashMap::new();
+    let mut tick = tokio::time::interval(cfg.reconcile_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let leader_key = registry.keys().leader();
+    // Debounce: after a burst of watch events reconcile once, shortly after.
+    let debounce = Duration::from_millis(50);
+    let mut deadline: Option<tokio::time::Instant> = None;
+
+    loop {
+        let event = {
+            let lease_lost = async {
+                match &leader {
+                    Some(l) => l.leadership.lease.lost().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let soon = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => Event::Shutdown,
+                ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
+                _ = lease_lost => Event::LeaseLost,
+                _ = tick.tick() => Event::Tick,
+                _ = soon => { deadline = None; Event::Tick }
+            }
+        };
+        let due = matches!(event, Event::Tick);
+        match event {
+            Event::Shutdown => {
+                if let Some(l) = leader.take() {
+                    info!("engine resigning leadership");
+                    registry.resign(l.leadership).await;
+                }
+                return;
+            }
+            Event::WatchClosed => {
+                warn!("engine watch ended; restarting it");
+                watch = registry.watch_engine(poll);
+                synced = false;
+                continue;
+            }
+            Event::LeaseLost => {
+                warn!("engine lost its leadership lease");
+                leader = None;
+                stats.leader_since.store(0, Ordering::Relaxed);
+                continue;
+            }
+            Event::Watch(WatchEvent::Snapshot { revision, kvs }) => {
+                mirror = kvs.into_iter().collect();
+                mirror_rev = revision;
+                synced = true;
+            }
+            Event::Watch(WatchEvent::Put { key, value, revision }) => {
+                mirror.insert(key, value);
+                mirror_rev = mirror_rev.max(revision);
+            }
+            Event::Watch(WatchEvent::Delete { key, revision }) => {
+                let leader_gone = key == leader_key;
+                mirror.remove(&key);
+                mirror_rev = mirror_rev.max(revision);
+                if leader_gone && leader.is_none() {
+                    debug!("leader key deleted; campaigning");
+                }
+            }
+            Event::Watch(WatchEvent::Disconnected) => {
+                synced = false;
+                continue;
+            }
+            Event::Tick => {
+            }
+        }
+        if !synced {
+            continue;
+        }
+        // Reconcile on ticks (the interval, or a quiet moment after a burst of watch events),
+        // never once per event.
+        if !due {
+            if deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + debounce);
+            }
+            continue;
+        }
+        if leader.is_none() {
+            let leader_present = mirror.contains_key(&leader_key);
+            if !leader_present {
+                match registry.campaign(&cfg.machine_id, cfg.reconcile_interval * 5).await {
+                    Ok(Some(l)) => {
+                        info!(machine = %cfg.machine_id, "engine became leader");
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        stats.leader_since.store(now, Ordering::Relaxed);
+                        written_rev = l.create_revision;
+                        leader = Some(Leader { leadership: l, since: Instant::now() });
+                    }
+                    Ok(None) => {}
+                    Err(e) => debug!(error = %e, "campaign failed"),
+                }
+            }
+        }
+        let Some(l) = &leader else { continue };
+        if mirror_rev < written_rev {
+            // our own last write has not come back through the watch yet
+            continue;
+        }
+        let started = Instant::now();
+        let snap = registry.decode_engine_snapshot(mirror_rev, mirror.iter());
+        match snap.leader.as_deref() {
+            Some(id) if id == cfg.machine_id => {}
+            _ => continue, // the mirror has not seen our leader key yet
+        }
+        let bodies_needed: Vec<UnitHash> = snap
+            .units
+            .iter()
+            .filter(|u| !u.global && !requirements.contains_key(&(u.name.clone(), u.hash)))
+            .map(|u| u.hash)
+            .collect();
+        let bodies = match registry.unit_bodies(&bodies_needed).await {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(error = %e, "reading unit bodies failed");
+                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
+            let key = (rec.name.clone(), rec.hash);
+            if let Some(r) = requirements.get(&key) {
+                return r.clone();
+            }
+            let Some(file) = bodies.get(&rec.hash) else {
+                return Err(format!("unit file {} missing from the registry", rec.hash.short()));
+            };
+            let r = Requirements::from_unit(&rec.name, file)
+                .map(|(r, _)| r)
+                .map_err(|e| e.to_string());
+            requirements.insert(key, r.clone());
+            r
+        };
+        let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
+        let plan = fleet_scheduler::reconcile(&sched_snap);
+        let held: HashSet<String> = if l.since.elapsed() < cfg.agent_ttl {
+            let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+            snap.schedules
+                .values()
+                .map(|(m, _)| m.clone())
+                .filter(|m| !present.contains(m.as_str()))
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let ops = diff(&snap, &plan, &invalid, &held);
+        stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        if ops.is_empty() {
+            stats.last_reconcile_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            continue;
+        }
+        debug!(ops = ops.len(), "engine writing decisions");
+        match registry.apply(&l.leadership, &ops).await {
+            Ok(rev) => {
+                stats.tasks.fetch_add(ops.len() as u64, Ordering::Relaxed);
+                written_rev = written_rev.max(rev);
+                for op in &ops {
+                    info!(?op, "engine decision");
+                }
+            }
+            Err(RegistryError::NotLeader) => {
+                warn!("engine write refused: no longer leader");
+                leader = None;
+                stats.leader_since.store(0, Ordering::Relaxed);
+            }
+            Err(e) => {
+                warn!(error = %e, "engine write failed");
+                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        stats.last_reconcile_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
