@@ -5,9 +5,9 @@
 //! prefix. Patterns whose prefix range is too large to enumerate cheaply are "broad": they are
 //! matched on demand against the few units on one machine instead.
 
-use std::collections::HashMap;
-
 use fleet_unit::{glob_match, is_literal_pattern, literal_prefix};
+
+use crate::fasthash::FastMap;
 
 /// Prefix ranges longer than this make a pattern broad.
 const BROAD_LIMIT: usize = 4096;
@@ -45,7 +45,7 @@ impl<'a> PatternIndex<'a> {
             has_broad: vec![false; n],
             any_broad: false,
         };
-        let mut ids: HashMap<&'a str, u32> = HashMap::new();
+        let mut ids: FastMap<&'a str, u32> = FastMap::default();
         for u in 0..n {
             if !in_universe[u] {
                 continue;

@@ -13,10 +13,11 @@
 //! is re-placed at most once, so the pass terminates and is deterministic.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 
 use fleet_unit::{Requirements, TargetState};
 
+use crate::fasthash::{FastMap, FastSet};
 use crate::patterns::PatternIndex;
 use crate::words::{metadata_phrase, name_list};
 use crate::{Decision, Machine, Plan, Snapshot, Unit};
@@ -43,8 +44,8 @@ struct Ctx<'a> {
     machines: Vec<&'a Machine>,
     units: Vec<&'a Unit>,
     names: Vec<&'a str>,
-    machine_by_id: HashMap<&'a str, u32>,
-    machine_by_short_id: HashMap<&'a str, Vec<u32>>,
+    machine_by_id: FastMap<&'a str, u32>,
+    machine_by_short_id: FastMap<&'a str, Vec<u32>>,
     active: Vec<bool>,
     global: Vec<bool>,
     /// MachineOf targets resolved to unit indexes (NONE: no such unit).
@@ -74,7 +75,7 @@ struct State {
     schedules: Vec<(u32, u32)>,
     unplaceable: BTreeMap<u32, String>,
     classes: Vec<Class>,
-    class_of: HashMap<String, u32>,
+    class_of: FastMap<String, u32>,
     machine_classes: Vec<Vec<u32>>,
     /// Scratch for per-unit blocked machines: mark[m] == generation means blocked.
     mark: Vec<u32>,
@@ -86,8 +87,9 @@ pub(crate) fn run(snapshot: &Snapshot) -> Plan {
     let ctx = Ctx::new(snapshot);
     let mut st = State::new(&ctx);
     let rivals = ctx.circular_replace_rivals(&mut st);
-    ctx.place_globals(&mut st, &rivals);
-    let queue = ctx.keep_current(&mut st, &rivals);
+    let basic = ctx.basic_placements(&mut st, &rivals);
+    ctx.place_globals(&mut st, &basic);
+    let queue = ctx.keep_current(&mut st, &rivals, &basic);
     ctx.place_pending(&mut st, queue);
     ctx.build_plan(st)
 }
@@ -95,20 +97,26 @@ pub(crate) fn run(snapshot: &Snapshot) -> Plan {
 impl<'a> Ctx<'a> {
     fn new(snapshot: &'a Snapshot) -> Ctx<'a> {
         let mut machines: Vec<&Machine> = snapshot.machines.iter().collect();
-        machines.sort_by(|a, b| a.id.cmp(&b.id));
+        if !machines.is_sorted_by(|a, b| a.id <= b.id) {
+            machines.sort_by(|a, b| a.id.cmp(&b.id));
+        }
         machines.dedup_by(|a, b| a.id == b.id);
         let mut units: Vec<&Unit> = snapshot.units.iter().collect();
-        units.sort_by(|a, b| a.name.cmp(&b.name));
+        // Registries list units by name already; only sort when they are not.
+        if !units.is_sorted_by(|a, b| a.name <= b.name) {
+            units.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         units.dedup_by(|a, b| a.name == b.name);
 
         let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
-        let unit_by_name: HashMap<&str, u32> = names
+        let unit_by_name: FastMap<&str, u32> = names
             .iter()
             .enumerate()
             .map(|(i, n)| (*n, i as u32))
             .collect();
-        let mut machine_by_id = HashMap::with_capacity(machines.len());
-        let mut machine_by_short_id: HashMap<&str, Vec<u32>> = HashMap::new();
+        let mut machine_by_id =
+            FastMap::with_capacity_and_hasher(machines.len(), Default::default());
+        let mut machine_by_short_id: FastMap<&str, Vec<u32>> = FastMap::default();
         for (i, m) in machines.iter().enumerate() {
             machine_by_id.insert(m.id.as_str(), i as u32);
             if let Some(short) = m.id.get(..8)
@@ -388,15 +396,33 @@ impl<'a> Ctx<'a> {
     /// Decides where each global unit runs, as agents will: metadata must match, and it must
     /// not conflict (either direction) with units scheduled there or with global units
     /// accepted there before it (by name).
-    fn place_globals(&self, st: &mut State, rivals: &[u32]) {
+    /// Each unit's current machine if it passes [`Ctx::basic_placement`] (NONE otherwise);
+    /// records an unschedule for every placement that fails.
+    fn basic_placements(&self, st: &mut State, rivals: &[u32]) -> Vec<u32> {
+        let mut basic = vec![NONE; self.units.len()];
+        for (u, slot) in basic.iter_mut().enumerate() {
+            match self.basic_placement(u, rivals) {
+                Ok(Some(m)) => *slot = m,
+                Ok(None) => {}
+                Err(reason) => {
+                    let mid = self.units[u].placement.as_deref().unwrap_or_default();
+                    let m = self.machine_by_id.get(mid).copied().unwrap_or(NONE);
+                    st.unschedules.push((u as u32, m, reason));
+                }
+            }
+        }
+        basic
+    }
+
+    fn place_globals(&self, st: &mut State, basic: &[u32]) {
         if self.globals.is_empty() {
             return;
         }
         let m_count = self.machines.len();
         // Scheduled units (current placements that pass the basic checks) block globals.
         let mut scheduled_on: Vec<Vec<u32>> = vec![Vec::new(); m_count];
-        for u in 0..self.units.len() {
-            if let Ok(Some(m)) = self.basic_placement(u, rivals) {
+        for (u, &m) in basic.iter().enumerate() {
+            if m != NONE {
                 scheduled_on[m as usize].push(u as u32);
             }
         }
@@ -416,11 +442,8 @@ impl<'a> Ctx<'a> {
             blocked.iter_mut().for_each(|b| *b = false);
             for w in self.conflicts.targets(g).chain(self.conflicts.sources(g)) {
                 let w = w as usize;
-                if w != g
-                    && !self.global[w]
-                    && let Ok(Some(m)) = self.basic_placement(w, rivals)
-                {
-                    blocked[m as usize] = true;
+                if w != g && !self.global[w] && basic[w] != NONE {
+                    blocked[basic[w] as usize] = true;
                 }
             }
             for m in 0..m_count {
@@ -451,27 +474,22 @@ impl<'a> Ctx<'a> {
     }
 
     /// Phase 1: keep what still holds. Returns the units that need a (new) machine.
-    fn keep_current(&self, st: &mut State, rivals: &[u32]) -> BinaryHeap<Reverse<(u32, u32)>> {
+    fn keep_current(
+        &self,
+        st: &mut State,
+        rivals: &[u32],
+        basic: &[u32],
+    ) -> BinaryHeap<Reverse<(u32, u32)>> {
         let n = self.units.len();
         let mut queue = BinaryHeap::new();
-        // status: 0 = not yet visited, 1 = kept, 2 = dropped
+        // status: 0 = not yet visited, 1 = kept, 2 = dropped (or never placed)
         let mut status = vec![0u8; n];
-        let mut basic: Vec<u32> = vec![NONE; n];
         let mut placed: Vec<usize> = Vec::new();
         for u in 0..n {
-            match self.basic_placement(u, rivals) {
-                Ok(Some(m)) => {
-                    basic[u] = m;
-                    placed.push(u);
-                }
-                Ok(None) => {}
-                Err(reason) => {
-                    // The unit had a machine that is no longer right for it.
-                    let mid = self.units[u].placement.as_deref().unwrap_or_default();
-                    let m = self.machine_by_id.get(mid).copied().unwrap_or(NONE);
-                    st.unschedules.push((u as u32, m, reason));
-                    status[u] = 2;
-                }
+            if basic[u] != NONE {
+                placed.push(u);
+            } else {
+                status[u] = 2;
             }
         }
         let mut by_machine_orig: Vec<Vec<u32>> = vec![Vec::new(); self.machines.len()];
@@ -921,8 +939,8 @@ impl<'a> Ctx<'a> {
 
     fn build_plan(&self, st: State) -> Plan {
         // An unschedule followed by a schedule of the same unit on the same machine is no move.
-        let scheduled: HashMap<u32, u32> = st.schedules.iter().copied().collect();
-        let mut cancelled: HashSet<u32> = HashSet::new();
+        let scheduled: FastMap<u32, u32> = st.schedules.iter().copied().collect();
+        let mut cancelled: FastSet<u32> = FastSet::default();
         let mut plan = Plan::default();
         for (u, m, reason) in st.unschedules {
             if m != NONE && scheduled.get(&u) == Some(&m) {
@@ -984,7 +1002,7 @@ impl State {
             schedules: Vec::new(),
             unplaceable: BTreeMap::new(),
             classes: Vec::new(),
-            class_of: HashMap::new(),
+            class_of: FastMap::default(),
             machine_classes: vec![Vec::new(); m],
             mark: vec![0; m],
             blocker: vec![Block::Conflict(0); m],
