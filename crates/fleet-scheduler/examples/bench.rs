@@ -43,7 +43,7 @@ fn machines(n: usize) -> Vec<Machine> {
             metadata.insert("region".to_string(), REGIONS[i % 4].to_string());
             metadata.insert(
                 "disk".to_string(),
-                if i % 3 == 0 { "ssd" } else { "hdd" }.to_string(),
+                if i.is_multiple_of(3) { "ssd" } else { "hdd" }.to_string(),
             );
             metadata.insert("rack".to_string(), format!("r{}", i % 50));
             Machine {
@@ -79,7 +79,7 @@ fn units(count: usize, machines: usize, rng: &mut Rng, tag: &str) -> Vec<Unit> {
                 global: true,
                 ..Default::default()
             };
-            if g % 2 == 0 {
+            if g.is_multiple_of(2) {
                 req.metadata
                     .insert("region".into(), vec![REGIONS[g % 4].to_string()]);
             }
@@ -98,12 +98,12 @@ fn units(count: usize, machines: usize, rng: &mut Rng, tag: &str) -> Vec<Unit> {
                 let mut req = req;
                 let r = rng.below(4) as usize;
                 let mut regions = vec![REGIONS[r].to_string()];
-                if roll % 3 == 0 {
+                if roll.is_multiple_of(3) {
                     regions.push(REGIONS[(r + 1) % 4].to_string());
                     regions.sort();
                 }
                 req.metadata.insert("region".into(), regions);
-                if roll % 5 == 0 {
+                if roll.is_multiple_of(5) {
                     req.metadata.insert("disk".into(), vec!["ssd".into()]);
                 }
                 out.push(unit(format!("md{tag}-{i}.service"), req));
@@ -115,7 +115,7 @@ fn units(count: usize, machines: usize, rng: &mut Rng, tag: &str) -> Vec<Unit> {
                     let mut r = Requirements::default();
                     r.conflicts.push(format!("{fam}@*.service"));
                     out.push(unit(format!("{fam}@{j}.service"), r));
-                    if j % 2 == 0 {
+                    if j.is_multiple_of(2) {
                         let mut s = Requirements::default();
                         s.machine_of.push(format!("{fam}@{j}.service"));
                         out.push(unit(format!("side{tag}-{i}@{j}.service"), s));

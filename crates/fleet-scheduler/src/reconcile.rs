@@ -501,7 +501,7 @@ impl<'a> Ctx<'a> {
         placed.sort_by_key(|u| (self.rank[*u], *u));
         for u in placed {
             let m = basic[u];
-            match self.still_holds(st, u, m, &status, &basic, &by_machine_orig) {
+            match self.still_holds(st, u, m, &status, basic, &by_machine_orig) {
                 Ok(()) => {
                     status[u] = 1;
                     st.placement[u] = m;
