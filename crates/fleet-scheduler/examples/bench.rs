@@ -74,7 +74,7 @@ fn units(count: usize, machines: usize, rng: &mut Rng, tag: &str) -> Vec<Unit> {
     let mut out = Vec::with_capacity(count);
     let mut i = 0usize;
     if tag.is_empty() {
-        for g in 0..10 {
+        for g in 0..10usize {
             let mut req = Requirements {
                 global: true,
                 ..Default::default()
@@ -111,7 +111,7 @@ fn units(count: usize, machines: usize, rng: &mut Rng, tag: &str) -> Vec<Unit> {
             75..=89 => {
                 // a family of ten instances that keep apart, each with a sidekick half the time
                 let fam = format!("app{tag}-{i}");
-                for j in 0..10 {
+                for j in 0..10u32 {
                     let mut r = Requirements::default();
                     r.conflicts.push(format!("{fam}@*.service"));
                     out.push(unit(format!("{fam}@{j}.service"), r));
