@@ -92,13 +92,16 @@ impl Api {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(rx) = &self.config.available {
-            if !*rx.borrow() {
-                return Err(fail(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "fleet server unable to communicate with etcd",
-                ));
-            }
+        if self
+            .config
+            .available
+            .as_ref()
+            .is_some_and(|rx| !*rx.borrow())
+        {
+            return Err(fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "fleet server unable to communicate with etcd",
+            ));
         }
         let path = percent_decode(req.uri().path())
             .ok_or_else(|| fail(StatusCode::BAD_REQUEST, "invalid URL escape in path"))?;

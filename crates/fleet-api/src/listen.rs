@@ -314,6 +314,23 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&file).expect("read"), "x");
     }
 
+    #[tokio::test]
+    async fn passed_descriptors_become_listeners() {
+        use std::os::fd::IntoRawFd;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let unix = std::os::unix::net::UnixListener::bind(dir.path().join("s")).expect("bind unix");
+        let l = activated_listener(unix.into_raw_fd()).expect("unix listener");
+        assert!(!l.is_tcp() && l.describe().ends_with("/s"), "{l:?}");
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").expect("bind tcp");
+        let addr = tcp.local_addr().expect("addr");
+        let l = activated_listener(tcp.into_raw_fd()).expect("tcp listener");
+        assert_eq!(l.tcp_addr(), Some(addr));
+        // a connected socket (Accept=yes style) is refused
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let err = activated_listener(a.into_raw_fd()).expect_err("not listening");
+        assert!(err.to_string().contains("not a listening socket"), "{err}");
+    }
+
     #[test]
     fn activation_is_ignored_without_env() {
         // the test runner sets no LISTEN_PID for this process

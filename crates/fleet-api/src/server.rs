@@ -154,6 +154,7 @@ async fn serve_connection<IO>(
         .timer(TokioTimer::new())
         .header_read_timeout(api.config.header_read_timeout)
         .max_buf_size(MAX_HEADER_BUF)
+        .max_header_size(MAX_HEADER_BUF)
         .keep_alive(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn).await {
