@@ -20,8 +20,9 @@
 //! - Line length: any physical line with 2048 bytes or more before its line break (`\n` or
 //!   `\r\n`) is an error, i.e. a line may hold at most 2048 bytes including its newline
 //!   (systemd's LINE_MAX). fleet only checked when its read buffer happened to hold 2048 bytes.
-//! - CRLF: `\r\n` is a line break everywhere, so a CRLF line ending in `\` continues (fleet kept
-//!   the `\r` and then failed on the next line).
+//! - CRLF: `\r\n` (any run of `\r` before `\n`, or before the end of input) is a line break
+//!   everywhere, so a CRLF line ending in `\` continues (fleet kept the `\r` and then failed on
+//!   the next line).
 //! - End of input acts as a newline: a value whose last line ends in `\` with no newline after
 //!   it ends in `\` and `\n`, as it would with the newline (fleet dropped that `\n`, so the
 //!   same file with and without a final newline hashed differently).
@@ -224,7 +225,7 @@ pub fn split_multivalue(value: &str) -> Vec<String> {
 
 fn check_line_lengths(text: &str) -> Result<(), ParseError> {
     for (i, line) in text.split('\n').enumerate() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
+        let line = line.trim_end_matches('\r');
         if line.len() >= LINE_MAX {
             return Err(ParseError::LineTooLong { line: i + 1 });
         }
@@ -260,7 +261,8 @@ impl<'a> Lexer<'a> {
         Some(c)
     }
 
-    /// The rest of the current line without its `\n`/`\r\n`, and whether input ended there.
+    /// The rest of the current line without its `\n` and any `\r` before it, and whether input
+    /// ended there.
     fn line_rest(&mut self) -> (&'a str, bool) {
         let rest = &self.text[self.pos..];
         let (line, eof) = match rest.find('\n') {
@@ -273,7 +275,8 @@ impl<'a> Lexer<'a> {
                 (rest, true)
             }
         };
-        (line.strip_suffix('\r').unwrap_or(line), eof)
+        // Carriage returns before the line break belong to the break (CRLF, and stray CRs).
+        (line.trim_end_matches('\r'), eof)
     }
 
     fn run(mut self) -> Result<Vec<UnitOption>, ParseError> {
