@@ -77,7 +77,7 @@ proptest! {
     #[test]
     fn final_newline_changes_nothing(text in unit_text()) {
         let text = text.trim_end_matches('\n');
-        let without = UnitFile::parse(&text);
+        let without = UnitFile::parse(text);
         let with = UnitFile::parse(&format!("{text}\n"));
         match (without, with) {
             (Ok(a), Ok(b)) => {
