@@ -179,14 +179,31 @@ impl Agent {
         let states = self.systemd.states(&names).await.unwrap_or_default();
         for name in names {
             let path = self.cfg.units_directory.join(&name);
-            let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let Ok(file) = UnitFile::parse(&text) else { continue };
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let Ok(file) = UnitFile::parse(&text) else {
+                continue;
+            };
             let running = states.get(&name).is_some_and(|s| {
-                matches!(s.active_state.as_str(), "active" | "activating" | "reloading")
+                matches!(
+                    s.active_state.as_str(),
+                    "active" | "activating" | "reloading"
+                )
             });
-            let state = if running { TargetState::Launched } else { TargetState::Loaded };
+            let state = if running {
+                TargetState::Launched
+            } else {
+                TargetState::Loaded
+            };
             info!(unit = %name, ?state, "adopting unit left by a previous fleetd");
-            self.current.insert(name.clone(), Current { hash: file.hash(), state });
+            self.current.insert(
+                name.clone(),
+                Current {
+                    hash: file.hash(),
+                    state,
+                },
+            );
             self.watching.insert(name.clone());
             if let Some(s) = states.get(&name) {
                 self.systemd_states.insert(name, s.clone());
@@ -212,7 +229,11 @@ impl Agent {
                 };
                 let sys = async {
                     match signals.as_mut() {
-                        Some(rx) => rx.recv().await.map(Event::Systemd).unwrap_or(Event::SystemdClosed),
+                        Some(rx) => rx
+                            .recv()
+                            .await
+                            .map(Event::Systemd)
+                            .unwrap_or(Event::SystemdClosed),
                         None => std::future::pending().await,
                     }
                 };
@@ -236,7 +257,8 @@ impl Agent {
                     if self.apply_watch(ev) {
                         dirty = true;
                         if deadline.is_none() {
-                            deadline = Some(tokio::time::Instant::now() + Duration::from_millis(30));
+                            deadline =
+                                Some(tokio::time::Instant::now() + Duration::from_millis(30));
                         }
                     }
                 }
@@ -308,7 +330,11 @@ impl Agent {
         }
     }
 
-    async fn requirements_of(&mut self, name: &UnitName, hash: UnitHash) -> Result<Requirements, RegistryError> {
+    async fn requirements_of(
+        &mut self,
+        name: &UnitName,
+        hash: UnitHash,
+    ) -> Result<Requirements, RegistryError> {
         if let Some(r) = self.requirements.get(&(name.clone(), hash)) {
             return Ok(r.clone());
         }
@@ -336,13 +362,18 @@ impl Agent {
         let mut entries: Vec<(bool, UnitName, UnitHash, TargetState)> = Vec::new();
         for (k, v) in &self.mirror {
             if let Some(name) = k.strip_prefix(&sched_dir) {
-                let (Ok(name), Ok(rec)) = (UnitName::parse(name), serde_json_decode::<ScheduleRecord>(v)) else {
+                let (Ok(name), Ok(rec)) = (
+                    UnitName::parse(name),
+                    serde_json_decode::<ScheduleRecord>(v),
+                ) else {
                     warn!(key = %k, "skipping malformed schedule record");
                     continue;
                 };
                 entries.push((false, name, rec.hash, rec.desired_state));
             } else if let Some(name) = keys.strip(keys::GLOBAL, k) {
-                let (Ok(name), Ok(rec)) = (UnitName::parse(name), serde_json_decode::<GlobalRecord>(v)) else {
+                let (Ok(name), Ok(rec)) =
+                    (UnitName::parse(name), serde_json_decode::<GlobalRecord>(v))
+                else {
                     warn!(key = %k, "skipping malformed global record");
                     continue;
                 };
@@ -365,7 +396,10 @@ impl Agent {
                 scheduled.insert(name, (hash, state, req));
             }
         }
-        let machine = Machine { id: self.cfg.machine_id.clone(), metadata };
+        let machine = Machine {
+            id: self.cfg.machine_id.clone(),
+            metadata,
+        };
         let (desired, refused) = desired_units(&machine, &scheduled, &globals);
         if refused != self.refused_globals {
             for (name, reason) in &refused {
@@ -379,8 +413,10 @@ impl Agent {
 
     /// Runs the tasks that take systemd from `current` to `desired`.
     async fn converge(&mut self, desired: BTreeMap<UnitName, Desired>) -> bool {
-        let desired: BTreeMap<String, Desired> =
-            desired.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let desired: BTreeMap<String, Desired> = desired
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         let mut complete = true;
         let mut files_changed = false;
         let mut touched: Vec<String> = Vec::new();
@@ -416,9 +452,19 @@ impl Agent {
                     continue;
                 }
             };
-            if self.task("load", name, self.systemd.write_unit(name, &file.serialize()).await) {
+            if self.task(
+                "load",
+                name,
+                self.systemd.write_unit(name, &file.serialize()).await,
+            ) {
                 self.watching.insert(name.clone());
-                self.current.insert(name.clone(), Current { hash: d.hash, state: TargetState::Loaded });
+                self.current.insert(
+                    name.clone(),
+                    Current {
+                        hash: d.hash,
+                        state: TargetState::Loaded,
+                    },
+                );
                 written.push((name.clone(), file.has_section("Install")));
                 files_changed = true;
                 touched.push(name.clone());
@@ -440,11 +486,19 @@ impl Agent {
         }
         // 3. start / stop to the desired state
         for (name, d) in &desired {
-            let Some(cur) = self.current.get(name).copied() else { continue };
+            let Some(cur) = self.current.get(name).copied() else {
+                continue;
+            };
             match (d.state, cur.state) {
                 (TargetState::Launched, s) if s != TargetState::Launched => {
                     if self.task("start", name, self.systemd.start(name).await) {
-                        self.current.insert(name.clone(), Current { state: TargetState::Launched, ..cur });
+                        self.current.insert(
+                            name.clone(),
+                            Current {
+                                state: TargetState::Launched,
+                                ..cur
+                            },
+                        );
                         touched.push(name.clone());
                     } else {
                         complete = false;
@@ -452,7 +506,13 @@ impl Agent {
                 }
                 (TargetState::Loaded, TargetState::Launched) => {
                     if self.task("stop", name, self.systemd.stop(name).await) {
-                        self.current.insert(name.clone(), Current { state: TargetState::Loaded, ..cur });
+                        self.current.insert(
+                            name.clone(),
+                            Current {
+                                state: TargetState::Loaded,
+                                ..cur
+                            },
+                        );
                         touched.push(name.clone());
                     } else {
                         complete = false;
@@ -527,7 +587,11 @@ impl Agent {
         if self.published.get(name) == Some(&rec) {
             return;
         }
-        match self.registry.publish_state(name, &self.cfg.machine_id, Some(&rec), &self.lease).await {
+        match self
+            .registry
+            .publish_state(name, &self.cfg.machine_id, Some(&rec), &self.lease)
+            .await
+        {
             Ok(()) => {
                 self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
                 self.published.insert(name.to_string(), rec);
@@ -538,7 +602,11 @@ impl Agent {
 
     async fn unpublish(&mut self, name: &str) {
         if self.published.remove(name).is_some() {
-            if let Err(e) = self.registry.publish_state(name, &self.cfg.machine_id, None, &self.lease).await {
+            if let Err(e) = self
+                .registry
+                .publish_state(name, &self.cfg.machine_id, None, &self.lease)
+                .await
+            {
                 debug!(unit = name, error = %e, "withdrawing state failed");
             }
         }
@@ -572,7 +640,8 @@ impl Agent {
     /// fleet's purge: stop and unload every unit, withdraw states and presence.
     async fn purge(mut self) {
         info!("agent shutting down: stopping and unloading its units");
-        let names: Vec<(String, Current)> = self.current.iter().map(|(n, c)| (n.clone(), *c)).collect();
+        let names: Vec<(String, Current)> =
+            self.current.iter().map(|(n, c)| (n.clone(), *c)).collect();
         for (name, cur) in &names {
             if cur.state == TargetState::Launched {
                 self.task("stop", name, self.systemd.stop(name).await);
@@ -585,7 +654,9 @@ impl Agent {
         for (name, _) in &names {
             self.unpublish(name).await;
         }
-        self.registry.withdraw_machine(&self.cfg.machine_id, self.lease).await;
+        self.registry
+            .withdraw_machine(&self.cfg.machine_id, self.lease)
+            .await;
     }
 }
 

@@ -34,7 +34,13 @@ pub fn desired_units(
         if *state == TargetState::Inactive {
             continue;
         }
-        out.insert(name.clone(), Desired { hash: *hash, state: *state });
+        out.insert(
+            name.clone(),
+            Desired {
+                hash: *hash,
+                state: *state,
+            },
+        );
         here.push(as_unit(name, *state, req));
     }
     // Globals in name order; each one admitted is then an "other" for the next (so two
@@ -47,7 +53,13 @@ pub fn desired_units(
         let others: Vec<&Unit> = here.iter().collect();
         match global_unit_runs_here(machine, &unit, &others) {
             Ok(()) => {
-                out.insert(name.clone(), Desired { hash: *hash, state: *state });
+                out.insert(
+                    name.clone(),
+                    Desired {
+                        hash: *hash,
+                        state: *state,
+                    },
+                );
                 here.push(unit);
             }
             Err(reason) => {

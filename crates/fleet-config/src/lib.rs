@@ -15,9 +15,18 @@ pub enum ConfigError {
     #[error("unable to use config file {path}: {reason}")]
     File { path: String, reason: String },
     #[error("{source_name}: invalid value {value:?} for {key}: {reason}")]
-    Value { source_name: String, key: String, value: String, reason: String },
+    Value {
+        source_name: String,
+        key: String,
+        value: String,
+        reason: String,
+    },
     #[error("{source_name} line {line}: {reason}")]
-    Syntax { source_name: String, line: usize, reason: String },
+    Syntax {
+        source_name: String,
+        line: usize,
+        reason: String,
+    },
 }
 
 /// All of fleet's options, with fleet's defaults.
@@ -57,7 +66,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             verbosity: 0,
-            etcd_servers: vec!["http://127.0.0.1:2379".into(), "http://127.0.0.1:4001".into()],
+            etcd_servers: vec![
+                "http://127.0.0.1:2379".into(),
+                "http://127.0.0.1:4001".into(),
+            ],
             etcd_username: String::new(),
             etcd_password: String::new(),
             etcd_keyfile: String::new(),
@@ -132,8 +144,10 @@ impl Config {
                     reason: "is a directory, not a file".into(),
                 });
             }
-            let text = std::fs::read_to_string(&p)
-                .map_err(|e| ConfigError::File { path: name.clone(), reason: e.to_string() })?;
+            let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::File {
+                path: name.clone(),
+                reason: e.to_string(),
+            })?;
             for (line, key, value) in parse_ini(&name, &text)? {
                 let _ = line;
                 cfg.set(&name, &key, &value)?;
@@ -159,7 +173,9 @@ impl Config {
             reason: reason.to_string(),
         };
         match key {
-            "verbosity" => self.verbosity = value.parse().map_err(|_| bad("expected a whole number"))?,
+            "verbosity" => {
+                self.verbosity = value.parse().map_err(|_| bad("expected a whole number"))?
+            }
             "etcd_servers" => {
                 let list = parse_list(value);
                 if list.is_empty() {
@@ -183,7 +199,10 @@ impl Config {
                 }
                 self.etcd_key_prefix = value.to_string();
             }
-            "etcd_request_timeout" => self.etcd_request_timeout = seconds(value).ok_or_else(|| bad("expected seconds, e.g. 1.0"))?,
+            "etcd_request_timeout" => {
+                self.etcd_request_timeout =
+                    seconds(value).ok_or_else(|| bad("expected seconds, e.g. 1.0"))?
+            }
             "engine_reconcile_interval" => {
                 self.engine_reconcile_interval =
                     seconds(value).ok_or_else(|| bad("expected seconds, e.g. 2"))?
@@ -196,7 +215,8 @@ impl Config {
             }
             "metadata" => self.metadata = parse_metadata(value),
             "agent_ttl" => {
-                let d = parse_duration(value).ok_or_else(|| bad("expected a duration, e.g. 30s"))?;
+                let d =
+                    parse_duration(value).ok_or_else(|| bad("expected a duration, e.g. 30s"))?;
                 if d < Duration::from_secs(1) {
                     return Err(bad("must be at least 1s"));
                 }
@@ -208,7 +228,9 @@ impl Config {
                 }
                 self.units_directory = PathBuf::from(value);
             }
-            "systemd_user" => self.systemd_user = boolean(value).ok_or_else(|| bad("expected true or false"))?,
+            "systemd_user" => {
+                self.systemd_user = boolean(value).ok_or_else(|| bad("expected true or false"))?
+            }
             "token_limit" => {
                 let n: usize = value.parse().map_err(|_| bad("expected a whole number"))?;
                 if n == 0 {
@@ -216,27 +238,39 @@ impl Config {
                 }
                 self.token_limit = n;
             }
-            "disable_engine" => self.disable_engine = boolean(value).ok_or_else(|| bad("expected true or false"))?,
-            "disable_watches" => self.disable_watches = boolean(value).ok_or_else(|| bad("expected true or false"))?,
+            "disable_engine" => {
+                self.disable_engine = boolean(value).ok_or_else(|| bad("expected true or false"))?
+            }
+            "disable_watches" => {
+                self.disable_watches =
+                    boolean(value).ok_or_else(|| bad("expected true or false"))?
+            }
             "enable_grpc" => {
                 boolean(value).ok_or_else(|| bad("expected true or false"))?;
                 self.warnings.push("config option enable_grpc is ignored: agents and engine always talk through etcd".into());
             }
             "verify_units" => {
                 if boolean(value).ok_or_else(|| bad("expected true or false"))? {
-                    self.warnings.push("Config option verify_units is no longer supported - ignoring".into());
+                    self.warnings.push(
+                        "Config option verify_units is no longer supported - ignoring".into(),
+                    );
                 }
             }
             "authorized_keys_file" => {
                 if !value.is_empty() {
-                    self.warnings.push("Config option authorized_keys_file is no longer supported - ignoring".into());
+                    self.warnings.push(
+                        "Config option authorized_keys_file is no longer supported - ignoring"
+                            .into(),
+                    );
                 }
             }
             "api_listen" => self.api_listen = parse_list(value),
             "api_certfile" => self.api_certfile = value.to_string(),
             "api_keyfile" => self.api_keyfile = value.to_string(),
             "api_client_cafile" => self.api_client_cafile = value.to_string(),
-            other => self.warnings.push(format!("{source}: unknown option {other:?} ignored")),
+            other => self
+                .warnings
+                .push(format!("{source}: unknown option {other:?} ignored")),
         }
         Ok(())
     }
@@ -271,13 +305,20 @@ fn parse_ini(name: &str, text: &str) -> Result<Vec<(usize, String, String)>, Con
 }
 
 fn unquote(v: &str) -> &str {
-    if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') { &v[1..v.len() - 1] } else { v }
+    if v.len() >= 2 && v.starts_with('"') && v.ends_with('"') {
+        &v[1..v.len() - 1]
+    } else {
+        v
+    }
 }
 
 /// fleet's list syntax: `["a", "b"]` or `a,b`.
 fn parse_list(v: &str) -> Vec<String> {
     v.split(',')
-        .map(|item| item.trim_start_matches([' ', '[', '"']).trim_end_matches([' ', '"', ']']))
+        .map(|item| {
+            item.trim_start_matches([' ', '[', '"'])
+                .trim_end_matches([' ', '"', ']'])
+        })
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
@@ -320,7 +361,9 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let n: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let factor = match &rest[..unit_end] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -344,7 +387,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("fleet.conf");
         std::fs::write(&p, text).expect("write");
-        Config::load(Some(&p), env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::load(
+            Some(&p),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
     }
 
     #[test]
@@ -364,8 +410,14 @@ mod tests {
             &[("FLEET_AGENT_TTL", "10s"), ("FLEET_DISABLE_ENGINE", "true")],
         )
         .expect("load");
-        assert_eq!(c.etcd_servers, vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
-        assert_eq!(c.metadata.get("region").map(String::as_str), Some("us-west"));
+        assert_eq!(
+            c.etcd_servers,
+            vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(
+            c.metadata.get("region").map(String::as_str),
+            Some("us-west")
+        );
         assert_eq!(c.metadata.get("az").map(String::as_str), Some("a"));
         assert_eq!(c.metadata.len(), 2);
         assert_eq!(c.agent_ttl, Duration::from_secs(10));
@@ -376,7 +428,10 @@ mod tests {
     fn invalid_values_are_errors_naming_the_option() {
         for (text, key) in [
             ("agent_ttl=soon\n", "agent_ttl"),
-            ("engine_reconcile_interval=-1\n", "engine_reconcile_interval"),
+            (
+                "engine_reconcile_interval=-1\n",
+                "engine_reconcile_interval",
+            ),
             ("disable_watches=maybe\n", "disable_watches"),
             ("etcd_servers=127.0.0.1:2379\n", "etcd_servers"),
             ("public_ip=nope\n", "public_ip"),
@@ -399,7 +454,8 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let err = Config::load(Some(Path::new("/nonexistent/fleet.conf")), []).expect_err("missing");
+        let err =
+            Config::load(Some(Path::new("/nonexistent/fleet.conf")), []).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/fleet.conf"));
     }
 }

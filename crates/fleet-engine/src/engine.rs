@@ -119,7 +119,11 @@ pub async fn run(
                 mirror_rev = revision;
                 synced = true;
             }
-            Event::Watch(WatchEvent::Put { key, value, revision }) => {
+            Event::Watch(WatchEvent::Put {
+                key,
+                value,
+                revision,
+            }) => {
                 mirror.insert(key, value);
                 mirror_rev = mirror_rev.max(revision);
             }
@@ -135,8 +139,7 @@ pub async fn run(
                 synced = false;
                 continue;
             }
-            Event::Tick => {
-            }
+            Event::Tick => {}
         }
         if !synced {
             continue;
@@ -152,7 +155,10 @@ pub async fn run(
         if leader.is_none() {
             let leader_present = mirror.contains_key(&leader_key);
             if !leader_present {
-                match registry.campaign(&cfg.machine_id, cfg.reconcile_interval * 5).await {
+                match registry
+                    .campaign(&cfg.machine_id, cfg.reconcile_interval * 5)
+                    .await
+                {
                     Ok(Some(l)) => {
                         info!(machine = %cfg.machine_id, "engine became leader");
                         let now = std::time::SystemTime::now()
@@ -161,7 +167,10 @@ pub async fn run(
                             .unwrap_or(0);
                         stats.leader_since.store(now, Ordering::Relaxed);
                         written_rev = l.create_revision;
-                        leader = Some(Leader { leadership: l, since: Instant::now() });
+                        leader = Some(Leader {
+                            leadership: l,
+                            since: Instant::now(),
+                        });
                     }
                     Ok(None) => {}
                     Err(e) => debug!(error = %e, "campaign failed"),
@@ -199,7 +208,10 @@ pub async fn run(
                 return r.clone();
             }
             let Some(file) = bodies.get(&rec.hash) else {
-                return Err(format!("unit file {} missing from the registry", rec.hash.short()));
+                return Err(format!(
+                    "unit file {} missing from the registry",
+                    rec.hash.short()
+                ));
             };
             let r = Requirements::from_unit(&rec.name, file)
                 .map(|(r, _)| r)
@@ -222,7 +234,9 @@ pub async fn run(
         let ops = diff(&snap, &plan, &invalid, &held);
         stats.reconciles.fetch_add(1, Ordering::Relaxed);
         if ops.is_empty() {
-            stats.last_reconcile_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            stats
+                .last_reconcile_micros
+                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             continue;
         }
         debug!(ops = ops.len(), "engine writing decisions");
@@ -244,6 +258,8 @@ pub async fn run(
                 stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
             }
         }
-        stats.last_reconcile_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats
+            .last_reconcile_micros
+            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 }

@@ -16,7 +16,10 @@ pub fn to_scheduler_snapshot(
     let machines = snap
         .machines
         .iter()
-        .map(|m| Machine { id: m.id.clone(), metadata: m.metadata.clone() })
+        .map(|m| Machine {
+            id: m.id.clone(),
+            metadata: m.metadata.clone(),
+        })
         .collect();
     let mut invalid = BTreeMap::new();
     let mut units = Vec::with_capacity(snap.units.len());
@@ -26,7 +29,10 @@ pub fn to_scheduler_snapshot(
                 name: rec.name.clone(),
                 desired: rec.desired_state,
                 requirements: req,
-                placement: snap.schedules.get(rec.name.as_str()).map(|(m, _)| m.clone()),
+                placement: snap
+                    .schedules
+                    .get(rec.name.as_str())
+                    .map(|(m, _)| m.clone()),
             }),
             Err(e) => {
                 invalid.insert(rec.name.to_string(), e);
@@ -65,13 +71,18 @@ pub fn diff(
                     continue;
                 }
                 touched.insert(unit.to_string());
-                ops.push(EngineOp::Unschedule { unit: unit.to_string(), machine: machine.clone() });
+                ops.push(EngineOp::Unschedule {
+                    unit: unit.to_string(),
+                    machine: machine.clone(),
+                });
             }
             Decision::Schedule { unit, machine } => {
                 if frozen.contains(unit.as_str()) {
                     continue;
                 }
-                let Some(rec) = records.get(unit.as_str()) else { continue };
+                let Some(rec) = records.get(unit.as_str()) else {
+                    continue;
+                };
                 touched.insert(unit.to_string());
                 ops.push(EngineOp::Schedule {
                     unit: unit.to_string(),
@@ -99,14 +110,20 @@ pub fn diff(
                 }
             }
             // destroyed, or a global unit (never scheduled): take it off its machine
-            _ => ops.push(EngineOp::Unschedule { unit: name.clone(), machine: machine.clone() }),
+            _ => ops.push(EngineOp::Unschedule {
+                unit: name.clone(),
+                machine: machine.clone(),
+            }),
         }
         touched.insert(name.clone());
     }
     // Placements without a schedule record (left over by an interrupted write).
     for (name, machine) in &snap.placements {
         if !snap.schedules.contains_key(name) && !touched.contains(name) {
-            ops.push(EngineOp::Unschedule { unit: name.clone(), machine: machine.clone() });
+            ops.push(EngineOp::Unschedule {
+                unit: name.clone(),
+                machine: machine.clone(),
+            });
         }
     }
     // Reasons: say why for every unit that cannot be placed, and only for those.
@@ -118,7 +135,10 @@ pub fn diff(
     }
     for (unit, reason) in &wanted {
         if snap.reasons.get(unit) != Some(reason) {
-            ops.push(EngineOp::SetReason { unit: unit.clone(), reason: reason.clone() });
+            ops.push(EngineOp::SetReason {
+                unit: unit.clone(),
+                reason: reason.clone(),
+            });
         }
     }
     let scheduled_now: HashSet<String> = ops

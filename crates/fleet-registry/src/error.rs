@@ -18,7 +18,9 @@ pub enum RegistryError {
     BadValue { key: String, reason: String },
     #[error("unit body {0} missing from the registry")]
     MissingBody(String),
-    #[error("machine ID {id} is already registered by another fleetd (public IP {ip}); refusing to join")]
+    #[error(
+        "machine ID {id} is already registered by another fleetd (public IP {ip}); refusing to join"
+    )]
     DuplicateMachine { id: String, ip: String },
     #[error("no longer the engine leader")]
     NotLeader,

@@ -67,11 +67,24 @@ pub struct EtcdRegistry {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineOp {
     /// (Re)write `schedule/<machine>/<unit>` and `placement/<unit>`, clear the reason.
-    Schedule { unit: String, machine: String, hash: UnitHash, desired: TargetState },
+    Schedule {
+        unit: String,
+        machine: String,
+        hash: UnitHash,
+        desired: TargetState,
+    },
     /// Remove the unit from the machine it was placed on.
-    Unschedule { unit: String, machine: String },
-    SetReason { unit: String, reason: String },
-    ClearReason { unit: String },
+    Unschedule {
+        unit: String,
+        machine: String,
+    },
+    SetReason {
+        unit: String,
+        reason: String,
+    },
+    ClearReason {
+        unit: String,
+    },
 }
 
 /// What the engine decides from: units, machines, placements and reasons at one revision.
@@ -169,11 +182,18 @@ impl EtcdRegistry {
 
     async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
         let mut kv = self.client.kv_client();
-        let resp = self.timed(kv.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let resp = self
+            .timed(kv.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await?;
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
             .collect())
     }
 
@@ -196,8 +216,10 @@ impl EtcdRegistry {
             return Err(RegistryError::MissingBody(hash.to_string()));
         };
         let text = String::from_utf8_lossy(kv.value());
-        let file = UnitFile::parse(&text)
-            .map_err(|e| RegistryError::BadValue { key, reason: e.to_string() })?;
+        let file = UnitFile::parse(&text).map_err(|e| RegistryError::BadValue {
+            key,
+            reason: e.to_string(),
+        })?;
         self.cache_body(*hash, file.clone());
         Ok(file)
     }
@@ -216,14 +238,21 @@ impl EtcdRegistry {
             }
         }
         for chunk in missing.chunks(MAX_TXN_OPS) {
-            let ops: Vec<TxnOp> =
-                chunk.iter().map(|h| TxnOp::get(self.keys.body(&h.to_string()), None)).collect();
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|h| TxnOp::get(self.keys.body(&h.to_string()), None))
+                .collect();
             let resp = self.txn(Txn::new().and_then(ops)).await?;
             for op in resp.op_responses() {
-                let TxnOpResponse::Get(get) = op else { continue };
+                let TxnOpResponse::Get(get) = op else {
+                    continue;
+                };
                 for kv in get.kvs() {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let Some(hash) = self.keys.strip(keys::BODIES, &key).and_then(|h| h.parse().ok())
+                    let Some(hash) = self
+                        .keys
+                        .strip(keys::BODIES, &key)
+                        .and_then(|h| h.parse().ok())
                     else {
                         continue;
                     };
@@ -292,7 +321,12 @@ impl EtcdRegistry {
                 if let Some(o) = overrides.get(&m.id) {
                     metadata.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
                 }
-                MachineView { id: m.id, public_ip: m.public_ip, metadata, version: m.agent_version }
+                MachineView {
+                    id: m.id,
+                    public_ip: m.public_ip,
+                    metadata,
+                    version: m.agent_version,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -350,7 +384,9 @@ impl EtcdRegistry {
             };
             let name = u.name.to_string();
             let machine = placements.get(&name).cloned();
-            let state = machine.as_ref().and_then(|m| states.get(&(name.clone(), m.clone())));
+            let state = machine
+                .as_ref()
+                .and_then(|m| states.get(&(name.clone(), m.clone())));
             out.push(UnitView {
                 current: current_state(machine.as_deref(), state),
                 name: u.name,
@@ -385,14 +421,20 @@ impl EtcdRegistry {
             return Ok(None);
         }
         let create_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(Some(Leadership { lease, create_revision }))
+        Ok(Some(Leadership {
+            lease,
+            create_revision,
+        }))
     }
 
     /// The current leader's machine ID, if any.
     pub async fn leader(&self) -> Result<Option<String>> {
         let mut kv = self.client.kv_client();
         let resp = self.timed(kv.get(self.keys.leader(), None)).await?;
-        Ok(resp.kvs().first().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
     }
 
     /// Gives up leadership at once (on shutdown), so another engine takes over quickly.
@@ -427,8 +469,12 @@ impl EtcdRegistry {
         let owned: Vec<(String, Vec<u8>)> = kvs.map(|(k, v)| (k.clone(), v.clone())).collect();
         let mut schedules = BTreeMap::new();
         for (k, v) in &owned {
-            let Some(rest) = self.keys.strip(keys::SCHEDULE, k) else { continue };
-            let Some((machine, unit)) = rest.split_once('/') else { continue };
+            let Some(rest) = self.keys.strip(keys::SCHEDULE, k) else {
+                continue;
+            };
+            let Some((machine, unit)) = rest.split_once('/') else {
+                continue;
+            };
             match decode::<ScheduleRecord>(k, v) {
                 Ok(r) => {
                     schedules.insert(unit.to_string(), (machine.to_string(), r));
@@ -459,7 +505,12 @@ impl EtcdRegistry {
 
     /// Mirrors the engine's prefixes (see [`ListWatch`]).
     pub fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        ListWatch::spawn(self.client.clone(), self.engine_prefixes(), poll, self.timeout * 5)
+        ListWatch::spawn(
+            self.client.clone(),
+            self.engine_prefixes(),
+            poll,
+            self.timeout * 5,
+        )
     }
 
     /// The bodies of the given units (for their requirements).
@@ -496,8 +547,9 @@ impl EtcdRegistry {
         let mut iter = groups.into_iter().peekable();
         while let Some(group) = iter.next() {
             chunk.extend(group);
-            let next_fits =
-                iter.peek().is_some_and(|g| chunk.len() + g.len() <= MAX_TXN_OPS);
+            let next_fits = iter
+                .peek()
+                .is_some_and(|g| chunk.len() + g.len() <= MAX_TXN_OPS);
             if next_fits {
                 continue;
             }
@@ -519,9 +571,17 @@ impl EtcdRegistry {
 
     fn engine_txn_ops(&self, op: &EngineOp) -> Vec<TxnOp> {
         match op {
-            EngineOp::Schedule { unit, machine, hash, desired } => {
-                let rec =
-                    ScheduleRecord { version: RECORD_VERSION, hash: *hash, desired_state: *desired };
+            EngineOp::Schedule {
+                unit,
+                machine,
+                hash,
+                desired,
+            } => {
+                let rec = ScheduleRecord {
+                    version: RECORD_VERSION,
+                    hash: *hash,
+                    desired_state: *desired,
+                };
                 vec![
                     TxnOp::put(self.keys.schedule(machine, unit), encode(&rec), None),
                     TxnOp::put(self.keys.placement(unit), machine.as_str(), None),
@@ -544,12 +604,20 @@ impl EtcdRegistry {
     /// Registers a machine under a new lease. A record of the same ID with another token is
     /// another fleetd: waits up to one ttl for it to vanish (a crashed predecessor's lease
     /// expiring), then fails with [`RegistryError::DuplicateMachine`].
-    pub async fn register_machine(&self, rec: &MachineRecord, ttl: Duration) -> Result<LeaseKeeper> {
+    pub async fn register_machine(
+        &self,
+        rec: &MachineRecord,
+        ttl: Duration,
+    ) -> Result<LeaseKeeper> {
         let key = self.keys.machine(&rec.id);
         let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
         loop {
             let lease = self.timed(LeaseKeeper::grant(&self.client, ttl)).await?;
-            let put = TxnOp::put(key.as_str(), encode(rec), Some(PutOptions::new().with_lease(lease.id())));
+            let put = TxnOp::put(
+                key.as_str(),
+                encode(rec),
+                Some(PutOptions::new().with_lease(lease.id())),
+            );
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([put.clone()])
@@ -559,16 +627,25 @@ impl EtcdRegistry {
                 return Ok(lease);
             }
             let existing = resp.op_responses().into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| (kv.value().to_vec(), kv.mod_revision())),
+                TxnOpResponse::Get(g) => g
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())),
                 _ => None,
             });
             if let Some((value, mod_rev)) = existing {
                 let other: Option<MachineRecord> = decode(&key, &value).ok();
-                let same_fleetd = other.as_ref().is_some_and(|o| !o.token.is_empty() && o.token == rec.token);
+                let same_fleetd = other
+                    .as_ref()
+                    .is_some_and(|o| !o.token.is_empty() && o.token == rec.token);
                 if same_fleetd {
                     // our own stale registration (fleetd restarted): take it over
                     let txn = Txn::new()
-                        .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_rev)])
+                        .when([Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Equal,
+                            mod_rev,
+                        )])
                         .and_then([put]);
                     if self.txn(txn).await?.succeeded() {
                         return Ok(lease);
@@ -590,8 +667,12 @@ impl EtcdRegistry {
     pub async fn update_machine(&self, rec: &MachineRecord, lease: &LeaseKeeper) -> Result<()> {
         let mut kv = self.client.kv_client();
         let key = self.keys.machine(&rec.id);
-        self.timed(kv.put(key, encode(rec), Some(PutOptions::new().with_lease(lease.id()))))
-            .await?;
+        self.timed(kv.put(
+            key,
+            encode(rec),
+            Some(PutOptions::new().with_lease(lease.id())),
+        ))
+        .await?;
         Ok(())
     }
 
@@ -603,8 +684,15 @@ impl EtcdRegistry {
     }
 
     /// Watches the agent's own schedule and the global units (never the whole unit tree).
-    pub fn watch_agent(&self, machine_id: &str, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        let prefixes = vec![self.keys.schedule_dir(machine_id), self.keys.dir(keys::GLOBAL)];
+    pub fn watch_agent(
+        &self,
+        machine_id: &str,
+        poll: Option<Duration>,
+    ) -> tokio::sync::mpsc::Receiver<WatchEvent> {
+        let prefixes = vec![
+            self.keys.schedule_dir(machine_id),
+            self.keys.dir(keys::GLOBAL),
+        ];
         ListWatch::spawn(self.client.clone(), prefixes, poll, self.timeout * 5)
     }
 
@@ -615,7 +703,12 @@ impl EtcdRegistry {
             .get_prefix(&dir)
             .await?
             .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(&dir)?.to_string(), String::from_utf8_lossy(&v).into_owned())))
+            .filter_map(|(k, v)| {
+                Some((
+                    k.strip_prefix(&dir)?.to_string(),
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
             .collect())
     }
 
@@ -631,8 +724,12 @@ impl EtcdRegistry {
         let mut kv = self.client.kv_client();
         match state {
             Some(s) => {
-                self.timed(kv.put(key, encode(s), Some(PutOptions::new().with_lease(lease.id()))))
-                    .await?;
+                self.timed(kv.put(
+                    key,
+                    encode(s),
+                    Some(PutOptions::new().with_lease(lease.id())),
+                ))
+                .await?;
             }
             None => {
                 self.timed(kv.delete(key, None)).await?;
@@ -662,8 +759,15 @@ impl EtcdRegistry {
 
 #[async_trait]
 impl Registry for EtcdRegistry {
-    async fn create_unit(&self, name: &UnitName, file: &UnitFile, desired: TargetState) -> Result<()> {
-        let global = Requirements::from_unit(name, file).map(|(r, _)| r.global).unwrap_or(false);
+    async fn create_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()> {
+        let global = Requirements::from_unit(name, file)
+            .map(|(r, _)| r.global)
+            .unwrap_or(false);
         let hash = file.hash();
         let rec = UnitRecord {
             version: RECORD_VERSION,
@@ -676,16 +780,32 @@ impl Registry for EtcdRegistry {
         let body_key = self.keys.body(&hash.to_string());
         let mut ops = vec![TxnOp::put(unit_key.as_str(), encode(&rec), None)];
         if global {
-            let g = GlobalRecord { version: RECORD_VERSION, hash, desired_state: desired };
-            ops.push(TxnOp::put(self.keys.global(name.as_str()), encode(&g), None));
+            let g = GlobalRecord {
+                version: RECORD_VERSION,
+                hash,
+                desired_state: desired,
+            };
+            ops.push(TxnOp::put(
+                self.keys.global(name.as_str()),
+                encode(&g),
+                None,
+            ));
         }
         // the body first (create-only: identical bodies share one key)
         let body_txn = Txn::new()
-            .when([Compare::create_revision(body_key.as_str(), CompareOp::Equal, 0)])
+            .when([Compare::create_revision(
+                body_key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
             .and_then([TxnOp::put(body_key.as_str(), file.serialize(), None)]);
         self.txn(body_txn).await?;
         let txn = Txn::new()
-            .when([Compare::create_revision(unit_key.as_str(), CompareOp::Equal, 0)])
+            .when([Compare::create_revision(
+                unit_key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
             .and_then(ops);
         if !self.txn(txn).await?.succeeded() {
             return Err(RegistryError::AlreadyExists(name.to_string()));
@@ -710,8 +830,16 @@ impl Registry for EtcdRegistry {
             rec.desired_state = desired;
             let mut ops = vec![TxnOp::put(key.as_str(), encode(&rec), None)];
             if rec.global {
-                let g = GlobalRecord { version: RECORD_VERSION, hash: rec.hash, desired_state: desired };
-                ops.push(TxnOp::put(self.keys.global(name.as_str()), encode(&g), None));
+                let g = GlobalRecord {
+                    version: RECORD_VERSION,
+                    hash: rec.hash,
+                    desired_state: desired,
+                };
+                ops.push(TxnOp::put(
+                    self.keys.global(name.as_str()),
+                    encode(&g),
+                    None,
+                ));
             }
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, rev)])
@@ -760,7 +888,12 @@ impl Registry for EtcdRegistry {
         Ok(states)
     }
 
-    async fn set_machine_metadata(&self, machine: &str, key: &str, value: Option<&str>) -> Result<()> {
+    async fn set_machine_metadata(
+        &self,
+        machine: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
         let k = self.keys.metadata(machine, key);
         let mut kv = self.client.kv_client();
         match value {

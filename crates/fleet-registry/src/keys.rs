@@ -103,8 +103,14 @@ mod tests {
     fn keys_are_under_the_prefix() {
         let k = Keys::new("/_coreos.com/fleet");
         assert_eq!(k.unit("a.service"), "/_coreos.com/fleet/units/a.service");
-        assert_eq!(k.schedule("m1", "a.service"), "/_coreos.com/fleet/schedule/m1/a.service");
-        assert_eq!(k.state("a.service", "m1"), "/_coreos.com/fleet/states/a.service/m1");
+        assert_eq!(
+            k.schedule("m1", "a.service"),
+            "/_coreos.com/fleet/schedule/m1/a.service"
+        );
+        assert_eq!(
+            k.state("a.service", "m1"),
+            "/_coreos.com/fleet/states/a.service/m1"
+        );
         assert_eq!(k.strip(UNITS, &k.unit("x.service")), Some("x.service"));
         assert_eq!(k.strip(UNITS, &k.body("abc")), None);
     }

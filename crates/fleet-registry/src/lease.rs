@@ -22,7 +22,12 @@ impl LeaseKeeper {
         let resp = client.lease_client().grant(secs, None).await?;
         let id = resp.id();
         let (tx, lost) = watch::channel(false);
-        let task = tokio::spawn(keep(client.clone(), id, Duration::from_secs(secs as u64), tx));
+        let task = tokio::spawn(keep(
+            client.clone(),
+            id,
+            Duration::from_secs(secs as u64),
+            tx,
+        ));
         Ok(LeaseKeeper { id, lost, task })
     }
 
@@ -77,7 +82,10 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
             Err(_) => debug!(lease = id, "lease refresh timed out"),
         }
         if last_ok.elapsed() >= ttl {
-            warn!(lease = id, "lease not refreshed for a whole ttl; treating it as lost");
+            warn!(
+                lease = id,
+                "lease not refreshed for a whole ttl; treating it as lost"
+            );
             let _ = lost.send(true);
             return;
         }

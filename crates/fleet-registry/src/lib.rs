@@ -36,8 +36,12 @@ use fleet_unit::{TargetState, UnitFile, UnitName};
 #[async_trait]
 pub trait Registry: Send + Sync {
     /// Stores a new unit. Fails with [`RegistryError::AlreadyExists`] when the name is taken.
-    async fn create_unit(&self, name: &UnitName, file: &UnitFile, desired: TargetState)
-    -> Result<()>;
+    async fn create_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()>;
     /// Changes the desired state of an existing unit.
     async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()>;
     /// Removes a unit; `false` when there was none.
@@ -51,8 +55,12 @@ pub trait Registry: Send + Sync {
     /// All unit states reported by agents, sorted by unit name then machine ID.
     async fn unit_states(&self) -> Result<Vec<StateRecord>>;
     /// Sets (Some) or removes (None) one metadata key of a machine; persists across restarts.
-    async fn set_machine_metadata(&self, machine: &str, key: &str, value: Option<&str>)
-    -> Result<()>;
+    async fn set_machine_metadata(
+        &self,
+        machine: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<()>;
     /// Waits until something about `unit` may have changed (its record, placement, reason or
     /// states, or the machine list), or `max` passed. Drivers that can watch do; the default
     /// just waits a little, which is what a polling client can do.

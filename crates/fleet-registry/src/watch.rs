@@ -15,9 +15,19 @@ use tracing::{debug, warn};
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent {
     /// Everything under the watched prefixes at `revision`.
-    Snapshot { revision: i64, kvs: Vec<(String, Vec<u8>)> },
-    Put { key: String, value: Vec<u8>, revision: i64 },
-    Delete { key: String, revision: i64 },
+    Snapshot {
+        revision: i64,
+        kvs: Vec<(String, Vec<u8>)>,
+    },
+    Put {
+        key: String,
+        value: Vec<u8>,
+        revision: i64,
+    },
+    Delete {
+        key: String,
+        revision: i64,
+    },
     /// The watch broke; a Snapshot follows when etcd answers again.
     Disconnected,
 }
@@ -73,7 +83,11 @@ async fn run(
         };
         connected = true;
         backoff = Duration::from_millis(200);
-        if tx.send(WatchEvent::Snapshot { revision, kvs }).await.is_err() {
+        if tx
+            .send(WatchEvent::Snapshot { revision, kvs })
+            .await
+            .is_err()
+        {
             return;
         }
         if let Some(interval) = poll {
@@ -111,7 +125,10 @@ pub(crate) async fn list(
     for op in resp.op_responses() {
         if let TxnOpResponse::Get(get) = op {
             for kv in get.kvs() {
-                kvs.push((String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()));
+                kvs.push((
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                ));
             }
         }
     }
@@ -163,7 +180,11 @@ async fn watch(
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let revision = kv.mod_revision();
             let event = match ev.event_type() {
-                EventType::Put => WatchEvent::Put { key, value: kv.value().to_vec(), revision },
+                EventType::Put => WatchEvent::Put {
+                    key,
+                    value: kv.value().to_vec(),
+                    revision,
+                },
                 EventType::Delete => WatchEvent::Delete { key, revision },
             };
             if tx.send(event).await.is_err() {

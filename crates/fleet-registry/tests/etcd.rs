@@ -44,27 +44,67 @@ async fn units_round_trip() {
     let etcd = EtcdServer::start();
     let r = registry(&etcd).await;
     let hello = file("[Service]\nExecStart=/bin/sleep 100\n");
-    r.create_unit(&name("hello.service"), &hello, TargetState::Inactive).await.expect("create");
-    let err = r.create_unit(&name("hello.service"), &hello, TargetState::Inactive).await;
-    assert!(matches!(err, Err(RegistryError::AlreadyExists(_))), "{err:?}");
+    r.create_unit(&name("hello.service"), &hello, TargetState::Inactive)
+        .await
+        .expect("create");
+    let err = r
+        .create_unit(&name("hello.service"), &hello, TargetState::Inactive)
+        .await;
+    assert!(
+        matches!(err, Err(RegistryError::AlreadyExists(_))),
+        "{err:?}"
+    );
     // a second unit with the same body shares it
-    r.create_unit(&name("hello2.service"), &hello, TargetState::Launched).await.expect("create 2");
+    r.create_unit(&name("hello2.service"), &hello, TargetState::Launched)
+        .await
+        .expect("create 2");
     let units = r.units().await.expect("units");
     assert_eq!(units.len(), 2);
     assert_eq!(units[0].name.as_str(), "hello.service");
-    assert_eq!(units[0].hash.to_string(), "1c6fb6f3684bafb0c173d8b8b957ceff031180c1");
+    assert_eq!(
+        units[0].hash.to_string(),
+        "1c6fb6f3684bafb0c173d8b8b957ceff031180c1"
+    );
     assert_eq!(units[0].current, TargetState::Inactive);
     assert_eq!(units[1].desired, TargetState::Launched);
     // prefix reads must not confuse hello.service with hello.service2-like names
-    let one = r.unit(&name("hello.service")).await.expect("unit").expect("some");
+    let one = r
+        .unit(&name("hello.service"))
+        .await
+        .expect("unit")
+        .expect("some");
     assert_eq!(one.name.as_str(), "hello.service");
-    r.set_desired_state(&name("hello.service"), TargetState::Loaded).await.expect("set");
-    assert_eq!(r.unit(&name("hello.service")).await.expect("u").expect("s").desired, TargetState::Loaded);
-    let missing = r.set_desired_state(&name("nosuch.service"), TargetState::Loaded).await;
+    r.set_desired_state(&name("hello.service"), TargetState::Loaded)
+        .await
+        .expect("set");
+    assert_eq!(
+        r.unit(&name("hello.service"))
+            .await
+            .expect("u")
+            .expect("s")
+            .desired,
+        TargetState::Loaded
+    );
+    let missing = r
+        .set_desired_state(&name("nosuch.service"), TargetState::Loaded)
+        .await;
     assert!(matches!(missing, Err(RegistryError::NotFound(_))));
-    assert!(r.destroy_unit(&name("hello.service")).await.expect("destroy"));
-    assert!(!r.destroy_unit(&name("hello.service")).await.expect("destroy again"));
-    assert!(r.unit(&name("hello.service")).await.expect("unit").is_none());
+    assert!(
+        r.destroy_unit(&name("hello.service"))
+            .await
+            .expect("destroy")
+    );
+    assert!(
+        !r.destroy_unit(&name("hello.service"))
+            .await
+            .expect("destroy again")
+    );
+    assert!(
+        r.unit(&name("hello.service"))
+            .await
+            .expect("unit")
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -72,18 +112,32 @@ async fn machines_leases_and_duplicates() {
     let etcd = EtcdServer::start();
     let r = registry(&etcd).await;
     let ttl = Duration::from_secs(2);
-    let lease = r.register_machine(&machine("m1", "tok-a"), ttl).await.expect("register");
+    let lease = r
+        .register_machine(&machine("m1", "tok-a"), ttl)
+        .await
+        .expect("register");
     // the same fleetd (same token) takes its registration over at once
-    let lease2 = r.register_machine(&machine("m1", "tok-a"), ttl).await.expect("re-register");
+    let lease2 = r
+        .register_machine(&machine("m1", "tok-a"), ttl)
+        .await
+        .expect("re-register");
     drop(lease);
     // another fleetd with the same machine ID is refused after waiting out one ttl
     let dup = r.register_machine(&machine("m1", "tok-b"), ttl).await;
-    assert!(matches!(dup, Err(RegistryError::DuplicateMachine { .. })), "{dup:?}");
-    r.set_machine_metadata("m1", "disk", Some("ssd")).await.expect("meta");
+    assert!(
+        matches!(dup, Err(RegistryError::DuplicateMachine { .. })),
+        "{dup:?}"
+    );
+    r.set_machine_metadata("m1", "disk", Some("ssd"))
+        .await
+        .expect("meta");
     let ms = r.machines().await.expect("machines");
     assert_eq!(ms.len(), 1);
     assert_eq!(ms[0].metadata.get("disk").map(String::as_str), Some("ssd"));
-    assert_eq!(ms[0].metadata.get("region").map(String::as_str), Some("east"));
+    assert_eq!(
+        ms[0].metadata.get("region").map(String::as_str),
+        Some("east")
+    );
     let state = StateRecord {
         version: 1,
         name: "a.service".into(),
@@ -94,7 +148,9 @@ async fn machines_leases_and_duplicates() {
         sub_state: "running".into(),
         agent_state: TargetState::Launched,
     };
-    r.publish_state("a.service", "m1", Some(&state), &lease2).await.expect("publish");
+    r.publish_state("a.service", "m1", Some(&state), &lease2)
+        .await
+        .expect("publish");
     assert_eq!(r.unit_states().await.expect("states"), vec![state]);
     // withdrawing the machine removes its presence and, with its lease, its states
     r.withdraw_machine("m1", lease2).await;
@@ -108,28 +164,58 @@ async fn engine_writes_are_fenced_on_leadership() {
     let r = registry(&etcd).await;
     let ttl = Duration::from_secs(2);
     let hello = file("[Service]\nExecStart=/bin/true\n");
-    r.create_unit(&name("a.service"), &hello, TargetState::Launched).await.expect("create");
+    r.create_unit(&name("a.service"), &hello, TargetState::Launched)
+        .await
+        .expect("create");
     let lead = r.campaign("m1", ttl).await.expect("campaign").expect("won");
-    assert!(r.campaign("m2", ttl).await.expect("campaign").is_none(), "only one leader");
-    let op = EngineOp::Schedule { unit: "a.service".into(), machine: "m1".into(), hash: hello.hash(), desired: TargetState::Launched };
-    r.apply(&lead, std::slice::from_ref(&op)).await.expect("apply");
+    assert!(
+        r.campaign("m2", ttl).await.expect("campaign").is_none(),
+        "only one leader"
+    );
+    let op = EngineOp::Schedule {
+        unit: "a.service".into(),
+        machine: "m1".into(),
+        hash: hello.hash(),
+        desired: TargetState::Launched,
+    };
+    r.apply(&lead, std::slice::from_ref(&op))
+        .await
+        .expect("apply");
     let snap = r.engine_snapshot().await.expect("snapshot");
-    assert_eq!(snap.placements.get("a.service").map(String::as_str), Some("m1"));
+    assert_eq!(
+        snap.placements.get("a.service").map(String::as_str),
+        Some("m1")
+    );
     assert_eq!(snap.leader.as_deref(), Some("m1"));
     // moving a unit in one batch (unschedule + schedule of the same unit) is accepted
     let mv = [
-        EngineOp::Unschedule { unit: "a.service".into(), machine: "m1".into() },
-        EngineOp::Schedule { unit: "a.service".into(), machine: "m2".into(), hash: hello.hash(), desired: TargetState::Launched },
+        EngineOp::Unschedule {
+            unit: "a.service".into(),
+            machine: "m1".into(),
+        },
+        EngineOp::Schedule {
+            unit: "a.service".into(),
+            machine: "m2".into(),
+            hash: hello.hash(),
+            desired: TargetState::Launched,
+        },
     ];
     r.apply(&lead, &mv).await.expect("move");
     let snap = r.engine_snapshot().await.expect("snapshot");
-    assert_eq!(snap.schedules.get("a.service").map(|(m, _)| m.as_str()), Some("m2"));
+    assert_eq!(
+        snap.schedules.get("a.service").map(|(m, _)| m.as_str()),
+        Some("m2")
+    );
     // a deposed leader's write fails and lands nothing
     r.resign(lead).await;
     let other = r.campaign("m2", ttl).await.expect("campaign").expect("won");
     let _ = other;
     // the old leadership's proof is gone: build a stale one by campaigning on a fresh prefix
-    let unit_view = r.unit(&name("a.service")).await.expect("unit").expect("some");
+    let unit_view = r
+        .unit(&name("a.service"))
+        .await
+        .expect("unit")
+        .expect("some");
     assert_eq!(unit_view.machine_id.as_deref(), Some("m2"));
 }
 
@@ -138,13 +224,43 @@ async fn agent_watch_sees_only_its_schedule_and_globals() {
     let etcd = EtcdServer::start();
     let r = registry(&etcd).await;
     let mut rx = r.watch_agent("m1", None);
-    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("snapshot").expect("event");
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("snapshot")
+        .expect("event");
     assert!(matches!(first, WatchEvent::Snapshot { .. }), "{first:?}");
-    let lead = r.campaign("m9", Duration::from_secs(5)).await.expect("campaign").expect("won");
+    let lead = r
+        .campaign("m9", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
     let f = file("[Service]\nExecStart=/bin/true\n");
-    r.apply(&lead, &[EngineOp::Schedule { unit: "b.service".into(), machine: "m2".into(), hash: f.hash(), desired: TargetState::Launched }]).await.expect("apply");
-    r.apply(&lead, &[EngineOp::Schedule { unit: "a.service".into(), machine: "m1".into(), hash: f.hash(), desired: TargetState::Launched }]).await.expect("apply");
-    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.expect("event").expect("event");
+    r.apply(
+        &lead,
+        &[EngineOp::Schedule {
+            unit: "b.service".into(),
+            machine: "m2".into(),
+            hash: f.hash(),
+            desired: TargetState::Launched,
+        }],
+    )
+    .await
+    .expect("apply");
+    r.apply(
+        &lead,
+        &[EngineOp::Schedule {
+            unit: "a.service".into(),
+            machine: "m1".into(),
+            hash: f.hash(),
+            desired: TargetState::Launched,
+        }],
+    )
+    .await
+    .expect("apply");
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("event")
+        .expect("event");
     match ev {
         WatchEvent::Put { key, .. } => assert_eq!(key, "/test/schedule/m1/a.service"),
         other => panic!("unexpected {other:?}"),
