@@ -1,11 +1,68 @@
 //! fleetctl: the command-line client of a fleet cluster.
+//!
+//! `main` parses the command line (see `cli`), runs one command (see `commands`) and is the
+//! only place that turns the outcome into a message on stderr and an exit status.
 
-use clap::Parser;
+mod cli;
+mod commands;
+mod context;
+mod error;
+mod table;
+mod tunnel;
+mod ui;
+mod units;
+mod wait;
 
-#[derive(Parser)]
-#[command(name = "fleetctl", version, about = "fleetctl is a command-line interface to fleet")]
-struct Args {}
+use std::io::IsTerminal;
+
+use clap::FromArgMatches;
+
+use crate::cli::Cli;
+use crate::context::Ctx;
 
 fn main() {
-    let _args = Args::parse();
+    let matches = cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    if cli.global.version {
+        commands::version();
+        return;
+    }
+    let Some(command) = cli.command else {
+        // fleet printed its usage when run without a command, and succeeded
+        let _ = cli::command().print_help();
+        return;
+    };
+    init_logging(cli.global.debug);
+
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            ui::err(format!("fleetctl: cannot start: {e}"));
+            std::process::exit(1);
+        }
+    };
+    let ctx = Ctx::new(cli.global);
+    let outcome = runtime.block_on(commands::run(&ctx, command));
+    // background tasks (watches, tunnels) are not waited for
+    runtime.shutdown_background();
+    if let Err(failure) = outcome {
+        if let Some(message) = failure.message {
+            ui::err(message);
+        }
+        std::process::exit(failure.code);
+    }
+}
+
+/// Warnings always go to stderr; `--debug` adds fleetctl's and the libraries' debug output.
+fn init_logging(debug: bool) {
+    let filter = if debug { "debug,h2=info,tower=info,hyper=info,rustls=info" } else { "warn" };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(debug)
+        .try_init();
 }

@@ -8,8 +8,8 @@
 # Everything is namespaced by the cluster name (FH_CLUSTER, default "fleet") so several
 # clusters can live on one host. For cluster C, node I:
 #   state (tmpfs)   /var/lib/fleet-fh/C             node dir  /var/lib/fleet-fh/C/nodeI
-#   bridge          C0 (alias fleet-fh:C)           subnet    $FH_NET.0.0/16, bridge .0.1
-#   netns, veth     C-nI (host end, alias fleet-fh:C)   node IP   $FH_NET.0.(10+I), on eth0
+#   bridge          C0 (alias fleet-fh:C)           subnet    $FH_NET.0/$FH_PREFIXLEN, bridge $FH_NET.1
+#   netns, veth     C-nI (host end, alias fleet-fh:C)   node IP   $FH_NET.(10+I), on eth0
 #   nspawn machine  C-nodeI (hostname nodeI)        cgroups   /sys/fs/cgroup/*/fleet-fh-C/nodeI
 #   etcd            clients on $FH_BRIDGE_IP:$FH_ETCD_PORTS, peer $FH_BRIDGE_IP:$FH_ETCD_PEER_PORT
 # The default cluster "fleet" is bridge fleet0 172.18.0.1/16, nodes 172.18.0.11..., etcd at
@@ -31,7 +31,7 @@ FH_STATE=$FH_ROOT/$FH_CLUSTER                   # tmpfs; all of this cluster's s
 # except in up.sh, which starts afresh.
 if [ "${FH_FRESH:-0}" != 1 ] && [ -f "$FH_STATE/settings" ]; then
   while IFS='=' read -r k v; do
-    case $k in FH_NET|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR)
+    case $k in FH_NET|FH_PREFIXLEN|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR)
       [ -z "${!k:-}" ] && printf -v "$k" '%s' "$v" ;;
     esac
   done <"$FH_STATE/settings"
@@ -39,14 +39,19 @@ fi
 : "${FH_STATE_SIZE:=4g}"                        # tmpfs size limit (not reserved)
 FH_BRIDGE=${FH_CLUSTER}0
 FH_ALIAS=fleet-fh:$FH_CLUSTER                   # marks links as ours
-if [ -z "${FH_NET:-}" ]; then                   # first two octets of the cluster's /16
-  if [ "$FH_CLUSTER" = fleet ]; then FH_NET=172.18; else
-    # 172.20-172.31 (172.18 = default cluster, 172.19 = the shared harness elsewhere)
-    FH_NET=172.$((20 + $(printf '%s' "$FH_CLUSTER" | cksum | cut -d' ' -f1) % 12))
+# FH_NET: the first three octets of the cluster's subnet; FH_PREFIXLEN: its length.
+# Default cluster: 172.18.0.0/16 (what fleet's functional tests assumed). Others: a /24 in
+# 172.20.0.0-172.31.255.0 derived from the name (172.19 is the shared harness's); `up`
+# refuses a subnet that overlaps any address on the host.
+if [ -z "${FH_NET:-}" ]; then
+  if [ "$FH_CLUSTER" = fleet ]; then FH_NET=172.18.0; : "${FH_PREFIXLEN:=16}"; else
+    h=$(printf '%s' "$FH_CLUSTER" | cksum | cut -d' ' -f1)
+    FH_NET=172.$((20 + h % 12)).$((h / 12 % 256))
   fi
 fi
-FH_BRIDGE_IP=$FH_NET.0.1
-FH_PREFIXLEN=16
+: "${FH_PREFIXLEN:=24}"
+[[ $FH_NET =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]] || { echo "[harness] ERROR: FH_NET=$FH_NET: want three octets" >&2; exit 2; }
+FH_BRIDGE_IP=$FH_NET.1
 : "${FH_ETCD_PORTS:=2379 4001}"                 # client ports, on the bridge address only
 : "${FH_ETCD_PEER_PORT:=2380}"
 FH_ETCD_PORT=${FH_ETCD_PORTS%% *}
@@ -85,7 +90,7 @@ fh_require_root() { [ "$(id -u)" = 0 ] || fh_die "must run as root (the harness 
 fh_check_index() { [[ $1 =~ ^[1-9][0-9]{0,2}$ ]] && [ "$1" -le 200 ] || fh_die "bad node number '$1' (want 1..200)"; }
 fh_name()    { echo "node$1"; }                       # hostname inside the node
 fh_machine() { echo "$FH_CLUSTER-node$1"; }           # nspawn machine name (host-unique)
-fh_ip()      { echo "$FH_NET.0.$((10 + $1))"; }
+fh_ip()      { echo "$FH_NET.$((10 + $1))"; }
 fh_dir()     { echo "$FH_STATE/node$1"; }
 fh_netns()   { echo "$FH_CLUSTER-n$1"; }
 fh_hostif()  { echo "$FH_CLUSTER-n$1"; }              # host end of the veth (<=15 chars)
@@ -170,6 +175,15 @@ fh_exec() {
   exec nsenter -t "$l" -a -- env -i "${envs[@]}" "$@"
 }
 
+# fh_overlap A/LEN B/LEN: do the two IPv4 networks overlap?
+fh_overlap() {
+  local a=${1%/*} al=${1#*/} b=${2%/*} bl=${2#*/} l x y
+  l=$(( al < bl ? al : bl ))
+  IFS=. read -r a1 a2 a3 a4 <<<"$a"; IFS=. read -r b1 b2 b3 b4 <<<"$b"
+  x=$(( (a1 << 24) | (a2 << 16) | (a3 << 8) | a4 )); y=$(( (b1 << 24) | (b2 << 16) | (b3 << 8) | b4 ))
+  [ "$l" = 0 ] || [ $(( (x ^ y) >> (32 - l) )) = 0 ]
+}
+
 # refuse to take over a bridge or subnet someone else uses
 fh_check_conflicts() {
   local out
@@ -179,7 +193,8 @@ fh_check_conflicts() {
   out=$(ip -4 -o addr show)
   while read -r _ dev _ addr _; do
     [ "$dev" = "$FH_BRIDGE" ] && continue
-    [[ $addr == "$FH_NET".* ]] && fh_die "subnet $FH_NET.0.0/16 is in use on $dev ($addr); set FH_NET or pick another FH_CLUSTER"
+    fh_overlap "$addr" "$FH_BRIDGE_IP/$FH_PREFIXLEN" &&
+      fh_die "subnet $FH_NET.0/$FH_PREFIXLEN overlaps $addr on $dev; set FH_NET or pick another FH_CLUSTER"
   done <<<"$out"
   return 0
 }
@@ -216,8 +231,8 @@ fh_ensure_host() {
   ip link set "$FH_BRIDGE" up
   for t in $(fh_cg_roots); do mkdir -p "$t"; done
   # the settings later node.sh calls use (see the top of this file)
-  printf 'FH_NET=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\n' \
-    "$FH_NET" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" >"$FH_STATE/settings"
+  printf 'FH_NET=%s\nFH_PREFIXLEN=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\n' \
+    "$FH_NET" "$FH_PREFIXLEN" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" >"$FH_STATE/settings"
 }
 
 # key=value facts about the cluster (for the Rust API and users)
@@ -271,7 +286,7 @@ fh_ssh_setup() {
   touch "$FH_KNOWN_HOSTS"
   [ -f "$FH_SSH_CONFIG" ] && return 0
   cat >"$FH_SSH_CONFIG" <<EOF
-Host $FH_NET.0.*
+Host $FH_NET.*
   User root
   IdentityFile $FH_SSH_KEY
   IdentitiesOnly yes

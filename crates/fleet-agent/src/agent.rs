@@ -144,10 +144,11 @@ async fn register(
     }
 }
 
-/// A random token kept next to the unit files, so a restarted fleetd recognizes its own
-/// registration (see `EtcdRegistry::register_machine`).
+/// A random token kept beside the units directory (in /run: a node's reboot forgets it), so
+/// a restarted fleetd recognizes its own registration (see `EtcdRegistry::register_machine`).
 fn agent_token(units_directory: &std::path::Path) -> String {
-    let path = units_directory.join(".agent-token");
+    let dir = units_directory.parent().unwrap_or(units_directory);
+    let path = dir.join("agent-token");
     if let Ok(t) = std::fs::read_to_string(&path) {
         let t = t.trim().to_string();
         if !t.is_empty() {
@@ -155,7 +156,7 @@ fn agent_token(units_directory: &std::path::Path) -> String {
         }
     }
     let token = uuid::Uuid::new_v4().simple().to_string();
-    let _ = std::fs::create_dir_all(units_directory);
+    let _ = std::fs::create_dir_all(dir);
     if let Err(e) = std::fs::write(&path, &token) {
         warn!(path = %path.display(), error = %e, "cannot store agent token");
     }

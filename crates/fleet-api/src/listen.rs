@@ -170,12 +170,11 @@ pub fn listeners_from_systemd() -> Result<Vec<Listener>, ServeError> {
 /// Takes ownership of one descriptor passed by systemd.
 #[allow(unsafe_code)]
 fn take_fd(fd: RawFd) -> Result<OwnedFd, ServeError> {
-    // `fd` must be open before we claim it; fcntl on a closed descriptor fails with EBADF.
-    let borrowed_ok = rustix::io::fcntl_getfd(
-        // SAFETY: only used for the duration of this call to probe whether `fd` is open.
-        unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
-    );
-    if let Err(e) = borrowed_ok {
+    // Probe first: owning (and later closing) a descriptor that is not open would be an IO
+    // safety violation. fcntl(F_GETFD) on a closed descriptor only reports EBADF.
+    // SAFETY: the borrow lives only for this one fcntl call and nothing closes `fd` meanwhile
+    // (the descriptors are ours alone, see below).
+    if let Err(e) = rustix::io::fcntl_getfd(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }) {
         return Err(ServeError::Activation(format!("descriptor {fd}: {e}")));
     }
     // SAFETY: systemd passes descriptors LISTEN_FDS_START..+LISTEN_FDS to this process (we

@@ -42,6 +42,7 @@ async fn start(listener: Listener, config: ApiConfig) -> Server {
         ..Default::default()
     };
     let reg = EtcdRegistry::connect(&cfg).await.expect("connect to etcd");
+    reg.units().await.expect("etcd answers");
     let (tx, rx) = oneshot::channel::<()>();
     tokio::spawn(serve(
         vec![listener],
@@ -453,8 +454,11 @@ async fn errors_when_fleetd_is_not_there() {
         Some("is fleetd running? check 'systemctl status fleet.socket fleet.service'")
     );
 
-    // nothing listening on the port
-    let port = fleet_testutil::free_port();
+    // nothing listening on the port: a socket bound (so no other test can take the port) but
+    // never listening refuses connections
+    let bound = tokio::net::TcpSocket::new_v4().expect("socket");
+    bound.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let port = bound.local_addr().expect("addr").port();
     let err = client(&format!("http://127.0.0.1:{port}"))
         .machines()
         .await

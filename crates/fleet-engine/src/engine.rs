@@ -45,6 +45,9 @@ enum Event {
 struct Leader {
     leadership: Leadership,
     since: Instant,
+    /// Machines this leader has seen present. Only machines it never saw get the grace
+    /// period: one that was here and left has really left.
+    seen: HashSet<String>,
 }
 
 /// Runs the engine until `shutdown` is cancelled; on shutdown a leader resigns at once so
@@ -177,7 +180,7 @@ pub async fn run(
                 }
             }
         }
-        let Some(l) = &leader else { continue };
+        let Some(l) = leader.as_mut() else { continue };
         if mirror_rev < written_rev {
             // our own last write has not come back through the watch yet
             continue;
@@ -221,12 +224,13 @@ pub async fn run(
         };
         let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
         let plan = fleet_scheduler::reconcile(&sched_snap);
+        l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
         let held: HashSet<String> = if l.since.elapsed() < cfg.agent_ttl {
             let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
             snap.schedules
                 .values()
                 .map(|(m, _)| m.clone())
-                .filter(|m| !present.contains(m.as_str()))
+                .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m))
                 .collect()
         } else {
             HashSet::new()

@@ -10,7 +10,9 @@
 //!   the unit are folded into this one signal, which carries no state; so the unit is marked
 //!   *stale* until a `PropertiesChanged` arrives.
 //! * `JobRemoved`: a start/stop job ended. If the unit is still stale (no `PropertiesChanged`
-//!   since `UnitNew`), its state is read once with `ListUnitsByNames`. Reading on `UnitNew`
+//!   since `UnitNew`), its state is read once with `ListUnitsByNames`, batched with the other
+//!   units in the same burst of signals (a freshly loaded `Type=simple` service that starts at
+//!   once typically only ever sends `UnitNew`: 200 such starts cost one read, not 200). Reading on `UnitNew`
 //!   instead would loop: reading loads an unloaded unit, which systemd collects again
 //!   (`UnitRemoved`) and announces again (`UnitNew`).
 //! * `UnitRemoved`: systemd unloaded the unit → `StateChange { state: None }`, if a state had
@@ -28,11 +30,11 @@
 //! calls), and `Manager.Subscribe` on it (systemd sends unit signals only while somebody is
 //! subscribed; the subscription ends with the connection).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use zbus::message::{Message, Type as MessageType};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
@@ -51,6 +53,9 @@ const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
 
 /// Messages zbus may queue for the subscription before it stops reading the socket.
 const CONNECTION_QUEUE: usize = 8192;
+
+/// Most signals handled before the pending state reads are done.
+const MAX_BATCH: usize = 1024;
 
 /// The match rules of a subscription.
 fn match_rules() -> Vec<String> {
@@ -434,28 +439,44 @@ impl Subscription {
     /// Handles messages until the connection breaks or the receiver goes away.
     async fn pump(&mut self, conn: &Connection, stream: &mut MessageStream) -> Stop {
         loop {
-            let msg = tokio::select! {
+            let mut next = tokio::select! {
                 () = self.tx.closed() => return Stop::Closed,
                 msg = stream.next() => msg,
             };
-            let msg = match msg {
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "systemd subscription stream failed");
-                    return Stop::Lost;
+            // Handle what has already arrived as one batch, so the units whose state must be
+            // read (see the module docs) are read with one `ListUnitsByNames`, not one each.
+            let mut to_fetch = BTreeSet::new();
+            for _ in 0..MAX_BATCH {
+                let msg = match next {
+                    Some(Ok(msg)) => msg,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "systemd subscription stream failed");
+                        return Stop::Lost;
+                    }
+                    None => return Stop::Lost,
+                };
+                if let Some(signal) = decode(&msg, &self.watch, &mut self.tracker)
+                    && self.handle(conn, signal, &mut to_fetch).await.is_err()
+                {
+                    return Stop::Closed;
                 }
-                None => return Stop::Lost,
-            };
-            let Some(signal) = decode(&msg, &self.watch, &mut self.tracker) else {
-                continue;
-            };
-            if self.handle(conn, signal).await.is_err() {
+                match stream.next().now_or_never() {
+                    Some(msg) => next = msg,
+                    None => break,
+                }
+            }
+            if !to_fetch.is_empty() && self.fetch(to_fetch).await.is_err() {
                 return Stop::Closed;
             }
         }
     }
 
-    async fn handle(&mut self, conn: &Connection, signal: Signal) -> Result<(), Closed> {
+    async fn handle(
+        &mut self,
+        conn: &Connection,
+        signal: Signal,
+        to_fetch: &mut BTreeSet<String>,
+    ) -> Result<(), Closed> {
         let step = match signal {
             Signal::Properties {
                 name,
@@ -464,10 +485,15 @@ impl Subscription {
                 sub,
             } => self.tracker.properties(&name, load, active, sub),
             Signal::UnitNew(name) => self.tracker.unit_new(&name),
-            Signal::UnitRemoved(name) => self.tracker.unit_removed(&name),
+            Signal::UnitRemoved(name) => {
+                // Reading it now would only load it again.
+                to_fetch.remove(&name);
+                self.tracker.unit_removed(&name)
+            }
             Signal::JobRemoved(name) => self.tracker.job_removed(&name),
             Signal::Reloaded => {
                 self.tracker.reset();
+                to_fetch.clear();
                 return self.send(UnitEvent::Resync(ResyncReason::Reloaded)).await;
             }
             Signal::OwnerChanged => {
@@ -476,34 +502,46 @@ impl Subscription {
                     tracing::warn!(error = %e, "renewing the systemd subscription failed");
                 }
                 self.tracker.reset();
+                to_fetch.clear();
                 return self
                     .send(UnitEvent::Resync(ResyncReason::ManagerRestarted))
                     .await;
             }
         };
-        let step = match step {
-            Step::Fetch(name) => self.fetch(name).await,
-            step => step,
-        };
         match step {
             Step::Emit(change) => self.send(UnitEvent::Changed(change)).await,
-            Step::Nothing | Step::Fetch(_) => Ok(()),
+            Step::Fetch(name) => {
+                to_fetch.insert(name);
+                Ok(())
+            }
+            Step::Nothing => Ok(()),
         }
     }
 
-    /// Reads one unit's state over the shared call connection (not this subscription's: its
-    /// queue may be full of signals we have not read yet).
-    async fn fetch(&mut self, name: String) -> Step {
-        match self.manager.states(std::slice::from_ref(&name)).await {
-            Ok(mut states) => match states.remove(&name) {
-                Some(state) => self.tracker.fetched(&name, state),
-                None => Step::Nothing,
-            },
+    /// Reads the states of `names` over the shared call connection (not this subscription's:
+    /// its queue may be full of signals not read yet) and reports the ones that changed.
+    async fn fetch(&mut self, names: BTreeSet<String>) -> Result<(), Closed> {
+        let names: Vec<String> = names
+            .into_iter()
+            .filter(|n| self.watch.contains(n))
+            .collect();
+        tracing::debug!(
+            units = names.len(),
+            "no state signal since these units were announced, reading them"
+        );
+        let states = match self.manager.states(&names).await {
+            Ok(states) => states,
             Err(e) => {
-                tracing::warn!(unit = %name, error = %e, "reading unit state after a signal failed");
-                Step::Nothing
+                tracing::warn!(error = %e, "reading unit states after signals failed");
+                return Ok(());
+            }
+        };
+        for (name, state) in states {
+            if let Step::Emit(change) = self.tracker.fetched(&name, state) {
+                self.send(UnitEvent::Changed(change)).await?;
             }
         }
+        Ok(())
     }
 
     async fn send(&self, event: UnitEvent) -> Result<(), Closed> {

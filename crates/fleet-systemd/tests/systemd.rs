@@ -50,14 +50,24 @@ struct Env {
 }
 
 async fn env(test: &str) -> Env {
+    env_for(test, false).await
+}
+
+/// A manager of the system (or, with `user`, the session) bus with its own units directory.
+async fn env_for(test: &str, user: bool) -> Env {
+    // `RUST_LOG=fleet_systemd=debug` and `--nocapture` show the library's logs.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     let dir = PathBuf::from(format!("/run/fleet-systemd-test/{test}/units"));
     let _ = std::fs::remove_dir_all(&dir);
     let mgr = SystemdManager::connect(ManagerConfig {
         units_directory: dir.clone(),
-        user: false,
+        user,
     })
     .await
-    .expect("connect to the system bus");
+    .expect("connect to the bus");
     Env { mgr, dir }
 }
 
@@ -538,4 +548,63 @@ async fn subscription_and_calls_survive_a_dbus_restart() {
     })
     .await;
     env.cleanup(&[name]).await;
+}
+
+#[tokio::test]
+async fn user_manager_links_into_its_runtime_directory() {
+    if !real_systemd("user_manager_links_into_its_runtime_directory") {
+        return;
+    }
+    let runtime_dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("bus").exists());
+    let Some(runtime_dir) = runtime_dir else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "fleet-systemd user_manager_links_into_its_runtime_directory: skipping, no user bus at \
+             $XDG_RUNTIME_DIR/bus (`loginctl enable-linger root` and XDG_RUNTIME_DIR=/run/user/0 include it)"
+        );
+        return;
+    };
+    let env = env_for("user", true).await;
+    let name = "fsd-user.service".to_owned();
+    let mut rx = env
+        .mgr
+        .subscribe(WatchSet::from_iter([name.clone()]))
+        .await
+        .expect("subscribe");
+    env.mgr
+        .write_unit(&name, &sleeper())
+        .await
+        .expect("write_unit");
+    let link = runtime_dir.join("systemd/user").join(&name);
+    assert_eq!(
+        std::fs::read_link(&link).ok(),
+        Some(env.dir.join(&name)),
+        "{}",
+        link.display()
+    );
+    assert_eq!(
+        link_target(&name),
+        None,
+        "nothing in the system manager's directory"
+    );
+    env.mgr.reload().await.expect("reload");
+    env.mgr.start(&name).await.expect("start");
+    let running = st("loaded", "active", "running");
+    wait_for(&mut rx, "active/running from the user manager", |e| {
+        is_state(e, &name, &running)
+    })
+    .await;
+    let states = env
+        .mgr
+        .states(std::slice::from_ref(&name))
+        .await
+        .expect("states");
+    assert_eq!(states.get(&name), Some(&running));
+    env.cleanup(&[name]).await;
+    assert!(
+        std::fs::symlink_metadata(&link).is_err(),
+        "user runtime link removed"
+    );
 }

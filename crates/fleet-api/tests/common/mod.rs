@@ -30,7 +30,10 @@ pub async fn registry(etcd: &EtcdServer) -> EtcdRegistry {
         request_timeout: Duration::from_secs(3),
         ..Default::default()
     };
-    EtcdRegistry::connect(&cfg).await.expect("connect to etcd")
+    let reg = EtcdRegistry::connect(&cfg).await.expect("connect to etcd");
+    // connect now, so that tests with short request timeouts do not pay for it
+    reg.units().await.expect("etcd answers");
+    reg
 }
 
 impl Harness {
