@@ -457,7 +457,9 @@ async fn errors_when_fleetd_is_not_there() {
     // nothing listening on the port: a socket bound (so no other test can take the port) but
     // never listening refuses connections
     let bound = tokio::net::TcpSocket::new_v4().expect("socket");
-    bound.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    bound
+        .bind("127.0.0.1:0".parse().expect("addr"))
+        .expect("bind");
     let port = bound.local_addr().expect("addr").port();
     let err = client(&format!("http://127.0.0.1:{port}"))
         .machines()
