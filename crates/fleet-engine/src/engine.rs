@@ -173,6 +173,7 @@ pub async fn run(
                         leader = Some(Leader {
                             leadership: l,
                             since: Instant::now(),
+                            seen: HashSet::new(),
                         });
                     }
                     Ok(None) => {}
