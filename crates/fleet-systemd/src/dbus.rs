@@ -379,6 +379,52 @@ impl SystemdManager {
         self.inner.caller.states_by_properties(names).await
     }
 
+    /// `DisableUnitFiles(names, runtime=true)`: removes the runtime link and any runtime
+    /// enablement links of each unit.
+    async fn disable(&self, names: &[String]) -> Result<()> {
+        let unit = match names {
+            [one] => Some(one.as_str()),
+            _ => None,
+        };
+        let reply = self
+            .inner
+            .caller
+            .manager("DisableUnitFiles", unit, &(names, true))
+            .await?;
+        let changes: Result<Vec<FileChange>, _> = reply.body().deserialize();
+        tracing::debug!(?changes, "disabled unit files");
+        Ok(())
+    }
+
+    /// The rest of a removal once the unit is disabled (or failed to be, `disable_error`):
+    /// clears a failed state and removes the file, which goes even if a call failed.
+    /// Unlinking comes before the file goes: a link left pointing at nothing, or a failed unit
+    /// with no file, confuses later loads (fleet saw `systemctl stop fleet` hang).
+    async fn finish_remove(&self, name: &str, disable_error: Option<Error>) -> Result<()> {
+        let mut first_error = disable_error;
+        match self
+            .inner
+            .caller
+            .manager("ResetFailedUnit", Some(name), &name)
+            .await
+        {
+            Err(e) if !e.dbus().is_some_and(|d| d.is(NO_SUCH_UNIT)) => {
+                first_error.get_or_insert(e);
+            }
+            _ => {}
+        }
+        let owned_name = name.to_owned();
+        let removed = self
+            .blocking("removing unit file", name, move |dir| {
+                dir.remove(&owned_name)
+            })
+            .await;
+        match (first_error, removed) {
+            (Some(e), _) => Err(e),
+            (None, removed) => removed,
+        }
+    }
+
     /// Runs a blocking file operation off the async workers.
     async fn blocking<T, F>(&self, action: &'static str, name: &str, f: F) -> Result<T>
     where
@@ -437,36 +483,35 @@ impl UnitManager for SystemdManager {
     async fn remove_unit(&self, name: &str) -> Result<()> {
         validate_name(name)?;
         tracing::info!(unit = name, "removing systemd unit");
-        let caller = &self.inner.caller;
+        let disabled = self.disable(&[name.to_owned()]).await;
+        self.finish_remove(name, disabled.err()).await
+    }
+
+    async fn remove_units(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            validate_name(name)?;
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(units = names.len(), "removing systemd units");
         let mut first_error = None;
-        // Unlink first, then the file: a link left pointing at nothing, or a failed unit with
-        // no file, confuses later loads (fleet saw `systemctl stop fleet` hang).
-        match caller
-            .manager("DisableUnitFiles", Some(name), &(vec![name], true))
-            .await
-        {
-            Ok(reply) => {
-                let changes: Result<Vec<FileChange>, _> = reply.body().deserialize();
-                tracing::debug!(unit = name, ?changes, "disabled unit file");
+        if let Err(e) = self.disable(names).await {
+            // Find out which unit it was about, unit by unit.
+            tracing::debug!(error = %e, "disabling units in one call failed, retrying one by one");
+            for name in names {
+                if let Err(e) = self.remove_unit(name).await {
+                    first_error.get_or_insert(e);
+                }
             }
-            Err(e) => first_error = Some(e),
-        }
-        match caller.manager("ResetFailedUnit", Some(name), &name).await {
-            Err(e) if !e.dbus().is_some_and(|d| d.is(NO_SUCH_UNIT)) => {
-                first_error.get_or_insert(e);
+        } else {
+            for name in names {
+                if let Err(e) = self.finish_remove(name, None).await {
+                    first_error.get_or_insert(e);
+                }
             }
-            _ => {}
         }
-        let owned_name = name.to_owned();
-        let removed = self
-            .blocking("removing unit file", name, move |dir| {
-                dir.remove(&owned_name)
-            })
-            .await;
-        match (first_error, removed) {
-            (Some(e), _) => Err(e),
-            (None, removed) => removed,
-        }
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn reload(&self) -> Result<()> {
@@ -534,7 +579,7 @@ impl UnitManager for SystemdManager {
         let dir = self.inner.dir.clone();
         tokio::task::spawn_blocking(move || dir.list())
             .await
-            .map_err(|e| join_error("listing units directory", &PathBuf::new(), e))?
+            .map_err(|e| join_error("listing units directory", self.inner.dir.dir(), e))?
     }
 }
 

@@ -443,7 +443,9 @@ mod tests {
         fake.stop("a.service").await.expect("stop a");
         fake.fail_on_start("a.service", true);
         fake.start("a.service").await.expect("start a again");
-        fake.remove_unit("a.service").await.expect("remove");
+        fake.remove_units(&names(&["a.service"]))
+            .await
+            .expect("remove");
         fake.reload().await.expect("reload");
 
         assert_eq!(

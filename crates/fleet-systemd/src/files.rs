@@ -51,6 +51,11 @@ impl UnitsDir {
         Ok(UnitsDir { dir })
     }
 
+    /// The directory itself.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Path of unit `name`'s file.
     pub(crate) fn path(&self, name: &str) -> Result<PathBuf> {
         validate_name(name)?;

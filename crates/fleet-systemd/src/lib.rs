@@ -202,6 +202,23 @@ pub trait UnitManager: Send + Sync {
     /// the unit (call [`stop`](Self::stop) first) and does not reload.
     async fn remove_unit(&self, name: &str) -> Result<()>;
 
+    /// [`remove_unit`](Self::remove_unit) for several units, for a batch of unloads: the real
+    /// manager disables them all in one `DisableUnitFiles` (systemd walks its unit directories
+    /// once per call, so this is much cheaper than one call per unit). Every unit is
+    /// attempted; the first error is returned. Names are all checked before anything is done.
+    async fn remove_units(&self, names: &[String]) -> Result<()> {
+        for name in names {
+            validate_name(name)?;
+        }
+        let mut first_error = None;
+        for name in names {
+            if let Err(e) = self.remove_unit(name).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
     /// One `daemon-reload`. Returns when systemd has finished reloading.
     async fn reload(&self) -> Result<()>;
 
