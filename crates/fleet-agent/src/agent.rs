@@ -602,14 +602,14 @@ impl Agent {
     }
 
     async fn unpublish(&mut self, name: &str) {
-        if self.published.remove(name).is_some() {
-            if let Err(e) = self
-                .registry
-                .publish_state(name, &self.cfg.machine_id, None, &self.lease)
-                .await
-            {
-                debug!(unit = name, error = %e, "withdrawing state failed");
-            }
+        if self.published.remove(name).is_none() {
+            return;
+        }
+        let withdrawn = self
+            .registry
+            .publish_state(name, &self.cfg.machine_id, None, &self.lease);
+        if let Err(e) = withdrawn.await {
+            debug!(unit = name, error = %e, "withdrawing state failed");
         }
     }
 

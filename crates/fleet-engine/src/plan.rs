@@ -57,10 +57,10 @@ pub fn diff(
     let mut ops = Vec::new();
     let mut frozen: BTreeSet<&str> = BTreeSet::new();
     for d in &plan.decisions {
-        if let Decision::Unschedule { unit, machine } = d {
-            if held.contains(machine) {
-                frozen.insert(unit.as_str());
-            }
+        if let Decision::Unschedule { unit, machine } = d
+            && held.contains(machine)
+        {
+            frozen.insert(unit.as_str());
         }
     }
     let mut touched: BTreeSet<String> = BTreeSet::new();

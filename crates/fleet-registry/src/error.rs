@@ -26,11 +26,17 @@ pub enum RegistryError {
     NotLeader,
     #[error("invalid etcd configuration: {0}")]
     Config(String),
+    /// A remote driver's error (e.g. fleetd's API unreachable), shown as that driver words it.
+    #[error(transparent)]
+    Remote(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl RegistryError {
     /// True for errors that say etcd could not be reached (as opposed to a refusal).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, RegistryError::Etcd(_) | RegistryError::Timeout(_))
+        matches!(
+            self,
+            RegistryError::Etcd(_) | RegistryError::Timeout(_) | RegistryError::Remote(_)
+        )
     }
 }

@@ -297,13 +297,15 @@ impl EtcdRegistry {
     fn decode_machines(&self, kvs: &[(String, Vec<u8>)]) -> Vec<MachineView> {
         let mut overrides: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
         for (k, v) in kvs {
-            if let Some(rest) = self.keys.strip(keys::METADATA, k) {
-                if let Some((id, key)) = rest.split_once('/') {
-                    overrides
-                        .entry(id.to_string())
-                        .or_default()
-                        .insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
-                }
+            if let Some((id, key)) = self
+                .keys
+                .strip(keys::METADATA, k)
+                .and_then(|rest| rest.split_once('/'))
+            {
+                overrides
+                    .entry(id.to_string())
+                    .or_default()
+                    .insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
             }
         }
         let mut out: Vec<MachineView> = kvs
