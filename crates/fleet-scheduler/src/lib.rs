@@ -21,8 +21,10 @@
 //!   while its target is not scheduled; MachineOf cycles are refused), Conflicts in both
 //!   directions (also against global units running there), not replaced by a unit there.
 //! - Replaces: a unit may be placed on a machine holding a unit it replaces; the replaced unit
-//!   (and units that follow it there) is unscheduled and placed elsewhere. Of two units that
-//!   replace each other only one is scheduled (the one already placed, else the first by name).
+//!   (and units that follow it there) is unscheduled and placed elsewhere. Of units that
+//!   replace each other in a circle (two or more) only one is scheduled: the first by name
+//!   among those already placed, else the first by name. A unit placed in this pass is never
+//!   pushed off again in the same pass (so every pass terminates).
 //! - Global units run on every machine whose metadata matches, unless they conflict with a
 //!   unit scheduled there or with a global unit (first by name) already running there:
 //!   scheduled units win over global ones.

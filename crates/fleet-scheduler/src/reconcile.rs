@@ -310,31 +310,63 @@ impl<'a> Ctx<'a> {
         self.conflicts.any_matches(a, self.names[b]) || self.conflicts.any_matches(b, self.names[a])
     }
 
-    /// Circular Replaces: of two units that replace each other only one may run. The one
-    /// currently placed wins, else the one first by name. Returns, per unit, the rival it
-    /// lost to (NONE for units that may run).
+    /// Circular Replaces: units that replace each other, directly or around a longer circle
+    /// (a strongly connected group of the Replaces graph), would push each other off forever,
+    /// so only one unit of each such group may run: the first by name among those currently
+    /// placed, else the first by name. Returns, per unit, the unit it gave way to (NONE for
+    /// units that may run).
     fn circular_replace_rivals(&self, st: &mut State) -> Vec<u32> {
         let n = self.units.len();
         let mut rivals = vec![NONE; n];
         if (0..n).all(|u| !self.replaces.declares_any(u)) {
             return rivals;
         }
-        let mut order: Vec<usize> = (0..n)
-            .filter(|u| self.schedulable(*u) && self.replaces.declares_any(*u))
-            .collect();
-        order.sort_by_key(|u| (self.units[*u].placement.is_none(), *u));
-        let mut accepted = vec![false; n];
-        for u in order {
-            let rival = self.mutual_replacers(u).into_iter().find(|v| accepted[*v]);
-            match rival {
-                Some(v) => {
-                    rivals[u] = v as u32;
-                    st.unplaceable.insert(u as u32, self.circular_reason(v));
+        let edges: Vec<Vec<u32>> = (0..n)
+            .map(|u| {
+                if self.schedulable(u) {
+                    self.replaced_by_unit(u)
+                } else {
+                    Vec::new()
                 }
-                None => accepted[u] = true,
+            })
+            .collect();
+        for group in strongly_connected(&edges) {
+            if group.len() < 2 {
+                continue;
+            }
+            let winner = group
+                .iter()
+                .copied()
+                .min_by_key(|u| (self.units[*u as usize].placement.is_none(), *u))
+                .unwrap_or(group[0]);
+            for &u in &group {
+                if u != winner {
+                    rivals[u as usize] = winner;
+                    st.unplaceable
+                        .insert(u, self.circular_reason(winner as usize));
+                }
             }
         }
         rivals
+    }
+
+    /// Units that `u`'s Replaces patterns match (sorted, without `u`).
+    fn replaced_by_unit(&self, u: usize) -> Vec<u32> {
+        let mut out: Vec<u32> = self
+            .replaces
+            .targets(u)
+            .filter(|w| *w as usize != u)
+            .collect();
+        if self.replaces.any_broad {
+            for w in 0..self.units.len() {
+                if w != u && self.schedulable(w) && self.replaces.broad_matches(u, self.names[w]) {
+                    out.push(w as u32);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     fn circular_reason(&self, rival: usize) -> String {
@@ -342,30 +374,6 @@ impl<'a> Ctx<'a> {
             "circular Replaces with {}: only one of them is scheduled",
             self.names[rival]
         )
-    }
-
-    /// Units that `u` replaces and that replace `u` back.
-    fn mutual_replacers(&self, u: usize) -> Vec<usize> {
-        let mut out: Vec<usize> = self
-            .replaces
-            .targets(u)
-            .map(|w| w as usize)
-            .filter(|w| *w != u && self.replaces.any_matches(*w, self.names[u]))
-            .collect();
-        if self.replaces.any_broad {
-            for w in 0..self.units.len() {
-                if w != u
-                    && self.schedulable(w)
-                    && self.replaces.broad_matches(u, self.names[w])
-                    && self.replaces.any_matches(w, self.names[u])
-                {
-                    out.push(w);
-                }
-            }
-        }
-        out.sort_unstable();
-        out.dedup();
-        out
     }
 
     /// A current placement that survives the checks every unit must pass on its own:
@@ -1009,4 +1017,63 @@ impl State {
             generation: 0,
         }
     }
+}
+
+/// Strongly connected components of a directed graph (iterative Tarjan), each listed with its
+/// members in ascending order.
+fn strongly_connected(edges: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let n = edges.len();
+    let mut index = vec![NONE; n];
+    let mut low = vec![0u32; n];
+    let mut on_stack = vec![false; n];
+    let mut stack: Vec<u32> = Vec::new();
+    let mut groups = Vec::new();
+    let mut next = 0u32;
+    for root in 0..n {
+        if index[root] != NONE || edges[root].is_empty() {
+            continue;
+        }
+        let mut work: Vec<(u32, usize)> = vec![(root as u32, 0)];
+        index[root] = next;
+        low[root] = next;
+        next += 1;
+        stack.push(root as u32);
+        on_stack[root] = true;
+        while let Some(top) = work.last_mut() {
+            let v = top.0 as usize;
+            if let Some(&w) = edges[v].get(top.1) {
+                top.1 += 1;
+                let w = w as usize;
+                if index[w] == NONE {
+                    index[w] = next;
+                    low[w] = next;
+                    next += 1;
+                    stack.push(w as u32);
+                    on_stack[w] = true;
+                    work.push((w as u32, 0));
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(parent) = work.last() {
+                let p = parent.0 as usize;
+                low[p] = low[p].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut group = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w as usize] = false;
+                    group.push(w);
+                    if w as usize == v {
+                        break;
+                    }
+                }
+                group.sort_unstable();
+                groups.push(group);
+            }
+        }
+    }
+    groups
 }

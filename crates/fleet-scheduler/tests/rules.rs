@@ -603,6 +603,20 @@ fn replaces() {
             ],
         },
         Case {
+            name: "circular replacement around three units",
+            machines: &["m0"],
+            units: &[
+                "a.service launched | Replaces=b.service",
+                "b.service launched | Replaces=c.service",
+                "c.service launched @m0 | Replaces=a.service",
+            ],
+            decisions: &[],
+            unplaceable: &[
+                "a.service: circular Replaces with c.service: only one of them is scheduled",
+                "b.service: circular Replaces with c.service: only one of them is scheduled",
+            ],
+        },
+        Case {
             name: "circular replacement: the placed one stays",
             machines: &["m0", "m1"],
             units: &[
