@@ -1,0 +1,45 @@
+# shellcheck shell=bash
+# packages.sh: what a fresh Debian machine lacks, installed through apt (sourced by ./build,
+# ./test and ./cluster). Silent when everything is present.
+
+# to build fleetd and fleetctl (etcd-client's build runs protoc)
+FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler ca-certificates curl"
+# to run the integration and functional tests, and the local cluster
+FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus openssh-server \
+openssh-client iptables iproute2 util-linux procps curl"
+
+# fh_ensure_packages PKG...: install the missing ones (one apt-get update first)
+fh_ensure_packages() {
+  local missing=() p rc policy=/usr/sbin/policy-rc.d made=0
+  for p in "$@"; do
+    [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    echo "missing packages: ${missing[*]}; run as root, or: sudo apt-get install ${missing[*]}" >&2
+    return 1
+  fi
+  command -v apt-get >/dev/null || { echo "missing packages (${missing[*]}) and no apt-get" >&2; return 1; }
+  echo "installing ${missing[*]}" >&2
+  # Newly installed services (etcd, sshd) must not start on the host: the harness runs its
+  # own etcd and each node its own sshd. policy-rc.d tells invoke-rc.d not to start them.
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq &&
+    apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+  rc=$?
+  [ $made = 1 ] && rm -f "$policy"
+  [ $rc = 0 ] || echo "apt-get install ${missing[*]} failed" >&2
+  return $rc
+}
+
+# fh_ensure_rust: cargo on PATH (a rustup toolchain if the machine has none)
+fh_ensure_rust() {
+  [ -x "$HOME/.cargo/bin/cargo" ] && case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) PATH=$HOME/.cargo/bin:$PATH ;; esac
+  command -v cargo >/dev/null && return 0
+  echo "no cargo: installing a stable Rust toolchain with rustup" >&2
+  curl -sSf --proto '=https' --tlsv1.2 https://sh.rustup.rs | sh -s -- -y -q --profile minimal >&2 || return 1
+  PATH=$HOME/.cargo/bin:$PATH
+}
