@@ -155,3 +155,158 @@ pub fn diff(
     }
     ops
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_registry::{MachineView, ScheduleRecord};
+    use fleet_unit::{TargetState, UnitFile, UnitName};
+
+    fn rec(name: &str, desired: TargetState) -> UnitRecord {
+        let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n").expect("file");
+        UnitRecord {
+            version: 1,
+            name: UnitName::parse(name).expect("name"),
+            hash: file.hash(),
+            desired_state: desired,
+            global: false,
+        }
+    }
+
+    fn machine(id: &str) -> MachineView {
+        MachineView {
+            id: id.into(),
+            public_ip: String::new(),
+            metadata: Default::default(),
+            version: String::new(),
+        }
+    }
+
+    fn placed(snap: &mut EngineSnapshot, unit: &str, m: &str) {
+        let r = snap.units.iter().find(|u| u.name.as_str() == unit).cloned();
+        let (hash, desired) = r.map(|r| (r.hash, r.desired_state)).unwrap_or((
+            UnitFile::parse("").expect("empty").hash(),
+            TargetState::Launched,
+        ));
+        snap.schedules.insert(
+            unit.into(),
+            (
+                m.into(),
+                ScheduleRecord {
+                    version: 1,
+                    hash,
+                    desired_state: desired,
+                },
+            ),
+        );
+        snap.placements.insert(unit.into(), m.into());
+    }
+
+    fn run(snap: &EngineSnapshot, held: &[&str]) -> Vec<EngineOp> {
+        let (s, invalid) = to_scheduler_snapshot(snap, |_| Ok(Requirements::default()));
+        let plan = fleet_scheduler::reconcile(&s);
+        let held = held.iter().map(|s| s.to_string()).collect();
+        diff(snap, &plan, &invalid, &held)
+    }
+
+    #[test]
+    fn a_new_unit_is_scheduled_once() {
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        let ops = run(&snap, &[]);
+        assert!(
+            matches!(&ops[..], [EngineOp::Schedule { unit, machine, .. }] if unit == "a.service" && machine == "m1"),
+            "{ops:?}"
+        );
+        placed(&mut snap, "a.service", "m1");
+        assert_eq!(run(&snap, &[]), vec![], "nothing to do once placed");
+    }
+
+    #[test]
+    fn a_desired_state_change_is_passed_to_the_machine() {
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        placed(&mut snap, "a.service", "m1");
+        snap.units[0].desired_state = TargetState::Loaded;
+        let ops = run(&snap, &[]);
+        assert!(
+            matches!(
+                &ops[..],
+                [EngineOp::Schedule {
+                    desired: TargetState::Loaded,
+                    ..
+                }]
+            ),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn destroyed_units_are_unscheduled_and_reasons_cleared() {
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        placed(&mut snap, "gone.service", "m1");
+        snap.reasons.insert("old.service".into(), "whatever".into());
+        let ops = run(&snap, &[]);
+        assert!(ops.contains(&EngineOp::Unschedule {
+            unit: "gone.service".into(),
+            machine: "m1".into()
+        }));
+        assert!(ops.contains(&EngineOp::ClearReason {
+            unit: "old.service".into()
+        }));
+    }
+
+    #[test]
+    fn units_on_held_machines_stay() {
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        placed(&mut snap, "a.service", "m2"); // m2 absent
+        assert_eq!(run(&snap, &["m2"]), vec![], "held machine keeps its unit");
+        let ops = run(&snap, &[]);
+        assert!(
+            ops.iter()
+                .any(|op| matches!(op, EngineOp::Schedule { machine, .. } if machine == "m1")),
+            "{ops:?}"
+        );
+    }
+
+    #[test]
+    fn unplaceable_units_get_a_reason_once() {
+        let mut snap = EngineSnapshot::default();
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        let ops = run(&snap, &[]);
+        let reason = match &ops[..] {
+            [EngineOp::SetReason { unit, reason }] if unit == "a.service" => reason.clone(),
+            other => panic!("{other:?}"),
+        };
+        assert!(!reason.is_empty());
+        snap.reasons.insert("a.service".into(), reason);
+        assert_eq!(
+            run(&snap, &[]),
+            vec![],
+            "the same reason is not written again"
+        );
+    }
+
+    #[test]
+    fn invalid_requirements_become_the_reason() {
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        let (s, invalid) = to_scheduler_snapshot(&snap, |_| Err("bad [X-Fleet]".into()));
+        assert!(s.units.is_empty());
+        let plan = fleet_scheduler::reconcile(&s);
+        let ops = diff(&snap, &plan, &invalid, &HashSet::new());
+        assert_eq!(
+            ops,
+            vec![EngineOp::SetReason {
+                unit: "a.service".into(),
+                reason: "bad [X-Fleet]".into()
+            }]
+        );
+    }
+}

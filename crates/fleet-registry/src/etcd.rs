@@ -685,7 +685,8 @@ impl EtcdRegistry {
         let _ = self.timed(kv.delete(self.keys.machine(id), None)).await;
     }
 
-    /// Watches the agent's own schedule and the global units (never the whole unit tree).
+    /// Watches the agent's own schedule, the global units and its API-set metadata (never
+    /// the whole unit tree).
     pub fn watch_agent(
         &self,
         machine_id: &str,
@@ -694,6 +695,7 @@ impl EtcdRegistry {
         let prefixes = vec![
             self.keys.schedule_dir(machine_id),
             self.keys.dir(keys::GLOBAL),
+            self.keys.metadata_dir(machine_id),
         ];
         ListWatch::spawn(self.client.clone(), prefixes, poll, self.timeout * 5)
     }
