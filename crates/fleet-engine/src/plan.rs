@@ -157,6 +157,7 @@ pub fn diff(
 }
 
 #[cfg(test)]
+#[allow(clippy::field_reassign_with_default)] // snapshots built up field by field read best
 mod tests {
     use super::*;
     use fleet_registry::{MachineView, ScheduleRecord};
