@@ -109,3 +109,26 @@ fn tricky_files_hash_as_fleet_would() {
         "1c6fb6f3684bafb0c173d8b8b957ceff031180c1"
     );
 }
+
+#[test]
+fn instances_take_their_template_body() {
+    use fleet_unit::{Requirements, UnitName};
+    // fleetctl gives an instance without its own file the template's body, so the instance
+    // has the template's hash; specifiers expand per instance in [X-Fleet].
+    let body = UnitFile::parse(&example("hello@.service")).expect("template parses");
+    let template = UnitName::parse("hello@.service").expect("valid");
+    let cases = [
+        ("hello@1.service", "hello@*.service"),
+        ("hello@blue.service", "hello@*.service"),
+    ];
+    for (instance, conflict) in cases {
+        let name = UnitName::parse(instance).expect("valid");
+        assert_eq!(name.template().as_ref(), Some(&template));
+        let (req, warnings) = Requirements::from_unit(&name, &body).expect("valid requirements");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(req.conflicts, vec![conflict.to_string()], "{instance}");
+        assert!(req.conflicts_with("hello@2.service"));
+    }
+    let instance_body = UnitFile::from_options(body.options().to_vec());
+    assert_eq!(instance_body.hash(), body.hash());
+}
