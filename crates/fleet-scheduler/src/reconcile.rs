@@ -240,7 +240,7 @@ impl<'a> Ctx<'a> {
 
     fn machine_matches_id(&self, m: usize, id: &str) -> bool {
         let mid = self.machines[m].id.as_str();
-        mid == id || (mid.len() > 8 && &mid[..8] == id)
+        mid == id || (mid.len() > 8 && mid.get(..8) == Some(id))
     }
 
     /// Machines a MachineID requirement can mean (full ID, or the 8-character short ID).

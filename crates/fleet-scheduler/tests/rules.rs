@@ -198,6 +198,16 @@ fn machine_id_and_metadata() {
             unplaceable: &[],
         },
         Case {
+            name: "odd machine IDs never panic",
+            machines: &[
+                "m\u{e9}\u{e9}\u{e9}\u{e9}\u{e9}",
+                "\u{1f600}\u{1f600}\u{1f600}",
+            ],
+            units: &["a.service launched | MachineID=m\u{e9}\u{e9}\u{e9}"],
+            decisions: &[],
+            unplaceable: &["a.service: no machine has ID m\u{e9}\u{e9}\u{e9}"],
+        },
+        Case {
             name: "MachineID unknown",
             machines: &["m1"],
             units: &["a.service launched | MachineID=nope"],
