@@ -4,17 +4,18 @@
 //! # How signals map to states
 //!
 //! * `PropertiesChanged` on a unit object, interface `org.freedesktop.systemd1.Unit`: systemd
-//!   sends it on every change of a unit it has announced, with `LoadState`, `ActiveState` and
-//!   `SubState` in it. This is the main source.
+//!   sends it on every change of a unit it has announced, with `ActiveState` and `SubState`.
+//!   It never carries `LoadState` (measured on systemd 252), which changes only when a unit
+//!   is (re)loaded; so the load state comes from one read of the unit after it was announced,
+//!   and is merged into every later change. This is the main source.
 //! * `UnitNew`: systemd loaded the unit. Changes made before systemd got round to announcing
-//!   the unit are folded into this one signal, which carries no state; so the unit is marked
-//!   *stale* until a `PropertiesChanged` arrives.
-//! * `JobRemoved`: a start/stop job ended. If the unit is still stale (no `PropertiesChanged`
-//!   since `UnitNew`), its state is read once with `ListUnitsByNames`, batched with the other
-//!   units in the same burst of signals. A freshly loaded `Type=simple` service that starts at
-//!   once typically only ever sends `UnitNew`; measured on systemd 252: 200 such starts, 2–3
-//!   reads. Reading on `UnitNew` instead would loop: reading loads an unloaded unit, which
-//!   systemd collects again (`UnitRemoved`) and announces again (`UnitNew`).
+//!   the unit are folded into this one signal, which carries no state; the unit is marked
+//!   *stale* until it is read. It is not read right away: reading loads an unloaded unit,
+//!   which systemd collects again (`UnitRemoved`) and announces again (`UnitNew`), forever.
+//! * A stale unit is read when it next changes or when a job of it ends (`JobRemoved`). The
+//!   reads of a burst of signals are batched into one `ListUnitsByNames`. A freshly loaded
+//!   `Type=simple` service that starts at once often sends only `UnitNew` and `JobRemoved`;
+//!   measured: 200 such starts, 2–3 reads.
 //! * `UnitRemoved`: systemd unloaded the unit → `StateChange { state: None }`, if a state had
 //!   been sent for it.
 //! * `Reloading(false)` and a new owner of `org.freedesktop.systemd1` → [`UnitEvent::Resync`].
@@ -119,40 +120,36 @@ pub(crate) fn unit_name_from_path(path: &str) -> Option<String> {
     String::from_utf8(name).ok().filter(|n| !n.is_empty())
 }
 
-/// What the subscription task must do after a signal.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Step {
-    Nothing,
-    Emit(StateChange),
-    /// Read this unit's state from systemd, then report it with [`Tracker::fetched`].
-    Fetch(String),
-}
-
 #[derive(Debug, Default)]
 struct Tracked {
     /// The state last emitted (None: none yet).
     last: Option<SystemdState>,
-    /// Announced by `UnitNew` with no `PropertiesChanged` since: `last` may be out of date.
+    /// Announced by `UnitNew` and not read since: its load state may have changed.
     stale: bool,
 }
 
-/// Per watched unit, what was last sent; turns decoded signals into [`Step`]s. No I/O.
+/// Per watched unit, what was last sent, and which units must be read from systemd because
+/// the signals did not tell enough. Turns decoded signals into state changes to emit. No I/O.
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
     units: HashMap<String, Tracked>,
+    /// Units to read with the next batched `ListUnitsByNames` ([`Tracker::take_pending`]).
+    pending: BTreeSet<String>,
 }
 
 impl Tracker {
-    /// `PropertiesChanged` with whichever of the three states it carried.
+    /// `PropertiesChanged` with whichever of the three states it carried. systemd's signals
+    /// carry `ActiveState` and `SubState` but not `LoadState`, so a unit whose load state is not
+    /// known (none sent yet, or announced anew) is queued for a read instead.
     pub(crate) fn properties(
         &mut self,
         name: &str,
         load: Option<String>,
         active: Option<String>,
         sub: Option<String>,
-    ) -> Step {
+    ) -> Option<StateChange> {
         let tracked = self.units.entry(name.to_owned()).or_default();
-        let last = tracked.last.as_ref();
+        let last = tracked.last.as_ref().filter(|_| !tracked.stale);
         let merged = (
             load.or_else(|| last.map(|s| s.load_state.clone())),
             active.or_else(|| last.map(|s| s.active_state.clone())),
@@ -170,61 +167,77 @@ impl Tracker {
                     },
                 )
             }
-            _ => Step::Fetch(name.to_owned()),
+            _ => {
+                self.pending.insert(name.to_owned());
+                None
+            }
         }
     }
 
-    /// `UnitNew`.
-    pub(crate) fn unit_new(&mut self, name: &str) -> Step {
+    /// `UnitNew`. Not read now: reading loads an unloaded unit, which systemd collects and
+    /// announces again, forever. Its first change or job end will queue the read.
+    pub(crate) fn unit_new(&mut self, name: &str) -> Option<StateChange> {
         self.units.entry(name.to_owned()).or_default().stale = true;
-        Step::Nothing
+        None
     }
 
-    /// `JobRemoved`.
-    pub(crate) fn job_removed(&mut self, name: &str) -> Step {
-        match self.units.get(name) {
-            Some(Tracked {
-                last: Some(_),
-                stale: false,
-            }) => Step::Nothing,
-            _ => Step::Fetch(name.to_owned()),
+    /// `JobRemoved`: the job's outcome is known from the signals before it, unless the unit
+    /// was announced anew and nothing told its state since.
+    pub(crate) fn job_removed(&mut self, name: &str) -> Option<StateChange> {
+        let known = self
+            .units
+            .get(name)
+            .is_some_and(|t| t.last.is_some() && !t.stale);
+        if !known {
+            self.pending.insert(name.to_owned());
         }
+        None
     }
 
-    /// `UnitRemoved`.
-    pub(crate) fn unit_removed(&mut self, name: &str) -> Step {
+    /// `UnitRemoved`. A read still pending stays pending: it reports the state systemd gives
+    /// the unit when asked (which is the last word on a unit stopped and collected before its
+    /// load state was known).
+    pub(crate) fn unit_removed(&mut self, name: &str) -> Option<StateChange> {
         match self.units.remove(name) {
-            Some(Tracked { last: Some(_), .. }) => Step::Emit(StateChange {
+            Some(Tracked { last: Some(_), .. }) => Some(StateChange {
                 name: name.to_owned(),
                 state: None,
             }),
-            _ => Step::Nothing,
+            _ => None,
         }
     }
 
-    /// The answer to a [`Step::Fetch`].
-    pub(crate) fn fetched(&mut self, name: &str, state: SystemdState) -> Step {
+    /// The answer to a read.
+    pub(crate) fn fetched(&mut self, name: &str, state: SystemdState) -> Option<StateChange> {
+        self.pending.remove(name);
         self.units.entry(name.to_owned()).or_default().stale = false;
         self.set(name, state)
+    }
+
+    /// The units to read now; empties the queue.
+    pub(crate) fn take_pending(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.pending).into_iter().collect()
     }
 
     /// The unit is no longer watched.
     pub(crate) fn forget(&mut self, name: &str) {
         self.units.remove(name);
+        self.pending.remove(name);
     }
 
     /// Everything may have changed unseen; the consumer re-reads.
     pub(crate) fn reset(&mut self) {
         self.units.clear();
+        self.pending.clear();
     }
 
-    fn set(&mut self, name: &str, state: SystemdState) -> Step {
+    fn set(&mut self, name: &str, state: SystemdState) -> Option<StateChange> {
         let tracked = self.units.entry(name.to_owned()).or_default();
         if tracked.last.as_ref() == Some(&state) {
-            return Step::Nothing;
+            return None;
         }
         tracked.last = Some(state.clone());
-        Step::Emit(StateChange {
+        Some(StateChange {
             name: name.to_owned(),
             state: Some(state),
         })
@@ -445,7 +458,6 @@ impl Subscription {
             };
             // Handle what has already arrived as one batch, so the units whose state must be
             // read (see the module docs) are read with one `ListUnitsByNames`, not one each.
-            let mut to_fetch = BTreeSet::new();
             for _ in 0..MAX_BATCH {
                 let msg = match next {
                     Some(Ok(msg)) => msg,
@@ -455,29 +467,25 @@ impl Subscription {
                     }
                     None => return Stop::Lost,
                 };
-                if let Some(signal) = decode(&msg, &self.watch, &mut self.tracker)
-                    && self.handle(conn, signal, &mut to_fetch).await.is_err()
-                {
-                    return Stop::Closed;
+                if let Some(signal) = decode(&msg, &self.watch, &mut self.tracker) {
+                    tracing::trace!(?signal, "systemd signal");
+                    if self.handle(conn, signal).await.is_err() {
+                        return Stop::Closed;
+                    }
                 }
                 match stream.next().now_or_never() {
                     Some(msg) => next = msg,
                     None => break,
                 }
             }
-            if !to_fetch.is_empty() && self.fetch(to_fetch).await.is_err() {
+            if self.fetch().await.is_err() {
                 return Stop::Closed;
             }
         }
     }
 
-    async fn handle(
-        &mut self,
-        conn: &Connection,
-        signal: Signal,
-        to_fetch: &mut BTreeSet<String>,
-    ) -> Result<(), Closed> {
-        let step = match signal {
+    async fn handle(&mut self, conn: &Connection, signal: Signal) -> Result<(), Closed> {
+        let change = match signal {
             Signal::Properties {
                 name,
                 load,
@@ -485,15 +493,10 @@ impl Subscription {
                 sub,
             } => self.tracker.properties(&name, load, active, sub),
             Signal::UnitNew(name) => self.tracker.unit_new(&name),
-            Signal::UnitRemoved(name) => {
-                // Reading it now would only load it again.
-                to_fetch.remove(&name);
-                self.tracker.unit_removed(&name)
-            }
+            Signal::UnitRemoved(name) => self.tracker.unit_removed(&name),
             Signal::JobRemoved(name) => self.tracker.job_removed(&name),
             Signal::Reloaded => {
                 self.tracker.reset();
-                to_fetch.clear();
                 return self.send(UnitEvent::Resync(ResyncReason::Reloaded)).await;
             }
             Signal::OwnerChanged => {
@@ -502,32 +505,33 @@ impl Subscription {
                     tracing::warn!(error = %e, "renewing the systemd subscription failed");
                 }
                 self.tracker.reset();
-                to_fetch.clear();
                 return self
                     .send(UnitEvent::Resync(ResyncReason::ManagerRestarted))
                     .await;
             }
         };
-        match step {
-            Step::Emit(change) => self.send(UnitEvent::Changed(change)).await,
-            Step::Fetch(name) => {
-                to_fetch.insert(name);
-                Ok(())
-            }
-            Step::Nothing => Ok(()),
+        match change {
+            Some(change) => self.send(UnitEvent::Changed(change)).await,
+            None => Ok(()),
         }
     }
 
-    /// Reads the states of `names` over the shared call connection (not this subscription's:
-    /// its queue may be full of signals not read yet) and reports the ones that changed.
-    async fn fetch(&mut self, names: BTreeSet<String>) -> Result<(), Closed> {
-        let names: Vec<String> = names
+    /// Reads the states the tracker asked for, over the shared call connection (not this
+    /// subscription's: its queue may be full of signals not read yet), and reports the ones
+    /// that changed.
+    async fn fetch(&mut self) -> Result<(), Closed> {
+        let names: Vec<String> = self
+            .tracker
+            .take_pending()
             .into_iter()
             .filter(|n| self.watch.contains(n))
             .collect();
+        if names.is_empty() {
+            return Ok(());
+        }
         tracing::debug!(
             units = names.len(),
-            "no state signal since these units were announced, reading them"
+            "reading unit states the signals did not tell"
         );
         let states = match self.manager.states(&names).await {
             Ok(states) => states,
@@ -537,7 +541,7 @@ impl Subscription {
             }
         };
         for (name, state) in states {
-            if let Step::Emit(change) = self.tracker.fetched(&name, state) {
+            if let Some(change) = self.tracker.fetched(&name, state) {
                 self.send(UnitEvent::Changed(change)).await?;
             }
         }
@@ -578,11 +582,24 @@ mod tests {
         SystemdState::new(load, active, sub)
     }
 
-    fn emit(name: &str, state: Option<SystemdState>) -> Step {
-        Step::Emit(StateChange {
+    /// What the tracker did after one scripted input.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Out {
+        Nothing,
+        Emit(StateChange),
+        /// The reads taken with [`In::Take`].
+        Read(Vec<String>),
+    }
+
+    fn emit(name: &str, state: Option<SystemdState>) -> Out {
+        Out::Emit(StateChange {
             name: name.into(),
             state,
         })
+    }
+
+    fn read(names: &[&str]) -> Out {
+        Out::Read(names.iter().map(|n| n.to_string()).collect())
     }
 
     #[test]
@@ -639,33 +656,31 @@ mod tests {
 
     /// One scripted signal for the tracker tests.
     enum In {
-        Props(
-            &'static str,
-            Option<&'static str>,
-            Option<&'static str>,
-            Option<&'static str>,
-        ),
+        /// `PropertiesChanged` as systemd sends it: active and sub state only.
+        Props(&'static str, &'static str, &'static str),
         New(&'static str),
         Removed(&'static str),
         Job(&'static str),
         Fetched(&'static str, SystemdState),
+        Take,
         Reset,
     }
 
-    fn run(script: Vec<In>) -> Vec<Step> {
+    fn run(script: Vec<In>) -> Vec<Out> {
         let mut t = Tracker::default();
-        let s = |v: Option<&str>| v.map(str::to_owned);
+        let out = |c: Option<StateChange>| c.map_or(Out::Nothing, Out::Emit);
         script
             .into_iter()
             .map(|input| match input {
-                In::Props(n, l, a, u) => t.properties(n, s(l), s(a), s(u)),
-                In::New(n) => t.unit_new(n),
-                In::Removed(n) => t.unit_removed(n),
-                In::Job(n) => t.job_removed(n),
-                In::Fetched(n, state) => t.fetched(n, state),
+                In::Props(n, a, u) => out(t.properties(n, None, Some(a.into()), Some(u.into()))),
+                In::New(n) => out(t.unit_new(n)),
+                In::Removed(n) => out(t.unit_removed(n)),
+                In::Job(n) => out(t.job_removed(n)),
+                In::Fetched(n, state) => out(t.fetched(n, state)),
+                In::Take => Out::Read(t.take_pending()),
                 In::Reset => {
                     t.reset();
-                    Step::Nothing
+                    Out::Nothing
                 }
             })
             .collect()
@@ -674,98 +689,114 @@ mod tests {
     #[test]
     fn tracker_table() {
         use In::*;
-        let a = "a.service";
-        let cases: Vec<(&str, Vec<In>, Vec<Step>)> = vec![
+        let (a, b) = ("a.service", "b.service");
+        let running = || st("loaded", "active", "running");
+        let dead = || st("loaded", "inactive", "dead");
+        let cases: Vec<(&str, Vec<In>, Vec<Out>)> = vec![
             (
-                "start seen through properties: no fetch, duplicates dropped",
+                "first change: load state unknown, so read once; later changes merge it",
                 vec![
-                    New(a),
-                    Props(a, Some("loaded"), Some("activating"), Some("start")),
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
+                    Props(a, "activating", "start"),
+                    Props(b, "activating", "start"),
+                    Take,
+                    Fetched(a, st("loaded", "activating", "start")),
+                    Fetched(b, st("loaded", "active", "running")),
+                    Props(a, "active", "running"),
+                    Props(a, "active", "running"),
                     Job(a),
+                    Take,
                 ],
                 vec![
-                    Step::Nothing,
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[a, b]),
                     emit(a, Some(st("loaded", "activating", "start"))),
-                    emit(a, Some(st("loaded", "active", "running"))),
-                    Step::Nothing,
-                    Step::Nothing,
+                    emit(b, Some(running())),
+                    emit(a, Some(running())),
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[]),
                 ],
             ),
             (
-                "changes folded into UnitNew: fetched when the job ends",
+                "changes folded into UnitNew: read when the job ends",
+                vec![New(a), Job(a), Take, Fetched(a, running())],
                 vec![
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[a]),
+                    emit(a, Some(running())),
+                ],
+            ),
+            (
+                "announced anew: the old load state is not trusted",
+                vec![
+                    Fetched(a, running()),
                     New(a),
-                    Job(a),
-                    Fetched(a, st("loaded", "active", "running")),
+                    Props(a, "inactive", "dead"),
+                    Take,
+                    Fetched(a, st("not-found", "inactive", "dead")),
                 ],
                 vec![
-                    Step::Nothing,
-                    Step::Fetch(a.into()),
-                    emit(a, Some(st("loaded", "active", "running"))),
-                ],
-            ),
-            (
-                "job on a unit never seen: fetched once",
-                vec![
-                    Job(a),
-                    Fetched(a, st("loaded", "active", "running")),
-                    Job(a),
-                ],
-                vec![
-                    Step::Fetch(a.into()),
-                    emit(a, Some(st("loaded", "active", "running"))),
-                    Step::Nothing,
+                    emit(a, Some(running())),
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[a]),
+                    emit(a, Some(st("not-found", "inactive", "dead"))),
                 ],
             ),
             (
                 "stop then garbage collection",
                 vec![
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
-                    Props(a, Some("loaded"), Some("inactive"), Some("dead")),
+                    Fetched(a, running()),
+                    Props(a, "inactive", "dead"),
                     Removed(a),
                     Removed(a),
+                    Take,
                 ],
                 vec![
-                    emit(a, Some(st("loaded", "active", "running"))),
-                    emit(a, Some(st("loaded", "inactive", "dead"))),
+                    emit(a, Some(running())),
+                    emit(a, Some(dead())),
                     emit(a, None),
-                    Step::Nothing,
+                    Out::Nothing,
+                    read(&[]),
+                ],
+            ),
+            (
+                "collected before its load state was read: the read still happens",
+                vec![
+                    Props(a, "inactive", "dead"),
+                    Removed(a),
+                    Take,
+                    Fetched(a, dead()),
+                ],
+                vec![
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[a]),
+                    emit(a, Some(dead())),
                 ],
             ),
             (
                 "a load for a query and its collection say nothing",
-                vec![New(a), Removed(a)],
-                vec![Step::Nothing, Step::Nothing],
+                vec![New(a), Removed(a), Take],
+                vec![Out::Nothing, Out::Nothing, read(&[])],
             ),
             (
-                "partial properties merge with the last state",
+                "after a reset nothing is pending and the same state is sent again",
                 vec![
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
-                    Props(a, None, None, Some("reload")),
-                ],
-                vec![
-                    emit(a, Some(st("loaded", "active", "running"))),
-                    emit(a, Some(st("loaded", "active", "reload"))),
-                ],
-            ),
-            (
-                "partial properties with nothing to merge: fetch",
-                vec![Props(a, None, Some("active"), None)],
-                vec![Step::Fetch(a.into())],
-            ),
-            (
-                "after a reset the same state is sent again",
-                vec![
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
+                    Fetched(a, running()),
+                    Props(b, "active", "running"),
                     Reset,
-                    Props(a, Some("loaded"), Some("active"), Some("running")),
+                    Take,
+                    Fetched(a, running()),
                 ],
                 vec![
-                    emit(a, Some(st("loaded", "active", "running"))),
-                    Step::Nothing,
-                    emit(a, Some(st("loaded", "active", "running"))),
+                    emit(a, Some(running())),
+                    Out::Nothing,
+                    Out::Nothing,
+                    read(&[]),
+                    emit(a, Some(running())),
                 ],
             ),
         ];
