@@ -7,6 +7,12 @@
 //! is gone are unloaded or become `not-found`), and subscriptions that receive the same
 //! [`UnitEvent`]s the real one sends. Every mutating call is logged ([`FakeUnitManager::calls`])
 //! so a test can check order and batching (one reload per batch).
+//!
+//! Not modelled unless a test asks: garbage collection of stopped units (the real manager
+//! then sends `state: None`; simulate it with [`FakeUnitManager::collect`]), crashes
+//! ([`FakeUnitManager::set_state`]), reconnects and reexecs ([`FakeUnitManager::resync`]),
+//! and D-Bus errors ([`FakeUnitManager::inject_error`]). Starting a unit whose file changed
+//! without a reload uses the new file, where systemd would keep the old definition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};

@@ -7,11 +7,13 @@
 //!
 //! # What the agent does with it
 //!
-//! One reconciliation batch is, in order: [`UnitManager::remove_unit`] for units to unload,
-//! [`UnitManager::write_unit`] (+ [`UnitManager::enable`] for units with an `[Install]`
-//! section) for units to load, **one** [`UnitManager::reload`], then
+//! One reconciliation batch is, in order: [`UnitManager::remove_units`] (or `remove_unit`
+//! each) for units to unload, [`UnitManager::write_unit`] (+ [`UnitManager::enable`] for units
+//! with an `[Install]` section) for units to load, **one** [`UnitManager::reload`], then
 //! [`UnitManager::stop`] / [`UnitManager::start`]. None of these wait for systemd's jobs to
-//! finish: state comes back through [`UnitManager::subscribe`].
+//! finish: state comes back through [`UnitManager::subscribe`]. Calls may be made
+//! concurrently (e.g. 200 starts at once); the real manager keeps at most 64 in flight on its
+//! connection, below dbus-daemon's limit of pending replies per connection.
 //!
 //! # Invariants
 //!
