@@ -37,7 +37,10 @@ fn main() {
     };
     init_logging(cli.global.debug);
 
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             ui::err(format!("fleetctl: cannot start: {e}"));
@@ -58,7 +61,11 @@ fn main() {
 
 /// Warnings always go to stderr; `--debug` adds fleetctl's and the libraries' debug output.
 fn init_logging(debug: bool) {
-    let filter = if debug { "debug,h2=info,tower=info,hyper=info,rustls=info" } else { "warn" };
+    let filter = if debug {
+        "debug,h2=info,tower=info,hyper=info,rustls=info"
+    } else {
+        "warn"
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)

@@ -1,0 +1,343 @@
+//! What every command works with: the global flags, the cluster (connected on first use,
+//! through the API or etcd driver, optionally through an SSH tunnel) and a per-invocation
+//! cache of the machine list (fleet's `cachedMachineState`).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use fleet_registry::{EtcdConfig, EtcdRegistry, MachineView, Registry};
+use fleet_ssh::{Session, SshConfig};
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::cli::{DEFAULT_ENDPOINT, DEFAULT_ETCD_ENDPOINTS, GlobalArgs};
+use crate::error::Failure;
+use crate::tunnel::{self, Target};
+
+/// The two ways fleetctl reaches a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// fleet's HTTP API (fleetd's socket), fleet's default.
+    Api,
+    /// etcd itself.
+    Etcd,
+}
+
+/// The state shared by the commands of one invocation.
+pub struct Ctx {
+    pub global: GlobalArgs,
+    registry: OnceCell<Arc<dyn Registry>>,
+    tunnel: OnceCell<Arc<Session>>,
+    machines: Mutex<Option<HashMap<String, MachineView>>>,
+}
+
+impl Ctx {
+    pub fn new(global: GlobalArgs) -> Ctx {
+        Ctx {
+            global,
+            registry: OnceCell::new(),
+            tunnel: OnceCell::new(),
+            machines: Mutex::new(None),
+        }
+    }
+
+    /// The cluster, connected on first use. Failing to connect is fleet's
+    /// `Unable to initialize client: ...` (exit 1).
+    pub async fn registry(&self) -> Result<Arc<dyn Registry>, Failure> {
+        self.registry
+            .get_or_try_init(|| self.connect())
+            .await
+            .cloned()
+            .map_err(|e| Failure::msg(format!("Unable to initialize client: {e:#}")))
+    }
+
+    async fn connect(&self) -> anyhow::Result<Arc<dyn Registry>> {
+        let g = &self.global;
+        let timeout = Duration::try_from_secs_f64(g.request_timeout)
+            .map_err(|_| anyhow!("invalid --request-timeout {}", g.request_timeout))?;
+        match driver(g)? {
+            Driver::Etcd => {
+                let mut endpoints: Vec<String> = etcd_endpoints(g)
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                if g.tunnel.is_some() {
+                    let session = self.tunnel().await?;
+                    let mut local = Vec::with_capacity(endpoints.len());
+                    for ep in &endpoints {
+                        let (_, host, port) = tunnel::split_url(ep, 2379)
+                            .ok_or_else(|| anyhow!("invalid etcd endpoint {ep:?}"))?;
+                        let addr =
+                            tunnel::forward(session.clone(), Target::Tcp { host, port }).await?;
+                        local.push(format!("http://{addr}"));
+                    }
+                    endpoints = local;
+                }
+                let cfg = EtcdConfig {
+                    endpoints,
+                    key_prefix: g.etcd_key_prefix.clone(),
+                    request_timeout: timeout,
+                    ca_file: g
+                        .ca_file
+                        .clone()
+                        .or_else(|| g.etcd_cafile.clone())
+                        .map(PathBuf::from),
+                    cert_file: g
+                        .cert_file
+                        .clone()
+                        .or_else(|| g.etcd_certfile.clone())
+                        .map(PathBuf::from),
+                    key_file: g
+                        .key_file
+                        .clone()
+                        .or_else(|| g.etcd_keyfile.clone())
+                        .map(PathBuf::from),
+                    username: None,
+                    password: None,
+                };
+                let reg = EtcdRegistry::connect(&cfg).await?;
+                Ok(Arc::new(reg))
+            }
+            Driver::Api => {
+                let endpoint = g
+                    .endpoint
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string());
+                let first = endpoint.split(',').next().unwrap_or("").trim().to_string();
+                if endpoint.contains(',') {
+                    tracing::warn!(
+                        "multiple endpoints provided but only the first ({first}) is used"
+                    );
+                }
+                let connector: Option<Arc<dyn fleet_client::Connector>> = if g.tunnel.is_some() {
+                    let session = self.tunnel().await?;
+                    let target = match first.split_once("://") {
+                        Some(("unix" | "file", path)) => Target::Unix {
+                            path: path.to_string(),
+                        },
+                        _ => {
+                            let default_port = if first.starts_with("https://") {
+                                443
+                            } else {
+                                80
+                            };
+                            let (_, host, port) = tunnel::split_url(&first, default_port)
+                                .ok_or_else(|| anyhow!("invalid endpoint {first:?}"))?;
+                            Target::Tcp { host, port }
+                        }
+                    };
+                    Some(Arc::new(tunnel::SshConnector { session, target }))
+                } else {
+                    None
+                };
+                connect_api(&fleet_client::ClientConfig {
+                    endpoint: first,
+                    request_timeout: timeout,
+                    ca_file: g.ca_file.clone().map(PathBuf::from),
+                    cert_file: g.cert_file.clone().map(PathBuf::from),
+                    key_file: g.key_file.clone().map(PathBuf::from),
+                    connector,
+                })
+            }
+        }
+    }
+
+    /// The SSH connection `--tunnel` names, opened once.
+    async fn tunnel(&self) -> anyhow::Result<Arc<Session>> {
+        let addr = self.global.tunnel.clone().unwrap_or_default();
+        self.tunnel
+            .get_or_try_init(|| async {
+                let cfg = self.ssh_config(22, false)?;
+                let session = fleet_ssh::connect(&addr, &cfg)
+                    .await
+                    .context("failed initializing SSH client")?;
+                Ok::<_, anyhow::Error>(Arc::new(session))
+            })
+            .await
+            .cloned()
+    }
+
+    /// SSH settings from the global flags.
+    pub fn ssh_config(&self, port: u16, forward_agent: bool) -> anyhow::Result<SshConfig> {
+        let g = &self.global;
+        let timeout = Duration::try_from_secs_f64(g.ssh_timeout)
+            .map_err(|_| anyhow!("invalid --ssh-timeout {}", g.ssh_timeout))?;
+        Ok(SshConfig {
+            user: g.ssh_username.clone(),
+            port,
+            timeout,
+            strict_host_key_checking: g.strict_host_key_checking,
+            known_hosts_file: fleet_ssh::known_hosts::expand_tilde(g.known_hosts_file.as_ref()),
+            identity_file: g.identity_file.clone().map(PathBuf::from),
+            forward_agent,
+            ..SshConfig::default()
+        })
+    }
+
+    /// Connects to a machine over SSH, through the `--tunnel` host when one is given.
+    pub async fn ssh(&self, addr: &str, port: u16, forward_agent: bool) -> anyhow::Result<Session> {
+        let cfg = self.ssh_config(port, forward_agent)?;
+        if self.global.tunnel.is_some() {
+            let bastion = self.tunnel().await?;
+            Ok(bastion.connect_via(addr, &cfg).await?)
+        } else {
+            Ok(fleet_ssh::connect(addr, &cfg).await?)
+        }
+    }
+
+    /// A machine by ID from the list fetched once per invocation; `None` when the machine is
+    /// not in the cluster or the list cannot be read.
+    pub async fn machine(&self, id: &str) -> Option<MachineView> {
+        let mut cache = self.machines.lock().await;
+        if cache.is_none() {
+            let reg = self.registry().await.ok()?;
+            let list = reg.machines().await.ok()?;
+            *cache = Some(list.into_iter().map(|m| (m.id.clone(), m)).collect());
+        }
+        cache.as_ref().and_then(|c| c.get(id).cloned())
+    }
+
+    /// fleet's machine legend: `113f16a7.../172.17.8.103` (whole ID with `full`), the bare ID
+    /// legend when the machine is unknown.
+    pub async fn legend(&self, id: &str, full: bool) -> String {
+        match self.machine(id).await {
+            Some(m) => machine_full_legend(&m.id, &m.public_ip, full),
+            None => machine_full_legend(id, "", full),
+        }
+    }
+}
+
+/// Which driver the flags select. fleet compared `--driver` with "API" and "etcd"; both are
+/// accepted in any case here. Without `--driver`, an `--endpoint` on etcd's ports (2379, 4001)
+/// selects etcd, as fleet intended.
+pub fn driver(g: &GlobalArgs) -> anyhow::Result<Driver> {
+    match g.driver.as_deref() {
+        Some(d) if d.eq_ignore_ascii_case("api") => Ok(Driver::Api),
+        Some(d) if d.eq_ignore_ascii_case("etcd") => Ok(Driver::Etcd),
+        Some(d) => bail!("unrecognized driver {d:?}"),
+        None => {
+            let first = g
+                .endpoint
+                .as_deref()
+                .unwrap_or("")
+                .split(',')
+                .next()
+                .unwrap_or("");
+            let etcd_port =
+                tunnel::split_url(first, 0).is_some_and(|(_, _, p)| p == 2379 || p == 4001);
+            if etcd_port {
+                tracing::debug!("defaulting to --driver=etcd as --endpoint appears to be etcd");
+                Ok(Driver::Etcd)
+            } else {
+                Ok(Driver::Api)
+            }
+        }
+    }
+}
+
+/// The etcd endpoints: `--endpoint` unless it was left at (or set to) the API's default, or
+/// `--experimental-api=false` was given without an endpoint.
+fn etcd_endpoints(g: &GlobalArgs) -> String {
+    match g.endpoint.as_deref() {
+        Some(ep) if ep != DEFAULT_ENDPOINT => ep.to_string(),
+        _ => DEFAULT_ETCD_ENDPOINTS.to_string(),
+    }
+}
+
+/// The API driver (fleet's default): fleetd's HTTP API through `fleet-client`.
+pub fn connect_api(cfg: &fleet_client::ClientConfig) -> anyhow::Result<Arc<dyn Registry>> {
+    Ok(Arc::new(fleet_client::HttpRegistry::new(cfg)?))
+}
+
+/// `113f16a7...` or the whole ID.
+pub fn machine_id_legend(id: &str, full: bool) -> String {
+    if full {
+        id.to_string()
+    } else {
+        let short: String = id.chars().take(8).collect();
+        format!("{short}...")
+    }
+}
+
+/// `113f16a7.../172.17.8.103`: the ID legend, then the IP when there is one.
+pub fn machine_full_legend(id: &str, ip: &str, full: bool) -> String {
+    let legend = machine_id_legend(id, full);
+    if ip.is_empty() {
+        legend
+    } else {
+        format!("{legend}/{ip}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn legends() {
+        let id = "595989bb-cbb7-49ce-8726-722d6e157b4e";
+        for (ip, full, want) in [
+            ("5.6.7.8", false, "595989bb.../5.6.7.8"),
+            (
+                "5.6.7.8",
+                true,
+                "595989bb-cbb7-49ce-8726-722d6e157b4e/5.6.7.8",
+            ),
+            ("", false, "595989bb..."),
+            ("", true, "595989bb-cbb7-49ce-8726-722d6e157b4e"),
+        ] {
+            assert_eq!(machine_full_legend(id, ip, full), want);
+        }
+        assert_eq!(machine_id_legend("abc", false), "abc...");
+    }
+
+    fn global(args: &[&str]) -> GlobalArgs {
+        let mut argv = vec!["fleetctl"];
+        argv.extend_from_slice(args);
+        crate::cli::Cli::parse_from(argv).global
+    }
+
+    #[test]
+    fn driver_selection() {
+        for (args, want) in [
+            (&[][..], Some(Driver::Api)),
+            (&["--driver=API"][..], Some(Driver::Api)),
+            (&["--driver=api"][..], Some(Driver::Api)),
+            (&["--driver=etcd"][..], Some(Driver::Etcd)),
+            (&["--endpoint=http://10.0.0.1:2379"][..], Some(Driver::Etcd)),
+            (
+                &["--endpoint=http://10.0.0.1:4001,http://x:1"][..],
+                Some(Driver::Etcd),
+            ),
+            (&["--endpoint=http://10.0.0.1:8080"][..], Some(Driver::Api)),
+            (
+                &["--driver=API", "--endpoint=http://10.0.0.1:2379"][..],
+                Some(Driver::Api),
+            ),
+            (&["--driver=zk"][..], None),
+        ] {
+            if std::env::var_os("FLEETCTL_DRIVER").is_some()
+                || std::env::var_os("FLEETCTL_ENDPOINT").is_some()
+            {
+                return;
+            }
+            assert_eq!(driver(&global(args)).ok(), want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn etcd_endpoint_defaults() {
+        if std::env::var_os("FLEETCTL_ENDPOINT").is_some() {
+            return;
+        }
+        assert_eq!(etcd_endpoints(&global(&[])), DEFAULT_ETCD_ENDPOINTS);
+        assert_eq!(
+            etcd_endpoints(&global(&["--endpoint=http://e:2379"])),
+            "http://e:2379"
+        );
+    }
+}

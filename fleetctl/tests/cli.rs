@@ -1,0 +1,946 @@
+//! Whole-CLI tests: the real fleetctl binary against a real etcd started by each test
+//! (`--driver=etcd`). Machines, placements and unit states are simulated by writing them
+//! through `EtcdRegistry` the way fleetd's agent and engine do; no fleetd runs here.
+//! Tables and messages are compared byte for byte.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_registry::{
+    EngineOp, EtcdConfig, EtcdRegistry, Leadership, LeaseKeeper, MachineRecord, StateRecord,
+};
+use fleet_testutil::EtcdServer;
+use fleet_unit::{TargetState, UnitFile};
+
+const HELLO: &str = "[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/bash -c \"while true; do echo \\\"Hello, world\\\"; sleep 1; done\"\n";
+const SLEEP: &str = "[Service]\nExecStart=/bin/sleep 100\n";
+const M1: &str = "113f16a7c2f84bd2ae9e6cf77b9fb2d5";
+const M2: &str = "c31e44e1f858436e933e59c642517860";
+
+/// A private etcd, a scratch directory for unit files, and a runtime for simulating fleetd.
+struct Cluster {
+    etcd: EtcdServer,
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    leases: Vec<LeaseKeeper>,
+}
+
+#[derive(Debug)]
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        Cluster {
+            etcd: EtcdServer::start(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            rt,
+            leases: Vec::new(),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join(name), text).expect("write unit file");
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FLEETCTL_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .arg("--driver=etcd")
+            .arg(format!("--endpoint={}", self.etcd.endpoint()))
+            .args(args);
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let out = self.command(args).output().expect("run fleetctl");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Runs fleetctl and checks exit status, stdout and stderr exactly.
+    fn check(&self, args: &[&str], code: i32, stdout: &str, stderr: &str) {
+        let out = self.run(args);
+        assert_eq!(
+            (out.code, out.stdout.as_str(), out.stderr.as_str()),
+            (code, stdout, stderr),
+            "fleetctl {args:?}"
+        );
+    }
+
+    fn spawn(&self, args: &[&str]) -> Running {
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fleetctl");
+        let stdout = collect(child.stdout.take().expect("stdout"));
+        let stderr = collect(child.stderr.take().expect("stderr"));
+        Running {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn registry(&self) -> EtcdRegistry {
+        let cfg = EtcdConfig {
+            endpoints: vec![self.etcd.endpoint().to_string()],
+            request_timeout: Duration::from_secs(3),
+            ..EtcdConfig::default()
+        };
+        self.rt
+            .block_on(EtcdRegistry::connect(&cfg))
+            .expect("connect")
+    }
+
+    /// Registers a machine as an agent does (kept alive while the cluster lives).
+    fn add_machine(&mut self, id: &str, ip: &str, metadata: &[(&str, &str)]) {
+        let reg = self.registry();
+        let rec = MachineRecord {
+            version: 1,
+            id: id.to_string(),
+            public_ip: ip.to_string(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            agent_version: "1.0.0".to_string(),
+            token: format!("token-{id}"),
+        };
+        let lease = self
+            .rt
+            .block_on(reg.register_machine(&rec, Duration::from_secs(60)))
+            .expect("register");
+        self.leases.push(lease);
+    }
+
+    /// Publishes a unit state as the agent of `machine` does.
+    fn publish(
+        &mut self,
+        unit: &str,
+        machine: &str,
+        hash: &str,
+        active: &str,
+        sub: &str,
+        agent: TargetState,
+    ) {
+        let reg = self.registry();
+        let rec = StateRecord {
+            version: 1,
+            name: unit.to_string(),
+            machine_id: machine.to_string(),
+            hash: hash.to_string(),
+            load_state: "loaded".to_string(),
+            active_state: active.to_string(),
+            sub_state: sub.to_string(),
+            agent_state: agent,
+        };
+        self.rt.block_on(async {
+            let lease = LeaseKeeper::grant(reg.client(), Duration::from_secs(60))
+                .await
+                .expect("lease");
+            reg.publish_state(unit, machine, Some(&rec), &lease)
+                .await
+                .expect("publish");
+            self.leases.push(lease);
+        });
+    }
+
+    /// Becomes the engine leader (to write placements and reasons as the engine does).
+    fn engine(&self) -> (EtcdRegistry, Leadership) {
+        let reg = self.registry();
+        let lead = self
+            .rt
+            .block_on(reg.campaign("test-engine", Duration::from_secs(60)))
+            .expect("campaign")
+            .expect("leadership");
+        (reg, lead)
+    }
+
+    fn apply(&self, engine: &(EtcdRegistry, Leadership), ops: &[EngineOp]) {
+        self.rt
+            .block_on(engine.0.apply(&engine.1, ops))
+            .expect("engine write");
+    }
+}
+
+fn hash_of(text: &str) -> fleet_unit::UnitHash {
+    UnitFile::parse(text).expect("parse").hash()
+}
+
+/// A fleetctl still running, its output collected as it comes.
+struct Running {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buf
+}
+
+impl Running {
+    /// Waits until stderr contains `text`.
+    fn wait_stderr(&self, text: &str) {
+        let ok = fleet_testutil::wait_for(Duration::from_secs(10), || {
+            self.stderr.lock().expect("lock").contains(text)
+        });
+        assert!(
+            ok,
+            "fleetctl did not print {text:?}; stderr so far: {:?}",
+            self.stderr.lock().expect("lock")
+        );
+    }
+
+    /// Waits for the end, failing the test if it does not come within `limit`.
+    fn finish(mut self, limit: Duration) -> Output {
+        let ok = fleet_testutil::wait_for(limit, || matches!(self.child.try_wait(), Ok(Some(_))));
+        if !ok {
+            let _ = self.child.kill();
+        }
+        let status = self.child.wait().expect("wait fleetctl");
+        // the pipes close with the process; let the readers drain them
+        let drained =
+            || Arc::strong_count(&self.stdout) == 1 && Arc::strong_count(&self.stderr) == 1;
+        fleet_testutil::wait_for(Duration::from_secs(5), drained);
+        let out = Output {
+            code: status.code().unwrap_or(-1),
+            stdout: self.stdout.lock().expect("lock").clone(),
+            stderr: self.stderr.lock().expect("lock").clone(),
+        };
+        assert!(ok, "fleetctl did not finish within {limit:?}: {out:?}");
+        out
+    }
+}
+
+#[test]
+fn submit_cat_and_resubmit() {
+    let c = Cluster::start();
+    let hello = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/hello.service"),
+    )
+    .expect("examples/hello.service");
+    c.write("hello.service", &hello);
+
+    c.check(&["submit"], 0, "", "No units given\n");
+    c.check(
+        &["submit", "hello.service"],
+        0,
+        "Unit hello.service inactive\n",
+        "",
+    );
+    // the canonical text, byte for byte, by name or by short name
+    c.check(&["cat", "hello.service"], 0, &hello, "");
+    c.check(&["cat", "hello"], 0, &hello, "");
+    c.check(
+        &["list-unit-files"],
+        0,
+        "UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\nhello.service\te55c0ae\tinactive\tinactive\t-\n",
+        "",
+    );
+
+    // identical content: nothing to do, nothing printed
+    c.check(&["submit", "hello.service"], 0, "", "");
+    c.check(
+        &["submit", "--replace", "hello.service"],
+        0,
+        "Found same Unit(hello.service) in Registry, nothing to do\n",
+        "",
+    );
+
+    // different content: a warning, the registry keeps its copy
+    c.write("hello.service", SLEEP);
+    c.check(
+        &["submit", "hello.service"],
+        0,
+        "",
+        "WARNING: Unit hello.service in registry differs from local unit file hello.service. Add --replace to override.\n",
+    );
+    c.check(&["cat", "hello.service"], 0, &hello, "");
+
+    // --replace takes the new content
+    c.check(
+        &["submit", "--replace", "hello.service"],
+        0,
+        "Unit hello.service inactive\n",
+        "",
+    );
+    c.check(&["cat", "hello.service"], 0, SLEEP, "");
+    c.check(
+        &["list-unit-files", "--full", "--no-legend"],
+        0,
+        "hello.service\t1c6fb6f3684bafb0c173d8b8b957ceff031180c1\tinactive\tinactive\t-\n",
+        "",
+    );
+
+    // a unit that is loaded may not be replaced by submit
+    c.check(
+        &["load", "--no-block", "hello.service"],
+        0,
+        "Triggered unit hello.service load\n",
+        "",
+    );
+    c.write("hello.service", &hello);
+    c.check(
+        &["submit", "--replace", "hello.service"],
+        0,
+        "",
+        "Warning: can not replace Unit(hello.service) in state 'loaded', use the appropriate command\n",
+    );
+}
+
+#[test]
+fn missing_units_and_templates() {
+    let c = Cluster::start();
+    c.check(
+        &["submit", "nosuch.service"],
+        1,
+        "",
+        "Error creating units: unable to find Unit(nosuch.service) in Registry or on filesystem\n",
+    );
+    c.check(
+        &["start", "--no-block", "nosuch"],
+        1,
+        "",
+        "Error creating units: unable to find Unit(nosuch.service) in Registry or on filesystem\n",
+    );
+    c.check(
+        &["cat", "nosuch.service"],
+        1,
+        "",
+        "Unit nosuch.service not found\n",
+    );
+    c.check(&["cat"], 1, "", "One unit file must be provided\n");
+    c.check(
+        &["cat", "a", "b"],
+        1,
+        "",
+        "One unit file must be provided\n",
+    );
+    c.check(
+        &["destroy", "nosuch.service"],
+        0,
+        "",
+        "Units not found in registry\n",
+    );
+    c.check(
+        &["stop", "nosuch.service"],
+        0,
+        "",
+        "Units not found in registry\n",
+    );
+    c.check(
+        &["unload", "nosuch.service"],
+        0,
+        "",
+        "Units not found in registry\n",
+    );
+    c.check(
+        &["submit", "foo@1.service"],
+        1,
+        "",
+        "Error creating units: failed getting Unit(foo@1.service) from template: unable to find template Unit(foo@.service) in Registry or on filesystem\n",
+    );
+
+    // an instance from a local template, in the argument's directory
+    std::fs::create_dir(c.dir.path().join("units")).expect("mkdir");
+    c.write(
+        "units/web@.service",
+        "[Unit]\nDescription=Web %i\n\n[Service]\nExecStart=/bin/true\n",
+    );
+    c.check(
+        &["submit", "units/web@1.service"],
+        0,
+        "Unit web@1.service inactive\n",
+        "",
+    );
+    c.check(
+        &["cat", "web@1"],
+        0,
+        "[Unit]\nDescription=Web %i\n\n[Service]\nExecStart=/bin/true\n",
+        "",
+    );
+
+    // an instance from a template in the registry (no local file)
+    c.check(
+        &["submit", "units/web@.service"],
+        0,
+        "Unit web@.service inactive\n",
+        "",
+    );
+    std::fs::remove_file(c.dir.path().join("units/web@.service")).expect("rm");
+    c.check(&["submit", "web@2"], 0, "Unit web@2.service inactive\n", "");
+    c.check(
+        &["list-unit-files", "--fields=unit,desc"],
+        0,
+        "UNIT\t\tDESC\nweb@.service\tWeb %i\nweb@1.service\tWeb %i\nweb@2.service\tWeb %i\n",
+        "",
+    );
+
+    // several arguments: the first unknown one stops the command, earlier ones stay created
+    c.write("a.service", SLEEP);
+    c.check(
+        &["submit", "a.service", "y1.service", "web@3.service"],
+        1,
+        "Unit a.service inactive\n",
+        "Error creating units: unable to find Unit(y1.service) in Registry or on filesystem\n",
+    );
+}
+
+#[test]
+fn list_unit_files_fields_and_formats() {
+    let c = Cluster::start();
+    c.write(
+        "b.service",
+        "[Unit]\nDescription=Bee\n\n[Service]\nExecStart=/bin/true\n",
+    );
+    c.write("a.service", SLEEP);
+    c.write(
+        "global.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\n",
+    );
+    c.check(
+        &["submit", "b.service", "a.service", "global.service"],
+        0,
+        "Unit b.service inactive\nUnit a.service inactive\nUnit global.service inactive\n",
+        "",
+    );
+    let ha = hash_of(SLEEP).short();
+    let hb = hash_of("[Unit]\nDescription=Bee\n\n[Service]\nExecStart=/bin/true\n").short();
+    let hg = hash_of("[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\n").short();
+    c.check(
+        &["list-unit-files"],
+        0,
+        &format!(
+            "UNIT\t\tHASH\tDSTATE\t\tSTATE\t\tTARGET\n\
+             a.service\t{ha}\tinactive\tinactive\t-\n\
+             b.service\t{hb}\tinactive\tinactive\t-\n\
+             global.service\t{hg}\tinactive\t-\t\tglobal\n"
+        ),
+        "",
+    );
+    c.check(
+        &[
+            "list-unit-files",
+            "--fields=unit,global,desc",
+            "--no-legend",
+        ],
+        0,
+        "a.service\tfalse\t-\nb.service\tfalse\tBee\nglobal.service\ttrue\t-\n",
+        "",
+    );
+    c.check(
+        &["list-unit-files", "--fields=unit,tmachine"],
+        0,
+        "UNIT\t\tTMACHINE\na.service\t-\nb.service\t-\nglobal.service\tglobal\n",
+        "WARNING: The \"tmachine\" field is deprecated. Use \"target\" instead\n",
+    );
+    c.check(
+        &["list-unit-files", "--fields=unit,x"],
+        1,
+        "",
+        "Invalid key in output format: \"x\"\n",
+    );
+    c.check(
+        &["list-unit-files", "--fields="],
+        1,
+        "",
+        "Must define output format\n",
+    );
+    c.check(
+        &["list-units", "--fields=foo"],
+        1,
+        "",
+        "Invalid key in output format: \"foo\"\n",
+    );
+    c.check(
+        &["list-machines", "--fields="],
+        1,
+        "",
+        "Must define output format\n",
+    );
+
+    let json = c.run(&["list-unit-files", "-o", "json"]);
+    assert_eq!(json.code, 0, "{json:?}");
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(v[0]["name"], "a.service");
+    assert_eq!(v[0]["hash"], hash_of(SLEEP).to_string());
+    assert_eq!(v[1]["description"], "Bee");
+    assert_eq!(v[2]["global"], true);
+    assert_eq!(v[2]["desiredState"], "inactive");
+    assert_eq!(v[2]["machineID"], serde_json::Value::Null);
+}
+
+#[test]
+fn destroy_stop_unload_and_no_block() {
+    let c = Cluster::start();
+    c.write("a.service", SLEEP);
+    c.write("b.service", "[Service]\nExecStart=/bin/sleep 200\n");
+    c.write(
+        "global.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\n",
+    );
+    c.check(&["submit", "a.service"], 0, "Unit a.service inactive\n", "");
+    c.check(
+        &["load", "--no-block", "a.service", "b"],
+        0,
+        "Unit b.service inactive\nTriggered unit a.service load\nTriggered unit b.service load\n",
+        "",
+    );
+    // already loaded: nothing to trigger
+    c.check(&["load", "--no-block", "a.service"], 0, "", "");
+    c.check(
+        &["start", "--no-block", "a.service"],
+        0,
+        "Triggered unit a.service start\n",
+        "",
+    );
+    c.check(
+        &["start", "global.service"],
+        0,
+        "Unit global.service inactive\nTriggered global unit global.service start\n",
+        "",
+    );
+    c.check(
+        &["list-unit-files", "--fields=unit,dstate,state"],
+        0,
+        "UNIT\t\tDSTATE\t\tSTATE\na.service\tlaunched\tinactive\nb.service\tloaded\t\tinactive\nglobal.service\tlaunched\t-\n",
+        "",
+    );
+    // no machine has them: their current state is inactive
+    c.check(
+        &["stop", "a.service"],
+        1,
+        "",
+        "Unable to stop unit a.service in state inactive\n",
+    );
+    c.check(
+        &["stop", "global"],
+        0,
+        "Triggered global unit global.service stop\n",
+        "Successfully stopped units [].\n",
+    );
+    c.check(
+        &["unload", "--no-block", "a.service", "b.service", "global.service"],
+        0,
+        "Triggered global unit global.service unload\nTriggered unit a.service unload\nTriggered unit b.service unload\n",
+        "Successfully unloaded units [a.service b.service].\n",
+    );
+    c.check(
+        &["destroy", "a.service", "nosuch", "b"],
+        0,
+        "Destroyed a.service\nDestroyed b.service\n",
+        "",
+    );
+    c.check(
+        &["destroy", "a.service"],
+        0,
+        "",
+        "Units not found in registry\n",
+    );
+    c.check(
+        &["list-unit-files", "--no-legend", "--fields=unit"],
+        0,
+        "global.service\n",
+        "",
+    );
+    c.check(
+        &["destroy", "global.service", "--no-block"],
+        0,
+        "Destroyed global.service\n",
+        "",
+    );
+    c.check(
+        &["list-unit-files"],
+        0,
+        "UNIT\tHASH\tDSTATE\tSTATE\tTARGET\n",
+        "",
+    );
+}
+
+#[test]
+fn requirements_are_validated_on_submit() {
+    let c = Cluster::start();
+    c.write(
+        "bad.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\nMachineOf=abcd\n",
+    );
+    c.check(
+        &["submit", "bad.service"],
+        1,
+        "",
+        "Error creating units: unit bad.service: Global cannot be used with MachineOf\n",
+    );
+    c.write(
+        "odd.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nBogus=1\n",
+    );
+    let out = c.run(&["submit", "odd.service"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "Unit odd.service inactive\n"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("WARN")
+            && out.stderr.contains(
+                "Unit odd.service: unrecognized requirement in [X-Fleet] section: \"Bogus\""
+            ),
+        "{out:?}"
+    );
+    c.write("bad name.service", SLEEP);
+    c.check(
+        &["submit", "bad name.service"],
+        1,
+        "",
+        "Error creating units: invalid character ' ' in unit name\n",
+    );
+    c.write("garbage.service", "[Service\nExecStart=/bin/true\n");
+    c.check(
+        &["submit", "garbage.service"],
+        1,
+        "",
+        "Error creating units: failed getting Unit(garbage.service) from file: unable to find end of section\n",
+    );
+}
+
+#[test]
+fn machines_and_unit_states() {
+    let mut c = Cluster::start();
+    c.check(&["list-machines"], 0, "MACHINE\tIP\tMETADATA\n", "");
+    c.add_machine(M2, "5.6.7.8", &[("ping", "pong"), ("foo", "bar")]);
+    c.add_machine(M1, "172.17.8.103", &[]);
+    c.add_machine("abc", "", &[]);
+    c.check(
+        &["list-machines"],
+        0,
+        "MACHINE\t\tIP\t\tMETADATA\n113f16a7...\t172.17.8.103\t-\nabc...\t\t-\t\t-\nc31e44e1...\t5.6.7.8\t\tfoo=bar,ping=pong\n",
+        "",
+    );
+    c.check(
+        &["list-machines", "-l", "--no-legend", "--fields=machine,ip"],
+        0,
+        &format!("{M1}\t172.17.8.103\nabc\t\t\t\t\t-\n{M2}\t5.6.7.8\n"),
+        "",
+    );
+    let json = c.run(&["list-machines", "--output=json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(v[2]["id"], M2);
+    assert_eq!(v[2]["primaryIP"], "5.6.7.8");
+    assert_eq!(v[2]["metadata"]["ping"], "pong");
+
+    c.check(&["list-units"], 0, "UNIT\tMACHINE\tACTIVE\tSUB\n", "");
+    let h = hash_of(SLEEP).to_string();
+    c.publish(
+        "b.service",
+        M2,
+        &h,
+        "active",
+        "running",
+        TargetState::Launched,
+    );
+    c.publish("a.service", M2, &h, "inactive", "dead", TargetState::Loaded);
+    c.publish(
+        "a.service",
+        M1,
+        "",
+        "active",
+        "running",
+        TargetState::Launched,
+    );
+    c.check(
+        &["list-units"],
+        0,
+        "UNIT\t\tMACHINE\t\t\t\tACTIVE\t\tSUB\n\
+         a.service\t113f16a7.../172.17.8.103\tactive\t\trunning\n\
+         a.service\tc31e44e1.../5.6.7.8\t\tinactive\tdead\n\
+         b.service\tc31e44e1.../5.6.7.8\t\tactive\t\trunning\n",
+        "",
+    );
+    c.check(
+        &["list-units", "-l", "--fields=unit,hash,load", "--no-legend"],
+        0,
+        &format!(
+            "a.service\t-\t\t\t\t\t\tloaded\na.service\t{h}\tloaded\nb.service\t{h}\tloaded\n"
+        ),
+        "",
+    );
+    c.check(
+        &["list-units", "--fields=machine,hash"],
+        0,
+        &format!("MACHINE\t\t\t\tHASH\n113f16a7.../172.17.8.103\t-\nc31e44e1.../5.6.7.8\t\t{s}\nc31e44e1.../5.6.7.8\t\t{s}\n", s = &h[..7]),
+        "",
+    );
+    let json = c.run(&["list-units", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(v[1]["systemdSubState"], "dead");
+    assert_eq!(v[1]["machineID"], M2);
+}
+
+#[test]
+fn blocking_start_reports_reasons_and_placement() {
+    let mut c = Cluster::start();
+    c.add_machine(M1, "172.17.8.103", &[]);
+    c.write("hello.service", HELLO);
+    let child = c.spawn(&["start", "--block-attempts=15", "hello.service"]);
+    // the unit appears, then the engine says why it cannot be placed
+    let reg = c.registry();
+    let name = fleet_unit::UnitName::parse("hello.service").expect("name");
+    let desired_launched = || {
+        c.rt.block_on(async {
+            reg.unit(&name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.desired == TargetState::Launched)
+        })
+    };
+    use fleet_registry::Registry as _;
+    assert!(
+        fleet_testutil::wait_for(Duration::from_secs(10), desired_launched),
+        "start did not set the desired state"
+    );
+    let engine = c.engine();
+    let reason = "no machine satisfies MachineMetadata";
+    c.apply(
+        &engine,
+        &[EngineOp::SetReason {
+            unit: "hello.service".into(),
+            reason: reason.into(),
+        }],
+    );
+    child.wait_stderr(reason);
+    // another reason is printed too; one already shown is not shown again
+    c.apply(
+        &engine,
+        &[EngineOp::SetReason {
+            unit: "hello.service".into(),
+            reason: "all machines conflict".into(),
+        }],
+    );
+    child.wait_stderr("all machines conflict");
+    c.apply(
+        &engine,
+        &[EngineOp::SetReason {
+            unit: "hello.service".into(),
+            reason: reason.into(),
+        }],
+    );
+    let hash = hash_of(HELLO);
+    c.apply(
+        &engine,
+        &[EngineOp::Schedule {
+            unit: "hello.service".into(),
+            machine: M1.into(),
+            hash,
+            desired: TargetState::Launched,
+        }],
+    );
+    c.publish(
+        "hello.service",
+        M1,
+        &hash.to_string(),
+        "active",
+        "running",
+        TargetState::Launched,
+    );
+    let out = child.finish(Duration::from_secs(20));
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "Unit hello.service inactive\nUnit hello.service launched on 113f16a7.../172.17.8.103\n"
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.stderr,
+        "Unit hello.service cannot be placed yet: no machine satisfies MachineMetadata\n\
+         Unit hello.service cannot be placed yet: all machines conflict\n",
+        "{out:?}"
+    );
+
+    // stop: the agent reports the unit loaded
+    let child = c.spawn(&["stop", "hello.service"]);
+    let desired_loaded = || {
+        c.rt.block_on(async {
+            reg.unit(&name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.desired == TargetState::Loaded)
+        })
+    };
+    assert!(
+        fleet_testutil::wait_for(Duration::from_secs(10), desired_loaded),
+        "stop did not set the desired state"
+    );
+    c.publish(
+        "hello.service",
+        M1,
+        &hash.to_string(),
+        "inactive",
+        "dead",
+        TargetState::Loaded,
+    );
+    let out = child.finish(Duration::from_secs(20));
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "Unit hello.service loaded on 113f16a7.../172.17.8.103\n",
+            "Successfully stopped units [hello.service].\n"
+        ),
+    );
+    c.check(
+        &["list-unit-files"],
+        0,
+        &format!("UNIT\t\tHASH\tDSTATE\tSTATE\tTARGET\nhello.service\t{}\tloaded\tloaded\t113f16a7.../172.17.8.103\n", hash.short()),
+        "",
+    );
+}
+
+#[test]
+fn blocking_gives_up_after_block_attempts() {
+    let c = Cluster::start();
+    c.write("hello.service", HELLO);
+    let started = std::time::Instant::now();
+    c.check(
+        &["load", "--block-attempts=1", "hello.service"],
+        1,
+        "Unit hello.service inactive\n",
+        "Error waiting for units: timed out waiting for unit hello.service to report state loaded\n",
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "gave up before the attempt's two seconds"
+    );
+}
+
+#[test]
+fn version_help_completion_and_env() {
+    let c = Cluster::start();
+    let version = format!("fleetctl version {}\n", env!("CARGO_PKG_VERSION"));
+    c.check(&["version"], 0, &version, "");
+    c.check(&["--version"], 0, &version, "");
+    c.check(&["-v"], 0, &version, "");
+    c.check(
+        &["verify", "x.service"],
+        2,
+        "",
+        "Command \"verify\" is deprecated, DEPRECATED - No longer works\nWARNING: The signed/verified units feature is DEPRECATED and cannot be used.\n",
+    );
+    c.check(
+        &["submit", "--sign", "x.service"],
+        2,
+        "",
+        "WARNING: The signed/verified units feature is DEPRECATED and cannot be used.\n",
+    );
+
+    let help = c.run(&["help"]);
+    assert_eq!(help.code, 0, "{help:?}");
+    for cmd in [
+        "list-unit-files",
+        "list-machines",
+        "submit",
+        "journal",
+        "ssh",
+        "completion",
+    ] {
+        assert!(
+            help.stdout.contains(cmd),
+            "help lacks {cmd}: {}",
+            help.stdout
+        );
+    }
+    assert!(
+        !help.stdout.contains("verify"),
+        "deprecated command listed: {}",
+        help.stdout
+    );
+    let bash = c.run(&["completion", "bash"]);
+    assert_eq!(bash.code, 0);
+    assert!(
+        bash.stdout.contains("list-unit-files") && bash.stdout.contains("--block-attempts"),
+        "{}",
+        bash.stdout
+    );
+
+    // prefixes of commands work, as with fleet's cobra
+    c.check(&["list-m", "--no-legend"], 0, "", "");
+
+    // the FLEETCTL_* environment instead of flags; empty variables count as unset
+    c.write("a.service", SLEEP);
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .current_dir(c.dir.path())
+        .env("FLEETCTL_DRIVER", "etcd")
+        .env("FLEETCTL_ENDPOINT", c.etcd.endpoint())
+        .env("FLEETCTL_REQUEST_TIMEOUT", "")
+        .env("FLEETCTL_TUNNEL", "")
+        .args(["submit", "a.service"])
+        .output()
+        .expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Unit a.service inactive\n",
+        "{out:?}"
+    );
+    // a different key prefix is a different cluster
+    c.check(
+        &[
+            "--etcd-key-prefix=/other/",
+            "list-unit-files",
+            "--no-legend",
+        ],
+        0,
+        "",
+        "",
+    );
+    c.check(
+        &["list-unit-files", "--no-legend", "--fields=unit"],
+        0,
+        "a.service\n",
+        "",
+    );
+    c.check(
+        &["--driver=zk", "list-units"],
+        1,
+        "",
+        "Unable to initialize client: unrecognized driver \"zk\"\n",
+    );
+}
