@@ -428,15 +428,25 @@ impl Agent {
             .filter(|(n, c)| desired.get(*n).is_none_or(|d| d.hash != c.hash))
             .map(|(n, c)| (n.clone(), *c))
             .collect();
-        for (name, cur) in stale {
+        for (name, cur) in &stale {
             if cur.state == TargetState::Launched {
-                self.task("stop", &name, self.systemd.stop(&name).await);
+                self.task("stop", name, self.systemd.stop(name).await);
             }
-            self.task("unload", &name, self.systemd.remove_unit(&name).await);
+        }
+        if !stale.is_empty() {
+            // one DisableUnitFiles for the whole batch (systemd pays ~30 ms per call)
+            let names: Vec<String> = stale.iter().map(|(n, _)| n.clone()).collect();
+            self.task(
+                "unload",
+                &names.join(" "),
+                self.systemd.remove_units(&names).await,
+            );
+            files_changed = true;
+        }
+        for (name, _) in stale {
             self.current.remove(&name);
             self.watching.remove(&name);
             self.systemd_states.remove(&name);
-            files_changed = true;
             self.unpublish(&name).await;
         }
         // 2. units to write
@@ -647,7 +657,14 @@ impl Agent {
             if cur.state == TargetState::Launched {
                 self.task("stop", name, self.systemd.stop(name).await);
             }
-            self.task("unload", name, self.systemd.remove_unit(name).await);
+        }
+        let all: Vec<String> = names.iter().map(|(n, _)| n.clone()).collect();
+        if !all.is_empty() {
+            self.task(
+                "unload",
+                &all.join(" "),
+                self.systemd.remove_units(&all).await,
+            );
         }
         if !names.is_empty() {
             let _ = self.systemd.reload().await;
