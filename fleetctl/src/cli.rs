@@ -48,6 +48,7 @@ USAGE:
     version,
     about = "fleetctl is a command-line interface to fleet, the cluster-wide init system",
     disable_version_flag = true,
+    disable_help_flag = true,
     infer_subcommands = true,
     subcommand_value_name = "COMMAND",
     subcommand_help_heading = "COMMANDS",
@@ -70,6 +71,10 @@ pub struct GlobalArgs {
     /// Print the version and exit
     #[arg(long, short = 'v', global = true)]
     pub version: bool,
+
+    /// Print usage information and exit
+    #[arg(long, short = 'h', global = true, action = ArgAction::Help)]
+    pub help: Option<bool>,
 
     /// How to reach the cluster: "API" (fleet's HTTP API) or "etcd" (etcd directly)
     /// [default: API; etcd when --endpoint names port 2379 or 4001]
@@ -495,7 +500,19 @@ pub fn command() -> clap::Command {
     let mut cmd = Cli::command()
         .help_template(ROOT_TEMPLATE)
         .args_override_self(true)
-        .mut_subcommands(|sub| sub.help_template(SUB_TEMPLATE).args_override_self(true));
+        .mut_subcommands(|sub| {
+            let template = SUB_TEMPLATE.replace("{bin}", &format!("fleetctl {}", sub.get_name()));
+            sub.help_template(template)
+                .disable_help_flag(true)
+                .args_override_self(true)
+                .mut_args(|a| {
+                    if a.is_positional() || a.get_help_heading().is_some() {
+                        a
+                    } else {
+                        a.help_heading("OPTIONS")
+                    }
+                })
+        });
     for (id, var) in ENV_VARS {
         if std::env::var_os(var).is_some_and(|v| v.is_empty()) {
             cmd = cmd.mut_arg(*id, |a| a.env(None::<&str>));

@@ -38,3 +38,16 @@ impl Failure {
 
 /// What every command returns.
 pub type Outcome = Result<(), Failure>;
+
+/// A registry error as the user should read it: the API driver's own message (fleet's
+/// wording) rather than the transport wrapper it travels in, followed on a second line by
+/// what to check when the driver has advice.
+pub fn describe(e: &fleet_registry::RegistryError) -> String {
+    match fleet_client::ClientError::from_registry(e) {
+        Some(ce) => match ce.hint() {
+            Some(hint) => format!("{ce}\n{hint}"),
+            None => ce.to_string(),
+        },
+        None => e.to_string(),
+    }
+}

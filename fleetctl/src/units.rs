@@ -14,7 +14,7 @@ use fleet_registry::{Registry, UnitView};
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName, default_unit_type};
 
 use crate::context::Ctx;
-use crate::error::Failure;
+use crate::error::{Failure, describe};
 use crate::ui;
 use crate::wait;
 
@@ -44,7 +44,7 @@ fn dir(arg: &str) -> PathBuf {
 /// Looks a unit up by a name that may not be valid: invalid names are simply not there.
 pub async fn lookup(reg: &Arc<dyn Registry>, name: &str) -> Result<Option<UnitView>, String> {
     match UnitName::parse(name) {
-        Ok(n) => reg.unit(&n).await.map_err(|e| e.to_string()),
+        Ok(n) => reg.unit(&n).await.map_err(|e| describe(&e)),
         Err(_) => Ok(None),
     }
 }
@@ -53,7 +53,7 @@ pub async fn lookup(reg: &Arc<dyn Registry>, name: &str) -> Result<Option<UnitVi
 /// order; names not in the registry are skipped.
 pub async fn find_units(ctx: &Ctx, args: &[String]) -> Result<Vec<UnitView>, Failure> {
     let reg = ctx.registry().await?;
-    let units = reg.units().await.map_err(|e| Failure::msg(e.to_string()))?;
+    let units = reg.units().await.map_err(|e| Failure::msg(describe(&e)))?;
     Ok(args
         .iter()
         .filter_map(|a| {
@@ -173,7 +173,10 @@ async fn unit_file_for(
     };
     let from_template = async {
         let in_registry = reg.unit(&template).await.map_err(|e| {
-            format!("error retrieving template Unit({template}) from Registry: {e}")
+            format!(
+                "error retrieving template Unit({template}) from Registry: {}",
+                describe(&e)
+            )
         })?;
         if let Some(tmpl) = in_registry {
             // only to warn about a differing local template; the registry's copy is used
@@ -241,11 +244,11 @@ pub async fn lazy_create(
             // the registry has no "replace": the old unit goes, the new one comes, as inactive
             reg.destroy_unit(&unit_name)
                 .await
-                .map_err(|e| fail(format!("failed creating unit {name}: {e}")))?;
+                .map_err(|e| fail(format!("failed creating unit {name}: {}", describe(&e))))?;
         }
         reg.create_unit(&unit_name, &file, TargetState::Inactive)
             .await
-            .map_err(|e| fail(format!("failed creating unit {name}: {e}")))?;
+            .map_err(|e| fail(format!("failed creating unit {name}: {}", describe(&e))))?;
         tracing::debug!("Created Unit({name}) in Registry");
         // fleet waits with the command's --block-attempts even with --no-block
         wait::wait_for_unit_states(ctx, &[unit_name], TargetState::Inactive, attempts.max(0))
@@ -321,7 +324,7 @@ pub async fn set_target_states(
         tracing::debug!("Setting Unit({name}) target state to {state}");
         reg.set_desired_state(&unit.name, state)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| describe(&e))?;
         triggered.push(unit);
     }
     Ok(triggered)

@@ -18,6 +18,7 @@ use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::context::Ctx;
+use crate::error::describe;
 use crate::ui;
 
 /// fleet's time budget of one blocking attempt.
@@ -142,7 +143,7 @@ async fn wait_for_unit_state(
             }
             Ok(None) => return Err(format!("Unit {name} not found")),
             Err(e) => {
-                let e = e.to_string();
+                let e = describe(&e);
                 if errors_shown.insert(e.clone()) {
                     tracing::warn!("Error retrieving Unit({name}) from Registry: {e}");
                 }
@@ -225,11 +226,11 @@ async fn systemd_state(
     reg: &Arc<dyn Registry>,
     name: &UnitName,
 ) -> Result<Option<StateRecord>, String> {
-    let unit = reg.unit(name).await.map_err(|e| e.to_string())?;
+    let unit = reg.unit(name).await.map_err(|e| describe(&e))?;
     let Some(machine) = unit.and_then(|u| u.machine_id) else {
         return Ok(None);
     };
-    let states = reg.unit_states().await.map_err(|e| e.to_string())?;
+    let states = reg.unit_states().await.map_err(|e| describe(&e))?;
     Ok(states
         .into_iter()
         .find(|s| s.name == name.as_str() && s.machine_id == machine))

@@ -25,7 +25,7 @@ struct Cluster {
     etcd: EtcdServer,
     dir: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
-    leases: Vec<LeaseKeeper>,
+    leases: Mutex<Vec<LeaseKeeper>>,
 }
 
 #[derive(Debug)]
@@ -46,7 +46,7 @@ impl Cluster {
             etcd: EtcdServer::start(),
             dir: tempfile::tempdir().expect("tempdir"),
             rt,
-            leases: Vec::new(),
+            leases: Mutex::new(Vec::new()),
         }
     }
 
@@ -54,19 +54,40 @@ impl Cluster {
         std::fs::write(self.dir.path().join(name), text).expect("write unit file");
     }
 
+    /// fleetctl with a clean environment, in the scratch directory, talking to etcd.
     fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = self.bare_command();
+        cmd.arg("--driver=etcd")
+            .arg(format!("--endpoint={}", self.etcd.endpoint()))
+            .args(args);
+        cmd
+    }
+
+    fn bare_command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
         for (k, _) in std::env::vars_os() {
             if k.to_string_lossy().starts_with("FLEETCTL_") {
                 cmd.env_remove(k);
             }
         }
-        cmd.current_dir(self.dir.path())
-            .env_remove("RUST_LOG")
-            .arg("--driver=etcd")
-            .arg(format!("--endpoint={}", self.etcd.endpoint()))
-            .args(args);
+        cmd.current_dir(self.dir.path()).env_remove("RUST_LOG");
         cmd
+    }
+
+    /// Serves fleet's HTTP API (backed by this etcd) on a unix socket; returns its endpoint.
+    fn serve_api(&self) -> String {
+        let path = self.dir.path().join("fleet.sock");
+        let registry: Arc<dyn fleet_registry::Registry> = Arc::new(self.registry());
+        self.rt.block_on(async {
+            let listener = fleet_api::bind_unix(&path).expect("bind API socket");
+            tokio::spawn(fleet_api::serve(
+                vec![listener],
+                registry,
+                fleet_api::ApiConfig::default(),
+                std::future::pending::<()>(),
+            ));
+        });
+        format!("unix://{}", path.display())
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -116,7 +137,7 @@ impl Cluster {
     }
 
     /// Registers a machine as an agent does (kept alive while the cluster lives).
-    fn add_machine(&mut self, id: &str, ip: &str, metadata: &[(&str, &str)]) {
+    fn add_machine(&self, id: &str, ip: &str, metadata: &[(&str, &str)]) {
         let reg = self.registry();
         let rec = MachineRecord {
             version: 1,
@@ -133,12 +154,12 @@ impl Cluster {
             .rt
             .block_on(reg.register_machine(&rec, Duration::from_secs(60)))
             .expect("register");
-        self.leases.push(lease);
+        self.leases.lock().expect("lock").push(lease);
     }
 
     /// Publishes a unit state as the agent of `machine` does.
     fn publish(
-        &mut self,
+        &self,
         unit: &str,
         machine: &str,
         hash: &str,
@@ -164,7 +185,7 @@ impl Cluster {
             reg.publish_state(unit, machine, Some(&rec), &lease)
                 .await
                 .expect("publish");
-            self.leases.push(lease);
+            self.leases.lock().expect("lock").push(lease);
         });
     }
 
@@ -322,6 +343,15 @@ fn submit_cat_and_resubmit() {
         "",
         "Warning: can not replace Unit(hello.service) in state 'loaded', use the appropriate command\n",
     );
+    // load may replace a loaded unit: it comes back as a new unit and is loaded again
+    c.check(
+        &["load", "--no-block", "--replace", "hello.service"],
+        0,
+        "Unit hello.service inactive\nTriggered unit hello.service load\n",
+        "",
+    );
+    c.check(&["cat", "hello.service"], 0, &hello, "");
+    c.check(&["list-unit-files", "--no-legend", "--fields=unit,dstate"], 0, "hello.service\tloaded\n", "");
 }
 
 #[test]
@@ -641,7 +671,7 @@ fn requirements_are_validated_on_submit() {
 
 #[test]
 fn machines_and_unit_states() {
-    let mut c = Cluster::start();
+    let c = Cluster::start();
     c.check(&["list-machines"], 0, "MACHINE\tIP\tMETADATA\n", "");
     c.add_machine(M2, "5.6.7.8", &[("ping", "pong"), ("foo", "bar")]);
     c.add_machine(M1, "172.17.8.103", &[]);
@@ -714,7 +744,7 @@ fn machines_and_unit_states() {
 
 #[test]
 fn blocking_start_reports_reasons_and_placement() {
-    let mut c = Cluster::start();
+    let c = Cluster::start();
     c.add_machine(M1, "172.17.8.103", &[]);
     c.write("hello.service", HELLO);
     let child = c.spawn(&["start", "--block-attempts=15", "hello.service"]);
@@ -942,5 +972,195 @@ fn version_help_completion_and_env() {
         1,
         "",
         "Unable to initialize client: unrecognized driver \"zk\"\n",
+    );
+}
+
+#[test]
+fn api_driver_answers_like_the_etcd_driver() {
+    let c = Cluster::start();
+    let endpoint = c.serve_api();
+    c.add_machine(M1, "172.17.8.103", &[("role", "web")]);
+    c.write("hello.service", HELLO);
+    let api = |args: &[&str]| {
+        let out = c
+            .bare_command()
+            .arg(format!("--endpoint={endpoint}"))
+            .args(args)
+            .output()
+            .expect("run");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let same = |args: &[&str]| {
+        let via_etcd = c.run(args);
+        assert_eq!(
+            api(args),
+            (via_etcd.code, via_etcd.stdout, via_etcd.stderr),
+            "fleetctl {args:?}"
+        );
+    };
+    assert_eq!(
+        api(&["submit", "hello.service"]),
+        (
+            0,
+            "Unit hello.service inactive\n".to_string(),
+            String::new()
+        )
+    );
+    same(&["cat", "hello.service"]);
+    same(&["cat", "nosuch.service"]);
+    same(&["list-unit-files"]);
+    same(&[
+        "list-unit-files",
+        "--full",
+        "--fields=unit,hash,desc,global",
+    ]);
+    same(&["list-machines", "-l"]);
+    same(&["submit", "hello.service"]);
+    same(&["submit", "nosuch.service"]);
+    assert_eq!(
+        api(&["start", "--no-block", "hello"]),
+        (
+            0,
+            "Triggered unit hello.service start\n".to_string(),
+            String::new()
+        )
+    );
+    same(&["list-unit-files", "--fields=unit,dstate,state"]);
+    c.publish(
+        "hello.service",
+        M1,
+        &hash_of(HELLO).to_string(),
+        "active",
+        "running",
+        TargetState::Launched,
+    );
+    same(&["list-units"]);
+    assert_eq!(
+        api(&["destroy", "hello"]),
+        (0, "Destroyed hello.service\n".to_string(), String::new())
+    );
+    same(&["list-unit-files"]);
+    // nothing listening: fleet's advice names the socket
+    let out = c
+        .bare_command()
+        .args(["--endpoint=unix:///nonexistent/fleet.sock", "list-units"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("Error retrieving list of units from repository: "),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn remote_commands_check_units_first() {
+    let c = Cluster::start();
+    c.write("a.service", SLEEP);
+    c.write(
+        "g.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\n",
+    );
+    c.check(
+        &["submit", "a.service", "g.service"],
+        0,
+        "Unit a.service inactive\nUnit g.service inactive\n",
+        "",
+    );
+    c.check(
+        &["status", "nosuch"],
+        1,
+        "",
+        "Unit nosuch.service does not exist.\n",
+    );
+    c.check(
+        &["status", "a.service"],
+        1,
+        "",
+        "Unit a.service does not appear to be loaded.\n",
+    );
+    c.check(&["journal"], 1, "", "One unit file must be provided.\n");
+    c.check(
+        &["journal", "nosuch"],
+        1,
+        "",
+        "Unit nosuch.service does not exist.\n",
+    );
+    c.check(
+        &["journal", "g.service"],
+        1,
+        "",
+        "Unable to retrieve journal of global unit g.service.\n",
+    );
+    c.check(
+        &["journal", "a.service"],
+        1,
+        "",
+        "Unit a.service does not appear to be running.\n",
+    );
+    c.check(
+        &["ssh", "-m", "x", "-u", "y"],
+        1,
+        "",
+        "Both machine and unit flags provided, please specify only one.\n",
+    );
+    c.check(
+        &["ssh"],
+        1,
+        "",
+        "Unable to proceed: one machine or unit must be provided\n",
+    );
+    c.check(
+        &["ssh", "nothing"],
+        1,
+        "",
+        "Unable to proceed: could not find matching unit or machine\n",
+    );
+    c.check(
+        &["ssh", "--machine=zz"],
+        1,
+        "",
+        "Unable to proceed: machine does not exist\n",
+    );
+    c.check(
+        &["ssh", "--unit=g"],
+        1,
+        "",
+        "Unable to proceed: global units unsupported\n",
+    );
+    c.check(
+        &["ssh", "--unit=a"],
+        1,
+        "",
+        "Could not determine address of machine.\n",
+    );
+    c.add_machine(M1, "", &[]);
+    c.add_machine(M2, "5.6.7.8", &[]);
+    c.check(
+        &["ssh", "--machine=113f"],
+        1,
+        "",
+        "Could not determine address of machine.\n",
+    );
+    c.add_machine("113fabcd", "1.2.3.4", &[]);
+    c.check(
+        &["ssh", "--machine=113f"],
+        1,
+        "",
+        "Unable to proceed: found more than one machine\n",
+    );
+    c.check(&["fd-forward"], 1, "", "Provide a single argument\n");
+    c.check(&["restart"], 0, "", "No units given\n");
+    c.check(
+        &["restart", "a.service"],
+        0,
+        "",
+        "Unable to restart unit a.service in state inactive\n",
     );
 }

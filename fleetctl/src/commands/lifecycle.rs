@@ -6,7 +6,7 @@ use fleet_unit::{TargetState, UnitName};
 
 use crate::cli::BlockArgs;
 use crate::context::Ctx;
-use crate::error::{Failure, Outcome};
+use crate::error::{Failure, Outcome, describe};
 use crate::ui;
 use crate::units::{self, Creator};
 use crate::wait::{self, block_attempts};
@@ -108,8 +108,9 @@ pub async fn stop(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
             .await
             .map_err(|e| {
                 Failure::msg(format!(
-                    "Error setting target state of unit {}: {e}",
-                    u.name
+                    "Error setting target state of unit {}: {}",
+                    u.name,
+                    describe(&e)
                 ))
             })?;
         if u.global {
@@ -157,8 +158,9 @@ pub async fn unload(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
             .await
             .map_err(|e| {
                 Failure::msg(format!(
-                    "Error setting target state of unit {}: {e}",
-                    u.name
+                    "Error setting target state of unit {}: {}",
+                    u.name,
+                    describe(&e)
                 ))
             })?;
         if u.global {
@@ -199,7 +201,7 @@ pub async fn destroy(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
             Ok(false) => continue,
             Ok(true) => {}
             Err(e) => {
-                ui::err(format!("Error destroying units: {e}"));
+                ui::err(format!("Error destroying units: {}", describe(&e)));
                 failed = true;
                 continue;
             }
@@ -212,7 +214,7 @@ pub async fn destroy(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
                     Ok(None) => break,
                     Ok(Some(_)) => {}
                     Err(e) => {
-                        ui::err(format!("Error destroying units: {e}"));
+                        ui::err(format!("Error destroying units: {}", describe(&e)));
                         failed = true;
                         break;
                     }
@@ -311,9 +313,12 @@ async fn set_state_and_wait(
     attempts: i64,
 ) -> Outcome {
     let reg = ctx.registry().await?;
-    reg.set_desired_state(name, state)
-        .await
-        .map_err(|e| Failure::msg(format!("Error setting target state for unit {name}: {e}")))?;
+    reg.set_desired_state(name, state).await.map_err(|e| {
+        Failure::msg(format!(
+            "Error setting target state for unit {name}: {}",
+            describe(&e)
+        ))
+    })?;
     wait::wait_for_unit_states(ctx, std::slice::from_ref(name), state, attempts)
         .await
         .map_err(|e| Failure::msg(format!("Error waiting for units: {e}")))

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cli::{ListArgs, OutputFormat};
 use crate::context::{Ctx, machine_id_legend};
-use crate::error::{Failure, Outcome};
+use crate::error::{Failure, Outcome, describe};
 use crate::table;
 use crate::ui;
 
@@ -87,7 +87,8 @@ pub async fn unit_files(ctx: &Ctx, args: &ListArgs, fields: &str) -> Outcome {
     let reg = ctx.registry().await?;
     let units = reg.units().await.map_err(|e| {
         Failure::msg(format!(
-            "Error retrieving list of units from repository: {e}"
+            "Error retrieving list of units from repository: {}",
+            describe(&e)
         ))
     })?;
     if args.output == OutputFormat::Json {
@@ -158,7 +159,8 @@ pub async fn units(ctx: &Ctx, args: &ListArgs, fields: &str) -> Outcome {
     let reg = ctx.registry().await?;
     let states = reg.unit_states().await.map_err(|e| {
         Failure::msg(format!(
-            "Error retrieving list of units from repository: {e}"
+            "Error retrieving list of units from repository: {}",
+            describe(&e)
         ))
     })?;
     if args.output == OutputFormat::Json {
@@ -232,7 +234,8 @@ pub async fn machines(ctx: &Ctx, args: &ListArgs, fields: &str) -> Outcome {
         Ok(m) => m,
         Err(e) => {
             ui::err(format!(
-                "Error retrieving list of active machines from fleet API ({e})"
+                "Error retrieving list of active machines from fleet API ({})",
+                describe(&e)
             ));
             ui::err("Possible issues:");
             ui::err("  etcd is unhealthy and/or lost quorum");

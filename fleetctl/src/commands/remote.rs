@@ -5,7 +5,7 @@ use std::path::Path;
 
 use crate::cli::{JournalArgs, SshArgs};
 use crate::context::Ctx;
-use crate::error::{Failure, Outcome};
+use crate::error::{Failure, Outcome, describe};
 use crate::ui;
 use crate::units;
 
@@ -78,7 +78,7 @@ pub async fn on_machines_running(
         .registry()
         .await
         .map_err(|f| f.message.unwrap_or_default())?;
-    let states = reg.unit_states().await.map_err(|e| e.to_string())?;
+    let states = reg.unit_states().await.map_err(|e| describe(&e))?;
     for name in units {
         for s in states.iter().filter(|s| s.name == name.as_str()) {
             if run_command(
@@ -200,7 +200,7 @@ async fn machine_address(ctx: &Ctx, lookup: &str) -> Result<String, String> {
         .registry()
         .await
         .map_err(|f| f.message.unwrap_or_default())?;
-    let machines = reg.machines().await.map_err(|e| e.to_string())?;
+    let machines = reg.machines().await.map_err(|e| describe(&e))?;
     let mut matching = machines.iter().filter(|m| m.id.starts_with(lookup));
     match (matching.next(), matching.next()) {
         (Some(m), None) => Ok(m.public_ip.clone()),
