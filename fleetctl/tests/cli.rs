@@ -351,7 +351,12 @@ fn submit_cat_and_resubmit() {
         "",
     );
     c.check(&["cat", "hello.service"], 0, &hello, "");
-    c.check(&["list-unit-files", "--no-legend", "--fields=unit,dstate"], 0, "hello.service\tloaded\n", "");
+    c.check(
+        &["list-unit-files", "--no-legend", "--fields=unit,dstate"],
+        0,
+        "hello.service\tloaded\n",
+        "",
+    );
 }
 
 #[test]
