@@ -1169,3 +1169,144 @@ fn remote_commands_check_units_first() {
         "Unable to restart unit a.service in state inactive\n",
     );
 }
+
+/// A private sshd on 127.0.0.1 that accepts one generated key (for `ssh` and `--tunnel`).
+struct Sshd {
+    child: Child,
+    port: u16,
+    key: std::path::PathBuf,
+}
+
+impl Sshd {
+    fn start(dir: &Path) -> Sshd {
+        let keygen = |name: &str| {
+            let path = dir.join(name);
+            let ok = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+                .arg(&path)
+                .status()
+                .expect("ssh-keygen");
+            assert!(ok.success(), "ssh-keygen failed");
+            path
+        };
+        let host_key = keygen("host_key");
+        let key = keygen("client_key");
+        std::fs::copy(dir.join("client_key.pub"), dir.join("authorized_keys"))
+            .expect("authorized_keys");
+        std::fs::create_dir_all("/run/sshd").expect("/run/sshd");
+        let port = fleet_testutil::free_port();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\nAuthorizedKeysFile {}\n\
+                 StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+                 PermitRootLogin prohibit-password\nAllowTcpForwarding yes\nAllowStreamLocalForwarding yes\n\
+                 PrintMotd no\n",
+                host_key.display(),
+                dir.join("sshd.pid").display(),
+                dir.join("authorized_keys").display(),
+            ),
+        )
+        .expect("sshd_config");
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sshd");
+        let up = fleet_testutil::wait_for(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        assert!(up, "sshd did not listen on port {port}");
+        Sshd { child, port, key }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ssh_and_tunnels_through_a_real_sshd() {
+    let c = Cluster::start();
+    let ssh_dir = tempfile::tempdir().expect("tempdir");
+    let sshd = Sshd::start(ssh_dir.path());
+    let user = String::from_utf8(Command::new("id").arg("-un").output().expect("id").stdout)
+        .expect("utf8");
+    let ssh_flags = [
+        format!("--identity-file={}", sshd.key.display()),
+        "--strict-host-key-checking=false".to_string(),
+        format!("--ssh-username={}", user.trim()),
+    ];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = ssh_flags.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        c.run(&args)
+    };
+    c.add_machine(M1, "127.0.0.1", &[("ssh", "yes")]);
+    c.write("a.service", SLEEP);
+    c.check(&["submit", "a.service"], 0, "Unit a.service inactive\n", "");
+    let engine = c.engine();
+    c.apply(
+        &engine,
+        &[EngineOp::Schedule {
+            unit: "a.service".into(),
+            machine: M1.into(),
+            hash: hash_of(SLEEP),
+            desired: TargetState::Inactive,
+        }],
+    );
+    let port = format!("--ssh-port={}", sshd.port);
+
+    // a command on a machine found by ID prefix, by unit, and through a tunnel
+    let out = run(&["ssh", &port, "113f16", "echo", "hello"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "hello\n"), "{out:?}");
+    let out = run(&["ssh", &port, "--unit=a", "--", "sh", "-c", "'exit 3'"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    let tunnel = format!("--tunnel=127.0.0.1:{}", sshd.port);
+    let out = run(&[&tunnel, "ssh", &port, "--machine", M1, "echo", "via tunnel"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "via tunnel\n"),
+        "{out:?}"
+    );
+
+    // the etcd driver through the tunnel
+    let out = run(&[&tunnel, "list-machines", "--no-legend"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (0, "113f16a7...\t127.0.0.1\tssh=yes\n", "")
+    );
+
+    // the API driver through the tunnel, to the API's unix socket
+    let endpoint = c.serve_api();
+    let mut cmd = c.bare_command();
+    cmd.args(&ssh_flags).args([
+        &tunnel,
+        &format!("--endpoint={endpoint}"),
+        "list-unit-files",
+        "--fields=unit,target",
+    ]);
+    let out = cmd.output().expect("run");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "UNIT\t\tTARGET\na.service\t113f16a7.../127.0.0.1\n",
+        "{out:?}"
+    );
+
+    // a tunnel nobody answers: fleet's prefix
+    let dead = format!("--tunnel=127.0.0.1:{}", fleet_testutil::free_port());
+    let out = run(&[&dead, "list-units"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("Unable to initialize client: failed initializing SSH client"),
+        "{out:?}"
+    );
+}
