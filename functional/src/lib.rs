@@ -26,9 +26,11 @@
 mod cluster;
 mod command;
 mod error;
+pub mod fleet;
 mod wait;
 
 pub use cluster::{Cluster, ClusterSpec, harness_dir, is_root, leftovers};
 pub use command::Output;
 pub use error::Error;
+pub use fleet::FleetCluster;
 pub use wait::wait_for;

@@ -1,0 +1,434 @@
+//! Where the cluster puts units, as fleetctl and each node's systemd show it: MachineOf
+//! pairs, Conflicts (mutual and one-way), Replaces (also circular), MachineID,
+//! MachineMetadata with template specifiers, and global units.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use functional::fleet::{NODE_UNITS_DIR, UnitRow, boot, fixture, must, quick_spec, short_id};
+use functional::{Cluster, FleetCluster, Output, wait_for};
+
+/// Bound of every wait for the cluster to act on a command.
+const WAIT: Duration = Duration::from_secs(30);
+/// How long "nothing else happens" is watched: several reconcile passes.
+const SETTLE: Duration = Duration::from_secs(4);
+
+fn fleetctl(c: &Cluster, node: usize, args: &[&str]) -> Output {
+    must(c.fleetctl(node, args))
+}
+
+fn fleetctl_ok(c: &Cluster, node: usize, args: &[&str]) -> Output {
+    must(c.fleetctl_ok(node, args))
+}
+
+/// The one machine an active unit runs on.
+fn machine_of(states: &BTreeMap<String, Vec<UnitRow>>, unit: &str) -> String {
+    match states.get(unit).map(Vec::as_slice) {
+        Some([row]) => row.machine.clone(),
+        other => panic!("{unit}: want one active row, got {other:?} in {states:?}"),
+    }
+}
+
+/// The node a machine ID belongs to.
+fn node(c: &Cluster, machine: &str) -> usize {
+    c.node_of(machine)
+        .unwrap_or_else(|| panic!("machine {machine} is not a node of the cluster"))
+}
+
+/// Waits until systemd in `node` reports `unit` with `ActiveState` `active`.
+fn wait_systemd(c: &Cluster, node: usize, unit: &str, active: &str) {
+    must(wait_for(
+        &format!("{unit} {active} in node{node}"),
+        WAIT,
+        || {
+            let u = c.systemd_unit(node, unit).map_err(|e| e.to_string())?;
+            if u.active_state == active {
+                Ok(())
+            } else {
+                Err(u.to_string())
+            }
+        },
+    ));
+}
+
+/// Names of the units matching `pattern` that systemd in `node` runs.
+fn running_in(c: &Cluster, node: usize, pattern: &str) -> BTreeSet<String> {
+    let out = must(c.exec(
+        node,
+        &[
+            "systemctl",
+            "list-units",
+            "--state=active",
+            "--no-legend",
+            "--plain",
+            pattern,
+        ],
+    ));
+    out.stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Watches the active units for [`SETTLE`]: they must stay exactly `want`.
+fn stays_active(c: &Cluster, node: usize, want: &BTreeMap<String, Vec<UnitRow>>) {
+    let until = Instant::now() + SETTLE;
+    while Instant::now() < until {
+        let got = must(c.active_units(node));
+        assert_eq!(&got, want, "the active units changed");
+        thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn machine_of_pairs_land_together_and_move_together() {
+    let c = boot(quick_spec("machof", 3));
+    must(c.wait_for_machines(1, 3, WAIT));
+    let mut args = vec!["start".to_string(), "--no-block".to_string()];
+    for i in 0..3 {
+        for half in ["ping", "pong"] {
+            args.push(must(c.put_fixture(1, &format!("{half}.{i}.service"))));
+        }
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fleetctl_ok(&c, 1, &args);
+    assert_eq!(must(c.list_unit_files(1)).len(), 6);
+
+    let states = must(c.wait_for_active(1, 6, WAIT));
+    for i in 0..3 {
+        assert_eq!(
+            machine_of(&states, &format!("ping.{i}.service")),
+            machine_of(&states, &format!("pong.{i}.service")),
+            "pair {i} split: {states:?}"
+        );
+    }
+
+    // the machine of pair 1 loses its fleetd: the pair moves, together
+    let old = machine_of(&states, "ping.1.service");
+    let gone = node(&c, &old);
+    must(c.stop_fleetd(gone));
+    let watcher = c.nodes().find(|&n| n != gone).unwrap_or(1);
+    must(c.wait_for_machines(watcher, 2, WAIT));
+    let states = must(wait_for("pair 1 moved", WAIT, || {
+        let s = c
+            .wait_for_active(watcher, 6, WAIT)
+            .map_err(|e| e.to_string())?;
+        if machine_of(&s, "ping.1.service") != old {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    }));
+    let new = machine_of(&states, "ping.1.service");
+    assert_eq!(new, machine_of(&states, "pong.1.service"), "{states:?}");
+    for unit in ["ping.1.service", "pong.1.service"] {
+        wait_systemd(&c, node(&c, &new), unit, "active");
+        wait_systemd(&c, gone, unit, "inactive");
+    }
+}
+
+#[test]
+fn mutually_conflicting_units_take_one_machine_each() {
+    let c = boot(quick_spec("conflict", 3));
+    must(c.wait_for_machines(1, 3, WAIT));
+    let names: Vec<String> = (0..5).map(|i| format!("conflict.{i}.service")).collect();
+    let mut args = vec!["start".to_string(), "--no-block".to_string()];
+    for n in &names {
+        args.push(must(c.put_unit(1, n, &fixture("conflict.service"))));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fleetctl_ok(&c, 1, &args);
+    assert_eq!(must(c.list_unit_files(1)).len(), 5);
+
+    let states = must(c.wait_for_active(1, 3, WAIT));
+    let machines: BTreeSet<String> = states.keys().map(|u| machine_of(&states, u)).collect();
+    assert_eq!(
+        machines.len(),
+        3,
+        "3 active units on 3 machines: {states:?}"
+    );
+    // systemd agrees: one conflict.N per node
+    for n in c.nodes() {
+        let running = running_in(&c, n, "conflict.*");
+        assert_eq!(running.len(), 1, "node{n} runs {running:?}");
+    }
+    stays_active(&c, 1, &states);
+
+    // the two others are not scheduled, and fleetctl says why
+    let files = must(c.list_unit_files(1));
+    let waiting: Vec<&str> = files
+        .iter()
+        .filter(|f| !states.contains_key(&f.unit))
+        .map(|f| f.unit.as_str())
+        .collect();
+    assert_eq!(waiting.len(), 2, "{files:?}");
+    for f in files.iter().filter(|f| waiting.contains(&f.unit.as_str())) {
+        assert_eq!(
+            (f.dstate.as_str(), f.target.as_str()),
+            ("launched", "-"),
+            "{f:?}"
+        );
+    }
+    let out = fleetctl(&c, 1, &["start", "--block-attempts=2", waiting[0]]);
+    assert!(
+        !out.success(),
+        "a unit that cannot be placed cannot start: {out}"
+    );
+    assert!(
+        out.stderr
+            .contains(&format!("Unit {} cannot be placed yet: ", waiting[0]))
+            && out.stderr.contains("conflicts with conflict."),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_one_way_conflict_keeps_the_other_unit_away_until_destroyed() {
+    let c = boot(quick_spec("oneway", 1));
+    must(c.wait_for_machines(1, 1, WAIT));
+    let cwh = must(c.put_fixture(1, "conflicts-with-hello.service"));
+    let hello = must(c.put_fixture(1, "hello.service"));
+    fleetctl_ok(&c, 1, &["start", "--no-block", &cwh]);
+    must(c.wait_for_active(1, 1, WAIT));
+
+    // hello.service declares no conflict, but cannot join the unit that excludes it
+    fleetctl_ok(&c, 1, &["start", "--no-block", &hello]);
+    assert_eq!(must(c.list_unit_files(1)).len(), 2);
+    let states = must(c.wait_for_active(1, 1, WAIT));
+    assert!(
+        states.contains_key("conflicts-with-hello.service"),
+        "{states:?}"
+    );
+    stays_active(&c, 1, &states);
+    assert_eq!(
+        must(c.systemd_unit(1, "hello.service")).load_state,
+        "not-found"
+    );
+
+    fleetctl_ok(&c, 1, &["destroy", "conflicts-with-hello.service"]);
+    let states = must(wait_for("hello.service alone active", WAIT, || {
+        let s = c.wait_for_active(1, 1, WAIT).map_err(|e| e.to_string())?;
+        if s.contains_key("hello.service") {
+            Ok(s)
+        } else {
+            Err(format!("{s:?}"))
+        }
+    }));
+    assert_eq!(states.len(), 1, "{states:?}");
+    wait_systemd(&c, 1, "hello.service", "active");
+    wait_systemd(&c, 1, "conflicts-with-hello.service", "inactive");
+}
+
+#[test]
+fn replaces_takes_the_machine_and_moves_the_replaced_unit() {
+    let c = boot(quick_spec("replace", 2));
+    must(c.wait_for_machines(1, 2, WAIT));
+    let paths: Vec<String> = [
+        "replace.0.service",
+        "replace.1.service",
+        "replace.2.service",
+        "replace-kick0.service",
+    ]
+    .iter()
+    .map(|n| must(c.put_fixture(1, n)))
+    .collect();
+    // replace.0 alone on one machine, replace.1 and .2 (MachineOf) on the other
+    fleetctl_ok(&c, 1, &["start", &paths[0]]);
+    fleetctl_ok(&c, 1, &["start", &paths[1], &paths[2]]);
+    let states = must(c.wait_for_active(1, 3, WAIT));
+    let old = machine_of(&states, "replace.0.service");
+    assert_ne!(old, machine_of(&states, "replace.1.service"), "{states:?}");
+    let pid_before = must(c.systemd_unit(node(&c, &old), "replace.0.service")).main_pid;
+
+    fleetctl_ok(&c, 1, &["start", "--no-block", &paths[3]]);
+    let states = must(wait_for(
+        "replace-kick0 in the place of replace.0",
+        WAIT,
+        || {
+            let s = c.wait_for_active(1, 4, WAIT).map_err(|e| e.to_string())?;
+            let kick = machine_of(&s, "replace-kick0.service");
+            let zero = machine_of(&s, "replace.0.service");
+            if kick == old && zero != old {
+                Ok(s)
+            } else {
+                Err(format!("{s:?}"))
+            }
+        },
+    ));
+    let moved_to = node(&c, &machine_of(&states, "replace.0.service"));
+    wait_systemd(&c, moved_to, "replace.0.service", "active");
+    wait_systemd(&c, node(&c, &old), "replace-kick0.service", "active");
+    wait_systemd(&c, node(&c, &old), "replace.0.service", "inactive");
+    assert_ne!(
+        must(c.systemd_unit(moved_to, "replace.0.service")).main_pid,
+        pid_before
+    );
+}
+
+#[test]
+fn circular_replaces_launch_only_one_unit() {
+    let c = boot(quick_spec("circular", 2));
+    must(c.wait_for_machines(1, 2, WAIT));
+    // replace.0 replaces replace-kick0, which replaces replace.0
+    let zero = format!(
+        "{}\n[X-Fleet]\nReplaces=replace-kick0.service\n",
+        fixture("replace.0.service")
+    );
+    let zero = must(c.put_unit(1, "replace.0.service", &zero));
+    let kick = must(c.put_fixture(1, "replace-kick0.service"));
+
+    fleetctl_ok(&c, 1, &["start", "--no-block", &zero]);
+    assert_eq!(must(c.list_unit_files(1)).len(), 1);
+    must(c.wait_for_active(1, 1, WAIT));
+
+    fleetctl_ok(&c, 1, &["start", "--no-block", &kick]);
+    assert_eq!(must(c.list_unit_files(1)).len(), 2);
+    let launched = || -> Result<Vec<String>, functional::Error> {
+        Ok(c.list_unit_files(1)?
+            .into_iter()
+            .filter(|f| f.state == "launched")
+            .map(|f| f.unit)
+            .collect())
+    };
+    // give the engine a few passes, then exactly one is launched and active
+    thread::sleep(SETTLE);
+    let states = must(c.wait_for_active(1, 1, WAIT));
+    let l = must(launched());
+    assert_eq!(l.len(), 1, "launched: {l:?}");
+    assert!(states.contains_key(&l[0]), "{states:?} vs launched {l:?}");
+    stays_active(&c, 1, &states);
+    let mut running = BTreeSet::new();
+    for n in c.nodes() {
+        running.extend(running_in(&c, n, "replace*"));
+    }
+    assert_eq!(running.len(), 1, "systemd runs {running:?}");
+}
+
+#[test]
+fn machine_id_and_metadata_with_template_specifiers_pick_the_machine() {
+    let mut spec = quick_spec("machid", 3);
+    for i in 1..=3 {
+        spec = spec.metadata(i, &format!("hostname=node{i}"));
+    }
+    let c = boot(spec);
+    must(c.wait_for_machines(1, 3, WAIT));
+
+    // MachineID=%i: each instance goes to the machine its name names
+    must(c.put_fixture(1, "pin@.service"));
+    for i in c.nodes() {
+        let unit = format!("pin@{}.service", c.machine_id(i));
+        let out = fleetctl_ok(&c, 1, &["start", &format!("{NODE_UNITS_DIR}/{unit}")]);
+        assert_eq!(
+            out.stdout,
+            format!(
+                "Unit {unit} launched on {}.../{}\n",
+                short_id(c.machine_id(i)),
+                c.ip(i)
+            ),
+            "{out}"
+        );
+        wait_systemd(&c, i, &unit, "active");
+    }
+
+    // MachineMetadata=hostname=%i from a submitted template, started in reverse order
+    let template = must(c.put_fixture(1, "metadata@.service"));
+    fleetctl_ok(&c, 1, &["submit", &template]);
+    for i in (1..=3).rev() {
+        fleetctl_ok(&c, 1, &["start", &format!("metadata@node{i}.service")]);
+    }
+    let states = must(c.wait_for_active(1, 6, WAIT));
+    for i in c.nodes() {
+        let unit = format!("metadata@node{i}.service");
+        assert_eq!(machine_of(&states, &unit), c.machine_id(i), "{states:?}");
+        wait_systemd(&c, i, &unit, "active");
+    }
+
+    // no machine has the metadata: never placed, and fleetctl says why
+    let out = fleetctl(
+        &c,
+        1,
+        &["start", "--block-attempts=2", "metadata@invalid.service"],
+    );
+    assert!(!out.success(), "{out}");
+    assert!(
+        out.stderr
+            .contains("Unit metadata@invalid.service cannot be placed yet: ")
+            && out.stderr.contains("hostname=invalid"),
+        "{out}"
+    );
+    assert_eq!(must(c.wait_for_active(1, 6, WAIT)), states);
+}
+
+#[test]
+fn global_units_run_once_per_machine_and_conflicting_globals_do_not() {
+    let c = boot(quick_spec("global", 3));
+    let machines = must(c.wait_for_machines(1, 3, WAIT));
+    let hello = must(c.put_fixture(1, "hello.service"));
+    let goodbye = must(c.put_fixture(1, "goodbye.service"));
+    fleetctl_ok(&c, 1, &["start", "--no-block", &hello, &goodbye]);
+    must(c.wait_for_active(1, 2, WAIT));
+
+    let global = must(c.put_fixture(1, "global.service"));
+    let out = fleetctl_ok(&c, 1, &["start", "--no-block", &global]);
+    assert_eq!(
+        out.stdout, "Triggered global unit global.service start\n",
+        "{out}"
+    );
+    let states = must(c.wait_for_active(1, 5, WAIT));
+    let on: BTreeSet<String> = states["global.service"]
+        .iter()
+        .map(|r| r.machine.clone())
+        .collect();
+    assert_eq!(on, machines.iter().cloned().collect(), "{states:?}");
+    for n in c.nodes() {
+        wait_systemd(&c, n, "global.service", "active");
+    }
+    let files = must(c.list_unit_files(1));
+    let g = files
+        .iter()
+        .find(|f| f.unit == "global.service")
+        .unwrap_or_else(|| panic!("{files:?}"));
+    assert_eq!(
+        (g.dstate.as_str(), g.state.as_str(), g.target.as_str()),
+        ("launched", "-", "global")
+    );
+
+    // two globals that conflict: the first runs everywhere, the second nowhere
+    let g0 = must(c.put_unit(
+        1,
+        "conflict-global.0.service",
+        &fixture("conflict-global.service"),
+    ));
+    let g1 = must(c.put_unit(
+        1,
+        "conflict-global.1.service",
+        &fixture("conflict-global.service"),
+    ));
+    fleetctl_ok(&c, 1, &["start", "--no-block", &g0]);
+    let states = must(c.wait_for_active(1, 8, WAIT));
+    assert_eq!(states["conflict-global.0.service"].len(), 3, "{states:?}");
+    fleetctl_ok(&c, 1, &["start", "--no-block", &g1]);
+    stays_active(&c, 1, &states);
+    for n in c.nodes() {
+        assert_eq!(
+            must(c.systemd_unit(n, "conflict-global.1.service")).active_state,
+            "inactive",
+            "node{n}"
+        );
+        assert!(running_in(&c, n, "conflict-global.*").len() == 1, "node{n}");
+    }
+
+    // stopping a global unit stops it everywhere
+    let out = fleetctl_ok(&c, 1, &["stop", "global.service"]);
+    assert!(
+        out.stdout
+            .contains("Triggered global unit global.service stop"),
+        "{out}"
+    );
+    for n in c.nodes() {
+        wait_systemd(&c, n, "global.service", "inactive");
+    }
+    must(c.wait_for_active(1, 5, WAIT));
+}
