@@ -72,7 +72,12 @@ impl Ctx {
                             .ok_or_else(|| anyhow!("invalid etcd endpoint {ep:?}"))?;
                         let addr =
                             tunnel::forward(session.clone(), Target::Tcp { host, port }).await?;
-                        local.push(format!("http://{addr}"));
+                        let scheme = if ep.starts_with("https://") {
+                            "https"
+                        } else {
+                            "http"
+                        };
+                        local.push(format!("{scheme}://{addr}"));
                     }
                     endpoints = local;
                 }
@@ -98,8 +103,9 @@ impl Ctx {
                     username: None,
                     password: None,
                 };
-                let reg = EtcdRegistry::connect(&cfg).await?;
-                Ok(Arc::new(reg))
+                let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(&cfg).await?);
+                check_version(&reg).await;
+                Ok(reg)
             }
             Driver::Api => {
                 let endpoint = g
@@ -208,6 +214,42 @@ impl Ctx {
             None => machine_full_legend(id, "", full),
         }
     }
+}
+
+/// fleet's check with the etcd driver: warn when a machine runs a newer fleet than this
+/// fleetctl. Best effort: failures only show with `--debug`.
+async fn check_version(reg: &Arc<dyn Registry>) {
+    let ours = env!("CARGO_PKG_VERSION");
+    let machines = match reg.machines().await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!("error attempting to check latest fleet version in Registry: {e}");
+            return;
+        }
+    };
+    let latest = machines
+        .iter()
+        .filter_map(|m| parse_version(&m.version).map(|v| (v, m.version.as_str())))
+        .max();
+    if let (Some((theirs, text)), Some(mine)) = (latest, parse_version(ours)) {
+        if theirs > mine {
+            crate::ui::err(format!(
+                "####################################################################\n\
+                 WARNING: fleetctl ({ours}) is older than the latest registered\n\
+                 version of fleet found in the cluster ({text}). You are strongly\n\
+                 recommended to upgrade fleetctl to prevent incompatibility issues.\n\
+                 ####################################################################"
+            ));
+        }
+    }
+}
+
+/// `major.minor.patch` of a version string (a leading `v` and any suffix ignored).
+fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let v = v.strip_prefix('v').unwrap_or(v);
+    let core = v.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((parts.next()??, parts.next()??, parts.next()??))
 }
 
 /// Which driver the flags select. fleet compared `--driver` with "API" and "etcd"; both are
@@ -327,6 +369,16 @@ mod tests {
             }
             assert_eq!(driver(&global(args)).ok(), want, "{args:?}");
         }
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("1.0.0"), Some((1, 0, 0)));
+        assert_eq!(parse_version("v0.13.2+git"), Some((0, 13, 2)));
+        assert_eq!(parse_version("1.10.0-rc1"), Some((1, 10, 0)));
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("1.0"), None);
+        assert!(parse_version("1.10.0") > parse_version("1.9.9"));
     }
 
     #[test]

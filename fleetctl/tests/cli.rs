@@ -138,23 +138,15 @@ impl Cluster {
 
     /// Registers a machine as an agent does (kept alive while the cluster lives).
     fn add_machine(&self, id: &str, ip: &str, metadata: &[(&str, &str)]) {
-        let reg = self.registry();
-        let rec = MachineRecord {
-            version: 1,
-            id: id.to_string(),
-            public_ip: ip.to_string(),
-            metadata: metadata
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            agent_version: "1.0.0".to_string(),
-            token: format!("token-{id}"),
-        };
-        let lease = self
-            .rt
-            .block_on(reg.register_machine(&rec, Duration::from_secs(60)))
-            .expect("register");
+        let lease = self.register(&machine(id, ip, metadata, "1.0.0"));
         self.leases.lock().expect("lock").push(lease);
+    }
+
+    fn register(&self, rec: &MachineRecord) -> LeaseKeeper {
+        let reg = self.registry();
+        self.rt
+            .block_on(reg.register_machine(rec, Duration::from_secs(60)))
+            .expect("register")
     }
 
     /// Publishes a unit state as the agent of `machine` does.
@@ -204,6 +196,20 @@ impl Cluster {
         self.rt
             .block_on(engine.0.apply(&engine.1, ops))
             .expect("engine write");
+    }
+}
+
+fn machine(id: &str, ip: &str, metadata: &[(&str, &str)], version: &str) -> MachineRecord {
+    MachineRecord {
+        version: 1,
+        id: id.to_string(),
+        public_ip: ip.to_string(),
+        metadata: metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        agent_version: version.to_string(),
+        token: format!("token-{id}"),
     }
 }
 
@@ -700,6 +706,24 @@ fn machines_and_unit_states() {
     assert_eq!(v[2]["metadata"]["ping"], "pong");
 
     c.check(&["list-units"], 0, "UNIT\tMACHINE\tACTIVE\tSUB\n", "");
+
+    // a machine with a newer fleet: fleet's warning before the output
+    let lease = c.register(&machine("f00", "", &[], "99.0.0"));
+    c.check(
+        &["list-machines", "--fields=machine", "--no-legend"],
+        0,
+        "113f16a7...\nabc...\nc31e44e1...\nf00...\n",
+        &format!(
+            "####################################################################\n\
+             WARNING: fleetctl ({v}) is older than the latest registered\n\
+             version of fleet found in the cluster (99.0.0). You are strongly\n\
+             recommended to upgrade fleetctl to prevent incompatibility issues.\n\
+             ####################################################################\n",
+            v = env!("CARGO_PKG_VERSION")
+        ),
+    );
+    let reg = c.registry();
+    c.rt.block_on(reg.withdraw_machine("f00", lease));
     let h = hash_of(SLEEP).to_string();
     c.publish(
         "b.service",
