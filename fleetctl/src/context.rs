@@ -231,16 +231,17 @@ async fn check_version(reg: &Arc<dyn Registry>) {
         .iter()
         .filter_map(|m| parse_version(&m.version).map(|v| (v, m.version.as_str())))
         .max();
-    if let (Some((theirs, text)), Some(mine)) = (latest, parse_version(ours)) {
-        if theirs > mine {
-            crate::ui::err(format!(
-                "####################################################################\n\
-                 WARNING: fleetctl ({ours}) is older than the latest registered\n\
-                 version of fleet found in the cluster ({text}). You are strongly\n\
-                 recommended to upgrade fleetctl to prevent incompatibility issues.\n\
-                 ####################################################################"
-            ));
-        }
+    let Some((theirs, text)) = latest else {
+        return;
+    };
+    if parse_version(ours).is_some_and(|mine| theirs > mine) {
+        crate::ui::err(format!(
+            "####################################################################\n\
+             WARNING: fleetctl ({ours}) is older than the latest registered\n\
+             version of fleet found in the cluster ({text}). You are strongly\n\
+             recommended to upgrade fleetctl to prevent incompatibility issues.\n\
+             ####################################################################"
+        ));
     }
 }
 
