@@ -60,6 +60,13 @@ fn unchanged(c: &Cluster, before: &BTreeMap<(usize, String), SystemdUnit>, what:
 /// Asserts that PID 1 of `node` logged no start or stop of the units named by `prefixes`
 /// since `since_us`.
 fn no_transitions(c: &Cluster, node: usize, since_us: u64, prefixes: &[&str]) {
+    // the units were started in this node earlier: the journal must show that, or an empty
+    // answer below would prove nothing
+    let all = must(c.node_journal_since(node, 0));
+    assert!(
+        !transitions(&all, prefixes).is_empty(),
+        "node{node}: no start of {prefixes:?} in the journal at all:\n{all}"
+    );
     let journal = must(c.node_journal_since(node, since_us));
     let lines = transitions(&journal, prefixes);
     assert!(
@@ -128,6 +135,20 @@ fn stopping_fleet_on_a_machine_moves_its_units_and_nothing_else() {
         must(c.systemd_unit(x, "global.service")).active_state,
         "inactive"
     );
+    // systemd's journals tell the same story: stopped there, started elsewhere
+    let stopped_on_x = must(c.node_journal_since(x, t0));
+    for unit in &moving {
+        let to = node(&c, &after[unit][0].machine);
+        let started_there = must(c.node_journal_since(to, t0));
+        assert!(
+            stopped_on_x.contains(&format!("Stopping {unit}")),
+            "node{x}:\n{stopped_on_x}"
+        );
+        assert!(
+            started_there.contains(&format!("Started {unit}")),
+            "node{to}:\n{started_there}"
+        );
+    }
     // everything else stayed where it was, untouched
     let stayed: BTreeMap<(usize, String), SystemdUnit> =
         before.into_iter().filter(|((n, _), _)| *n != x).collect();
@@ -151,6 +172,28 @@ fn stopping_fleet_on_a_machine_moves_its_units_and_nothing_else() {
             stopped.join("\n")
         );
     }
+
+    // the machine comes back: it gets its global unit again, and nothing moves back
+    let settled = snapshot(&c, &after);
+    must(c.start_fleetd(x));
+    must(c.wait_for_machines(1, 3, WAIT));
+    let back = must(c.wait_for_active(1, 9, WAIT));
+    thread::sleep(SETTLE);
+    assert_eq!(
+        must(c.active_units(1)),
+        back,
+        "units moved after node{x} returned"
+    );
+    for (unit, rows) in &after {
+        for r in rows {
+            assert!(back[unit].contains(r), "{unit} moved: {:?}", back[unit]);
+        }
+    }
+    assert!(
+        back["global.service"].iter().any(|r| r.machine == gone),
+        "{back:?}"
+    );
+    unchanged(&c, &settled, "after node{x}'s fleet came back");
 }
 
 #[test]

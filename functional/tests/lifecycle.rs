@@ -255,6 +255,40 @@ fn unit_commands_round_trip_with_fleets_messages() {
         "{out}"
     );
     wait_systemd(&c, 1, "hello.service", Some("loaded"), "active");
+    let first = must(c.systemd_unit(1, "hello.service"));
+
+    // --replace puts the changed file in place: the registry and systemd run the new one
+    fleetctl_ok(&c, 1, &["start", "--replace", &other]);
+    let cat = fleetctl_ok(&c, 1, &["cat", "hello.service"]);
+    assert_eq!(cat.stdout, changed);
+    must(wait_for("the replaced hello.service running", WAIT, || {
+        let d = c
+            .exec(
+                1,
+                &[
+                    "systemctl",
+                    "show",
+                    "-p",
+                    "Description",
+                    "--value",
+                    "hello.service",
+                ],
+            )
+            .map_err(|e| e.to_string())?;
+        let u = c
+            .systemd_unit(1, "hello.service")
+            .map_err(|e| e.to_string())?;
+        if d.trimmed() == "Greets the journal now and then"
+            && u.active_state == "active"
+            && u.main_pid != first.main_pid
+        {
+            Ok(())
+        } else {
+            Err(format!("{}: {u}", d.trimmed()))
+        }
+    }));
+    wait_list_units(&c, 1, &[("hello.service", "active", "running")]);
+
     let out = fleetctl_ok(&c, 1, &["destroy", "hello.service"]);
     assert_eq!(out.stdout, "Destroyed hello.service\n", "{out}");
     wait_systemd(&c, 1, "hello.service", Some("not-found"), "inactive");
