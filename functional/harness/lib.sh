@@ -27,6 +27,9 @@ if ! [[ $FH_CLUSTER =~ ^[a-z][a-z0-9]{0,7}$ ]]; then
 fi
 : "${FH_ROOT:=/var/lib/fleet-fh}"              # parent of every cluster's state dir
 FH_STATE=$FH_ROOT/$FH_CLUSTER                   # tmpfs; all of this cluster's state lives in it
+# A test process holds this lock (flock) while its cluster lives; it passes FH_LOCK_HELD=1
+# to the scripts it runs. up.sh and down.sh refuse to touch a cluster someone else holds.
+FH_LOCK=$FH_ROOT/$FH_CLUSTER.lock
 # A running cluster's settings win over defaults (not over the caller's own values),
 # except in up.sh, which starts afresh.
 if [ "${FH_FRESH:-0}" != 1 ] && [ -f "$FH_STATE/settings" ]; then
@@ -84,6 +87,15 @@ FH_NSPAWN_TMPFS=fh-nspawn                        # same source name as the share
 
 fh_log() { printf '[harness %s %s] %s\n' "$FH_CLUSTER" "$(date +%H:%M:%S)" "$*" >&2; }
 fh_die() { fh_log "ERROR: $*"; exit 1; }
+
+# die when another process holds this cluster (a running test)
+fh_check_lock() {
+  [ "${FH_LOCK_HELD:-0}" = 1 ] && return 0
+  if [ -e "$FH_LOCK" ] && ! flock -n "$FH_LOCK" true; then
+    fh_die "cluster $FH_CLUSTER is in use by a running test (it holds $FH_LOCK); wait for it, or pick another FH_CLUSTER"
+  fi
+  return 0
+}
 
 fh_require_root() { [ "$(id -u)" = 0 ] || fh_die "must run as root (the harness mounts, creates namespaces and boots containers)"; }
 
@@ -560,6 +572,8 @@ fh_down() {
     rmdir "$FH_STATE" 2>/dev/null || rm -rf "$FH_STATE"
   fi
   if ip link show "$FH_BRIDGE" >/dev/null 2>&1 && fh_link_ours "$FH_BRIDGE"; then ip link del "$FH_BRIDGE"; fi
+  # a lock file nobody holds any more (its test process died); a holder removes its own
+  [ "${FH_LOCK_HELD:-0}" != 1 ] && [ -e "$FH_LOCK" ] && flock -n "$FH_LOCK" rm -f "$FH_LOCK"
   # host-wide pieces: only when no other nspawn (of any cluster or harness) runs
   if ! fh_any_nspawn; then
     if [ -f "$FH_ROOT/sysctl.orig" ] && ! ls -d "$FH_ROOT"/*/ >/dev/null 2>&1; then
@@ -600,6 +614,7 @@ fh_leftovers() {
   out=$(ps -eo pid=,args= | grep -F -e "$FH_STATE/" -e "fh-$FH_CLUSTER " | grep -v -e grep -e leftovers)
   [ -n "$out" ] && { echo "processes: $(echo "$out" | tr '\n' ';')"; bad=1; }
   [ -e "$FH_STATE" ] && { echo "state dir: $FH_STATE"; bad=1; }
+  [ "${FH_LOCK_HELD:-0}" != 1 ] && [ -e "$FH_LOCK" ] && { echo "lock file: $FH_LOCK"; bad=1; }
   out=$(ls "$FH_NSPAWN_RUN/propagate" 2>/dev/null | grep -E "^$FH_CLUSTER-node[0-9]+$")
   [ -n "$out" ] && { echo "nspawn propagate dirs: $(echo "$out" | tr '\n' ' ')"; bad=1; }
   if ! fh_any_nspawn && [ "$(findmnt -rn -o SOURCE "$FH_NSPAWN_RUN")" = "$FH_NSPAWN_TMPFS" ]; then

@@ -6,6 +6,7 @@ FH_FRESH=1 . "$(dirname "$0")/lib.sh"
 N=${1:-3}
 fh_check_index "$N"
 fh_require_root
+fh_check_lock
 t0=$(date +%s.%N)
 fh_down
 fh_ensure_host

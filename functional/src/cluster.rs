@@ -9,6 +9,7 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use crate::command::{Output, run};
+use crate::lock::ClusterLock;
 use crate::{Error, wait_for};
 
 /// How long fleet.service may take to become active after a node booted.
@@ -17,6 +18,8 @@ const FLEETD_ACTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 const KEEP_ENV: &str = "FLEET_FUNCTIONAL_KEEP";
 /// Directory holding the fleetd and fleetctl to test, instead of the debug build.
 const BIN_DIR_ENV: &str = "FLEET_BIN_DIR";
+/// Parent of every cluster's state and lock file (FH_ROOT of functional/harness/lib.sh).
+const HARNESS_ROOT: &str = "/var/lib/fleet-fh";
 
 /// What cluster to boot. Start from [`ClusterSpec::new`] and add what the test needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +47,9 @@ pub struct ClusterSpec {
     pub boot_timeout: Duration,
     /// How long one command (exec, fleetctl, ssh, a node operation) may take.
     pub command_timeout: Duration,
+    /// How long to wait while another process (another test run) holds a cluster of the
+    /// same name.
+    pub lock_timeout: Duration,
 }
 
 impl ClusterSpec {
@@ -60,6 +66,7 @@ impl ClusterSpec {
             net: None,
             boot_timeout: Duration::from_secs(120),
             command_timeout: Duration::from_secs(120),
+            lock_timeout: Duration::from_secs(30 * 60),
         }
     }
 
@@ -149,6 +156,9 @@ impl ClusterSpec {
     fn harness_env(&self, bin_dir: &Path) -> Vec<(String, String)> {
         let mut env = vec![
             ("FH_CLUSTER".to_string(), self.name.clone()),
+            ("FH_ROOT".to_string(), HARNESS_ROOT.to_string()),
+            // this process holds the cluster's lock (see crate::lock)
+            ("FH_LOCK_HELD".to_string(), "1".to_string()),
             ("FH_BIN_DIR".to_string(), bin_dir.display().to_string()),
             (
                 "FH_BOOT_TIMEOUT".to_string(),
@@ -195,6 +205,8 @@ pub struct Cluster {
     bridge_ip: String,
     nodes: Vec<Node>,
     torn_down: bool,
+    /// Held while the cluster lives; released (and its file removed) once it is torn down.
+    lock: Option<ClusterLock>,
 }
 
 impl Cluster {
@@ -219,6 +231,7 @@ impl Cluster {
             }
         }
         warn_if_stale(&bin_dir);
+        let lock = ClusterLock::acquire(Path::new(HARNESS_ROOT), &spec.name, spec.lock_timeout)?;
         let env = spec.harness_env(&bin_dir);
         // From here on, dropping `cluster` (an error below) tears down what was booted.
         let mut cluster = Cluster {
@@ -229,6 +242,7 @@ impl Cluster {
             bridge_ip: String::new(),
             nodes: Vec::new(),
             torn_down: false,
+            lock: Some(lock),
         };
         let n = cluster.spec.nodes.to_string();
         let boot = cluster.spec.boot_timeout + Duration::from_secs(60);
@@ -472,9 +486,13 @@ impl Cluster {
     /// Tears the cluster down: nodes, etcd, mounts, namespaces, links, cgroups, state.
     pub fn down(mut self) -> Result<(), Error> {
         self.torn_down = true;
-        self.script::<&str>("down.sh", &[], Duration::from_secs(120))?
-            .ok(&format!("harness down.sh of cluster {}", self.spec.name))
-            .map(drop)
+        let result = self
+            .script::<&str>("down.sh", &[], Duration::from_secs(120))
+            .and_then(|o| o.ok(&format!("harness down.sh of cluster {}", self.spec.name)));
+        if let Some(lock) = self.lock.take() {
+            lock.release();
+        }
+        result.map(drop)
     }
 
     fn info(&self) -> Result<HashMap<String, String>, Error> {
@@ -561,6 +579,9 @@ impl Drop for Cluster {
             Ok(out) => eprintln!("tearing down cluster {} failed: {out}", self.spec.name),
             Err(e) => eprintln!("tearing down cluster {} failed: {e}", self.spec.name),
         }
+        if let Some(lock) = self.lock.take() {
+            lock.release();
+        }
     }
 }
 
@@ -577,7 +598,10 @@ pub fn is_root() -> bool {
 /// What cluster `name` left on this host (mounts, netns, links, cgroups, processes, state,
 /// bound etcd ports), one description each; empty when nothing.
 pub fn leftovers(name: &str) -> Result<Vec<String>, Error> {
-    let env = [("FH_CLUSTER".to_string(), name.to_string())];
+    let env = [
+        ("FH_CLUSTER".to_string(), name.to_string()),
+        ("FH_ROOT".to_string(), HARNESS_ROOT.to_string()),
+    ];
     let mut cmd = harness_command("node.sh", &env);
     cmd.arg("leftovers");
     let out = run(&mut cmd, "node.sh leftovers", Duration::from_secs(60))?;
@@ -613,9 +637,10 @@ fn node_args(op: &str, node: usize, rest: &[&str]) -> Vec<String> {
     v
 }
 
-/// `$FLEET_BIN_DIR`, else the cargo profile directory this test executable was built in
-/// (`target/debug/deps/<test>` → `target/debug`), where `cargo build` put fleetd and fleetctl.
-fn default_bin_dir() -> Result<PathBuf, Error> {
+/// Where the binaries under test are: `$FLEET_BIN_DIR`, else the cargo profile directory
+/// this test executable was built in (`target/debug/deps/<test>` → `target/debug`), where
+/// `cargo build -p fleetd -p fleetctl` put them.
+pub fn default_bin_dir() -> Result<PathBuf, Error> {
     if let Some(dir) = std::env::var_os(BIN_DIR_ENV) {
         return Ok(PathBuf::from(dir));
     }

@@ -32,6 +32,17 @@ pub enum Error {
         nodes: usize,
     },
 
+    /// Another process holds the cluster of this name.
+    #[error(
+        "cluster {cluster} stayed in use by another process for {waited:?} (lock {lock}): \
+         another test run? use another cluster name, or wait for it"
+    )]
+    Busy {
+        cluster: String,
+        lock: PathBuf,
+        waited: Duration,
+    },
+
     /// A command could not be started at all.
     #[error("could not run {what}: {source}")]
     Spawn {

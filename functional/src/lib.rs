@@ -27,9 +27,10 @@ mod cluster;
 mod command;
 mod error;
 pub mod fleet;
+mod lock;
 mod wait;
 
-pub use cluster::{Cluster, ClusterSpec, harness_dir, is_root, leftovers};
+pub use cluster::{Cluster, ClusterSpec, default_bin_dir, harness_dir, is_root, leftovers};
 pub use command::Output;
 pub use error::Error;
 pub use fleet::FleetCluster;

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use functional::{Cluster, ClusterSpec, Error, Output, leftovers, wait_for};
@@ -308,11 +309,32 @@ fn down_leaves_nothing_behind() {
     );
 }
 
+/// `bash functional/harness/<script> args` for cluster `name`, as a user (or a crashed test
+/// run) would leave it: no process holds the cluster.
+fn harness(script: &str, name: &str, args: &[&str]) -> Output {
+    let bin = functional::default_bin_dir().expect("bin dir");
+    let out = Command::new("bash")
+        .arg(functional::harness_dir().join(script))
+        .args(args)
+        .env("FH_CLUSTER", name)
+        .env("FH_BIN_DIR", bin)
+        .stdin(Stdio::null())
+        .output()
+        .expect("bash runs");
+    Output {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
 #[test]
-fn a_crashed_test_is_cleaned_up_by_the_next_up_and_drop_tears_down() {
-    // A test process that dies never runs Drop: simulate it by forgetting the cluster.
-    let crashed = up(ClusterSpec::new("fhcrash", 1));
-    std::mem::forget(crashed);
+fn a_crashed_runs_cluster_is_cleaned_up_by_the_next_up_and_drop_tears_down() {
+    // What a test process that died leaves behind: a running cluster and a lock file that
+    // nobody holds (the kernel released the lock with the process).
+    let crashed = harness("up.sh", "fhcrash", &["1"]);
+    assert!(crashed.success(), "{crashed}");
+    std::fs::write("/var/lib/fleet-fh/fhcrash.lock", "").expect("stale lock file");
     assert!(!leftovers("fhcrash").expect("leftovers").is_empty());
     {
         // the next up of the same name starts from a clean slate
@@ -322,6 +344,37 @@ fn a_crashed_test_is_cleaned_up_by_the_next_up_and_drop_tears_down() {
     }
     assert_eq!(
         leftovers("fhcrash").expect("leftovers"),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_cluster_in_use_is_not_taken_over() {
+    let a = up(ClusterSpec::new("fhbusy", 1));
+    let second = Cluster::up(ClusterSpec {
+        lock_timeout: Duration::from_millis(500),
+        ..ClusterSpec::new("fhbusy", 1)
+    });
+    assert!(matches!(second, Err(Error::Busy { .. })), "{second:?}");
+    for script in ["up.sh", "down.sh"] {
+        let out = harness(script, "fhbusy", &[]);
+        assert!(
+            !out.success() && out.stderr.contains("in use"),
+            "{script}: {out}"
+        );
+    }
+    // the holder's cluster is untouched
+    assert_eq!(
+        ok(
+            a.exec(1, &["systemctl", "is-active", "fleet.service"]),
+            "still up"
+        ),
+        "active"
+    );
+    etcd_reachable(&a, 1).expect("etcd still up");
+    a.down().expect("down");
+    assert_eq!(
+        leftovers("fhbusy").expect("leftovers"),
         Vec::<String>::new()
     );
 }
