@@ -393,11 +393,12 @@ fn losing_etcd_on_one_machine_leaves_its_global_units_running() {
 fn a_killed_engine_leader_is_replaced_and_no_unit_restarts() {
     // The killed fleetd is restarted only after the leader lease (5 reconcile intervals) has
     // expired, so that another machine's engine must take over; its machine lease (agent_ttl)
-    // outlives that pause, so nothing has a reason to move.
+    // outlives that pause by far, so nothing has a reason to move. (What happens once the
+    // killed process's lease expires is the next test's subject.)
     let restart_after = Duration::from_secs(8);
     let c = boot(
         ClusterSpec::new("leader", 3)
-            .fleet_config("agent_ttl=20s")
+            .fleet_config("agent_ttl=30s")
             .fleet_config(&format!(
                 "engine_reconcile_interval={}",
                 RECONCILE.as_secs()
@@ -440,6 +441,11 @@ fn a_killed_engine_leader_is_replaced_and_no_unit_restarts() {
         },
     ));
     assert_ne!(new_leader, old_leader);
+    // the new leader does its job: a new unit is placed and started
+    let path = format!("{}/hello@7.service", functional::fleet::NODE_UNITS_DIR);
+    let watcher = if l == 1 { 2 } else { 1 };
+    must(c.put_fixture(watcher, "hello@.service"));
+    fleetctl_ok(&c, watcher, &["start", "--no-block", &path]);
     must(wait_for(
         "fleetd restarted on the old leader",
         WAIT,
@@ -448,15 +454,65 @@ fn a_killed_engine_leader_is_replaced_and_no_unit_restarts() {
             other => Err(format!("{other:?}")),
         },
     ));
-    let watcher = if l == 1 { 2 } else { 1 };
     must(c.wait_for_machines(watcher, 3, WAIT));
+    let after = must(c.wait_for_active(watcher, 10, WAIT));
     thread::sleep(SETTLE);
-    let after = must(c.wait_for_active(watcher, 9, WAIT));
-    assert_eq!(after, states, "units moved");
+    assert_eq!(must(c.active_units(watcher)), after, "list-units changed");
+    for (unit, rows) in &states {
+        assert_eq!(&after[unit], rows, "{unit} moved");
+    }
     unchanged(&c, &before, "after the engine leader was killed");
     for n in c.nodes() {
-        no_transitions(&c, n, t0, &["hello@", "global.service"]);
+        no_transitions(
+            &c,
+            n,
+            t0,
+            &[
+                "hello@1.",
+                "hello@2.",
+                "hello@3.",
+                "hello@4.",
+                "hello@5.",
+                "hello@6.",
+                "global.service",
+            ],
+        );
     }
+}
+
+#[test]
+fn a_fleetd_killed_and_restarted_keeps_reporting_the_units_it_adopted() {
+    let c = boot(quick_spec("restart", 2));
+    must(c.wait_for_machines(1, 2, WAIT));
+    start_hellos(&c, 4, &[]);
+    let states = must(c.wait_for_active(1, 4, WAIT));
+    let before = snapshot(&c, &states);
+
+    // kill -9; systemd starts a new fleetd a second later, well within agent_ttl, which
+    // adopts the running units
+    let old_pid = must(c.fleetd_pid(2));
+    let t0 = now_us();
+    let killed_at = Instant::now();
+    must(c.kill_fleetd(2));
+    must(wait_for("fleetd restarted on node2", WAIT, || {
+        match c.fleetd_pid(2) {
+            Ok(Some(p)) if Some(p) != old_pid => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    }));
+    must(c.wait_for_machines(1, 2, WAIT));
+    // the killed process's lease has expired by now: whatever it had written under it must
+    // have been taken over by its successor
+    thread::sleep((AGENT_TTL + SETTLE).saturating_sub(killed_at.elapsed()));
+    // systemd never stopped anything, so fleet must still report every unit as active
+    unchanged(&c, &before, "after fleetd was killed and restarted");
+    let after = must(c.active_units(1));
+    assert_eq!(
+        after, states,
+        "list-units once the lease of node2's killed fleetd expired, while systemd runs \
+         every unit unchanged"
+    );
+    no_transitions(&c, 2, t0, &["hello@"]);
 }
 
 #[test]
