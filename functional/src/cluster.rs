@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::command::{Output, run};
+use crate::command::{Output, run, run_with_input};
 use crate::lock::ClusterLock;
 use crate::{Error, wait_for};
 
@@ -362,6 +362,35 @@ impl Cluster {
         )
     }
 
+    /// Runs the fleetctl the nodes run, on the host, with exactly `args` (no driver or
+    /// endpoint added), `env` added to its environment and `input`, when given, on its
+    /// stdin (else stdin is /dev/null).
+    pub fn fleetctl_host_with(
+        &self,
+        args: &[&str],
+        env: &[(&str, &str)],
+        input: Option<&str>,
+    ) -> Result<Output, Error> {
+        let mut cmd = Command::new(self.bin_dir.join("fleetctl"));
+        cmd.args(args).envs(env.iter().copied());
+        run_with_input(
+            &mut cmd,
+            input.map(str::as_bytes),
+            &format!("fleetctl {}", args.join(" ")),
+            self.spec.command_timeout,
+        )
+    }
+
+    /// The private key that logs in as root on every node (the harness's, no passphrase).
+    pub fn ssh_key(&self) -> Result<PathBuf, Error> {
+        self.info_path("ssh_key")
+    }
+
+    /// The harness's known-hosts file: one line per node with the node's current host key.
+    pub fn ssh_known_hosts(&self) -> Result<PathBuf, Error> {
+        self.info_path("known_hosts")
+    }
+
     /// Runs a shell command in a node over ssh, as root with the harness key.
     pub fn ssh(&self, node: usize, command: &str) -> Result<Output, Error> {
         self.check(node)?;
@@ -505,6 +534,16 @@ impl Cluster {
             .filter_map(|l| l.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect())
+    }
+
+    fn info_path(&self, key: &str) -> Result<PathBuf, Error> {
+        self.info()?
+            .remove(key)
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Harness {
+                what: "node.sh info".into(),
+                detail: format!("no {key}="),
+            })
     }
 
     fn node_op(&self, op: &str, node: usize) -> Result<(), Error> {

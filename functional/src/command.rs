@@ -1,7 +1,7 @@
 //! Running a child process with captured output and a deadline.
 
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -68,18 +68,41 @@ impl fmt::Display for Output {
 /// after `timeout`, its whole process group (it gets its own) is killed and
 /// [`Error::CommandTimeout`] returned.
 pub(crate) fn run(cmd: &mut Command, what: &str, timeout: Duration) -> Result<Output, Error> {
+    run_with_input(cmd, None, what, timeout)
+}
+
+/// [`run`], with `input` (when given) written to the command's stdin, which is then closed.
+pub(crate) fn run_with_input(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    what: &str,
+    timeout: Duration,
+) -> Result<Output, Error> {
     let spawn_err = |source| Error::Spawn {
         what: what.to_string(),
         source,
     };
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = cmd
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .map_err(spawn_err)?;
     let pid = child.id();
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        let input = input.to_vec();
+        // A writer thread: a command that never reads must not block us; a command that
+        // exits early makes the write fail, which is fine.
+        thread::spawn(move || {
+            let _ = pipe.write_all(&input);
+        });
+    }
     let stdout = child.stdout.take().map(reader);
     let stderr = child.stderr.take().map(reader);
     let (tx, rx) = mpsc::channel::<std::io::Result<ExitStatus>>();
@@ -165,6 +188,25 @@ mod tests {
                 (out.code, out.stdout.as_str(), out.stderr.as_str()),
                 (*code, *stdout, *stderr),
                 "{script}"
+            );
+        }
+    }
+
+    #[test]
+    fn input_reaches_stdin_then_eof() {
+        let cases: &[(&[u8], &str)] = &[(b"yes\n", "yes\n"), (b"", ""), (b"a\nb", "a\nb")];
+        for (input, want) in cases {
+            let out = run_with_input(
+                &mut Command::new("cat"),
+                Some(input),
+                "cat",
+                Duration::from_secs(20),
+            )
+            .expect("cat runs");
+            assert_eq!(
+                (out.code, out.stdout.as_str()),
+                (Some(0), *want),
+                "{input:?}"
             );
         }
     }

@@ -101,9 +101,14 @@ pub async fn on_machines_running(
     Ok(())
 }
 
+/// fleet's `status`: `systemctl status -l` of each unit on its machine, then of the global
+/// units on every machine reporting them. A failing remote status (an inactive unit: 3) stops
+/// the loop, but the global units named before it are still shown, and its status is the
+/// exit status, as with fleet.
 pub async fn status(ctx: &Ctx, args: &[String], port: u16) -> Outcome {
     let reg = ctx.registry().await?;
     let mut globals = Vec::new();
+    let mut exit = 0;
     for (i, arg) in args.iter().enumerate() {
         let name = units::mangle(arg);
         let unit = units::lookup(&reg, &name)
@@ -136,7 +141,8 @@ pub async fn status(ctx: &Ctx, args: &[String], port: u16) -> Outcome {
         )
         .await;
         if code != 0 {
-            return Err(Failure::silent(code));
+            exit = code;
+            break;
         }
     }
     on_machines_running(ctx, &globals, "status", port)
@@ -145,7 +151,11 @@ pub async fn status(ctx: &Ctx, args: &[String], port: u16) -> Outcome {
             Failure::msg(format!(
                 "Error retrieving machine state for global units: {e}"
             ))
-        })
+        })?;
+    match exit {
+        0 => Ok(()),
+        code => Err(Failure::silent(code)),
+    }
 }
 
 pub async fn journal(ctx: &Ctx, a: &JournalArgs) -> Outcome {
