@@ -391,6 +391,44 @@ fn ssh_status_and_journal_reach_the_units_machine() {
     );
     drop(agent);
 
+    // without --ssh-username fleetctl logs in as core, whom the nodes do not know; without
+    // an identity file and an agent it does not even try
+    let identity = format!("--identity-file={}", h.key);
+    let known = format!("--known-hosts-file={}", h.known_hosts.display());
+    let as_core = |ip: &str| format!("unable to authenticate as core on {ip}:22");
+    let failures: [(&[&str], &[&str], i32, String); 3] = [
+        (
+            &[&identity],
+            &["ssh", &m2, "true"],
+            1,
+            format!("Failed building SSH client: {}", as_core(c.ip(2))),
+        ),
+        (
+            &[&identity],
+            &["status", "hello.service"],
+            255,
+            format!("Unable to SSH to remote host: {}", as_core(c.ip(node))),
+        ),
+        (
+            &["--ssh-username=root"],
+            &["ssh", &m2, "true"],
+            1,
+            "Failed building SSH client: SSH_AUTH_SOCK environment variable is not set".into(),
+        ),
+    ];
+    for (flags, command, code, stderr) in failures {
+        let mut args: Vec<String> = vec![known.clone()];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        args.extend(h.etcd_flags());
+        args.extend(command.iter().map(|a| a.to_string()));
+        let out = h.run(&args, &[("SSH_AUTH_SOCK", "")], None);
+        assert!(
+            out.code == Some(code) && out.stderr.starts_with(&stderr) && out.stdout.is_empty(),
+            "fleetctl {}: want {code} and {stderr:?}: {out}",
+            args.join(" ")
+        );
+    }
+
     // fd-forward on a machine, the far end of fleet's old tunnel: an HTTP request to the API
     // socket through it. (Its stdin stays open until the answer is in: fleetd's API server
     // drops a request whose client half-closes, see the report of issue 6.)
@@ -418,6 +456,22 @@ fn ssh_status_and_journal_reach_the_units_machine() {
     let out = h.fleetctl(&["status", "goodbye.service"]);
     assert_eq!(out.code, Some(3), "{out}");
     assert!(out.stdout.contains("Active: inactive (dead)"), "{out}");
+    // fleetctl on the unit's own machine runs systemctl and journalctl there, without SSH
+    // (the nodes have no key to log in anywhere)
+    let out = must(c.fleetctl(node, &["status", "hello.service"]));
+    assert!(
+        out.success() && out.stdout.contains("Active: active (running)"),
+        "status in node{node}: {out}"
+    );
+    let out = must(c.fleetctl(
+        node,
+        &["journal", "--lines=2", "--output=cat", "hello.service"],
+    ));
+    assert_eq!(
+        (out.code, out.stdout.lines().count()),
+        (Some(0), 2),
+        "journal in node{node}: {out}"
+    );
     let out = h.fleetctl(&["status", "nope.service"]);
     assert_eq!(
         (out.code, out.stderr.as_str()),
