@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -138,6 +138,7 @@ struct Spawned {
     what: String,
     child: Child,
     lines: mpsc::Receiver<String>,
+    stderr: Option<mpsc::Receiver<Vec<u8>>>,
     seen: Vec<String>,
     status: Option<ExitStatus>,
 }
@@ -147,7 +148,7 @@ impl Spawned {
         let mut child = match cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .process_group(0)
             .spawn()
         {
@@ -165,13 +166,38 @@ impl Spawned {
                 }
             });
         }
+        let stderr = child.stderr.take().map(|mut err| {
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = err.read_to_end(&mut buf);
+                let _ = tx.send(buf);
+            });
+            rx
+        });
         Spawned {
             what: what.to_string(),
             child,
             lines,
+            stderr,
             seen: Vec::new(),
             status: None,
         }
+    }
+
+    /// Stops reading stdout: the pipe is closed once the next line arrives.
+    fn close_stdout(&mut self) {
+        self.lines = mpsc::channel().1;
+    }
+
+    /// What the process wrote on stderr, once it has exited.
+    fn stderr(&mut self) -> String {
+        let bytes = self
+            .stderr
+            .take()
+            .and_then(|rx| rx.recv_timeout(Duration::from_secs(10)).ok())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 
     /// Waits until `n` lines satisfying `pred` have been printed in all.
@@ -543,6 +569,40 @@ fn ssh_status_and_journal_reach_the_units_machine() {
             },
         ));
     }
+    // a reader that goes away ends the command quietly, remote side included (fleet died of
+    // SIGPIPE there: 128 + 13)
+    let cases: [(&[&str], usize, &str); 2] = [
+        (&["ssh", &m2, "yes"], 2, "yes"),
+        (&["journal", "-f", "hello.service"], node, "journalctl"),
+    ];
+    for (args, on, remote) in cases {
+        let mut p = h.spawn(args);
+        p.wait_lines(2, WAIT, |_| true);
+        p.close_stdout();
+        let status = p.wait_exit(WAIT);
+        let stderr = p.stderr();
+        assert!(
+            status.code() == Some(141) && stderr.is_empty(),
+            "fleetctl {} | head -2: {status:?}, stderr {stderr:?}",
+            args.join(" ")
+        );
+        must(wait_for(
+            &format!("no {remote} left on node{on}"),
+            Duration::from_secs(10),
+            || {
+                let out = c.exec(on, &["pgrep", "-x", remote])?;
+                if out.stdout.trim().is_empty() {
+                    Ok(())
+                } else {
+                    Err(functional::Error::Harness {
+                        what: format!("pgrep {remote}"),
+                        detail: out.stdout,
+                    })
+                }
+            },
+        ));
+    }
+
     let out = h.fleetctl(&["journal", "nope.service"]);
     assert_eq!(
         (out.code, out.stderr.as_str()),

@@ -12,6 +12,17 @@ use crate::units;
 /// The exit status fleet ended with when a command could not be run at all (Go's -1).
 const NOT_RUN: i32 = 255;
 
+/// The exit status when whoever read our output went away (`fleetctl journal -f x | head`):
+/// fleet, a Go program, died of SIGPIPE there, which shells report as 128 + 13.
+const READER_GONE: i32 = 141;
+
+/// Did a remote command end because our stdout was closed? Then there is nothing to report:
+/// the reader stopped listening, as with any other command in a pipeline.
+fn reader_gone(e: &fleet_ssh::SshError) -> bool {
+    matches!(e, fleet_ssh::SshError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::BrokenPipe)
+}
+
 /// This host's machine ID, if it has one.
 fn local_machine_id() -> Option<String> {
     let id = std::fs::read_to_string("/etc/machine-id").ok()?;
@@ -60,6 +71,7 @@ pub async fn run_command(ctx: &Ctx, machine_id: &str, port: u16, cmd: &str, args
     };
     match session.exec(&line).await {
         Ok(code) => code,
+        Err(e) if reader_gone(&e) => READER_GONE,
         Err(e) => {
             ui::err(format!("Unable to SSH to remote host: {e}"));
             NOT_RUN
@@ -282,16 +294,19 @@ pub async fn ssh(ctx: &Ctx, a: &SshArgs) -> Outcome {
         .ssh(&addr, a.ssh_port, a.forward_agent)
         .await
         .map_err(|e| Failure::msg(format!("Failed building SSH client: {e:#}")))?;
-    let code = if args.is_empty() {
-        session
-            .shell(None)
-            .await
-            .map_err(|e| Failure::msg(format!("Failed opening shell over SSH: {e}")))?
-    } else {
-        session
-            .shell(Some(&args.join(" ")))
-            .await
-            .map_err(|e| Failure::new(NOT_RUN, format!("Failed running command over SSH: {e}")))?
+    let command = (!args.is_empty()).then(|| args.join(" "));
+    let code = match session.shell(command.as_deref()).await {
+        Ok(code) => code,
+        Err(e) if reader_gone(&e) => READER_GONE,
+        Err(e) if command.is_none() => {
+            return Err(Failure::msg(format!("Failed opening shell over SSH: {e}")));
+        }
+        Err(e) => {
+            return Err(Failure::new(
+                NOT_RUN,
+                format!("Failed running command over SSH: {e}"),
+            ));
+        }
     };
     match code {
         0 => Ok(()),
@@ -311,6 +326,28 @@ pub async fn fd_forward(args: &[String]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_closed_stdout_ends_a_remote_command_quietly() {
+        let io = |kind: std::io::ErrorKind| fleet_ssh::SshError::Io {
+            what: "failed writing remote output".into(),
+            source: kind.into(),
+        };
+        let cases = [
+            (io(std::io::ErrorKind::BrokenPipe), true),
+            (io(std::io::ErrorKind::PermissionDenied), false),
+            (
+                fleet_ssh::SshError::NoExitStatus {
+                    addr: "10.0.0.1:22".into(),
+                    command: "true".into(),
+                },
+                false,
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(reader_gone(&e), want, "{e}");
+        }
+    }
 
     #[test]
     fn remote_arguments_are_go_quoted() {
