@@ -216,6 +216,9 @@ impl Agent {
         let poll = self.cfg.disable_watches.then_some(Duration::from_secs(2));
         let mut watch = self.registry.watch_agent(&self.cfg.machine_id, poll);
         let mut signals = self.subscribe().await;
+        // Adopted units: publish their states under this fleetd's lease (the records a
+        // previous fleetd wrote die with its lease).
+        self.refresh_states(None).await;
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<tokio::time::Instant> = None;
