@@ -1070,9 +1070,14 @@ fn restart_keeps_one_instance_down_at_a_time() {
         .collect();
     check_one_down_at_a_time(&c, since, "hello@", &hellos);
 
-    // a global unit: one machine after the other
+    // a global unit: one machine after the other (through a tunnel to node1 this time, so
+    // the other machines are reached through it)
     let since = now_us();
-    h.fleetctl_ok(&["restart", "global.service"]);
+    let out = h.tunnel(1, &["restart", "global.service"]);
+    assert!(
+        out.success(),
+        "restart global.service through the tunnel: {out}"
+    );
     let globals: Vec<(String, usize)> = placed
         .iter()
         .filter(|(u, _)| u == "global.service")
