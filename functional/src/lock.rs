@@ -32,16 +32,22 @@ impl ClusterLock {
             what: format!("lock {}", path.display()),
             detail: e.to_string(),
         };
-        fs::create_dir_all(root).map_err(io_err)?;
         let start = Instant::now();
         let mut said = false;
         loop {
-            let file = OpenOptions::new()
+            // A releasing holder removes the shared directory when it empties it: create it
+            // on every try, and try again if it vanished between the two calls.
+            fs::create_dir_all(root).map_err(io_err)?;
+            let opened = OpenOptions::new()
                 .create(true)
                 .truncate(false)
                 .write(true)
-                .open(&path)
-                .map_err(io_err)?;
+                .open(&path);
+            let file = match opened {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(e)),
+            };
             match file.try_lock() {
                 // The holder before us may have removed the file after we opened it: then
                 // we hold a lock nobody else can see; open the path again.

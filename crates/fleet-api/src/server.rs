@@ -155,7 +155,10 @@ async fn serve_connection<IO>(
         .header_read_timeout(api.config.header_read_timeout)
         .max_buf_size(MAX_HEADER_BUF)
         .max_header_size(MAX_HEADER_BUF)
-        .keep_alive(true);
+        .keep_alive(true)
+        // a client that closes its write side after a request still gets its answer
+        // (`printf 'GET ...' | fleetctl fd-forward`), as with Go's server
+        .half_close(true);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "API connection ended with an error");

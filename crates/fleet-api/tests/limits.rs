@@ -285,3 +285,32 @@ async fn serves_on_a_unix_socket() {
     let _ = tx.send(());
     task.await.expect("joined").expect("served");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_its_write_side_still_gets_the_answer() {
+    // `printf 'GET ...' | fleetctl fd-forward /var/run/fleet.sock`: the request, then EOF
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleet.sock");
+    let listener = bind_unix(&path).expect("bind");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(serve(
+        vec![listener],
+        Arc::new(Panicking),
+        ApiConfig::default(),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    let mut s = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    s.write_all(&request("GET", "/fleet/v1/discovery?alt=json", None, ""))
+        .await
+        .expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    assert_eq!(parse(&buf).status, 200, "{}", String::from_utf8_lossy(&buf));
+    let _ = tx.send(());
+    task.await.expect("joined").expect("served");
+}
