@@ -30,7 +30,9 @@ impl EtcdServer {
             .arg(format!("--listen-client-urls={endpoint}"))
             .arg(format!("--advertise-client-urls={endpoint}"))
             .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
             .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer}"))
             .arg("--log-level=error")
             .stdin(Stdio::null())
@@ -38,7 +40,11 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .expect("spawn etcd");
-        let server = EtcdServer { child, endpoint, _dir: dir };
+        let server = EtcdServer {
+            child,
+            endpoint,
+            _dir: dir,
+        };
         let ok = wait_for(Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
         });
