@@ -149,7 +149,7 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
         }))
     };
 
-    let result = loop {
+    let result = 'run: loop {
         let shutdown = CancellationToken::new();
         let purge = Arc::new(AtomicBool::new(true));
         let components = start(
@@ -160,34 +160,36 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
             purge.clone(),
         )
         .await?;
-        let reload = tokio::select! {
-            _ = term.recv() => false,
-            _ = int.recv() => false,
-            _ = hup.recv() => true,
-            failed = components.agent_failed() => {
-                shutdown.cancel();
-                break components.join().await.and(Err(failed));
+        // Wait for a signal; a SIGHUP with a bad configuration keeps everything as it is.
+        let new_cfg = loop {
+            let reload = tokio::select! {
+                _ = term.recv() => false,
+                _ = int.recv() => false,
+                _ = hup.recv() => true,
+                failed = components.agent_failed() => {
+                    shutdown.cancel();
+                    break 'run components.join().await.and(Err(failed));
+                }
+            };
+            if !reload {
+                break None;
             }
-        };
-        if reload {
             info!("Reloading configuration");
             match load_config(&args) {
-                Ok(new) => {
-                    purge.store(false, Ordering::SeqCst);
-                    shutdown.cancel();
-                    let _ = components.join().await;
-                    cfg = new;
-                    for w in &cfg.warnings {
-                        warn!("{w}");
-                    }
-                    info!("Restarting server components");
-                    continue;
-                }
-                Err(e) => {
-                    error!("keeping the old configuration: {e:#}");
-                    tokio::select! { _ = term.recv() => (), _ = int.recv() => () };
-                }
+                Ok(new) => break Some(new),
+                Err(e) => error!("keeping the old configuration: {e:#}"),
             }
+        };
+        if let Some(new) = new_cfg {
+            purge.store(false, Ordering::SeqCst);
+            shutdown.cancel();
+            let _ = components.join().await;
+            cfg = new;
+            for w in &cfg.warnings {
+                warn!("{w}");
+            }
+            info!("Restarting server components");
+            continue;
         }
         info!("Gracefully shutting down");
         shutdown.cancel();
