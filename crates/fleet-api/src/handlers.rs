@@ -267,7 +267,8 @@ impl Api {
         }
     }
 
-    /// PUT: create a unit, or change the desired state of an existing one.
+    /// PUT: create a unit, replace one with other options, or change the desired state of an
+    /// existing one.
     async fn set_unit(&self, item: &str, body: &[u8]) -> Result<Reply> {
         let mut su: wire::Unit = serde_json::from_slice(body).map_err(|e| {
             fail(
@@ -304,7 +305,8 @@ impl Api {
                 ));
             }
             None => true,
-            // the same name with other contents is a new unit (which the registry refuses)
+            // the same name with other contents is a new version of the unit: it replaces
+            // the old one (what `fleetctl start|load|submit --replace` sends)
             Some(eu) => !su.options.is_empty() && eu.hash != file.hash(),
         };
         if create {
@@ -315,6 +317,14 @@ impl Api {
                 parse_state(&su.desired_state)?
             };
             check_template(&name, desired)?;
+            if existing.is_some() {
+                // fleet overwrote the unit in place; the registry has no "replace", so the
+                // old version goes first (gone already: someone else destroyed it, fine)
+                self.registry
+                    .destroy_unit(&name)
+                    .await
+                    .map_err(|e| internal("failed replacing unit", &e))?;
+            }
             return match self.registry.create_unit(&name, &file, desired).await {
                 Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
                 Err(RegistryError::AlreadyExists(_)) => Err(fail(

@@ -99,8 +99,8 @@ async fn units_create_modify_get_destroy() {
             Some(r#"name in URL "hello.service" differs from unit name in request body "other.service""#)),
         (409, "PUT", format!("{u}/hello.service"), json, "{}".into(), Some("must provide DesiredState to update existing unit")),
         (400, "PUT", format!("{u}/hello.service"), json, r#"{"desiredState":"running"}"#.into(), Some(r#"invalid value "running" for JobState"#)),
-        // other options under a taken name
-        (409, "PUT", format!("{u}/hello.service"), json, HELLO.replace("100", "200"), Some(r#"unit "hello.service" already exists with different options"#)),
+        // other options under a taken name: a new version replaces the unit, as in fleet
+        (201, "PUT", format!("{u}/hello.service"), json, HELLO.replace("100", "200"), None),
         // no options for a unit that does not exist
         (409, "PUT", format!("{u}/nosuch.service"), json, r#"{"desiredState":"launched"}"#.into(), Some("unit does not exist and options field empty")),
         (409, "PUT", format!("{u}/nosuch.service"), json, r#"{"desiredState":"launched","options":[]}"#.into(), Some("unit does not exist and options field empty")),
@@ -157,6 +157,172 @@ async fn units_create_modify_get_destroy() {
     assert!(
         bad.error_message().starts_with("unable to decode body: "),
         "{bad:?}"
+    );
+    h.stop().await.expect("clean shutdown");
+}
+
+/// A PUT with other options for an existing unit replaces it (fleet v1.0 overwrote the job;
+/// its fleetctl sends exactly that for `start|load|submit --replace`: name and options, no
+/// desired state). A refused replacement leaves the old version alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_with_other_options_as_fleetctl_replace_sends() {
+    let h = Harness::start(ApiConfig::default()).await;
+    let u = "/fleet/v1/units";
+    let opts = |exec: &str, extra: &str| {
+        format!(r#"[{{"section":"Service","name":"ExecStart","value":"{exec}"}}{extra}]"#)
+    };
+    let global = r#",{"section":"X-Fleet","name":"Global","value":"true"}"#;
+    let bad = r#",{"section":"X-Fleet","name":"MachineID","value":"abc"},{"section":"X-Fleet","name":"Global","value":"true"}"#;
+    // (unit, first body, second body, status of the second PUT, then: desired state, ExecStart, global)
+    let cases: Vec<(&str, String, String, u16, &str, &str, bool)> = vec![
+        // what fleetctl --replace sends: the new options, no desired state -> inactive
+        (
+            "a.service",
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            format!(
+                r#"{{"name":"a.service","options":{}}}"#,
+                opts("/bin/sleep 2", "")
+            ),
+            201,
+            "inactive",
+            "/bin/sleep 2",
+            false,
+        ),
+        // with a desired state, the new version gets it
+        (
+            "b.service",
+            format!(
+                r#"{{"desiredState":"loaded","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 2", "")
+            ),
+            201,
+            "launched",
+            "/bin/sleep 2",
+            false,
+        ),
+        // a global unit replaced by a scheduled one, and the other way round
+        (
+            "c.service",
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 1", global)
+            ),
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 2", "")
+            ),
+            201,
+            "launched",
+            "/bin/sleep 2",
+            false,
+        ),
+        (
+            "d.service",
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 2", global)
+            ),
+            201,
+            "launched",
+            "/bin/sleep 2",
+            true,
+        ),
+        // the same options: no replacement, just the desired state
+        (
+            "e.service",
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            format!(
+                r#"{{"desiredState":"loaded","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            204,
+            "loaded",
+            "/bin/sleep 1",
+            false,
+        ),
+        // refused replacements keep the old version
+        (
+            "f.service",
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 1", "")
+            ),
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 2", bad)
+            ),
+            400,
+            "launched",
+            "/bin/sleep 1",
+            false,
+        ),
+        (
+            "g@.service",
+            format!(r#"{{"options":{}}}"#, opts("/bin/sleep 1", "")),
+            format!(
+                r#"{{"desiredState":"launched","options":{}}}"#,
+                opts("/bin/sleep 2", "")
+            ),
+            400,
+            "inactive",
+            "/bin/sleep 1",
+            false,
+        ),
+    ];
+    for (unit, first, second, status, desired, exec, is_global) in cases {
+        let path = format!("{u}/{unit}");
+        let r = h.put(&path, &first).await;
+        assert_eq!(r.status, 201, "{unit} create: {r:?}");
+        let r = h.put(&path, &second).await;
+        assert_eq!(r.status, status, "{unit} second PUT: {r:?}");
+        let got = h.get(&path).await.json();
+        assert_eq!(got["desiredState"].as_str(), Some(desired), "{unit}: {got}");
+        assert_eq!(
+            got["options"][0]["value"].as_str(),
+            Some(exec),
+            "{unit}: {got}"
+        );
+        let view = h
+            .reg()
+            .unit(&UnitName::parse(unit).expect("name"))
+            .await
+            .expect("read")
+            .expect("exists");
+        assert_eq!(view.global, is_global, "{unit}: {view:?}");
+    }
+    // the list shows each unit once, in the new version
+    let list = h.get(u).await.json();
+    let names: Vec<&str> = list["units"]
+        .as_array()
+        .expect("units")
+        .iter()
+        .filter_map(|x| x["name"].as_str())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "a.service",
+            "b.service",
+            "c.service",
+            "d.service",
+            "e.service",
+            "f.service",
+            "g@.service"
+        ]
     );
     h.stop().await.expect("clean shutdown");
 }
