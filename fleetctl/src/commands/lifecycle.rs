@@ -103,34 +103,63 @@ pub async fn stop(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
                 continue;
             }
         }
-        tracing::debug!("Setting target state of Unit({}) to loaded", u.name);
-        reg.set_desired_state(&u.name, TargetState::Loaded)
-            .await
-            .map_err(|e| {
-                Failure::msg(format!(
-                    "Error setting target state of unit {}: {}",
-                    u.name,
-                    describe(&e)
-                ))
-            })?;
-        if u.global {
-            ui::out(format!("Triggered global unit {} stop", u.name));
-        } else {
-            stopping.push(u.name.clone());
-        }
+        lower_target(&*reg, u, TargetState::Loaded, "stop", &mut stopping).await?;
     }
+    wait_lowered(
+        ctx,
+        block,
+        &stopping,
+        TargetState::Loaded,
+        ("stop", "stopped"),
+    )
+    .await
+}
+
+/// Sets `u`'s desired state to `target` (stop, unload); global units are reported as
+/// triggered, the others added to `waiting`.
+async fn lower_target(
+    reg: &dyn fleet_registry::Registry,
+    u: &UnitView,
+    target: TargetState,
+    verb: &str,
+    waiting: &mut Vec<UnitName>,
+) -> Result<(), Failure> {
+    tracing::debug!("Setting target state of Unit({}) to {target}", u.name);
+    reg.set_desired_state(&u.name, target).await.map_err(|e| {
+        Failure::msg(format!(
+            "Error setting target state of unit {}: {}",
+            u.name,
+            describe(&e)
+        ))
+    })?;
+    if u.global {
+        ui::out(format!("Triggered global unit {} {verb}", u.name));
+    } else {
+        waiting.push(u.name.clone());
+    }
+    Ok(())
+}
+
+/// Waits (unless --no-block) for `waiting` to reach `target`, with fleet's messages.
+async fn wait_lowered(
+    ctx: &Ctx,
+    block: &BlockArgs,
+    waiting: &[UnitName],
+    target: TargetState,
+    (verb, done): (&str, &str),
+) -> Outcome {
     let attempts = block_attempts(block.no_block, block.block_attempts);
-    wait::try_wait_for_unit_states(ctx, &stopping, "stop", TargetState::Loaded, attempts)
+    wait::try_wait_for_unit_states(ctx, waiting, verb, target, attempts)
         .await
         .map_err(|e| {
             Failure::msg(format!(
-                "Failed to stop units {}. err: {e}",
-                ui::go_list(&stopping)
+                "Failed to {verb} units {}. err: {e}",
+                ui::go_list(waiting)
             ))
         })?;
     ui::err(format!(
-        "Successfully stopped units {}.",
-        ui::go_list(&stopping)
+        "Successfully {done} units {}.",
+        ui::go_list(waiting)
     ));
     Ok(())
 }
@@ -153,36 +182,16 @@ pub async fn unload(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
             );
             continue;
         }
-        tracing::debug!("Setting target state of Unit({}) to inactive", u.name);
-        reg.set_desired_state(&u.name, TargetState::Inactive)
-            .await
-            .map_err(|e| {
-                Failure::msg(format!(
-                    "Error setting target state of unit {}: {}",
-                    u.name,
-                    describe(&e)
-                ))
-            })?;
-        if u.global {
-            ui::out(format!("Triggered global unit {} unload", u.name));
-        } else {
-            waiting.push(u.name.clone());
-        }
+        lower_target(&*reg, u, TargetState::Inactive, "unload", &mut waiting).await?;
     }
-    let attempts = block_attempts(block.no_block, block.block_attempts);
-    wait::try_wait_for_unit_states(ctx, &waiting, "unload", TargetState::Inactive, attempts)
-        .await
-        .map_err(|e| {
-            Failure::msg(format!(
-                "Failed to unload units {}. err: {e}",
-                ui::go_list(&waiting)
-            ))
-        })?;
-    ui::err(format!(
-        "Successfully unloaded units {}.",
-        ui::go_list(&waiting)
-    ));
-    Ok(())
+    wait_lowered(
+        ctx,
+        block,
+        &waiting,
+        TargetState::Inactive,
+        ("unload", "unloaded"),
+    )
+    .await
 }
 
 pub async fn destroy(ctx: &Ctx, args: &[String], block: &BlockArgs) -> Outcome {
