@@ -44,9 +44,16 @@ fn fail(code: StatusCode, message: impl Into<String>) -> Failure {
     }
 }
 
-/// fleet answered registry failures with a bare 500 and logged the cause.
+/// fleet answered registry failures with a bare 500 and logged the cause. When etcd cannot be
+/// reached we say so, with fleet's 503 wording, so a client knows what is wrong.
 fn internal(what: &str, e: &RegistryError) -> Failure {
     error!(error = %e, "{what}");
+    if e.is_unavailable() {
+        return fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fleet server unable to communicate with etcd",
+        );
+    }
     fail(StatusCode::INTERNAL_SERVER_ERROR, "")
 }
 

@@ -257,60 +257,106 @@ async fn shutdown_does_not_wait_for_idle_keepalive_connections() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_on_a_unix_socket() {
+/// A server on a unix socket in a temporary directory; send on the sender to stop it.
+struct UnixServer {
+    _dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), fleet_api::ServeError>>,
+}
+
+fn unix_server(registry: Arc<dyn Registry>) -> UnixServer {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fleet.sock");
     let listener = bind_unix(&path).expect("bind");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(serve(
         vec![listener],
-        Arc::new(Panicking),
+        registry,
         ApiConfig::default(),
         async {
             let _ = rx.await;
         },
     ));
-    let mut s = tokio::net::UnixStream::connect(&path)
-        .await
-        .expect("connect");
-    s.write_all(&request("GET", "/fleet/v1/discovery?alt=json", None, ""))
-        .await
-        .expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let r = parse(&buf);
+    UnixServer {
+        _dir: dir,
+        path,
+        stop,
+        task,
+    }
+}
+
+impl UnixServer {
+    /// Sends `req`, then (with `half_close`) closes the write side, and reads the answer.
+    async fn ask(&self, req: &[u8], half_close: bool) -> common::Reply {
+        let mut s = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .expect("connect");
+        s.write_all(req).await.expect("write");
+        if half_close {
+            s.shutdown().await.expect("half-close");
+        }
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.expect("read");
+        parse(&buf)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.expect("joined").expect("served");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_unix_socket() {
+    let server = unix_server(Arc::new(Panicking));
+    let r = server
+        .ask(
+            &request("GET", "/fleet/v1/discovery?alt=json", None, ""),
+            false,
+        )
+        .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("server"), Some("fleetd/1.0.0"));
-    let _ = tx.send(());
-    task.await.expect("joined").expect("served");
+    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_closes_its_write_side_still_gets_the_answer() {
     // `printf 'GET ...' | fleetctl fd-forward /var/run/fleet.sock`: the request, then EOF
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("fleet.sock");
-    let listener = bind_unix(&path).expect("bind");
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(
-        vec![listener],
-        Arc::new(Panicking),
-        ApiConfig::default(),
-        async {
-            let _ = rx.await;
-        },
-    ));
-    let mut s = tokio::net::UnixStream::connect(&path)
+    let server = unix_server(Arc::new(Panicking));
+    let r = server
+        .ask(
+            &request("GET", "/fleet/v1/discovery?alt=json", None, ""),
+            true,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_out_of_reach_is_a_503_that_says_so() {
+    let etcd = fleet_testutil::EtcdServer::start();
+    let cfg = fleet_registry::EtcdConfig {
+        endpoints: vec![etcd.endpoint().to_string()],
+        key_prefix: "/gone/".into(),
+        request_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let registry = fleet_registry::EtcdRegistry::connect(&cfg)
         .await
         .expect("connect");
-    s.write_all(&request("GET", "/fleet/v1/discovery?alt=json", None, ""))
-        .await
-        .expect("write");
-    s.shutdown().await.expect("half-close");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    assert_eq!(parse(&buf).status, 200, "{}", String::from_utf8_lossy(&buf));
-    let _ = tx.send(());
-    task.await.expect("joined").expect("served");
+    drop(etcd);
+    let server = unix_server(Arc::new(registry));
+    let r = server
+        .ask(&request("GET", "/fleet/v1/units?alt=json", None, ""), false)
+        .await;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body
+            .contains("fleet server unable to communicate with etcd"),
+        "{r:?}"
+    );
+    server.stop().await;
 }
