@@ -121,7 +121,8 @@ async fn wait_for_unit_state(
             Ok(Some(u)) => {
                 let state = if u.global { u.desired } else { u.current };
                 if state == want {
-                    let mut msg = format!("Unit {name} {}", u.current);
+                    // (fleet printed the current state, always empty for a global unit)
+                    let mut msg = format!("Unit {name} {state}");
                     let machine = match &u.machine_id {
                         Some(id) => ctx.machine(id).await,
                         None => None,
