@@ -117,6 +117,13 @@ pub fn diff(
         }
         touched.insert(name.clone());
     }
+    // Schedule keys beside the real one, or unreadable ones.
+    for (unit, machine) in &snap.strays {
+        ops.push(EngineOp::DropSchedule {
+            unit: unit.clone(),
+            machine: machine.clone(),
+        });
+    }
     // Placements without a schedule record (left over by an interrupted write).
     for (name, machine) in &snap.placements {
         if !snap.schedules.contains_key(name) && !touched.contains(name) {

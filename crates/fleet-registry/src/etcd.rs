@@ -19,7 +19,7 @@ use crate::model::{
     GlobalRecord, MachineRecord, MachineView, RECORD_VERSION, ScheduleRecord, StateRecord,
     UnitRecord, UnitView, current_state, decode, encode,
 };
-use crate::watch::{ListWatch, WatchEvent, list};
+use crate::watch::{KeyRange, ListWatch, WatchEvent, list};
 use crate::{Registry, RegistryError, Result};
 
 /// etcd accepts at most 128 operations in one transaction by default.
@@ -78,6 +78,11 @@ pub enum EngineOp {
         unit: String,
         machine: String,
     },
+    /// Remove one machine's schedule key of a unit, leaving its placement alone (strays).
+    DropSchedule {
+        unit: String,
+        machine: String,
+    },
     SetReason {
         unit: String,
         reason: String,
@@ -95,6 +100,9 @@ pub struct EngineSnapshot {
     pub machines: Vec<MachineView>,
     /// unit name → (machine, what that machine was told)
     pub schedules: BTreeMap<String, (String, ScheduleRecord)>,
+    /// (unit, machine) schedule keys beside the one in `schedules` (a unit on two machines
+    /// after an interrupted write) or unreadable ones: to be removed.
+    pub strays: Vec<(String, String)>,
     pub placements: BTreeMap<String, String>,
     pub reasons: BTreeMap<String, String>,
     pub leader: Option<String>,
@@ -199,7 +207,8 @@ impl EtcdRegistry {
 
     /// Reads several prefixes at one revision.
     async fn list(&self, prefixes: &[String]) -> Result<(i64, Vec<(String, Vec<u8>)>)> {
-        self.timed(list(&self.client, prefixes)).await
+        let ranges: Vec<KeyRange> = prefixes.iter().map(KeyRange::prefix).collect();
+        self.timed(list(&self.client, &ranges)).await
     }
 
     // ---- bodies ----
@@ -444,24 +453,24 @@ impl EtcdRegistry {
         leadership.lease.revoke(&self.client).await;
     }
 
-    /// The key prefixes the engine mirrors (list-watch) and decides from.
-    pub fn engine_prefixes(&self) -> Vec<String> {
-        let mut p: Vec<String> = [
-            keys::UNITS,
-            keys::MACHINES,
-            keys::METADATA,
-            keys::SCHEDULE,
-            keys::PLACEMENT,
-            keys::REASONS,
-        ]
-        .iter()
-        .map(|k| self.keys.dir(k))
-        .collect();
-        p.push(self.keys.leader());
-        p
+    /// The key ranges the engine mirrors (list-watch) and decides from. The engine's own
+    /// writes (`placement/`, `reasons/`, `schedule/`, adjacent in key order) are one range, so
+    /// one write's events arrive together and the mirror never holds half of a decision.
+    pub fn engine_ranges(&self) -> Vec<KeyRange> {
+        let mut r: Vec<KeyRange> = [keys::UNITS, keys::MACHINES, keys::METADATA]
+            .iter()
+            .map(|k| KeyRange::prefix(self.keys.dir(k)))
+            .collect();
+        r.push(KeyRange::between(
+            self.keys.dir(keys::PLACEMENT),
+            // just past every key under schedule/ ('0' follows '/')
+            format!("{}schedule0", self.keys.prefix()),
+        ));
+        r.push(KeyRange::prefix(self.keys.leader()));
+        r
     }
 
-    /// Decodes a mirror of [`Self::engine_prefixes`] into what the engine decides from.
+    /// Decodes a mirror of [`Self::engine_ranges`] into what the engine decides from.
     /// Malformed records are logged and skipped.
     pub fn decode_engine_snapshot<'a>(
         &self,
@@ -469,7 +478,9 @@ impl EtcdRegistry {
         kvs: impl Iterator<Item = (&'a String, &'a Vec<u8>)> + Clone,
     ) -> EngineSnapshot {
         let owned: Vec<(String, Vec<u8>)> = kvs.map(|(k, v)| (k.clone(), v.clone())).collect();
-        let mut schedules = BTreeMap::new();
+        let placements = self.decode_strings(keys::PLACEMENT, &owned);
+        let mut schedules: BTreeMap<String, (String, ScheduleRecord)> = BTreeMap::new();
+        let mut strays = Vec::new();
         for (k, v) in &owned {
             let Some(rest) = self.keys.strip(keys::SCHEDULE, k) else {
                 continue;
@@ -477,11 +488,32 @@ impl EtcdRegistry {
             let Some((machine, unit)) = rest.split_once('/') else {
                 continue;
             };
-            match decode::<ScheduleRecord>(k, v) {
-                Ok(r) => {
-                    schedules.insert(unit.to_string(), (machine.to_string(), r));
+            let rec = match decode::<ScheduleRecord>(k, v) {
+                Ok(r) => r,
+                Err(e) => {
+                    // unreadable: the engine removes it like any other stray
+                    warn!(error = %e, "schedule record not understood");
+                    strays.push((unit.to_string(), machine.to_string()));
+                    continue;
                 }
-                Err(e) => warn!(error = %e, "skipping schedule record"),
+            };
+            // A unit scheduled on two machines (an interrupted write): the placement says
+            // which one is meant; the other is a stray to remove.
+            let keep_new = match schedules.get(unit) {
+                None => true,
+                Some((m, _)) => {
+                    placements.get(unit) == Some(&machine.to_string())
+                        && placements.get(unit) != Some(m)
+                }
+            };
+            if keep_new {
+                if let Some((old, _)) =
+                    schedules.insert(unit.to_string(), (machine.to_string(), rec))
+                {
+                    strays.push((unit.to_string(), old));
+                }
+            } else {
+                strays.push((unit.to_string(), machine.to_string()));
             }
         }
         let leader_key = self.keys.leader();
@@ -490,7 +522,8 @@ impl EtcdRegistry {
             units: self.decode_units(&owned),
             machines: self.decode_machines(&owned),
             schedules,
-            placements: self.decode_strings(keys::PLACEMENT, &owned),
+            strays,
+            placements,
             reasons: self.decode_strings(keys::REASONS, &owned),
             leader: owned
                 .iter()
@@ -501,7 +534,9 @@ impl EtcdRegistry {
 
     /// Everything the engine decides from, read at one revision.
     pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
-        let (revision, kvs) = self.list(&self.engine_prefixes()).await?;
+        let (revision, kvs) = self
+            .timed(list(&self.client, &self.engine_ranges()))
+            .await?;
         Ok(self.decode_engine_snapshot(revision, kvs.iter().map(|(k, v)| (k, v))))
     }
 
@@ -509,7 +544,7 @@ impl EtcdRegistry {
     pub fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
         ListWatch::spawn(
             self.client.clone(),
-            self.engine_prefixes(),
+            self.engine_ranges(),
             poll,
             self.timeout * 5,
         )
@@ -534,14 +569,41 @@ impl EtcdRegistry {
                 _ => None,
             })
             .collect();
+        // likewise a unit that gets a reason in this batch keeps its reason key out of its
+        // schedule write, and a stray overwritten by a schedule write is not also deleted
+        let reasoned: std::collections::HashSet<&str> = ops
+            .iter()
+            .filter_map(|op| match op {
+                EngineOp::SetReason { unit, .. } => Some(unit.as_str()),
+                _ => None,
+            })
+            .collect();
+        let scheduled_to: std::collections::HashSet<(&str, &str)> = ops
+            .iter()
+            .filter_map(|op| match op {
+                EngineOp::Schedule { unit, machine, .. } => Some((unit.as_str(), machine.as_str())),
+                _ => None,
+            })
+            .collect();
         let groups: Vec<Vec<TxnOp>> = ops
             .iter()
             .map(|op| match op {
                 EngineOp::Unschedule { unit, machine } if moving.contains(unit.as_str()) => {
                     vec![TxnOp::delete(self.keys.schedule(machine, unit), None)]
                 }
+                EngineOp::DropSchedule { unit, machine }
+                    if scheduled_to.contains(&(unit.as_str(), machine.as_str())) =>
+                {
+                    vec![]
+                }
+                EngineOp::Schedule { unit, .. } if reasoned.contains(unit.as_str()) => {
+                    let mut g = self.engine_txn_ops(op);
+                    g.truncate(2); // schedule + placement, without the reason delete
+                    g
+                }
                 _ => self.engine_txn_ops(op),
             })
+            .filter(|g| !g.is_empty())
             .collect();
         let mut revision = 0;
         let leader = self.keys.leader();
@@ -598,6 +660,9 @@ impl EtcdRegistry {
                 vec![TxnOp::put(self.keys.reason(unit), reason.as_str(), None)]
             }
             EngineOp::ClearReason { unit } => vec![TxnOp::delete(self.keys.reason(unit), None)],
+            EngineOp::DropSchedule { unit, machine } => {
+                vec![TxnOp::delete(self.keys.schedule(machine, unit), None)]
+            }
         }
     }
 
@@ -697,7 +762,8 @@ impl EtcdRegistry {
             self.keys.dir(keys::GLOBAL),
             self.keys.metadata_dir(machine_id),
         ];
-        ListWatch::spawn(self.client.clone(), prefixes, poll, self.timeout * 5)
+        let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
+        ListWatch::spawn(self.client.clone(), ranges, poll, self.timeout * 5)
     }
 
     /// The API-set metadata of one machine (persistent; merged over the configured one).
@@ -751,7 +817,8 @@ impl EtcdRegistry {
             self.keys.states_dir(name),
             self.keys.dir(keys::MACHINES),
         ];
-        let mut rx = ListWatch::spawn(self.client.clone(), prefixes, None, self.timeout * 5);
+        let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
+        let mut rx = ListWatch::spawn(self.client.clone(), ranges, None, self.timeout * 5);
         let _ = tokio::time::timeout(max, async {
             // the first message is the snapshot; wait for the one after it
             let _ = rx.recv().await;

@@ -25,7 +25,7 @@ pub use model::{
     GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
     current_state,
 };
-pub use watch::{ListWatch, WatchEvent};
+pub use watch::{KeyRange, ListWatch, WatchEvent};
 
 use std::time::Duration;
 

@@ -32,15 +32,55 @@ pub enum WatchEvent {
     Disconnected,
 }
 
+/// A range of keys: everything under a prefix, or `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRange {
+    pub start: String,
+    /// `None`: every key starting with `start`.
+    pub end: Option<String>,
+}
+
+impl KeyRange {
+    pub fn prefix(p: impl Into<String>) -> KeyRange {
+        KeyRange {
+            start: p.into(),
+            end: None,
+        }
+    }
+
+    /// `[start, end)`. One watcher over one range delivers all events of one revision in one
+    /// message, which several prefix watchers would split.
+    pub fn between(start: impl Into<String>, end: impl Into<String>) -> KeyRange {
+        KeyRange {
+            start: start.into(),
+            end: Some(end.into()),
+        }
+    }
+
+    fn get_options(&self) -> GetOptions {
+        match &self.end {
+            None => GetOptions::new().with_prefix(),
+            Some(e) => GetOptions::new().with_range(e.as_str()),
+        }
+    }
+
+    fn watch_options(&self) -> WatchOptions {
+        match &self.end {
+            None => WatchOptions::new().with_prefix(),
+            Some(e) => WatchOptions::new().with_range(e.as_str()),
+        }
+    }
+}
+
 /// Spawns list-watch loops; see the module docs.
 pub struct ListWatch;
 
 impl ListWatch {
-    /// Watches `prefixes`. With `poll = Some(interval)` (fleet's `disable_watches`), re-lists
+    /// Watches `ranges`. With `poll = Some(interval)` (fleet's `disable_watches`), re-lists
     /// every interval instead of watching. The task ends when the receiver is dropped.
     pub fn spawn(
         client: Client,
-        prefixes: Vec<String>,
+        prefixes: Vec<KeyRange>,
         poll: Option<Duration>,
         timeout: Duration,
     ) -> mpsc::Receiver<WatchEvent> {
@@ -52,7 +92,7 @@ impl ListWatch {
 
 async fn run(
     client: Client,
-    prefixes: Vec<String>,
+    prefixes: Vec<KeyRange>,
     poll: Option<Duration>,
     timeout: Duration,
     tx: mpsc::Sender<WatchEvent>,
@@ -82,7 +122,6 @@ async fn run(
             }
         };
         connected = true;
-        backoff = Duration::from_millis(200);
         if tx
             .send(WatchEvent::Snapshot { revision, kvs })
             .await
@@ -91,12 +130,13 @@ async fn run(
             return;
         }
         if let Some(interval) = poll {
+            backoff = Duration::from_millis(200);
             tokio::select! {
                 _ = tokio::time::sleep(interval) => continue,
                 _ = tx.closed() => return,
             }
         }
-        match watch(&client, &prefixes, revision + 1, &tx).await {
+        match watch(&client, &prefixes, revision + 1, &tx, &mut backoff).await {
             WatchEnd::ReceiverGone => return,
             WatchEnd::Broken(reason) => {
                 warn!(%reason, "etcd watch broke; listing again");
@@ -105,6 +145,8 @@ async fn run(
                 }
                 connected = false;
                 tokio::time::sleep(backoff).await;
+                // a watch that keeps breaking must not make us re-list at full speed
+                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
@@ -113,11 +155,11 @@ async fn run(
 /// Reads all prefixes in one transaction, so they share one revision.
 pub(crate) async fn list(
     client: &Client,
-    prefixes: &[String],
+    prefixes: &[KeyRange],
 ) -> Result<(i64, Vec<(String, Vec<u8>)>), etcd_client::Error> {
     let ops: Vec<TxnOp> = prefixes
         .iter()
-        .map(|p| TxnOp::get(p.as_str(), Some(GetOptions::new().with_prefix())))
+        .map(|r| TxnOp::get(r.start.as_str(), Some(r.get_options())))
         .collect();
     let resp = client.kv_client().txn(Txn::new().and_then(ops)).await?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -142,22 +184,28 @@ enum WatchEnd {
 
 async fn watch(
     client: &Client,
-    prefixes: &[String],
+    ranges: &[KeyRange],
     start: i64,
     tx: &mpsc::Sender<WatchEvent>,
+    backoff: &mut Duration,
 ) -> WatchEnd {
+    let Some((first, rest)) = ranges.split_first() else {
+        // nothing to watch: wait until the receiver goes away
+        tx.closed().await;
+        return WatchEnd::ReceiverGone;
+    };
     let mut wc = client.watch_client();
-    let first = &prefixes[0];
-    let opts = |_: &str| WatchOptions::new().with_prefix().with_start_revision(start);
-    let mut stream = match wc.watch(first.as_str(), Some(opts(first))).await {
+    let opts = |r: &KeyRange| r.watch_options().with_start_revision(start);
+    let mut stream = match wc.watch(first.start.as_str(), Some(opts(first))).await {
         Ok(s) => s,
         Err(e) => return WatchEnd::Broken(e.to_string()),
     };
-    for p in &prefixes[1..] {
-        if let Err(e) = stream.watch(p.as_str(), Some(opts(p))).await {
+    for r in rest {
+        if let Err(e) = stream.watch(r.start.as_str(), Some(opts(r))).await {
             return WatchEnd::Broken(e.to_string());
         }
     }
+    let mut working = false;
     loop {
         let msg = tokio::select! {
             m = stream.message() => m,
@@ -168,6 +216,11 @@ async fn watch(
             Ok(None) => return WatchEnd::Broken("watch stream ended".into()),
             Err(e) => return WatchEnd::Broken(e.to_string()),
         };
+        if !working {
+            // the watch answered: breaks from now on start again from a short backoff
+            working = true;
+            *backoff = Duration::from_millis(200);
+        }
         if resp.canceled() {
             return WatchEnd::Broken(format!(
                 "watch canceled (compacted at {}): {}",

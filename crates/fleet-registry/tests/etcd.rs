@@ -266,3 +266,75 @@ async fn agent_watch_sees_only_its_schedule_and_globals() {
         other => panic!("unexpected {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn one_batch_may_schedule_and_explain_a_unit_and_strays_are_found() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let f = file("[Service]\nExecStart=/bin/true\n");
+    let lead = r
+        .campaign("m1", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    // a placed unit whose requirements became unreadable and whose desired state changed:
+    // its schedule is rewritten and it gets a reason, in one batch
+    let ops = [
+        EngineOp::Schedule {
+            unit: "x.service".into(),
+            machine: "m1".into(),
+            hash: f.hash(),
+            desired: TargetState::Loaded,
+        },
+        EngineOp::SetReason {
+            unit: "x.service".into(),
+            reason: "bad".into(),
+        },
+    ];
+    r.apply(&lead, &ops)
+        .await
+        .expect("schedule and reason in one batch");
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(
+        snap.reasons.get("x.service").map(String::as_str),
+        Some("bad")
+    );
+    // the same unit scheduled on a second machine (an interrupted write): a stray
+    r.apply(
+        &lead,
+        &[EngineOp::DropSchedule {
+            unit: "none.service".into(),
+            machine: "m9".into(),
+        }],
+    )
+    .await
+    .expect("drop of nothing");
+    let mut kv = r.client().kv_client();
+    kv.put("/test/schedule/m2/x.service", r#"{"version":1,"hash":"1c6fb6f3684bafb0c173d8b8b957ceff031180c1","desiredState":"loaded"}"#, None).await.expect("put");
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(
+        snap.schedules.get("x.service").map(|(m, _)| m.as_str()),
+        Some("m1"),
+        "the placement wins"
+    );
+    assert_eq!(
+        snap.strays,
+        vec![("x.service".to_string(), "m2".to_string())]
+    );
+    r.apply(
+        &lead,
+        &[EngineOp::DropSchedule {
+            unit: "x.service".into(),
+            machine: "m2".into(),
+        }],
+    )
+    .await
+    .expect("drop");
+    assert!(
+        r.engine_snapshot()
+            .await
+            .expect("snapshot")
+            .strays
+            .is_empty()
+    );
+}
