@@ -50,6 +50,16 @@ struct Leader {
     seen: HashSet<String>,
 }
 
+/// Gives up leadership: forgets it and revokes its lease in the background, so the leader
+/// key goes at once and another engine can win.
+fn step_down(registry: &EtcdRegistry, leader: &mut Option<Leader>, stats: &EngineStats) {
+    stats.leader_since.store(0, Ordering::Relaxed);
+    if let Some(l) = leader.take() {
+        let registry = registry.clone();
+        tokio::spawn(async move { registry.resign(l.leadership).await });
+    }
+}
+
 /// Runs the engine until `shutdown` is cancelled; on shutdown a leader resigns at once so
 /// another engine takes over without waiting for the lease to expire.
 pub async fn run(
@@ -113,8 +123,7 @@ pub async fn run(
             }
             Event::LeaseLost => {
                 warn!("engine lost its leadership lease");
-                leader = None;
-                stats.leader_since.store(0, Ordering::Relaxed);
+                step_down(&registry, &mut leader, &stats);
                 continue;
             }
             Event::Watch(WatchEvent::Snapshot { revision, kvs }) => {
@@ -190,7 +199,13 @@ pub async fn run(
         let snap = registry.decode_engine_snapshot(mirror_rev, mirror.iter());
         match snap.leader.as_deref() {
             Some(id) if id == cfg.machine_id => {}
-            _ => continue, // the mirror has not seen our leader key yet
+            // The mirror is past our election, so it holds our leader key unless that key is
+            // gone (deleted by hand, or expired while we did not notice): we do not lead.
+            _ => {
+                warn!("the leader key is no longer this engine's; stepping down");
+                step_down(&registry, &mut leader, &stats);
+                continue;
+            }
         }
         let bodies_needed: Vec<UnitHash> = snap
             .units
@@ -224,6 +239,12 @@ pub async fn run(
             r
         };
         let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
+        if requirements.len() > 2 * snap.units.len() + 64 {
+            // forget destroyed units (the cache would otherwise grow with every unit ever seen)
+            let live: HashSet<(&UnitName, &UnitHash)> =
+                snap.units.iter().map(|u| (&u.name, &u.hash)).collect();
+            requirements.retain(|(n, h), _| live.contains(&(n, h)));
+        }
         let plan = fleet_scheduler::reconcile(&sched_snap);
         l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
         let held: HashSet<String> = if l.since.elapsed() < cfg.agent_ttl {
@@ -255,12 +276,15 @@ pub async fn run(
             }
             Err(RegistryError::NotLeader) => {
                 warn!("engine write refused: no longer leader");
-                leader = None;
-                stats.leader_since.store(0, Ordering::Relaxed);
+                step_down(&registry, &mut leader, &stats);
             }
             Err(e) => {
-                warn!(error = %e, "engine write failed");
+                // The write may have landed anyway (a timeout after commit): decide again only
+                // from a fresh listing, never from a mirror that may lack our own write.
+                warn!(error = %e, "engine write failed; listing again before deciding");
                 stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+                watch = registry.watch_engine(poll);
+                synced = false;
             }
         }
         stats

@@ -73,11 +73,12 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
         .await;
         match attempt {
             Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
-            Ok(Ok(_)) => {
+            Ok(Ok(Some(_))) => {
                 warn!(lease = id, "lease expired");
                 let _ = lost.send(true);
                 return;
             }
+            Ok(Ok(None)) => debug!(lease = id, "lease refresh stream ended without an answer"),
             Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
             Err(_) => debug!(lease = id, "lease refresh timed out"),
         }
