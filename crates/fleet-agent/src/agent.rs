@@ -73,6 +73,12 @@ struct Agent {
     published: BTreeMap<String, StateRecord>,
     watching: WatchSet,
     refused_globals: BTreeMap<UnitName, String>,
+    /// Units taken over from a previous fleetd, with the file text found on disk, until the
+    /// first reconcile compares that text with what the registry wants (by content, not by
+    /// hash: a file written from API options may hash differently once re-read).
+    adopted: BTreeMap<String, String>,
+    /// States whose last write (or withdrawal) failed: retried on every tick.
+    unsent: std::collections::BTreeSet<String>,
 }
 
 /// Runs the agent until `shutdown` is cancelled. Then, if `purge` is set, it stops and
@@ -118,6 +124,8 @@ pub async fn run(
         published: BTreeMap::new(),
         watching,
         refused_globals: BTreeMap::new(),
+        adopted: BTreeMap::new(),
+        unsent: Default::default(),
     };
     agent.adopt().await;
     agent.run(shutdown, purge).await;
@@ -177,7 +185,19 @@ impl Agent {
         if names.is_empty() {
             return;
         }
-        let states = self.systemd.states(&names).await.unwrap_or_default();
+        let mut states = BTreeMap::new();
+        for attempt in 1..=3 {
+            match self.systemd.states(&names).await {
+                Ok(s) => {
+                    states = s;
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, attempt, "cannot read the states of units to adopt");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
         for name in names {
             let path = self.cfg.units_directory.join(&name);
             let Ok(text) = std::fs::read_to_string(&path) else {
@@ -205,6 +225,7 @@ impl Agent {
                     state,
                 },
             );
+            self.adopted.insert(name.clone(), text.clone());
             self.watching.insert(name.clone());
             if let Some(s) = states.get(&name) {
                 self.systemd_states.insert(name, s.clone());
@@ -222,7 +243,6 @@ impl Agent {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<tokio::time::Instant> = None;
-        let mut dirty = true;
         loop {
             let event = {
                 let soon = async {
@@ -238,7 +258,11 @@ impl Agent {
                             .await
                             .map(Event::Systemd)
                             .unwrap_or(Event::SystemdClosed),
-                        None => std::future::pending().await,
+                        // no subscription (it failed): try again in a while
+                        None => {
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                            Event::SystemdClosed
+                        }
                     }
                 };
                 tokio::select! {
@@ -258,12 +282,8 @@ impl Agent {
                     return;
                 }
                 Event::Watch(ev) => {
-                    if self.apply_watch(ev) {
-                        dirty = true;
-                        if deadline.is_none() {
-                            deadline =
-                                Some(tokio::time::Instant::now() + Duration::from_millis(30));
-                        }
+                    if self.apply_watch(ev) && deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + Duration::from_millis(30));
                     }
                 }
                 Event::WatchClosed => {
@@ -288,11 +308,13 @@ impl Agent {
                 }
                 Event::LeaseLost => self.reregister(&shutdown).await,
                 Event::Tick => {
-                    if dirty && self.synced {
-                        dirty = !self.reconcile().await;
-                    } else if self.synced {
-                        // periodic check that what we did still matches what we want
-                        dirty = !self.reconcile().await;
+                    if !self.unsent.is_empty() {
+                        self.retry_unsent().await;
+                    }
+                    // after a change, and periodically: does what runs match what is wanted?
+                    // (a reconcile that could not finish is simply tried at the next tick)
+                    if self.synced {
+                        self.reconcile().await;
                     }
                 }
             }
@@ -364,24 +386,34 @@ impl Agent {
         let sched_dir = keys.schedule_dir(&self.cfg.machine_id);
         let meta_dir = keys.metadata_dir(&self.cfg.machine_id);
         let mut entries: Vec<(bool, UnitName, UnitHash, TargetState)> = Vec::new();
+        // Records this agent cannot read (a newer format during an upgrade, damage): a unit
+        // it already runs under that name keeps running as it is; nothing new is started.
+        let mut unreadable: Vec<UnitName> = Vec::new();
         for (k, v) in &self.mirror {
             if let Some(name) = k.strip_prefix(&sched_dir) {
-                let (Ok(name), Ok(rec)) = (
-                    UnitName::parse(name),
-                    serde_json_decode::<ScheduleRecord>(v),
-                ) else {
-                    warn!(key = %k, "skipping malformed schedule record");
+                let Ok(name) = UnitName::parse(name) else {
+                    warn!(key = %k, "skipping schedule record with an invalid unit name");
                     continue;
                 };
-                entries.push((false, name, rec.hash, rec.desired_state));
+                match serde_json_decode::<ScheduleRecord>(v) {
+                    Ok(rec) => entries.push((false, name, rec.hash, rec.desired_state)),
+                    Err(()) => {
+                        warn!(key = %k, "schedule record not understood; leaving the unit as it is");
+                        unreadable.push(name);
+                    }
+                }
             } else if let Some(name) = keys.strip(keys::GLOBAL, k) {
-                let (Ok(name), Ok(rec)) =
-                    (UnitName::parse(name), serde_json_decode::<GlobalRecord>(v))
-                else {
-                    warn!(key = %k, "skipping malformed global record");
+                let Ok(name) = UnitName::parse(name) else {
+                    warn!(key = %k, "skipping global record with an invalid unit name");
                     continue;
                 };
-                entries.push((true, name, rec.hash, rec.desired_state));
+                match serde_json_decode::<GlobalRecord>(v) {
+                    Ok(rec) => entries.push((true, name, rec.hash, rec.desired_state)),
+                    Err(()) => {
+                        warn!(key = %k, "global record not understood; leaving the unit as it is");
+                        unreadable.push(name);
+                    }
+                }
             } else if let Some(key) = k.strip_prefix(&meta_dir) {
                 metadata.insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
             }
@@ -389,9 +421,16 @@ impl Agent {
         for (global, name, hash, state) in entries {
             let req = match self.requirements_of(&name, hash).await {
                 Ok(r) => r,
-                Err(e) => {
+                Err(e) if e.is_unavailable() => {
                     warn!(unit = %name, error = %e, "cannot read unit body; will retry");
                     return false;
+                }
+                Err(e) => {
+                    // a body missing or damaged for good: this unit cannot be (re)written,
+                    // but it must not hold up every other unit of this machine
+                    warn!(unit = %name, error = %e, "unusable unit body; leaving the unit as it is");
+                    unreadable.push(name);
+                    continue;
                 }
             };
             if global {
@@ -404,7 +443,19 @@ impl Agent {
             id: self.cfg.machine_id.clone(),
             metadata,
         };
-        let (desired, refused) = desired_units(&machine, &scheduled, &globals);
+        let (mut desired, refused) = desired_units(&machine, &scheduled, &globals);
+        for name in unreadable {
+            if let Some(cur) = self.current.get(name.as_str()) {
+                desired.insert(
+                    name,
+                    Desired {
+                        hash: cur.hash,
+                        state: cur.state,
+                    },
+                );
+            }
+        }
+        self.resolve_adopted(&desired).await;
         if refused != self.refused_globals {
             for (name, reason) in &refused {
                 info!(unit = %name, %reason, "global unit does not run on this machine");
@@ -413,6 +464,40 @@ impl Agent {
         }
         self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         self.converge(desired).await
+    }
+
+    /// For units taken over at start: when the file on disk says exactly what the registry's
+    /// body says, the unit is the one wanted, whatever its hash computed from disk.
+    async fn resolve_adopted(&mut self, desired: &BTreeMap<UnitName, Desired>) {
+        if self.adopted.is_empty() {
+            return;
+        }
+        for (name, d) in desired {
+            let Some(text) = self.adopted.get(name.as_str()) else {
+                continue;
+            };
+            let Some(cur) = self.current.get(name.as_str()).copied() else {
+                continue;
+            };
+            if cur.hash == d.hash {
+                continue;
+            }
+            match self.registry.body(&d.hash).await {
+                Ok(body) if body.serialize() == *text => {
+                    self.current.insert(
+                        name.to_string(),
+                        Current {
+                            hash: d.hash,
+                            ..cur
+                        },
+                    );
+                }
+                Ok(_) => {}
+                // not now: keep the unit and compare at the next reconcile
+                Err(_) => return,
+            }
+        }
+        self.adopted.clear();
     }
 
     /// Runs the tasks that take systemd from `current` to `desired`.
@@ -610,19 +695,42 @@ impl Agent {
                 self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
                 self.published.insert(name.to_string(), rec);
             }
-            Err(e) => debug!(unit = name, error = %e, "publishing state failed; will retry"),
+            Err(e) => {
+                debug!(unit = name, error = %e, "publishing state failed; will retry");
+                self.unsent.insert(name.to_string());
+            }
         }
     }
 
     async fn unpublish(&mut self, name: &str) {
-        if self.published.remove(name).is_none() {
+        if !self.published.contains_key(name) && !self.unsent.contains(name) {
             return;
         }
         let withdrawn = self
             .registry
             .publish_state(name, &self.cfg.machine_id, None, &self.lease);
-        if let Err(e) = withdrawn.await {
-            debug!(unit = name, error = %e, "withdrawing state failed");
+        match withdrawn.await {
+            Ok(()) => {
+                self.published.remove(name);
+                self.unsent.remove(name);
+            }
+            Err(e) => {
+                debug!(unit = name, error = %e, "withdrawing state failed; will retry");
+                self.unsent.insert(name.to_string());
+            }
+        }
+    }
+
+    /// Retries the state writes that failed: publish what is still managed, withdraw the rest.
+    async fn retry_unsent(&mut self) {
+        let names: Vec<String> = std::mem::take(&mut self.unsent).into_iter().collect();
+        for name in names {
+            if self.current.contains_key(&name) {
+                self.published.remove(&name);
+                self.publish(&name).await;
+            } else {
+                self.unpublish(&name).await;
+            }
         }
     }
 
