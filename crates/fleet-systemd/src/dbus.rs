@@ -341,6 +341,19 @@ pub struct SystemdManager {
 }
 
 impl SystemdManager {
+    /// `StartUnit`/`StopUnit` with mode "replace": returns once systemd queued the job.
+    async fn queue_job(&self, name: &str, method: &'static str, verb: &str) -> Result<()> {
+        validate_name(name)?;
+        let reply = self
+            .inner
+            .caller
+            .manager(method, Some(name), &(name, "replace"))
+            .await?;
+        let job: Result<OwnedObjectPath, _> = reply.body().deserialize();
+        tracing::info!(unit = name, job = ?job.ok(), "triggered systemd unit {verb}");
+        Ok(())
+    }
+
     /// Creates the units directory and connects to the bus (failing now if it is not there).
     pub async fn connect(config: ManagerConfig) -> Result<Self> {
         let dir = config.units_directory.clone();
@@ -544,27 +557,11 @@ impl UnitManager for SystemdManager {
     }
 
     async fn start(&self, name: &str) -> Result<()> {
-        validate_name(name)?;
-        let reply = self
-            .inner
-            .caller
-            .manager("StartUnit", Some(name), &(name, "replace"))
-            .await?;
-        let job: Result<OwnedObjectPath, _> = reply.body().deserialize();
-        tracing::info!(unit = name, job = ?job.ok(), "triggered systemd unit start");
-        Ok(())
+        self.queue_job(name, "StartUnit", "start").await
     }
 
     async fn stop(&self, name: &str) -> Result<()> {
-        validate_name(name)?;
-        let reply = self
-            .inner
-            .caller
-            .manager("StopUnit", Some(name), &(name, "replace"))
-            .await?;
-        let job: Result<OwnedObjectPath, _> = reply.body().deserialize();
-        tracing::info!(unit = name, job = ?job.ok(), "triggered systemd unit stop");
-        Ok(())
+        self.queue_job(name, "StopUnit", "stop").await
     }
 
     async fn states(&self, names: &[String]) -> Result<BTreeMap<String, SystemdState>> {
