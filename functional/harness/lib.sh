@@ -81,6 +81,16 @@ FH_SSH_DIR=$FH_STATE/ssh
 FH_SSH_KEY=$FH_SSH_DIR/id_ed25519
 FH_KNOWN_HOSTS=$FH_SSH_DIR/known_hosts
 FH_SSH_CONFIG=$FH_SSH_DIR/config
+FH_NODE_SSH_DIR=/etc/fleet-harness/ssh          # FH_SSH_DIR, bound read-only into every node
+
+# fleetctl's SSH settings for a cluster's nodes: root, the harness key, the harness known
+# hosts (every node's host key). With them `fleetctl status/journal/ssh` work from any node
+# (fleetctl's default user is core, and it would want an ssh-agent).
+# shellcheck disable=SC2120 # ./cluster passes the host's ssh dir
+fh_fleetctl_ssh_env() {
+  local d=${1:-$FH_NODE_SSH_DIR}
+  printf 'FLEETCTL_SSH_USERNAME=root\nFLEETCTL_SSH_IDENTITY=%s/id_ed25519\nFLEETCTL_KNOWN_HOSTS_FILE=%s/known_hosts\n' "$d" "$d"
+}
 FH_ETCD_DIR=$FH_STATE/etcd
 FH_NSPAWN_RUN=/run/systemd/nspawn
 FH_NSPAWN_TMPFS=fh-nspawn                        # same source name as the shared harness uses
@@ -99,7 +109,7 @@ fh_check_lock() {
 
 fh_require_root() { [ "$(id -u)" = 0 ] || fh_die "must run as root (the harness mounts, creates namespaces and boots containers)"; }
 
-fh_check_index() { [[ $1 =~ ^[1-9][0-9]{0,2}$ ]] && [ "$1" -le 200 ] || fh_die "bad node number '$1' (want 1..200)"; }
+fh_check_index() { { [[ $1 =~ ^[1-9][0-9]{0,2}$ ]] && [ "$1" -le 200 ]; } || fh_die "bad node number '$1' (want 1..200)"; }
 fh_name()    { echo "node$1"; }                       # hostname inside the node
 fh_machine() { echo "$FH_CLUSTER-node$1"; }           # nspawn machine name (host-unique)
 fh_ip()      { echo "$FH_NET.$((10 + $1))"; }
@@ -135,14 +145,15 @@ fh_link_ours() { [ "$(cat "/sys/class/net/$1/ifalias" 2>/dev/null)" = "$FH_ALIAS
 # (setsid forks when its caller leads a process group, so the spawned shell writes
 # its own $$ and then execs: the pid file always names the real daemon.)
 fh_spawn() {
-  local pidfile=$1 log=$2 cgs=$3 n; shift 3
+  local pidfile=$1 log=$2 cgs=$3; shift 3
   rm -f "$pidfile"
+  # shellcheck disable=SC2016 # the script is expanded by the bash that runs it
   ( cd / && setsid -f bash -c '
       pidfile=$1; cgs=$2; shift 2
       for c in $cgs; do echo $$ > "$c/cgroup.procs" || exit 1; done
       echo $$ > "$pidfile.tmp" && mv "$pidfile.tmp" "$pidfile"
       exec "$@"' fh-spawn "$pidfile" "$cgs" "$@" </dev/null >>"$log" 2>&1 )
-  for n in $(seq 100); do [ -s "$pidfile" ] && return 0; sleep 0.05; done
+  for _ in $(seq 100); do [ -s "$pidfile" ] && return 0; sleep 0.05; done
   return 1
 }
 
@@ -182,6 +193,7 @@ fh_leader_pid() {
 fh_exec() {
   local i=$1 l v; shift
   local envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
+  mapfile -t -O 3 envs < <(fh_fleetctl_ssh_env)   # the caller's FLEETCTL_* below win
   l=$(fh_leader_pid "$i") || fh_die "node $i of cluster $FH_CLUSTER is not running"
   for v in $(compgen -e); do [[ $v == FLEETCTL_* || $v == TERM ]] && envs+=("$v=${!v}"); done
   exec nsenter -t "$l" -a -- env -i "${envs[@]}" "$@"
@@ -263,7 +275,7 @@ fh_etcd_pid() {
 fh_etcd_start() {
   if fh_etcd_pid >/dev/null; then return 0; fi
   mkdir -p "$FH_ETCD_DIR"
-  local p urls="" cg="" n
+  local p urls="" cg=""
   for p in $FH_ETCD_PORTS; do urls="$urls,http://$FH_BRIDGE_IP:$p"; done
   urls=${urls#,}
   for p in $(fh_cg_roots); do mkdir -p "$p/etcd"; cg="$cg $p/etcd"; done
@@ -274,7 +286,7 @@ fh_etcd_start() {
       --initial-advertise-peer-urls "http://$FH_BRIDGE_IP:$FH_ETCD_PEER_PORT" \
       --initial-cluster "fh-$FH_CLUSTER=http://$FH_BRIDGE_IP:$FH_ETCD_PEER_PORT" \
       --initial-cluster-state new --logger=zap --log-outputs=stderr || fh_die "etcd spawn failed"
-  for n in $(seq 200); do
+  for _ in $(seq 200); do
     curl -fsS --max-time 1 "$FH_ETCD_ENDPOINT/version" >/dev/null 2>&1 && return 0
     fh_etcd_pid >/dev/null || break
     sleep 0.05
@@ -285,10 +297,10 @@ fh_etcd_start() {
 
 # (its data is thrown away with the state dir, so no graceful shutdown: SIGKILL)
 fh_etcd_stop() {
-  local pid n
+  local pid
   pid=$(fh_etcd_pid) || return 0
   kill -KILL "$pid"
-  for n in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
+  for _ in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
   kill -KILL "$pid" 2>/dev/null || true
 }
 
@@ -347,7 +359,7 @@ fh_link() {
 fh_node_fleet() {
   local i=$1 r=$2 ip md var kv
   ip=$(fh_ip "$i")
-  [ -f "$FH_UNITS_DIR/fleet.socket" ] && [ -f "$FH_UNITS_DIR/fleet.service" ] ||
+  { [ -f "$FH_UNITS_DIR/fleet.socket" ] && [ -f "$FH_UNITS_DIR/fleet.service" ]; } ||
     fh_die "no fleet.socket/fleet.service in $FH_UNITS_DIR"
   fh_put "$r" /etc/systemd/system/fleet.socket <"$FH_UNITS_DIR/fleet.socket"
   fh_put "$r" /etc/systemd/system/fleet.service <"$FH_UNITS_DIR/fleet.service"
@@ -403,6 +415,10 @@ fh_node_prepare() {
     fh_put "$r" /etc/ssh/sshd_config.d/fleet-harness.conf
   fh_put "$r" /root/.ssh/authorized_keys 600 <"$FH_SSH_KEY.pub"
   chmod 700 "$r/root/.ssh"
+  # fleetctl in the node reaches the other nodes (status, journal, ssh) as root with the
+  # harness key and known hosts, bound at $FH_NODE_SSH_DIR; login shells get the same
+  # settings from /etc/environment, `node.sh exec` from fh_exec
+  fh_fleetctl_ssh_env | fh_put "$r" /etc/environment
   sed -i "/^$ip /d;/^$name /d" "$FH_KNOWN_HOSTS"
   echo "$ip $(cut -d' ' -f1,2 "$r/etc/ssh/ssh_host_ed25519_key.pub")" >>"$FH_KNOWN_HOSTS"
   fh_node_fleet "$i" "$r"
@@ -446,7 +462,7 @@ fh_node_launch() {
     systemd-nspawn --directory="$d/root" --boot --machine="$(fh_machine "$i")" --hostname="$(fh_name "$i")" \
       --uuid="$mid" --capability=CAP_NET_ADMIN --register=no --keep-unit \
       --network-namespace-path="/run/netns/$(fh_netns "$i")" \
-      --bind-ro="$FH_BIN_DIR:/opt/fleet/bin" \
+      --bind-ro="$FH_BIN_DIR:/opt/fleet/bin" --bind-ro="$FH_SSH_DIR:$FH_NODE_SSH_DIR" \
       --console=read-only --link-journal=no --resolv-conf=off --timezone=off $FH_NSPAWN_ARGS
 }
 
@@ -478,10 +494,10 @@ fh_node_up() {
 
 # graceful stop: SIGTERM to nspawn makes it send SIGRTMIN+3 (halt) to the node's systemd
 fh_node_stop() {
-  local i=$1 timeout=${2:-30} np n
+  local i=$1 timeout=${2:-30} np
   np=$(fh_nspawn_pid "$i") || return 0
   kill -TERM "$np" 2>/dev/null
-  for n in $(seq $((timeout * 20))); do fh_running "$np" || return 0; sleep 0.05; done
+  for _ in $(seq $((timeout * 20))); do fh_running "$np" || return 0; sleep 0.05; done
   fh_log "node$i: graceful stop timed out, killing"
   fh_node_kill "$i"
 }
@@ -489,7 +505,7 @@ fh_node_stop() {
 # hard kill (a crash, a power cut): SIGKILL every process of the node at once, nspawn
 # included (cgroup v2 cgroup.kill); without cgroup.kill, its PID 1 and nspawn
 fh_node_kill() {
-  local i=$1 np l n cg
+  local i=$1 np l cg
   np=$(fh_nspawn_pid "$i") || np=""
   cg=$(fh_cg2_dir "$i")
   if [ -w "$cg/cgroup.kill" ]; then
@@ -498,7 +514,7 @@ fh_node_kill() {
     l=$(fh_leader_pid "$i") && kill -KILL "$l"
     [ -n "$np" ] && kill -KILL "$np" 2>/dev/null
   fi
-  for n in $(seq 200); do
+  for _ in $(seq 200); do
     { [ -z "$np" ] || ! fh_running "$np"; } &&
       { [ ! -e "$cg/cgroup.events" ] || grep -qx 'populated 0' "$cg/cgroup.events"; } && return 0
     sleep 0.02
@@ -539,12 +555,19 @@ fh_node_destroy() {
   rm -rf "$d"
 }
 
+# fh_names_in DIR: the names in DIR, one a line (none if DIR is missing)
+fh_names_in() {
+  local f
+  for f in "$1"/*; do [ -e "$f" ] || [ -L "$f" ] && echo "${f##*/}"; done
+  return 0
+}
+
 # node numbers that have any trace: a state dir, a netns, a host link
 fh_node_indices() {
   {
-    ls -d "$FH_STATE"/node* 2>/dev/null | sed "s|.*/node||"
-    ls /run/netns 2>/dev/null | sed -n "s/^$FH_CLUSTER-n//p"
-    ls /sys/class/net 2>/dev/null | sed -n "s/^$FH_CLUSTER-n//p"
+    fh_names_in "$FH_STATE" | sed -n "s|^node||p"
+    fh_names_in /run/netns | sed -n "s/^$FH_CLUSTER-n//p"
+    fh_names_in /sys/class/net | sed -n "s/^$FH_CLUSTER-n//p"
   } | grep -E '^[0-9]+$' | sort -n | uniq
 }
 
@@ -602,20 +625,21 @@ fh_leftovers() {
   local bad=0 out p l
   out=$(findmnt -rn -o TARGET,SOURCE | grep -E "^$FH_STATE( |/)| fh-$FH_CLUSTER(-| |$)")
   [ -n "$out" ] && { echo "mounts: $(echo "$out" | tr '\n' ';')"; bad=1; }
-  out=$(ls /run/netns 2>/dev/null | grep -E "^$FH_CLUSTER-n[0-9]+$")
+  out=$(fh_names_in /run/netns | grep -E "^$FH_CLUSTER-n[0-9]+$")
   [ -n "$out" ] && { echo "netns: $(echo "$out" | tr '\n' ' ')"; bad=1; }
-  out=$(for l in $(ls /sys/class/net); do
+  out=$(for l in $(fh_names_in /sys/class/net); do
     [[ $l =~ ^($FH_CLUSTER-n[0-9]+|$FH_BRIDGE)$ ]] || fh_link_ours "$l" && echo "$l"
   done)
   [ -n "$out" ] && { echo "links: $(echo "$out" | tr '\n' ' ')"; bad=1; }
   out=$(ip -4 -o addr show | grep " $FH_BRIDGE_IP/")
   [ -n "$out" ] && { echo "address: $FH_BRIDGE_IP"; bad=1; }
   for p in $(fh_cg_roots); do [ -d "$p" ] && { echo "cgroup: $p"; bad=1; }; done
+  # shellcheck disable=SC2009 # pgrep -f takes one pattern and no fixed strings
   out=$(ps -eo pid=,args= | grep -F -e "$FH_STATE/" -e "fh-$FH_CLUSTER " | grep -v -e grep -e leftovers)
   [ -n "$out" ] && { echo "processes: $(echo "$out" | tr '\n' ';')"; bad=1; }
   [ -e "$FH_STATE" ] && { echo "state dir: $FH_STATE"; bad=1; }
   [ "${FH_LOCK_HELD:-0}" != 1 ] && [ -e "$FH_LOCK" ] && { echo "lock file: $FH_LOCK"; bad=1; }
-  out=$(ls "$FH_NSPAWN_RUN/propagate" 2>/dev/null | grep -E "^$FH_CLUSTER-node[0-9]+$")
+  out=$(fh_names_in "$FH_NSPAWN_RUN/propagate" | grep -E "^$FH_CLUSTER-node[0-9]+$")
   [ -n "$out" ] && { echo "nspawn propagate dirs: $(echo "$out" | tr '\n' ' ')"; bad=1; }
   if ! fh_any_nspawn && [ "$(findmnt -rn -o SOURCE "$FH_NSPAWN_RUN")" = "$FH_NSPAWN_TMPFS" ]; then
     echo "mount: $FH_NSPAWN_RUN (no nspawn runs any more)"; bad=1

@@ -18,6 +18,7 @@
 #   fleetd-kill I             SIGKILL fleet.service's main process (systemd restarts it)
 #   journal I [ARGS...]       the node's journal from the host (works when it is down)
 #   leftovers                 what this cluster left behind; exit 1 if anything
+# shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 fh_require_root
 cmd=${1:-}; shift || true
@@ -40,10 +41,10 @@ fh_block() { # fh_block I -I|-D
   return 0
 }
 fh_freeze() { # fh_freeze I 1|0: write cgroup.freeze, wait for cgroup.events to agree
-  local c n; c=$(fh_cg2_dir "$1")
+  local c; c=$(fh_cg2_dir "$1")
   [ -w "$c/cgroup.freeze" ] || fh_die "node$1: no $c/cgroup.freeze (node not running?)"
   echo "$2" >"$c/cgroup.freeze"
-  for n in $(seq 200); do grep -qx "frozen $2" "$c/cgroup.events" && return 0; sleep 0.05; done
+  for _ in $(seq 200); do grep -qx "frozen $2" "$c/cgroup.events" && return 0; sleep 0.05; done
   fh_die "node$1: cgroup.events never said frozen $2"
 }
 case "$cmd" in
@@ -64,7 +65,7 @@ case "$cmd" in
   stop)      fh_node_stop "$i" ;;
   poweroff)  np=$(fh_nspawn_pid "$i") || exit 0
              fh_cmd "$i" systemctl poweroff
-             for n in $(seq 600); do fh_running "$np" || exit 0; sleep 0.05; done
+             for _ in $(seq 600); do fh_running "$np" || exit 0; sleep 0.05; done
              fh_die "node$i: still running 30s after poweroff" ;;
   kill)      fh_node_kill "$i" ;;
   restart)   fh_node_stop "$i"; fh_ensure_host; fh_node_up "$i" && fh_node_wait "$i" >/dev/null ;;

@@ -1,11 +1,13 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # the package lists are used by the scripts that source this
 # packages.sh: what a fresh Debian machine lacks, installed through apt (sourced by ./build,
 # ./test and ./cluster). Silent when everything is present.
 
 # to build fleetd and fleetctl (etcd-client's build runs protoc)
-FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler ca-certificates curl"
+FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler libprotobuf-dev ca-certificates curl"
+# ./test's gates (shellcheck of the shell scripts)
+FH_CHECK_PACKAGES="shellcheck"
 # to run the integration and functional tests, and the local cluster
-FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus openssh-server \
+FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus dbus-user-session openssh-server \
 openssh-client iptables iproute2 util-linux procps curl"
 
 # fh_ensure_packages PKG...: install the missing ones (one apt-get update first)
@@ -35,11 +37,28 @@ fh_ensure_packages() {
   return $rc
 }
 
-# fh_ensure_rust: cargo on PATH (a rustup toolchain if the machine has none)
+# fh_ensure_rust [COMPONENT...]: cargo on PATH (a rustup toolchain if the machine has none),
+# with the rustup components named (e.g. rustfmt clippy) where rustup manages the toolchain
 fh_ensure_rust() {
+  local c missing=()
   [ -x "$HOME/.cargo/bin/cargo" ] && case ":$PATH:" in *":$HOME/.cargo/bin:"*) ;; *) PATH=$HOME/.cargo/bin:$PATH ;; esac
-  command -v cargo >/dev/null && return 0
-  echo "no cargo: installing a stable Rust toolchain with rustup" >&2
-  curl -sSf --proto '=https' --tlsv1.2 https://sh.rustup.rs | sh -s -- -y -q --profile minimal >&2 || return 1
-  PATH=$HOME/.cargo/bin:$PATH
+  if ! command -v cargo >/dev/null; then
+    echo "no cargo: installing a stable Rust toolchain with rustup" >&2
+    curl -sSf --proto '=https' --tlsv1.2 https://sh.rustup.rs | sh -s -- -y -q --profile minimal >&2 || return 1
+    PATH=$HOME/.cargo/bin:$PATH
+  fi
+  for c in "$@"; do
+    case $c in
+      rustfmt) cargo fmt --version >/dev/null 2>&1 || missing+=(rustfmt) ;;
+      clippy) cargo clippy --version >/dev/null 2>&1 || missing+=(clippy) ;;
+      *) missing+=("$c") ;;
+    esac
+  done
+  [ ${#missing[@]} = 0 ] && return 0
+  if command -v rustup >/dev/null; then
+    echo "installing Rust components ${missing[*]}" >&2
+    rustup component add "${missing[@]}" >&2 && return 0
+  fi
+  echo "missing Rust components: ${missing[*]} (rustup component add ${missing[*]})" >&2
+  return 1
 }

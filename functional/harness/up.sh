@@ -2,6 +2,7 @@
 # up.sh [N]: fresh cluster $FH_CLUSTER (default "fleet"): leftovers of an earlier run of the
 # same cluster are removed first, then the bridge, etcd and nodes 1..N (default 3) come up.
 # Prints one line per node. FH_BIN_DIR names the directory holding fleetd and fleetctl.
+# shellcheck source=lib.sh
 FH_FRESH=1 . "$(dirname "$0")/lib.sh"
 N=${1:-3}
 fh_check_index "$N"

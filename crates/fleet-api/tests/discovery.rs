@@ -1,14 +1,14 @@
-//! Our discovery document against fleet's `schema/v1.json`: the same structure, ids, paths,
-//! methods, parameters, schemas and property names; only the "description" texts differ
-//! (they are ours, as the document must not be copied).
-
-use std::path::Path;
-use std::process::Command;
+//! Our discovery document against the structure of fleet's `schema/v1.json` (a fixture in
+//! this repository): the same ids, paths, methods, parameters, schemas and property names, and
+//! a description in the same places; the description texts are our own.
 
 use fleet_api::DISCOVERY_JSON;
 use serde_json::Value;
 
-const FLEET_REPO: &str = "/work/.mirror/coreos+fleet/repo";
+/// fleet v1.0's `schema/v1.json` with every description emptied: its structure (ids, paths,
+/// methods, parameters, schemas, property names and types), which is fact, without its prose.
+/// Made with: `git show v1.0.0:schema/v1.json`, each string-valued "description" set to "".
+const FLEET_STRUCTURE: &str = include_str!("fixtures/fleet-v1-discovery-structure.json");
 
 /// The value with every string-valued "description" member removed.
 fn without_descriptions(v: &Value) -> Value {
@@ -60,33 +60,12 @@ fn ours_is_wellformed() {
 
 #[test]
 fn same_structure_as_fleets() {
-    if !Path::new(FLEET_REPO).exists() {
-        println!(
-            "note: {FLEET_REPO} is not here; structural comparison with fleet's schema/v1.json skipped"
-        );
-        return;
-    }
-    let out = Command::new("git")
-        .args(["--git-dir", FLEET_REPO, "show", "HEAD:schema/v1.json"])
-        .output()
-        .expect("run git");
-    assert!(
-        out.status.success(),
-        "git show failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let fleets: Value =
-        serde_json::from_slice(&out.stdout).expect("fleet's discovery document is JSON");
+        serde_json::from_str(FLEET_STRUCTURE).expect("the fixture of fleet's document is JSON");
     let ours: Value = serde_json::from_str(DISCOVERY_JSON).expect("ours is JSON");
     assert_eq!(without_descriptions(&ours), without_descriptions(&fleets));
     let (mut a, mut b) = (Vec::new(), Vec::new());
     descriptions(&ours, &mut a);
     descriptions(&fleets, &mut b);
     assert_eq!(a.len(), b.len(), "the same places carry a description");
-    for (mine, theirs) in a.iter().zip(&b) {
-        assert!(
-            theirs.is_empty() || mine != theirs,
-            "description copied from fleet: {mine:?}"
-        );
-    }
 }
