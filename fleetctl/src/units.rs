@@ -7,11 +7,15 @@
 //! argument names, or, for an instance `foo@1.service`, from its template `foo@.service` in
 //! the registry or next to the argument on disk.
 
+use std::collections::HashSet;
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fleet_registry::{Registry, UnitView};
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName, default_unit_type};
+use futures_util::StreamExt;
+use futures_util::stream::{self, FuturesOrdered};
 
 use crate::context::Ctx;
 use crate::error::{Failure, describe};
@@ -209,10 +213,19 @@ pub fn validate(name: &str, file: &UnitFile) -> Result<UnitName, String> {
     Ok(name)
 }
 
+/// How many units fleetctl has requests in flight for at once. Whatever order the answers
+/// come in, what is printed keeps the order of the arguments.
+pub const IN_FLIGHT: usize = 32;
+
 /// fleet's `lazyCreateUnits`: makes sure every argument's unit is in the registry, creating
 /// the missing ones (and, with `--replace`, replacing differing ones the command may replace).
 /// Each created unit is reported (`Unit hello.service inactive`). The error is the text after
 /// fleet's `Error creating units: `.
+///
+/// fleet went unit by unit; here every lookup is made at once, then the arguments are
+/// decided in their order and the creations (each with its wait for the unit to show up)
+/// run up to [`IN_FLIGHT`] at a time, their lines printed in argument order. At the first
+/// argument that fails, the creations before it finish and are reported, then the error.
 pub async fn lazy_create(
     ctx: &Ctx,
     args: &[String],
@@ -222,43 +235,118 @@ pub async fn lazy_create(
 ) -> Result<(), Failure> {
     let reg = ctx.registry().await?;
     let fail = |e: String| Failure::msg(format!("Error creating units: {e}"));
-    for arg in args {
-        let arg = default_unit_type(arg);
-        let name = mangle(&arg);
-        let existing = lookup(&reg, &name)
-            .await
-            .map_err(|e| fail(format!("error retrieving Unit({name}) from Registry: {e}")))?;
-        if let Some(unit) = &existing {
-            if !should_recreate(&arg, unit, replace, creator).map_err(fail)? {
-                continue;
+    let args: Vec<String> = args.iter().map(|a| default_unit_type(a)).collect();
+    let names: Vec<String> = args.iter().map(|a| mangle(a)).collect();
+    let found: Vec<Result<Option<UnitView>, String>> = stream::iter(&names)
+        .map(|name| lookup(&reg, name))
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await;
+    let mut creating = FuturesOrdered::new();
+    let mut seen = HashSet::new();
+    for ((arg, name), found) in args.iter().zip(&names).zip(found) {
+        let found = if seen.insert(name.as_str()) {
+            found
+        } else {
+            // named twice: the first creation must be done before this lookup counts
+            finish_creations(&mut creating, usize::MAX).await?;
+            lookup(&reg, name).await
+        };
+        match decide(&reg, arg, name, found, replace, creator).await {
+            Ok(None) => {}
+            Ok(Some((unit_name, file, existed))) => {
+                creating.push_back(create_one(ctx, &reg, unit_name, file, existed, attempts));
+                finish_creations(&mut creating, IN_FLIGHT - 1).await?;
             }
-        } else if replace {
-            tracing::debug!("Unit({name}) was not found in Registry");
+            Err(e) => {
+                finish_creations(&mut creating, 0).await?;
+                return Err(fail(e));
+            }
         }
-        tracing::debug!("Looking for Unit({name}) or its corresponding template");
-        let file = unit_file_for(&reg, &arg, &name, replace)
-            .await
-            .map_err(fail)?;
-        let unit_name = validate(&name, &file).map_err(fail)?;
-        if existing.is_some() {
-            // the registry has no "replace": the old unit goes, the new one comes, as inactive
-            reg.destroy_unit(&unit_name)
-                .await
-                .map_err(|e| fail(format!("failed creating unit {name}: {}", describe(&e))))?;
+    }
+    finish_creations(&mut creating, 0).await
+}
+
+/// Reports finished creations in order until at most `left` are in flight; the first that
+/// failed ends the command (after its own note, if it has one).
+async fn finish_creations<F>(creating: &mut FuturesOrdered<F>, left: usize) -> Result<(), Failure>
+where
+    F: Future<Output = Result<String, (Option<String>, Failure)>>,
+{
+    while creating.len() > left {
+        match creating.next().await {
+            Some(Ok(line)) => ui::out(line),
+            Some(Err((note, failure))) => {
+                if let Some(note) = note {
+                    ui::err(note);
+                }
+                return Err(failure);
+            }
+            None => break,
         }
-        reg.create_unit(&unit_name, &file, TargetState::Inactive)
-            .await
-            .map_err(|e| fail(format!("failed creating unit {name}: {}", describe(&e))))?;
-        tracing::debug!("Created Unit({name}) in Registry");
-        // fleet waits with the command's --block-attempts even with --no-block
-        wait::wait_for_unit_states(ctx, &[unit_name], TargetState::Inactive, attempts.max(0))
-            .await
-            .map_err(|e| {
-                ui::err(format!("Error waiting on unit creation: {e}"));
-                Failure::msg("Error creating units: One or more errors creating units")
-            })?;
     }
     Ok(())
+}
+
+/// What to do with one argument: `None` when its unit is there and stays, otherwise the unit
+/// to create, its file, and whether an old unit of that name must go first.
+async fn decide(
+    reg: &Arc<dyn Registry>,
+    arg: &str,
+    name: &str,
+    found: Result<Option<UnitView>, String>,
+    replace: bool,
+    creator: Creator,
+) -> Result<Option<(UnitName, UnitFile, bool)>, String> {
+    let existing =
+        found.map_err(|e| format!("error retrieving Unit({name}) from Registry: {e}"))?;
+    if let Some(unit) = &existing {
+        if !should_recreate(arg, unit, replace, creator)? {
+            return Ok(None);
+        }
+    } else if replace {
+        tracing::debug!("Unit({name}) was not found in Registry");
+    }
+    tracing::debug!("Looking for Unit({name}) or its corresponding template");
+    let file = unit_file_for(reg, arg, name, replace).await?;
+    let unit_name = validate(name, &file)?;
+    Ok(Some((unit_name, file, existing.is_some())))
+}
+
+/// Creates one unit (replacing the old one when `existed`) and waits for it to show up;
+/// returns the line reporting it, or the failure with a note to print first.
+async fn create_one(
+    ctx: &Ctx,
+    reg: &Arc<dyn Registry>,
+    unit_name: UnitName,
+    file: UnitFile,
+    existed: bool,
+    attempts: i64,
+) -> Result<String, (Option<String>, Failure)> {
+    let fail = |e: &fleet_registry::RegistryError| {
+        let msg = format!(
+            "Error creating units: failed creating unit {unit_name}: {}",
+            describe(e)
+        );
+        (None, Failure::msg(msg))
+    };
+    if existed {
+        // the registry has no "replace": the old unit goes, the new one comes, as inactive
+        reg.destroy_unit(&unit_name).await.map_err(|e| fail(&e))?;
+    }
+    reg.create_unit(&unit_name, &file, TargetState::Inactive)
+        .await
+        .map_err(|e| fail(&e))?;
+    tracing::debug!("Created Unit({unit_name}) in Registry");
+    // fleet waits with the command's --block-attempts even with --no-block
+    wait::unit_state_line(ctx, reg, &unit_name, TargetState::Inactive, attempts.max(0))
+        .await
+        .map_err(|e| {
+            (
+                Some(format!("Error waiting on unit creation: {e}")),
+                Failure::msg("Error creating units: One or more errors creating units"),
+            )
+        })
 }
 
 /// fleet's `checkUnitCreation` for a unit already in the registry: create it again only with
@@ -300,7 +388,9 @@ fn should_recreate(
 }
 
 /// fleet's `setTargetStateOfUnits`: sets the desired state of the named units; returns those
-/// that were changed (units already in that state are skipped).
+/// that were changed (units already in that state are skipped). Up to [`IN_FLIGHT`] units at
+/// a time; the first argument (in order) that fails is the error, and the arguments after it
+/// may have been changed already.
 pub async fn set_target_states(
     ctx: &Ctx,
     args: &[String],
@@ -310,24 +400,39 @@ pub async fn set_target_states(
         .registry()
         .await
         .map_err(|f| f.message.unwrap_or_default())?;
+    let mut names: Vec<String> = args.iter().map(|a| mangle(a)).collect();
+    // a name given twice is set once (the second time fleet found it set already)
+    let mut seen = HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    let mut changes = stream::iter(&names)
+        .map(|name| set_target_state(&reg, name, state))
+        .buffered(IN_FLIGHT);
     let mut triggered = Vec::new();
-    for arg in args {
-        let name = mangle(arg);
-        let unit = lookup(&reg, &name)
-            .await
-            .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
-            .ok_or_else(|| format!("unable to find unit {name}"))?;
-        if unit.desired == state {
-            tracing::debug!("Unit({name}) already {state}, skipping.");
-            continue;
-        }
-        tracing::debug!("Setting Unit({name}) target state to {state}");
-        reg.set_desired_state(&unit.name, state)
-            .await
-            .map_err(|e| describe(&e))?;
-        triggered.push(unit);
+    while let Some(changed) = changes.next().await {
+        triggered.extend(changed?);
     }
     Ok(triggered)
+}
+
+/// Sets one unit's desired state; `None` when it had that state already.
+async fn set_target_state(
+    reg: &Arc<dyn Registry>,
+    name: &str,
+    state: TargetState,
+) -> Result<Option<UnitView>, String> {
+    let unit = lookup(reg, name)
+        .await
+        .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
+        .ok_or_else(|| format!("unable to find unit {name}"))?;
+    if unit.desired == state {
+        tracing::debug!("Unit({name}) already {state}, skipping.");
+        return Ok(None);
+    }
+    tracing::debug!("Setting Unit({name}) target state to {state}");
+    reg.set_desired_state(&unit.name, state)
+        .await
+        .map_err(|e| describe(&e))?;
+    Ok(Some(unit))
 }
 
 #[cfg(test)]

@@ -81,7 +81,7 @@ pub async fn try_wait_for_unit_states(
 }
 
 /// Waits (concurrently) until each unit's state is `want`, printing `Unit <name> <state>[ on
-/// <machine>]` for each as it gets there. A global unit is judged by its desired state (no
+/// <machine>]` for each as it gets there (in that order, as fleet did). A global unit is judged by its desired state (no
 /// single machine reports it). Ends at the first error.
 pub async fn wait_for_unit_states(
     ctx: &Ctx,
@@ -102,9 +102,21 @@ pub async fn wait_for_unit_states(
         .map(|name| wait_for_unit_state(ctx, &reg, name, want, deadline))
         .collect();
     while let Some(result) = waits.next().await {
-        result?;
+        ui::out(result?);
     }
     Ok(())
+}
+
+/// Waits until one unit's state is `want`, and returns the line that says so (`Unit <name>
+/// <state>[ on <machine>]`) for the caller to print in its order.
+pub async fn unit_state_line(
+    ctx: &Ctx,
+    reg: &Arc<dyn Registry>,
+    name: &UnitName,
+    want: TargetState,
+    attempts: i64,
+) -> Result<String, String> {
+    wait_for_unit_state(ctx, reg, name, want, deadline(attempts)).await
 }
 
 async fn wait_for_unit_state(
@@ -113,7 +125,7 @@ async fn wait_for_unit_state(
     name: &UnitName,
     want: TargetState,
     deadline: Option<Instant>,
-) -> Result<(), String> {
+) -> Result<String, String> {
     let mut reasons_shown: HashSet<String> = HashSet::new();
     let mut errors_shown: HashSet<String> = HashSet::new();
     loop {
@@ -133,8 +145,7 @@ async fn wait_for_unit_state(
                             crate::context::machine_full_legend(&m.id, &m.public_ip, false)
                         );
                     }
-                    ui::out(msg);
-                    return Ok(());
+                    return Ok(msg);
                 }
                 tracing::debug!("Waiting for Unit({name}) state({state}) to be {want}");
                 let unplaced_reason = u.reason.filter(|_| u.machine_id.is_none());

@@ -1,9 +1,10 @@
 //! fleetctl's default driver: the fleet [`Registry`] over fleetd's HTTP API v1.
 //!
 //! [`HttpRegistry`] speaks to `unix:///var/run/fleet.sock` (the default), `http://host:port`
-//! or `https://host:port` (with `--ca-file`, `--cert-file`, `--key-file`), one connection per
-//! request, each request bounded by a timeout, list endpoints followed page by page. fleetctl
-//! holds it as an `Arc<dyn Registry>`, exactly like the etcd driver.
+//! or `https://host:port` (with `--ca-file`, `--cert-file`, `--key-file`), each request bounded
+//! by a timeout, list endpoints followed page by page. Connections are kept alive and reused
+//! (a few idle ones are pooled), so many requests, also concurrent ones, cost few connects.
+//! fleetctl holds it as an `Arc<dyn Registry>`, exactly like the etcd driver.
 //!
 //! Errors come back as [`RegistryError`]s: a 404 is `None`/`false`/`NotFound`, a 409 on
 //! create is `AlreadyExists`; everything else carries a [`ClientError`] (fleet's wording
@@ -14,7 +15,7 @@ mod endpoint;
 mod error;
 mod tls;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,6 +37,10 @@ use error::to_registry;
 
 /// Responses larger than this are refused (a page of 100 units is far smaller).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Idle connections kept for reuse; more concurrent requests open more, closed after use.
+const MAX_IDLE_CONNECTIONS: usize = 32;
+
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
 /// How to reach fleetd; fleetctl's `--endpoint`, `--request-timeout` and TLS flags.
 #[derive(Clone)]
@@ -79,13 +84,16 @@ impl std::fmt::Debug for ClientConfig {
     }
 }
 
-/// The registry as seen through fleetd's API. Cheap to clone.
+/// The registry as seen through fleetd's API. Cheap to clone; clones share the idle
+/// connections.
 #[derive(Clone)]
 pub struct HttpRegistry {
     endpoint: Endpoint,
     connector: Arc<dyn Connector>,
     tls: Option<tls::ClientTls>,
     timeout: Duration,
+    /// Kept-alive connections with no request in flight, newest last.
+    idle: Arc<Mutex<Vec<Sender>>>,
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -127,6 +135,7 @@ impl HttpRegistry {
             connector,
             tls,
             timeout: cfg.request_timeout,
+            idle: Arc::default(),
         })
     }
 
@@ -182,6 +191,63 @@ impl HttpRegistry {
             url: url.to_string(),
             reason,
         };
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(target)
+            .header(http::header::HOST, self.endpoint.host_header())
+            .header(
+                http::header::USER_AGENT,
+                concat!("fleetctl/", env!("CARGO_PKG_VERSION")),
+            );
+        if body.is_some() {
+            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        let mut req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| transport(format!("building request: {e}")))?;
+        // A kept-alive connection may have been closed by fleetd meanwhile: a request it
+        // hands back unsent goes out again on another connection.
+        let (mut sender, resp) = loop {
+            let (mut sender, reused) = match self.take_idle() {
+                Some(s) => (s, true),
+                None => (self.connect(op, url).await?, false),
+            };
+            match sender.try_send_request(req).await {
+                Ok(resp) => break (sender, resp),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        debug!(error = %e.error(), "kept-alive API connection closed; reconnecting");
+                        req = unsent;
+                    }
+                    _ => return Err(transport(e.into_error().to_string())),
+                },
+            }
+        };
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| transport(format!("reading response: {e}")))?
+            .to_bytes();
+        // ready again once hyper has seen the end of the response
+        if sender.ready().await.is_ok() {
+            self.put_idle(sender);
+        }
+        Ok(Answer {
+            status,
+            body,
+            op: op.to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    /// A new connection (with TLS where the endpoint wants it), its driver task spawned.
+    async fn connect(&self, op: &str, url: &str) -> Result<Sender, ClientError> {
+        let transport = |reason: String| ClientError::Transport {
+            op: op.to_string(),
+            url: url.to_string(),
+            reason,
+        };
         let stream = self
             .connector
             .connect()
@@ -201,7 +267,7 @@ impl HttpRegistry {
             ),
             None => stream,
         };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| transport(e.to_string()))?;
         tokio::spawn(async move {
@@ -209,36 +275,25 @@ impl HttpRegistry {
                 debug!(error = %e, "API connection ended with an error");
             }
         });
-        let mut req = http::Request::builder()
-            .method(method)
-            .uri(target)
-            .header(http::header::HOST, self.endpoint.host_header())
-            .header(
-                http::header::USER_AGENT,
-                concat!("fleetctl/", env!("CARGO_PKG_VERSION")),
-            );
-        if body.is_some() {
-            req = req.header(http::header::CONTENT_TYPE, "application/json");
+        Ok(sender)
+    }
+
+    /// An idle connection that is still open, if there is one.
+    fn take_idle(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(s) = idle.pop() {
+            if s.is_ready() {
+                return Some(s);
+            }
         }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| transport(format!("building request: {e}")))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| transport(e.to_string()))?;
-        let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| transport(format!("reading response: {e}")))?
-            .to_bytes();
-        Ok(Answer {
-            status,
-            body,
-            op: op.to_string(),
-            url: url.to_string(),
-        })
+        None
+    }
+
+    fn put_idle(&self, sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE_CONNECTIONS {
+            idle.push(sender);
+        }
     }
 
     /// GET of a JSON entity; `None` on 404.

@@ -1,0 +1,312 @@
+//! Launch benchmark (a measurement, never a test): boots a harness cluster, launches N units
+//! with `fleetctl start --no-block` in node1 (100 files per invocation, as a user scripting
+//! fleetctl would), and prints when each phase finished for the last unit, counted from just
+//! before the first fleetctl invocation:
+//!
+//! - submit: the last fleetctl invocation returned;
+//! - scheduled: every unit has a placement in etcd (polled; fleet v1.0 shows `-`);
+//! - files: the newest unit file under `/run/fleet/units` in the nodes (its mtime);
+//! - active: systemd's `ActiveEnterTimestampMonotonic` of the last unit to become active;
+//!
+//! then units/s (N / active), and the CPU that fleetd and systemd (PID 1) of each node used
+//! while the cluster sat idle afterwards. Each run boots a fresh cluster; the last table is
+//! the median of the runs.
+//!
+//! ```sh
+//! ./build && cargo run --release -p functional --example launch -- [NODES] [UNITS] [RUNS] [IDLE_SECS]
+//! ```
+//!
+//! Defaults: 3 nodes, 300 units, 1 run, 60 s idle. Root. The binaries come from
+//! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`); a directory holding fleet v1.0's
+//! fleetd and fleetctl works as well (then etcd must serve the v2 API: `FH_ETCD_ARGS`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use functional::fleet::{NODE_UNITS_DIR, now_us};
+use functional::{Cluster, ClusterSpec, Error, FleetCluster, wait_for};
+
+/// Files per fleetctl invocation.
+const PER_INVOCATION: usize = 100;
+/// How long the units may take to become active, at most.
+const DEADLINE: Duration = Duration::from_secs(1800);
+/// Clock ticks per second of /proc/<pid>/stat (USER_HZ on Linux).
+const TICKS: f64 = 100.0;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize, default: u64| -> u64 {
+        args.get(i).map_or(default, |a| {
+            a.parse().unwrap_or_else(|_| {
+                eprintln!("usage: launch [NODES] [UNITS] [RUNS] [IDLE_SECS]: bad number {a:?}");
+                std::process::exit(2)
+            })
+        })
+    };
+    let (nodes, units, runs, idle) = (arg(0, 3), arg(1, 300), arg(2, 1), arg(3, 60));
+    let bin_dir = std::env::var_os("FLEET_BIN_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bin"));
+    println!(
+        "launch: {units} units on {nodes} nodes, {runs} run(s), {idle}s idle, binaries in {}",
+        bin_dir.display()
+    );
+    let mut results = Vec::new();
+    for run in 1..=runs {
+        match one_run(&bin_dir, nodes as usize, units as usize, idle) {
+            Ok(r) => {
+                print_result(&format!("run {run}"), &r, nodes as usize);
+                results.push(r);
+            }
+            Err(e) => {
+                eprintln!("run {run} failed: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if results.len() > 1 {
+        print_result(
+            &format!("median of {}", results.len()),
+            &median(&results),
+            nodes as usize,
+        );
+    }
+}
+
+/// What one run measured; times are seconds after the first fleetctl invocation started.
+#[derive(Debug, Clone, Default)]
+struct Result_ {
+    units: usize,
+    submit: f64,
+    scheduled: Option<f64>,
+    files: f64,
+    active: f64,
+    /// Per node: (fleetd, systemd) CPU in percent of one core while idle.
+    idle_cpu: Vec<(f64, f64)>,
+}
+
+fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Result_, Error> {
+    let spec = ClusterSpec::new("launch", nodes).bin_dir(bin_dir);
+    let c = Cluster::up(spec)?;
+    c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
+    let files = write_units(&c, units)?;
+
+    let t0_mono = now_us();
+    let t0_real = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64();
+    let since = |mono_us: u64| mono_us.saturating_sub(t0_mono) as f64 / 1e6;
+    let started = Instant::now();
+
+    // fleetctl invocations one after the other, while a thread watches etcd's placements
+    let endpoint = c.etcd_endpoint().to_string();
+    let placed = std::thread::spawn(move || {
+        while started.elapsed() < DEADLINE {
+            match placements(&endpoint) {
+                Some(n) if n >= units => return Some(started.elapsed().as_secs_f64()),
+                None if started.elapsed() > Duration::from_secs(5) => return None,
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        None
+    });
+    for chunk in files.chunks(PER_INVOCATION) {
+        let mut args = vec!["start", "--no-block"];
+        args.extend(chunk.iter().map(String::as_str));
+        c.fleetctl_ok(1, &args)?;
+    }
+    let submit = started.elapsed().as_secs_f64();
+
+    let mut last_report = Instant::now();
+    wait_for("every unit active", DEADLINE, || {
+        let mut active = 0;
+        for i in c.nodes() {
+            active += probe(&c, i).map_err(|e| e.to_string())?.active;
+        }
+        if last_report.elapsed() > Duration::from_secs(10) {
+            last_report = Instant::now();
+            eprintln!(
+                "  ... {active}/{units} active after {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        if active >= units {
+            Ok(())
+        } else {
+            Err(format!("{active}/{units} active"))
+        }
+    })?;
+    let scheduled = placed.join().unwrap_or(None);
+
+    let mut files_at = 0.0f64;
+    let mut active_at = 0.0f64;
+    for i in c.nodes() {
+        let p = probe(&c, i)?;
+        files_at = files_at.max(p.newest_file_real - t0_real);
+        active_at = active_at.max(since(last_active_us(&c, i)?));
+    }
+
+    // idle: CPU of fleetd and PID 1 in each node over `idle` seconds
+    let before: Vec<(u64, u64)> = c
+        .nodes()
+        .map(|i| cpu_ticks(&c, i))
+        .collect::<Result<_, _>>()?;
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(idle));
+    let secs = t.elapsed().as_secs_f64();
+    let after: Vec<(u64, u64)> = c
+        .nodes()
+        .map(|i| cpu_ticks(&c, i))
+        .collect::<Result<_, _>>()?;
+    let pct = |a: u64, b: u64| (a.saturating_sub(b)) as f64 / TICKS / secs * 100.0;
+    let idle_cpu = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| (pct(a.0, b.0), pct(a.1, b.1)))
+        .collect();
+    c.down()?;
+    Ok(Result_ {
+        units,
+        submit,
+        scheduled,
+        files: files_at,
+        active: active_at,
+        idle_cpu,
+    })
+}
+
+/// Writes `bench-<i>.service` (a sleeper) into node1, returns their paths there.
+fn write_units(c: &Cluster, units: usize) -> Result<Vec<String>, Error> {
+    let dir = format!("{NODE_UNITS_DIR}/launch");
+    let script = "rm -rf \"$1\" && mkdir -p \"$1\" && i=1; while [ $i -le $2 ]; do \
+                  printf '[Unit]\\nDescription=launch benchmark %s\\n\\n[Service]\\nExecStart=/bin/sleep infinity\\n' $i \
+                  > \"$1/bench-$i.service\"; i=$((i + 1)); done";
+    c.exec(1, &["sh", "-c", script, "sh", &dir, &units.to_string()])?
+        .ok("writing the benchmark's unit files in node1")?;
+    Ok((1..=units)
+        .map(|i| format!("{dir}/bench-{i}.service"))
+        .collect())
+}
+
+/// Placements of bench units in etcd (our v3 layout); `None` when there are none yet or etcd
+/// cannot say (fleet v1.0 keeps its keys in the v2 store: after 5 s of none, no more polls).
+fn placements(endpoint: &str) -> Option<usize> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints={endpoint}"),
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/_coreos.com/fleet/placement/bench-",
+        ])
+        .output()
+        .ok()?;
+    let n = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    (out.status.success() && n > 0).then_some(n)
+}
+
+struct Probe {
+    active: usize,
+    /// Realtime seconds of the newest bench unit file (0 when none).
+    newest_file_real: f64,
+}
+
+/// One look into node `i`: active bench units, newest unit file.
+fn probe(c: &Cluster, i: usize) -> Result<Probe, Error> {
+    let script = "a=$(systemctl list-units 'bench-*' --state=active --no-legend --plain | wc -l); \
+                  m=$(find /run/fleet/units -name 'bench-*' -printf '%T@\\n' 2>/dev/null | sort -n | tail -n 1); \
+                  echo \"$a ${m:-0}\"";
+    let out = c.exec(i, &["sh", "-c", script])?.ok("probe")?;
+    let mut w = out.trimmed().split_whitespace();
+    let bad = || Error::Harness {
+        what: format!("probe of node{i}"),
+        detail: out.stdout.clone(),
+    };
+    Ok(Probe {
+        active: w.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+        newest_file_real: w.next().and_then(|s| s.parse().ok()).ok_or_else(bad)?,
+    })
+}
+
+/// The latest `ActiveEnterTimestampMonotonic` among node `i`'s bench units (0 when none).
+fn last_active_us(c: &Cluster, i: usize) -> Result<u64, Error> {
+    let script = "u=$(systemctl list-units 'bench-*' --no-legend --plain | awk '{print $1}'); \
+                  [ -z \"$u\" ] || systemctl show -p ActiveEnterTimestampMonotonic --value $u | sort -n | tail -n 1";
+    let out = c
+        .exec(i, &["sh", "-c", script])?
+        .ok("ActiveEnterTimestampMonotonic")?;
+    Ok(out.trimmed().parse().unwrap_or(0))
+}
+
+/// CPU ticks (user + system) of fleetd and of PID 1 in node `i`.
+fn cpu_ticks(c: &Cluster, i: usize) -> Result<(u64, u64), Error> {
+    let script =
+        "cat /proc/$(systemctl show -p MainPID --value fleet.service)/stat; cat /proc/1/stat";
+    let out = c.exec(i, &["sh", "-c", script])?.ok("/proc/PID/stat")?;
+    let ticks = |line: &str| -> u64 {
+        // the fields after "(comm)": state is the first, utime the 12th, stime the 13th
+        let rest = line.rsplit_once(')').map_or("", |(_, r)| r);
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let n = |k: usize| f.get(k).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        n(11) + n(12)
+    };
+    let mut lines = out.stdout.lines();
+    Ok((lines.next().map_or(0, ticks), lines.next().map_or(0, ticks)))
+}
+
+fn print_result(title: &str, r: &Result_, nodes: usize) {
+    let sched = r
+        .scheduled
+        .map_or_else(|| "-".to_string(), |s| format!("{s:.2}s"));
+    println!(
+        "{title}: {} units on {nodes} nodes: submit {:.2}s, scheduled {sched}, files {:.2}s, \
+         active {:.2}s: {:.1} units/s",
+        r.units,
+        r.submit,
+        r.files,
+        r.active,
+        r.units as f64 / r.active.max(1e-9)
+    );
+    let per_node: BTreeMap<usize, String> = r
+        .idle_cpu
+        .iter()
+        .enumerate()
+        .map(|(i, (f, s))| (i + 1, format!("fleetd {f:.2}%, systemd {s:.2}%")))
+        .collect();
+    for (i, s) in per_node {
+        println!("  idle node{i}: {s}");
+    }
+}
+
+fn median(rs: &[Result_]) -> Result_ {
+    let med = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let nodes = rs[0].idle_cpu.len();
+    Result_ {
+        units: rs[0].units,
+        submit: med(rs.iter().map(|r| r.submit).collect()),
+        scheduled: rs
+            .iter()
+            .map(|r| r.scheduled)
+            .collect::<Option<Vec<f64>>>()
+            .map(med),
+        files: med(rs.iter().map(|r| r.files).collect()),
+        active: med(rs.iter().map(|r| r.active).collect()),
+        idle_cpu: (0..nodes)
+            .map(|i| {
+                (
+                    med(rs.iter().map(|r| r.idle_cpu[i].0).collect()),
+                    med(rs.iter().map(|r| r.idle_cpu[i].1).collect()),
+                )
+            })
+            .collect(),
+    }
+}
