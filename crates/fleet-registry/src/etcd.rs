@@ -118,6 +118,23 @@ pub struct Leadership {
 impl EtcdRegistry {
     /// Connects (lazily: etcd need not be up yet) and validates the configuration.
     pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, None).await
+    }
+
+    /// Like [`EtcdRegistry::connect`], but every connection to an endpoint is opened by
+    /// `dialer` (fleetctl's `--tunnel`: an SSH channel) instead of a TCP connect, so no local
+    /// port is involved. TLS still verifies the host name in the endpoint URL.
+    pub async fn connect_via(
+        cfg: &EtcdConfig,
+        dialer: Arc<dyn crate::Dialer>,
+    ) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, Some(dialer)).await
+    }
+
+    async fn open(
+        cfg: &EtcdConfig,
+        dialer: Option<Arc<dyn crate::Dialer>>,
+    ) -> Result<EtcdRegistry> {
         if cfg.endpoints.is_empty() {
             return Err(RegistryError::Config("etcd_servers is empty".into()));
         }
@@ -156,7 +173,16 @@ impl EtcdRegistry {
             opts = opts.with_tls(tls);
         }
         let endpoints: Vec<String> = cfg.endpoints.clone();
-        let client = Client::connect(endpoints, Some(opts)).await?;
+        let client = match dialer {
+            None => Client::connect(endpoints, Some(opts)).await?,
+            Some(dialer) => {
+                let dialed = crate::dial::Dialed {
+                    dialer,
+                    endpoints: endpoints.len() + 1,
+                };
+                Client::connect_with_balanced_channel(endpoints, Some(opts), dialed).await?
+            }
+        };
         Ok(EtcdRegistry {
             client,
             keys: Keys::new(&cfg.key_prefix),
