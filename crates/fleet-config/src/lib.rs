@@ -202,14 +202,17 @@ impl Config {
         // A plain-HTTP API on a non-loopback TCP address is refused unless explicitly allowed
         // (anyone who reaches it controls every machine). Socket-activated listeners are
         // fleet v1.0's way and are not refused; fleetd warns about them at start instead.
-        if self.api_certfile.is_empty() && !self.api_allow_plain_tcp {
-            if let Some(addr) = self.api_listen.iter().find(|a| !is_loopback_listen(a)) {
-                return Err(ConfigError::Conflict(format!(
-                    "api_listen {addr} would serve the API over plain HTTP to the network: set \
-                     api_certfile and api_keyfile (and api_client_cafile), listen on loopback, \
-                     or set api_allow_plain_tcp=true"
-                )));
-            }
+        let plain_off_loopback = self
+            .api_listen
+            .iter()
+            .find(|a| !is_loopback_listen(a))
+            .filter(|_| self.api_certfile.is_empty() && !self.api_allow_plain_tcp);
+        if let Some(addr) = plain_off_loopback {
+            return Err(ConfigError::Conflict(format!(
+                "api_listen {addr} would serve the API over plain HTTP to the network: set \
+                 api_certfile and api_keyfile (and api_client_cafile), listen on loopback, \
+                 or set api_allow_plain_tcp=true"
+            )));
         }
         Ok(())
     }

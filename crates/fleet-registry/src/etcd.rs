@@ -572,7 +572,7 @@ impl EtcdRegistry {
             self.client.clone(),
             self.engine_ranges(),
             poll,
-            self.timeout * 5,
+            self.timeout.saturating_mul(5),
         )
     }
 
@@ -703,7 +703,12 @@ impl EtcdRegistry {
         ttl: Duration,
     ) -> Result<LeaseKeeper> {
         let key = self.keys.machine(&rec.id);
-        let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
+        let now = tokio::time::Instant::now();
+        let wait = ttl.saturating_add(Duration::from_secs(2));
+        // a ttl too large for a deadline (fleet-config bounds it to a day) waits a day
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or(now + Duration::from_secs(86_400));
         loop {
             let lease = self.timed(LeaseKeeper::grant(&self.client, ttl)).await?;
             let put = TxnOp::put(
@@ -789,7 +794,12 @@ impl EtcdRegistry {
             self.keys.metadata_dir(machine_id),
         ];
         let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
-        ListWatch::spawn(self.client.clone(), ranges, poll, self.timeout * 5)
+        ListWatch::spawn(
+            self.client.clone(),
+            ranges,
+            poll,
+            self.timeout.saturating_mul(5),
+        )
     }
 
     /// The API-set metadata of one machine (persistent; merged over the configured one).
@@ -844,7 +854,12 @@ impl EtcdRegistry {
             self.keys.dir(keys::MACHINES),
         ];
         let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
-        let mut rx = ListWatch::spawn(self.client.clone(), ranges, None, self.timeout * 5);
+        let mut rx = ListWatch::spawn(
+            self.client.clone(),
+            ranges,
+            None,
+            self.timeout.saturating_mul(5),
+        );
         let _ = tokio::time::timeout(max, async {
             // the first message is the snapshot; wait for the one after it
             let _ = rx.recv().await;
