@@ -59,28 +59,11 @@ impl Ctx {
             .map_err(|_| anyhow!("invalid --request-timeout {}", g.request_timeout))?;
         match driver(g)? {
             Driver::Etcd => {
-                let mut endpoints: Vec<String> = etcd_endpoints(g)
+                let endpoints: Vec<String> = etcd_endpoints(g)
                     .split(',')
                     .map(|s| s.trim().to_string())
                     .filter(|s| !s.is_empty())
                     .collect();
-                if g.tunnel.is_some() {
-                    let session = self.tunnel().await?;
-                    let mut local = Vec::with_capacity(endpoints.len());
-                    for ep in &endpoints {
-                        let (_, host, port) = tunnel::split_url(ep, 2379)
-                            .ok_or_else(|| anyhow!("invalid etcd endpoint {ep:?}"))?;
-                        let addr =
-                            tunnel::forward(session.clone(), Target::Tcp { host, port }).await?;
-                        let scheme = if ep.starts_with("https://") {
-                            "https"
-                        } else {
-                            "http"
-                        };
-                        local.push(format!("{scheme}://{addr}"));
-                    }
-                    endpoints = local;
-                }
                 let cfg = EtcdConfig {
                     endpoints,
                     key_prefix: g.etcd_key_prefix.clone(),
@@ -103,7 +86,15 @@ impl Ctx {
                     username: None,
                     password: None,
                 };
-                let reg: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(&cfg).await?);
+                let reg = if g.tunnel.is_some() {
+                    // dialled in process through the SSH session: no local listener
+                    let session = self.tunnel().await?;
+                    let dialer = Arc::new(tunnel::SshDialer { session });
+                    EtcdRegistry::connect_via(&cfg, dialer).await?
+                } else {
+                    EtcdRegistry::connect(&cfg).await?
+                };
+                let reg: Arc<dyn Registry> = Arc::new(reg);
                 check_version(&reg).await;
                 Ok(reg)
             }

@@ -1,17 +1,15 @@
 //! `--tunnel`: reach fleet's API or etcd through an SSH connection to a cluster machine.
 //!
-//! A local listener on 127.0.0.1 accepts connections and relays each one through its own SSH
-//! channel to the real target (a TCP address or a unix socket as seen from the tunnel host).
-//! The etcd driver is simply pointed at the local address. The API driver takes an
-//! [`SshConnector`] instead, so the endpoint (and TLS server name) stays the real one. (fleet
-//! ran `fleetctl fd-forward` remotely to reach the API socket; a `direct-streamlocal` channel
-//! does the same without needing fleetctl on the remote host.)
+//! Every connection is its own SSH channel, opened in this process, to the real target (a TCP
+//! address or a unix socket as seen from the tunnel host): the API driver takes an
+//! [`SshConnector`], the etcd driver an [`SshDialer`]. No local port or socket is ever opened,
+//! so other local users cannot ride the tunnel, and endpoints (and TLS server names) stay the
+//! real ones. (fleet ran `fleetctl fd-forward` remotely to reach the API socket; a
+//! `direct-streamlocal` channel does the same without needing fleetctl on the remote host.)
 
 use std::sync::Arc;
 
-use anyhow::Context as _;
 use fleet_ssh::{Session, SshStream};
-use tokio::net::TcpListener;
 
 /// Where a tunnelled connection goes, as seen from the tunnel host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,31 +54,25 @@ async fn open(session: &Session, target: &Target) -> Result<SshStream, fleet_ssh
     }
 }
 
-/// Starts relaying connections to a new local port to `target` through `session`; returns the
-/// local address (`127.0.0.1:port`). The relay lives as long as the runtime.
-pub async fn forward(session: Arc<Session>, target: Target) -> anyhow::Result<String> {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding a local port for the tunnel")?;
-    let local = listener.local_addr()?.to_string();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let session = session.clone();
-            let target = target.clone();
-            tokio::spawn(async move {
-                match open(&session, &target).await {
-                    Ok(mut remote) => {
-                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut remote).await;
-                    }
-                    Err(e) => tracing::warn!("tunnel through {}: {e}", session.addr()),
-                }
-            });
-        }
-    });
-    Ok(local)
+/// Dials etcd through the tunnel: one `direct-tcpip` channel per connection etcd-client opens.
+pub struct SshDialer {
+    pub session: Arc<Session>,
+}
+
+#[async_trait::async_trait]
+impl fleet_registry::Dialer for SshDialer {
+    async fn dial(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<Box<dyn fleet_registry::DialStream>> {
+        tracing::debug!("dialing etcd {host}:{port} via ssh {}", self.session.addr());
+        self.session
+            .open_tcp(host, port)
+            .await
+            .map(|s| Box::new(s) as Box<dyn fleet_registry::DialStream>)
+            .map_err(std::io::Error::other)
+    }
 }
 
 /// Splits an `http(s)://host:port[/...]` URL into scheme, host and port (default 2379 for

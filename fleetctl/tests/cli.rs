@@ -1334,3 +1334,106 @@ fn ssh_and_tunnels_through_a_real_sshd() {
         "{out:?}"
     );
 }
+
+/// The socket inodes a process holds (`socket:[N]` links under `/proc/<pid>/fd`).
+fn socket_inodes(pid: u32) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect()
+}
+
+/// `(state, inode)` of every TCP socket in the process's network namespace (`0A` = LISTEN).
+fn tcp_sockets(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 {
+                out.push((cols[3].to_string(), cols[9].to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// Inodes of listening unix sockets in the process's network namespace.
+fn unix_listeners(pid: u32) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/net/unix")).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // Flags `00010000` is __SO_ACCEPTCON: a listening socket
+            (cols.len() > 6 && cols[3] == "00010000").then(|| cols[6].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn tunnelled_etcd_driver_opens_no_listener() {
+    let c = Cluster::start();
+    let ssh_dir = tempfile::tempdir().expect("tempdir");
+    let sshd = Sshd::start(ssh_dir.path());
+    let user = String::from_utf8(Command::new("id").arg("-un").output().expect("id").stdout)
+        .expect("utf8");
+    c.add_machine(M1, "127.0.0.1", &[]);
+    c.write("hello.service", HELLO);
+    let key = format!("--identity-file={}", sshd.key.display());
+    let username = format!("--ssh-username={}", user.trim());
+    let tunnel = format!("--tunnel=127.0.0.1:{}", sshd.port);
+    // a blocking start: fleetctl stays connected (through the tunnel) while nothing runs it
+    let mut child = c.spawn(&[
+        &key,
+        "--strict-host-key-checking=false",
+        &username,
+        &tunnel,
+        "start",
+        "--block-attempts=100",
+        "hello.service",
+    ]);
+    let reg = c.registry();
+    let name = fleet_unit::UnitName::parse("hello.service").expect("name");
+    use fleet_registry::Registry as _;
+    let written = fleet_testutil::wait_for(Duration::from_secs(20), || {
+        c.rt.block_on(async {
+            reg.unit(&name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.desired == TargetState::Launched)
+        })
+    });
+    assert!(
+        written,
+        "start through the tunnel did not reach etcd; stderr: {:?}",
+        child.stderr.lock().expect("lock")
+    );
+    let pid = child.child.id();
+    let mine = socket_inodes(pid);
+    let tcp = tcp_sockets(pid);
+    let unix = unix_listeners(pid);
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    let owned: Vec<&(String, String)> = tcp.iter().filter(|(_, i)| mine.contains(i)).collect();
+    // the SSH connection itself is seen (so the check can see fleetctl's sockets at all) ...
+    assert!(
+        owned.iter().any(|(st, _)| st == "01"),
+        "no established TCP socket of fleetctl found: {owned:?}"
+    );
+    // ... and nothing fleetctl holds is listening
+    assert!(
+        !owned.iter().any(|(st, _)| st == "0A"),
+        "fleetctl listens on TCP while tunnelling to etcd: {owned:?}"
+    );
+    assert!(
+        !unix.iter().any(|i| mine.contains(i)),
+        "fleetctl listens on a unix socket while tunnelling to etcd"
+    );
+}

@@ -149,17 +149,30 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
         }))
     };
 
+    // The configuration that ran before a SIGHUP: started again if the new one fails to start.
+    let mut previous: Option<Config> = None;
     let result = 'run: loop {
         let shutdown = CancellationToken::new();
         let purge = Arc::new(AtomicBool::new(true));
-        let components = start(
+        let started = start(
             &cfg,
             &machine_id,
             metrics.clone(),
             shutdown.clone(),
             purge.clone(),
         )
-        .await?;
+        .await;
+        let components = match started {
+            Ok(c) => c,
+            Err(e) => match previous.take() {
+                Some(old) => {
+                    error!("the new configuration failed to start, keeping the old one: {e:#}");
+                    cfg = old;
+                    continue;
+                }
+                None => break Err(e),
+            },
+        };
         // Wait for a signal; a SIGHUP with a bad configuration keeps everything as it is.
         let new_cfg = loop {
             let reload = tokio::select! {
@@ -184,7 +197,7 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
             purge.store(false, Ordering::SeqCst);
             shutdown.cancel();
             let _ = components.join().await;
-            cfg = new;
+            previous = Some(std::mem::replace(&mut cfg, new));
             for w in &cfg.warnings {
                 warn!("{w}");
             }
@@ -232,10 +245,26 @@ async fn api_listeners(cfg: &Config) -> Result<Vec<fleet_api::Listener>> {
             })
             .collect::<Result<_, _>>()?;
     }
+    let tls = !cfg.api_certfile.is_empty();
     for l in &listeners {
         info!("API listening on {}", l.describe());
+        if exposed_plain_http(l.tcp_addr(), tls) {
+            // Loud, not refused: socket activation is fleet v1.0's way to add TCP listeners,
+            // and api_listen only gets here with api_allow_plain_tcp=true (see fleet-config).
+            error!(
+                "INSECURE: the API on {} is plain HTTP and reachable from the network: anyone \
+                 who can connect controls every machine of the cluster; set api_certfile, \
+                 api_keyfile and api_client_cafile, or listen on loopback only",
+                l.describe()
+            );
+        }
     }
     Ok(listeners)
+}
+
+/// A TCP listener without TLS on an address other than loopback.
+fn exposed_plain_http(tcp: Option<std::net::SocketAddr>, tls: bool) -> bool {
+    tcp.is_some_and(|a| !tls && !a.ip().is_loopback())
 }
 
 async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
@@ -387,4 +416,21 @@ async fn bridge_metrics(
 
 fn non_empty(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_off_loopback_is_flagged() {
+        let addr = |s: &str| Some(s.parse::<std::net::SocketAddr>().expect("addr"));
+        assert!(exposed_plain_http(addr("0.0.0.0:49153"), false));
+        assert!(exposed_plain_http(addr("[::]:49153"), false));
+        assert!(exposed_plain_http(addr("10.1.2.3:49153"), false));
+        assert!(!exposed_plain_http(addr("10.1.2.3:49153"), true));
+        assert!(!exposed_plain_http(addr("127.0.0.1:49153"), false));
+        assert!(!exposed_plain_http(addr("[::1]:49153"), false));
+        assert!(!exposed_plain_http(None, false));
+    }
 }

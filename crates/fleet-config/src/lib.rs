@@ -10,6 +10,15 @@ use thiserror::Error;
 
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/fleet/fleet.conf";
 
+/// The longest any duration option may be: one day. A longer TTL, timeout or interval is
+/// surely a mistake, and the bound keeps everything computed from them (deadlines as
+/// `Instant + ttl`, lease TTLs as `interval * 5`, `timeout * 5`) far from overflowing.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// The shortest timeout or interval: 1 ms (a zero interval would panic tokio's timers, and a
+/// zero timeout fails every request).
+pub const MIN_DURATION: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Error, PartialEq)]
 pub enum ConfigError {
     #[error("unable to use config file {path}: {reason}")]
@@ -27,6 +36,9 @@ pub enum ConfigError {
         line: usize,
         reason: String,
     },
+    /// Options that are valid alone but not together.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// All of fleet's options, with fleet's defaults.
@@ -58,6 +70,10 @@ pub struct Config {
     pub api_certfile: String,
     pub api_keyfile: String,
     pub api_client_cafile: String,
+    /// Beyond fleet: allow a plain-HTTP (no `api_certfile`) `api_listen` TCP address that is
+    /// not loopback. Off by default: such a listener gives everyone who can reach it root on
+    /// every machine of the cluster.
+    pub api_allow_plain_tcp: bool,
     /// Warnings to log once logging is set up (deprecated or unknown options).
     pub warnings: Vec<String>,
 }
@@ -90,6 +106,7 @@ impl Default for Config {
             api_certfile: String::new(),
             api_keyfile: String::new(),
             api_client_cafile: String::new(),
+            api_allow_plain_tcp: false,
             warnings: Vec::new(),
         }
     }
@@ -122,6 +139,7 @@ pub const OPTIONS: &[&str] = &[
     "api_certfile",
     "api_keyfile",
     "api_client_cafile",
+    "api_allow_plain_tcp",
 ];
 
 impl Config {
@@ -160,7 +178,43 @@ impl Config {
                 cfg.set(&var, opt, v)?;
             }
         }
+        cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Checks the options that depend on each other; [`Config::load`] runs it, so a bad
+    /// combination stops fleetd at start and is refused (old configuration kept) on SIGHUP.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_certfile.is_empty() != self.api_keyfile.is_empty() {
+            return Err(ConfigError::Conflict(
+                "api_certfile and api_keyfile must be given together".into(),
+            ));
+        }
+        // Client certificates are only checked in a TLS handshake: without api_certfile the
+        // TCP API would be plain HTTP with no authentication at all.
+        if !self.api_client_cafile.is_empty() && self.api_certfile.is_empty() {
+            return Err(ConfigError::Conflict(
+                "api_client_cafile is set but api_certfile is not: client certificates need a \
+                 TLS listener; set api_certfile and api_keyfile too"
+                    .into(),
+            ));
+        }
+        // A plain-HTTP API on a non-loopback TCP address is refused unless explicitly allowed
+        // (anyone who reaches it controls every machine). Socket-activated listeners are
+        // fleet v1.0's way and are not refused; fleetd warns about them at start instead.
+        let plain_off_loopback = self
+            .api_listen
+            .iter()
+            .find(|a| !is_loopback_listen(a))
+            .filter(|_| self.api_certfile.is_empty() && !self.api_allow_plain_tcp);
+        if let Some(addr) = plain_off_loopback {
+            return Err(ConfigError::Conflict(format!(
+                "api_listen {addr} would serve the API over plain HTTP to the network: set \
+                 api_certfile and api_keyfile (and api_client_cafile), listen on loopback, \
+                 or set api_allow_plain_tcp=true"
+            )));
+        }
+        Ok(())
     }
 
     /// Sets one option from its text form.
@@ -200,12 +254,16 @@ impl Config {
                 self.etcd_key_prefix = value.to_string();
             }
             "etcd_request_timeout" => {
+                let secs: f64 = value
+                    .parse()
+                    .map_err(|_| bad("expected seconds, e.g. 1.0"))?;
                 self.etcd_request_timeout =
-                    seconds(value).ok_or_else(|| bad("expected seconds, e.g. 1.0"))?
+                    bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?;
             }
             "engine_reconcile_interval" => {
+                let secs: f64 = value.parse().map_err(|_| bad("expected seconds, e.g. 2"))?;
                 self.engine_reconcile_interval =
-                    seconds(value).ok_or_else(|| bad("expected seconds, e.g. 2"))?
+                    bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?;
             }
             "public_ip" => {
                 if !value.is_empty() && value.parse::<std::net::IpAddr>().is_err() {
@@ -215,12 +273,10 @@ impl Config {
             }
             "metadata" => self.metadata = parse_metadata(value),
             "agent_ttl" => {
-                let d =
-                    parse_duration(value).ok_or_else(|| bad("expected a duration, e.g. 30s"))?;
-                if d < Duration::from_secs(1) {
-                    return Err(bad("must be at least 1s"));
-                }
-                self.agent_ttl = d;
+                let secs =
+                    duration_secs(value).ok_or_else(|| bad("expected a duration, e.g. 30s"))?;
+                self.agent_ttl =
+                    bounded(secs, Duration::from_secs(1)).map_err(|reason| bad(&reason))?;
             }
             "units_directory" => {
                 if value.is_empty() {
@@ -268,6 +324,10 @@ impl Config {
             "api_certfile" => self.api_certfile = value.to_string(),
             "api_keyfile" => self.api_keyfile = value.to_string(),
             "api_client_cafile" => self.api_client_cafile = value.to_string(),
+            "api_allow_plain_tcp" => {
+                self.api_allow_plain_tcp =
+                    boolean(value).ok_or_else(|| bad("expected true or false"))?
+            }
             other => self
                 .warnings
                 .push(format!("{source}: unknown option {other:?} ignored")),
@@ -313,12 +373,15 @@ fn unquote(v: &str) -> &str {
 }
 
 /// fleet's list syntax: `["a", "b"]` or `a,b`.
+/// Only the list's own brackets are removed, so IPv6 items like `[::1]:49153` keep theirs.
 fn parse_list(v: &str) -> Vec<String> {
+    let v = v.trim();
+    let v = v
+        .strip_prefix('[')
+        .and_then(|inner| inner.strip_suffix(']'))
+        .unwrap_or(v);
     v.split(',')
-        .map(|item| {
-            item.trim_start_matches([' ', '[', '"'])
-                .trim_end_matches([' ', '"', ']'])
-        })
+        .map(|item| item.trim_matches([' ', '"']))
         .filter(|s| !s.is_empty())
         .map(str::to_string)
         .collect()
@@ -334,9 +397,44 @@ pub fn parse_metadata(v: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn seconds(v: &str) -> Option<Duration> {
-    let f: f64 = v.parse().ok()?;
-    (f.is_finite() && f > 0.0).then(|| Duration::from_secs_f64(f))
+/// `secs` as a duration of at least `min` and at most [`MAX_DURATION`]; NaN, infinities and
+/// negative values are errors (converting them would panic).
+fn bounded(secs: f64, min: Duration) -> Result<Duration, String> {
+    if secs.is_nan() {
+        return Err("not a number".into());
+    }
+    if secs > MAX_DURATION.as_secs_f64() {
+        return Err(format!(
+            "must be at most {}s (one day)",
+            MAX_DURATION.as_secs()
+        ));
+    }
+    if secs < min.as_secs_f64() {
+        return Err(format!("must be at least {}", show(min)));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+}
+
+/// `1s`, `1ms`: a bound as the user would write it.
+fn show(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// True for `api_listen` entries that only this machine can reach: unix sockets, loopback
+/// addresses and `localhost`. Unspecified (`0.0.0.0`, `[::]`) and host names are not.
+fn is_loopback_listen(addr: &str) -> bool {
+    if addr.starts_with("unix://") {
+        return true;
+    }
+    if let Ok(sa) = addr.parse::<std::net::SocketAddr>() {
+        return sa.ip().is_loopback();
+    }
+    addr.rsplit_once(':')
+        .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
 }
 
 fn boolean(v: &str) -> Option<bool> {
@@ -348,9 +446,16 @@ fn boolean(v: &str) -> Option<bool> {
 }
 
 /// Go's duration syntax (`30s`, `1m30s`, `500ms`, `1.5h`); a bare number means seconds.
+/// `None` for bad syntax and for values no `Duration` holds (negative, NaN, too large).
 pub fn parse_duration(v: &str) -> Option<Duration> {
+    Duration::try_from_secs_f64(duration_secs(v)?).ok()
+}
+
+/// Go's duration syntax as a number of seconds, unbounded (may be huge, negative or NaN for
+/// a bare number; the caller bounds it).
+fn duration_secs(v: &str) -> Option<f64> {
     if let Ok(n) = v.parse::<f64>() {
-        return (n.is_finite() && n >= 0.0).then(|| Duration::from_secs_f64(n));
+        return Some(n);
     }
     let mut total = 0f64;
     let mut rest = v;
@@ -376,7 +481,7 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
         total += n * factor;
         rest = &rest[unit_end..];
     }
-    Some(Duration::from_secs_f64(total))
+    Some(total)
 }
 
 #[cfg(test)]
@@ -450,6 +555,112 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("5"), Some(Duration::from_secs(5)));
         assert_eq!(parse_duration("5x"), None);
+    }
+
+    /// Values that once panicked (`Duration::from_secs_f64`) or overflowed what is computed
+    /// from them (`Instant + ttl`, `interval * 5`) are refused with a message naming the
+    /// option, from the file and from the environment alike.
+    #[test]
+    fn out_of_range_durations_are_refused() {
+        for (key, value, reason) in [
+            ("agent_ttl", "1e20", "at most 86400s"),
+            ("agent_ttl", "1e400", "at most 86400s"),
+            ("agent_ttl", "inf", "at most 86400s"),
+            ("agent_ttl", "-inf", "at least 1s"),
+            ("agent_ttl", "NaN", "not a number"),
+            ("agent_ttl", "-5", "at least 1s"),
+            ("agent_ttl", "25h", "at most 86400s"),
+            ("agent_ttl", "99999999999999999999h", "at most 86400s"),
+            ("agent_ttl", "0.5", "at least 1s"),
+            ("engine_reconcile_interval", "1e20", "at most 86400s"),
+            ("engine_reconcile_interval", "86401", "at most 86400s"),
+            ("engine_reconcile_interval", "inf", "at most 86400s"),
+            ("engine_reconcile_interval", "nan", "not a number"),
+            ("engine_reconcile_interval", "-1", "at least 1ms"),
+            ("engine_reconcile_interval", "0", "at least 1ms"),
+            ("engine_reconcile_interval", "1e-12", "at least 1ms"),
+            ("etcd_request_timeout", "1e20", "at most 86400s"),
+            ("etcd_request_timeout", "infinity", "at most 86400s"),
+            ("etcd_request_timeout", "NaN", "not a number"),
+            ("etcd_request_timeout", "0", "at least 1ms"),
+            ("etcd_request_timeout", "-0.5", "at least 1ms"),
+        ] {
+            let err = load(&format!("{key}={value}\n"), &[]).expect_err(value);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(key) && msg.contains(reason),
+                "{key}={value}: {msg}"
+            );
+            let var = format!("FLEET_{}", key.to_uppercase());
+            let err = load("", &[(var.as_str(), value)]).expect_err(value);
+            assert!(err.to_string().contains(reason), "{var}={value}: {err}");
+        }
+        // the bounds themselves are accepted
+        let c = load(
+            "agent_ttl=24h\nengine_reconcile_interval=0.001\netcd_request_timeout=86400\n",
+            &[],
+        )
+        .expect("bounds");
+        assert_eq!(c.agent_ttl, MAX_DURATION);
+        assert_eq!(c.engine_reconcile_interval, MIN_DURATION);
+        assert_eq!(c.etcd_request_timeout, MAX_DURATION);
+        // everything computed from them stays in range
+        let now = std::time::Instant::now();
+        assert!(
+            now.checked_add(c.agent_ttl + Duration::from_secs(2))
+                .is_some()
+        );
+        assert!(c.etcd_request_timeout.checked_mul(5).is_some());
+        assert_eq!(parse_duration("1e20"), None);
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+    }
+
+    #[test]
+    fn client_ca_without_a_certificate_is_refused() {
+        let err = load("api_client_cafile=/etc/fleet/ca.pem\n", &[]).expect_err("cafile alone");
+        assert_eq!(
+            err.to_string(),
+            "api_client_cafile is set but api_certfile is not: client certificates need a TLS \
+             listener; set api_certfile and api_keyfile too"
+        );
+        let err = load("", &[("FLEET_API_CLIENT_CAFILE", "/ca.pem")]).expect_err("env");
+        assert!(err.to_string().contains("api_client_cafile"), "{err}");
+        let err = load("api_certfile=/c.pem\n", &[]).expect_err("cert without key");
+        assert!(err.to_string().contains("api_keyfile"), "{err}");
+        load(
+            "api_certfile=/c.pem\napi_keyfile=/k.pem\napi_client_cafile=/ca.pem\napi_listen=0.0.0.0:49153\n",
+            &[],
+        )
+        .expect("a TLS listener with client certificates");
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_explicit_consent() {
+        for addr in [
+            "0.0.0.0:49153",
+            "[::]:49153",
+            "10.0.0.5:49153",
+            "fleet.example:49153",
+        ] {
+            let err = load(&format!("api_listen={addr}\n"), &[]).expect_err(addr);
+            let msg = err.to_string();
+            assert!(
+                msg.contains(addr) && msg.contains("api_allow_plain_tcp"),
+                "{msg}"
+            );
+            let mut text = format!("api_listen=unix:///run/f.sock,{addr}\n");
+            text.push_str("api_allow_plain_tcp=true\n");
+            load(&text, &[]).expect("allowed explicitly");
+        }
+        for addr in [
+            "127.0.0.1:49153",
+            "[::1]:49153",
+            "localhost:49153",
+            "unix:///var/run/fleet.sock",
+        ] {
+            load(&format!("api_listen={addr}\n"), &[]).expect(addr);
+        }
     }
 
     #[test]

@@ -77,7 +77,8 @@ pub async fn run(
     let mut leader: Option<Leader> = None;
     let mut requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>> =
         HashMap::new();
-    let mut tick = tokio::time::interval(cfg.reconcile_interval);
+    // a zero period would panic tokio (fleet-config refuses less than 1 ms anyway)
+    let mut tick = tokio::time::interval(cfg.reconcile_interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let leader_key = registry.keys().leader();
     // Debounce: after a burst of watch events reconcile once, shortly after.
@@ -168,7 +169,7 @@ pub async fn run(
             let leader_present = mirror.contains_key(&leader_key);
             if !leader_present {
                 match registry
-                    .campaign(&cfg.machine_id, cfg.reconcile_interval * 5)
+                    .campaign(&cfg.machine_id, cfg.reconcile_interval.saturating_mul(5))
                     .await
                 {
                     Ok(Some(l)) => {

@@ -118,6 +118,23 @@ pub struct Leadership {
 impl EtcdRegistry {
     /// Connects (lazily: etcd need not be up yet) and validates the configuration.
     pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, None).await
+    }
+
+    /// Like [`EtcdRegistry::connect`], but every connection to an endpoint is opened by
+    /// `dialer` (fleetctl's `--tunnel`: an SSH channel) instead of a TCP connect, so no local
+    /// port is involved. TLS still verifies the host name in the endpoint URL.
+    pub async fn connect_via(
+        cfg: &EtcdConfig,
+        dialer: Arc<dyn crate::Dialer>,
+    ) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, Some(dialer)).await
+    }
+
+    async fn open(
+        cfg: &EtcdConfig,
+        dialer: Option<Arc<dyn crate::Dialer>>,
+    ) -> Result<EtcdRegistry> {
         if cfg.endpoints.is_empty() {
             return Err(RegistryError::Config("etcd_servers is empty".into()));
         }
@@ -156,7 +173,16 @@ impl EtcdRegistry {
             opts = opts.with_tls(tls);
         }
         let endpoints: Vec<String> = cfg.endpoints.clone();
-        let client = Client::connect(endpoints, Some(opts)).await?;
+        let client = match dialer {
+            None => Client::connect(endpoints, Some(opts)).await?,
+            Some(dialer) => {
+                let dialed = crate::dial::Dialed {
+                    dialer,
+                    endpoints: endpoints.len() + 1,
+                };
+                Client::connect_with_balanced_channel(endpoints, Some(opts), dialed).await?
+            }
+        };
         Ok(EtcdRegistry {
             client,
             keys: Keys::new(&cfg.key_prefix),
@@ -546,7 +572,7 @@ impl EtcdRegistry {
             self.client.clone(),
             self.engine_ranges(),
             poll,
-            self.timeout * 5,
+            self.timeout.saturating_mul(5),
         )
     }
 
@@ -677,7 +703,12 @@ impl EtcdRegistry {
         ttl: Duration,
     ) -> Result<LeaseKeeper> {
         let key = self.keys.machine(&rec.id);
-        let deadline = tokio::time::Instant::now() + ttl + Duration::from_secs(2);
+        let now = tokio::time::Instant::now();
+        let wait = ttl.saturating_add(Duration::from_secs(2));
+        // a ttl too large for a deadline (fleet-config bounds it to a day) waits a day
+        let deadline = now
+            .checked_add(wait)
+            .unwrap_or(now + Duration::from_secs(86_400));
         loop {
             let lease = self.timed(LeaseKeeper::grant(&self.client, ttl)).await?;
             let put = TxnOp::put(
@@ -763,7 +794,12 @@ impl EtcdRegistry {
             self.keys.metadata_dir(machine_id),
         ];
         let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
-        ListWatch::spawn(self.client.clone(), ranges, poll, self.timeout * 5)
+        ListWatch::spawn(
+            self.client.clone(),
+            ranges,
+            poll,
+            self.timeout.saturating_mul(5),
+        )
     }
 
     /// The API-set metadata of one machine (persistent; merged over the configured one).
@@ -818,7 +854,12 @@ impl EtcdRegistry {
             self.keys.dir(keys::MACHINES),
         ];
         let ranges = prefixes.into_iter().map(KeyRange::prefix).collect();
-        let mut rx = ListWatch::spawn(self.client.clone(), ranges, None, self.timeout * 5);
+        let mut rx = ListWatch::spawn(
+            self.client.clone(),
+            ranges,
+            None,
+            self.timeout.saturating_mul(5),
+        );
         let _ = tokio::time::timeout(max, async {
             // the first message is the snapshot; wait for the one after it
             let _ = rx.recv().await;

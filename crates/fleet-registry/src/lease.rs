@@ -18,14 +18,15 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     pub async fn grant(client: &Client, ttl: Duration) -> Result<LeaseKeeper, etcd_client::Error> {
-        let secs = ttl.as_secs().max(1) as i64;
+        // etcd takes an i64 of seconds; a ttl beyond it (never from fleet-config) saturates
+        let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let resp = client.lease_client().grant(secs, None).await?;
         let id = resp.id();
         let (tx, lost) = watch::channel(false);
         let task = tokio::spawn(keep(
             client.clone(),
             id,
-            Duration::from_secs(secs as u64),
+            Duration::from_secs(secs.unsigned_abs()),
             tx,
         ));
         Ok(LeaseKeeper { id, lost, task })

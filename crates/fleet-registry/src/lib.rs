@@ -11,6 +11,7 @@
 //! - the agent: machine presence under a lease, its own schedule and the global units
 //!   through a watch, unit states under its lease.
 
+mod dial;
 mod error;
 mod etcd;
 pub mod keys;
@@ -18,6 +19,7 @@ mod lease;
 mod model;
 mod watch;
 
+pub use dial::{DialStream, Dialer};
 pub use error::{RegistryError, Result};
 pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
 pub use lease::LeaseKeeper;
