@@ -1437,3 +1437,89 @@ fn tunnelled_etcd_driver_opens_no_listener() {
         "fleetctl listens on a unix socket while tunnelling to etcd"
     );
 }
+
+/// Many units in one invocation: fleetctl works on many at once, yet prints in argument
+/// order, stops at the first bad argument after reporting the ones before it, and handles a
+/// unit named twice once. Through the etcd driver and through the API alike.
+#[test]
+fn many_units_are_reported_in_argument_order() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    for driver in ["etcd", "api"] {
+        let name = |i: usize| format!("{driver}-{i:02}.service");
+        let names: Vec<String> = (1..=80).map(name).collect();
+        for n in &names {
+            c.write(n, SLEEP);
+        }
+        let bad = format!("{driver}-bad.service");
+        c.write(
+            &bad,
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\nMachineOf=abcd\n",
+        );
+        let run = |args: &[&str]| -> Output {
+            let flags = if driver == "etcd" {
+                vec![
+                    "--driver=etcd".to_string(),
+                    format!("--endpoint={}", c.etcd.endpoint()),
+                ]
+            } else {
+                vec![format!("--endpoint={api}")]
+            };
+            let out = c
+                .bare_command()
+                .args(flags)
+                .args(args)
+                .output()
+                .expect("run fleetctl");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        let inactive = |ns: &[String]| -> String {
+            ns.iter().map(|n| format!("Unit {n} inactive\n")).collect()
+        };
+
+        // the bad unit in the middle: the 40 before it are created and reported, in order
+        let mut args = vec!["start", "--no-block"];
+        args.extend(names[..40].iter().map(String::as_str));
+        args.push(&bad);
+        args.extend(names[40..].iter().map(String::as_str));
+        let out = run(&args);
+        assert_eq!(
+            (out.code, out.stdout.clone(), out.stderr.as_str()),
+            (
+                1,
+                inactive(&names[..40]),
+                format!("Error creating units: unit {bad}: Global cannot be used with MachineOf\n")
+                    .as_str()
+            ),
+            "{driver}: {out:?}"
+        );
+
+        // again without it (and one unit named twice): the rest created, all started, in order
+        let mut args = vec!["start", "--no-block"];
+        args.extend(names.iter().map(String::as_str));
+        args.push(&names[3]);
+        let out = run(&args);
+        let triggered: String = names
+            .iter()
+            .map(|n| format!("Triggered unit {n} start\n"))
+            .collect();
+        assert_eq!(
+            (out.code, out.stdout.clone(), out.stderr.as_str()),
+            (0, inactive(&names[40..]) + &triggered, ""),
+            "{driver}: {out:?}"
+        );
+        let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+        let want: String = names.iter().map(|n| format!("{n}\tlaunched\n")).collect();
+        let ours: String = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("{driver}-")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ours, want, "{driver}: {out:?}");
+    }
+}
