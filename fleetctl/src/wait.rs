@@ -7,14 +7,12 @@
 //! placed, the engine's reason is printed once per distinct reason instead of waiting
 //! silently.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_registry::{Registry, StateRecord};
+use fleet_registry::{Registry, StateRecord, UnitView};
 use fleet_unit::{TargetState, UnitName};
-use futures_util::StreamExt;
-use futures_util::stream::FuturesUnordered;
 use tokio::time::Instant;
 
 use crate::context::Ctx;
@@ -26,6 +24,8 @@ pub const ATTEMPT: Duration = Duration::from_secs(2);
 /// Longest single wait for a change before checking again anyway (covers changes that land
 /// between a check and the start of the next watch).
 const RECHECK: Duration = Duration::from_secs(1);
+/// Pause between two rounds of checks of several units (fleet polled every 250 ms).
+const POLL: Duration = Duration::from_millis(200);
 /// Pause after a failed registry read before retrying.
 const RETRY: Duration = Duration::from_millis(250);
 /// How long systemd may report a started unit failed or inactive before we believe it.
@@ -80,9 +80,53 @@ pub async fn try_wait_for_unit_states(
     wait_for_unit_states(ctx, names, want, attempts).await
 }
 
-/// Waits (concurrently) until each unit's state is `want`, printing `Unit <name> <state>[ on
-/// <machine>]` for each as it gets there (in that order, as fleet did). A global unit is judged by its desired state (no
-/// single machine reports it). Ends at the first error.
+/// Up to this many units a round reads each unit on its own; more, and it lists them all.
+const FEW: usize = 8;
+
+/// The registry's view of `names` (absent ones left out): one read per unit for a few, one
+/// list for many.
+async fn views(
+    reg: &Arc<dyn Registry>,
+    names: &[&UnitName],
+) -> Result<HashMap<UnitName, UnitView>, String> {
+    if names.len() <= FEW {
+        let got: Vec<_> = futures_util::future::join_all(names.iter().map(|n| reg.unit(n))).await;
+        let mut out = HashMap::new();
+        for u in got {
+            if let Some(u) = u.map_err(|e| describe(&e))? {
+                out.insert(u.name.clone(), u);
+            }
+        }
+        return Ok(out);
+    }
+    let all = reg.units().await.map_err(|e| describe(&e))?;
+    Ok(all.into_iter().map(|u| (u.name.clone(), u)).collect())
+}
+
+/// Waits for a change of any of `pending` (at most until `deadline`); `false` when the
+/// deadline has passed. One unit is watched; several are polled, as fleet did.
+async fn wait_round(
+    reg: &Arc<dyn Registry>,
+    pending: &[&UnitName],
+    deadline: Option<Instant>,
+) -> bool {
+    match pending {
+        [one] => wait_change(reg, one, deadline).await,
+        _ => {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return false;
+            }
+            let pause = deadline.map_or(POLL, |d| (d - Instant::now()).min(POLL));
+            tokio::time::sleep(pause).await;
+            true
+        }
+    }
+}
+
+/// Waits until each unit's state is `want`, printing `Unit <name> <state>[ on <machine>]` for
+/// each as it gets there (in that order, as fleet did). A global unit is judged by its desired
+/// state (no single machine reports it). Ends at the first error. All units are checked in
+/// rounds, each round one registry read for all of them (or one per unit for a few).
 pub async fn wait_for_unit_states(
     ctx: &Ctx,
     names: &[UnitName],
@@ -97,14 +141,49 @@ pub async fn wait_for_unit_states(
         .await
         .map_err(|f| f.message.unwrap_or_default())?;
     let deadline = deadline(attempts);
-    let mut waits: FuturesUnordered<_> = names
-        .iter()
-        .map(|name| wait_for_unit_state(ctx, &reg, name, want, deadline))
-        .collect();
-    while let Some(result) = waits.next().await {
-        ui::out(result?);
+    let mut pending: Vec<&UnitName> = names.iter().collect();
+    let mut reasons_shown: HashSet<(UnitName, String)> = HashSet::new();
+    let mut errors_shown: HashSet<String> = HashSet::new();
+    loop {
+        match views(&reg, &pending).await {
+            Ok(views) => {
+                let mut left = Vec::new();
+                for name in pending {
+                    let Some(u) = views.get(name) else {
+                        return Err(format!("Unit {name} not found"));
+                    };
+                    match reached(ctx, u, want).await {
+                        Some(line) => ui::out(line),
+                        None => {
+                            let unplaced = u.reason.as_ref().filter(|_| u.machine_id.is_none());
+                            if let Some(reason) = unplaced
+                                .filter(|r| reasons_shown.insert((name.clone(), r.to_string())))
+                            {
+                                ui::err(format!("Unit {name} cannot be placed yet: {reason}"));
+                            }
+                            left.push(name);
+                        }
+                    }
+                }
+                pending = left;
+                if pending.is_empty() {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                if errors_shown.insert(e.clone()) {
+                    tracing::warn!("Error retrieving units from Registry: {e}");
+                }
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+        if !wait_round(&reg, &pending, deadline).await {
+            return Err(format!(
+                "timed out waiting for unit {} to report state {want}",
+                pending[0]
+            ));
+        }
     }
-    Ok(())
 }
 
 /// Waits until one unit's state is `want`, and returns the line that says so (`Unit <name>
@@ -116,42 +195,15 @@ pub async fn unit_state_line(
     want: TargetState,
     attempts: i64,
 ) -> Result<String, String> {
-    wait_for_unit_state(ctx, reg, name, want, deadline(attempts)).await
-}
-
-async fn wait_for_unit_state(
-    ctx: &Ctx,
-    reg: &Arc<dyn Registry>,
-    name: &UnitName,
-    want: TargetState,
-    deadline: Option<Instant>,
-) -> Result<String, String> {
-    let mut reasons_shown: HashSet<String> = HashSet::new();
+    let deadline = deadline(attempts);
     let mut errors_shown: HashSet<String> = HashSet::new();
     loop {
         match reg.unit(name).await {
             Ok(Some(u)) => {
-                let state = if u.global { u.desired } else { u.current };
-                if state == want {
-                    // (fleet printed the current state, always empty for a global unit)
-                    let mut msg = format!("Unit {name} {state}");
-                    let machine = match &u.machine_id {
-                        Some(id) => ctx.machine(id).await,
-                        None => None,
-                    };
-                    if let Some(m) = machine {
-                        msg = format!(
-                            "{msg} on {}",
-                            crate::context::machine_full_legend(&m.id, &m.public_ip, false)
-                        );
-                    }
-                    return Ok(msg);
+                if let Some(line) = reached(ctx, &u, want).await {
+                    return Ok(line);
                 }
-                tracing::debug!("Waiting for Unit({name}) state({state}) to be {want}");
-                let unplaced_reason = u.reason.filter(|_| u.machine_id.is_none());
-                if let Some(reason) = unplaced_reason.filter(|r| reasons_shown.insert(r.clone())) {
-                    ui::err(format!("Unit {name} cannot be placed yet: {reason}"));
-                }
+                tracing::debug!("Waiting for Unit({name}) to be {want}");
             }
             Ok(None) => return Err(format!("Unit {name} not found")),
             Err(e) => {
@@ -162,7 +214,7 @@ async fn wait_for_unit_state(
                 tokio::time::sleep(RETRY).await;
             }
         }
-        if !wait_change(reg, name, deadline).await {
+        if !wait_change(&reg, name, deadline).await {
             return Err(format!(
                 "timed out waiting for unit {name} to report state {want}"
             ));
@@ -170,9 +222,31 @@ async fn wait_for_unit_state(
     }
 }
 
+/// The line reporting `u` in state `want`, when it is there.
+async fn reached(ctx: &Ctx, u: &UnitView, want: TargetState) -> Option<String> {
+    let state = if u.global { u.desired } else { u.current };
+    if state != want {
+        return None;
+    }
+    // (fleet printed the current state, always empty for a global unit)
+    let mut msg = format!("Unit {} {state}", u.name);
+    let machine = match &u.machine_id {
+        Some(id) => ctx.machine(id).await,
+        None => None,
+    };
+    if let Some(m) = machine {
+        msg = format!(
+            "{msg} on {}",
+            crate::context::machine_full_legend(&m.id, &m.public_ip, false)
+        );
+    }
+    Some(msg)
+}
+
 /// After `start`: waits until systemd on each unit's machine reports it loaded and active.
 /// A unit that systemd keeps reporting failed or inactive (for two seconds, to let a fresh
-/// start show) is an error, as is the `--block-attempts` budget running out.
+/// start show) is an error, as is the `--block-attempts` budget running out. Checked in
+/// rounds: each reads the placements and the states once for all units.
 pub async fn wait_for_active(ctx: &Ctx, names: &[UnitName], attempts: i64) -> Result<(), String> {
     if names.is_empty() || attempts < 0 {
         return Ok(());
@@ -182,70 +256,80 @@ pub async fn wait_for_active(ctx: &Ctx, names: &[UnitName], attempts: i64) -> Re
         .await
         .map_err(|f| f.message.unwrap_or_default())?;
     let deadline = deadline(attempts);
-    let mut waits: FuturesUnordered<_> = names
-        .iter()
-        .map(|name| wait_for_active_one(&reg, name, deadline, attempts))
-        .collect();
-    while let Some(result) = waits.next().await {
-        result?;
-    }
-    Ok(())
-}
-
-async fn wait_for_active_one(
-    reg: &Arc<dyn Registry>,
-    name: &UnitName,
-    deadline: Option<Instant>,
-    attempts: i64,
-) -> Result<(), String> {
-    let mut down_since: Option<Instant> = None;
+    let mut pending: Vec<&UnitName> = names.iter().collect();
+    let mut down_since: HashMap<&UnitName, Instant> = HashMap::new();
     loop {
-        match systemd_state(reg, name).await {
-            Ok(Some(s)) if s.active_state == "active" && s.load_state == "loaded" => return Ok(()),
-            Ok(Some(s)) if matches!(s.active_state.as_str(), "failed" | "inactive") => {
-                let since = *down_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= SETTLE {
-                    return Err(format!(
-                        "Failed to find an active unit {name}: systemd reports it {} ({})",
-                        s.active_state, s.sub_state
-                    ));
+        match systemd_states(&reg, &pending).await {
+            Ok(states) => {
+                let mut left = Vec::new();
+                for name in pending {
+                    match states.get(name) {
+                        Some(s) if s.active_state == "active" && s.load_state == "loaded" => {}
+                        Some(s) if matches!(s.active_state.as_str(), "failed" | "inactive") => {
+                            let since = *down_since.entry(name).or_insert_with(Instant::now);
+                            if since.elapsed() >= SETTLE {
+                                return Err(format!(
+                                    "Failed to find an active unit {name}: systemd reports it {} ({})",
+                                    s.active_state, s.sub_state
+                                ));
+                            }
+                            left.push(name);
+                        }
+                        _ => {
+                            down_since.remove(name);
+                            left.push(name);
+                        }
+                    }
+                }
+                pending = left;
+                if pending.is_empty() {
+                    return Ok(());
                 }
             }
-            Ok(_) => down_since = None,
             Err(e) => {
-                tracing::debug!("Error getting unit state of {name}: {e}");
+                tracing::debug!("Error getting unit states: {e}");
                 tokio::time::sleep(RETRY).await;
             }
         }
         // a unit that is down is re-checked soon even without a change
-        let settle_by = down_since.map(|s| s + SETTLE);
+        let settle_by = down_since.values().min().map(|s| *s + SETTLE);
         let until = match (deadline, settle_by) {
             (Some(d), Some(s)) => Some(d.min(s)),
             (d, s) => d.or(s),
         };
-        let waited = wait_change(reg, name, until).await;
+        let waited = wait_round(&reg, &pending, until).await;
         if !waited && deadline.is_some_and(|d| Instant::now() >= d) {
             let secs = ATTEMPT.as_secs() * u64::try_from(attempts).unwrap_or(0);
             return Err(format!(
-                "Failed to find an active unit {name} within {secs}s"
+                "Failed to find an active unit {} within {secs}s",
+                pending[0]
             ));
         }
     }
 }
 
-/// What systemd reports for `name` on the machine the unit is placed on.
-async fn systemd_state(
+/// What systemd reports for each of `names` on the machine the unit is placed on (units not
+/// placed, or with no report yet, are left out).
+async fn systemd_states(
     reg: &Arc<dyn Registry>,
-    name: &UnitName,
-) -> Result<Option<StateRecord>, String> {
-    let unit = reg.unit(name).await.map_err(|e| describe(&e))?;
-    let Some(machine) = unit.and_then(|u| u.machine_id) else {
-        return Ok(None);
-    };
+    names: &[&UnitName],
+) -> Result<HashMap<UnitName, StateRecord>, String> {
+    let placed: HashMap<UnitName, String> = views(reg, names)
+        .await?
+        .into_values()
+        .filter_map(|u| u.machine_id.map(|m| (u.name, m)))
+        .collect();
+    if placed.is_empty() {
+        return Ok(HashMap::new());
+    }
     let states = reg.unit_states().await.map_err(|e| describe(&e))?;
     Ok(states
         .into_iter()
-        .find(|s| s.name == name.as_str() && s.machine_id == machine))
+        .filter_map(|s| {
+            let name = UnitName::parse(&s.name).ok()?;
+            (placed.get(&name) == Some(&s.machine_id)).then_some((name, s))
+        })
+        .collect())
 }
 
 #[cfg(test)]
