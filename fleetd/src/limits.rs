@@ -27,7 +27,7 @@ fn raised(limit: &Rlimit) -> Option<Rlimit> {
 pub fn raise_open_files(api_connections: usize) {
     let before = getrlimit(Resource::Nofile);
     let now = match raised(&before) {
-        Some(new) => match setrlimit(Resource::Nofile, new.clone()) {
+        Some(new) => match setrlimit(Resource::Nofile, new) {
             Ok(()) => {
                 info!(
                     from = ?before.current,

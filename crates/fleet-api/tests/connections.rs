@@ -207,7 +207,8 @@ async fn a_tls_handshake_that_never_completes_is_dropped() {
 
 /// Method tokens that no client would send: letters, digits and token punctuation.
 fn random_methods(n: usize) -> Vec<String> {
-    const TCHAR: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~";
+    const TCHAR: &[u8] =
+        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~";
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut next = move || {
         // xorshift64
@@ -258,7 +259,10 @@ async fn random_method_tokens_do_not_grow_the_metrics() {
         .lines()
         .filter(|l| l.starts_with("fleet_api_requests_total{"))
         .collect();
-    println!("{} series after 1000 random methods: {series:#?}", series.len());
+    println!(
+        "{} series after 1000 random methods: {series:#?}",
+        series.len()
+    );
     // a fixed set of methods times the few status codes the API answers with
     assert!(series.len() <= 10, "{series:#?}");
     assert!(

@@ -7,9 +7,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName};
 
-use crate::{
-    MachineView, Registry, RegistryError, Result, StateRecord, UnitView, current_state,
-};
+use crate::{MachineView, Registry, RegistryError, Result, StateRecord, UnitView, current_state};
 
 /// Units, machines, placements, reasons and states held in memory. Placements, reasons,
 /// machines and states are what the engine and agents would write; tests set them directly.
@@ -205,13 +203,9 @@ mod tests {
             r.create_unit(&a, &body, TargetState::Loaded).await,
             Err(RegistryError::AlreadyExists(_))
         ));
-        r.create_unit(
-            &g,
-            &file("[X-Fleet]\nGlobal=true\n"),
-            TargetState::Launched,
-        )
-        .await
-        .expect("create global");
+        r.create_unit(&g, &file("[X-Fleet]\nGlobal=true\n"), TargetState::Launched)
+            .await
+            .expect("create global");
         r.set_desired_state(&a, TargetState::Launched)
             .await
             .expect("set");
