@@ -19,6 +19,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod limits;
+
 #[derive(Parser)]
 #[command(
     name = "fleetd",
@@ -117,6 +119,7 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    limits::raise_open_files(fleet_api::ApiConfig::default().max_open_connections());
     let listeners = api_listeners(&cfg).await?;
     let metrics = fleet_api::Metrics::new();
 

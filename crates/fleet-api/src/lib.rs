@@ -16,6 +16,7 @@ mod metrics;
 mod page;
 mod server;
 pub mod wire;
+mod write_timeout;
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub use listen::{
 };
 pub use metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, Metrics, RegistryOp};
 pub use page::{DEFAULT_TOKEN_LIMIT, PageToken};
-pub use server::serve;
+pub use server::{serve, serve_stream};
 
 /// The discovery document of API v1 (same structure as fleet's `schema/v1.json`, our wording).
 pub const DISCOVERY_JSON: &str = include_str!("discovery.json");
@@ -45,8 +46,18 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Larger request bodies get 413.
     pub max_body_bytes: usize,
-    /// Connections served at once; further clients wait in the listen backlog.
-    pub max_connections: usize,
+    /// Connections served at once on unix sockets (the local socket), counted apart from TCP
+    /// so that no number of network clients can lock local users out; further clients wait
+    /// in the listen backlog.
+    pub max_unix_connections: usize,
+    /// Connections served at once on TCP listeners, TLS handshakes included; further
+    /// clients wait in the listen backlog.
+    pub max_tcp_connections: usize,
+    /// A TLS client must complete its handshake within this time, or is dropped.
+    pub tls_handshake_timeout: Duration,
+    /// A write to a client that stays blocked this long (the client does not read, e.g. it
+    /// pipelines requests and never reads the answers) closes the connection.
+    pub write_timeout: Duration,
     /// After shutdown, open connections get this long to finish their current request.
     pub shutdown_grace: Duration,
     /// Sent as `Server: fleetd/<version>`.
@@ -57,6 +68,16 @@ pub struct ApiConfig {
     pub available: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
+impl ApiConfig {
+    /// Connections the server may hold open at once, all listeners together: what the
+    /// process's open file limit must leave room for (`LimitNOFILE=` in fleet.service).
+    pub fn max_open_connections(&self) -> usize {
+        self.max_unix_connections
+            .max(1)
+            .saturating_add(self.max_tcp_connections.max(1))
+    }
+}
+
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
@@ -64,7 +85,10 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_body_bytes: 1024 * 1024,
-            max_connections: 1024,
+            max_unix_connections: 128,
+            max_tcp_connections: 1024,
+            tls_handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
             version: env!("CARGO_PKG_VERSION").to_string(),
             metrics: Metrics::new(),

@@ -291,10 +291,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The API answered one request.
+    /// The API answered one request. Methods other than the standard ones are counted as
+    /// `other`: the label set stays fixed whatever method tokens clients send.
     pub fn api_request(&self, method: &str, code: u16, took: Duration) {
         let labels = RequestLabels {
-            method: method.to_string(),
+            method: method_label_str(method).to_string(),
             code: code.to_string(),
         };
         self.inner.api_requests.get_or_create(&labels).inc();
@@ -308,6 +309,22 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
     }
+}
+
+/// The `method` label of an API request: one of a fixed set.
+pub(crate) fn method_label(method: &http::Method) -> &'static str {
+    method_label_str(method.as_str())
+}
+
+fn method_label_str(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+    ];
+    KNOWN
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
 }
 
 fn type_label(task: &str) -> TypeLabel {
@@ -348,6 +365,28 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        let m = Metrics::new();
+        for method in ["GET", "BREW", "get", "PROPFIND", "X-1234"] {
+            m.api_request(method, 405, Duration::ZERO);
+        }
+        let text = m.encode();
+        let mut series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("fleet_api_requests_total{"))
+            .collect();
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                "fleet_api_requests_total{method=\"GET\",code=\"405\"} 1",
+                "fleet_api_requests_total{method=\"other\",code=\"405\"} 4",
+            ],
+            "{text}"
+        );
     }
 
     #[test]

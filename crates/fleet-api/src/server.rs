@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::Api;
 use crate::listen::{Listener, Socket};
+use crate::write_timeout::WriteTimeout;
 use crate::{ApiConfig, ServeError};
 
 /// Request headers larger than this get 431 (hyper's minimum is 8 KiB).
@@ -39,7 +40,12 @@ pub async fn serve(
         return Err(ServeError::NoListeners);
     }
     let grace = config.shutdown_grace;
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    // One budget per kind of listener: network clients (TLS handshakes included) can use up
+    // the TCP slots, never the local socket's.
+    let slots = Slots {
+        unix: Arc::new(Semaphore::new(config.max_unix_connections.max(1))),
+        tcp: Arc::new(Semaphore::new(config.max_tcp_connections.max(1))),
+    };
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     for l in &listeners {
@@ -48,7 +54,13 @@ pub async fn serve(
     {
         let loops = listeners
             .into_iter()
-            .map(|l| Box::pin(accept_loop(l, &api, &graceful, &slots)))
+            .map(|l| {
+                let slots = match l.socket {
+                    Socket::Unix(_) => slots.unix.clone(),
+                    Socket::Tcp(_) => slots.tcp.clone(),
+                };
+                Box::pin(accept_loop(l, &api, &graceful, slots))
+            })
             .collect::<Vec<_>>();
         tokio::select! {
             _ = futures_util::future::join_all(loops) => {}
@@ -68,11 +80,30 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves HTTP on one already-connected stream (for example one end of an in-memory pipe)
+/// until the client closes it or a timeout ends it, with the same limits and timeouts as a
+/// connection accepted by [`serve`]. The API fuzz target drives the handlers through this.
+pub async fn serve_stream<IO>(io: IO, registry: Arc<dyn Registry>, config: ApiConfig)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let api = Arc::new(Api::new(registry, config));
+    let graceful = GracefulShutdown::new();
+    let io = WriteTimeout::new(io, api.config.write_timeout);
+    serve_connection(io, api, graceful.watcher(), None).await;
+}
+
+/// The connection budgets of one server, one per kind of listener.
+struct Slots {
+    unix: Arc<Semaphore>,
+    tcp: Arc<Semaphore>,
+}
+
 async fn accept_loop(
     listener: Listener,
     api: &Arc<Api>,
     graceful: &GracefulShutdown,
-    slots: &Arc<Semaphore>,
+    slots: Arc<Semaphore>,
 ) {
     let name = listener.describe();
     loop {
@@ -99,16 +130,26 @@ async fn accept_loop(
         let api = api.clone();
         let watcher = graceful.watcher();
         let tls = listener.tls.clone();
+        let write_timeout = api.config.write_timeout;
         tokio::spawn(async move {
+            let permit = Some(permit);
             match (conn, tls) {
-                (Conn::Unix(s), _) => serve_connection(s, api, watcher, permit).await,
-                (Conn::Tcp(s, _), None) => serve_connection(s, api, watcher, permit).await,
+                (Conn::Unix(s), _) => {
+                    let io = WriteTimeout::new(s, write_timeout);
+                    serve_connection(io, api, watcher, permit).await
+                }
+                (Conn::Tcp(s, _), None) => {
+                    let io = WriteTimeout::new(s, write_timeout);
+                    serve_connection(io, api, watcher, permit).await
+                }
                 (Conn::Tcp(s, peer), Some(acceptor)) => {
-                    let timeout = api.config.header_read_timeout;
-                    match tokio::time::timeout(timeout, acceptor.accept(s)).await {
+                    // the handshake's own writes are bounded by the write timeout too
+                    let io = WriteTimeout::new(s, write_timeout);
+                    let timeout = api.config.tls_handshake_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                         Ok(Ok(tls)) => serve_connection(tls, api, watcher, permit).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
                     }
                 }
             }
@@ -125,7 +166,8 @@ async fn serve_connection<IO>(
     io: IO,
     api: Arc<Api>,
     watcher: Watcher,
-    _permit: OwnedSemaphorePermit,
+    // held until the connection ends; `None` for streams not accepted by `serve`
+    _permit: Option<OwnedSemaphorePermit>,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -134,7 +176,8 @@ async fn serve_connection<IO>(
         let api = service_api.clone();
         async move {
             let start = Instant::now();
-            let method = req.method().to_string();
+            // a fixed set of labels, whatever method token the client sent
+            let method = crate::metrics::method_label(req.method());
             // a bug in a handler answers 500 for that request, never takes the server down
             let reply = match AssertUnwindSafe(api.respond(req)).catch_unwind().await {
                 Ok(r) => r,
@@ -145,7 +188,7 @@ async fn serve_connection<IO>(
             };
             api.config
                 .metrics
-                .api_request(&method, reply.status().as_u16(), start.elapsed());
+                .api_request(method, reply.status().as_u16(), start.elapsed());
             Ok::<_, Infallible>(reply)
         }
     });

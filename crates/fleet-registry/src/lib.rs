@@ -16,6 +16,7 @@ mod error;
 mod etcd;
 pub mod keys;
 mod lease;
+mod memory;
 mod model;
 mod watch;
 
@@ -23,6 +24,7 @@ pub use dial::{DialStream, Dialer};
 pub use error::{RegistryError, Result};
 pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
 pub use lease::LeaseKeeper;
+pub use memory::MemoryRegistry;
 pub use model::{
     GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
     current_state,
