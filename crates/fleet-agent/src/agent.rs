@@ -13,11 +13,16 @@ use fleet_registry::{
 use fleet_scheduler::Machine;
 use fleet_systemd::{SystemdState, UnitEvent, UnitManager, WatchSet};
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use futures_util::StreamExt;
+use futures_util::stream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::desired::{Desired, desired_units};
+
+/// systemd jobs (StartUnit, StopUnit) and body reads one converge keeps in flight at once.
+const JOBS_IN_FLIGHT: usize = 32;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -539,11 +544,17 @@ impl Agent {
         }
         // 2. units to write
         let mut written: Vec<(String, bool)> = Vec::new();
-        for (name, d) in &desired {
-            if self.current.contains_key(name) {
-                continue;
-            }
-            let file = match self.registry.body(&d.hash).await {
+        let new: Vec<(&String, &Desired)> = desired
+            .iter()
+            .filter(|(name, _)| !self.current.contains_key(*name))
+            .collect();
+        let reads: Vec<_> = new
+            .iter()
+            .map(|(_, d)| self.registry.body(&d.hash))
+            .collect();
+        let bodies: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
+        for ((name, d), body) in new.into_iter().zip(bodies) {
+            let file = match body {
                 Ok(f) => f,
                 Err(e) => {
                     warn!(unit = %name, error = %e, "cannot read unit body; will retry");
@@ -583,41 +594,47 @@ impl Agent {
                 self.task("enable", name, self.systemd.enable(name).await);
             }
         }
-        // 3. start / stop to the desired state
-        for (name, d) in &desired {
-            let Some(cur) = self.current.get(name).copied() else {
-                continue;
+        // 3. start / stop to the desired state: the jobs of a batch are queued concurrently
+        // (systemd runs them as they come; only the D-Bus round trips overlap)
+        let moves: Vec<(String, TargetState, Current)> = desired
+            .iter()
+            .filter_map(|(name, d)| {
+                let cur = self.current.get(name).copied()?;
+                match (d.state, cur.state) {
+                    (TargetState::Launched, s) if s != TargetState::Launched => {
+                        Some((name.clone(), TargetState::Launched, cur))
+                    }
+                    (TargetState::Loaded, TargetState::Launched) => {
+                        Some((name.clone(), TargetState::Loaded, cur))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        let jobs: Vec<_> = moves
+            .iter()
+            .map(|(name, to, _)| {
+                if *to == TargetState::Launched {
+                    self.systemd.start(name)
+                } else {
+                    self.systemd.stop(name)
+                }
+            })
+            .collect();
+        let results: Vec<Result<(), fleet_systemd::Error>> =
+            stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
+        for ((name, to, cur), result) in moves.into_iter().zip(results) {
+            let what = if to == TargetState::Launched {
+                "start"
+            } else {
+                "stop"
             };
-            match (d.state, cur.state) {
-                (TargetState::Launched, s) if s != TargetState::Launched => {
-                    if self.task("start", name, self.systemd.start(name).await) {
-                        self.current.insert(
-                            name.clone(),
-                            Current {
-                                state: TargetState::Launched,
-                                ..cur
-                            },
-                        );
-                        touched.push(name.clone());
-                    } else {
-                        complete = false;
-                    }
-                }
-                (TargetState::Loaded, TargetState::Launched) => {
-                    if self.task("stop", name, self.systemd.stop(name).await) {
-                        self.current.insert(
-                            name.clone(),
-                            Current {
-                                state: TargetState::Loaded,
-                                ..cur
-                            },
-                        );
-                        touched.push(name.clone());
-                    } else {
-                        complete = false;
-                    }
-                }
-                _ => {}
+            if self.task(what, &name, result) {
+                self.current
+                    .insert(name.clone(), Current { state: to, ..cur });
+                touched.push(name);
+            } else {
+                complete = false;
             }
         }
         if !touched.is_empty() {
