@@ -392,7 +392,8 @@ fn decode(
         }
         ("org.freedesktop.DBus", "NameOwnerChanged") => {
             let (name, _old, new): (String, String, String) = msg.body().deserialize().ok()?;
-            (name == SYSTEMD_SERVICE).then(|| Signal::OwnerChanged((!new.is_empty()).then_some(new)))
+            (name == SYSTEMD_SERVICE)
+                .then(|| Signal::OwnerChanged((!new.is_empty()).then_some(new)))
         }
         _ => None,
     }
@@ -878,12 +879,7 @@ mod tests {
                 Some(systemd),
                 Some(Signal::Reloaded),
             ),
-            (
-                "forged reload",
-                reloading_msg(forger),
-                Some(systemd),
-                None,
-            ),
+            ("forged reload", reloading_msg(forger), Some(systemd), None),
             (
                 "the bus announces a new systemd",
                 owner_msg(BUS_SERVICE, ":1.7"),
@@ -917,6 +913,269 @@ mod tests {
                 assert!(tracker.units.is_empty(), "{what}");
             }
         }
+    }
+
+    /// A dbus-daemon of one test, on a socket in a temporary directory; killed when dropped.
+    struct PrivateBus {
+        daemon: std::process::Child,
+        address: &'static str,
+        _dir: tempfile::TempDir,
+    }
+
+    impl PrivateBus {
+        /// Starts one; None (with a notice) where dbus-daemon is not installed.
+        fn start() -> Option<PrivateBus> {
+            use std::io::{BufRead, Write};
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = dir.path().join("bus.conf");
+            // Signals are allowed from anyone to anyone, as on the system bus (its default
+            // policy has `<allow send_type="signal"/>`); here everything else is allowed too.
+            let text = format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n                  \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                 <busconfig><type>session</type><listen>unix:path={}</listen>\
+                 <auth>EXTERNAL</auth><policy context=\"default\"><allow user=\"*\"/>\
+                 <allow own=\"*\"/><allow send_destination=\"*\"/>\
+                 <allow send_type=\"signal\"/><allow receive_sender=\"*\"/>\
+                 </policy></busconfig>\n",
+                dir.path().join("socket").display()
+            );
+            std::fs::write(&config, text).expect("write bus config");
+            let spawned = std::process::Command::new("dbus-daemon")
+                .arg(format!("--config-file={}", config.display()))
+                .args(["--nofork", "--print-address"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            let mut daemon = match spawned {
+                Ok(daemon) => daemon,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "fleet-systemd: skipping, dbus-daemon is not installed"
+                    );
+                    return None;
+                }
+                Err(e) => panic!("starting dbus-daemon: {e}"),
+            };
+            let mut line = String::new();
+            let stdout = daemon.stdout.take().expect("dbus-daemon stdout");
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("dbus-daemon address");
+            assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
+            Some(PrivateBus {
+                daemon,
+                address: Box::leak(line.trim().to_owned().into_boxed_str()),
+                _dir: dir,
+            })
+        }
+
+        async fn connect(&self) -> Connection {
+            zbus::connection::Builder::address(self.address)
+                .expect("bus address")
+                .build()
+                .await
+                .expect("connect to the private bus")
+        }
+    }
+
+    impl Drop for PrivateBus {
+        fn drop(&mut self) {
+            let _ = self.daemon.kill();
+            let _ = self.daemon.wait();
+        }
+    }
+
+    /// Plays systemd's manager on `conn`: answers `Subscribe`, and `ListUnitsByNames` (counted
+    /// in `reads`) with every unit loaded, active and running.
+    async fn play_systemd(
+        conn: Connection,
+        mut calls: MessageStream,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        while let Some(Ok(msg)) = calls.next().await {
+            if msg.message_type() != MessageType::MethodCall {
+                continue;
+            }
+            let header = msg.header();
+            let replied = match header.member().map(|m| m.as_str()) {
+                Some("Subscribe") => conn.reply(&header, &()).await,
+                Some("ListUnitsByNames") => {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let names: Vec<String> = msg.body().deserialize().unwrap_or_default();
+                    let root = OwnedObjectPath::try_from("/").expect("path");
+                    let rows: Vec<_> = names
+                        .into_iter()
+                        .map(|n| {
+                            let path = OwnedObjectPath::try_from(unit_path(&n)).expect("path");
+                            let (job, none) = (0u32, root.clone());
+                            (
+                                n, "", "loaded", "active", "running", "", path, job, "", none,
+                            )
+                        })
+                        .collect();
+                    conn.reply(&header, &rows).await
+                }
+                _ => Ok(()),
+            };
+            replied.expect("reply as systemd");
+        }
+    }
+
+    /// Before signals were checked for their sender, the forged `PropertiesChanged` below was
+    /// the first event (and the forged `Reloading` a resync): the bus hands a signal addressed
+    /// to a connection's unique name to that connection whatever its match rules.
+    #[tokio::test]
+    async fn signals_forged_by_another_connection_are_ignored() {
+        let Some(bus) = PrivateBus::start() else {
+            return;
+        };
+        let systemd = bus.connect().await;
+        let calls = MessageStream::from(&systemd);
+        systemd
+            .request_name(SYSTEMD_SERVICE)
+            .await
+            .expect("own systemd's name");
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(play_systemd(systemd.clone(), calls, reads.clone()));
+
+        let units = tempfile::tempdir().expect("tempdir");
+        let inner = Inner::for_tests(BusKind::Address(bus.address), units.path().join("units"))
+            .expect("manager");
+        let unit = "a.service";
+        let mut rx = subscribe(Arc::new(inner), WatchSet::from_iter([unit.to_owned()]))
+            .await
+            .expect("subscribe");
+
+        let forger = bus.connect().await;
+        let (systemd_name, forger_name) = (
+            systemd.unique_name().expect("systemd's name").to_string(),
+            forger.unique_name().expect("forger's name").to_string(),
+        );
+        let listed = forger
+            .call_method(
+                Some(BUS_SERVICE),
+                "/org/freedesktop/DBus",
+                Some(BUS_SERVICE),
+                "ListNames",
+                &(),
+            )
+            .await
+            .expect("ListNames");
+        let names: Vec<String> = listed.body().deserialize().expect("names");
+        // Every other connection (the subscription's among them), and a broadcast.
+        let mut destinations: Vec<Option<String>> = names
+            .into_iter()
+            .filter(|n| n.starts_with(':') && *n != systemd_name && *n != forger_name)
+            .map(Some)
+            .collect();
+        assert!(
+            !destinations.is_empty(),
+            "no connection to forge signals to"
+        );
+        destinations.push(None);
+        let failed: HashMap<&str, zbus::zvariant::Value<'_>> = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "failed"),
+            ("SubState", "failed"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, zbus::zvariant::Value::from(v)))
+        .collect();
+        let partial: HashMap<&str, zbus::zvariant::Value<'_>> =
+            [("ActiveState", zbus::zvariant::Value::from("failed"))]
+                .into_iter()
+                .collect();
+        let path = unit_path(unit);
+        let no_names = Vec::<String>::new();
+        for dest in &destinations {
+            let dest = dest.as_deref();
+            let props = "org.freedesktop.DBus.Properties";
+            let (p, b) = (path.as_str(), BUS_SERVICE);
+            let sent = [
+                forger
+                    .emit_signal(
+                        dest,
+                        p,
+                        props,
+                        "PropertiesChanged",
+                        &(UNIT_INTERFACE, &failed, &no_names),
+                    )
+                    .await,
+                forger
+                    .emit_signal(
+                        dest,
+                        p,
+                        props,
+                        "PropertiesChanged",
+                        &(UNIT_INTERFACE, &partial, &no_names),
+                    )
+                    .await,
+                forger
+                    .emit_signal(dest, SYSTEMD_PATH, MANAGER_INTERFACE, "Reloading", &false)
+                    .await,
+                forger
+                    .emit_signal(
+                        dest,
+                        "/org/freedesktop/DBus",
+                        b,
+                        "NameOwnerChanged",
+                        &(SYSTEMD_SERVICE, &systemd_name, &forger_name),
+                    )
+                    .await,
+                forger
+                    .emit_signal(dest, SYSTEMD_PATH, MANAGER_INTERFACE, "Reloading", &false)
+                    .await,
+            ];
+            for result in sent {
+                result.expect("forge a signal");
+            }
+        }
+        // A round trip: the bus has routed all of the above before systemd's signal below.
+        forger
+            .call_method(
+                Some(BUS_SERVICE),
+                "/org/freedesktop/DBus",
+                Some(BUS_SERVICE),
+                "GetId",
+                &(),
+            )
+            .await
+            .expect("GetId");
+
+        let running: HashMap<&str, zbus::zvariant::Value<'_>> = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "active"),
+            ("SubState", "running"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, zbus::zvariant::Value::from(v)))
+        .collect();
+        systemd
+            .emit_signal(
+                None::<&str>,
+                path.as_str(),
+                "org.freedesktop.DBus.Properties",
+                "PropertiesChanged",
+                &(UNIT_INTERFACE, &running, &no_names),
+            )
+            .await
+            .expect("systemd's signal");
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("systemd's change within 10 s");
+        assert_eq!(
+            first,
+            Some(UnitEvent::Changed(StateChange {
+                name: unit.to_owned(),
+                state: Some(st("loaded", "active", "running")),
+            }))
+        );
+        assert_eq!(
+            reads.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a forged signal made the subscription read states"
+        );
     }
 
     /// One scripted signal for the tracker tests.
