@@ -259,7 +259,6 @@ const MAX_NAME_LEN: usize = 255;
 
 /// Refuses a unit name that could address a file outside the units directory (empty, `.`,
 /// `..`, or containing `/` or NUL) or that no file or systemd unit can have (over 255 bytes).
-
 pub fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         "name is empty"
