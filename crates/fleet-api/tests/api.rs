@@ -107,6 +107,10 @@ async fn units_create_modify_get_destroy() {
         // invalid names and bodies
         (400, "PUT", format!("{u}/bad%20name.service"), json, HELLO.into(), Some("invalid character ' ' in unit name")),
         (400, "PUT", format!("{u}/hello.bogus"), json, HELLO.into(), Some(r#"invalid unit type: "bogus""#)),
+        // the longest name systemd loads is 255 bytes (fleet v1.0 also took 256, which never ran)
+        (201, "PUT", format!("{u}/{}.service", "a".repeat(247)), json, HELLO.into(), None),
+        (204, "DELETE", format!("{u}/{}.service", "a".repeat(247)), None, String::new(), None),
+        (400, "PUT", format!("{u}/{}.service", "a".repeat(248)), json, HELLO.into(), Some("unit name exceeds maximum length (255)")),
         (400, "PUT", format!("{u}/x.service"), json, "{not json".into(), None),
         (400, "PUT", format!("{u}/x.service"), json, r#"{"options":"nope"}"#.into(), None),
         (400, "PUT", format!("{u}/x.service"), json,

@@ -72,6 +72,43 @@ impl KeyRange {
     }
 }
 
+/// Bounded exponential back-off between failed attempts (a list that failed or timed out, a
+/// watch that broke), so a slow or absent etcd is not read in full back to back. It starts
+/// again from the shortest delay only once a list and its watch work (or, when polling, a
+/// list).
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn new() -> Backoff {
+        Backoff { next: Self::FIRST }
+    }
+
+    /// The delay before the next attempt; the one after it is twice as long, up to `MAX`.
+    fn next_delay(&mut self) -> Duration {
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::MAX);
+        delay
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// Sleeps the next delay; false if the receiver went away meanwhile.
+    async fn wait(&mut self, tx: &mpsc::Sender<WatchEvent>) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.next_delay()) => true,
+            _ = tx.closed() => false,
+        }
+    }
+}
+
 /// Spawns list-watch loops; see the module docs.
 pub struct ListWatch;
 
@@ -97,27 +134,25 @@ async fn run(
     timeout: Duration,
     tx: mpsc::Sender<WatchEvent>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new();
     let mut connected = true;
     loop {
         let listed = tokio::time::timeout(timeout, list(&client, &prefixes)).await;
         let (revision, kvs) = match listed {
             Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                debug!(error = %e, "list failed");
+            failed => {
+                match failed {
+                    Ok(Err(e)) => debug!(error = %e, "list failed"),
+                    _ => debug!(?timeout, "list timed out"),
+                }
                 if connected && tx.send(WatchEvent::Disconnected).await.is_err() {
                     return;
                 }
                 connected = false;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-            Err(_) => {
-                if connected && tx.send(WatchEvent::Disconnected).await.is_err() {
+                // a timeout too: a slow etcd must not be read in full back to back
+                if !backoff.wait(&tx).await {
                     return;
                 }
-                connected = false;
                 continue;
             }
         };
@@ -130,7 +165,7 @@ async fn run(
             return;
         }
         if let Some(interval) = poll {
-            backoff = Duration::from_millis(200);
+            backoff.reset();
             tokio::select! {
                 _ = tokio::time::sleep(interval) => continue,
                 _ = tx.closed() => return,
@@ -144,9 +179,10 @@ async fn run(
                     return;
                 }
                 connected = false;
-                tokio::time::sleep(backoff).await;
                 // a watch that keeps breaking must not make us re-list at full speed
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                if !backoff.wait(&tx).await {
+                    return;
+                }
             }
         }
     }
@@ -187,7 +223,7 @@ async fn watch(
     ranges: &[KeyRange],
     start: i64,
     tx: &mpsc::Sender<WatchEvent>,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> WatchEnd {
     let Some((first, rest)) = ranges.split_first() else {
         // nothing to watch: wait until the receiver goes away
@@ -219,7 +255,7 @@ async fn watch(
         if !working {
             // the watch answered: breaks from now on start again from a short backoff
             working = true;
-            *backoff = Duration::from_millis(200);
+            backoff.reset();
         }
         if resp.canceled() {
             return WatchEnd::Broken(format!(
@@ -244,5 +280,93 @@ async fn watch(
                 return WatchEnd::ReceiverGone;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncReadExt;
+    use tokio::time::Instant;
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_and_resets() {
+        let mut b = Backoff::new();
+        let ms = |b: &mut Backoff| b.next_delay().as_millis();
+        let delays: Vec<u128> = (0..8).map(|_| ms(&mut b)).collect();
+        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        b.reset();
+        assert_eq!(ms(&mut b), 200);
+    }
+
+    /// Accepts connections on `listener` and never answers; records when each HTTP/2 HEADERS
+    /// frame (the start of a request) arrives.
+    async fn black_hole(listener: tokio::net::TcpListener, requests: Arc<Mutex<Vec<Instant>>>) {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let requests = requests.clone();
+            tokio::spawn(async move {
+                let mut preface = [0u8; 24];
+                if conn.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                let mut header = [0u8; 9];
+                while conn.read_exact(&mut header).await.is_ok() {
+                    let len = u32::from_be_bytes([0, header[0], header[1], header[2]]);
+                    if header[3] == 0x1 {
+                        requests
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(Instant::now());
+                    }
+                    let mut payload = vec![0u8; len as usize];
+                    if conn.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    /// An etcd that never answers: every list times out. Before, the next list followed at
+    /// once (four lists within about 3 timeouts); now 200 ms, 400 ms, 800 ms pass between them.
+    #[tokio::test]
+    async fn lists_that_time_out_are_retried_with_backoff() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(black_hole(listener, requests.clone()));
+        let client = Client::connect([format!("http://{addr}")], None)
+            .await
+            .expect("client");
+        let timeout = Duration::from_millis(100);
+        let mut rx = ListWatch::spawn(client, vec![KeyRange::prefix("/x/")], None, timeout);
+        assert_eq!(rx.recv().await, Some(WatchEvent::Disconnected));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let starts = loop {
+            let starts = requests
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            if starts.len() >= 4 {
+                break starts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} lists in 30 s",
+                starts.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // Three timeouts and three delays (1.4 s) lie between the first and the fourth list;
+        // a little is allowed for the first request reaching the server late.
+        let spent = starts[3] - starts[0];
+        assert!(
+            spent >= Duration::from_millis(1500),
+            "four lists within {spent:?}: no back-off after a timeout"
+        );
+        drop(rx);
     }
 }

@@ -61,6 +61,9 @@ impl Default for ManagerConfig {
 pub(crate) enum BusKind {
     System,
     Session,
+    /// A private bus of a unit test (its own dbus-daemon).
+    #[cfg(test)]
+    Address(&'static str),
 }
 
 impl BusKind {
@@ -68,6 +71,8 @@ impl BusKind {
         match self {
             BusKind::System => "system",
             BusKind::Session => "user session",
+            #[cfg(test)]
+            BusKind::Address(_) => "test",
         }
     }
 
@@ -80,6 +85,8 @@ impl BusKind {
         let builder = match self {
             BusKind::System => zbus::connection::Builder::system(),
             BusKind::Session => zbus::connection::Builder::session(),
+            #[cfg(test)]
+            BusKind::Address(address) => zbus::connection::Builder::address(address),
         }
         .map_err(connect_err)?
         .method_timeout(CALL_TIMEOUT);
@@ -327,6 +334,21 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// A manager on `kind`'s bus keeping its files in `dir`, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn for_tests(kind: BusKind, dir: PathBuf) -> Result<Inner> {
+        Ok(Inner {
+            kind,
+            caller: Caller {
+                kind,
+                conn: Mutex::new(None),
+                in_flight: Semaphore::new(MAX_CALLS_IN_FLIGHT),
+            },
+            dir: UnitsDir::create(dir)?,
+            list_by_names: AtomicBool::new(true),
+        })
+    }
+
     /// Current states, for the subscription's catch-up reads.
     pub(crate) async fn states(&self, names: &[String]) -> Result<BTreeMap<String, SystemdState>> {
         self.caller.states(names, &self.list_by_names).await

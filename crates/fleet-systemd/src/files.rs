@@ -1,8 +1,9 @@
 //! The units directory on disk: atomic writes, removal and listing of fleet's unit files.
 
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::{Error, Result, validate_name};
 
@@ -20,8 +21,33 @@ const UNIT_TYPES: &[&str] = &[
     "automount",
 ];
 
-/// Suffix of the temporary files of an atomic write; not a unit type, so never listed.
-const TMP_SUFFIX: &str = ".fleet-tmp";
+/// Prefix of the temporary files of an atomic write. Their names have a fixed length well
+/// below NAME_MAX whatever the unit's name (a unit name may have 255 bytes, which leaves no
+/// room for anything around it), start with a dot and end in no unit type, so they are never
+/// listed.
+const TMP_PREFIX: &str = ".fleet-tmp.";
+
+/// Suffix of the temporary files of earlier builds (`.<unit name>.fleet-tmp`); such
+/// leftovers are skipped when listing and removed with ours.
+const OLD_TMP_SUFFIX: &str = ".fleet-tmp";
+
+/// Mode of unit files: only root (systemd, PID 1) reads them, since `Environment=` lines may
+/// carry secrets. For a user manager the owner is that user, who is also who reads them.
+const UNIT_FILE_MODE: u32 = 0o600;
+
+/// Numbers the temporary files of this process, so concurrent writes never share one.
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// Whether `name` is one of our temporary files.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with(TMP_PREFIX) || (name.starts_with('.') && name.ends_with(OLD_TMP_SUFFIX))
+}
+
+/// A fresh temporary file name: the prefix, the process ID and a counter, 35 bytes in all.
+fn temporary_name() -> String {
+    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{TMP_PREFIX}{:08x}{n:016x}", std::process::id())
+}
 
 /// Whether `name` ends in a unit type fleet manages (`.service`, `.socket`, `.timer`, `.path`,
 /// `.device`, `.mount`, `.automount`).
@@ -37,7 +63,8 @@ pub(crate) struct UnitsDir {
 }
 
 impl UnitsDir {
-    /// Creates the directory (mode 0755, parents too) if needed.
+    /// Creates the directory (mode 0755, parents too) if needed, and removes temporary files
+    /// a crash left behind (nothing writes yet, so none is in use).
     pub(crate) fn create(dir: PathBuf) -> Result<Self> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -48,7 +75,24 @@ impl UnitsDir {
                 path: dir.clone(),
                 source,
             })?;
-        Ok(UnitsDir { dir })
+        let units = UnitsDir { dir };
+        units.remove_temporaries();
+        Ok(units)
+    }
+
+    /// Removes leftover temporary files; failures are only logged (they are never listed).
+    fn remove_temporaries(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            if entry.file_name().to_str().is_some_and(is_temporary) {
+                let path = entry.path();
+                if let Err(e) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "removing a leftover temporary unit file");
+                }
+            }
+        }
     }
 
     /// The directory itself.
@@ -62,11 +106,11 @@ impl UnitsDir {
         Ok(self.dir.join(name))
     }
 
-    /// Writes the file through a temporary file in the same directory and a rename, so systemd
-    /// never reads half a unit.
+    /// Writes the file (mode 0600) through a temporary file in the same directory, an fsync
+    /// and a rename, so systemd never reads half a unit.
     pub(crate) fn write(&self, name: &str, contents: &str) -> Result<PathBuf> {
         let path = self.path(name)?;
-        let tmp = self.dir.join(format!(".{name}{TMP_SUFFIX}"));
+        let tmp = self.dir.join(temporary_name());
         let io = |action, path: &Path| {
             let path = path.to_owned();
             move |source| Error::Io {
@@ -75,15 +119,17 @@ impl UnitsDir {
                 source,
             }
         };
+        // create_new: never through a link or into a file somebody else opened.
         let mut file = std::fs::OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
+            .create_new(true)
+            .mode(UNIT_FILE_MODE)
             .open(&tmp)
             .map_err(io("creating temporary unit file", &tmp))?;
+        // The mode again, exactly: the one given to open is narrowed by the umask.
         let written = file
-            .write_all(contents.as_bytes())
+            .set_permissions(std::fs::Permissions::from_mode(UNIT_FILE_MODE))
+            .and_then(|()| file.write_all(contents.as_bytes()))
             .and_then(|()| file.sync_all());
         drop(file);
         if let Err(source) = written {
@@ -137,7 +183,7 @@ impl UnitsDir {
                 tracing::warn!(path = %entry.path().display(), "ignoring non-UTF-8 file in units directory");
                 continue;
             };
-            if name.ends_with(TMP_SUFFIX) {
+            if is_temporary(&name) {
                 continue;
             }
             if !recognized_unit_type(&name) {
@@ -154,7 +200,6 @@ impl UnitsDir {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn recognized_types() {
@@ -204,12 +249,54 @@ mod tests {
             "[Service]\nExecStart=/bin/false\n"
         );
         let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, 0o644);
+        assert_eq!(mode & 0o777, 0o600, "unit files are for root's eyes only");
         assert_eq!(dir.list().expect("list"), vec!["a.socket", "b.service"]);
 
         dir.remove("b.service").expect("remove");
         dir.remove("b.service").expect("remove twice");
         assert_eq!(dir.list().expect("list"), vec!["a.socket"]);
+    }
+
+    #[test]
+    fn longest_unit_name_is_written_and_leaves_no_temporary_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = UnitsDir::create(tmp.path().join("units")).expect("create");
+        let name = format!("{}.service", "a".repeat(255 - ".service".len()));
+        assert_eq!(name.len(), 255);
+        let path = dir
+            .write(&name, "[Service]\n")
+            .expect("write a 255-byte name");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "[Service]\n");
+        dir.write(&name, "[Service]\nType=oneshot\n")
+            .expect("rewrite a 255-byte name");
+        let files: Vec<String> = std::fs::read_dir(tmp.path().join("units"))
+            .expect("read dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        assert_eq!(files, vec![name.clone()]);
+        assert_eq!(dir.list().expect("list"), vec![name]);
+        assert!(temporary_name().len() < 64);
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_skipped_then_removed() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let units = tmp.path().join("units");
+        let dir = UnitsDir::create(units.clone()).expect("create");
+        dir.write("a.service", "[Service]\n").expect("write");
+        let leftovers = [
+            units.join(temporary_name()),
+            units.join(".b.service.fleet-tmp"),
+        ];
+        for path in &leftovers {
+            std::fs::write(path, "x").expect("leftover");
+        }
+        assert_eq!(dir.list().expect("list"), vec!["a.service"]);
+        let dir = UnitsDir::create(units.clone()).expect("create again");
+        for path in &leftovers {
+            assert!(!path.exists(), "{}", path.display());
+        }
+        assert_eq!(dir.list().expect("list"), vec!["a.service"]);
     }
 
     #[test]

@@ -253,8 +253,12 @@ pub trait UnitManager: Send + Sync {
     async fn unit_file_names(&self) -> Result<Vec<String>>;
 }
 
-/// Refuses a unit name that could address a file outside the units directory: empty, `.`,
-/// `..`, or containing `/` or NUL.
+/// The longest unit name systemd accepts (`UNIT_NAME_MAX` is 256 with the NUL), which is
+/// also the longest file name (NAME_MAX).
+const MAX_NAME_LEN: usize = 255;
+
+/// Refuses a unit name that could address a file outside the units directory (empty, `.`,
+/// `..`, or containing `/` or NUL) or that no file or systemd unit can have (over 255 bytes).
 pub fn validate_name(name: &str) -> Result<()> {
     let reason = if name.is_empty() {
         "name is empty"
@@ -264,6 +268,8 @@ pub fn validate_name(name: &str) -> Result<()> {
         "name contains '/'"
     } else if name.contains('\0') {
         "name contains NUL"
+    } else if name.len() > MAX_NAME_LEN {
+        "name is longer than 255 bytes"
     } else {
         return Ok(());
     };
@@ -295,6 +301,9 @@ mod tests {
         for (name, ok) in cases {
             assert_eq!(validate_name(name).is_ok(), *ok, "{name:?}");
         }
+        let longest = format!("{}.service", "a".repeat(MAX_NAME_LEN - ".service".len()));
+        assert!(validate_name(&longest).is_ok());
+        assert!(validate_name(&format!("a{longest}")).is_err());
     }
 
     #[test]

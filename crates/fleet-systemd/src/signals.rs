@@ -20,6 +20,19 @@
 //!   been sent for it.
 //! * `Reloading(false)` and a new owner of `org.freedesktop.systemd1` → [`UnitEvent::Resync`].
 //!
+//! # Senders
+//!
+//! Every local user may send a signal to our connection: the system bus's default policy
+//! allows signals from anyone, and a signal addressed to our unique name (a unicast signal,
+//! `busctl --destination=… emit`) is delivered whatever our match rules say; those only pick
+//! the broadcasts we get. So a signal counts only when the bus daemon vouches for its sender:
+//! systemd's signals must come from the unique name that owns `org.freedesktop.systemd1` now
+//! (asked with `GetNameOwner` on connecting, then followed through `NameOwnerChanged`), and
+//! `NameOwnerChanged` must come from the bus daemon itself (`org.freedesktop.DBus`, a name
+//! nobody else can own). The bus daemon writes the sender field; a client cannot choose it.
+//! Anything else is dropped before it is decoded, so it neither changes a state nor queues a
+//! read nor causes a resync ([`genuine`]).
+//!
 //! Filtering: the bus delivers only these signals (one match rule each; unit
 //! `PropertiesChanged` is restricted to the Unit interface by `arg0`, so a service's
 //! `org.freedesktop.systemd1.Service` changes never reach us). A per-unit match rule would let
@@ -48,6 +61,9 @@ use crate::{
     Error, Result, ResyncReason, SUBSCRIPTION_BUFFER, StateChange, SystemdState, UnitEvent,
     WatchSet,
 };
+
+/// The bus daemon's name: the sender of its own signals, and a name no client can own.
+const BUS_SERVICE: &str = "org.freedesktop.DBus";
 
 /// Prefix of unit object paths; the rest is the escaped unit name.
 const UNIT_PATH_PREFIX: &str = "/org/freedesktop/systemd1/unit/";
@@ -257,17 +273,58 @@ enum Signal {
     UnitRemoved(String),
     JobRemoved(String),
     Reloaded,
-    OwnerChanged,
+    /// `org.freedesktop.systemd1` has a new owner (None: it has none now).
+    OwnerChanged(Option<String>),
 }
 
-/// Decodes `msg` if it is a signal about a watched unit (or about the manager itself).
-fn decode(msg: &Message, watch: &WatchSet, tracker: &mut Tracker) -> Option<Signal> {
+/// Who must have sent a signal for it to count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// systemd's manager: the current owner of `org.freedesktop.systemd1`.
+    Systemd,
+    /// The bus daemon.
+    Bus,
+}
+
+/// Whether a signal that must come from `origin`, sent by `sender` (the unique name the bus
+/// daemon wrote into the message), is genuine. `systemd` is the unique name that owns
+/// `org.freedesktop.systemd1` now; None while nobody does, when nothing is systemd's.
+fn genuine(sender: Option<&str>, systemd: Option<&str>, origin: Origin) -> bool {
+    match (sender, origin) {
+        (Some(sender), Origin::Bus) => sender == BUS_SERVICE,
+        (Some(sender), Origin::Systemd) => systemd == Some(sender),
+        (None, _) => false,
+    }
+}
+
+/// Decodes `msg` if it is a genuine signal (see [`genuine`]; `systemd` is the current owner of
+/// systemd's name) about a watched unit, the manager itself or the owner of its name.
+fn decode(
+    msg: &Message,
+    systemd: Option<&str>,
+    watch: &WatchSet,
+    tracker: &mut Tracker,
+) -> Option<Signal> {
     if msg.message_type() != MessageType::Signal {
         return None;
     }
     let header = msg.header();
     let interface = header.interface()?.as_str();
     let member = header.member()?.as_str();
+    let origin = match (interface, member) {
+        ("org.freedesktop.DBus", "NameOwnerChanged") => Origin::Bus,
+        _ => Origin::Systemd,
+    };
+    let sender = header.sender().map(|s| s.as_str());
+    if !genuine(sender, systemd, origin) {
+        tracing::trace!(
+            sender,
+            interface,
+            member,
+            "dropping a signal not sent by systemd or the bus"
+        );
+        return None;
+    }
     let watched = |name: &str, tracker: &mut Tracker| {
         let watched = watch.contains(name);
         if !watched {
@@ -335,22 +392,31 @@ fn decode(msg: &Message, watch: &WatchSet, tracker: &mut Tracker) -> Option<Sign
         }
         ("org.freedesktop.DBus", "NameOwnerChanged") => {
             let (name, _old, new): (String, String, String) = msg.body().deserialize().ok()?;
-            (name == SYSTEMD_SERVICE && !new.is_empty()).then_some(Signal::OwnerChanged)
+            (name == SYSTEMD_SERVICE)
+                .then(|| Signal::OwnerChanged((!new.is_empty()).then_some(new)))
         }
         _ => None,
     }
 }
 
-/// Opens a connection, installs the match rules and subscribes.
-async fn open(kind: BusKind) -> Result<(Connection, MessageStream)> {
+/// An open subscription connection.
+struct Opened {
+    conn: Connection,
+    stream: MessageStream,
+    /// The unique name owning `org.freedesktop.systemd1` when the connection was opened.
+    systemd: Option<String>,
+}
+
+/// Opens a connection, installs the match rules, learns who systemd is and subscribes.
+async fn open(kind: BusKind) -> Result<Opened> {
     let conn = kind.connect(Some(CONNECTION_QUEUE)).await?;
     // The stream exists before the first rule, so no matching signal can slip past.
     let stream = MessageStream::from(&conn);
     for rule in match_rules() {
         conn.call_method(
-            Some("org.freedesktop.DBus"),
+            Some(BUS_SERVICE),
             "/org/freedesktop/DBus",
-            Some("org.freedesktop.DBus"),
+            Some(BUS_SERVICE),
             "AddMatch",
             &rule.as_str(),
         )
@@ -360,8 +426,43 @@ async fn open(kind: BusKind) -> Result<(Connection, MessageStream)> {
             error: e.into(),
         })?;
     }
+    // Asked after the NameOwnerChanged rule is in place: a change after the answer arrives
+    // as a signal; one before it is queued ahead of it and tells the same owner or an older one
+    // that the signals after it correct.
+    let systemd = name_owner(&conn).await?;
     subscribe_manager(&conn).await?;
-    Ok((conn, stream))
+    Ok(Opened {
+        conn,
+        stream,
+        systemd,
+    })
+}
+
+/// The unique name owning `org.freedesktop.systemd1`; None if nobody does.
+async fn name_owner(conn: &Connection) -> Result<Option<String>> {
+    let reply = conn
+        .call_method(
+            Some(BUS_SERVICE),
+            "/org/freedesktop/DBus",
+            Some(BUS_SERVICE),
+            "GetNameOwner",
+            &SYSTEMD_SERVICE,
+        )
+        .await;
+    let error: crate::DBusError = match reply {
+        Ok(reply) => match reply.body().deserialize::<String>() {
+            Ok(owner) => return Ok(Some(owner)),
+            Err(e) => e.into(),
+        },
+        Err(e) => e.into(),
+    };
+    if error.is("org.freedesktop.DBus.Error.NameHasNoOwner") {
+        return Ok(None);
+    }
+    Err(Error::Manager {
+        method: "GetNameOwner",
+        error,
+    })
 }
 
 /// `Manager.Subscribe` on `conn`; being subscribed already is fine.
@@ -396,15 +497,16 @@ pub(crate) async fn subscribe(
     manager: Arc<Inner>,
     watch: WatchSet,
 ) -> Result<mpsc::Receiver<UnitEvent>> {
-    let (conn, stream) = open(manager.kind).await?;
+    let opened = open(manager.kind).await?;
     let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
     let task = Subscription {
         manager,
         watch,
         tx,
         tracker: Tracker::default(),
+        systemd: opened.systemd,
     };
-    tokio::spawn(task.run(conn, stream));
+    tokio::spawn(task.run(opened.conn, opened.stream));
     Ok(rx)
 }
 
@@ -413,6 +515,9 @@ struct Subscription {
     watch: WatchSet,
     tx: mpsc::Sender<UnitEvent>,
     tracker: Tracker,
+    /// The unique name owning `org.freedesktop.systemd1` now: the only sender whose unit and
+    /// manager signals count (any local user can send us signals).
+    systemd: Option<String>,
 }
 
 /// Why the task's loop ended.
@@ -432,10 +537,11 @@ impl Subscription {
                     tracing::warn!(
                         "lost the D-Bus connection of the systemd subscription, reconnecting"
                     );
-                    let Some((new_conn, new_stream)) = self.reopen().await else {
+                    let Some(opened) = self.reopen().await else {
                         return;
                     };
-                    (conn, stream) = (new_conn, new_stream);
+                    (conn, stream) = (opened.conn, opened.stream);
+                    self.systemd = opened.systemd;
                     self.tracker.reset();
                     if self
                         .send(UnitEvent::Resync(ResyncReason::Reconnected))
@@ -467,7 +573,8 @@ impl Subscription {
                     }
                     None => return Stop::Lost,
                 };
-                if let Some(signal) = decode(&msg, &self.watch, &mut self.tracker) {
+                let systemd = self.systemd.as_deref();
+                if let Some(signal) = decode(&msg, systemd, &self.watch, &mut self.tracker) {
                     tracing::trace!(?signal, "systemd signal");
                     if self.handle(conn, signal).await.is_err() {
                         return Stop::Closed;
@@ -499,7 +606,13 @@ impl Subscription {
                 self.tracker.reset();
                 return self.send(UnitEvent::Resync(ResyncReason::Reloaded)).await;
             }
-            Signal::OwnerChanged => {
+            Signal::OwnerChanged(owner) => {
+                let Some(owner) = owner else {
+                    // systemd left the bus; its successor's arrival is the next signal.
+                    self.systemd = None;
+                    return Ok(());
+                };
+                self.systemd = Some(owner);
                 // A re-executed manager may or may not remember its subscribers.
                 if let Err(e) = subscribe_manager(conn).await {
                     tracing::warn!(error = %e, "renewing the systemd subscription failed");
@@ -553,7 +666,7 @@ impl Subscription {
     }
 
     /// Reconnects with back-off until it works or the receiver goes away.
-    async fn reopen(&self) -> Option<(Connection, MessageStream)> {
+    async fn reopen(&self) -> Option<Opened> {
         let mut delay = Duration::from_millis(100);
         loop {
             match open(self.manager.kind).await {
@@ -652,6 +765,417 @@ mod tests {
         for rule in match_rules() {
             zbus::MatchRule::try_from(rule.as_str()).expect(&rule);
         }
+    }
+
+    #[test]
+    fn only_systemd_and_the_bus_are_believed() {
+        use Origin::{Bus, Systemd};
+        let (systemd, forger) = (":1.1", ":1.42");
+        let cases: &[(Option<&str>, Option<&str>, Origin, bool)] = &[
+            (Some(systemd), Some(systemd), Systemd, true),
+            (Some(forger), Some(systemd), Systemd, false),
+            (None, Some(systemd), Systemd, false),
+            // nobody owns systemd's name (it is restarting): nothing is systemd's
+            (Some(systemd), None, Systemd, false),
+            (None, None, Systemd, false),
+            // the bus daemon is not systemd
+            (Some(BUS_SERVICE), Some(systemd), Systemd, false),
+            (Some(BUS_SERVICE), Some(systemd), Bus, true),
+            (Some(BUS_SERVICE), None, Bus, true),
+            // systemd is not the bus daemon
+            (Some(systemd), Some(systemd), Bus, false),
+            (Some(forger), Some(systemd), Bus, false),
+            (None, Some(systemd), Bus, false),
+        ];
+        for &(sender, owner, origin, want) in cases {
+            assert_eq!(
+                genuine(sender, owner, origin),
+                want,
+                "sender {sender:?}, owner {owner:?}, {origin:?}"
+            );
+        }
+    }
+
+    fn props_msg(sender: &str, name: &str, states: &[(&str, &str)]) -> Message {
+        let changed: HashMap<&str, zbus::zvariant::Value<'_>> = states
+            .iter()
+            .map(|(k, v)| (*k, zbus::zvariant::Value::from(*v)))
+            .collect();
+        Message::signal(
+            unit_path(name).as_str(),
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+        )
+        .and_then(|b| b.sender(sender))
+        .and_then(|b| b.build(&(UNIT_INTERFACE, changed, Vec::<String>::new())))
+        .expect("PropertiesChanged message")
+    }
+
+    fn reloading_msg(sender: &str) -> Message {
+        Message::signal(SYSTEMD_PATH, MANAGER_INTERFACE, "Reloading")
+            .and_then(|b| b.sender(sender))
+            .and_then(|b| b.build(&false))
+            .expect("Reloading message")
+    }
+
+    fn owner_msg(sender: &str, new: &str) -> Message {
+        Message::signal("/org/freedesktop/DBus", BUS_SERVICE, "NameOwnerChanged")
+            .and_then(|b| b.sender(sender))
+            .and_then(|b| b.build(&(SYSTEMD_SERVICE, ":1.1", new)))
+            .expect("NameOwnerChanged message")
+    }
+
+    #[test]
+    fn decode_drops_forged_signals_before_they_touch_the_tracker() {
+        let (systemd, forger) = (":1.1", ":1.42");
+        let unit = "a.service";
+        let watch = WatchSet::from_iter([unit.to_owned()]);
+        let full = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "failed"),
+            ("SubState", "failed"),
+        ];
+        let partial = [("ActiveState", "failed"), ("SubState", "failed")];
+        let props = |load: Option<&str>| Signal::Properties {
+            name: unit.into(),
+            load: load.map(str::to_owned),
+            active: Some("failed".into()),
+            sub: Some("failed".into()),
+        };
+        let cases: Vec<(&str, Message, Option<&str>, Option<Signal>)> = vec![
+            (
+                "systemd's change",
+                props_msg(systemd, unit, &full),
+                Some(systemd),
+                Some(props(Some("loaded"))),
+            ),
+            (
+                "forged change",
+                props_msg(forger, unit, &full),
+                Some(systemd),
+                None,
+            ),
+            (
+                "forged change that would need a read",
+                props_msg(forger, unit, &partial),
+                Some(systemd),
+                None,
+            ),
+            (
+                "systemd's change while its name has no owner",
+                props_msg(systemd, unit, &partial),
+                None,
+                None,
+            ),
+            (
+                "change sent as the bus daemon",
+                props_msg(BUS_SERVICE, unit, &full),
+                Some(systemd),
+                None,
+            ),
+            (
+                "systemd's reload",
+                reloading_msg(systemd),
+                Some(systemd),
+                Some(Signal::Reloaded),
+            ),
+            ("forged reload", reloading_msg(forger), Some(systemd), None),
+            (
+                "the bus announces a new systemd",
+                owner_msg(BUS_SERVICE, ":1.7"),
+                Some(systemd),
+                Some(Signal::OwnerChanged(Some(":1.7".into()))),
+            ),
+            (
+                "the bus announces systemd left",
+                owner_msg(BUS_SERVICE, ""),
+                Some(systemd),
+                Some(Signal::OwnerChanged(None)),
+            ),
+            (
+                "forged owner change",
+                owner_msg(forger, forger),
+                Some(systemd),
+                None,
+            ),
+            (
+                "owner change sent by systemd itself",
+                owner_msg(systemd, forger),
+                Some(systemd),
+                None,
+            ),
+        ];
+        for (what, msg, owner, want) in cases {
+            let mut tracker = Tracker::default();
+            assert_eq!(decode(&msg, owner, &watch, &mut tracker), want, "{what}");
+            if want.is_none() {
+                assert_eq!(tracker.take_pending(), Vec::<String>::new(), "{what}");
+                assert!(tracker.units.is_empty(), "{what}");
+            }
+        }
+    }
+
+    /// A dbus-daemon of one test, on a socket in a temporary directory; killed when dropped.
+    struct PrivateBus {
+        daemon: std::process::Child,
+        address: &'static str,
+        _dir: tempfile::TempDir,
+    }
+
+    impl PrivateBus {
+        /// Starts one; None (with a notice) where dbus-daemon is not installed.
+        fn start() -> Option<PrivateBus> {
+            use std::io::{BufRead, Write};
+            let dir = tempfile::tempdir().expect("tempdir");
+            let config = dir.path().join("bus.conf");
+            // Signals are allowed from anyone to anyone, as on the system bus (its default
+            // policy has `<allow send_type="signal"/>`); here everything else is allowed too.
+            let text = format!(
+                "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n                  \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                 <busconfig><type>session</type><listen>unix:path={}</listen>\
+                 <auth>EXTERNAL</auth><policy context=\"default\"><allow user=\"*\"/>\
+                 <allow own=\"*\"/><allow send_destination=\"*\"/>\
+                 <allow send_type=\"signal\"/><allow receive_sender=\"*\"/>\
+                 </policy></busconfig>\n",
+                dir.path().join("socket").display()
+            );
+            std::fs::write(&config, text).expect("write bus config");
+            let spawned = std::process::Command::new("dbus-daemon")
+                .arg(format!("--config-file={}", config.display()))
+                .args(["--nofork", "--print-address"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+            let mut daemon = match spawned {
+                Ok(daemon) => daemon,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "fleet-systemd: skipping, dbus-daemon is not installed"
+                    );
+                    return None;
+                }
+                Err(e) => panic!("starting dbus-daemon: {e}"),
+            };
+            let mut line = String::new();
+            let stdout = daemon.stdout.take().expect("dbus-daemon stdout");
+            std::io::BufReader::new(stdout)
+                .read_line(&mut line)
+                .expect("dbus-daemon address");
+            assert!(!line.trim().is_empty(), "dbus-daemon printed no address");
+            Some(PrivateBus {
+                daemon,
+                address: Box::leak(line.trim().to_owned().into_boxed_str()),
+                _dir: dir,
+            })
+        }
+
+        async fn connect(&self) -> Connection {
+            zbus::connection::Builder::address(self.address)
+                .expect("bus address")
+                .build()
+                .await
+                .expect("connect to the private bus")
+        }
+    }
+
+    impl Drop for PrivateBus {
+        fn drop(&mut self) {
+            let _ = self.daemon.kill();
+            let _ = self.daemon.wait();
+        }
+    }
+
+    /// Plays systemd's manager on `conn`: answers `Subscribe`, and `ListUnitsByNames` (counted
+    /// in `reads`) with every unit loaded, active and running.
+    async fn play_systemd(
+        conn: Connection,
+        mut calls: MessageStream,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        while let Some(Ok(msg)) = calls.next().await {
+            if msg.message_type() != MessageType::MethodCall {
+                continue;
+            }
+            let header = msg.header();
+            let replied = match header.member().map(|m| m.as_str()) {
+                Some("Subscribe") => conn.reply(&header, &()).await,
+                Some("ListUnitsByNames") => {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let names: Vec<String> = msg.body().deserialize().unwrap_or_default();
+                    let root = OwnedObjectPath::try_from("/").expect("path");
+                    let rows: Vec<_> = names
+                        .into_iter()
+                        .map(|n| {
+                            let path = OwnedObjectPath::try_from(unit_path(&n)).expect("path");
+                            let (job, none) = (0u32, root.clone());
+                            (
+                                n, "", "loaded", "active", "running", "", path, job, "", none,
+                            )
+                        })
+                        .collect();
+                    conn.reply(&header, &rows).await
+                }
+                _ => Ok(()),
+            };
+            replied.expect("reply as systemd");
+        }
+    }
+
+    /// Before signals were checked for their sender, the forged `PropertiesChanged` below was
+    /// the first event (and the forged `Reloading` a resync): the bus hands a signal addressed
+    /// to a connection's unique name to that connection whatever its match rules.
+    #[tokio::test]
+    async fn signals_forged_by_another_connection_are_ignored() {
+        let Some(bus) = PrivateBus::start() else {
+            return;
+        };
+        let systemd = bus.connect().await;
+        let calls = MessageStream::from(&systemd);
+        systemd
+            .request_name(SYSTEMD_SERVICE)
+            .await
+            .expect("own systemd's name");
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(play_systemd(systemd.clone(), calls, reads.clone()));
+
+        let units = tempfile::tempdir().expect("tempdir");
+        let inner = Inner::for_tests(BusKind::Address(bus.address), units.path().join("units"))
+            .expect("manager");
+        let unit = "a.service";
+        let mut rx = subscribe(Arc::new(inner), WatchSet::from_iter([unit.to_owned()]))
+            .await
+            .expect("subscribe");
+
+        let forger = bus.connect().await;
+        let (systemd_name, forger_name) = (
+            systemd.unique_name().expect("systemd's name").to_string(),
+            forger.unique_name().expect("forger's name").to_string(),
+        );
+        let listed = forger
+            .call_method(
+                Some(BUS_SERVICE),
+                "/org/freedesktop/DBus",
+                Some(BUS_SERVICE),
+                "ListNames",
+                &(),
+            )
+            .await
+            .expect("ListNames");
+        let names: Vec<String> = listed.body().deserialize().expect("names");
+        // Every other connection (the subscription's among them), and a broadcast.
+        let mut destinations: Vec<Option<String>> = names
+            .into_iter()
+            .filter(|n| n.starts_with(':') && *n != systemd_name && *n != forger_name)
+            .map(Some)
+            .collect();
+        assert!(
+            !destinations.is_empty(),
+            "no connection to forge signals to"
+        );
+        destinations.push(None);
+        let failed: HashMap<&str, zbus::zvariant::Value<'_>> = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "failed"),
+            ("SubState", "failed"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, zbus::zvariant::Value::from(v)))
+        .collect();
+        let partial: HashMap<&str, zbus::zvariant::Value<'_>> =
+            [("ActiveState", zbus::zvariant::Value::from("failed"))]
+                .into_iter()
+                .collect();
+        let path = unit_path(unit);
+        let no_names = Vec::<String>::new();
+        for dest in &destinations {
+            let dest = dest.as_deref();
+            let props = "org.freedesktop.DBus.Properties";
+            let (p, b) = (path.as_str(), BUS_SERVICE);
+            let sent = [
+                forger
+                    .emit_signal(
+                        dest,
+                        p,
+                        props,
+                        "PropertiesChanged",
+                        &(UNIT_INTERFACE, &failed, &no_names),
+                    )
+                    .await,
+                forger
+                    .emit_signal(
+                        dest,
+                        p,
+                        props,
+                        "PropertiesChanged",
+                        &(UNIT_INTERFACE, &partial, &no_names),
+                    )
+                    .await,
+                forger
+                    .emit_signal(dest, SYSTEMD_PATH, MANAGER_INTERFACE, "Reloading", &false)
+                    .await,
+                forger
+                    .emit_signal(
+                        dest,
+                        "/org/freedesktop/DBus",
+                        b,
+                        "NameOwnerChanged",
+                        &(SYSTEMD_SERVICE, &systemd_name, &forger_name),
+                    )
+                    .await,
+                forger
+                    .emit_signal(dest, SYSTEMD_PATH, MANAGER_INTERFACE, "Reloading", &false)
+                    .await,
+            ];
+            for result in sent {
+                result.expect("forge a signal");
+            }
+        }
+        // A round trip: the bus has routed all of the above before systemd's signal below.
+        forger
+            .call_method(
+                Some(BUS_SERVICE),
+                "/org/freedesktop/DBus",
+                Some(BUS_SERVICE),
+                "GetId",
+                &(),
+            )
+            .await
+            .expect("GetId");
+
+        let running: HashMap<&str, zbus::zvariant::Value<'_>> = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "active"),
+            ("SubState", "running"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, zbus::zvariant::Value::from(v)))
+        .collect();
+        systemd
+            .emit_signal(
+                None::<&str>,
+                path.as_str(),
+                "org.freedesktop.DBus.Properties",
+                "PropertiesChanged",
+                &(UNIT_INTERFACE, &running, &no_names),
+            )
+            .await
+            .expect("systemd's signal");
+        let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("systemd's change within 10 s");
+        assert_eq!(
+            first,
+            Some(UnitEvent::Changed(StateChange {
+                name: unit.to_owned(),
+                state: Some(st("loaded", "active", "running")),
+            }))
+        );
+        assert_eq!(
+            reads.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "a forged signal made the subscription read states"
+        );
     }
 
     /// One scripted signal for the tracker tests.

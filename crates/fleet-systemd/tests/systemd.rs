@@ -183,6 +183,162 @@ async fn write_start_stop_remove_seen_through_signals() {
     assert!(env.mgr.unit_file_names().await.expect("names").is_empty());
 }
 
+/// Sends forged systemd signals from a connection of its own to every other connection of this
+/// process (the subscription's among them) and as a broadcast: a failed state for `name`, a
+/// `Reloading` and a `NameOwnerChanged` naming the forger as systemd's new owner.
+async fn forge_signals(name: &str) {
+    use std::collections::HashMap;
+    use zbus::zvariant::Value;
+    const BUS: &str = "org.freedesktop.DBus";
+    let forger = zbus::Connection::system().await.expect("forger connects");
+    let own = forger.unique_name().expect("forger's name").to_string();
+    let call = |method: &'static str, arg: Option<String>| {
+        let forger = forger.clone();
+        async move {
+            let path = "/org/freedesktop/DBus";
+            match arg {
+                Some(arg) => {
+                    forger
+                        .call_method(Some(BUS), path, Some(BUS), method, &arg)
+                        .await
+                }
+                None => {
+                    forger
+                        .call_method(Some(BUS), path, Some(BUS), method, &())
+                        .await
+                }
+            }
+            .unwrap_or_else(|e| panic!("{method}: {e}"))
+        }
+    };
+    let names: Vec<String> = call("ListNames", None)
+        .await
+        .body()
+        .deserialize()
+        .expect("names");
+    let systemd: String = call("GetNameOwner", Some("org.freedesktop.systemd1".into()))
+        .await
+        .body()
+        .deserialize()
+        .expect("systemd's owner");
+    let mut destinations = vec![None];
+    for n in names
+        .into_iter()
+        .filter(|n| n.starts_with(':') && *n != own)
+    {
+        let pid: Result<u32, _> = forger
+            .call_method(
+                Some(BUS),
+                "/org/freedesktop/DBus",
+                Some(BUS),
+                "GetConnectionUnixProcessID",
+                &n,
+            )
+            .await
+            .and_then(|r| r.body().deserialize());
+        if pid.ok() == Some(std::process::id()) {
+            destinations.push(Some(n));
+        }
+    }
+    assert!(
+        destinations.len() > 1,
+        "found no connection of this process"
+    );
+    let path = format!(
+        "/org/freedesktop/systemd1/unit/{}",
+        name.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("_{b:02x}")
+            })
+            .collect::<String>()
+    );
+    let failed: HashMap<&str, Value<'_>> = [
+        ("LoadState", "loaded"),
+        ("ActiveState", "failed"),
+        ("SubState", "failed"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k, Value::from(v)))
+    .collect();
+    let none = Vec::<String>::new();
+    let manager = "org.freedesktop.systemd1.Manager";
+    for dest in &destinations {
+        let dest = dest.as_deref();
+        forger
+            .emit_signal(
+                dest,
+                path.as_str(),
+                "org.freedesktop.DBus.Properties",
+                "PropertiesChanged",
+                &("org.freedesktop.systemd1.Unit", &failed, &none),
+            )
+            .await
+            .expect("forge PropertiesChanged");
+        forger
+            .emit_signal(
+                dest,
+                "/org/freedesktop/systemd1",
+                manager,
+                "Reloading",
+                &false,
+            )
+            .await
+            .expect("forge Reloading");
+        forger
+            .emit_signal(
+                dest,
+                "/org/freedesktop/DBus",
+                BUS,
+                "NameOwnerChanged",
+                &("org.freedesktop.systemd1", &systemd, &own),
+            )
+            .await
+            .expect("forge NameOwnerChanged");
+    }
+    // A round trip: the bus has routed all of the above before anything systemd sends next.
+    call("GetId", None).await;
+}
+
+#[tokio::test]
+async fn signals_forged_by_another_connection_are_ignored() {
+    if !real_systemd("signals_forged_by_another_connection_are_ignored") {
+        return;
+    }
+    let env = env("forged").await;
+    let name = "fsd-forged.service".to_owned();
+    let mut rx = env
+        .mgr
+        .subscribe(WatchSet::from_iter([name.clone()]))
+        .await
+        .expect("subscribe");
+    env.mgr.write_unit(&name, &sleeper()).await.expect("write");
+    env.mgr.reload().await.expect("reload");
+    env.mgr.start(&name).await.expect("start");
+    let running = st("loaded", "active", "running");
+    wait_for(&mut rx, "active/running signal", |e| {
+        is_state(e, &name, &running)
+    })
+    .await;
+
+    forge_signals(&name).await;
+    env.mgr.stop(&name).await.expect("stop");
+    let dead = st("loaded", "inactive", "dead");
+    let seen = wait_for(&mut rx, "inactive/dead signal", |e| {
+        is_state(e, &name, &dead)
+    })
+    .await;
+    let forged = st("loaded", "failed", "failed");
+    assert!(
+        !seen
+            .iter()
+            .any(|e| is_state(e, &name, &forged) || matches!(e, UnitEvent::Resync(_))),
+        "a forged signal got through: {seen:?}"
+    );
+    env.cleanup(&[name]).await;
+}
+
 #[tokio::test]
 #[ignore = "needs systemd as PID 1: ./test runs these inside a harness node"]
 async fn enable_links_install_section_and_refuses_units_without_one() {

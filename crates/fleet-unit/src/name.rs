@@ -8,8 +8,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::quote::{go_quote, go_quote_char};
 
-/// Longest unit name fleet accepted, in bytes.
-pub const UNIT_NAME_MAX: usize = 256;
+/// Longest unit name accepted, in bytes: the longest systemd loads (its `UNIT_NAME_MAX` is
+/// 256 with the terminating NUL). fleet v1.0 accepted 256 bytes, a name no node could run.
+pub const UNIT_NAME_MAX: usize = 255;
 
 /// Unit types fleet accepted as a name's suffix.
 pub const UNIT_TYPES: &[&str] = &[
@@ -65,7 +66,7 @@ pub enum UnitNameError {
 
 /// A validated unit name.
 ///
-/// Valid means: at most 256 bytes; `prefix[@instance].type` where `type` is one of
+/// Valid means: at most 255 bytes; `prefix[@instance].type` where `type` is one of
 /// [`UNIT_TYPES`] (one of [`TEMPLATE_TYPES`] if the name contains `@`), everything before the
 /// last `.` uses only `[A-Za-z0-9:_.@\-]` and `\`, and the name does not start with `@`.
 /// Such a name can never contain `/` or NUL and can never be `.` or `..`, so it always names a
@@ -258,7 +259,7 @@ mod tests {
         let long_bad = format!("{}.service", "a".repeat(UNIT_NAME_MAX - 7));
         let cases: Vec<(&str, Result<(), &str>)> = vec![
             ("", Err("unit name cannot be empty")),
-            (&long_bad, Err("unit name exceeds maximum length (256)")),
+            (&long_bad, Err("unit name exceeds maximum length (255)")),
             (&long_ok, Ok(())),
             ("fooservice", Err("unit name must contain \".\"")),
             ("bar@foo", Err("unit name must contain \".\"")),
