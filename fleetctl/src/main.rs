@@ -60,11 +60,13 @@ fn main() {
 }
 
 /// Warnings always go to stderr; `--debug` adds fleetctl's and the libraries' debug output.
+/// (russh's buffers warn once per process when they cannot be locked in memory, as in any
+/// login session with the usual RLIMIT_MEMLOCK: noise for a user, so only with `--debug`.)
 fn init_logging(debug: bool) {
     let filter = if debug {
         "debug,h2=info,tower=info,hyper=info,rustls=info"
     } else {
-        "warn"
+        "warn,russh_cryptovec=error"
     };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
