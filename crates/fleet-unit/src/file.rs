@@ -32,7 +32,11 @@
 //! - A name at the very end of the input without `=` reports the same error as one followed
 //!   by a newline (fleet said `EOF`).
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::hash::UnitHash;
 
@@ -42,15 +46,108 @@ pub const LINE_MAX: usize = 2048;
 /// One `Name=Value` of a unit file, with the section it appeared in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct UnitOption {
-    pub section: String,
+    /// Shared by all options of a section block: a long section name followed by many short
+    /// options must not cost its length once per option (memory stays linear in the text).
+    pub section: SectionName,
     pub name: String,
     pub value: String,
+}
+
+/// A section name: reads like a `&str` (it derefs to one and compares with strings), and
+/// clones without copying the text.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SectionName(Arc<str>);
+
+impl SectionName {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for SectionName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SectionName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for SectionName {
+    fn from(s: &str) -> Self {
+        SectionName(Arc::from(s))
+    }
+}
+
+impl From<String> for SectionName {
+    fn from(s: String) -> Self {
+        SectionName(Arc::from(s))
+    }
+}
+
+impl From<&String> for SectionName {
+    fn from(s: &String) -> Self {
+        SectionName(Arc::from(s.as_str()))
+    }
+}
+
+impl PartialEq<str> for SectionName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SectionName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<SectionName> for str {
+    fn eq(&self, other: &SectionName) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<SectionName> for &str {
+    fn eq(&self, other: &SectionName) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl Serialize for SectionName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SectionName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(SectionName::from)
+    }
 }
 
 impl UnitOption {
     /// Convenience constructor.
     pub fn new(
-        section: impl Into<String>,
+        section: impl Into<SectionName>,
         name: impl Into<String>,
         value: impl Into<String>,
     ) -> UnitOption {
@@ -106,7 +203,14 @@ impl UnitFile {
     /// Parses unit file text (see the module docs for the exact rules).
     pub fn parse(text: &str) -> Result<UnitFile, ParseError> {
         check_line_lengths(text)?;
-        Lexer { text, pos: 0 }.run().map(UnitFile::from_options)
+        Lexer {
+            text,
+            pos: 0,
+            counted: 0,
+            line: 1,
+        }
+        .run()
+        .map(UnitFile::from_options)
     }
 
     /// A unit file made of these options (as fleet's API builds units from JSON options).
@@ -128,17 +232,7 @@ impl UnitFile {
     /// all its blocks) under one header in their original order, `Name=Value` verbatim, one
     /// blank line between sections, a single `\n` at the end; empty when there are no options.
     pub fn serialize(&self) -> String {
-        let mut order: Vec<&str> = Vec::new();
-        let mut grouped: Vec<Vec<&UnitOption>> = Vec::new();
-        for opt in &self.options {
-            match order.iter().position(|s| *s == opt.section) {
-                Some(i) => grouped[i].push(opt),
-                None => {
-                    order.push(&opt.section);
-                    grouped.push(vec![opt]);
-                }
-            }
-        }
+        let (order, grouped) = self.grouped();
         let size: usize = self
             .options
             .iter()
@@ -163,6 +257,31 @@ impl UnitFile {
         out
     }
 
+    /// Section names in first-seen order, and each section's options in file order. Linear:
+    /// sections are found through a map, not by scanning the ones seen so far.
+    fn grouped(&self) -> (Vec<&str>, Vec<Vec<&UnitOption>>) {
+        let mut order: Vec<&str> = Vec::new();
+        let mut grouped: Vec<Vec<&UnitOption>> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for opt in &self.options {
+            match index.get(&*opt.section) {
+                Some(&i) => grouped[i].push(opt),
+                None => {
+                    index.insert(&opt.section, order.len());
+                    order.push(&opt.section);
+                    grouped.push(vec![opt]);
+                }
+            }
+        }
+        (order, grouped)
+    }
+
+    /// The options in canonical order: grouped by section in first-seen order, file order
+    /// within a section (the order in which [`UnitFile::serialize`] writes them).
+    pub fn canonical_options(&self) -> Vec<&UnitOption> {
+        self.grouped().1.into_iter().flatten().collect()
+    }
+
     /// SHA-1 of [`UnitFile::serialize`]: the unit hash.
     pub fn hash(&self) -> UnitHash {
         UnitHash::of(self.serialize().as_bytes())
@@ -175,14 +294,14 @@ impl UnitFile {
 
     /// Whether any option belongs to `section`.
     pub fn has_section(&self, section: &str) -> bool {
-        self.options.iter().any(|o| o.section == section)
+        self.options.iter().any(|o| &*o.section == section)
     }
 
     /// The raw values of `name` in `section`, in file order.
     pub fn values(&self, section: &str, name: &str) -> Vec<&str> {
         self.options
             .iter()
-            .filter(|o| o.section == section && o.name == name)
+            .filter(|o| &*o.section == section && o.name == name)
             .map(|o| o.value.as_str())
             .collect()
     }
@@ -241,14 +360,23 @@ fn is_comment(c: char) -> bool {
 struct Lexer<'a> {
     text: &'a str,
     pos: usize,
+    /// Line numbers are counted incrementally: `line` is the line at byte `counted`.
+    counted: usize,
+    line: usize,
 }
 
 impl<'a> Lexer<'a> {
-    fn line_number(&self) -> usize {
-        1 + self.text[..self.pos]
-            .bytes()
-            .filter(|b| *b == b'\n')
-            .count()
+    /// The 1-based line at the current position. Amortized O(1): the position only moves
+    /// forward (except by one non-newline character), so each byte is counted once.
+    fn line_number(&mut self) -> usize {
+        let newlines = |s: &str| s.bytes().filter(|b| *b == b'\n').count();
+        if self.pos >= self.counted {
+            self.line += newlines(&self.text[self.counted..self.pos]);
+        } else {
+            self.line -= newlines(&self.text[self.pos..self.counted]);
+        }
+        self.counted = self.pos;
+        self.line
     }
 
     fn peek(&self) -> Option<char> {
@@ -281,10 +409,10 @@ impl<'a> Lexer<'a> {
 
     fn run(mut self) -> Result<Vec<UnitOption>, ParseError> {
         let mut options = Vec::new();
-        let mut section: Option<String> = None;
+        let mut section: Option<SectionName> = None;
         while let Some(c) = self.next_char() {
             if c == '[' {
-                section = Some(self.section_header()?);
+                section = Some(SectionName::from(self.section_header()?));
             } else if is_comment(c) {
                 self.skip_comment();
             } else if let Some(sec) = &section {
@@ -302,6 +430,7 @@ impl<'a> Lexer<'a> {
             }
             // Before the first section anything else is skipped.
         }
+        options.shrink_to_fit();
         Ok(options)
     }
 

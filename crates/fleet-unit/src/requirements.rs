@@ -1,17 +1,33 @@
 //! The `[X-Fleet]` section: scheduling requirements of a unit, read and validated as fleet did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::file::{UnitFile, split_multivalue};
-use crate::glob::glob_match;
+use crate::file::{LINE_MAX, UnitFile, split_multivalue};
+use crate::glob::{Glob, glob_match};
 use crate::name::UnitName;
 use crate::quote::go_quote;
 
 /// The section fleet reads requirements from.
 pub const X_FLEET: &str = "X-Fleet";
+
+/// The longest `[X-Fleet]` value after specifier expansion (`%n` can make a short value
+/// long): systemd's line limit, which the value had to fit before expansion anyway.
+pub const MAX_VALUE_BYTES: usize = LINE_MAX;
+
+/// The most bytes all `[X-Fleet]` values of a unit may hold after specifier expansion. Bounds
+/// the memory of a unit's requirements and the work of matching its globs everywhere.
+pub const MAX_SECTION_BYTES: usize = 64 * 1024;
+
+/// The most `MachineOf` x (`Conflicts` + `Replaces`) pairs validation checks; fleet
+/// matched every pair, so an unbounded count multiplied out to minutes of CPU.
+pub const MAX_MATCH_PAIRS: usize = 1024;
+
+/// The most (bytes of `MachineOf` values) x (bytes of `Conflicts` and `Replaces` patterns)
+/// validation accepts: a bound on the total matching work whatever the shape of the globs.
+pub const MAX_MATCH_WORK: usize = 1 << 24;
 
 /// Every key fleet accepts in `[X-Fleet]` (current and deprecated spellings).
 pub const KNOWN_KEYS: &[&str] = &[
@@ -59,21 +75,38 @@ impl Requirements {
         name: &UnitName,
         file: &UnitFile,
     ) -> Result<(Requirements, Vec<String>), RequirementError> {
-        // key -> values, keys in first-seen order, values split and expanded.
+        let err = |kind| RequirementError {
+            unit: name.clone(),
+            kind,
+        };
+        // key -> values, keys in first-seen order, values split and expanded; sizes bounded
+        // as they are expanded, so a hostile section costs at most MAX_SECTION_BYTES.
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
-        for opt in file.options().iter().filter(|o| o.section == X_FLEET) {
-            let values = split_multivalue(&opt.value)
-                .into_iter()
-                .map(|v| name.expand_specifiers(&v));
-            match keys.iter_mut().find(|(k, _)| *k == opt.name) {
-                Some((_, vs)) => vs.extend(values),
-                None => keys.push((&opt.name, values.collect())),
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut total = 0usize;
+        for opt in file.options().iter().filter(|o| &*o.section == X_FLEET) {
+            let i = *index.entry(&opt.name).or_insert_with(|| {
+                keys.push((&opt.name, Vec::new()));
+                keys.len() - 1
+            });
+            for v in split_multivalue(&opt.value) {
+                let v = name.expand_specifiers(&v);
+                if v.len() > MAX_VALUE_BYTES {
+                    return Err(err(RequirementErrorKind::ValueTooLong {
+                        key: opt.name.clone(),
+                    }));
+                }
+                total += v.len();
+                if total > MAX_SECTION_BYTES {
+                    return Err(err(RequirementErrorKind::SectionTooLarge));
+                }
+                keys[i].1.push(v);
             }
         }
         let get = |key: &str| -> &[String] {
-            keys.iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.as_slice())
+            index
+                .get(key)
+                .map(|i| keys[*i].1.as_slice())
                 .unwrap_or(&[])
         };
 
@@ -100,16 +133,16 @@ impl Requirements {
             machine_of.extend(get(k).iter().cloned());
         }
 
-        let mut metadata: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut metadata: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for k in ["X-ConditionMachineMetadata", "MachineMetadata"] {
             for pair in get(k) {
                 let parts: Vec<&str> = pair.split('=').collect();
                 match parts.as_slice() {
                     [key, value] if !key.is_empty() && !value.is_empty() => {
-                        let values = metadata.entry(key.to_string()).or_default();
-                        if let Err(at) = values.binary_search_by(|v| v.as_str().cmp(value)) {
-                            values.insert(at, value.to_string());
-                        }
+                        metadata
+                            .entry(key.to_string())
+                            .or_default()
+                            .insert(value.to_string());
                     }
                     _ => warnings.push(format!(
                         "ignoring {k} value {}: expected key=value",
@@ -132,7 +165,10 @@ impl Requirements {
         let req = Requirements {
             machine_id,
             machine_of,
-            metadata,
+            metadata: metadata
+                .into_iter()
+                .map(|(k, v)| (k, v.into_iter().collect()))
+                .collect(),
             conflicts,
             global,
             replaces,
@@ -145,15 +181,40 @@ impl Requirements {
     }
 
     /// fleet's consistency checks (the API's `ValidateOptions`), first failure reported.
+    /// Every pair is matched only after the work is known to be bounded (`MAX_MATCH_PAIRS`,
+    /// `MAX_MATCH_WORK`); each pattern is compiled once.
     fn validate(&self) -> Result<(), RequirementErrorKind> {
+        let peers = self.machine_of.len();
+        let patterns = self.conflicts.len() + self.replaces.len();
+        if peers.saturating_mul(patterns) > MAX_MATCH_PAIRS {
+            return Err(RequirementErrorKind::TooManyPairs { peers, patterns });
+        }
+        let bytes = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+        let peer_bytes = bytes(&self.machine_of);
+        let pattern_bytes = bytes(&self.conflicts) + bytes(&self.replaces);
+        if peer_bytes.saturating_mul(pattern_bytes) > MAX_MATCH_WORK {
+            return Err(RequirementErrorKind::TooMuchMatching {
+                peer_bytes,
+                pattern_bytes,
+            });
+        }
+        let compile = |v: &[String]| v.iter().map(|p| Glob::new(p)).collect::<Vec<_>>();
+        let conflicts = compile(&self.conflicts);
+        let replaces = compile(&self.replaces);
+        let find = |globs: &[Option<Glob>], peer: &str| {
+            globs
+                .iter()
+                .position(|g| g.as_ref().is_some_and(|g| g.matches(peer)))
+        };
         for peer in &self.machine_of {
-            if let Some(c) = self.conflicts.iter().find(|c| glob_match(c, peer)) {
+            if let Some(i) = find(&conflicts, peer) {
                 return Err(RequirementErrorKind::PeerMatchesConflict {
                     peer: peer.clone(),
-                    conflict: c.clone(),
+                    conflict: self.conflicts[i].clone(),
                 });
             }
-            if let Some(r) = self.replaces.iter().find(|r| glob_match(r, peer)) {
+            if let Some(i) = find(&replaces, peer) {
+                let r = &self.replaces[i];
                 return Err(RequirementErrorKind::PeerMatchesReplace {
                     peer: peer.clone(),
                     replace: r.clone(),
@@ -251,6 +312,41 @@ pub enum RequirementErrorKind {
         first: FleetOption,
         second: FleetOption,
     },
+    /// A value longer than [`MAX_VALUE_BYTES`] after specifier expansion.
+    ValueTooLong { key: String },
+    /// Values longer than [`MAX_SECTION_BYTES`] together after specifier expansion.
+    SectionTooLarge,
+    /// More than [`MAX_MATCH_PAIRS`] `MachineOf` x (`Conflicts` + `Replaces`) pairs.
+    TooManyPairs { peers: usize, patterns: usize },
+    /// More than [`MAX_MATCH_WORK`] bytes of `MachineOf` values x bytes of patterns.
+    TooMuchMatching {
+        peer_bytes: usize,
+        pattern_bytes: usize,
+    },
+}
+
+impl RequirementErrorKind {
+    /// The message of a size limit (fleet had none), or None for fleet's own checks.
+    fn limit_message(&self) -> Option<String> {
+        Some(match self {
+            RequirementErrorKind::ValueTooLong { key } => format!(
+                "[X-Fleet] {key} value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"
+            ),
+            RequirementErrorKind::SectionTooLarge => format!(
+                "[X-Fleet] values exceed {MAX_SECTION_BYTES} bytes in total after specifier expansion"
+            ),
+            RequirementErrorKind::TooManyPairs { peers, patterns } => format!(
+                "[X-Fleet] requirements too large to check: {peers} MachineOf values x {patterns} Conflicts and Replaces patterns exceed {MAX_MATCH_PAIRS} pairs"
+            ),
+            RequirementErrorKind::TooMuchMatching {
+                peer_bytes,
+                pattern_bytes,
+            } => format!(
+                "[X-Fleet] requirements too large to check: {peer_bytes} bytes of MachineOf values x {pattern_bytes} bytes of Conflicts and Replaces patterns exceed {MAX_MATCH_WORK}"
+            ),
+            _ => return None,
+        })
+    }
 }
 
 /// A unit whose `[X-Fleet]` section fleet would refuse. `Display` names the unit and the
@@ -264,6 +360,9 @@ pub struct RequirementError {
 impl RequirementError {
     /// The message fleet v1.0 gave, word for word (e.g. `MachineID cannot be used with Peers`).
     pub fn fleet_message(&self) -> String {
+        if let Some(m) = self.kind.limit_message() {
+            return m;
+        }
         match &self.kind {
             RequirementErrorKind::PeerMatchesConflict { peer, conflict } => format!(
                 "unresolvable requirements: peer {} matches conflict {}",
@@ -280,6 +379,7 @@ impl RequirementError {
                 first.fleet_word(),
                 second.fleet_word()
             ),
+            _ => String::new(),
         }
     }
 }
@@ -302,6 +402,7 @@ impl fmt::Display for RequirementError {
                 first.option_name(),
                 second.option_name()
             ),
+            kind => f.write_str(&kind.limit_message().unwrap_or_default()),
         }
     }
 }
