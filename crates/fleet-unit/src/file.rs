@@ -257,21 +257,25 @@ impl UnitFile {
         out
     }
 
-    /// Section names in first-seen order, and each section's options in file order. Linear:
-    /// sections are found through a map, not by scanning the ones seen so far.
+    /// Section names in first-seen order, and each section's options in file order. Linear
+    /// in the text: sections are found through a map, not by scanning the ones seen so far,
+    /// and a name is hashed once per block (options of one block share it), not per option.
     fn grouped(&self) -> (Vec<&str>, Vec<Vec<&UnitOption>>) {
         let mut order: Vec<&str> = Vec::new();
         let mut grouped: Vec<Vec<&UnitOption>> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut previous: Option<(&SectionName, usize)> = None;
         for opt in &self.options {
-            match index.get(&*opt.section) {
-                Some(&i) => grouped[i].push(opt),
-                None => {
-                    index.insert(&opt.section, order.len());
+            let i = match previous {
+                Some((section, i)) if Arc::ptr_eq(&section.0, &opt.section.0) => i,
+                _ => *index.entry(&opt.section).or_insert_with(|| {
                     order.push(&opt.section);
-                    grouped.push(vec![opt]);
-                }
-            }
+                    grouped.push(Vec::new());
+                    order.len() - 1
+                }),
+            };
+            grouped[i].push(opt);
+            previous = Some((&opt.section, i));
         }
         (order, grouped)
     }
@@ -280,6 +284,38 @@ impl UnitFile {
     /// within a section (the order in which [`UnitFile::serialize`] writes them).
     pub fn canonical_options(&self) -> Vec<&UnitOption> {
         self.grouped().1.into_iter().flatten().collect()
+    }
+
+    /// The unit as every other component will see it: its canonical text read back. Fails
+    /// when that text does not parse (a line too long) or reads back as other options (a
+    /// line break in a value starts new options or sections, whitespace is trimmed, a final
+    /// backslash swallows the next line, ...), naming the first option that changes. A unit
+    /// built from options (the API) must pass this before it is validated, so that what is
+    /// validated is what runs.
+    pub fn reread(&self) -> Result<UnitFile, RereadError> {
+        let again = UnitFile::parse(&self.serialize()).map_err(RereadError::Parse)?;
+        let want = self.canonical_options();
+        let changed = want
+            .iter()
+            .zip(again.options())
+            .position(|(w, g)| **w != *g)
+            .or_else(|| (want.len() != again.options().len()).then(|| want.len().min(again.options().len())));
+        match changed {
+            None => Ok(again),
+            Some(i) => {
+                // Fewer options given than read back: the last one given spilled over.
+                let opt = want.get(i).or(want.last()).copied();
+                let (section, name, reason) = match opt {
+                    Some(o) => (o.section.to_string(), o.name.clone(), reread_problem(o)),
+                    None => (String::new(), String::new(), "it is not in canonical form"),
+                };
+                Err(RereadError::Changed {
+                    section,
+                    name,
+                    reason,
+                })
+            }
+        }
     }
 
     /// SHA-1 of [`UnitFile::serialize`]: the unit hash.
@@ -318,6 +354,50 @@ impl UnitFile {
             }
         }
         out
+    }
+}
+
+/// Why a unit made of options would not read back as the same options.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RereadError {
+    /// Its canonical text does not parse.
+    #[error(transparent)]
+    Parse(ParseError),
+    /// It reads back as other options.
+    #[error(
+        "option {} in section {} changes when the unit file is read back: {reason}",
+        crate::quote::go_quote(.name),
+        crate::quote::go_quote(.section)
+    )]
+    Changed {
+        section: String,
+        name: String,
+        reason: &'static str,
+    },
+}
+
+/// Why this option does not survive being written and parsed again.
+fn reread_problem(o: &UnitOption) -> &'static str {
+    let line_break = |s: &str| s.contains(['\n', '\r']);
+    let padded = |s: &str| s.trim() != s;
+    if line_break(&o.section) || o.section.contains(']') {
+        "section names cannot contain line breaks or ']'"
+    } else if line_break(&o.name) || o.name.contains('=') {
+        "option names cannot contain line breaks or '='"
+    } else if o.name.starts_with(['#', ';', '[']) {
+        "option names cannot start with '#', ';' or '['"
+    } else if padded(&o.name) {
+        "option names cannot begin or end with whitespace"
+    } else if o.value.contains('\r') {
+        "values cannot contain carriage returns"
+    } else if o.value.split('\n').rev().skip(1).any(|l| !l.ends_with('\\')) {
+        "a line break in a value must follow a backslash"
+    } else if o.value.ends_with('\\') {
+        "values cannot end with a backslash"
+    } else if padded(&o.value) {
+        "values cannot begin or end with whitespace"
+    } else {
+        "it is not in canonical form"
     }
 }
 
@@ -680,6 +760,66 @@ mod tests {
             let f = UnitFile::parse(input).expect("parses");
             assert_eq!(f.serialize(), *want, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn options_that_change_when_read_back_are_refused() {
+        let ok = Ok(());
+        let changed = |s: &str, n: &str, reason: &'static str| {
+            Err(RereadError::Changed {
+                section: s.into(),
+                name: n.into(),
+                reason,
+            })
+        };
+        let cases: Vec<(&[(&str, &str, &str)], Result<(), RereadError>)> = vec![
+            (&[("Service", "ExecStart", "/bin/true")], ok.clone()),
+            // a continuation as the parser keeps it reads back the same
+            (&[("Service", "ExecStart", "echo \\\n  b")], ok.clone()),
+            (&[("A", "X", "a \\\n")], ok.clone()),
+            // interleaved sections are only regrouped
+            (&[("A", "X", "1"), ("B", "Y", "2"), ("A", "Z", "3")], ok.clone()),
+            (
+                &[("Service", "ExecStart", "x\n[X-Fleet]\nGlobal=true")],
+                changed("Service", "ExecStart", "a line break in a value must follow a backslash"),
+            ),
+            (
+                &[("Service", "ExecStart", "x\n")],
+                changed("Service", "ExecStart", "a line break in a value must follow a backslash"),
+            ),
+            (
+                &[("A", "X", "a\\"), ("A", "Y", "b")],
+                changed("A", "X", "values cannot end with a backslash"),
+            ),
+            (&[("A", "X", " a")], changed("A", "X", "values cannot begin or end with whitespace")),
+            (&[("A", "X", "a\r")], changed("A", "X", "values cannot contain carriage returns")),
+            (&[("A", "X=Y", "a")], changed("A", "X=Y", "option names cannot contain line breaks or '='")),
+            (&[("A", "#X", "a")], changed("A", "#X", "option names cannot start with '#', ';' or '['")),
+            (&[("A", "X ", "a")], changed("A", "X ", "option names cannot begin or end with whitespace")),
+            (
+                &[("A]\n[X-Fleet", "Global", "true")],
+                changed("A]\n[X-Fleet", "Global", "section names cannot contain line breaks or ']'"),
+            ),
+        ];
+        for (given, want) in cases {
+            let file = UnitFile::from_options(opts(given));
+            let got = file.reread().map(|again| {
+                assert_eq!(again.serialize(), file.serialize(), "{given:?}");
+            });
+            assert_eq!(got, want, "{given:?}");
+        }
+        let err = UnitFile::from_options(opts(&[("Service", "ExecStart", "x\n[X-Fleet]\nGlobal=true")]))
+            .reread()
+            .expect_err("changes");
+        assert_eq!(
+            err.to_string(),
+            "option \"ExecStart\" in section \"Service\" changes when the unit file is read back: a line break in a value must follow a backslash"
+        );
+        let long = UnitFile::from_options(opts(&[("A", "X", &"v".repeat(3000))]));
+        assert_eq!(
+            long.reread().expect_err("too long").to_string(),
+            "line too long (max 2048 bytes)"
+        );
     }
 
     #[test]

@@ -633,6 +633,81 @@ mod tests {
         }
     }
 
+    /// A unit made of these `[X-Fleet]` options (built from options, as the API does, so
+    /// values may be as long as a line allows).
+    fn x_fleet(opts: &[(&str, String)]) -> UnitFile {
+        UnitFile::from_options(
+            opts.iter()
+                .map(|(k, v)| crate::UnitOption::new(X_FLEET, *k, v.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn refuses_requirements_too_large_to_check() {
+        let a = |n: usize| "a".repeat(n);
+        let many = |key: &'static str, n: usize, v: String| vec![(key, v); n];
+        // the unit of the security review: 250 MachineOf and 250 Conflicts=*aaa…b of ~2,000
+        // characters, 62,500 pairs that each cost ~len(name) x len(pattern) before
+        let mut hostile = many("MachineOf", 250, a(2000));
+        hostile.extend(many("Conflicts", 250, format!("*{}b", a(1998))));
+        // a value that %n makes longer than a line
+        let long_name = format!("{}.service", "x".repeat(200));
+        let expanded = vec![("MachineOf", "%n".repeat(20))];
+        // a section that is large only in total
+        let large = many("MachineMetadata", 40, format!("k={}", a(1998)));
+        // many short pairs
+        let mut pairs = many("MachineOf", 40, "db.service".into());
+        pairs.extend(many("Conflicts", 30, "web.*".into()));
+        pairs.extend(many("X-Conflicts", 10, "x.*".into()));
+        // few pairs, but long ones
+        let mut heavy = many("MachineOf", 16, a(2000));
+        heavy.extend(many("Conflicts", 16, format!("*{}b", a(1998))));
+        let cases: Vec<(&str, Vec<(&str, String)>, String)> = vec![
+            (
+                "a.service",
+                hostile,
+                "[X-Fleet] values exceed 65536 bytes in total after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                pairs,
+                "[X-Fleet] requirements too large to check: 40 MachineOf values x 40 Conflicts and Replaces patterns exceed 1024 pairs".into(),
+            ),
+            (
+                &long_name,
+                expanded,
+                "[X-Fleet] MachineOf value exceeds 2048 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                large,
+                "[X-Fleet] values exceed 65536 bytes in total after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                heavy,
+                "[X-Fleet] requirements too large to check: 32000 bytes of MachineOf values x 32000 bytes of Conflicts and Replaces patterns exceed 16777216".into(),
+            ),
+        ];
+        for (name, opts, want) in cases {
+            let name = UnitName::parse(name).expect("valid name");
+            let err = Requirements::from_unit(&name, &x_fleet(&opts)).expect_err(&want);
+            assert_eq!(err.fleet_message(), want);
+            assert_eq!(err.to_string(), format!("unit {name}: {want}"));
+        }
+        // just inside the limits: checked, and a match is still found
+        let mut inside = many("MachineOf", 31, a(100));
+        inside.push(("MachineOf", format!("{}b", a(99))));
+        inside.extend(many("Conflicts", 32, format!("*{}b", a(98))));
+        let name = UnitName::parse("a.service").expect("valid name");
+        let err = Requirements::from_unit(&name, &x_fleet(&inside)).expect_err("conflict");
+        assert!(
+            err.fleet_message().starts_with("unresolvable requirements: peer"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn machine_checks() {
         let (req, _) = read(
