@@ -320,7 +320,7 @@ impl Api {
             let desired = if desired_state.is_empty() {
                 TargetState::Inactive
             } else {
-                parse_state(&su.desired_state)?
+                parse_state(&desired_state)?
             };
             check_template(&name, desired)?;
             if existing.is_some() {

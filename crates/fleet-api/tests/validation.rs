@@ -52,7 +52,9 @@ async fn hostile_requirements_are_refused_at_once() {
         options.push(("X-Fleet", "MachineOf", "aaaa".into()));
         options.push(("X-Fleet", "Conflicts", "*b".into()));
     }
-    let r = h.put("/fleet/v1/units/pairs.service", &put_body(&options)).await;
+    let r = h
+        .put("/fleet/v1/units/pairs.service", &put_body(&options))
+        .await;
     assert_eq!(
         (r.status, r.error_message()),
         (400, "[X-Fleet] requirements too large to check: 33 MachineOf values x 33 Conflicts and Replaces patterns exceed 1024 pairs".into())

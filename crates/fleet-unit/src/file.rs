@@ -299,7 +299,9 @@ impl UnitFile {
             .iter()
             .zip(again.options())
             .position(|(w, g)| **w != *g)
-            .or_else(|| (want.len() != again.options().len()).then(|| want.len().min(again.options().len())));
+            .or_else(|| {
+                (want.len() != again.options().len()).then(|| want.len().min(again.options().len()))
+            });
         match changed {
             None => Ok(again),
             Some(i) => {
@@ -390,7 +392,13 @@ fn reread_problem(o: &UnitOption) -> &'static str {
         "option names cannot begin or end with whitespace"
     } else if o.value.contains('\r') {
         "values cannot contain carriage returns"
-    } else if o.value.split('\n').rev().skip(1).any(|l| !l.ends_with('\\')) {
+    } else if o
+        .value
+        .split('\n')
+        .rev()
+        .skip(1)
+        .any(|l| !l.ends_with('\\'))
+    {
         "a line break in a value must follow a backslash"
     } else if o.value.ends_with('\\') {
         "values cannot end with a backslash"
@@ -772,33 +780,68 @@ mod tests {
                 reason,
             })
         };
-        let cases: Vec<(&[(&str, &str, &str)], Result<(), RereadError>)> = vec![
+        type Case<'a> = (&'a [(&'a str, &'a str, &'a str)], Result<(), RereadError>);
+        let cases: Vec<Case<'_>> = vec![
             (&[("Service", "ExecStart", "/bin/true")], ok.clone()),
             // a continuation as the parser keeps it reads back the same
             (&[("Service", "ExecStart", "echo \\\n  b")], ok.clone()),
             (&[("A", "X", "a \\\n")], ok.clone()),
             // interleaved sections are only regrouped
-            (&[("A", "X", "1"), ("B", "Y", "2"), ("A", "Z", "3")], ok.clone()),
+            (
+                &[("A", "X", "1"), ("B", "Y", "2"), ("A", "Z", "3")],
+                ok.clone(),
+            ),
             (
                 &[("Service", "ExecStart", "x\n[X-Fleet]\nGlobal=true")],
-                changed("Service", "ExecStart", "a line break in a value must follow a backslash"),
+                changed(
+                    "Service",
+                    "ExecStart",
+                    "a line break in a value must follow a backslash",
+                ),
             ),
             (
                 &[("Service", "ExecStart", "x\n")],
-                changed("Service", "ExecStart", "a line break in a value must follow a backslash"),
+                changed(
+                    "Service",
+                    "ExecStart",
+                    "a line break in a value must follow a backslash",
+                ),
             ),
             (
                 &[("A", "X", "a\\"), ("A", "Y", "b")],
                 changed("A", "X", "values cannot end with a backslash"),
             ),
-            (&[("A", "X", " a")], changed("A", "X", "values cannot begin or end with whitespace")),
-            (&[("A", "X", "a\r")], changed("A", "X", "values cannot contain carriage returns")),
-            (&[("A", "X=Y", "a")], changed("A", "X=Y", "option names cannot contain line breaks or '='")),
-            (&[("A", "#X", "a")], changed("A", "#X", "option names cannot start with '#', ';' or '['")),
-            (&[("A", "X ", "a")], changed("A", "X ", "option names cannot begin or end with whitespace")),
+            (
+                &[("A", "X", " a")],
+                changed("A", "X", "values cannot begin or end with whitespace"),
+            ),
+            (
+                &[("A", "X", "a\r")],
+                changed("A", "X", "values cannot contain carriage returns"),
+            ),
+            (
+                &[("A", "X=Y", "a")],
+                changed("A", "X=Y", "option names cannot contain line breaks or '='"),
+            ),
+            (
+                &[("A", "#X", "a")],
+                changed("A", "#X", "option names cannot start with '#', ';' or '['"),
+            ),
+            (
+                &[("A", "X ", "a")],
+                changed(
+                    "A",
+                    "X ",
+                    "option names cannot begin or end with whitespace",
+                ),
+            ),
             (
                 &[("A]\n[X-Fleet", "Global", "true")],
-                changed("A]\n[X-Fleet", "Global", "section names cannot contain line breaks or ']'"),
+                changed(
+                    "A]\n[X-Fleet",
+                    "Global",
+                    "section names cannot contain line breaks or ']'",
+                ),
             ),
         ];
         for (given, want) in cases {
@@ -808,9 +851,13 @@ mod tests {
             });
             assert_eq!(got, want, "{given:?}");
         }
-        let err = UnitFile::from_options(opts(&[("Service", "ExecStart", "x\n[X-Fleet]\nGlobal=true")]))
-            .reread()
-            .expect_err("changes");
+        let err = UnitFile::from_options(opts(&[(
+            "Service",
+            "ExecStart",
+            "x\n[X-Fleet]\nGlobal=true",
+        )]))
+        .reread()
+        .expect_err("changes");
         assert_eq!(
             err.to_string(),
             "option \"ExecStart\" in section \"Service\" changes when the unit file is read back: a line break in a value must follow a backslash"

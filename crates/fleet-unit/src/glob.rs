@@ -108,7 +108,10 @@ enum Elem {
     /// `?`: any character but `/`.
     Any,
     /// `[...]`: inclusive ranges, possibly negated (may match `/`, as in Go).
-    Class { negated: bool, ranges: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
 }
 
 impl Elem {
@@ -258,7 +261,9 @@ impl Masks {
         for (j, e) in elems.iter().enumerate() {
             let bit = 1u64 << (j % 64);
             match e {
-                Elem::Lit(c) => m.literal.entry(*c).or_insert_with(|| vec![0; words])[j / 64] |= bit,
+                Elem::Lit(c) => {
+                    m.literal.entry(*c).or_insert_with(|| vec![0; words])[j / 64] |= bit
+                }
                 Elem::Any => m.any[j / 64] |= bit,
                 Elem::Class { .. } => m.classes.push(j),
             }
@@ -382,102 +387,102 @@ mod tests {
     mod reference {
         use super::super::{class_char, scan_chunk};
 
-    /// Matches `chunk` (no unbracketed stars, known well-formed) against the start of `s`;
-    /// returns the rest of `s` on success.
-    fn match_chunk<'a>(chunk: &str, s: &'a str) -> Option<&'a str> {
-        let mut chunk = chunk.chars();
-        let mut s_iter = s.chars();
-        loop {
-            let pc = match chunk.clone().next() {
-                None => return Some(s_iter.as_str()),
-                Some(pc) => pc,
-            };
-            let sc = s_iter.next()?;
-            chunk.next();
-            match pc {
-                '[' => {
-                    let mut negated = false;
-                    if chunk.clone().next() == Some('^') {
-                        chunk.next();
-                        negated = true;
-                    }
-                    let mut matched = false;
-                    let mut ranges = 0usize;
-                    loop {
-                        if chunk.clone().next() == Some(']') && ranges > 0 {
+        /// Matches `chunk` (no unbracketed stars, known well-formed) against the start of `s`;
+        /// returns the rest of `s` on success.
+        fn match_chunk<'a>(chunk: &str, s: &'a str) -> Option<&'a str> {
+            let mut chunk = chunk.chars();
+            let mut s_iter = s.chars();
+            loop {
+                let pc = match chunk.clone().next() {
+                    None => return Some(s_iter.as_str()),
+                    Some(pc) => pc,
+                };
+                let sc = s_iter.next()?;
+                chunk.next();
+                match pc {
+                    '[' => {
+                        let mut negated = false;
+                        if chunk.clone().next() == Some('^') {
                             chunk.next();
+                            negated = true;
+                        }
+                        let mut matched = false;
+                        let mut ranges = 0usize;
+                        loop {
+                            if chunk.clone().next() == Some(']') && ranges > 0 {
+                                chunk.next();
+                                break;
+                            }
+                            let lo = class_char(&mut chunk)?;
+                            let mut hi = lo;
+                            if chunk.clone().next() == Some('-') {
+                                chunk.next();
+                                hi = class_char(&mut chunk)?;
+                            }
+                            if lo <= sc && sc <= hi {
+                                matched = true;
+                            }
+                            ranges += 1;
+                        }
+                        if matched == negated {
+                            return None;
+                        }
+                    }
+                    '?' => {
+                        if sc == '/' {
+                            return None;
+                        }
+                    }
+                    '\\' => {
+                        let lit = chunk.next()?;
+                        if lit != sc {
+                            return None;
+                        }
+                    }
+                    lit => {
+                        if lit != sc {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+
+        pub(super) fn match_valid(mut pattern: &str, mut name: &str) -> bool {
+            'chunks: while !pattern.is_empty() {
+                let (star, chunk, rest) = scan_chunk(pattern);
+                pattern = rest;
+                if star && chunk.is_empty() {
+                    // A trailing star matches the rest of the name, unless it crosses a separator.
+                    return !name.contains('/');
+                }
+                if let Some(t) = match_chunk(chunk, name) {
+                    // Without a following star the chunk must consume the whole name.
+                    if t.is_empty() || !pattern.is_empty() {
+                        name = t;
+                        continue;
+                    }
+                }
+                if star {
+                    // Let the star swallow more and more (never a '/') and retry the chunk.
+                    for (i, c) in name.char_indices() {
+                        if c == '/' {
                             break;
                         }
-                        let lo = class_char(&mut chunk)?;
-                        let mut hi = lo;
-                        if chunk.clone().next() == Some('-') {
-                            chunk.next();
-                            hi = class_char(&mut chunk)?;
+                        let after = &name[i + c.len_utf8()..];
+                        if let Some(t) = match_chunk(chunk, after) {
+                            if pattern.is_empty() && !t.is_empty() {
+                                continue;
+                            }
+                            name = t;
+                            continue 'chunks;
                         }
-                        if lo <= sc && sc <= hi {
-                            matched = true;
-                        }
-                        ranges += 1;
-                    }
-                    if matched == negated {
-                        return None;
                     }
                 }
-                '?' => {
-                    if sc == '/' {
-                        return None;
-                    }
-                }
-                '\\' => {
-                    let lit = chunk.next()?;
-                    if lit != sc {
-                        return None;
-                    }
-                }
-                lit => {
-                    if lit != sc {
-                        return None;
-                    }
-                }
+                return false;
             }
+            name.is_empty()
         }
-    }
-
-    pub(super) fn match_valid(mut pattern: &str, mut name: &str) -> bool {
-        'chunks: while !pattern.is_empty() {
-            let (star, chunk, rest) = scan_chunk(pattern);
-            pattern = rest;
-            if star && chunk.is_empty() {
-                // A trailing star matches the rest of the name, unless it crosses a separator.
-                return !name.contains('/');
-            }
-            if let Some(t) = match_chunk(chunk, name) {
-                // Without a following star the chunk must consume the whole name.
-                if t.is_empty() || !pattern.is_empty() {
-                    name = t;
-                    continue;
-                }
-            }
-            if star {
-                // Let the star swallow more and more (never a '/') and retry the chunk.
-                for (i, c) in name.char_indices() {
-                    if c == '/' {
-                        break;
-                    }
-                    let after = &name[i + c.len_utf8()..];
-                    if let Some(t) = match_chunk(chunk, after) {
-                        if pattern.is_empty() && !t.is_empty() {
-                            continue;
-                        }
-                        name = t;
-                        continue 'chunks;
-                    }
-                }
-            }
-            return false;
-        }
-        name.is_empty()
-    }
     }
 
     fn reference_match(pattern: &str, name: &str) -> bool {
@@ -488,7 +493,9 @@ mod tests {
         "*", "*", "?", "a", "b", "/", "\\", "\\*", "[", "]", "^", "-", "[ab]", "[^a]", "[a-c]",
         "[/]", "\u{263a}", "\u{3b1}", "ab", "aab", ".", "@",
     ];
-    const NAME_PIECES: &[&str] = &["a", "b", "c", "/", "\u{263a}", "\u{3b1}", "ab", ".", "@", "*"];
+    const NAME_PIECES: &[&str] = &[
+        "a", "b", "c", "/", "\u{263a}", "\u{3b1}", "ab", ".", "@", "*",
+    ];
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]

@@ -23,7 +23,9 @@ mod quote;
 mod requirements;
 mod state;
 
-pub use file::{LINE_MAX, ParseError, RereadError, SectionName, UnitFile, UnitOption, split_multivalue};
+pub use file::{
+    LINE_MAX, ParseError, RereadError, SectionName, UnitFile, UnitOption, split_multivalue,
+};
 pub use glob::{Glob, glob_match, is_literal_pattern, is_valid_pattern, literal_prefix};
 pub use hash::{UnitHash, UnitHashError};
 pub use name::{

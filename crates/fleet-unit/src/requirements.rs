@@ -104,10 +104,7 @@ impl Requirements {
             }
         }
         let get = |key: &str| -> &[String] {
-            index
-                .get(key)
-                .map(|i| keys[*i].1.as_slice())
-                .unwrap_or(&[])
+            index.get(key).map(|i| keys[*i].1.as_slice()).unwrap_or(&[])
         };
 
         let mut warnings = Vec::new();
@@ -663,7 +660,8 @@ mod tests {
         // few pairs, but long ones
         let mut heavy = many("MachineOf", 16, a(2000));
         heavy.extend(many("Conflicts", 16, format!("*{}b", a(1998))));
-        let cases: Vec<(&str, Vec<(&str, String)>, String)> = vec![
+        type Case<'a> = (&'a str, Vec<(&'a str, String)>, String);
+        let cases: Vec<Case<'_>> = vec![
             (
                 "a.service",
                 hostile,
@@ -703,7 +701,8 @@ mod tests {
         let name = UnitName::parse("a.service").expect("valid name");
         let err = Requirements::from_unit(&name, &x_fleet(&inside)).expect_err("conflict");
         assert!(
-            err.fleet_message().starts_with("unresolvable requirements: peer"),
+            err.fleet_message()
+                .starts_with("unresolvable requirements: peer"),
             "{err}"
         );
     }

@@ -125,10 +125,17 @@ fn ten_mib_of_hostile_text_costs_linear_time_and_memory() {
         // Linear: an option costs its fixed size (64 bytes) plus its text, and takes at
         // least 2 bytes of input ("=\n"); the option list may be twice its length while it
         // grows.
-        assert!(held <= 40 * n + (1 << 20), "{what}: unit holds {held} bytes");
+        assert!(
+            held <= 40 * n + (1 << 20),
+            "{what}: unit holds {held} bytes"
+        );
         assert!(peak <= 72 * n + (1 << 20), "{what}: peak {peak} bytes");
         // one blank line per section is added, and a section takes at least 3 bytes
-        assert!(canonical.len() <= 2 * n, "{what}: canonical form {} bytes", canonical.len());
+        assert!(
+            canonical.len() <= 2 * n,
+            "{what}: canonical form {} bytes",
+            canonical.len()
+        );
         drop(canonical);
         drop(unit);
     }
