@@ -314,8 +314,12 @@ impl Api {
         };
         if create {
             let (file, warnings) = checked?;
-            for w in warnings {
+            // a hostile unit may have thousands of unknown keys: log a few and the count
+            for w in warnings.iter().take(MAX_LOGGED_WARNINGS) {
                 warn!(unit = %name, "{w}");
+            }
+            if warnings.len() > MAX_LOGGED_WARNINGS {
+                warn!(unit = %name, "{} more warnings", warnings.len() - MAX_LOGGED_WARNINGS);
             }
             let desired = if desired_state.is_empty() {
                 TargetState::Inactive
@@ -524,6 +528,9 @@ fn check_template(name: &UnitName, desired: TargetState) -> Result<()> {
     }
     Ok(())
 }
+
+/// How many of a unit's warnings (unknown `[X-Fleet]` keys, ...) a PUT logs one by one.
+const MAX_LOGGED_WARNINGS: usize = 10;
 
 /// A PUT body decoded and checked (CPU work, done on the blocking pool).
 struct PreparedPut {

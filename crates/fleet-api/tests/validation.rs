@@ -43,7 +43,7 @@ async fn hostile_requirements_are_refused_at_once() {
         (r.status, r.error_message()),
         (
             400,
-            "[X-Fleet] values exceed 65536 bytes in total after specifier expansion".into()
+            "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into()
         )
     );
     // within the section limit, but too many pairs

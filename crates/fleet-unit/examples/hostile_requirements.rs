@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use fleet_unit::{Requirements, UnitFile, UnitName, UnitOption};
+use fleet_unit::{Requirements, UnitFile, UnitName, UnitOption, glob_match};
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -34,4 +34,12 @@ fn main() {
         Ok(_) => println!("{n} x {n} values of {len} chars: accepted in {took:?}"),
         Err(e) => println!("{n} x {n} values of {len} chars: refused in {took:?}: {e}"),
     }
+    // one pair, matched 100 times: what every pair cost
+    let pattern = format!("*{}b", &a[1..]);
+    let start = Instant::now();
+    let matched = (0..100).filter(|_| glob_match(&pattern, &a)).count();
+    println!(
+        "glob {len} x {len} chars, 100 times: {:?} ({matched} matched)",
+        start.elapsed()
+    );
 }

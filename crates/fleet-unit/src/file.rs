@@ -232,22 +232,26 @@ impl UnitFile {
     /// all its blocks) under one header in their original order, `Name=Value` verbatim, one
     /// blank line between sections, a single `\n` at the end; empty when there are no options.
     pub fn serialize(&self) -> String {
-        let (order, grouped) = self.grouped();
+        let Grouped {
+            sections,
+            options,
+            starts,
+        } = self.grouped();
         let size: usize = self
             .options
             .iter()
             .map(|o| o.name.len() + o.value.len() + 2)
             .sum::<usize>()
-            + order.iter().map(|s| s.len() + 4).sum::<usize>();
+            + sections.iter().map(|s| s.len() + 4).sum::<usize>();
         let mut out = String::with_capacity(size);
-        for (i, (section, opts)) in order.iter().zip(&grouped).enumerate() {
+        for (i, section) in sections.iter().enumerate() {
             if i > 0 {
                 out.push('\n');
             }
             out.push('[');
             out.push_str(section);
             out.push_str("]\n");
-            for opt in opts {
+            for opt in &options[starts[i]..starts[i + 1]] {
                 out.push_str(&opt.name);
                 out.push('=');
                 out.push_str(&opt.value);
@@ -257,33 +261,49 @@ impl UnitFile {
         out
     }
 
-    /// Section names in first-seen order, and each section's options in file order. Linear
-    /// in the text: sections are found through a map, not by scanning the ones seen so far,
-    /// and a name is hashed once per block (options of one block share it), not per option.
-    fn grouped(&self) -> (Vec<&str>, Vec<Vec<&UnitOption>>) {
-        let mut order: Vec<&str> = Vec::new();
-        let mut grouped: Vec<Vec<&UnitOption>> = Vec::new();
+    /// The options grouped by section. Linear in the text: a section is found through a map,
+    /// not by scanning the ones seen so far, and its name is hashed once per block (options
+    /// of a parsed block share it), not once per option; then one counting sort.
+    fn grouped(&self) -> Grouped<'_> {
+        let mut sections: Vec<&str> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut previous: Option<(&SectionName, usize)> = None;
+        let mut section_of = Vec::with_capacity(self.options.len());
         for opt in &self.options {
             let i = match previous {
                 Some((section, i)) if Arc::ptr_eq(&section.0, &opt.section.0) => i,
                 _ => *index.entry(&opt.section).or_insert_with(|| {
-                    order.push(&opt.section);
-                    grouped.push(Vec::new());
-                    order.len() - 1
+                    sections.push(&opt.section);
+                    sections.len() - 1
                 }),
             };
-            grouped[i].push(opt);
+            section_of.push(i);
             previous = Some((&opt.section, i));
         }
-        (order, grouped)
+        let mut starts = vec![0usize; sections.len() + 1];
+        for &i in &section_of {
+            starts[i + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut slots: Vec<Option<&UnitOption>> = vec![None; self.options.len()];
+        for (opt, &i) in self.options.iter().zip(&section_of) {
+            slots[next[i]] = Some(opt);
+            next[i] += 1;
+        }
+        Grouped {
+            sections,
+            options: slots.into_iter().flatten().collect(),
+            starts,
+        }
     }
 
     /// The options in canonical order: grouped by section in first-seen order, file order
     /// within a section (the order in which [`UnitFile::serialize`] writes them).
     pub fn canonical_options(&self) -> Vec<&UnitOption> {
-        self.grouped().1.into_iter().flatten().collect()
+        self.grouped().options
     }
 
     /// The unit as every other component will see it: its canonical text read back. Fails
@@ -357,6 +377,14 @@ impl UnitFile {
         }
         out
     }
+}
+
+/// A unit's options grouped by section: section `i` is `sections[i]`, its options are
+/// `options[starts[i]..starts[i + 1]]`.
+struct Grouped<'a> {
+    sections: Vec<&'a str>,
+    options: Vec<&'a UnitOption>,
+    starts: Vec<usize>,
 }
 
 /// Why a unit made of options would not read back as the same options.

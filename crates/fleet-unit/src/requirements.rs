@@ -17,8 +17,9 @@ pub const X_FLEET: &str = "X-Fleet";
 /// long): systemd's line limit, which the value had to fit before expansion anyway.
 pub const MAX_VALUE_BYTES: usize = LINE_MAX;
 
-/// The most bytes all `[X-Fleet]` values of a unit may hold after specifier expansion. Bounds
-/// the memory of a unit's requirements and the work of matching its globs everywhere.
+/// The most bytes the `[X-Fleet]` options of a unit may hold after specifier expansion (names
+/// and values, each counted one byte longer). Bounds the memory of a unit's requirements, its
+/// warnings, and the work of matching its globs everywhere.
 pub const MAX_SECTION_BYTES: usize = 64 * 1024;
 
 /// The most `MachineOf` x (`Conflicts` + `Replaces`) pairs validation checks; fleet
@@ -80,11 +81,16 @@ impl Requirements {
             kind,
         };
         // key -> values, keys in first-seen order, values split and expanded; sizes bounded
-        // as they are expanded, so a hostile section costs at most MAX_SECTION_BYTES.
+        // as they are expanded, so a hostile section costs at most MAX_SECTION_BYTES. Every
+        // option and value counts one byte more than its text, so that empty ones count too.
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
         let mut total = 0usize;
         for opt in file.options().iter().filter(|o| &*o.section == X_FLEET) {
+            total += opt.name.len() + 1;
+            if total > MAX_SECTION_BYTES {
+                return Err(err(RequirementErrorKind::SectionTooLarge));
+            }
             let i = *index.entry(&opt.name).or_insert_with(|| {
                 keys.push((&opt.name, Vec::new()));
                 keys.len() - 1
@@ -96,7 +102,7 @@ impl Requirements {
                         key: opt.name.clone(),
                     }));
                 }
-                total += v.len();
+                total += v.len() + 1;
                 if total > MAX_SECTION_BYTES {
                     return Err(err(RequirementErrorKind::SectionTooLarge));
                 }
@@ -311,7 +317,7 @@ pub enum RequirementErrorKind {
     },
     /// A value longer than [`MAX_VALUE_BYTES`] after specifier expansion.
     ValueTooLong { key: String },
-    /// Values longer than [`MAX_SECTION_BYTES`] together after specifier expansion.
+    /// Options longer than [`MAX_SECTION_BYTES`] together after specifier expansion.
     SectionTooLarge,
     /// More than [`MAX_MATCH_PAIRS`] `MachineOf` x (`Conflicts` + `Replaces`) pairs.
     TooManyPairs { peers: usize, patterns: usize },
@@ -330,7 +336,7 @@ impl RequirementErrorKind {
                 "[X-Fleet] {key} value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"
             ),
             RequirementErrorKind::SectionTooLarge => format!(
-                "[X-Fleet] values exceed {MAX_SECTION_BYTES} bytes in total after specifier expansion"
+                "[X-Fleet] section exceeds {MAX_SECTION_BYTES} bytes after specifier expansion"
             ),
             RequirementErrorKind::TooManyPairs { peers, patterns } => format!(
                 "[X-Fleet] requirements too large to check: {peers} MachineOf values x {patterns} Conflicts and Replaces patterns exceed {MAX_MATCH_PAIRS} pairs"
@@ -653,6 +659,8 @@ mod tests {
         let expanded = vec![("MachineOf", "%n".repeat(20))];
         // a section that is large only in total
         let large = many("MachineMetadata", 40, format!("k={}", a(1998)));
+        // many options with nothing in them
+        let empty: Vec<(&str, String)> = vec![("", String::new()); 40000];
         // many short pairs
         let mut pairs = many("MachineOf", 40, "db.service".into());
         pairs.extend(many("Conflicts", 30, "web.*".into()));
@@ -665,7 +673,12 @@ mod tests {
             (
                 "a.service",
                 hostile,
-                "[X-Fleet] values exceed 65536 bytes in total after specifier expansion".into(),
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                empty,
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
             ),
             (
                 "a.service",
@@ -680,7 +693,7 @@ mod tests {
             (
                 "a.service",
                 large,
-                "[X-Fleet] values exceed 65536 bytes in total after specifier expansion".into(),
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
             ),
             (
                 "a.service",
