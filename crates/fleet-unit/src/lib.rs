@@ -13,7 +13,10 @@
 //!   MachineMetadata, Conflicts, Global, Replaces, and the deprecated spellings), validated
 //!   as fleet did.
 //! - [`TargetState`] is the state a user asked for: inactive, loaded or launched.
-//! - [`glob_match`] is Go's `path.Match`, the glob fleet used for Conflicts and Replaces.
+//! - [`glob_match`] is Go's `path.Match`, the glob fleet used for Conflicts and Replaces;
+//!   [`Glob`] is a compiled pattern that matches without backtracking.
+//! - Work is bounded on hostile input: parsing and serializing are linear, and `[X-Fleet]`
+//!   sizes are limited ([`MAX_SECTION_BYTES`] and friends).
 
 mod file;
 mod glob;
