@@ -707,6 +707,18 @@ mod tests {
             assert_eq!(err.fleet_message(), want);
             assert_eq!(err.to_string(), format!("unit {name}: {want}"));
         }
+        // the same unit as text written straight to etcd, as the engine and agents read it
+        let text = format!(
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{}",
+            format!("MachineOf={}\nConflicts=*{}b\n", a(2000), a(1998)).repeat(250)
+        );
+        let stored = UnitFile::parse(&text).expect("stored text parses");
+        let name = UnitName::parse("a.service").expect("valid name");
+        let err = Requirements::from_unit(&name, &stored).expect_err("too large");
+        assert_eq!(
+            err.fleet_message(),
+            "[X-Fleet] section exceeds 65536 bytes after specifier expansion"
+        );
         // just inside the limits: checked, and a match is still found
         let mut inside = many("MachineOf", 31, a(100));
         inside.push(("MachineOf", format!("{}b", a(99))));
