@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fleet_registry::{MachineView, Registry, RegistryError, StateRecord, UnitView};
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitName};
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use http::header::{CONTENT_TYPE, HeaderValue, SERVER};
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -157,7 +157,7 @@ impl Api {
                     Method::DELETE => self.destroy_unit(item).await,
                     Method::PUT => {
                         let body = self.json_body(req, deadline).await?;
-                        self.set_unit(item, &body).await
+                        self.set_unit(item, body).await
                     }
                     _ => Err(fail(
                         StatusCode::METHOD_NOT_ALLOWED,
@@ -276,36 +276,32 @@ impl Api {
 
     /// PUT: create a unit, replace one with other options, or change the desired state of an
     /// existing one.
-    async fn set_unit(&self, item: &str, body: &[u8]) -> Result<Reply> {
-        let mut su: wire::Unit = serde_json::from_slice(body).map_err(|e| {
-            fail(
-                StatusCode::BAD_REQUEST,
-                format!("unable to decode body: {e}"),
-            )
-        })?;
-        if su.name.is_empty() {
-            su.name = item.to_string();
-        }
-        if su.name != item {
-            return Err(fail(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "name in URL {} differs from unit name in request body {}",
-                    go_quote(item),
-                    go_quote(&su.name)
-                ),
-            ));
-        }
-        let name =
-            UnitName::parse(&su.name).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+    ///
+    /// Decoding and validating the body is CPU work proportional to its size (up to
+    /// `max_body_bytes`): it runs on the blocking pool, never on the runtime's few workers,
+    /// which also drive the agent, the engine and the lease keep-alive.
+    async fn set_unit(&self, item: &str, body: Bytes) -> Result<Reply> {
+        let item_owned = item.to_string();
+        let put = tokio::task::spawn_blocking(move || PreparedPut::new(&item_owned, &body))
+            .await
+            .map_err(|e| {
+                error!(error = %e, "checking a unit failed");
+                fail(StatusCode::INTERNAL_SERVER_ERROR, "")
+            })??;
+        let PreparedPut {
+            name,
+            desired_state,
+            has_options,
+            hash,
+            checked,
+        } = put;
         let existing = self
             .registry
             .unit(&name)
             .await
             .map_err(|e| internal("failed fetching unit", &e))?;
-        let file = UnitFile::from_options(su.options.iter().map(option_from_wire).collect());
         let create = match &existing {
-            None if su.options.is_empty() => {
+            None if !has_options => {
                 return Err(fail(
                     StatusCode::CONFLICT,
                     "unit does not exist and options field empty",
@@ -314,14 +310,21 @@ impl Api {
             None => true,
             // the same name with other contents is a new version of the unit: it replaces
             // the old one (what `fleetctl start|load|submit --replace` sends)
-            Some(eu) => !su.options.is_empty() && eu.hash != file.hash(),
+            Some(eu) => has_options && eu.hash != hash,
         };
         if create {
-            validate_options(&name, &file)?;
-            let desired = if su.desired_state.is_empty() {
+            let (file, warnings) = checked?;
+            // a hostile unit may have thousands of unknown keys: log a few and the count
+            for w in warnings.iter().take(MAX_LOGGED_WARNINGS) {
+                warn!(unit = %name, "{w}");
+            }
+            if warnings.len() > MAX_LOGGED_WARNINGS {
+                warn!(unit = %name, "{} more warnings", warnings.len() - MAX_LOGGED_WARNINGS);
+            }
+            let desired = if desired_state.is_empty() {
                 TargetState::Inactive
             } else {
-                parse_state(&su.desired_state)?
+                parse_state(&desired_state)?
             };
             check_template(&name, desired)?;
             if existing.is_some() {
@@ -344,13 +347,13 @@ impl Api {
                 Err(e) => Err(internal("failed creating unit", &e)),
             };
         }
-        if su.desired_state.is_empty() {
+        if desired_state.is_empty() {
             return Err(fail(
                 StatusCode::CONFLICT,
                 "must provide DesiredState to update existing unit",
             ));
         }
-        let desired = parse_state(&su.desired_state)?;
+        let desired = parse_state(&desired_state)?;
         check_template(&name, desired)?;
         match self.registry.set_desired_state(&name, desired).await {
             Ok(()) => Ok(empty_reply(StatusCode::NO_CONTENT)),
@@ -526,16 +529,73 @@ fn check_template(name: &UnitName, desired: TargetState) -> Result<()> {
     Ok(())
 }
 
-/// fleet's `ValidateOptions`: the unit must survive its own serialization (line lengths) and
-/// its `[X-Fleet]` requirements must be consistent.
-fn validate_options(name: &UnitName, file: &UnitFile) -> Result<()> {
-    UnitFile::parse(&file.serialize()).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let (_, warnings) = Requirements::from_unit(name, file)
-        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.fleet_message()))?;
-    for w in warnings {
-        warn!(unit = %name, "{w}");
+/// How many of a unit's warnings (unknown `[X-Fleet]` keys, ...) a PUT logs one by one.
+const MAX_LOGGED_WARNINGS: usize = 10;
+
+/// A PUT body decoded and checked (CPU work, done on the blocking pool).
+struct PreparedPut {
+    name: UnitName,
+    desired_state: String,
+    has_options: bool,
+    /// Hash of the given options (what an existing unit is compared with).
+    hash: UnitHash,
+    /// The unit to store and the warnings about it, or why it may not be created.
+    checked: Result<(UnitFile, Vec<String>)>,
+}
+
+impl PreparedPut {
+    fn new(item: &str, body: &[u8]) -> Result<PreparedPut> {
+        let mut su: wire::Unit = serde_json::from_slice(body).map_err(|e| {
+            fail(
+                StatusCode::BAD_REQUEST,
+                format!("unable to decode body: {e}"),
+            )
+        })?;
+        if su.name.is_empty() {
+            su.name = item.to_string();
+        }
+        if su.name != item {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "name in URL {} differs from unit name in request body {}",
+                    go_quote(item),
+                    go_quote(&su.name)
+                ),
+            ));
+        }
+        let name =
+            UnitName::parse(&su.name).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let has_options = !su.options.is_empty();
+        let file = UnitFile::from_options(su.options.into_iter().map(option_from_wire).collect());
+        let hash = file.hash();
+        let checked = if has_options {
+            validate_options(&name, &file)
+        } else {
+            Ok((file, Vec::new()))
+        };
+        Ok(PreparedPut {
+            name,
+            desired_state: su.desired_state,
+            has_options,
+            hash,
+            checked,
+        })
     }
-    Ok(())
+}
+
+/// fleet's `ValidateOptions`: the unit must survive its own serialization (line lengths) and
+/// its `[X-Fleet]` requirements must be consistent. Also, it must read back as the options
+/// given (a line break in a value would otherwise add options or sections, e.g. an
+/// `[X-Fleet]` that was never validated, once other nodes parse the stored text): the unit
+/// read back is what is validated, stored and cached. Returns it with fleet's warnings.
+fn validate_options(name: &UnitName, file: &UnitFile) -> Result<(UnitFile, Vec<String>)> {
+    let file = file
+        .reread()
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let (_, warnings) = Requirements::from_unit(name, &file)
+        .map_err(|e| fail(StatusCode::BAD_REQUEST, e.fleet_message()))?;
+    Ok((file, warnings))
 }
 
 /// `/<machineID>/metadata/<key>` with key in `[A-Za-z0-9_.-]+`.
@@ -564,8 +624,8 @@ fn first_value<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> 
 
 // ---- domain -> wire ----
 
-fn option_from_wire(o: &wire::UnitOption) -> fleet_unit::UnitOption {
-    fleet_unit::UnitOption::new(o.section.clone(), o.name.clone(), o.value.clone())
+fn option_from_wire(o: wire::UnitOption) -> fleet_unit::UnitOption {
+    fleet_unit::UnitOption::new(o.section, o.name, o.value)
 }
 
 /// A unit as fleet showed it: `currentState` and `machineID` only for non-global units.
@@ -585,7 +645,7 @@ pub(crate) fn unit_to_wire(u: &UnitView) -> wire::Unit {
             .iter()
             .map(|o| wire::UnitOption {
                 name: o.name.clone(),
-                section: o.section.clone(),
+                section: o.section.to_string(),
                 value: o.value.clone(),
             })
             .collect(),

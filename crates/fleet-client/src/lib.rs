@@ -411,7 +411,7 @@ impl Registry for HttpRegistry {
                 .iter()
                 .map(|o| wire::UnitOption {
                     name: o.name.clone(),
-                    section: o.section.clone(),
+                    section: o.section.to_string(),
                     value: o.value.clone(),
                 })
                 .collect(),

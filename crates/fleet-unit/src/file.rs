@@ -32,7 +32,11 @@
 //! - A name at the very end of the input without `=` reports the same error as one followed
 //!   by a newline (fleet said `EOF`).
 
-use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::hash::UnitHash;
 
@@ -42,15 +46,108 @@ pub const LINE_MAX: usize = 2048;
 /// One `Name=Value` of a unit file, with the section it appeared in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct UnitOption {
-    pub section: String,
+    /// Shared by all options of a section block: a long section name followed by many short
+    /// options must not cost its length once per option (memory stays linear in the text).
+    pub section: SectionName,
     pub name: String,
     pub value: String,
+}
+
+/// A section name: reads like a `&str` (it derefs to one and compares with strings), and
+/// clones without copying the text.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct SectionName(Arc<str>);
+
+impl SectionName {
+    /// The name as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for SectionName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for SectionName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for SectionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for SectionName {
+    fn from(s: &str) -> Self {
+        SectionName(Arc::from(s))
+    }
+}
+
+impl From<String> for SectionName {
+    fn from(s: String) -> Self {
+        SectionName(Arc::from(s))
+    }
+}
+
+impl From<&String> for SectionName {
+    fn from(s: &String) -> Self {
+        SectionName(Arc::from(s.as_str()))
+    }
+}
+
+impl PartialEq<str> for SectionName {
+    fn eq(&self, other: &str) -> bool {
+        &*self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SectionName {
+    fn eq(&self, other: &&str) -> bool {
+        &*self.0 == *other
+    }
+}
+
+impl PartialEq<SectionName> for str {
+    fn eq(&self, other: &SectionName) -> bool {
+        self == &*other.0
+    }
+}
+
+impl PartialEq<SectionName> for &str {
+    fn eq(&self, other: &SectionName) -> bool {
+        *self == &*other.0
+    }
+}
+
+impl Serialize for SectionName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SectionName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(SectionName::from)
+    }
 }
 
 impl UnitOption {
     /// Convenience constructor.
     pub fn new(
-        section: impl Into<String>,
+        section: impl Into<SectionName>,
         name: impl Into<String>,
         value: impl Into<String>,
     ) -> UnitOption {
@@ -106,7 +203,14 @@ impl UnitFile {
     /// Parses unit file text (see the module docs for the exact rules).
     pub fn parse(text: &str) -> Result<UnitFile, ParseError> {
         check_line_lengths(text)?;
-        Lexer { text, pos: 0 }.run().map(UnitFile::from_options)
+        Lexer {
+            text,
+            pos: 0,
+            counted: 0,
+            line: 1,
+        }
+        .run()
+        .map(UnitFile::from_options)
     }
 
     /// A unit file made of these options (as fleet's API builds units from JSON options).
@@ -128,32 +232,26 @@ impl UnitFile {
     /// all its blocks) under one header in their original order, `Name=Value` verbatim, one
     /// blank line between sections, a single `\n` at the end; empty when there are no options.
     pub fn serialize(&self) -> String {
-        let mut order: Vec<&str> = Vec::new();
-        let mut grouped: Vec<Vec<&UnitOption>> = Vec::new();
-        for opt in &self.options {
-            match order.iter().position(|s| *s == opt.section) {
-                Some(i) => grouped[i].push(opt),
-                None => {
-                    order.push(&opt.section);
-                    grouped.push(vec![opt]);
-                }
-            }
-        }
+        let Grouped {
+            sections,
+            options,
+            starts,
+        } = self.grouped();
         let size: usize = self
             .options
             .iter()
             .map(|o| o.name.len() + o.value.len() + 2)
             .sum::<usize>()
-            + order.iter().map(|s| s.len() + 4).sum::<usize>();
+            + sections.iter().map(|s| s.len() + 4).sum::<usize>();
         let mut out = String::with_capacity(size);
-        for (i, (section, opts)) in order.iter().zip(&grouped).enumerate() {
+        for (i, section) in sections.iter().enumerate() {
             if i > 0 {
                 out.push('\n');
             }
             out.push('[');
             out.push_str(section);
             out.push_str("]\n");
-            for opt in opts {
+            for opt in &options[starts[i]..starts[i + 1]] {
                 out.push_str(&opt.name);
                 out.push('=');
                 out.push_str(&opt.value);
@@ -161,6 +259,85 @@ impl UnitFile {
             }
         }
         out
+    }
+
+    /// The options grouped by section. Linear in the text: a section is found through a map,
+    /// not by scanning the ones seen so far, and its name is hashed once per block (options
+    /// of a parsed block share it), not once per option; then one counting sort.
+    fn grouped(&self) -> Grouped<'_> {
+        let mut sections: Vec<&str> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut previous: Option<(&SectionName, usize)> = None;
+        let mut section_of = Vec::with_capacity(self.options.len());
+        for opt in &self.options {
+            let i = match previous {
+                Some((section, i)) if Arc::ptr_eq(&section.0, &opt.section.0) => i,
+                _ => *index.entry(&opt.section).or_insert_with(|| {
+                    sections.push(&opt.section);
+                    sections.len() - 1
+                }),
+            };
+            section_of.push(i);
+            previous = Some((&opt.section, i));
+        }
+        let mut starts = vec![0usize; sections.len() + 1];
+        for &i in &section_of {
+            starts[i + 1] += 1;
+        }
+        for i in 1..starts.len() {
+            starts[i] += starts[i - 1];
+        }
+        let mut next = starts.clone();
+        let mut slots: Vec<Option<&UnitOption>> = vec![None; self.options.len()];
+        for (opt, &i) in self.options.iter().zip(&section_of) {
+            slots[next[i]] = Some(opt);
+            next[i] += 1;
+        }
+        Grouped {
+            sections,
+            options: slots.into_iter().flatten().collect(),
+            starts,
+        }
+    }
+
+    /// The options in canonical order: grouped by section in first-seen order, file order
+    /// within a section (the order in which [`UnitFile::serialize`] writes them).
+    pub fn canonical_options(&self) -> Vec<&UnitOption> {
+        self.grouped().options
+    }
+
+    /// The unit as every other component will see it: its canonical text read back. Fails
+    /// when that text does not parse (a line too long) or reads back as other options (a
+    /// line break in a value starts new options or sections, whitespace is trimmed, a final
+    /// backslash swallows the next line, ...), naming the first option that changes. A unit
+    /// built from options (the API) must pass this before it is validated, so that what is
+    /// validated is what runs.
+    pub fn reread(&self) -> Result<UnitFile, RereadError> {
+        let again = UnitFile::parse(&self.serialize()).map_err(RereadError::Parse)?;
+        let want = self.canonical_options();
+        let changed = want
+            .iter()
+            .zip(again.options())
+            .position(|(w, g)| **w != *g)
+            .or_else(|| {
+                (want.len() != again.options().len()).then(|| want.len().min(again.options().len()))
+            });
+        match changed {
+            None => Ok(again),
+            Some(i) => {
+                // Fewer options given than read back: the last one given spilled over.
+                let opt = want.get(i).or(want.last()).copied();
+                let (section, name, reason) = match opt {
+                    Some(o) => (o.section.to_string(), o.name.clone(), reread_problem(o)),
+                    None => (String::new(), String::new(), "it is not in canonical form"),
+                };
+                Err(RereadError::Changed {
+                    section,
+                    name,
+                    reason,
+                })
+            }
+        }
     }
 
     /// SHA-1 of [`UnitFile::serialize`]: the unit hash.
@@ -175,14 +352,14 @@ impl UnitFile {
 
     /// Whether any option belongs to `section`.
     pub fn has_section(&self, section: &str) -> bool {
-        self.options.iter().any(|o| o.section == section)
+        self.options.iter().any(|o| &*o.section == section)
     }
 
     /// The raw values of `name` in `section`, in file order.
     pub fn values(&self, section: &str, name: &str) -> Vec<&str> {
         self.options
             .iter()
-            .filter(|o| o.section == section && o.name == name)
+            .filter(|o| &*o.section == section && o.name == name)
             .map(|o| o.value.as_str())
             .collect()
     }
@@ -199,6 +376,64 @@ impl UnitFile {
             }
         }
         out
+    }
+}
+
+/// A unit's options grouped by section: section `i` is `sections[i]`, its options are
+/// `options[starts[i]..starts[i + 1]]`.
+struct Grouped<'a> {
+    sections: Vec<&'a str>,
+    options: Vec<&'a UnitOption>,
+    starts: Vec<usize>,
+}
+
+/// Why a unit made of options would not read back as the same options.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RereadError {
+    /// Its canonical text does not parse.
+    #[error(transparent)]
+    Parse(ParseError),
+    /// It reads back as other options.
+    #[error(
+        "option {} in section {} changes when the unit file is read back: {reason}",
+        crate::quote::go_quote(.name),
+        crate::quote::go_quote(.section)
+    )]
+    Changed {
+        section: String,
+        name: String,
+        reason: &'static str,
+    },
+}
+
+/// Why this option does not survive being written and parsed again.
+fn reread_problem(o: &UnitOption) -> &'static str {
+    let line_break = |s: &str| s.contains(['\n', '\r']);
+    let padded = |s: &str| s.trim() != s;
+    if line_break(&o.section) || o.section.contains(']') {
+        "section names cannot contain line breaks or ']'"
+    } else if line_break(&o.name) || o.name.contains('=') {
+        "option names cannot contain line breaks or '='"
+    } else if o.name.starts_with(['#', ';', '[']) {
+        "option names cannot start with '#', ';' or '['"
+    } else if padded(&o.name) {
+        "option names cannot begin or end with whitespace"
+    } else if o.value.contains('\r') {
+        "values cannot contain carriage returns"
+    } else if o
+        .value
+        .split('\n')
+        .rev()
+        .skip(1)
+        .any(|l| !l.ends_with('\\'))
+    {
+        "a line break in a value must follow a backslash"
+    } else if o.value.ends_with('\\') {
+        "values cannot end with a backslash"
+    } else if padded(&o.value) {
+        "values cannot begin or end with whitespace"
+    } else {
+        "it is not in canonical form"
     }
 }
 
@@ -241,14 +476,23 @@ fn is_comment(c: char) -> bool {
 struct Lexer<'a> {
     text: &'a str,
     pos: usize,
+    /// Line numbers are counted incrementally: `line` is the line at byte `counted`.
+    counted: usize,
+    line: usize,
 }
 
 impl<'a> Lexer<'a> {
-    fn line_number(&self) -> usize {
-        1 + self.text[..self.pos]
-            .bytes()
-            .filter(|b| *b == b'\n')
-            .count()
+    /// The 1-based line at the current position. Amortized O(1): the position only moves
+    /// forward (except by one non-newline character), so each byte is counted once.
+    fn line_number(&mut self) -> usize {
+        let newlines = |s: &str| s.bytes().filter(|b| *b == b'\n').count();
+        if self.pos >= self.counted {
+            self.line += newlines(&self.text[self.counted..self.pos]);
+        } else {
+            self.line -= newlines(&self.text[self.pos..self.counted]);
+        }
+        self.counted = self.pos;
+        self.line
     }
 
     fn peek(&self) -> Option<char> {
@@ -281,10 +525,10 @@ impl<'a> Lexer<'a> {
 
     fn run(mut self) -> Result<Vec<UnitOption>, ParseError> {
         let mut options = Vec::new();
-        let mut section: Option<String> = None;
+        let mut section: Option<SectionName> = None;
         while let Some(c) = self.next_char() {
             if c == '[' {
-                section = Some(self.section_header()?);
+                section = Some(SectionName::from(self.section_header()?));
             } else if is_comment(c) {
                 self.skip_comment();
             } else if let Some(sec) = &section {
@@ -302,6 +546,7 @@ impl<'a> Lexer<'a> {
             }
             // Before the first section anything else is skipped.
         }
+        options.shrink_to_fit();
         Ok(options)
     }
 
@@ -551,6 +796,105 @@ mod tests {
             let f = UnitFile::parse(input).expect("parses");
             assert_eq!(f.serialize(), *want, "input {input:?}");
         }
+    }
+
+    #[test]
+    fn options_that_change_when_read_back_are_refused() {
+        let ok = Ok(());
+        let changed = |s: &str, n: &str, reason: &'static str| {
+            Err(RereadError::Changed {
+                section: s.into(),
+                name: n.into(),
+                reason,
+            })
+        };
+        type Case<'a> = (&'a [(&'a str, &'a str, &'a str)], Result<(), RereadError>);
+        let cases: Vec<Case<'_>> = vec![
+            (&[("Service", "ExecStart", "/bin/true")], ok.clone()),
+            // a continuation as the parser keeps it reads back the same
+            (&[("Service", "ExecStart", "echo \\\n  b")], ok.clone()),
+            (&[("A", "X", "a \\\n")], ok.clone()),
+            // interleaved sections are only regrouped
+            (
+                &[("A", "X", "1"), ("B", "Y", "2"), ("A", "Z", "3")],
+                ok.clone(),
+            ),
+            (
+                &[("Service", "ExecStart", "x\n[X-Fleet]\nGlobal=true")],
+                changed(
+                    "Service",
+                    "ExecStart",
+                    "a line break in a value must follow a backslash",
+                ),
+            ),
+            (
+                &[("Service", "ExecStart", "x\n")],
+                changed(
+                    "Service",
+                    "ExecStart",
+                    "a line break in a value must follow a backslash",
+                ),
+            ),
+            (
+                &[("A", "X", "a\\"), ("A", "Y", "b")],
+                changed("A", "X", "values cannot end with a backslash"),
+            ),
+            (
+                &[("A", "X", " a")],
+                changed("A", "X", "values cannot begin or end with whitespace"),
+            ),
+            (
+                &[("A", "X", "a\r")],
+                changed("A", "X", "values cannot contain carriage returns"),
+            ),
+            (
+                &[("A", "X=Y", "a")],
+                changed("A", "X=Y", "option names cannot contain line breaks or '='"),
+            ),
+            (
+                &[("A", "#X", "a")],
+                changed("A", "#X", "option names cannot start with '#', ';' or '['"),
+            ),
+            (
+                &[("A", "X ", "a")],
+                changed(
+                    "A",
+                    "X ",
+                    "option names cannot begin or end with whitespace",
+                ),
+            ),
+            (
+                &[("A]\n[X-Fleet", "Global", "true")],
+                changed(
+                    "A]\n[X-Fleet",
+                    "Global",
+                    "section names cannot contain line breaks or ']'",
+                ),
+            ),
+        ];
+        for (given, want) in cases {
+            let file = UnitFile::from_options(opts(given));
+            let got = file.reread().map(|again| {
+                assert_eq!(again.serialize(), file.serialize(), "{given:?}");
+            });
+            assert_eq!(got, want, "{given:?}");
+        }
+        let err = UnitFile::from_options(opts(&[(
+            "Service",
+            "ExecStart",
+            "x\n[X-Fleet]\nGlobal=true",
+        )]))
+        .reread()
+        .expect_err("changes");
+        assert_eq!(
+            err.to_string(),
+            "option \"ExecStart\" in section \"Service\" changes when the unit file is read back: a line break in a value must follow a backslash"
+        );
+        let long = UnitFile::from_options(opts(&[("A", "X", &"v".repeat(3000))]));
+        assert_eq!(
+            long.reread().expect_err("too long").to_string(),
+            "line too long (max 2048 bytes)"
+        );
     }
 
     #[test]

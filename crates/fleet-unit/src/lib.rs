@@ -13,7 +13,10 @@
 //!   MachineMetadata, Conflicts, Global, Replaces, and the deprecated spellings), validated
 //!   as fleet did.
 //! - [`TargetState`] is the state a user asked for: inactive, loaded or launched.
-//! - [`glob_match`] is Go's `path.Match`, the glob fleet used for Conflicts and Replaces.
+//! - [`glob_match`] is Go's `path.Match`, the glob fleet used for Conflicts and Replaces;
+//!   [`Glob`] is a compiled pattern that matches without backtracking.
+//! - Work is bounded on hostile input: parsing and serializing are linear, and `[X-Fleet]`
+//!   sizes are limited ([`MAX_SECTION_BYTES`] and friends).
 
 mod file;
 mod glob;
@@ -23,13 +26,16 @@ mod quote;
 mod requirements;
 mod state;
 
-pub use file::{LINE_MAX, ParseError, UnitFile, UnitOption, split_multivalue};
-pub use glob::{glob_match, is_literal_pattern, is_valid_pattern, literal_prefix};
+pub use file::{
+    LINE_MAX, ParseError, RereadError, SectionName, UnitFile, UnitOption, split_multivalue,
+};
+pub use glob::{Glob, glob_match, is_literal_pattern, is_valid_pattern, literal_prefix};
 pub use hash::{UnitHash, UnitHashError};
 pub use name::{
     TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName, UnitNameError, default_unit_type,
 };
 pub use requirements::{
-    FleetOption, KNOWN_KEYS, RequirementError, RequirementErrorKind, Requirements, X_FLEET,
+    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_SECTION_BYTES, MAX_VALUE_BYTES,
+    RequirementError, RequirementErrorKind, Requirements, X_FLEET,
 };
 pub use state::{TargetState, TargetStateError};

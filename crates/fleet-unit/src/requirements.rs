@@ -1,17 +1,34 @@
 //! The `[X-Fleet]` section: scheduling requirements of a unit, read and validated as fleet did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::file::{UnitFile, split_multivalue};
-use crate::glob::glob_match;
+use crate::file::{LINE_MAX, UnitFile, split_multivalue};
+use crate::glob::{Glob, glob_match};
 use crate::name::UnitName;
 use crate::quote::go_quote;
 
 /// The section fleet reads requirements from.
 pub const X_FLEET: &str = "X-Fleet";
+
+/// The longest `[X-Fleet]` value after specifier expansion (`%n` can make a short value
+/// long): systemd's line limit, which the value had to fit before expansion anyway.
+pub const MAX_VALUE_BYTES: usize = LINE_MAX;
+
+/// The most bytes the `[X-Fleet]` options of a unit may hold after specifier expansion (names
+/// and values, each counted one byte longer). Bounds the memory of a unit's requirements, its
+/// warnings, and the work of matching its globs everywhere.
+pub const MAX_SECTION_BYTES: usize = 64 * 1024;
+
+/// The most `MachineOf` x (`Conflicts` + `Replaces`) pairs validation checks; fleet
+/// matched every pair, so an unbounded count multiplied out to minutes of CPU.
+pub const MAX_MATCH_PAIRS: usize = 1024;
+
+/// The most (bytes of `MachineOf` values) x (bytes of `Conflicts` and `Replaces` patterns)
+/// validation accepts: a bound on the total matching work whatever the shape of the globs.
+pub const MAX_MATCH_WORK: usize = 1 << 24;
 
 /// Every key fleet accepts in `[X-Fleet]` (current and deprecated spellings).
 pub const KNOWN_KEYS: &[&str] = &[
@@ -59,22 +76,41 @@ impl Requirements {
         name: &UnitName,
         file: &UnitFile,
     ) -> Result<(Requirements, Vec<String>), RequirementError> {
-        // key -> values, keys in first-seen order, values split and expanded.
+        let err = |kind| RequirementError {
+            unit: name.clone(),
+            kind,
+        };
+        // key -> values, keys in first-seen order, values split and expanded; sizes bounded
+        // as they are expanded, so a hostile section costs at most MAX_SECTION_BYTES. Every
+        // option and value counts one byte more than its text, so that empty ones count too.
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
-        for opt in file.options().iter().filter(|o| o.section == X_FLEET) {
-            let values = split_multivalue(&opt.value)
-                .into_iter()
-                .map(|v| name.expand_specifiers(&v));
-            match keys.iter_mut().find(|(k, _)| *k == opt.name) {
-                Some((_, vs)) => vs.extend(values),
-                None => keys.push((&opt.name, values.collect())),
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut total = 0usize;
+        for opt in file.options().iter().filter(|o| &*o.section == X_FLEET) {
+            total += opt.name.len() + 1;
+            if total > MAX_SECTION_BYTES {
+                return Err(err(RequirementErrorKind::SectionTooLarge));
+            }
+            let i = *index.entry(&opt.name).or_insert_with(|| {
+                keys.push((&opt.name, Vec::new()));
+                keys.len() - 1
+            });
+            for v in split_multivalue(&opt.value) {
+                let v = name.expand_specifiers(&v);
+                if v.len() > MAX_VALUE_BYTES {
+                    return Err(err(RequirementErrorKind::ValueTooLong {
+                        key: opt.name.clone(),
+                    }));
+                }
+                total += v.len() + 1;
+                if total > MAX_SECTION_BYTES {
+                    return Err(err(RequirementErrorKind::SectionTooLarge));
+                }
+                keys[i].1.push(v);
             }
         }
         let get = |key: &str| -> &[String] {
-            keys.iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.as_slice())
-                .unwrap_or(&[])
+            index.get(key).map(|i| keys[*i].1.as_slice()).unwrap_or(&[])
         };
 
         let mut warnings = Vec::new();
@@ -100,16 +136,16 @@ impl Requirements {
             machine_of.extend(get(k).iter().cloned());
         }
 
-        let mut metadata: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut metadata: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for k in ["X-ConditionMachineMetadata", "MachineMetadata"] {
             for pair in get(k) {
                 let parts: Vec<&str> = pair.split('=').collect();
                 match parts.as_slice() {
                     [key, value] if !key.is_empty() && !value.is_empty() => {
-                        let values = metadata.entry(key.to_string()).or_default();
-                        if let Err(at) = values.binary_search_by(|v| v.as_str().cmp(value)) {
-                            values.insert(at, value.to_string());
-                        }
+                        metadata
+                            .entry(key.to_string())
+                            .or_default()
+                            .insert(value.to_string());
                     }
                     _ => warnings.push(format!(
                         "ignoring {k} value {}: expected key=value",
@@ -132,7 +168,10 @@ impl Requirements {
         let req = Requirements {
             machine_id,
             machine_of,
-            metadata,
+            metadata: metadata
+                .into_iter()
+                .map(|(k, v)| (k, v.into_iter().collect()))
+                .collect(),
             conflicts,
             global,
             replaces,
@@ -145,15 +184,40 @@ impl Requirements {
     }
 
     /// fleet's consistency checks (the API's `ValidateOptions`), first failure reported.
+    /// Every pair is matched only after the work is known to be bounded (`MAX_MATCH_PAIRS`,
+    /// `MAX_MATCH_WORK`); each pattern is compiled once.
     fn validate(&self) -> Result<(), RequirementErrorKind> {
+        let peers = self.machine_of.len();
+        let patterns = self.conflicts.len() + self.replaces.len();
+        if peers.saturating_mul(patterns) > MAX_MATCH_PAIRS {
+            return Err(RequirementErrorKind::TooManyPairs { peers, patterns });
+        }
+        let bytes = |v: &[String]| v.iter().map(String::len).sum::<usize>();
+        let peer_bytes = bytes(&self.machine_of);
+        let pattern_bytes = bytes(&self.conflicts) + bytes(&self.replaces);
+        if peer_bytes.saturating_mul(pattern_bytes) > MAX_MATCH_WORK {
+            return Err(RequirementErrorKind::TooMuchMatching {
+                peer_bytes,
+                pattern_bytes,
+            });
+        }
+        let compile = |v: &[String]| v.iter().map(|p| Glob::new(p)).collect::<Vec<_>>();
+        let conflicts = compile(&self.conflicts);
+        let replaces = compile(&self.replaces);
+        let find = |globs: &[Option<Glob>], peer: &str| {
+            globs
+                .iter()
+                .position(|g| g.as_ref().is_some_and(|g| g.matches(peer)))
+        };
         for peer in &self.machine_of {
-            if let Some(c) = self.conflicts.iter().find(|c| glob_match(c, peer)) {
+            if let Some(i) = find(&conflicts, peer) {
                 return Err(RequirementErrorKind::PeerMatchesConflict {
                     peer: peer.clone(),
-                    conflict: c.clone(),
+                    conflict: self.conflicts[i].clone(),
                 });
             }
-            if let Some(r) = self.replaces.iter().find(|r| glob_match(r, peer)) {
+            if let Some(i) = find(&replaces, peer) {
+                let r = &self.replaces[i];
                 return Err(RequirementErrorKind::PeerMatchesReplace {
                     peer: peer.clone(),
                     replace: r.clone(),
@@ -251,6 +315,41 @@ pub enum RequirementErrorKind {
         first: FleetOption,
         second: FleetOption,
     },
+    /// A value longer than [`MAX_VALUE_BYTES`] after specifier expansion.
+    ValueTooLong { key: String },
+    /// Options longer than [`MAX_SECTION_BYTES`] together after specifier expansion.
+    SectionTooLarge,
+    /// More than [`MAX_MATCH_PAIRS`] `MachineOf` x (`Conflicts` + `Replaces`) pairs.
+    TooManyPairs { peers: usize, patterns: usize },
+    /// More than [`MAX_MATCH_WORK`] bytes of `MachineOf` values x bytes of patterns.
+    TooMuchMatching {
+        peer_bytes: usize,
+        pattern_bytes: usize,
+    },
+}
+
+impl RequirementErrorKind {
+    /// The message of a size limit (fleet had none), or None for fleet's own checks.
+    fn limit_message(&self) -> Option<String> {
+        Some(match self {
+            RequirementErrorKind::ValueTooLong { key } => format!(
+                "[X-Fleet] {key} value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"
+            ),
+            RequirementErrorKind::SectionTooLarge => format!(
+                "[X-Fleet] section exceeds {MAX_SECTION_BYTES} bytes after specifier expansion"
+            ),
+            RequirementErrorKind::TooManyPairs { peers, patterns } => format!(
+                "[X-Fleet] requirements too large to check: {peers} MachineOf values x {patterns} Conflicts and Replaces patterns exceed {MAX_MATCH_PAIRS} pairs"
+            ),
+            RequirementErrorKind::TooMuchMatching {
+                peer_bytes,
+                pattern_bytes,
+            } => format!(
+                "[X-Fleet] requirements too large to check: {peer_bytes} bytes of MachineOf values x {pattern_bytes} bytes of Conflicts and Replaces patterns exceed {MAX_MATCH_WORK}"
+            ),
+            _ => return None,
+        })
+    }
 }
 
 /// A unit whose `[X-Fleet]` section fleet would refuse. `Display` names the unit and the
@@ -264,6 +363,9 @@ pub struct RequirementError {
 impl RequirementError {
     /// The message fleet v1.0 gave, word for word (e.g. `MachineID cannot be used with Peers`).
     pub fn fleet_message(&self) -> String {
+        if let Some(m) = self.kind.limit_message() {
+            return m;
+        }
         match &self.kind {
             RequirementErrorKind::PeerMatchesConflict { peer, conflict } => format!(
                 "unresolvable requirements: peer {} matches conflict {}",
@@ -280,6 +382,7 @@ impl RequirementError {
                 first.fleet_word(),
                 second.fleet_word()
             ),
+            _ => String::new(),
         }
     }
 }
@@ -302,6 +405,7 @@ impl fmt::Display for RequirementError {
                 first.option_name(),
                 second.option_name()
             ),
+            kind => f.write_str(&kind.limit_message().unwrap_or_default()),
         }
     }
 }
@@ -530,6 +634,102 @@ mod tests {
             assert_eq!(err.fleet_message(), *fleet, "{xfleet:?}");
             assert_eq!(err.to_string(), *ours, "{xfleet:?}");
         }
+    }
+
+    /// A unit made of these `[X-Fleet]` options (built from options, as the API does, so
+    /// values may be as long as a line allows).
+    fn x_fleet(opts: &[(&str, String)]) -> UnitFile {
+        UnitFile::from_options(
+            opts.iter()
+                .map(|(k, v)| crate::UnitOption::new(X_FLEET, *k, v.clone()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn refuses_requirements_too_large_to_check() {
+        let a = |n: usize| "a".repeat(n);
+        let many = |key: &'static str, n: usize, v: String| vec![(key, v); n];
+        // the unit of the security review: 250 MachineOf and 250 Conflicts=*aaa…b of ~2,000
+        // characters, 62,500 pairs that each cost ~len(name) x len(pattern) before
+        let mut hostile = many("MachineOf", 250, a(2000));
+        hostile.extend(many("Conflicts", 250, format!("*{}b", a(1998))));
+        // a value that %n makes longer than a line
+        let long_name = format!("{}.service", "x".repeat(200));
+        let expanded = vec![("MachineOf", "%n".repeat(20))];
+        // a section that is large only in total
+        let large = many("MachineMetadata", 40, format!("k={}", a(1998)));
+        // many options with nothing in them
+        let empty: Vec<(&str, String)> = vec![("", String::new()); 40000];
+        // many short pairs
+        let mut pairs = many("MachineOf", 40, "db.service".into());
+        pairs.extend(many("Conflicts", 30, "web.*".into()));
+        pairs.extend(many("X-Conflicts", 10, "x.*".into()));
+        // few pairs, but long ones
+        let mut heavy = many("MachineOf", 16, a(2000));
+        heavy.extend(many("Conflicts", 16, format!("*{}b", a(1998))));
+        type Case<'a> = (&'a str, Vec<(&'a str, String)>, String);
+        let cases: Vec<Case<'_>> = vec![
+            (
+                "a.service",
+                hostile,
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                empty,
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                pairs,
+                "[X-Fleet] requirements too large to check: 40 MachineOf values x 40 Conflicts and Replaces patterns exceed 1024 pairs".into(),
+            ),
+            (
+                &long_name,
+                expanded,
+                "[X-Fleet] MachineOf value exceeds 2048 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                large,
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                heavy,
+                "[X-Fleet] requirements too large to check: 32000 bytes of MachineOf values x 32000 bytes of Conflicts and Replaces patterns exceed 16777216".into(),
+            ),
+        ];
+        for (name, opts, want) in cases {
+            let name = UnitName::parse(name).expect("valid name");
+            let err = Requirements::from_unit(&name, &x_fleet(&opts)).expect_err(&want);
+            assert_eq!(err.fleet_message(), want);
+            assert_eq!(err.to_string(), format!("unit {name}: {want}"));
+        }
+        // the same unit as text written straight to etcd, as the engine and agents read it
+        let text = format!(
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{}",
+            format!("MachineOf={}\nConflicts=*{}b\n", a(2000), a(1998)).repeat(250)
+        );
+        let stored = UnitFile::parse(&text).expect("stored text parses");
+        let name = UnitName::parse("a.service").expect("valid name");
+        let err = Requirements::from_unit(&name, &stored).expect_err("too large");
+        assert_eq!(
+            err.fleet_message(),
+            "[X-Fleet] section exceeds 65536 bytes after specifier expansion"
+        );
+        // just inside the limits: checked, and a match is still found
+        let mut inside = many("MachineOf", 31, a(100));
+        inside.push(("MachineOf", format!("{}b", a(99))));
+        inside.extend(many("Conflicts", 32, format!("*{}b", a(98))));
+        let name = UnitName::parse("a.service").expect("valid name");
+        let err = Requirements::from_unit(&name, &x_fleet(&inside)).expect_err("conflict");
+        assert!(
+            err.fleet_message()
+                .starts_with("unresolvable requirements: peer"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -74,6 +74,19 @@ proptest! {
         }
     }
 
+    /// What the API requires of units built from options holds for every parsed unit, so
+    /// fleetctl's options (taken from a parsed file) are never refused.
+    #[test]
+    fn parsed_units_read_back_unchanged(text in unit_text()) {
+        if let Ok(unit) = UnitFile::parse(&text) {
+            let again = unit.reread();
+            prop_assert!(again.is_ok(), "{text:?}: {again:?}");
+            let want = grouped(&unit);
+            let again = again.unwrap_or_default();
+            prop_assert_eq!(again.options(), want.as_slice());
+        }
+    }
+
     #[test]
     fn final_newline_changes_nothing(text in unit_text()) {
         let text = text.trim_end_matches('\n');

@@ -17,6 +17,9 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(again.serialize(), canonical, "canonical form is not a fixed point");
         assert_eq!(again.hash(), unit.hash());
+        if let Err(e) = unit.reread() {
+            panic!("parsed unit {text:?} does not read back unchanged: {e}");
+        }
         for name in ["fuzz.service", "fuzz@inst.service", "fuzz@.service"] {
             if let Ok(name) = UnitName::parse(name) {
                 let _ = Requirements::from_unit(&name, &unit);

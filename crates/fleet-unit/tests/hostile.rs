@@ -1,0 +1,142 @@
+//! Hostile unit files, as anyone with etcd access can store them for every agent to read:
+//! parsing, serializing and hashing 10 MiB costs time and memory linear in the text.
+//!
+//! Memory is measured with a counting allocator (this file holds one test, so nothing else
+//! allocates meanwhile). Times are printed, not asserted: run with `--nocapture` to see them.
+
+// The only unsafe code: a global allocator that forwards to the system one and counts bytes.
+#![allow(unsafe_code)]
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use fleet_unit::UnitFile;
+
+struct Counting;
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+fn grew(by: usize) {
+    let now = CURRENT.fetch_add(by, Ordering::Relaxed) + by;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        grew(layout.size());
+        // SAFETY: same layout as given to us
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: ptr was allocated by System with this layout
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if new_size >= layout.size() {
+            grew(new_size - layout.size());
+        } else {
+            CURRENT.fetch_sub(layout.size() - new_size, Ordering::Relaxed);
+        }
+        // SAFETY: ptr was allocated by System with this layout
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+const SIZE: usize = 10 * 1024 * 1024;
+
+/// `head` then `item(i)` for i = 0, 1, ... until the text holds about SIZE bytes.
+fn build(head: &str, item: impl Fn(usize) -> String) -> String {
+    let mut s = String::with_capacity(SIZE + 4096);
+    s.push_str(head);
+    let mut i = 0;
+    while s.len() < SIZE {
+        s.push_str(&item(i));
+        i += 1;
+    }
+    s
+}
+
+#[test]
+fn ten_mib_of_hostile_text_costs_linear_time_and_memory() {
+    let long_section = format!("[{}]\n", "S".repeat(2000));
+    // a section name of 5 MiB, over many short lines (a header may span lines)
+    let spanning_section = format!("[{}]\n", "s\n".repeat(SIZE / 4));
+    let long_line = format!("{}\\\n", "v".repeat(2000));
+    let shapes: Vec<(&str, String)> = vec![
+        // the section name was cloned into every option: ~700 bytes per input byte
+        (
+            "long section name, many tiny options",
+            build(&long_section, |_| "a=\n".into()),
+        ),
+        (
+            "name spanning 5 MiB of lines, many tiny options",
+            build(&spanning_section, |_| "a=\n".into()),
+        ),
+        // serialize grouped options by scanning the sections seen so far
+        (
+            "many distinct sections",
+            build("", |i| format!("[s{i}]\nk=v\n")),
+        ),
+        // the line number was recounted from the start for every option
+        (
+            "many options, many lines",
+            build("[Service]\n", |i| format!("K{i}=v\n\n# c\n")),
+        ),
+        (
+            "long continued values",
+            build("[Service]\n", |i| {
+                format!("ExecStart{i}={}end\n", long_line.repeat(100))
+            }),
+        ),
+    ];
+    for (what, text) in shapes {
+        let base = CURRENT.load(Ordering::Relaxed);
+        PEAK.store(base, Ordering::Relaxed);
+        let start = Instant::now();
+        let unit = UnitFile::parse(&text).expect("hostile text parses");
+        let parsed = start.elapsed();
+        let held = CURRENT.load(Ordering::Relaxed) - base;
+        let peak_parse = PEAK.load(Ordering::Relaxed) - base;
+        let start = Instant::now();
+        let canonical = unit.serialize();
+        let hash = unit.hash();
+        let serialized = start.elapsed();
+        let peak = PEAK.load(Ordering::Relaxed) - base;
+        let n = text.len();
+        eprintln!(
+            "{what}: {n} bytes, {} options; parse {parsed:?}, serialize+hash {serialized:?}; \
+             unit holds {held} bytes ({:.1}x), peak while parsing {peak_parse} ({:.1}x), \
+             peak with canonical text {peak} ({:.1}x); hash {}",
+            unit.options().len(),
+            held as f64 / n as f64,
+            peak_parse as f64 / n as f64,
+            peak as f64 / n as f64,
+            hash.short(),
+        );
+        // Linear: an option costs its fixed size (64 bytes) plus its text, and takes at
+        // least 2 bytes of input ("=\n"); the option list may be twice its length while it
+        // grows.
+        assert!(
+            held <= 40 * n + (1 << 20),
+            "{what}: unit holds {held} bytes"
+        );
+        assert!(peak <= 72 * n + (1 << 20), "{what}: peak {peak} bytes");
+        // one blank line per section is added, and a section takes at least 3 bytes
+        assert!(
+            canonical.len() <= 2 * n,
+            "{what}: canonical form {} bytes",
+            canonical.len()
+        );
+        drop(canonical);
+        drop(unit);
+    }
+}
