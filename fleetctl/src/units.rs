@@ -12,7 +12,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fleet_registry::{Registry, UnitView};
+use fleet_registry::{Registry, RegistryError, UnitView};
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName, default_unit_type};
 use futures_util::StreamExt;
 use futures_util::stream::{self, FuturesOrdered};
@@ -334,10 +334,27 @@ async fn create_one(
         // the registry has no "replace": the old unit goes, the new one comes, as inactive
         reg.destroy_unit(&unit_name).await.map_err(|e| fail(&e))?;
     }
-    reg.create_unit(&unit_name, &file, TargetState::Inactive)
+    match reg
+        .create_unit(&unit_name, &file, TargetState::Inactive)
         .await
-        .map_err(|e| fail(&e))?;
-    tracing::debug!("Created Unit({unit_name}) in Registry");
+    {
+        Ok(()) => tracing::debug!("Created Unit({unit_name}) in Registry"),
+        // another client created it meanwhile: with the same contents that is what this
+        // one wanted too (fleet's API took an identical PUT as success); it is left alone
+        Err(e @ RegistryError::AlreadyExists(_)) if !existed => {
+            let same = reg
+                .unit(&unit_name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|u| u.hash == file.hash());
+            if !same {
+                return Err(fail(&e));
+            }
+            tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
+        }
+        Err(e) => return Err(fail(&e)),
+    }
     // fleet waits with the command's --block-attempts even with --no-block
     wait::unit_state_line(ctx, reg, &unit_name, TargetState::Inactive, attempts.max(0))
         .await

@@ -156,8 +156,12 @@ impl Api {
                     Method::GET => self.get_unit(item).await,
                     Method::DELETE => self.destroy_unit(item).await,
                     Method::PUT => {
+                        let create_only = req
+                            .headers()
+                            .get(http::header::IF_NONE_MATCH)
+                            .is_some_and(|v| v.as_bytes() == b"*");
                         let body = self.json_body(req, deadline).await?;
-                        self.set_unit(item, body).await
+                        self.set_unit(item, body, create_only).await
                     }
                     _ => Err(fail(
                         StatusCode::METHOD_NOT_ALLOWED,
@@ -280,7 +284,10 @@ impl Api {
     /// Decoding and validating the body is CPU work proportional to its size (up to
     /// `max_body_bytes`): it runs on the blocking pool, never on the runtime's few workers,
     /// which also drive the agent, the engine and the lease keep-alive.
-    async fn set_unit(&self, item: &str, body: Bytes) -> Result<Reply> {
+    /// PUT of a unit. With `create_only` (`If-None-Match: *`, an extension fleetctl sends:
+    /// fleet's own clients never did) an existing unit is left alone and the answer is 412,
+    /// so that two clients creating the same unit at once never change what the other made.
+    async fn set_unit(&self, item: &str, body: Bytes, create_only: bool) -> Result<Reply> {
         let item_owned = item.to_string();
         let put = tokio::task::spawn_blocking(move || PreparedPut::new(&item_owned, &body))
             .await
@@ -300,6 +307,9 @@ impl Api {
             .unit(&name)
             .await
             .map_err(|e| internal("failed fetching unit", &e))?;
+        if create_only && existing.is_some() {
+            return Err(fail(StatusCode::PRECONDITION_FAILED, "unit already exists"));
+        }
         let create = match &existing {
             None if !has_options => {
                 return Err(fail(
@@ -337,6 +347,9 @@ impl Api {
             }
             return match self.registry.create_unit(&name, &file, desired).await {
                 Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
+                Err(RegistryError::AlreadyExists(_)) if create_only => {
+                    Err(fail(StatusCode::PRECONDITION_FAILED, "unit already exists"))
+                }
                 Err(RegistryError::AlreadyExists(_)) => Err(fail(
                     StatusCode::CONFLICT,
                     format!(

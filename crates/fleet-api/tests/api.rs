@@ -740,3 +740,40 @@ async fn discovery_and_metrics() {
     );
     h.stop().await.expect("clean shutdown");
 }
+
+/// `If-None-Match: *` on a unit PUT (our fleetctl's create): 201 for a new unit, 412 for an
+/// existing one, which stays exactly as it was, also when the options are the same (without
+/// the header fleet's rule applies: an identical PUT sets the desired state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_only_put_leaves_an_existing_unit_alone() {
+    let h = Harness::start(ApiConfig::default()).await;
+    let path = "/fleet/v1/units/once.service";
+    let put_new = async |body: &str| {
+        let mut raw = common::request("PUT", path, Some("application/json"), body);
+        let at = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("request line")
+            + 2;
+        raw.splice(at..at, b"If-None-Match: *\r\n".iter().copied());
+        common::send(h.addr, &raw).await
+    };
+    let inactive = HELLO.replace("launched", "inactive");
+    let r = put_new(&inactive).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let r = h.put(path, r#"{"desiredState":"launched"}"#).await;
+    assert_eq!(r.status, 204, "{r:?}");
+    for body in [inactive.clone(), HELLO.replace("100", "300")] {
+        let r = put_new(&body).await;
+        assert_eq!(
+            (r.status, r.error_message()),
+            (412, "unit already exists".into()),
+            "{r:?}"
+        );
+    }
+    let r = h.get(path).await;
+    assert!(
+        r.body.contains(r#""desiredState":"launched""#) && r.body.contains("/bin/sleep 100"),
+        "{r:?}"
+    );
+}

@@ -104,6 +104,13 @@ impl std::fmt::Debug for HttpRegistry {
     }
 }
 
+/// A request's JSON body.
+struct Body {
+    json: Vec<u8>,
+    /// Send `If-None-Match: *` (a PUT that must only create).
+    create_only: bool,
+}
+
 /// A finished HTTP exchange.
 struct Answer {
     status: StatusCode,
@@ -150,7 +157,7 @@ impl HttpRegistry {
         method: Method,
         path: &str,
         query: &[(&str, &str)],
-        body: Option<Vec<u8>>,
+        body: Option<Body>,
     ) -> Result<Answer, ClientError> {
         let mut target = format!("{}{}?alt=json", self.endpoint.base_path(), path);
         for (k, v) in query {
@@ -182,7 +189,7 @@ impl HttpRegistry {
         &self,
         method: Method,
         target: &str,
-        body: Option<Vec<u8>>,
+        body: Option<Body>,
         op: &str,
         url: &str,
     ) -> Result<Answer, ClientError> {
@@ -199,11 +206,16 @@ impl HttpRegistry {
                 http::header::USER_AGENT,
                 concat!("fleetctl/", env!("CARGO_PKG_VERSION")),
             );
-        if body.is_some() {
+        if let Some(b) = &body {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
+            if b.create_only {
+                req = req.header(http::header::IF_NONE_MATCH, "*");
+            }
         }
         let mut req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(
+                body.map(|b| b.json).unwrap_or_default(),
+            )))
             .map_err(|e| transport(format!("building request: {e}")))?;
         // A kept-alive connection may have been closed by fleetd meanwhile: a request it
         // hands back unsent goes out again on another connection.
@@ -340,8 +352,17 @@ impl HttpRegistry {
         }
     }
 
-    async fn put_unit(&self, name: &UnitName, unit: &wire::Unit) -> Result<Answer, ClientError> {
-        let body = serde_json::to_vec(unit).unwrap_or_default();
+    /// PUT of a unit; `create_only` asks fleetd to leave an existing unit alone (412).
+    async fn put_unit(
+        &self,
+        name: &UnitName,
+        unit: &wire::Unit,
+        create_only: bool,
+    ) -> Result<Answer, ClientError> {
+        let body = Body {
+            json: serde_json::to_vec(unit).unwrap_or_default(),
+            create_only,
+        };
         self.exchange(
             Method::PUT,
             &format!("units/{}", encode_component(name.as_str())),
@@ -399,7 +420,8 @@ impl Registry for HttpRegistry {
         desired: TargetState,
     ) -> fleet_registry::Result<()> {
         // fleet's PUT also accepts an identical existing unit (and then only sets its desired
-        // state): look first, so that create never changes an existing unit
+        // state): look first, so that create never changes an existing unit, and say
+        // `If-None-Match: *`, which our fleetd honours atomically (fleet's ignored it)
         if self.unit(name).await?.is_some() {
             return Err(RegistryError::AlreadyExists(name.to_string()));
         }
@@ -417,10 +439,13 @@ impl Registry for HttpRegistry {
                 .collect(),
             ..wire::Unit::default()
         };
-        let a = self.put_unit(name, &unit).await.map_err(to_registry)?;
+        let a = self
+            .put_unit(name, &unit, true)
+            .await
+            .map_err(to_registry)?;
         match a.status {
             StatusCode::CREATED => Ok(()),
-            StatusCode::NO_CONTENT | StatusCode::CONFLICT => {
+            StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => {
                 Err(RegistryError::AlreadyExists(name.to_string()))
             }
             _ => Err(to_registry(api_error(&a))),
@@ -437,7 +462,10 @@ impl Registry for HttpRegistry {
             desired_state: desired.to_string(),
             ..wire::Unit::default()
         };
-        let a = self.put_unit(name, &unit).await.map_err(to_registry)?;
+        let a = self
+            .put_unit(name, &unit, false)
+            .await
+            .map_err(to_registry)?;
         match a.status {
             StatusCode::NO_CONTENT => Ok(()),
             // "unit does not exist and options field empty"
@@ -520,7 +548,15 @@ impl Registry for HttpRegistry {
         };
         let body = serde_json::to_vec(&[op]).unwrap_or_default();
         let a = self
-            .exchange(Method::PATCH, "machines", &[], Some(body))
+            .exchange(
+                Method::PATCH,
+                "machines",
+                &[],
+                Some(Body {
+                    json: body,
+                    create_only: false,
+                }),
+            )
             .await
             .map_err(to_registry)?;
         match a.status {
