@@ -19,7 +19,8 @@ top=$PWD
 [ "$(id -u)" = 0 ] || { echo "fresh-machine.sh needs root (debootstrap, mounts, chroot)" >&2; exit 1; }
 : "${FRESH_CACHE:=/var/cache/fleet-fresh-machine}"
 cache=$FRESH_CACHE/bookworm-minbase
-[ "${1:-}" = --rebuild ] && rm -rf "$cache"
+# (--one-file-system: a debootstrap killed halfway may have left /proc or /sys mounted in it)
+[ "${1:-}" = --rebuild ] && rm -rf --one-file-system "$cache"
 t0=$SECONDS
 log() { printf '[fresh-machine %4ss] %s\n' "$((SECONDS - t0))" "$*" >&2; }
 
@@ -28,20 +29,22 @@ fh_ensure_rust
 sysroot=$(rustc --print sysroot)
 [ -x "$sysroot/bin/cargo" ] || { echo "no cargo in the toolchain $sysroot" >&2; exit 1; }
 
-# the Debian mirror this host's apt uses (deb822 or one-line sources)
+# the Debian mirror this host's apt uses for bookworm itself (deb822 stanzas or one-line
+# sources; not the security archive, not third-party repositories)
 mirror() {
   local f u
   for f in /etc/apt/sources.list.d/*.sources; do
     [ -f "$f" ] || continue
-    u=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
+    u=$(awk -v RS= '/(^|\n)Suites:[^\n]*[ \t]bookworm([ \t]|\n|$)/ && /(^|\n)Types:[^\n]*deb([ \t]|\n|$)/ {
+          if (match($0, /(^|\n)URIs:[ \t]*[^ \t\n]+/)) { s = substr($0, RSTART, RLENGTH); sub(/^\n?URIs:[ \t]*/, "", s); print s; exit } }' "$f")
     [ -n "$u" ] && { echo "$u"; return; }
   done
-  awk '$1 == "deb" && $2 !~ /^\[/ && $2 !~ /security/ { print $2; exit }
-       $1 == "deb" && $2 ~ /^\[/ && $3 !~ /security/ { print $3; exit }' /etc/apt/sources.list 2>/dev/null
+  awk '$1 == "deb" && $2 !~ /^\[/ && $3 == "bookworm" { print $2; exit }
+       $1 == "deb" && $2 ~ /^\[/ && $4 == "bookworm" { print $3; exit }' /etc/apt/sources.list 2>/dev/null
 }
 
 if [ ! -f "$cache/.complete" ]; then
-  rm -rf "$cache"; mkdir -p "$cache"
+  rm -rf --one-file-system "$cache"; mkdir -p "$cache"
   m=$(mirror)
   log "debootstrap --variant=minbase bookworm${m:+ from $m}"
   debootstrap --variant=minbase bookworm "$cache" ${m:+"$m"} >"$FRESH_CACHE/debootstrap.log" 2>&1 ||

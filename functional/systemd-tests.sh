@@ -17,16 +17,17 @@ exe=$(cargo test -p fleet-systemd --test systemd --no-run --message-format=json 
   sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
 { [ -n "$exe" ] && [ -x "$exe" ]; } || { echo "systemd-tests: building fleet-systemd's tests failed" >&2;
   cargo test -p fleet-systemd --test systemd --no-run; exit 1; }
-bin=${CARGO_TARGET_DIR:-target}/debug
-[ -x "$bin/fleetd" ] || cargo build -p fleetd -p fleetctl || exit 1
-bin=$(cd "$bin" && pwd)
+# the fleetd the node runs (nothing to do when ./test built it already)
+cargo build -q -p fleetd -p fleetctl || exit 1
+bin=$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)
 
 # hold the cluster's lock for the whole run, as the Rust harness does
 mkdir -p "$FH_ROOT"
 exec 9>"$FH_LOCK"
 flock -w 600 9 || fh_die "cluster $FH_CLUSTER is in use (lock $FH_LOCK)"
 export FH_LOCK_HELD=1
-cleanup() { "$H/down.sh" >/dev/null 2>&1 || "$H/down.sh"; }
+# shellcheck disable=SC2317 # run by the EXIT trap
+cleanup() { "$H/down.sh" >/dev/null 2>&1 || "$H/down.sh"; rm -f "$FH_LOCK"; }
 trap cleanup EXIT
 
 # The binary and its directory are bound into the node read-only: the node's root is an

@@ -222,10 +222,14 @@ pub const IN_FLIGHT: usize = 32;
 /// Each created unit is reported (`Unit hello.service inactive`). The error is the text after
 /// fleet's `Error creating units: `.
 ///
-/// fleet went unit by unit; here every lookup is made at once, then the arguments are
-/// decided in their order and the creations (each with its wait for the unit to show up)
-/// run up to [`IN_FLIGHT`] at a time, their lines printed in argument order. At the first
-/// argument that fails, the creations before it finish and are reported, then the error.
+/// fleet went unit by unit, waiting for each new unit in the background; here every lookup
+/// is made at once, then the arguments are decided in their order while the creations (each
+/// with its wait for the unit to show up) run up to [`IN_FLIGHT`] at a time, their lines
+/// printed in argument order. A decision that depends on an earlier creation (the same name
+/// again, an instance of a template created just before) waits for the creations first. At
+/// the first argument that cannot be created, the creations already under way are finished
+/// and reported, then the error; a unit that does not show up is reported and the others go
+/// on, as in fleet.
 pub async fn lazy_create(
     ctx: &Ctx,
     args: &[String],
@@ -242,50 +246,94 @@ pub async fn lazy_create(
         .buffered(IN_FLIGHT)
         .collect()
         .await;
-    let mut creating = FuturesOrdered::new();
+    let mut creations = Creations::default();
     let mut seen = HashSet::new();
     for ((arg, name), found) in args.iter().zip(&names).zip(found) {
-        let found = if seen.insert(name.as_str()) {
-            found
-        } else {
-            // named twice: the first creation must be done before this lookup counts
-            finish_creations(&mut creating, usize::MAX).await?;
+        let template = UnitName::parse(name)
+            .ok()
+            .filter(UnitName::is_instance)
+            .and_then(|n| n.template());
+        let depends = !seen.insert(name.as_str())
+            || template.is_some_and(|t| creations.names.contains(t.as_str()));
+        let found = if depends {
+            // what the registry holds now depends on the creations under way
+            creations.finish(0).await?;
             lookup(&reg, name).await
+        } else {
+            found
         };
         match decide(&reg, arg, name, found, replace, creator).await {
             Ok(None) => {}
             Ok(Some((unit_name, file, existed))) => {
-                creating.push_back(create_one(ctx, &reg, unit_name, file, existed, attempts));
-                finish_creations(&mut creating, IN_FLIGHT - 1).await?;
+                creations.names.insert(unit_name.to_string());
+                creations
+                    .running
+                    .push_back(create_one(ctx, &reg, unit_name, file, existed, attempts));
+                creations.finish(IN_FLIGHT - 1).await?;
             }
             Err(e) => {
-                finish_creations(&mut creating, 0).await?;
+                creations.finish(0).await?;
                 return Err(fail(e));
             }
         }
     }
-    finish_creations(&mut creating, 0).await
-}
-
-/// Reports finished creations in order until at most `left` are in flight; the first that
-/// failed ends the command (after its own note, if it has one).
-async fn finish_creations<F>(creating: &mut FuturesOrdered<F>, left: usize) -> Result<(), Failure>
-where
-    F: Future<Output = Result<String, (Option<String>, Failure)>>,
-{
-    while creating.len() > left {
-        match creating.next().await {
-            Some(Ok(line)) => ui::out(line),
-            Some(Err((note, failure))) => {
-                if let Some(note) = note {
-                    ui::err(note);
-                }
-                return Err(failure);
-            }
-            None => break,
-        }
+    creations.finish(0).await?;
+    if creations.wait_failed {
+        return Err(fail("One or more errors creating units".to_string()));
     }
     Ok(())
+}
+
+/// How one creation ended.
+enum Created {
+    /// The line reporting the new unit.
+    Shown(String),
+    /// Created, but it did not show up: fleet's note, and the command fails in the end.
+    WaitFailed(String),
+    /// Not created: the command's error.
+    Failed(Failure),
+}
+
+/// The creations under way, in argument order.
+struct Creations<F: Future<Output = Created>> {
+    running: FuturesOrdered<F>,
+    /// Names of every unit this command has created or is creating.
+    names: HashSet<String>,
+    wait_failed: bool,
+}
+
+impl<F: Future<Output = Created>> Default for Creations<F> {
+    fn default() -> Self {
+        Creations {
+            running: FuturesOrdered::new(),
+            names: HashSet::new(),
+            wait_failed: false,
+        }
+    }
+}
+
+impl<F: Future<Output = Created>> Creations<F> {
+    /// Reports finished creations in order until at most `left` are under way. At the first
+    /// that failed, every other one under way is still finished (none is cut off halfway,
+    /// e.g. between removing a replaced unit and creating its new version) and reported,
+    /// and the first failure is the error.
+    async fn finish(&mut self, left: usize) -> Result<(), Failure> {
+        let mut failure = None;
+        while self.running.len() > left || (failure.is_some() && !self.running.is_empty()) {
+            match self.running.next().await {
+                Some(Created::Shown(line)) => ui::out(line),
+                Some(Created::WaitFailed(e)) => {
+                    ui::err(format!("Error waiting on unit creation: {e}"));
+                    self.wait_failed = true;
+                }
+                Some(Created::Failed(f)) => {
+                    failure.get_or_insert(f);
+                }
+                None => break,
+            }
+        }
+        failure.map_or(Ok(()), Err)
+    }
 }
 
 /// What to do with one argument: `None` when its unit is there and stays, otherwise the unit
@@ -313,8 +361,7 @@ async fn decide(
     Ok(Some((unit_name, file, existing.is_some())))
 }
 
-/// Creates one unit (replacing the old one when `existed`) and waits for it to show up;
-/// returns the line reporting it, or the failure with a note to print first.
+/// Creates one unit (replacing the old one when `existed`) and waits for it to show up.
 async fn create_one(
     ctx: &Ctx,
     reg: &Arc<dyn Registry>,
@@ -322,17 +369,18 @@ async fn create_one(
     file: UnitFile,
     existed: bool,
     attempts: i64,
-) -> Result<String, (Option<String>, Failure)> {
-    let fail = |e: &fleet_registry::RegistryError| {
-        let msg = format!(
+) -> Created {
+    let fail = |e: &RegistryError| {
+        Created::Failed(Failure::msg(format!(
             "Error creating units: failed creating unit {unit_name}: {}",
             describe(e)
-        );
-        (None, Failure::msg(msg))
+        )))
     };
     if existed {
         // the registry has no "replace": the old unit goes, the new one comes, as inactive
-        reg.destroy_unit(&unit_name).await.map_err(|e| fail(&e))?;
+        if let Err(e) = reg.destroy_unit(&unit_name).await {
+            return fail(&e);
+        }
     }
     match reg
         .create_unit(&unit_name, &file, TargetState::Inactive)
@@ -349,21 +397,18 @@ async fn create_one(
                 .flatten()
                 .is_some_and(|u| u.hash == file.hash());
             if !same {
-                return Err(fail(&e));
+                return fail(&e);
             }
             tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
         }
-        Err(e) => return Err(fail(&e)),
+        Err(e) => return fail(&e),
     }
     // fleet waits with the command's --block-attempts even with --no-block
-    wait::unit_state_line(ctx, reg, &unit_name, TargetState::Inactive, attempts.max(0))
-        .await
-        .map_err(|e| {
-            (
-                Some(format!("Error waiting on unit creation: {e}")),
-                Failure::msg("Error creating units: One or more errors creating units"),
-            )
-        })
+    match wait::unit_state_line(ctx, reg, &unit_name, TargetState::Inactive, attempts.max(0)).await
+    {
+        Ok(line) => Created::Shown(line),
+        Err(e) => Created::WaitFailed(e),
+    }
 }
 
 /// fleet's `checkUnitCreation` for a unit already in the registry: create it again only with
@@ -405,9 +450,10 @@ fn should_recreate(
 }
 
 /// fleet's `setTargetStateOfUnits`: sets the desired state of the named units; returns those
-/// that were changed (units already in that state are skipped). Up to [`IN_FLIGHT`] units at
-/// a time; the first argument (in order) that fails is the error, and the arguments after it
-/// may have been changed already.
+/// that were changed (units already in that state are skipped). The units are looked up all
+/// at once; if one cannot be found, the ones before it are changed and it is the error, as
+/// in fleet. The changes then go out up to [`IN_FLIGHT`] at a time (fleet made them one
+/// after the other: when a write fails, a few units after it may have been changed too).
 pub async fn set_target_states(
     ctx: &Ctx,
     args: &[String],
@@ -421,31 +467,51 @@ pub async fn set_target_states(
     // a name given twice is set once (the second time fleet found it set already)
     let mut seen = HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
-    let mut changes = stream::iter(&names)
-        .map(|name| set_target_state(&reg, name, state))
+    let found: Vec<Result<UnitView, String>> = stream::iter(&names)
+        .map(|name| {
+            let reg = &reg;
+            async move {
+                lookup(reg, name)
+                    .await
+                    .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
+                    .ok_or_else(|| format!("unable to find unit {name}"))
+            }
+        })
+        .buffered(IN_FLIGHT)
+        .collect()
+        .await;
+    let mut units = Vec::new();
+    let mut missing = None;
+    for f in found {
+        match f {
+            Ok(u) => units.push(u),
+            Err(e) => {
+                missing = Some(e);
+                break;
+            }
+        }
+    }
+    let mut changes = stream::iter(units)
+        .map(|unit| set_target_state(&reg, unit, state))
         .buffered(IN_FLIGHT);
     let mut triggered = Vec::new();
     while let Some(changed) = changes.next().await {
         triggered.extend(changed?);
     }
-    Ok(triggered)
+    missing.map_or(Ok(triggered), Err)
 }
 
 /// Sets one unit's desired state; `None` when it had that state already.
 async fn set_target_state(
     reg: &Arc<dyn Registry>,
-    name: &str,
+    unit: UnitView,
     state: TargetState,
 ) -> Result<Option<UnitView>, String> {
-    let unit = lookup(reg, name)
-        .await
-        .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
-        .ok_or_else(|| format!("unable to find unit {name}"))?;
     if unit.desired == state {
-        tracing::debug!("Unit({name}) already {state}, skipping.");
+        tracing::debug!("Unit({}) already {state}, skipping.", unit.name);
         return Ok(None);
     }
-    tracing::debug!("Setting Unit({name}) target state to {state}");
+    tracing::debug!("Setting Unit({}) target state to {state}", unit.name);
     reg.set_desired_state(&unit.name, state)
         .await
         .map_err(|e| describe(&e))?;

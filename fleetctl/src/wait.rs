@@ -264,7 +264,9 @@ pub async fn wait_for_active(ctx: &Ctx, names: &[UnitName], attempts: i64) -> Re
                 let mut left = Vec::new();
                 for name in pending {
                     match states.get(name) {
-                        Some(s) if s.active_state == "active" && s.load_state == "loaded" => {}
+                        Some(s) if s.active_state == "active" && s.load_state == "loaded" => {
+                            down_since.remove(name);
+                        }
                         Some(s) if matches!(s.active_state.as_str(), "failed" | "inactive") => {
                             let since = *down_since.entry(name).or_insert_with(Instant::now);
                             if since.elapsed() >= SETTLE {
@@ -292,7 +294,11 @@ pub async fn wait_for_active(ctx: &Ctx, names: &[UnitName], attempts: i64) -> Re
             }
         }
         // a unit that is down is re-checked soon even without a change
-        let settle_by = down_since.values().min().map(|s| *s + SETTLE);
+        let settle_by = pending
+            .iter()
+            .filter_map(|n| down_since.get(n))
+            .min()
+            .map(|s| *s + SETTLE);
         let until = match (deadline, settle_by) {
             (Some(d), Some(s)) => Some(d.min(s)),
             (d, s) => d.or(s),

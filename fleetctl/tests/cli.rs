@@ -1523,3 +1523,60 @@ fn many_units_are_reported_in_argument_order() {
         assert_eq!(ours, want, "{driver}: {out:?}");
     }
 }
+
+/// Arguments that depend on an earlier one of the same command: a unit named twice is
+/// created once, and an instance finds the template created just before it (both drivers).
+#[test]
+fn arguments_see_the_units_created_before_them() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    std::fs::create_dir_all(c.dir.path().join("sub")).expect("mkdir");
+    for (driver, flags) in [
+        (
+            "etcd",
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ],
+        ),
+        ("api", vec![format!("--endpoint={api}")]),
+    ] {
+        let run = |args: &[&str]| {
+            let out = c
+                .bare_command()
+                .args(&flags)
+                .args(args)
+                .output()
+                .expect("run");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let dup = format!("dup-{driver}.service");
+        c.write(&dup, SLEEP);
+        assert_eq!(
+            run(&["submit", &dup, &dup]),
+            (0, format!("Unit {dup} inactive\n"), String::new()),
+            "{driver}"
+        );
+        let x = format!("x-{driver}.service");
+        let (tmpl, inst) = (
+            format!("t{driver}@.service"),
+            format!("t{driver}@1.service"),
+        );
+        c.write(&x, SLEEP);
+        c.write(&format!("sub/{tmpl}"), SLEEP);
+        let tmpl_path = format!("sub/{tmpl}");
+        assert_eq!(
+            run(&["submit", &x, &tmpl_path, &inst]),
+            (
+                0,
+                format!("Unit {x} inactive\nUnit {tmpl} inactive\nUnit {inst} inactive\n"),
+                String::new()
+            ),
+            "{driver}"
+        );
+    }
+}

@@ -25,13 +25,17 @@ fh_ensure_packages() {
   echo "installing ${missing[*]}" >&2
   # Newly installed services (etcd, sshd) must not start on the host: the harness runs its
   # own etcd and each node its own sshd. policy-rc.d tells invoke-rc.d not to start them.
+  # (The install runs in a subshell that removes the file again on any exit, also under the
+  # caller's set -e or an interrupt: a leftover would stop every service start on the host.)
   if [ ! -e "$policy" ]; then
     printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
   fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq &&
-    apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
-  rc=$?
+  (
+    [ $made = 1 ] && trap 'rm -f "$policy"' EXIT INT TERM
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq &&
+      apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+  ) && rc=0 || rc=$?
   [ $made = 1 ] && rm -f "$policy"
   [ $rc = 0 ] || echo "apt-get install ${missing[*]} failed" >&2
   return $rc

@@ -38,7 +38,10 @@ use error::to_registry;
 /// Responses larger than this are refused (a page of 100 units is far smaller).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// Idle connections kept for reuse; more concurrent requests open more, closed after use.
-const MAX_IDLE_CONNECTIONS: usize = 32;
+/// Few, and not for long: each holds one of fleetd's connection slots while it waits.
+const MAX_IDLE_CONNECTIONS: usize = 4;
+/// An idle connection older than this is closed rather than reused.
+const MAX_IDLE_TIME: Duration = Duration::from_secs(1);
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
@@ -92,8 +95,8 @@ pub struct HttpRegistry {
     connector: Arc<dyn Connector>,
     tls: Option<tls::ClientTls>,
     timeout: Duration,
-    /// Kept-alive connections with no request in flight, newest last.
-    idle: Arc<Mutex<Vec<Sender>>>,
+    /// Kept-alive connections with no request in flight (and since when), newest last.
+    idle: Arc<Mutex<Vec<(Sender, std::time::Instant)>>>,
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -102,6 +105,17 @@ impl std::fmt::Debug for HttpRegistry {
             .field("endpoint", &self.endpoint)
             .finish()
     }
+}
+
+/// A copy of a request without a body (a GET), to send again.
+fn clone_request(req: &http::Request<Full<Bytes>>) -> Option<http::Request<Full<Bytes>>> {
+    let mut b = http::Request::builder()
+        .method(req.method().clone())
+        .uri(req.uri().clone());
+    for (k, v) in req.headers() {
+        b = b.header(k, v);
+    }
+    b.body(Full::new(Bytes::new())).ok()
 }
 
 /// A request's JSON body.
@@ -218,7 +232,11 @@ impl HttpRegistry {
             )))
             .map_err(|e| transport(format!("building request: {e}")))?;
         // A kept-alive connection may have been closed by fleetd meanwhile: a request it
-        // hands back unsent goes out again on another connection.
+        // hands back unsent goes out again on another connection, and so does a GET that
+        // met the close after it was sent (it changes nothing).
+        let idempotent = req.method() == Method::GET;
+        // a copy of a GET to send again (bodies of GETs are empty)
+        let mut retry = idempotent.then(|| clone_request(&req)).flatten();
         let (mut sender, resp) = loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(s) => (s, true),
@@ -230,6 +248,12 @@ impl HttpRegistry {
                     Some(unsent) if reused => {
                         debug!(error = %e.error(), "kept-alive API connection closed; reconnecting");
                         req = unsent;
+                    }
+                    None if reused && idempotent => {
+                        debug!(error = %e.error(), "kept-alive API connection closed; sending again");
+                        req = retry
+                            .take()
+                            .ok_or_else(|| transport(e.into_error().to_string()))?;
                     }
                     _ => return Err(transport(e.into_error().to_string())),
                 },
@@ -290,11 +314,11 @@ impl HttpRegistry {
         Ok(sender)
     }
 
-    /// An idle connection that is still open, if there is one.
+    /// An idle connection that is still open and fresh, if there is one.
     fn take_idle(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if s.is_ready() {
+        while let Some((s, since)) = idle.pop() {
+            if s.is_ready() && since.elapsed() < MAX_IDLE_TIME {
                 return Some(s);
             }
         }
@@ -303,8 +327,9 @@ impl HttpRegistry {
 
     fn put_idle(&self, sender: Sender) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|(_, since)| since.elapsed() < MAX_IDLE_TIME);
         if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(sender);
+            idle.push((sender, std::time::Instant::now()));
         }
     }
 
