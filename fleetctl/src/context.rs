@@ -31,6 +31,9 @@ pub struct Ctx {
     registry: OnceCell<Arc<dyn Registry>>,
     tunnel: OnceCell<Arc<Session>>,
     machines: Mutex<Option<HashMap<String, MachineView>>>,
+    /// Units this invocation created, as they were when created: the next step of the same
+    /// command (setting their target state) needs not read them back.
+    created: std::sync::Mutex<HashMap<String, fleet_registry::UnitView>>,
 }
 
 impl Ctx {
@@ -40,7 +43,20 @@ impl Ctx {
             registry: OnceCell::new(),
             tunnel: OnceCell::new(),
             machines: Mutex::new(None),
+            created: std::sync::Mutex::default(),
         }
+    }
+
+    /// Remembers a unit this invocation has just created.
+    pub fn note_created(&self, unit: fleet_registry::UnitView) {
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        created.insert(unit.name.to_string(), unit);
+    }
+
+    /// A unit this invocation created (and forgets it: it is only good for one step).
+    pub fn take_created(&self, name: &str) -> Option<fleet_registry::UnitView> {
+        let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());
+        created.remove(name)
     }
 
     /// The cluster, connected on first use. Failing to connect is fleet's

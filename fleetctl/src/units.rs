@@ -386,7 +386,22 @@ async fn create_one(
         .create_unit(&unit_name, &file, TargetState::Inactive)
         .await
     {
-        Ok(()) => tracing::debug!("Created Unit({unit_name}) in Registry"),
+        Ok(()) => {
+            tracing::debug!("Created Unit({unit_name}) in Registry");
+            // what fleet's wait would read back at once: inactive, on no machine
+            let global = Requirements::from_unit(&unit_name, &file).is_ok_and(|(r, _)| r.global);
+            ctx.note_created(UnitView {
+                name: unit_name.clone(),
+                hash: file.hash(),
+                file,
+                desired: TargetState::Inactive,
+                global,
+                machine_id: None,
+                current: TargetState::Inactive,
+                reason: None,
+            });
+            return Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive));
+        }
         // another client created it meanwhile: with the same contents that is what this
         // one wanted too (fleet's API took an identical PUT as success); it is left alone
         Err(e @ RegistryError::AlreadyExists(_)) if !existed => {
@@ -471,6 +486,9 @@ pub async fn set_target_states(
         .map(|name| {
             let reg = &reg;
             async move {
+                if let Some(u) = ctx.take_created(name) {
+                    return Ok(u);
+                }
                 lookup(reg, name)
                     .await
                     .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?

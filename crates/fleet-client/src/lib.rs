@@ -445,11 +445,9 @@ impl Registry for HttpRegistry {
         desired: TargetState,
     ) -> fleet_registry::Result<()> {
         // fleet's PUT also accepts an identical existing unit (and then only sets its desired
-        // state): look first, so that create never changes an existing unit, and say
-        // `If-None-Match: *`, which our fleetd honours atomically (fleet's ignored it)
-        if self.unit(name).await?.is_some() {
-            return Err(RegistryError::AlreadyExists(name.to_string()));
-        }
+        // state): `If-None-Match: *` makes our fleetd refuse any existing unit, atomically.
+        // (fleet v1.0's fleetd ignores the header; against it, as with fleet's own fleetctl,
+        // only the caller's lookup just before guards an existing unit.)
         let unit = wire::Unit {
             name: name.to_string(),
             desired_state: desired.to_string(),
