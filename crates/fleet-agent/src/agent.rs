@@ -21,8 +21,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::desired::{Desired, desired_units};
 
-/// systemd jobs (StartUnit, StopUnit) and body reads one converge keeps in flight at once.
+/// systemd jobs (StartUnit, StopUnit), body reads and state writes kept in flight at once.
 const JOBS_IN_FLIGHT: usize = 32;
+/// Most systemd state changes published as one batch.
+const MAX_BATCH: usize = 4096;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -296,9 +298,30 @@ impl Agent {
                     self.synced = false;
                 }
                 Event::Systemd(UnitEvent::Changed(change)) => {
-                    if let Some(s) = change.state {
-                        self.systemd_states.insert(change.name.clone(), s);
-                        self.publish(&change.name).await;
+                    // take every change already queued, and publish them as one batch
+                    let mut changed = Vec::new();
+                    let mut resync = None;
+                    let mut next = Some(change);
+                    while let Some(change) = next.take() {
+                        if let Some(s) = change.state {
+                            self.systemd_states.insert(change.name.clone(), s);
+                            changed.push(change.name);
+                        }
+                        if changed.len() >= MAX_BATCH {
+                            break; // the rest stays queued for the next turn of the loop
+                        }
+                        match signals.as_mut().map(|rx| rx.try_recv()) {
+                            Some(Ok(UnitEvent::Changed(c))) => next = Some(c),
+                            Some(Ok(UnitEvent::Resync(reason))) => resync = Some(reason),
+                            _ => {}
+                        }
+                    }
+                    changed.sort();
+                    changed.dedup();
+                    self.publish_all(&changed).await;
+                    if let Some(reason) = resync {
+                        debug!(?reason, "re-reading unit states");
+                        self.refresh_states(None).await;
                     }
                 }
                 Event::Systemd(UnitEvent::Resync(reason)) => {
@@ -680,41 +703,56 @@ impl Agent {
             }
             Err(e) => warn!(error = %e, "cannot read unit states"),
         }
-        for name in names {
-            self.publish(&name).await;
-        }
+        self.publish_all(&names).await;
     }
 
     /// Publishes the state of one managed unit if it differs from what was published.
     async fn publish(&mut self, name: &str) {
-        let (Some(cur), Some(sys)) = (self.current.get(name), self.systemd_states.get(name)) else {
-            return;
-        };
-        let rec = StateRecord {
-            version: 1,
-            name: name.to_string(),
-            machine_id: self.cfg.machine_id.clone(),
-            hash: cur.hash.to_string(),
-            load_state: sys.load_state.clone(),
-            active_state: sys.active_state.clone(),
-            sub_state: sys.sub_state.clone(),
-            agent_state: cur.state,
-        };
-        if self.published.get(name) == Some(&rec) {
-            return;
-        }
-        match self
-            .registry
-            .publish_state(name, &self.cfg.machine_id, Some(&rec), &self.lease)
-            .await
-        {
-            Ok(()) => {
-                self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
-                self.published.insert(name.to_string(), rec);
-            }
-            Err(e) => {
-                debug!(unit = name, error = %e, "publishing state failed; will retry");
-                self.unsent.insert(name.to_string());
+        self.publish_all(std::slice::from_ref(&name.to_string()))
+            .await;
+    }
+
+    /// Publishes the states of managed units that differ from what was published, up to
+    /// [`JOBS_IN_FLIGHT`] writes at a time (a burst of starts reports hundreds at once).
+    async fn publish_all(&mut self, names: &[String]) {
+        let records: Vec<StateRecord> = names
+            .iter()
+            .filter_map(|name| {
+                let (cur, sys) = (self.current.get(name)?, self.systemd_states.get(name)?);
+                let rec = StateRecord {
+                    version: 1,
+                    name: name.clone(),
+                    machine_id: self.cfg.machine_id.clone(),
+                    hash: cur.hash.to_string(),
+                    load_state: sys.load_state.clone(),
+                    active_state: sys.active_state.clone(),
+                    sub_state: sys.sub_state.clone(),
+                    agent_state: cur.state,
+                };
+                (self.published.get(name) != Some(&rec)).then_some(rec)
+            })
+            .collect();
+        let writes: Vec<_> = records
+            .iter()
+            .map(|rec| {
+                self.registry
+                    .publish_state(&rec.name, &self.cfg.machine_id, Some(rec), &self.lease)
+            })
+            .collect();
+        let results: Vec<_> = stream::iter(writes)
+            .buffered(JOBS_IN_FLIGHT)
+            .collect()
+            .await;
+        for (rec, result) in records.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
+                    self.published.insert(rec.name.clone(), rec);
+                }
+                Err(e) => {
+                    debug!(unit = %rec.name, error = %e, "publishing state failed; will retry");
+                    self.unsent.insert(rec.name);
+                }
             }
         }
     }
