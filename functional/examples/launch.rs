@@ -1,7 +1,7 @@
 //! Launch benchmark (a measurement, never a test): boots a harness cluster, launches N units
-//! with `fleetctl start --no-block` in node1 (100 files per invocation, as a user scripting
-//! fleetctl would), and prints when each phase finished for the last unit, counted from just
-//! before the first fleetctl invocation:
+//! with `fleetctl start --no-block` in node1 (100 files per invocation, one invocation after
+//! the other in one shell, as a user scripting fleetctl would), and prints when each phase
+//! finished for the last unit, counted from the start of the first fleetctl invocation:
 //!
 //! - submit: the last fleetctl invocation returned;
 //! - scheduled: every unit has a placement in etcd (polled; fleet v1.0 shows `-`);
@@ -17,8 +17,9 @@
 //! ```
 //!
 //! Defaults: 3 nodes, 300 units, 1 run, 60 s idle. Root. The binaries come from
-//! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`); a directory holding fleet v1.0's
-//! fleetd and fleetctl works as well (then etcd must serve the v2 API: `FH_ETCD_ARGS`).
+//! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`). A directory holding fleet v1.0's
+//! fleetd and fleetctl (built by hand from its source, never part of this repository) works
+//! as well: fleet v1.0 speaks etcd's v2 API, so run with `LAUNCH_ETCD_ARGS=--enable-v2=true`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -87,37 +88,64 @@ struct Result_ {
 }
 
 fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Result_, Error> {
-    let spec = ClusterSpec::new("launch", nodes).bin_dir(bin_dir);
+    let spec = ClusterSpec::new("launch", nodes)
+        .bin_dir(bin_dir)
+        .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
     let c = Cluster::up(spec)?;
     c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
-    let files = write_units(&c, units)?;
+    let dir = write_units(&c, units)?;
 
-    let t0_mono = now_us();
-    let t0_real = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
-    let since = |mono_us: u64| mono_us.saturating_sub(t0_mono) as f64 / 1e6;
-    let started = Instant::now();
-
-    // fleetctl invocations one after the other, while a thread watches etcd's placements
+    // The fleetctl invocations run one after the other in a single shell inside node1 (no
+    // harness overhead between them), which says when it started and ended (realtime: the
+    // nodes share the host's clock). A thread watches etcd's placements meanwhile.
+    let real = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    // realtime minus monotonic, to place systemd's monotonic timestamps on the same axis
+    let mono_offset = real() - now_us() as f64 / 1e6;
     let endpoint = c.etcd_endpoint().to_string();
     let placed = std::thread::spawn(move || {
-        while started.elapsed() < DEADLINE {
+        let begun = Instant::now();
+        while begun.elapsed() < DEADLINE {
             match placements(&endpoint) {
-                Some(n) if n >= units => return Some(started.elapsed().as_secs_f64()),
-                None if started.elapsed() > Duration::from_secs(5) => return None,
+                Some(n) if n >= units => return Some(real()),
+                None if begun.elapsed() > Duration::from_secs(10) => return None,
                 _ => std::thread::sleep(Duration::from_millis(20)),
             }
         }
         None
     });
-    for chunk in files.chunks(PER_INVOCATION) {
-        let mut args = vec!["start", "--no-block"];
-        args.extend(chunk.iter().map(String::as_str));
-        c.fleetctl_ok(1, &args)?;
-    }
-    let submit = started.elapsed().as_secs_f64();
+    let script = "d=$1 n=$2 per=$3; s=$(date +%s.%N); i=1; \
+                  while [ $i -le $n ]; do j=$((i + per - 1)); [ $j -le $n ] || j=$n; \
+                  fleetctl start --no-block $(seq $i $j | sed \"s|.*|$d/bench-&.service|\") >/dev/null || exit 1; \
+                  i=$((j + 1)); done; echo \"$s $(date +%s.%N)\"";
+    let out = c
+        .exec(
+            1,
+            &[
+                "sh",
+                "-c",
+                script,
+                "sh",
+                &dir,
+                &units.to_string(),
+                &PER_INVOCATION.to_string(),
+            ],
+        )?
+        .ok("fleetctl start --no-block in node1")?;
+    let mut stamps = out.trimmed().split_whitespace().map(str::parse::<f64>);
+    let (Some(Ok(t0_real)), Some(Ok(submitted))) = (stamps.next(), stamps.next()) else {
+        return Err(Error::Harness {
+            what: "the submit script's time stamps".into(),
+            detail: out.stdout.clone(),
+        });
+    };
+    let submit = submitted - t0_real;
+    let since = |mono_us: u64| mono_us as f64 / 1e6 + mono_offset - t0_real;
+    let started = Instant::now();
 
     let mut last_report = Instant::now();
     wait_for("every unit active", DEADLINE, || {
@@ -138,7 +166,7 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
             Err(format!("{active}/{units} active"))
         }
     })?;
-    let scheduled = placed.join().unwrap_or(None);
+    let scheduled = placed.join().unwrap_or(None).map(|t| t - t0_real);
 
     let mut files_at = 0.0f64;
     let mut active_at = 0.0f64;
@@ -177,17 +205,15 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
     })
 }
 
-/// Writes `bench-<i>.service` (a sleeper) into node1, returns their paths there.
-fn write_units(c: &Cluster, units: usize) -> Result<Vec<String>, Error> {
+/// Writes `bench-<i>.service` (a sleeper) into node1, returns their directory there.
+fn write_units(c: &Cluster, units: usize) -> Result<String, Error> {
     let dir = format!("{NODE_UNITS_DIR}/launch");
     let script = "rm -rf \"$1\" && mkdir -p \"$1\" && i=1; while [ $i -le $2 ]; do \
                   printf '[Unit]\\nDescription=launch benchmark %s\\n\\n[Service]\\nExecStart=/bin/sleep infinity\\n' $i \
                   > \"$1/bench-$i.service\"; i=$((i + 1)); done";
     c.exec(1, &["sh", "-c", script, "sh", &dir, &units.to_string()])?
         .ok("writing the benchmark's unit files in node1")?;
-    Ok((1..=units)
-        .map(|i| format!("{dir}/bench-{i}.service"))
-        .collect())
+    Ok(dir)
 }
 
 /// Placements of bench units in etcd (our v3 layout); `None` when there are none yet or etcd

@@ -57,6 +57,7 @@ fi
 FH_BRIDGE_IP=$FH_NET.1
 : "${FH_ETCD_PORTS:=2379 4001}"                 # client ports, on the bridge address only
 : "${FH_ETCD_PEER_PORT:=2380}"
+: "${FH_ETCD_ARGS:=}"                           # extra etcd arguments (e.g. --enable-v2=true for fleet v1.0)
 FH_ETCD_PORT=${FH_ETCD_PORTS%% *}
 FH_ETCD_ENDPOINT=http://$FH_BRIDGE_IP:$FH_ETCD_PORT
 : "${FH_BOOT_TIMEOUT:=120}"
@@ -279,13 +280,14 @@ fh_etcd_start() {
   for p in $FH_ETCD_PORTS; do urls="$urls,http://$FH_BRIDGE_IP:$p"; done
   urls=${urls#,}
   for p in $(fh_cg_roots); do mkdir -p "$p/etcd"; cg="$cg $p/etcd"; done
+  # shellcheck disable=SC2086 # FH_ETCD_ARGS: extra arguments, split on spaces
   fh_spawn "$FH_ETCD_DIR/etcd.pid" "$FH_ETCD_DIR/etcd.log" "$cg" \
     etcd --name "fh-$FH_CLUSTER" --data-dir "$FH_ETCD_DIR/data" \
       --listen-client-urls "$urls" --advertise-client-urls "$FH_ETCD_ENDPOINT" \
       --listen-peer-urls "http://$FH_BRIDGE_IP:$FH_ETCD_PEER_PORT" \
       --initial-advertise-peer-urls "http://$FH_BRIDGE_IP:$FH_ETCD_PEER_PORT" \
       --initial-cluster "fh-$FH_CLUSTER=http://$FH_BRIDGE_IP:$FH_ETCD_PEER_PORT" \
-      --initial-cluster-state new --logger=zap --log-outputs=stderr || fh_die "etcd spawn failed"
+      --initial-cluster-state new --logger=zap --log-outputs=stderr $FH_ETCD_ARGS || fh_die "etcd spawn failed"
   for _ in $(seq 200); do
     curl -fsS --max-time 1 "$FH_ETCD_ENDPOINT/version" >/dev/null 2>&1 && return 0
     fh_etcd_pid >/dev/null || break

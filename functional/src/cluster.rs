@@ -43,6 +43,9 @@ pub struct ClusterSpec {
     /// First three octets of the cluster's /24 subnet, e.g. `"172.20.5"`. Default: derived
     /// from the name (172.18.0.0/16 for the cluster called "fleet").
     pub net: Option<String>,
+    /// Extra arguments of the cluster's etcd (e.g. `--enable-v2=true`, which fleet v1.0's
+    /// fleetd needs when a benchmark runs it in the nodes).
+    pub etcd_args: String,
     /// How long each node may take to boot.
     pub boot_timeout: Duration,
     /// How long one command (exec, fleetctl, ssh, a node operation) may take.
@@ -64,6 +67,7 @@ impl ClusterSpec {
             fleet_tcp_port: None,
             bin_dir: None,
             net: None,
+            etcd_args: String::new(),
             boot_timeout: Duration::from_secs(120),
             command_timeout: Duration::from_secs(120),
             lock_timeout: Duration::from_secs(30 * 60),
@@ -91,6 +95,12 @@ impl ClusterSpec {
     /// Makes fleet.socket listen on a TCP port as well.
     pub fn fleet_tcp_port(mut self, port: u16) -> ClusterSpec {
         self.fleet_tcp_port = Some(port);
+        self
+    }
+
+    /// Extra arguments for the cluster's etcd.
+    pub fn etcd_args(mut self, args: &str) -> ClusterSpec {
+        self.etcd_args = args.to_string();
         self
     }
 
@@ -165,6 +175,7 @@ impl ClusterSpec {
                 self.boot_timeout.as_secs().max(1).to_string(),
             ),
             ("FH_FLEET_CONF".to_string(), self.fleet_config.join("\n")),
+            ("FH_ETCD_ARGS".to_string(), self.etcd_args.clone()),
             (
                 "FH_FLEET_ENV".to_string(),
                 self.fleet_env
