@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use functional::fleet::{NODE_UNITS_DIR, UnitRow, boot, fixture, must, quick_spec, short_id};
+use functional::fleet::{
+    NODE_UNITS_DIR, UnitFileRow, UnitRow, boot, fixture, must, quick_spec, short_id,
+};
 use functional::{Cluster, FleetCluster, Output, wait_for};
 
 /// Bound of every wait for the cluster to act on a command.
@@ -428,4 +430,97 @@ fn global_units_run_once_per_machine_and_conflicting_globals_do_not() {
         wait_systemd(&c, n, "global.service", "inactive");
     }
     must(c.wait_for_active(1, 5, WAIT));
+}
+
+/// Two fleetctl invocations at once, in two nodes (two API servers), start overlapping sets
+/// of units that all conflict with each other: each unit is created once (the one created by
+/// both is taken by the second as its own), no machine runs two of them, the rest say why
+/// they wait, and both commands print exactly their own lines and succeed.
+#[test]
+fn concurrent_starts_of_overlapping_conflicting_units() {
+    let c = boot(quick_spec("concur", 3));
+    must(c.wait_for_machines(1, 3, WAIT));
+    let template =
+        "[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\nConflicts=cx@*.service\n";
+    for n in [1, 2] {
+        must(c.put_unit(n, "cx@.service", template));
+    }
+    let args = |units: std::ops::RangeInclusive<usize>| -> Vec<String> {
+        let mut a = vec!["start".to_string(), "--no-block".to_string()];
+        a.extend(units.map(|i| format!("{NODE_UNITS_DIR}/cx@{i}.service")));
+        a
+    };
+    let (a, b) = (args(1..=4), args(3..=6));
+    let run = |node: usize, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        fleetctl(&c, node, &args)
+    };
+    let (out_a, out_b) = thread::scope(|s| {
+        let ha = s.spawn(|| run(1, &a));
+        let hb = s.spawn(|| run(2, &b));
+        (ha.join(), hb.join())
+    });
+    let (out_a, out_b) = (
+        out_a.unwrap_or_else(|_| panic!("fleetctl in node1 panicked")),
+        out_b.unwrap_or_else(|_| panic!("fleetctl in node2 panicked")),
+    );
+    // each prints its own units' creation in order; a unit the other command started first
+    // is skipped ("already launched"), so between them every unit is triggered
+    let mut triggered = BTreeSet::new();
+    for (out, units) in [(&out_a, 1..=4), (&out_b, 3..=6)] {
+        let created: Vec<String> = units
+            .clone()
+            .map(|i| format!("Unit cx@{i}.service inactive"))
+            .collect();
+        let lines: Vec<&str> = out.stdout.lines().collect();
+        assert!(
+            out.success() && lines.len() >= created.len() && lines[..created.len()] == created,
+            "{out}"
+        );
+        let own: Vec<String> = units
+            .map(|i| format!("Triggered unit cx@{i}.service start"))
+            .collect();
+        let rest = &lines[created.len()..];
+        assert!(
+            rest.iter().all(|l| own.iter().any(|o| o == l))
+                && rest.windows(2).all(|w| {
+                    own.iter().position(|o| o == w[0]) < own.iter().position(|o| o == w[1])
+                }),
+            "{out}"
+        );
+        triggered.extend(rest.iter().map(|l| l.to_string()));
+    }
+    assert_eq!(triggered.len(), 6, "{triggered:?}");
+
+    let files = must(c.list_unit_files(1));
+    let names: Vec<&str> = files.iter().map(|f| f.unit.as_str()).collect();
+    assert_eq!(
+        names,
+        (1..=6)
+            .map(|i| format!("cx@{i}.service"))
+            .collect::<Vec<_>>(),
+        "each unit once: {files:?}"
+    );
+    let active = must(c.wait_for_active(1, 3, WAIT));
+    let machines: BTreeSet<String> = active.keys().map(|u| machine_of(&active, u)).collect();
+    assert_eq!(
+        machines.len(),
+        3,
+        "one conflicting unit per machine: {active:?}"
+    );
+    stays_active(&c, 1, &active);
+    for n in c.nodes() {
+        assert!(
+            running_in(&c, n, "cx@*").len() <= 1,
+            "node{n} runs two of them"
+        );
+    }
+    let waiting: Vec<&UnitFileRow> = files
+        .iter()
+        .filter(|f| !active.contains_key(&f.unit))
+        .collect();
+    assert_eq!(waiting.len(), 3, "{files:?}");
+    for f in waiting {
+        assert_eq!(f.target, "-", "{f:?} should not be placed");
+    }
 }
