@@ -35,7 +35,8 @@ pub use name::{
     TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName, UnitNameError, default_unit_type,
 };
 pub use requirements::{
-    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_SECTION_BYTES, MAX_VALUE_BYTES,
+    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_PATTERNS, MAX_SECTION_BYTES,
+    MAX_VALUE_BYTES,
     RequirementError, RequirementErrorKind, Requirements, X_FLEET,
 };
 pub use state::{TargetState, TargetStateError};

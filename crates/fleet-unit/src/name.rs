@@ -170,15 +170,51 @@ impl UnitName {
     /// Expands fleet's specifiers in `value`: `%n` full name, `%N` name without suffix,
     /// `%p` prefix, `%i` instance (empty when there is none). Replacements are applied one
     /// specifier after the other, in that order, as fleet did.
+    ///
+    /// `%n` can make a value 127 times longer; with input from others use
+    /// [`UnitName::expand_specifiers_within`].
     pub fn expand_specifiers(&self, value: &str) -> String {
-        if !value.contains('%') {
-            return value.to_string();
+        self.expand_specifiers_within(value, usize::MAX)
+            .unwrap_or_default()
+    }
+
+    /// [`UnitName::expand_specifiers`], or None when the expanded value would be longer
+    /// than `max` bytes.
+    ///
+    /// Names hold no `%`, so every replacement uses up one `%` of `value` and removes at most
+    /// two bytes from what later steps produce. A step whose result, less two bytes for each
+    /// `%` left, is longer than `max` therefore stops the expansion before its text is built:
+    /// nothing longer than `max` plus twice the number of `%` in `value` is ever allocated.
+    pub fn expand_specifiers_within(&self, value: &str, max: usize) -> Option<String> {
+        let mut percents = value.bytes().filter(|b| *b == b'%').count();
+        let too_long = |len: usize, percents: usize| len.saturating_sub(2 * percents) > max;
+        if too_long(value.len(), percents) {
+            return None;
         }
-        value
-            .replace("%n", self.as_str())
-            .replace("%N", self.stem())
-            .replace("%p", self.prefix())
-            .replace("%i", self.instance().unwrap_or(""))
+        if percents == 0 {
+            return Some(value.to_string());
+        }
+        let steps = [
+            ("%n", self.as_str()),
+            ("%N", self.stem()),
+            ("%p", self.prefix()),
+            ("%i", self.instance().unwrap_or("")),
+        ];
+        let mut out = value.to_string();
+        for (from, to) in steps {
+            // str::replace replaces these non-overlapping matches, left to right
+            let n = out.matches(from).count();
+            if n == 0 {
+                continue;
+            }
+            let len = (out.len() - n * from.len()).checked_add(n.checked_mul(to.len())?)?;
+            percents -= n;
+            if too_long(len, percents) {
+                return None;
+            }
+            out = out.replace(from, to);
+        }
+        (out.len() <= max).then_some(out)
     }
 }
 
@@ -421,10 +457,59 @@ mod tests {
             ("hello.service", "x%iy", "xy"),
             ("hello.service", "100%", "100%"),
             ("hello.service", "%%n", "%hello.service"),
+            // %n can make a %N: replacements are applied in turn, as fleet did
+            ("Nx.service", "%%n", "Nxx.service"),
         ];
         for (name, value, want) in cases {
             let n = UnitName::parse(name).expect("valid");
             assert_eq!(n.expand_specifiers(value), *want, "{name} {value}");
+            assert_eq!(
+                n.expand_specifiers_within(value, want.len()).as_deref(),
+                Some(*want),
+                "{name} {value}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// The capped expansion is the expansion when it fits, and None when it does not.
+        #[test]
+        fn capped_expansion_agrees(
+            name in "(N|n|p|i|x){1,6}(@(N|n|p|i|x){0,4})?\\.service",
+            value in "(%|N|n|p|i|x|-){0,24}",
+            max in 0usize..64,
+        ) {
+            let n = UnitName::parse(&name).expect("valid");
+            let full = n.expand_specifiers(&value);
+            let want = (full.len() <= max).then_some(full);
+            proptest::prop_assert_eq!(n.expand_specifiers_within(&value, max), want);
+        }
+    }
+
+    #[test]
+    fn capped_expansion_stops_at_the_cap() {
+        let n = UnitName::parse("web@1.service").expect("valid");
+        // (value, cap, expanded or None)
+        let cases: &[(&str, usize, Option<&str>)] = &[
+            ("%n%n", 26, Some("web@1.serviceweb@1.service")),
+            ("%n%n", 25, None),
+            ("%n", 12, None),
+            // a step may be longer than the cap when later ones shrink it again
+            ("%n%i", 14, Some("web@1.service1")),
+            ("%p%i%i%i%i", 7, Some("web1111")),
+            ("%p%i%i%i%i", 6, None),
+            ("abc", 2, None),
+            ("abc", 3, Some("abc")),
+            // a value may shrink (%i is one byte here)
+            ("%i%i%i", 3, Some("111")),
+            ("%i%i%i", 2, None),
+        ];
+        for (value, cap, want) in cases {
+            assert_eq!(
+                n.expand_specifiers_within(value, *cap).as_deref(),
+                *want,
+                "{value} within {cap}"
+            );
         }
     }
 

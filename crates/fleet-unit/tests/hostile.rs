@@ -1,17 +1,20 @@
 //! Hostile unit files, as anyone with etcd access can store them for every agent to read:
-//! parsing, serializing and hashing 10 MiB costs time and memory linear in the text.
+//! parsing, serializing and hashing 10 MiB costs time and memory linear in the text, and
+//! reading the `[X-Fleet]` requirements of a hostile unit allocates little.
 //!
-//! Memory is measured with a counting allocator (this file holds one test, so nothing else
-//! allocates meanwhile). Times are printed, not asserted: run with `--nocapture` to see them.
+//! Memory is measured with a counting allocator; the tests of this file take one lock, so
+//! nothing else allocates meanwhile. Times are printed, never asserted (tests do not assert
+//! on speed): run with `--nocapture` to see them.
 
 // The only unsafe code: a global allocator that forwards to the system one and counts bytes.
 #![allow(unsafe_code)]
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use fleet_unit::UnitFile;
+use fleet_unit::{MAX_SECTION_BYTES, MAX_VALUE_BYTES, Requirements, UnitFile, UnitName};
 
 struct Counting;
 
@@ -51,6 +54,17 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
+/// Held by every test of this file while it measures, so that only it allocates.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs `f` and returns its result and the most bytes it had allocated at once.
+fn peak_of<R>(f: impl FnOnce() -> R) -> (R, usize) {
+    let base = CURRENT.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let r = f();
+    (r, PEAK.load(Ordering::Relaxed).saturating_sub(base))
+}
+
 const SIZE: usize = 10 * 1024 * 1024;
 
 /// `head` then `item(i)` for i = 0, 1, ... until the text holds about SIZE bytes.
@@ -67,6 +81,7 @@ fn build(head: &str, item: impl Fn(usize) -> String) -> String {
 
 #[test]
 fn ten_mib_of_hostile_text_costs_linear_time_and_memory() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let long_section = format!("[{}]\n", "S".repeat(2000));
     // a section name of 5 MiB, over many short lines (a header may span lines)
     let spanning_section = format!("[{}]\n", "s\n".repeat(SIZE / 4));
@@ -138,5 +153,47 @@ fn ten_mib_of_hostile_text_costs_linear_time_and_memory() {
         );
         drop(canonical);
         drop(unit);
+    }
+}
+
+/// `%n` makes a value up to 127 times longer (a 255-byte name for two bytes): the
+/// expansion must be refused before it is allocated, and the raw text counts too.
+#[test]
+fn specifier_expansion_is_bounded_before_it_is_allocated() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let name = UnitName::parse(&format!("{}.service", "x".repeat(247))).expect("valid name");
+    assert_eq!(name.as_str().len(), 255);
+    let line = format!("{}\\\n", "%n".repeat(1000));
+    let shapes: Vec<(&str, String, String)> = vec![
+        // the second review's unit: one value of 1 MB over 500 continued lines, which
+        // expanded to 127 MB (and four copies of it) before its size was checked
+        (
+            "one continued value of 1 MB",
+            format!("[X-Fleet]\nMachineOf={}", line.repeat(500)),
+            format!("[X-Fleet] section exceeds {MAX_SECTION_BYTES} bytes"),
+        ),
+        // values short as written (2,000 bytes, within the section) but 255 KB expanded
+        (
+            "values that expand 127 times",
+            format!("[X-Fleet]\n{}", format!("MachineOf={}\n", "%n".repeat(1000)).repeat(30)),
+            format!("[X-Fleet] MachineOf value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"),
+        ),
+    ];
+    for (what, text, want) in shapes {
+        let file = UnitFile::parse(&text).expect("hostile text parses");
+        let start = Instant::now();
+        let (result, peak) = peak_of(|| Requirements::from_unit(&name, &file));
+        let took = start.elapsed();
+        eprintln!(
+            "{what}: {} bytes of text; from_unit peak {peak} bytes, {took:?}",
+            text.len()
+        );
+        let err = result.expect_err(what);
+        assert!(
+            err.fleet_message().starts_with(&want),
+            "{what}: {err} (want {want})"
+        );
+        // the section's limit and a few values of a line each, far from the 511 MB of before
+        assert!(peak <= 4 * MAX_SECTION_BYTES, "{what}: peak {peak} bytes");
     }
 }
