@@ -173,8 +173,14 @@ mod tests {
         // 5,000 names sharing the prefix "w" make "w*" broad
         let mut owned: Vec<String> = (0..5000).map(|i| format!("w{i:04}.service")).collect();
         owned.extend(
-            ["a.service", "ab.service", "b@1.service", "b@2.service", "c.service"]
-                .map(String::from),
+            [
+                "a.service",
+                "ab.service",
+                "b@1.service",
+                "b@2.service",
+                "c.service",
+            ]
+            .map(String::from),
         );
         owned.sort();
         let names: Vec<&str> = owned.iter().map(String::as_str).collect();
@@ -193,7 +199,10 @@ mod tests {
         assert!(idx.any_broad);
         let mut pairs = 0;
         for u in 0..names.len() {
-            assert_eq!(idx.declares_any(u), in_universe[u] && !declared[u].is_empty());
+            assert_eq!(
+                idx.declares_any(u),
+                in_universe[u] && !declared[u].is_empty()
+            );
             if !idx.declares_any(u) {
                 continue;
             }

@@ -12,6 +12,11 @@ use crate::quote::{go_quote, go_quote_char};
 /// 256 with the terminating NUL). fleet v1.0 accepted 256 bytes, a name no node could run.
 pub const UNIT_NAME_MAX: usize = 255;
 
+/// Longest name of a unit that may already be in the registry: fleet v1.0's limit. Such a
+/// unit can be read, listed and destroyed ([`UnitName::parse_stored`]), but never created,
+/// scheduled or run.
+pub const STORED_UNIT_NAME_MAX: usize = 256;
+
 /// Unit types fleet accepted as a name's suffix.
 pub const UNIT_TYPES: &[&str] = &[
     "automount",
@@ -48,8 +53,8 @@ const RECOGNIZED_TYPES: &[&str] = &[
 pub enum UnitNameError {
     #[error("unit name cannot be empty")]
     Empty,
-    #[error("unit name exceeds maximum length ({UNIT_NAME_MAX})")]
-    TooLong,
+    #[error("unit name exceeds maximum length ({max})")]
+    TooLong { max: usize },
     #[error("unit name must contain \".\"")]
     NoDot,
     #[error("unit name cannot end in \".\"")]
@@ -81,13 +86,26 @@ pub struct UnitName {
 }
 
 impl UnitName {
-    /// Validates `name` with fleet's rules (`api.ValidateName`), reporting the first problem.
+    /// Validates `name` with fleet's rules (`api.ValidateName`), reporting the first problem;
+    /// at most [`UNIT_NAME_MAX`] bytes. For a name to create or run.
     pub fn parse(name: &str) -> Result<UnitName, UnitNameError> {
+        UnitName::parse_within(name, UNIT_NAME_MAX)
+    }
+
+    /// [`UnitName::parse`], but up to [`STORED_UNIT_NAME_MAX`] bytes, as fleet v1.0 allowed:
+    /// for a name read from the registry, or of a unit to look up or destroy, so that a unit
+    /// stored under such a name can still be seen and removed. Whether it can run:
+    /// [`UnitName::is_runnable`].
+    pub fn parse_stored(name: &str) -> Result<UnitName, UnitNameError> {
+        UnitName::parse_within(name, STORED_UNIT_NAME_MAX)
+    }
+
+    fn parse_within(name: &str, max: usize) -> Result<UnitName, UnitNameError> {
         if name.is_empty() {
             return Err(UnitNameError::Empty);
         }
-        if name.len() > UNIT_NAME_MAX {
-            return Err(UnitNameError::TooLong);
+        if name.len() > max {
+            return Err(UnitNameError::TooLong { max });
         }
         let dot = name.rfind('.').ok_or(UnitNameError::NoDot)?;
         if dot == name.len() - 1 {
@@ -111,6 +129,12 @@ impl UnitName {
             dot,
             at: name[..dot].find('@'),
         })
+    }
+
+    /// Whether systemd can load a unit of this name (at most [`UNIT_NAME_MAX`] bytes; only
+    /// a name from [`UnitName::parse_stored`] can be longer).
+    pub fn is_runnable(&self) -> bool {
+        self.full.len() <= UNIT_NAME_MAX
     }
 
     /// The whole name, e.g. `web@1.service`.
@@ -273,10 +297,12 @@ impl Serialize for UnitName {
     }
 }
 
+/// Names are deserialized from records in the registry, which fleet v1.0 may have written:
+/// up to [`STORED_UNIT_NAME_MAX`] bytes ([`UnitName::parse_stored`]).
 impl<'de> Deserialize<'de> for UnitName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        UnitName::parse(&s).map_err(serde::de::Error::custom)
+        UnitName::parse_stored(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -348,6 +374,41 @@ mod tests {
         for (name, want) in cases {
             check(name, want);
         }
+    }
+
+    #[test]
+    fn stored_names_may_be_one_byte_longer() {
+        let name = |len: usize| format!("{}.service", "a".repeat(len - ".service".len()));
+        // (length, parse, parse_stored)
+        let cases: &[(usize, Result<(), &str>, Result<(), &str>)] = &[
+            (255, Ok(()), Ok(())),
+            (256, Err("unit name exceeds maximum length (255)"), Ok(())),
+            (
+                257,
+                Err("unit name exceeds maximum length (255)"),
+                Err("unit name exceeds maximum length (256)"),
+            ),
+        ];
+        for (len, parse, stored) in cases {
+            let n = name(*len);
+            let got = UnitName::parse(&n).map(|_| ()).map_err(|e| e.to_string());
+            assert_eq!(got, parse.map_err(str::to_string), "parse {len}");
+            let got = UnitName::parse_stored(&n).map_err(|e| e.to_string());
+            assert_eq!(
+                got.as_ref().map(|_| ()).map_err(Clone::clone),
+                stored.map_err(str::to_string),
+                "parse_stored {len}"
+            );
+            if let Ok(u) = got {
+                assert_eq!(u.is_runnable(), *len <= UNIT_NAME_MAX, "{len}");
+            }
+        }
+        // the other rules still hold
+        assert!(UnitName::parse_stored(&format!("{}/.service", "a".repeat(247))).is_err());
+        // records in the registry may hold such a name
+        let json = format!("\"{}\"", name(256));
+        let n: UnitName = serde_json::from_str(&json).expect("stored name");
+        assert!(!n.is_runnable());
     }
 
     #[test]

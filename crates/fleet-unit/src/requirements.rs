@@ -97,11 +97,15 @@ impl Requirements {
         for opt in file.options().iter().filter(|o| &*o.section == X_FLEET) {
             written = written.saturating_add(opt.name.len() + opt.value.len() + 2);
             if written > MAX_SECTION_BYTES {
-                return Err(err(RequirementErrorKind::SectionTooLarge { expanded: false }));
+                return Err(err(RequirementErrorKind::SectionTooLarge {
+                    expanded: false,
+                }));
             }
             expanded += opt.name.len() + 1;
             if expanded > MAX_SECTION_BYTES {
-                return Err(err(RequirementErrorKind::SectionTooLarge { expanded: true }));
+                return Err(err(RequirementErrorKind::SectionTooLarge {
+                    expanded: true,
+                }));
             }
             let i = *index.entry(&opt.name).or_insert_with(|| {
                 keys.push((&opt.name, Vec::new()));
@@ -115,7 +119,9 @@ impl Requirements {
                 };
                 expanded += v.len() + 1;
                 if expanded > MAX_SECTION_BYTES {
-                    return Err(err(RequirementErrorKind::SectionTooLarge { expanded: true }));
+                    return Err(err(RequirementErrorKind::SectionTooLarge {
+                        expanded: true,
+                    }));
                 }
                 keys[i].1.push(v);
             }
@@ -694,7 +700,10 @@ mod tests {
         // patterns without MachineOf: no pairs to check, but the scheduler matches them all
         let patterns: Vec<(&str, String)> = vec![(
             "Conflicts",
-            (0..250).map(|i| format!("c{i}.*")).collect::<Vec<_>>().join(" "),
+            (0..250)
+                .map(|i| format!("c{i}.*"))
+                .collect::<Vec<_>>()
+                .join(" "),
         )];
         let mut patterns_and_replaces = patterns.clone();
         patterns_and_replaces.extend(many("Replaces", 7, "r.service".into()));
@@ -764,10 +773,7 @@ mod tests {
         let stored = UnitFile::parse(&text).expect("stored text parses");
         let name = UnitName::parse("a.service").expect("valid name");
         let err = Requirements::from_unit(&name, &stored).expect_err("too large");
-        assert_eq!(
-            err.fleet_message(),
-            "[X-Fleet] section exceeds 65536 bytes"
-        );
+        assert_eq!(err.fleet_message(), "[X-Fleet] section exceeds 65536 bytes");
         // just inside the limits: checked, and a match is still found
         let mut inside = many("MachineOf", 31, a(100));
         inside.push(("MachineOf", format!("{}b", a(99))));

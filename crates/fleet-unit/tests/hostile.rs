@@ -191,8 +191,13 @@ fn specifier_expansion_is_bounded_before_it_is_allocated() {
         // values short as written (2,000 bytes, within the section) but 255 KB expanded
         (
             "values that expand 127 times",
-            format!("[X-Fleet]\n{}", format!("MachineOf={}\n", "%n".repeat(1000)).repeat(30)),
-            format!("[X-Fleet] MachineOf value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"),
+            format!(
+                "[X-Fleet]\n{}",
+                format!("MachineOf={}\n", "%n".repeat(1000)).repeat(30)
+            ),
+            format!(
+                "[X-Fleet] MachineOf value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"
+            ),
         ),
     ];
     for (what, text, want) in shapes {
