@@ -380,7 +380,8 @@ mod tests {
     fn stored_names_may_be_one_byte_longer() {
         let name = |len: usize| format!("{}.service", "a".repeat(len - ".service".len()));
         // (length, parse, parse_stored)
-        let cases: &[(usize, Result<(), &str>, Result<(), &str>)] = &[
+        type Case = (usize, Result<(), &'static str>, Result<(), &'static str>);
+        let cases: &[Case] = &[
             (255, Ok(()), Ok(())),
             (256, Err("unit name exceeds maximum length (255)"), Ok(())),
             (
