@@ -251,8 +251,10 @@ impl Api {
         Ok(json_reply(StatusCode::OK, &page))
     }
 
+    /// GET of a unit. Like DELETE, it takes names up to fleet v1.0's limit, one byte longer
+    /// than a PUT may create, so that a unit stored by fleet v1.0 can be seen and destroyed.
     async fn get_unit(&self, item: &str) -> Result<Reply> {
-        let unit = match UnitName::parse(item) {
+        let unit = match UnitName::parse_stored(item) {
             Ok(name) => self
                 .registry
                 .unit(&name)
@@ -268,7 +270,7 @@ impl Api {
     }
 
     async fn destroy_unit(&self, item: &str) -> Result<Reply> {
-        let Ok(name) = UnitName::parse(item) else {
+        let Ok(name) = UnitName::parse_stored(item) else {
             return Err(fail(StatusCode::NOT_FOUND, "unit does not exist"));
         };
         match self.registry.destroy_unit(&name).await {

@@ -608,7 +608,9 @@ impl HttpRegistry {
 
 /// A unit from the wire: its body from its options, its hash and globalness from the body.
 fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
-    let name = UnitName::parse(&u.name).map_err(|e| format!("unit name {:?}: {e}", u.name))?;
+    // a unit stored by fleet v1.0 may have a name one byte longer than can be created
+    let name =
+        UnitName::parse_stored(&u.name).map_err(|e| format!("unit name {:?}: {e}", u.name))?;
     let file = UnitFile::from_options(
         u.options
             .into_iter()

@@ -60,6 +60,15 @@ fn step_down(registry: &EtcdRegistry, leader: &mut Option<Leader>, stats: &Engin
     }
 }
 
+/// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
+/// blocking pool, so that it never holds one of the runtime's few workers: the API, the
+/// agent and lease keep-alives go on meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    tokio::task::spawn_blocking(work).await
+}
+
 /// Runs the engine until `shutdown` is cancelled; on shutdown a leader resigns at once so
 /// another engine takes over without waiting for the lease to expire.
 pub async fn run(
@@ -246,7 +255,14 @@ pub async fn run(
                 snap.units.iter().map(|u| (&u.name, &u.hash)).collect();
             requirements.retain(|(n, h), _| live.contains(&(n, h)));
         }
-        let plan = fleet_scheduler::reconcile(&sched_snap);
+        let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
+            Ok(plan) => plan,
+            Err(e) => {
+                warn!(error = %e, "the scheduler failed");
+                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
         l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
         let held: HashSet<String> = if l.since.elapsed() < cfg.agent_ttl {
             let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
@@ -291,5 +307,30 @@ pub async fn run(
         stats
             .last_reconcile_micros
             .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// The work waits for a task of the same single-threaded runtime: it completes only if
+    /// it runs beside the runtime rather than on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reconcile_work_leaves_the_runtime_free() {
+        let (tx, rx) = mpsc::channel();
+        let other = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.send(()).map_err(|_| "the work is gone")
+        });
+        let work = off_runtime(move || rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert_eq!(
+            work.await.ok(),
+            Some(true),
+            "the runtime's task never ran while the work did"
+        );
+        assert_eq!(other.await.ok(), Some(Ok(())));
     }
 }

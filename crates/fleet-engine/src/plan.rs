@@ -5,10 +5,11 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use fleet_registry::{EngineOp, EngineSnapshot, UnitRecord};
 use fleet_scheduler::{Decision, Machine, Plan, Snapshot, Unit};
-use fleet_unit::Requirements;
+use fleet_unit::{Requirements, UNIT_NAME_MAX};
 
 /// Builds the scheduler's input. Global units are left out (agents run them); a unit whose
-/// requirements cannot be read gets its error as its reason in the returned map.
+/// requirements cannot be read, or whose name systemd cannot load (256 bytes, stored by
+/// fleet v1.0), gets its error as its reason in the returned map.
 pub fn to_scheduler_snapshot(
     snap: &EngineSnapshot,
     mut requirements: impl FnMut(&UnitRecord) -> Result<Requirements, String>,
@@ -24,6 +25,13 @@ pub fn to_scheduler_snapshot(
     let mut invalid = BTreeMap::new();
     let mut units = Vec::with_capacity(snap.units.len());
     for rec in snap.units.iter().filter(|u| !u.global) {
+        if !rec.name.is_runnable() {
+            invalid.insert(
+                rec.name.to_string(),
+                format!("unit name exceeds maximum length ({UNIT_NAME_MAX}): destroy the unit"),
+            );
+            continue;
+        }
         match requirements(rec) {
             Ok(req) => units.push(Unit {
                 name: rec.name.clone(),
@@ -314,6 +322,27 @@ mod tests {
             vec![EngineOp::SetReason {
                 unit: "a.service".into(),
                 reason: "bad [X-Fleet]".into()
+            }]
+        );
+    }
+
+    /// A unit fleet v1.0 stored under a 256-byte name: never scheduled (no node could load
+    /// it), and the reason says what to do.
+    #[test]
+    fn names_systemd_cannot_load_are_not_scheduled() {
+        let long = format!("{}.service", "a".repeat(248));
+        let mut snap = EngineSnapshot::default();
+        snap.machines = vec![machine("m1")];
+        let mut r = rec("a.service", TargetState::Launched);
+        r.name = UnitName::parse_stored(&long).expect("stored name");
+        snap.units = vec![r];
+        let (s, _) = to_scheduler_snapshot(&snap, |_| Ok(Requirements::default()));
+        assert!(s.units.is_empty());
+        assert_eq!(
+            run(&snap, &[]),
+            vec![EngineOp::SetReason {
+                unit: long,
+                reason: "unit name exceeds maximum length (255): destroy the unit".into(),
             }]
         );
     }

@@ -54,8 +54,8 @@ struct Ctx<'a> {
     followers: Vec<Vec<u32>>,
     /// MachineOf depth (targets first); CYCLE for units on a MachineOf cycle.
     rank: Vec<u32>,
-    conflicts: PatternIndex<'a>,
-    replaces: PatternIndex<'a>,
+    conflicts: PatternIndex,
+    replaces: PatternIndex,
     /// Global-versus-global conflicts, by position in `globals`.
     globals: Vec<u32>,
 }

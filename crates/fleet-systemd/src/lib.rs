@@ -254,8 +254,10 @@ pub trait UnitManager: Send + Sync {
 }
 
 /// The longest unit name systemd accepts (`UNIT_NAME_MAX` is 256 with the NUL), which is
-/// also the longest file name (NAME_MAX).
-const MAX_NAME_LEN: usize = 255;
+/// also the longest file name (NAME_MAX): the limit of every unit name fleet creates.
+const MAX_NAME_LEN: usize = fleet_unit::UNIT_NAME_MAX;
+// the reason `validate_name` gives spells the number out
+const _: () = assert!(MAX_NAME_LEN == 255);
 
 /// Refuses a unit name that could address a file outside the units directory (empty, `.`,
 /// `..`, or containing `/` or NUL) or that no file or systemd unit can have (over 255 bytes).

@@ -32,10 +32,11 @@ pub use file::{
 pub use glob::{Glob, glob_match, is_literal_pattern, is_valid_pattern, literal_prefix};
 pub use hash::{UnitHash, UnitHashError};
 pub use name::{
-    TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName, UnitNameError, default_unit_type,
+    STORED_UNIT_NAME_MAX, TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName, UnitNameError,
+    default_unit_type,
 };
 pub use requirements::{
-    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_SECTION_BYTES, MAX_VALUE_BYTES,
-    RequirementError, RequirementErrorKind, Requirements, X_FLEET,
+    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_PATTERNS, MAX_SECTION_BYTES,
+    MAX_VALUE_BYTES, RequirementError, RequirementErrorKind, Requirements, X_FLEET,
 };
 pub use state::{TargetState, TargetStateError};

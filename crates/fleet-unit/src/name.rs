@@ -12,6 +12,11 @@ use crate::quote::{go_quote, go_quote_char};
 /// 256 with the terminating NUL). fleet v1.0 accepted 256 bytes, a name no node could run.
 pub const UNIT_NAME_MAX: usize = 255;
 
+/// Longest name of a unit that may already be in the registry: fleet v1.0's limit. Such a
+/// unit can be read, listed and destroyed ([`UnitName::parse_stored`]), but never created,
+/// scheduled or run.
+pub const STORED_UNIT_NAME_MAX: usize = 256;
+
 /// Unit types fleet accepted as a name's suffix.
 pub const UNIT_TYPES: &[&str] = &[
     "automount",
@@ -48,8 +53,8 @@ const RECOGNIZED_TYPES: &[&str] = &[
 pub enum UnitNameError {
     #[error("unit name cannot be empty")]
     Empty,
-    #[error("unit name exceeds maximum length ({UNIT_NAME_MAX})")]
-    TooLong,
+    #[error("unit name exceeds maximum length ({max})")]
+    TooLong { max: usize },
     #[error("unit name must contain \".\"")]
     NoDot,
     #[error("unit name cannot end in \".\"")]
@@ -81,13 +86,26 @@ pub struct UnitName {
 }
 
 impl UnitName {
-    /// Validates `name` with fleet's rules (`api.ValidateName`), reporting the first problem.
+    /// Validates `name` with fleet's rules (`api.ValidateName`), reporting the first problem;
+    /// at most [`UNIT_NAME_MAX`] bytes. For a name to create or run.
     pub fn parse(name: &str) -> Result<UnitName, UnitNameError> {
+        UnitName::parse_within(name, UNIT_NAME_MAX)
+    }
+
+    /// [`UnitName::parse`], but up to [`STORED_UNIT_NAME_MAX`] bytes, as fleet v1.0 allowed:
+    /// for a name read from the registry, or of a unit to look up or destroy, so that a unit
+    /// stored under such a name can still be seen and removed. Whether it can run:
+    /// [`UnitName::is_runnable`].
+    pub fn parse_stored(name: &str) -> Result<UnitName, UnitNameError> {
+        UnitName::parse_within(name, STORED_UNIT_NAME_MAX)
+    }
+
+    fn parse_within(name: &str, max: usize) -> Result<UnitName, UnitNameError> {
         if name.is_empty() {
             return Err(UnitNameError::Empty);
         }
-        if name.len() > UNIT_NAME_MAX {
-            return Err(UnitNameError::TooLong);
+        if name.len() > max {
+            return Err(UnitNameError::TooLong { max });
         }
         let dot = name.rfind('.').ok_or(UnitNameError::NoDot)?;
         if dot == name.len() - 1 {
@@ -111,6 +129,12 @@ impl UnitName {
             dot,
             at: name[..dot].find('@'),
         })
+    }
+
+    /// Whether systemd can load a unit of this name (at most [`UNIT_NAME_MAX`] bytes; only
+    /// a name from [`UnitName::parse_stored`] can be longer).
+    pub fn is_runnable(&self) -> bool {
+        self.full.len() <= UNIT_NAME_MAX
     }
 
     /// The whole name, e.g. `web@1.service`.
@@ -170,15 +194,51 @@ impl UnitName {
     /// Expands fleet's specifiers in `value`: `%n` full name, `%N` name without suffix,
     /// `%p` prefix, `%i` instance (empty when there is none). Replacements are applied one
     /// specifier after the other, in that order, as fleet did.
+    ///
+    /// `%n` can make a value 127 times longer; with input from others use
+    /// [`UnitName::expand_specifiers_within`].
     pub fn expand_specifiers(&self, value: &str) -> String {
-        if !value.contains('%') {
-            return value.to_string();
+        self.expand_specifiers_within(value, usize::MAX)
+            .unwrap_or_default()
+    }
+
+    /// [`UnitName::expand_specifiers`], or None when the expanded value would be longer
+    /// than `max` bytes.
+    ///
+    /// Names hold no `%`, so every replacement uses up one `%` of `value` and removes at most
+    /// two bytes from what later steps produce. A step whose result, less two bytes for each
+    /// `%` left, is longer than `max` therefore stops the expansion before its text is built:
+    /// nothing longer than `max` plus twice the number of `%` in `value` is ever allocated.
+    pub fn expand_specifiers_within(&self, value: &str, max: usize) -> Option<String> {
+        let mut percents = value.bytes().filter(|b| *b == b'%').count();
+        let too_long = |len: usize, percents: usize| len.saturating_sub(2 * percents) > max;
+        if too_long(value.len(), percents) {
+            return None;
         }
-        value
-            .replace("%n", self.as_str())
-            .replace("%N", self.stem())
-            .replace("%p", self.prefix())
-            .replace("%i", self.instance().unwrap_or(""))
+        if percents == 0 {
+            return Some(value.to_string());
+        }
+        let steps = [
+            ("%n", self.as_str()),
+            ("%N", self.stem()),
+            ("%p", self.prefix()),
+            ("%i", self.instance().unwrap_or("")),
+        ];
+        let mut out = value.to_string();
+        for (from, to) in steps {
+            // str::replace replaces these non-overlapping matches, left to right
+            let n = out.matches(from).count();
+            if n == 0 {
+                continue;
+            }
+            let len = (out.len() - n * from.len()).checked_add(n.checked_mul(to.len())?)?;
+            percents -= n;
+            if too_long(len, percents) {
+                return None;
+            }
+            out = out.replace(from, to);
+        }
+        (out.len() <= max).then_some(out)
     }
 }
 
@@ -237,10 +297,12 @@ impl Serialize for UnitName {
     }
 }
 
+/// Names are deserialized from records in the registry, which fleet v1.0 may have written:
+/// up to [`STORED_UNIT_NAME_MAX`] bytes ([`UnitName::parse_stored`]).
 impl<'de> Deserialize<'de> for UnitName {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        UnitName::parse(&s).map_err(serde::de::Error::custom)
+        UnitName::parse_stored(&s).map_err(serde::de::Error::custom)
     }
 }
 
@@ -312,6 +374,42 @@ mod tests {
         for (name, want) in cases {
             check(name, want);
         }
+    }
+
+    #[test]
+    fn stored_names_may_be_one_byte_longer() {
+        let name = |len: usize| format!("{}.service", "a".repeat(len - ".service".len()));
+        // (length, parse, parse_stored)
+        type Case = (usize, Result<(), &'static str>, Result<(), &'static str>);
+        let cases: &[Case] = &[
+            (255, Ok(()), Ok(())),
+            (256, Err("unit name exceeds maximum length (255)"), Ok(())),
+            (
+                257,
+                Err("unit name exceeds maximum length (255)"),
+                Err("unit name exceeds maximum length (256)"),
+            ),
+        ];
+        for (len, parse, stored) in cases {
+            let n = name(*len);
+            let got = UnitName::parse(&n).map(|_| ()).map_err(|e| e.to_string());
+            assert_eq!(got, parse.map_err(str::to_string), "parse {len}");
+            let got = UnitName::parse_stored(&n).map_err(|e| e.to_string());
+            assert_eq!(
+                got.as_ref().map(|_| ()).map_err(Clone::clone),
+                stored.map_err(str::to_string),
+                "parse_stored {len}"
+            );
+            if let Ok(u) = got {
+                assert_eq!(u.is_runnable(), *len <= UNIT_NAME_MAX, "{len}");
+            }
+        }
+        // the other rules still hold
+        assert!(UnitName::parse_stored(&format!("{}/.service", "a".repeat(247))).is_err());
+        // records in the registry may hold such a name
+        let json = format!("\"{}\"", name(256));
+        let n: UnitName = serde_json::from_str(&json).expect("stored name");
+        assert!(!n.is_runnable());
     }
 
     #[test]
@@ -421,10 +519,59 @@ mod tests {
             ("hello.service", "x%iy", "xy"),
             ("hello.service", "100%", "100%"),
             ("hello.service", "%%n", "%hello.service"),
+            // %n can make a %N: replacements are applied in turn, as fleet did
+            ("Nx.service", "%%n", "Nxx.service"),
         ];
         for (name, value, want) in cases {
             let n = UnitName::parse(name).expect("valid");
             assert_eq!(n.expand_specifiers(value), *want, "{name} {value}");
+            assert_eq!(
+                n.expand_specifiers_within(value, want.len()).as_deref(),
+                Some(*want),
+                "{name} {value}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// The capped expansion is the expansion when it fits, and None when it does not.
+        #[test]
+        fn capped_expansion_agrees(
+            name in "(N|n|p|i|x){1,6}(@(N|n|p|i|x){0,4})?\\.service",
+            value in "(%|N|n|p|i|x|-){0,24}",
+            max in 0usize..64,
+        ) {
+            let n = UnitName::parse(&name).expect("valid");
+            let full = n.expand_specifiers(&value);
+            let want = (full.len() <= max).then_some(full);
+            proptest::prop_assert_eq!(n.expand_specifiers_within(&value, max), want);
+        }
+    }
+
+    #[test]
+    fn capped_expansion_stops_at_the_cap() {
+        let n = UnitName::parse("web@1.service").expect("valid");
+        // (value, cap, expanded or None)
+        let cases: &[(&str, usize, Option<&str>)] = &[
+            ("%n%n", 26, Some("web@1.serviceweb@1.service")),
+            ("%n%n", 25, None),
+            ("%n", 12, None),
+            // a step may be longer than the cap when later ones shrink it again
+            ("%n%i", 14, Some("web@1.service1")),
+            ("%p%i%i%i%i", 7, Some("web1111")),
+            ("%p%i%i%i%i", 6, None),
+            ("abc", 2, None),
+            ("abc", 3, Some("abc")),
+            // a value may shrink (%i is one byte here)
+            ("%i%i%i", 3, Some("111")),
+            ("%i%i%i", 2, None),
+        ];
+        for (value, cap, want) in cases {
+            assert_eq!(
+                n.expand_specifiers_within(value, *cap).as_deref(),
+                *want,
+                "{value} within {cap}"
+            );
         }
     }
 

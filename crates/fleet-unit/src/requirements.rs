@@ -17,10 +17,15 @@ pub const X_FLEET: &str = "X-Fleet";
 /// long): systemd's line limit, which the value had to fit before expansion anyway.
 pub const MAX_VALUE_BYTES: usize = LINE_MAX;
 
-/// The most bytes the `[X-Fleet]` options of a unit may hold after specifier expansion (names
-/// and values, each counted one byte longer). Bounds the memory of a unit's requirements, its
-/// warnings, and the work of matching its globs everywhere.
+/// The most bytes the `[X-Fleet]` options of a unit may hold, as written and again after
+/// specifier expansion (names and values, each counted one byte longer). Bounds the memory of
+/// a unit's requirements, its warnings, and the work of matching its globs everywhere.
 pub const MAX_SECTION_BYTES: usize = 64 * 1024;
+
+/// The most `Conflicts` (each value split on whitespace) and `Replaces` patterns a unit may
+/// declare together. Every pattern is matched against the names of the whole cluster in each
+/// reconcile, so their number bounds the scheduler's work, with or without `MachineOf`.
+pub const MAX_PATTERNS: usize = 256;
 
 /// The most `MachineOf` x (`Conflicts` + `Replaces`) pairs validation checks; fleet
 /// matched every pair, so an unbounded count multiplied out to minutes of CPU.
@@ -80,31 +85,43 @@ impl Requirements {
             unit: name.clone(),
             kind,
         };
-        // key -> values, keys in first-seen order, values split and expanded; sizes bounded
-        // as they are expanded, so a hostile section costs at most MAX_SECTION_BYTES. Every
-        // option and value counts one byte more than its text, so that empty ones count too.
+        // key -> values, keys in first-seen order, values split and expanded. Sizes are
+        // bounded twice: as written (before a value is copied), and after expansion, whose
+        // length is known before it is built; so a hostile section costs at most about
+        // MAX_SECTION_BYTES. Every option and value counts one byte more than its text, so
+        // that empty ones count too.
         let mut keys: Vec<(&str, Vec<String>)> = Vec::new();
         let mut index: HashMap<&str, usize> = HashMap::new();
-        let mut total = 0usize;
+        let mut written = 0usize;
+        let mut expanded = 0usize;
         for opt in file.options().iter().filter(|o| &*o.section == X_FLEET) {
-            total += opt.name.len() + 1;
-            if total > MAX_SECTION_BYTES {
-                return Err(err(RequirementErrorKind::SectionTooLarge));
+            written = written.saturating_add(opt.name.len() + opt.value.len() + 2);
+            if written > MAX_SECTION_BYTES {
+                return Err(err(RequirementErrorKind::SectionTooLarge {
+                    expanded: false,
+                }));
+            }
+            expanded += opt.name.len() + 1;
+            if expanded > MAX_SECTION_BYTES {
+                return Err(err(RequirementErrorKind::SectionTooLarge {
+                    expanded: true,
+                }));
             }
             let i = *index.entry(&opt.name).or_insert_with(|| {
                 keys.push((&opt.name, Vec::new()));
                 keys.len() - 1
             });
             for v in split_multivalue(&opt.value) {
-                let v = name.expand_specifiers(&v);
-                if v.len() > MAX_VALUE_BYTES {
+                let Some(v) = name.expand_specifiers_within(&v, MAX_VALUE_BYTES) else {
                     return Err(err(RequirementErrorKind::ValueTooLong {
                         key: opt.name.clone(),
                     }));
-                }
-                total += v.len() + 1;
-                if total > MAX_SECTION_BYTES {
-                    return Err(err(RequirementErrorKind::SectionTooLarge));
+                };
+                expanded += v.len() + 1;
+                if expanded > MAX_SECTION_BYTES {
+                    return Err(err(RequirementErrorKind::SectionTooLarge {
+                        expanded: true,
+                    }));
                 }
                 keys[i].1.push(v);
             }
@@ -189,6 +206,9 @@ impl Requirements {
     fn validate(&self) -> Result<(), RequirementErrorKind> {
         let peers = self.machine_of.len();
         let patterns = self.conflicts.len() + self.replaces.len();
+        if patterns > MAX_PATTERNS {
+            return Err(RequirementErrorKind::TooManyPatterns { patterns });
+        }
         if peers.saturating_mul(patterns) > MAX_MATCH_PAIRS {
             return Err(RequirementErrorKind::TooManyPairs { peers, patterns });
         }
@@ -317,8 +337,11 @@ pub enum RequirementErrorKind {
     },
     /// A value longer than [`MAX_VALUE_BYTES`] after specifier expansion.
     ValueTooLong { key: String },
-    /// Options longer than [`MAX_SECTION_BYTES`] together after specifier expansion.
-    SectionTooLarge,
+    /// Options longer than [`MAX_SECTION_BYTES`] together, as written or (`expanded`) after
+    /// specifier expansion.
+    SectionTooLarge { expanded: bool },
+    /// More than [`MAX_PATTERNS`] `Conflicts` and `Replaces` patterns.
+    TooManyPatterns { patterns: usize },
     /// More than [`MAX_MATCH_PAIRS`] `MachineOf` x (`Conflicts` + `Replaces`) pairs.
     TooManyPairs { peers: usize, patterns: usize },
     /// More than [`MAX_MATCH_WORK`] bytes of `MachineOf` values x bytes of patterns.
@@ -335,8 +358,14 @@ impl RequirementErrorKind {
             RequirementErrorKind::ValueTooLong { key } => format!(
                 "[X-Fleet] {key} value exceeds {MAX_VALUE_BYTES} bytes after specifier expansion"
             ),
-            RequirementErrorKind::SectionTooLarge => format!(
+            RequirementErrorKind::SectionTooLarge { expanded: false } => {
+                format!("[X-Fleet] section exceeds {MAX_SECTION_BYTES} bytes")
+            }
+            RequirementErrorKind::SectionTooLarge { expanded: true } => format!(
                 "[X-Fleet] section exceeds {MAX_SECTION_BYTES} bytes after specifier expansion"
+            ),
+            RequirementErrorKind::TooManyPatterns { patterns } => format!(
+                "[X-Fleet] {patterns} Conflicts and Replaces patterns exceed {MAX_PATTERNS}"
             ),
             RequirementErrorKind::TooManyPairs { peers, patterns } => format!(
                 "[X-Fleet] requirements too large to check: {peers} MachineOf values x {patterns} Conflicts and Replaces patterns exceed {MAX_MATCH_PAIRS} pairs"
@@ -665,6 +694,20 @@ mod tests {
         let mut pairs = many("MachineOf", 40, "db.service".into());
         pairs.extend(many("Conflicts", 30, "web.*".into()));
         pairs.extend(many("X-Conflicts", 10, "x.*".into()));
+        // within the section as written, over it once %n is expanded (41 x 1,600 bytes)
+        let grows = many("MachineOf", 41, "%n".repeat(100));
+        let grows_name = format!("{}.service", "g".repeat(8));
+        // patterns without MachineOf: no pairs to check, but the scheduler matches them all
+        let patterns: Vec<(&str, String)> = vec![(
+            "Conflicts",
+            (0..250)
+                .map(|i| format!("c{i}.*"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )];
+        let mut patterns_and_replaces = patterns.clone();
+        patterns_and_replaces.extend(many("Replaces", 7, "r.service".into()));
+        let split = vec![("X-Conflicts", "a.* ".repeat(300))];
         // few pairs, but long ones
         let mut heavy = many("MachineOf", 16, a(2000));
         heavy.extend(many("Conflicts", 16, format!("*{}b", a(1998))));
@@ -673,12 +716,12 @@ mod tests {
             (
                 "a.service",
                 hostile,
-                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+                "[X-Fleet] section exceeds 65536 bytes".into(),
             ),
             (
                 "a.service",
                 empty,
-                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+                "[X-Fleet] section exceeds 65536 bytes".into(),
             ),
             (
                 "a.service",
@@ -691,9 +734,24 @@ mod tests {
                 "[X-Fleet] MachineOf value exceeds 2048 bytes after specifier expansion".into(),
             ),
             (
+                &grows_name,
+                grows,
+                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+            ),
+            (
+                "a.service",
+                patterns_and_replaces,
+                "[X-Fleet] 257 Conflicts and Replaces patterns exceed 256".into(),
+            ),
+            (
+                "a.service",
+                split,
+                "[X-Fleet] 300 Conflicts and Replaces patterns exceed 256".into(),
+            ),
+            (
                 "a.service",
                 large,
-                "[X-Fleet] section exceeds 65536 bytes after specifier expansion".into(),
+                "[X-Fleet] section exceeds 65536 bytes".into(),
             ),
             (
                 "a.service",
@@ -715,10 +773,7 @@ mod tests {
         let stored = UnitFile::parse(&text).expect("stored text parses");
         let name = UnitName::parse("a.service").expect("valid name");
         let err = Requirements::from_unit(&name, &stored).expect_err("too large");
-        assert_eq!(
-            err.fleet_message(),
-            "[X-Fleet] section exceeds 65536 bytes after specifier expansion"
-        );
+        assert_eq!(err.fleet_message(), "[X-Fleet] section exceeds 65536 bytes");
         // just inside the limits: checked, and a match is still found
         let mut inside = many("MachineOf", 31, a(100));
         inside.push(("MachineOf", format!("{}b", a(99))));
@@ -730,6 +785,12 @@ mod tests {
                 .starts_with("unresolvable requirements: peer"),
             "{err}"
         );
+        // as many patterns as allowed, in Conflicts and Replaces of two units
+        let (req, _) = Requirements::from_unit(&name, &x_fleet(&patterns)).expect("250 patterns");
+        assert_eq!(req.conflicts.len(), 250);
+        let max = vec![("Replaces", "r.service".to_string()); MAX_PATTERNS];
+        let (req, _) = Requirements::from_unit(&name, &x_fleet(&max)).expect("256 patterns");
+        assert_eq!(req.replaces.len(), MAX_PATTERNS);
     }
 
     #[test]
