@@ -354,8 +354,11 @@ mod tests {
                 .expect("chmod 0644");
         }
         std::fs::write(units.join("notes.txt"), "x").expect("stray file");
-        std::fs::set_permissions(units.join("notes.txt"), std::fs::Permissions::from_mode(0o644))
-            .expect("chmod stray");
+        std::fs::set_permissions(
+            units.join("notes.txt"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod stray");
         let outside = tmp.path().join("outside.conf");
         std::fs::write(&outside, "x").expect("outside");
         std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644))
@@ -371,7 +374,11 @@ mod tests {
             .expect("stat outside")
             .permissions()
             .mode();
-        assert_eq!(outside_mode & 0o7777, 0o644, "a link's target is left alone");
+        assert_eq!(
+            outside_mode & 0o7777,
+            0o644,
+            "a link's target is left alone"
+        );
         assert_eq!(
             dir.list().expect("list"),
             vec!["a.service", "b@1.timer", "c.socket", "d.service"]
