@@ -132,12 +132,7 @@ impl Ctx {
                             path: path.to_string(),
                         },
                         _ => {
-                            let default_port = if first.starts_with("https://") {
-                                443
-                            } else {
-                                80
-                            };
-                            let (_, host, port) = tunnel::split_url(&first, default_port)
+                            let (host, port) = fleet_registry::endpoint_host_port(&first)
                                 .ok_or_else(|| anyhow!("invalid endpoint {first:?}"))?;
                             Target::Tcp { host, port }
                         }
@@ -276,8 +271,8 @@ pub fn driver(g: &GlobalArgs) -> anyhow::Result<Driver> {
                 .split(',')
                 .next()
                 .unwrap_or("");
-            let etcd_port =
-                tunnel::split_url(first, 0).is_some_and(|(_, _, p)| p == 2379 || p == 4001);
+            let etcd_port = fleet_registry::endpoint_host_port(first)
+                .is_some_and(|(_, p)| p == 2379 || p == 4001);
             if etcd_port {
                 tracing::debug!("defaulting to --driver=etcd as --endpoint appears to be etcd");
                 Ok(Driver::Etcd)

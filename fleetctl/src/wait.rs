@@ -214,7 +214,7 @@ pub async fn unit_state_line(
                 tokio::time::sleep(RETRY).await;
             }
         }
-        if !wait_change(&reg, name, deadline).await {
+        if !wait_change(reg, name, deadline).await {
             return Err(format!(
                 "timed out waiting for unit {name} to report state {want}"
             ));

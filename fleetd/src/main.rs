@@ -5,6 +5,7 @@
 //! everything and purge this machine's units (they move elsewhere); SIGHUP re-reads the
 //! configuration and restarts the components without touching running units.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use clap::Parser;
 use fleet_config::Config;
 use fleet_registry::{EtcdConfig, EtcdRegistry};
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -111,17 +113,20 @@ fn detect_public_ip(etcd: &[String]) -> Option<String> {
     (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
 }
 
-async fn run(args: Args, mut cfg: Config) -> Result<()> {
+async fn run(args: Args, cfg: Config) -> Result<()> {
     for w in &cfg.warnings {
         warn!("{w}");
     }
     let machine_id = machine_id()?;
-    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    limits::raise_open_files(fleet_api::ApiConfig::default().max_open_connections());
-    let listeners = api_listeners(&cfg).await?;
+    let control = forward_signals()?;
     let metrics = fleet_api::Metrics::new();
+    let api_cfg = fleet_api::ApiConfig {
+        token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
+        metrics: metrics.clone(),
+        ..Default::default()
+    };
+    limits::raise_open_files(api_cfg.max_open_connections());
+    let listeners = api_listeners(&cfg).await?;
 
     // The API serves for the daemon's whole life; SIGHUP restarts agent and engine only.
     let api_shutdown = CancellationToken::new();
@@ -132,11 +137,6 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
         None
     } else {
         let registry = connect_registry(&cfg).await?;
-        let api_cfg = fleet_api::ApiConfig {
-            token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
-            metrics: metrics.clone(),
-            ..Default::default()
-        };
         let stop = api_shutdown.clone();
         Some(tokio::spawn(async move {
             if let Err(e) = fleet_api::serve(
@@ -152,70 +152,162 @@ async fn run(args: Args, mut cfg: Config) -> Result<()> {
         }))
     };
 
-    // The configuration that ran before a SIGHUP: started again if the new one fails to start.
-    let mut previous: Option<Config> = None;
-    let result = 'run: loop {
-        let shutdown = CancellationToken::new();
-        let purge = Arc::new(AtomicBool::new(true));
-        let started = start(
-            &cfg,
-            &machine_id,
-            metrics.clone(),
-            shutdown.clone(),
-            purge.clone(),
-        )
-        .await;
-        let components = match started {
-            Ok(c) => c,
-            Err(e) => match previous.take() {
-                Some(old) => {
-                    error!("the new configuration failed to start, keeping the old one: {e:#}");
-                    cfg = old;
-                    continue;
-                }
-                None => break Err(e),
-            },
-        };
-        // Wait for a signal; a SIGHUP with a bad configuration keeps everything as it is.
-        let new_cfg = loop {
-            let reload = tokio::select! {
-                _ = term.recv() => false,
-                _ = int.recv() => false,
-                _ = hup.recv() => true,
-                failed = components.agent_failed() => {
-                    shutdown.cancel();
-                    break 'run components.join().await.and(Err(failed));
-                }
-            };
-            if !reload {
-                break None;
-            }
-            info!("Reloading configuration");
-            match load_config(&args) {
-                Ok(new) => break Some(new),
-                Err(e) => error!("keeping the old configuration: {e:#}"),
-            }
-        };
-        if let Some(new) = new_cfg {
-            purge.store(false, Ordering::SeqCst);
-            shutdown.cancel();
-            let _ = components.join().await;
-            previous = Some(std::mem::replace(&mut cfg, new));
-            for w in &cfg.warnings {
-                warn!("{w}");
-            }
-            info!("Restarting server components");
-            continue;
-        }
-        info!("Gracefully shutting down");
-        shutdown.cancel();
-        break components.join().await;
+    let start_components = |cfg: Config| {
+        let (machine_id, metrics) = (machine_id.clone(), metrics.clone());
+        async move { start(&cfg, &machine_id, metrics).await }
     };
+    let result = supervise(
+        cfg,
+        start_components,
+        || load_config(&args),
+        control,
+        RESTART_BACKOFF,
+    )
+    .await;
     api_shutdown.cancel();
     if let Some(api) = api {
         let _ = api.await;
     }
     result
+}
+
+/// What the signals tell the main loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// SIGTERM or SIGINT: stop, purging this machine's units.
+    Stop,
+    /// SIGHUP: re-read the configuration and restart agent and engine with it.
+    Reload,
+}
+
+/// Installs the handlers of SIGTERM, SIGINT and SIGHUP, and turns the signals into
+/// [`Control`]s.
+fn forward_signals() -> Result<mpsc::Receiver<Control>> {
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let control = tokio::select! {
+                _ = term.recv() => Control::Stop,
+                _ = int.recv() => Control::Stop,
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(control).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Least and most time between two attempts to start a configuration again.
+const RESTART_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// Agent and engine of one configuration, as the main loop sees them.
+trait Running: Sized {
+    /// Resolves only if they stop on their own (e.g. the agent found a duplicate machine ID).
+    async fn failed(&self) -> anyhow::Error;
+    /// Stops them; with `purge`, the agent also stops and removes this machine's units and
+    /// revokes its lease (a shutdown), without it they keep running (a reload).
+    async fn stop(self, purge: bool) -> Result<()>;
+}
+
+/// Runs the components of `cfg` (`start`) until a [`Control::Stop`], restarting them with a
+/// new configuration (`reload`) on [`Control::Reload`].
+///
+/// Only the first start may end fleetd. Once a configuration ran, a reload never does: a new
+/// configuration that fails to start gives way to the one before, and a configuration that
+/// cannot start (etcd or D-Bus away) is tried again after `backoff` (doubling from its first
+/// to its second value); a SIGHUP meanwhile tries the configuration read then. A stop while
+/// nothing runs ends fleetd with an error: there was nothing to purge the units with.
+async fn supervise<R, S, F>(
+    mut cfg: Config,
+    mut start: S,
+    mut reload: impl FnMut() -> Result<Config>,
+    mut control: mpsc::Receiver<Control>,
+    backoff: (Duration, Duration),
+) -> Result<()>
+where
+    R: Running,
+    S: FnMut(Config) -> F,
+    F: Future<Output = Result<R>>,
+{
+    // The configuration that ran before the one being started, to go back to if it fails.
+    let mut previous: Option<Config> = None;
+    let mut ran = false;
+    let mut delay = backoff.0;
+    loop {
+        let running = match start(cfg.clone()).await {
+            Ok(running) => running,
+            Err(e) => {
+                if let Some(old) = previous.take() {
+                    error!("the new configuration failed to start, keeping the old one: {e:#}");
+                    cfg = old;
+                    continue;
+                }
+                if !ran {
+                    return Err(e);
+                }
+                error!(retry_in = ?delay, "starting agent and engine failed: {e:#}");
+                let control = tokio::select! {
+                    () = tokio::time::sleep(delay) => None,
+                    control = control.recv() => Some(control.unwrap_or(Control::Stop)),
+                };
+                delay = (delay * 2).min(backoff.1);
+                match control {
+                    None => {}
+                    Some(Control::Stop) => {
+                        return Err(e.context(
+                            "stopped while agent and engine could not start: this machine's \
+                             units were not purged",
+                        ));
+                    }
+                    Some(Control::Reload) => {
+                        info!("Reloading configuration");
+                        match reload() {
+                            Ok(new) => {
+                                previous = Some(std::mem::replace(&mut cfg, new));
+                                for w in &cfg.warnings {
+                                    warn!("{w}");
+                                }
+                            }
+                            Err(e) => error!("keeping the old configuration: {e:#}"),
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        ran = true;
+        delay = backoff.0;
+        // Wait for a signal; a SIGHUP with a bad configuration keeps everything as it is.
+        let new_cfg = loop {
+            let next = tokio::select! {
+                control = control.recv() => control.unwrap_or(Control::Stop),
+                failed = running.failed() => return running.stop(true).await.and(Err(failed)),
+            };
+            if next == Control::Stop {
+                break None;
+            }
+            info!("Reloading configuration");
+            match reload() {
+                Ok(new) => break Some(new),
+                Err(e) => error!("keeping the old configuration: {e:#}"),
+            }
+        };
+        let Some(new) = new_cfg else {
+            info!("Gracefully shutting down");
+            return running.stop(true).await;
+        };
+        let _ = running.stop(false).await;
+        previous = Some(std::mem::replace(&mut cfg, new));
+        for w in &cfg.warnings {
+            warn!("{w}");
+        }
+        info!("Restarting server components");
+    }
 }
 
 /// Socket-activated listeners (fleet.socket), else the ones `api_listen` names.
@@ -251,7 +343,10 @@ async fn api_listeners(cfg: &Config) -> Result<Vec<fleet_api::Listener>> {
     let tls = !cfg.api_certfile.is_empty();
     for l in &listeners {
         info!("API listening on {}", l.describe());
-        if exposed_plain_http(l.tcp_addr(), tls) {
+        let exposed = l
+            .tcp_addr()
+            .is_some_and(|a| !fleet_config::is_loopback_listen(&a.to_string()));
+        if exposed && !tls {
             // Loud, not refused: socket activation is fleet v1.0's way to add TCP listeners,
             // and api_listen only gets here with api_allow_plain_tcp=true (see fleet-config).
             error!(
@@ -263,11 +358,6 @@ async fn api_listeners(cfg: &Config) -> Result<Vec<fleet_api::Listener>> {
         }
     }
     Ok(listeners)
-}
-
-/// A TCP listener without TLS on an address other than loopback.
-fn exposed_plain_http(tcp: Option<std::net::SocketAddr>, tls: bool) -> bool {
-    tcp.is_some_and(|a| !tls && !a.ip().is_loopback())
 }
 
 async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
@@ -290,18 +380,23 @@ struct Components {
     agent: tokio::task::JoinHandle<Result<(), fleet_registry::RegistryError>>,
     engine: Option<tokio::task::JoinHandle<()>>,
     bridge: tokio::task::JoinHandle<()>,
+    /// Stops agent and engine.
+    shutdown: CancellationToken,
+    /// Whether the agent purges this machine's units when it stops.
+    purge: Arc<AtomicBool>,
 }
 
-impl Components {
-    /// Resolves only if the agent stops on its own (e.g. a duplicate machine ID).
-    async fn agent_failed(&self) -> anyhow::Error {
+impl Running for Components {
+    async fn failed(&self) -> anyhow::Error {
         while !self.agent.is_finished() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::anyhow!("agent stopped")
     }
 
-    async fn join(self) -> Result<()> {
+    async fn stop(self, purge: bool) -> Result<()> {
+        self.purge.store(purge, Ordering::SeqCst);
+        self.shutdown.cancel();
         self.bridge.abort();
         if let Some(engine) = self.engine {
             let _ = engine.await;
@@ -313,13 +408,9 @@ impl Components {
     }
 }
 
-async fn start(
-    cfg: &Config,
-    machine_id: &str,
-    metrics: fleet_api::Metrics,
-    shutdown: CancellationToken,
-    purge: Arc<AtomicBool>,
-) -> Result<Components> {
+async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> Result<Components> {
+    let shutdown = CancellationToken::new();
+    let purge = Arc::new(AtomicBool::new(true));
     let registry = connect_registry(cfg).await?;
     let systemd = fleet_systemd::SystemdManager::connect(fleet_systemd::ManagerConfig {
         units_directory: cfg.units_directory.clone(),
@@ -350,7 +441,7 @@ async fn start(
         agent_cfg,
         agent_stats.clone(),
         shutdown.clone(),
-        purge,
+        purge.clone(),
     ));
     let engine = (!cfg.disable_engine).then(|| {
         let engine_cfg = fleet_engine::EngineConfig {
@@ -371,6 +462,8 @@ async fn start(
         agent,
         engine,
         bridge,
+        shutdown,
+        purge,
     })
 }
 
@@ -424,16 +517,206 @@ fn non_empty(s: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
-    #[test]
-    fn plain_http_off_loopback_is_flagged() {
-        let addr = |s: &str| Some(s.parse::<std::net::SocketAddr>().expect("addr"));
-        assert!(exposed_plain_http(addr("0.0.0.0:49153"), false));
-        assert!(exposed_plain_http(addr("[::]:49153"), false));
-        assert!(exposed_plain_http(addr("10.1.2.3:49153"), false));
-        assert!(!exposed_plain_http(addr("10.1.2.3:49153"), true));
-        assert!(!exposed_plain_http(addr("127.0.0.1:49153"), false));
-        assert!(!exposed_plain_http(addr("[::1]:49153"), false));
-        assert!(!exposed_plain_http(None, false));
+    /// What the fake components saw: starts (by configuration) and stops (with purge or not).
+    #[derive(Debug, Default)]
+    struct Log {
+        events: Vec<String>,
+    }
+
+    struct Fake {
+        name: String,
+        log: Arc<Mutex<Log>>,
+    }
+
+    impl Running for Fake {
+        async fn failed(&self) -> anyhow::Error {
+            std::future::pending().await
+        }
+
+        async fn stop(self, purge: bool) -> Result<()> {
+            let mut log = self.log.lock().expect("log");
+            log.events.push(format!("stop {} purge={purge}", self.name));
+            Ok(())
+        }
+    }
+
+    /// A configuration told apart by its public_ip.
+    fn config(name: &str) -> Config {
+        Config {
+            public_ip: name.to_string(),
+            ..Config::default()
+        }
+    }
+
+    /// Starts fake components: the n-th start runs if `script[n]` says so (later ones if
+    /// `then` does), and is logged with the seconds since the starter was made.
+    fn starter(
+        log: Arc<Mutex<Log>>,
+        script: Vec<bool>,
+        then: bool,
+    ) -> impl FnMut(Config) -> std::future::Ready<Result<Fake>> {
+        let epoch = tokio::time::Instant::now();
+        let mut script = script.into_iter();
+        move |cfg: Config| {
+            let name = cfg.public_ip.clone();
+            let runs = script.next().unwrap_or(then);
+            log.lock().expect("log").events.push(format!(
+                "start {name} {} at {}s",
+                if runs { "runs" } else { "fails" },
+                epoch.elapsed().as_secs()
+            ));
+            std::future::ready(if runs {
+                Ok(Fake {
+                    name,
+                    log: log.clone(),
+                })
+            } else {
+                Err(anyhow::anyhow!("cannot connect to D-Bus"))
+            })
+        }
+    }
+
+    /// Lets the loop run until it waits on a timer or the channel.
+    async fn settle() {
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// SIGHUP with a configuration that fails to start while the old one cannot start
+    /// either (D-Bus down): before, fleetd then exited without purging; now the old
+    /// configuration is tried again with back-off until it runs.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_that_cannot_start_retries_the_old_configuration() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (tx, rx) = mpsc::channel(4);
+        let epoch = tokio::time::Instant::now();
+        let loop_ = tokio::spawn(supervise(
+            config("old"),
+            starter(log.clone(), vec![true, false, false, false, false], true),
+            || Ok(config("new")),
+            rx,
+            (Duration::from_secs(1), Duration::from_secs(30)),
+        ));
+        settle().await;
+        tx.send(Control::Reload).await.expect("reload");
+        // old fails 3 times after the reload: retried after 1, 2 and 4 s
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(!loop_.is_finished(), "fleetd exited after a failed reload");
+        let took = epoch.elapsed();
+        tx.send(Control::Stop).await.expect("stop");
+        loop_
+            .await
+            .expect("loop")
+            .expect("a clean shutdown once the old configuration runs again");
+        let events = log.lock().expect("log").events.join("\n");
+        let want = [
+            "start old runs",
+            "stop old purge=false",
+            "start new fails",
+            "start old fails",
+            "start old fails",
+            "start old fails",
+            "start old runs",
+            "stop old purge=true",
+        ];
+        let got: Vec<String> = events
+            .lines()
+            .map(|l| l.split(" at ").next().unwrap_or(l).to_string())
+            .collect();
+        assert_eq!(got, want, "{events}");
+        assert!(took >= Duration::from_secs(60));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_back_off_and_a_reload_meanwhile_is_tried() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (tx, rx) = mpsc::channel(4);
+        let mut reloads = vec![Ok(config("third")), Ok(config("second"))];
+        let loop_ = tokio::spawn(supervise(
+            config("first"),
+            starter(
+                log.clone(),
+                vec![true, false, false, false, false, false, false, false],
+                true,
+            ),
+            move || {
+                reloads
+                    .pop()
+                    .unwrap_or_else(|| Err(anyhow::anyhow!("no more")))
+            },
+            rx,
+            (Duration::from_secs(1), Duration::from_secs(8)),
+        ));
+        settle().await;
+        tx.send(Control::Reload).await.expect("reload");
+        // second fails once, first 6 times: waits of 1, 2, 4, 8, 8 s, then a SIGHUP
+        tokio::time::sleep(Duration::from_secs(24)).await;
+        settle().await;
+        tx.send(Control::Reload).await.expect("reload");
+        settle().await;
+        tx.send(Control::Stop).await.expect("stop");
+        loop_.await.expect("loop").expect("clean shutdown");
+        let events = log.lock().expect("log").events.clone();
+        let want = [
+            "start first runs at 0s",
+            "stop first purge=false",
+            "start second fails at 0s",
+            "start first fails at 0s",
+            "start first fails at 1s",
+            "start first fails at 3s",
+            "start first fails at 7s",
+            "start first fails at 15s",
+            "start first fails at 23s",
+            "start third runs at 24s",
+            "stop third purge=true",
+        ];
+        assert_eq!(events, want);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_while_nothing_runs_ends_at_once_saying_units_were_not_purged() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (tx, rx) = mpsc::channel(4);
+        let loop_ = tokio::spawn(supervise(
+            config("old"),
+            starter(log.clone(), vec![true], false),
+            || Ok(config("new")),
+            rx,
+            (Duration::from_secs(1), Duration::from_secs(30)),
+        ));
+        settle().await;
+        tx.send(Control::Reload).await.expect("reload");
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let before = tokio::time::Instant::now();
+        tx.send(Control::Stop).await.expect("stop");
+        let err = loop_.await.expect("loop").expect_err("nothing purged");
+        assert_eq!(
+            before.elapsed(),
+            Duration::ZERO,
+            "the stop waited for the back-off"
+        );
+        assert!(
+            format!("{err:#}").contains("units were not purged"),
+            "{err:#}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_start_failing_ends_fleetd() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (_tx, rx) = mpsc::channel(4);
+        let err = supervise(
+            config("first"),
+            starter(log.clone(), vec![false], true),
+            || Ok(config("new")),
+            rx,
+            (Duration::from_secs(1), Duration::from_secs(30)),
+        )
+        .await
+        .expect_err("the first start failed");
+        assert!(err.to_string().contains("D-Bus"), "{err}");
     }
 }

@@ -24,7 +24,9 @@ pub use error::ServeError;
 pub use listen::{
     Listener, TlsConfig, TlsFiles, bind_tcp, bind_unix, listeners_from_systemd, load_tls,
 };
-pub use metrics::{CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, Metrics, RegistryOp};
+pub use metrics::{
+    CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, MethodLabel, Metrics, RegistryOp,
+};
 pub use page::{DEFAULT_TOKEN_LIMIT, PageToken};
 pub use server::{serve, serve_stream};
 
@@ -56,8 +58,14 @@ pub struct ApiConfig {
     /// A TLS client must complete its handshake within this time, or is dropped.
     pub tls_handshake_timeout: Duration,
     /// A write to a client that stays blocked this long (the client does not read, e.g. it
-    /// pipelines requests and never reads the answers) closes the connection.
+    /// pipelines requests and never reads the answers) closes the connection. It is also the
+    /// most blocked time a connection can save up: see `min_write_rate`.
     pub write_timeout: Duration,
+    /// Bytes per second a client must read, on average, while the server waits for it to
+    /// read: each byte written earns back `1 / min_write_rate` s of the `write_timeout`
+    /// budget that blocked writes spend, so a client reading a few bytes now and then loses
+    /// its connection too. 0: no minimum (only `write_timeout` without any progress).
+    pub min_write_rate: u64,
     /// After shutdown, open connections get this long to finish their current request.
     pub shutdown_grace: Duration,
     /// Sent as `Server: fleetd/<version>`.
@@ -89,6 +97,7 @@ impl Default for ApiConfig {
             max_tcp_connections: 1024,
             tls_handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(30),
+            min_write_rate: 1024,
             shutdown_grace: Duration::from_secs(5),
             version: env!("CARGO_PKG_VERSION").to_string(),
             metrics: Metrics::new(),

@@ -291,11 +291,10 @@ impl Metrics {
             .inc();
     }
 
-    /// The API answered one request. Methods other than the standard ones are counted as
-    /// `other`: the label set stays fixed whatever method tokens clients send.
-    pub fn api_request(&self, method: &str, code: u16, took: Duration) {
+    /// The API answered one request.
+    pub fn api_request(&self, method: MethodLabel, code: u16, took: Duration) {
         let labels = RequestLabels {
-            method: method_label_str(method).to_string(),
+            method: method.as_str().to_string(),
             code: code.to_string(),
         };
         self.inner.api_requests.get_or_create(&labels).inc();
@@ -311,20 +310,30 @@ impl Metrics {
     }
 }
 
-/// The `method` label of an API request: one of a fixed set.
-pub(crate) fn method_label(method: &http::Method) -> &'static str {
-    method_label_str(method.as_str())
-}
+/// The `method` label of an API request: the standard methods by name, every other token
+/// `other`, so the label set stays fixed whatever method tokens clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MethodLabel(&'static str);
 
-fn method_label_str(method: &str) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
-    ];
-    KNOWN
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
+impl MethodLabel {
+    /// The label of `method`.
+    pub fn of(method: &http::Method) -> MethodLabel {
+        const KNOWN: [&str; 9] = [
+            "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+        ];
+        MethodLabel(
+            KNOWN
+                .iter()
+                .find(|m| **m == method.as_str())
+                .copied()
+                .unwrap_or("other"),
+        )
+    }
+
+    /// The label's text.
+    pub fn as_str(self) -> &'static str {
+        self.0
+    }
 }
 
 fn type_label(task: &str) -> TypeLabel {
@@ -348,7 +357,11 @@ mod tests {
         m.registry_op_success(RegistryOp::GetAll, Duration::from_millis(1));
         m.registry_op_failure(RegistryOp::Set);
         m.agent_task("start");
-        m.api_request("GET", 200, Duration::from_millis(1));
+        m.api_request(
+            MethodLabel::of(&http::Method::GET),
+            200,
+            Duration::from_millis(1),
+        );
         let text = m.encode();
         for line in [
             "fleet_engine_leader_start_time ",
@@ -371,7 +384,8 @@ mod tests {
     fn unknown_methods_share_one_label() {
         let m = Metrics::new();
         for method in ["GET", "BREW", "get", "PROPFIND", "X-1234"] {
-            m.api_request(method, 405, Duration::ZERO);
+            let method = http::Method::from_bytes(method.as_bytes()).expect("method token");
+            m.api_request(MethodLabel::of(&method), 405, Duration::ZERO);
         }
         let text = m.encode();
         let mut series: Vec<&str> = text

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::Api;
 use crate::listen::{Listener, Socket};
+use crate::metrics::MethodLabel;
 use crate::write_timeout::WriteTimeout;
 use crate::{ApiConfig, ServeError};
 
@@ -89,7 +90,7 @@ where
 {
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
-    let io = WriteTimeout::new(io, api.config.write_timeout);
+    let io = WriteTimeout::new(io, api.config.write_timeout, api.config.min_write_rate);
     serve_connection(io, api, graceful.watcher(), None).await;
 }
 
@@ -130,21 +131,21 @@ async fn accept_loop(
         let api = api.clone();
         let watcher = graceful.watcher();
         let tls = listener.tls.clone();
-        let write_timeout = api.config.write_timeout;
+        let (write_timeout, min_rate) = (api.config.write_timeout, api.config.min_write_rate);
         tokio::spawn(async move {
             let permit = Some(permit);
             match (conn, tls) {
                 (Conn::Unix(s), _) => {
-                    let io = WriteTimeout::new(s, write_timeout);
+                    let io = WriteTimeout::new(s, write_timeout, min_rate);
                     serve_connection(io, api, watcher, permit).await
                 }
                 (Conn::Tcp(s, _), None) => {
-                    let io = WriteTimeout::new(s, write_timeout);
+                    let io = WriteTimeout::new(s, write_timeout, min_rate);
                     serve_connection(io, api, watcher, permit).await
                 }
                 (Conn::Tcp(s, peer), Some(acceptor)) => {
                     // the handshake's own writes are bounded by the write timeout too
-                    let io = WriteTimeout::new(s, write_timeout);
+                    let io = WriteTimeout::new(s, write_timeout, min_rate);
                     let timeout = api.config.tls_handshake_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                         Ok(Ok(tls)) => serve_connection(tls, api, watcher, permit).await,
@@ -177,7 +178,7 @@ async fn serve_connection<IO>(
         async move {
             let start = Instant::now();
             // a fixed set of labels, whatever method token the client sent
-            let method = crate::metrics::method_label(req.method());
+            let method = MethodLabel::of(req.method());
             // a bug in a handler answers 500 for that request, never takes the server down
             let reply = match AssertUnwindSafe(api.respond(req)).catch_unwind().await {
                 Ok(r) => r,

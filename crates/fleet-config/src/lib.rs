@@ -178,13 +178,15 @@ impl Config {
                 cfg.set(&var, opt, v)?;
             }
         }
-        cfg.validate()?;
+        cfg.validate(socket_activated(&env, std::process::id()))?;
         Ok(cfg)
     }
 
     /// Checks the options that depend on each other; [`Config::load`] runs it, so a bad
     /// combination stops fleetd at start and is refused (old configuration kept) on SIGHUP.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// `socket_activated`: fleetd serves the API on sockets systemd passed it and ignores
+    /// `api_listen`, so `api_listen` only gets a warning (see [`socket_activated`]).
+    pub fn validate(&mut self, socket_activated: bool) -> Result<(), ConfigError> {
         if self.api_certfile.is_empty() != self.api_keyfile.is_empty() {
             return Err(ConfigError::Conflict(
                 "api_certfile and api_keyfile must be given together".into(),
@@ -206,13 +208,31 @@ impl Config {
             .api_listen
             .iter()
             .find(|a| !is_loopback_listen(a))
-            .filter(|_| self.api_certfile.is_empty() && !self.api_allow_plain_tcp);
-        if let Some(addr) = plain_off_loopback {
-            return Err(ConfigError::Conflict(format!(
-                "api_listen {addr} would serve the API over plain HTTP to the network: set \
-                 api_certfile and api_keyfile (and api_client_cafile), listen on loopback, \
-                 or set api_allow_plain_tcp=true"
-            )));
+            .filter(|_| self.api_certfile.is_empty() && !self.api_allow_plain_tcp)
+            .map(|addr| {
+                format!(
+                    "api_listen {addr} would serve the API over plain HTTP to the network: set \
+                     api_certfile and api_keyfile (and api_client_cafile), listen on loopback, \
+                     or set api_allow_plain_tcp=true"
+                )
+            });
+        if socket_activated {
+            // api_listen is not used: a fleet.conf that worked before keeps working.
+            if !self.api_listen.is_empty() {
+                let mut warning = format!(
+                    "api_listen {} is ignored: fleetd is socket-activated and serves the API \
+                     on the sockets systemd passed",
+                    self.api_listen.join(",")
+                );
+                if let Some(refusal) = plain_off_loopback {
+                    warning.push_str(&format!(
+                        "; without socket activation it is refused: {refusal}"
+                    ));
+                }
+                self.warnings.push(warning);
+            }
+        } else if let Some(refusal) = plain_off_loopback {
+            return Err(ConfigError::Conflict(refusal));
         }
         Ok(())
     }
@@ -424,9 +444,26 @@ fn show(d: Duration) -> String {
     }
 }
 
-/// True for `api_listen` entries that only this machine can reach: unix sockets, loopback
-/// addresses and `localhost`. Unspecified (`0.0.0.0`, `[::]`) and host names are not.
-fn is_loopback_listen(addr: &str) -> bool {
+/// Whether systemd passed listening sockets to the process `pid` (`LISTEN_PID` is `pid` and
+/// `LISTEN_FDS` at least 1, in `env`): fleetd then serves the API on those, as
+/// `fleet_api::listeners_from_systemd` takes them, and `api_listen` is not used.
+pub fn socket_activated(env: &BTreeMap<String, String>, pid: u32) -> bool {
+    let ours = env
+        .get("LISTEN_PID")
+        .and_then(|p| p.trim().parse::<u32>().ok())
+        == Some(pid);
+    let fds = env
+        .get("LISTEN_FDS")
+        .and_then(|n| n.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    ours && fds > 0
+}
+
+/// True for API listen addresses that only this machine can reach: unix sockets, loopback
+/// addresses and `localhost`. Unspecified (`0.0.0.0`, `[::]`) and host names are not. The one
+/// rule for `api_listen` entries (refused as plain HTTP otherwise) and for the TCP listeners
+/// fleetd got (warned about at start; pass their socket address as text).
+pub fn is_loopback_listen(addr: &str) -> bool {
     if addr.starts_with("unix://") {
         return true;
     }
@@ -661,6 +698,81 @@ mod tests {
         ] {
             load(&format!("api_listen={addr}\n"), &[]).expect(addr);
         }
+    }
+
+    /// A socket-activated fleetd ignores api_listen, so an api_listen that would be refused
+    /// only gets a warning there. Before, such a fleet.conf (which fleet v1.0 and earlier
+    /// builds accepted) stopped fleetd even though the address was never used.
+    #[test]
+    fn plain_http_api_listen_is_only_refused_when_used() {
+        let pid = std::process::id().to_string();
+        let other = (std::process::id() + 1).to_string();
+        let text = "api_listen=0.0.0.0:49153\n";
+        let c = load(text, &[("LISTEN_PID", &pid), ("LISTEN_FDS", "1")]).expect("activated");
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("api_listen 0.0.0.0:49153 is ignored")
+                    && w.contains("api_allow_plain_tcp")),
+            "{:?}",
+            c.warnings
+        );
+        for env in [
+            vec![("LISTEN_PID", other.as_str()), ("LISTEN_FDS", "1")],
+            vec![("LISTEN_PID", pid.as_str()), ("LISTEN_FDS", "0")],
+            vec![("LISTEN_PID", pid.as_str())],
+            vec![("LISTEN_FDS", "1")],
+            vec![],
+        ] {
+            let err = load(text, &env).expect_err("api_listen is used");
+            assert!(
+                err.to_string().contains("api_allow_plain_tcp"),
+                "{env:?}: {err}"
+            );
+        }
+        // socket-activated with a loopback api_listen: only the notice that it is ignored
+        let c = load(
+            "api_listen=127.0.0.1:49153\n",
+            &[("LISTEN_PID", &pid), ("LISTEN_FDS", "2")],
+        )
+        .expect("activated");
+        assert_eq!(
+            c.warnings,
+            vec![
+                "api_listen 127.0.0.1:49153 is ignored: fleetd is socket-activated and serves \
+                 the API on the sockets systemd passed"
+                    .to_string()
+            ]
+        );
+        assert!(
+            load("", &[("LISTEN_PID", &pid), ("LISTEN_FDS", "1")])
+                .expect("no api_listen")
+                .warnings
+                .is_empty()
+        );
+    }
+
+    /// The one loopback rule, for configured addresses and for the socket addresses of the
+    /// listeners fleetd got (as text).
+    #[test]
+    fn loopback_listen_addresses() {
+        for (addr, want) in [
+            ("unix:///var/run/fleet.sock", true),
+            ("127.0.0.1:49153", true),
+            ("127.1.2.3:49153", true),
+            ("[::1]:49153", true),
+            ("localhost:49153", true),
+            ("LOCALHOST:49153", true),
+            ("0.0.0.0:49153", false),
+            ("[::]:49153", false),
+            ("10.1.2.3:49153", false),
+            ("fleet.example:49153", false),
+            ("localhost.example:49153", false),
+        ] {
+            assert_eq!(is_loopback_listen(addr), want, "{addr}");
+        }
+        let bound: std::net::SocketAddr = "[::1]:49153".parse().expect("addr");
+        assert!(is_loopback_listen(&bound.to_string()));
     }
 
     #[test]

@@ -91,6 +91,15 @@ impl Shared {
             }
         }
     }
+
+    /// The endpoint at index `i` failed: requests go to the next one, unless another failure
+    /// moved them on already.
+    fn failed(&mut self, i: usize) {
+        let n = self.channels.len().max(1);
+        if self.current % n == i {
+            self.current = (i + 1) % n;
+        }
+    }
 }
 
 fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
@@ -131,9 +140,19 @@ impl Service<Request> for Failover {
             let i = shared.current % shared.channels.len();
             self.ready = Some((i, shared.channels[i].1.clone()));
         }
-        match &mut self.ready {
-            Some((_, channel)) => channel.poll_ready(cx).map_err(BoxError::from),
-            None => Poll::Ready(Err("no etcd endpoint to dial".into())),
+        let Some((i, channel)) = &mut self.ready else {
+            return Poll::Ready(Err("no etcd endpoint to dial".into()));
+        };
+        match channel.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                // This channel is broken for good (its worker is gone): forget it, and let the
+                // next poll pick the next endpoint.
+                let i = *i;
+                self.ready = None;
+                lock(&self.shared).failed(i);
+                Poll::Ready(Err(BoxError::from(e)))
+            }
+            other => other.map_err(BoxError::from),
         }
     }
 
@@ -147,11 +166,7 @@ impl Service<Request> for Failover {
             let result = response.await;
             if result.is_err() {
                 // a transport failure (gRPC errors are responses): try the next endpoint
-                let mut shared = lock(&shared);
-                let n = shared.channels.len().max(1);
-                if shared.current % n == i {
-                    shared.current = (i + 1) % n;
-                }
+                lock(&shared).failed(i);
             }
             result.map_err(BoxError::from)
         })
@@ -184,8 +199,17 @@ impl Service<Uri> for Connect {
     }
 }
 
-/// The host (IPv6 without brackets) and port of an endpoint URL; the scheme's port when the
-/// URL names none, as a TCP connect would use.
+/// The host (IPv6 without brackets) and port of an endpoint URL (`http://etcd:2379`,
+/// `https://[::1]/`): the scheme's port (443 for https, else 80) when the URL names none, as a
+/// TCP connect to it would use. None without a scheme or a host, or with a bad port. The one
+/// parser of endpoint URLs, for the etcd dialer and fleetctl's tunnel and driver choice.
+pub fn endpoint_host_port(url: &str) -> Option<(String, u16)> {
+    let uri: Uri = url.parse().ok()?;
+    uri.scheme_str()?;
+    host_port(&uri)
+}
+
+/// [`endpoint_host_port`] of a parsed URL.
 fn host_port(uri: &Uri) -> Option<(String, u16)> {
     let host = uri.host()?;
     let host = host
@@ -195,13 +219,18 @@ fn host_port(uri: &Uri) -> Option<(String, u16)> {
     if host.is_empty() {
         return None;
     }
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
+    // The text after the host: a port written there must be a valid one.
+    let authority = uri.authority()?.as_str();
+    let host_and_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let after_host = host_and_port
+        .rsplit_once(']')
+        .map_or(host_and_port, |(_, rest)| rest);
+    let port = match (uri.port_u16(), after_host.contains(':')) {
+        (Some(port), _) => port,
+        (None, true) => return None,
+        (None, false) if uri.scheme_str() == Some("https") => 443,
+        (None, false) => 80,
+    };
     Some((host.to_string(), port))
 }
 
@@ -224,5 +253,92 @@ mod tests {
         check("http://[::1]:2380", Some(("::1", 2380)));
         check("https://etcd", Some(("etcd", 443)));
         check("http://etcd", Some(("etcd", 80)));
+    }
+
+    #[test]
+    fn endpoint_urls() {
+        let check = |url: &str, want: Option<(&str, u16)>| {
+            assert_eq!(
+                endpoint_host_port(url),
+                want.map(|(h, p)| (h.to_string(), p)),
+                "{url}"
+            );
+        };
+        check("http://127.0.0.1:2379", Some(("127.0.0.1", 2379)));
+        check("https://etcd.example:4001/", Some(("etcd.example", 4001)));
+        check("http://[::1]:2380", Some(("::1", 2380)));
+        check("https://[::1]", Some(("::1", 443)));
+        check("http://fleet.example", Some(("fleet.example", 80)));
+        check(
+            "https://fleet.example/fleet/v1",
+            Some(("fleet.example", 443)),
+        );
+        check("http://:2379", None);
+        check("etcd:2379", None);
+        check("http://h:port", None);
+        check("http://h:", None);
+        check("http://[::1]:x", None);
+        check("http://user:secret@etcd:2379", Some(("etcd", 2379)));
+        check("", None);
+    }
+
+    /// A dialer that is never reached: the channels here are lazy and never connect.
+    struct NoDial;
+
+    #[async_trait]
+    impl Dialer for NoDial {
+        async fn dial(&self, _: &str, _: u16) -> io::Result<Box<dyn DialStream>> {
+            Err(io::Error::other("not dialling in this test"))
+        }
+    }
+
+    /// A channel whose `poll_ready` failed (its worker died with the runtime that ran it) was
+    /// kept: every later request failed the same way. Now the next poll picks the next
+    /// endpoint.
+    #[test]
+    fn a_channel_that_fails_poll_ready_is_given_up() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut failover = Failover {
+            shared: Arc::new(Mutex::new(Shared {
+                updates: rx,
+                channels: Vec::new(),
+                current: 0,
+            })),
+            dialer: Arc::new(NoDial),
+            ready: None,
+        };
+        let endpoint = |url: &'static str| (Uri::from_static(url), Endpoint::from_static(url));
+        let (uri, ep) = endpoint("http://broken.invalid:2379");
+        tx.try_send(Change::Insert(uri, ep)).expect("insert");
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        // The first endpoint's channel is made (and its worker spawned) on a runtime that is
+        // then dropped, which kills the worker.
+        {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let _guard = rt.enter();
+            assert!(matches!(failover.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = rt.enter();
+        let (uri, ep) = endpoint("http://working.invalid:2379");
+        tx.try_send(Change::Insert(uri, ep)).expect("insert");
+        let mut fresh = failover.clone();
+        assert!(
+            matches!(fresh.poll_ready(&mut cx), Poll::Ready(Err(_))),
+            "the broken channel fails"
+        );
+        assert!(fresh.ready.is_none(), "the broken channel is not kept");
+        assert!(
+            matches!(fresh.poll_ready(&mut cx), Poll::Ready(Ok(()))),
+            "the next endpoint is ready"
+        );
+        assert_eq!(fresh.ready.as_ref().map(|(i, _)| *i), Some(1));
+        drop(failover);
     }
 }

@@ -20,7 +20,7 @@ mod memory;
 mod model;
 mod watch;
 
-pub use dial::{DialStream, Dialer};
+pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};
 pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
 pub use lease::LeaseKeeper;

@@ -353,6 +353,19 @@ impl Inner {
     pub(crate) async fn states(&self, names: &[String]) -> Result<BTreeMap<String, SystemdState>> {
         self.caller.states(names, &self.list_by_names).await
     }
+
+    /// The unique name owning `org.freedesktop.systemd1` now (None: nobody), asked over the
+    /// shared call connection (a subscription's own queue may be full of unread signals).
+    pub(crate) async fn systemd_owner(&self) -> Result<Option<String>> {
+        let conn = self.caller.connection().await?;
+        let owner = crate::signals::name_owner(&conn).await;
+        if let Err(Error::Manager { error, .. }) = &owner
+            && error.transport
+        {
+            self.caller.invalidate(&conn).await;
+        }
+        owner
+    }
 }
 
 /// fleetd's connection to the node's systemd (system manager, or the user's with

@@ -56,6 +56,32 @@ pub fn recognized_unit_type(name: &str) -> bool {
         .is_some_and(|(stem, ty)| !stem.is_empty() && UNIT_TYPES.contains(&ty))
 }
 
+/// Sets a regular file's mode to [`UNIT_FILE_MODE`] if it grants more; symbolic links and
+/// other file types are left alone (a link's target is not ours to change).
+fn make_private(path: &Path) {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "reading the mode of a unit file");
+            return;
+        }
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.file_type().is_file() || mode == UNIT_FILE_MODE {
+        return;
+    }
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(UNIT_FILE_MODE)) {
+        Ok(()) => tracing::info!(
+            path = %path.display(),
+            old_mode = format_args!("{mode:04o}"),
+            "unit file made readable by its owner only"
+        ),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "making a unit file private")
+        }
+    }
+}
+
 /// The units directory; every path handed out has passed [`validate_name`].
 #[derive(Debug, Clone)]
 pub(crate) struct UnitsDir {
@@ -63,8 +89,10 @@ pub(crate) struct UnitsDir {
 }
 
 impl UnitsDir {
-    /// Creates the directory (mode 0755, parents too) if needed, and removes temporary files
-    /// a crash left behind (nothing writes yet, so none is in use).
+    /// Creates the directory (mode 0755, parents too) if needed, removes temporary files a
+    /// crash left behind (nothing writes yet, so none is in use), and narrows unit files an
+    /// older fleetd wrote readable by all to [`UNIT_FILE_MODE`] (adopted units are not
+    /// rewritten, so their mode would otherwise never change).
     pub(crate) fn create(dir: PathBuf) -> Result<Self> {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -76,21 +104,27 @@ impl UnitsDir {
                 source,
             })?;
         let units = UnitsDir { dir };
-        units.remove_temporaries();
+        units.sweep();
         Ok(units)
     }
 
-    /// Removes leftover temporary files; failures are only logged (they are never listed).
-    fn remove_temporaries(&self) {
+    /// Removes leftover temporary files and makes recognized unit files private; failures
+    /// are only logged (temporary files are never listed, and a unit file keeps working).
+    fn sweep(&self) {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return;
         };
         for entry in entries.flatten() {
-            if entry.file_name().to_str().is_some_and(is_temporary) {
-                let path = entry.path();
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let path = entry.path();
+            if is_temporary(&name) {
                 if let Err(e) = std::fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "removing a leftover temporary unit file");
                 }
+            } else if recognized_unit_type(&name) {
+                make_private(&path);
             }
         }
     }
@@ -297,6 +331,58 @@ mod tests {
             assert!(!path.exists(), "{}", path.display());
         }
         assert_eq!(dir.list().expect("list"), vec!["a.service"]);
+    }
+
+    /// An older fleetd wrote unit files 0644; a restarted fleetd adopts them without writing
+    /// them again, so the sweep at start must narrow them (before, they stayed 0644).
+    #[test]
+    fn unit_files_of_an_older_fleetd_become_private() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let units = tmp.path().join("units");
+        std::fs::create_dir(&units).expect("mkdir");
+        let mode_of = |name: &str| {
+            std::fs::symlink_metadata(units.join(name))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let old = ["a.service", "b@1.timer", "c.socket"];
+        for name in old {
+            std::fs::write(units.join(name), "[Unit]\n").expect("old unit file");
+            std::fs::set_permissions(units.join(name), std::fs::Permissions::from_mode(0o644))
+                .expect("chmod 0644");
+        }
+        std::fs::write(units.join("notes.txt"), "x").expect("stray file");
+        std::fs::set_permissions(
+            units.join("notes.txt"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod stray");
+        let outside = tmp.path().join("outside.conf");
+        std::fs::write(&outside, "x").expect("outside");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644))
+            .expect("chmod outside");
+        std::os::unix::fs::symlink(&outside, units.join("d.service")).expect("symlink");
+
+        let dir = UnitsDir::create(units.clone()).expect("create");
+        for name in old {
+            assert_eq!(mode_of(name), 0o600, "{name}");
+        }
+        assert_eq!(mode_of("notes.txt"), 0o644, "not a unit file: not ours");
+        let outside_mode = std::fs::metadata(&outside)
+            .expect("stat outside")
+            .permissions()
+            .mode();
+        assert_eq!(
+            outside_mode & 0o7777,
+            0o644,
+            "a link's target is left alone"
+        );
+        assert_eq!(
+            dir.list().expect("list"),
+            vec!["a.service", "b@1.timer", "c.socket", "d.service"]
+        );
     }
 
     #[test]

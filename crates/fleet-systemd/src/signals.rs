@@ -33,6 +33,13 @@
 //! Anything else is dropped before it is decoded, so it neither changes a state nor queues a
 //! read nor causes a resync ([`genuine`]).
 //!
+//! Should a `NameOwnerChanged` ever be missed, the owner we know would stay wrong and every
+//! genuine signal be dropped. So a signal on systemd's paths and interfaces from a sender that
+//! is not the owner we know (or while we know none) makes the subscription ask `GetNameOwner`
+//! again, at most once per [`OWNER_RECHECK`] whoever sends such signals; an owner found
+//! changed is handled as its `NameOwnerChanged` would have been (a resync), and the signal
+//! counts if its sender is that owner ([`Verdict::Unconfirmed`]).
+//!
 //! Filtering: the bus delivers only these signals (one match rule each; unit
 //! `PropertiesChanged` is restricted to the Unit interface by `arg0`, so a service's
 //! `org.freedesktop.systemd1.Service` changes never reach us). A per-unit match rule would let
@@ -50,6 +57,7 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use zbus::message::{Message, Type as MessageType};
 use zbus::zvariant::{OwnedObjectPath, OwnedValue};
 use zbus::{Connection, MessageStream};
@@ -73,6 +81,10 @@ const CONNECTION_QUEUE: usize = 8192;
 
 /// Most signals handled before the pending state reads are done.
 const MAX_BATCH: usize = 1024;
+
+/// Least time between two `GetNameOwner` asked because a signal came from a sender that is
+/// not the owner we know: anyone can send such signals, so they must not cost a call each.
+const OWNER_RECHECK: Duration = Duration::from_secs(1);
 
 /// The match rules of a subscription.
 fn match_rules() -> Vec<String> {
@@ -297,34 +309,109 @@ fn genuine(sender: Option<&str>, systemd: Option<&str>, origin: Origin) -> bool 
     }
 }
 
+/// What the sender of a message says about it.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// A signal from whom it must come from ([`genuine`]).
+    Genuine,
+    /// A signal on systemd's object paths and interfaces from `sender`, which is not the owner
+    /// of systemd's name we know (or we know none): forged, or systemd under a new name
+    /// whose `NameOwnerChanged` we missed. Counts only once the bus confirms the owner.
+    Unconfirmed(String),
+    /// Anything else: dropped.
+    Foreign,
+}
+
+/// Judges `msg` by its sender; `systemd` is the owner of systemd's name we know.
+fn verdict(msg: &Message, systemd: Option<&str>) -> Verdict {
+    if msg.message_type() != MessageType::Signal {
+        return Verdict::Foreign;
+    }
+    let header = msg.header();
+    let (Some(interface), Some(member), Some(path)) =
+        (header.interface(), header.member(), header.path())
+    else {
+        return Verdict::Foreign;
+    };
+    let (interface, member, path) = (interface.as_str(), member.as_str(), path.as_str());
+    let origin = match (interface, member) {
+        (BUS_SERVICE, "NameOwnerChanged") => Origin::Bus,
+        _ => Origin::Systemd,
+    };
+    let sender = header.sender().map(|s| s.as_str());
+    if genuine(sender, systemd, origin) {
+        return Verdict::Genuine;
+    }
+    let systemds = match interface {
+        MANAGER_INTERFACE => path == SYSTEMD_PATH,
+        "org.freedesktop.DBus.Properties" => path.starts_with(UNIT_PATH_PREFIX),
+        _ => false,
+    };
+    match sender {
+        Some(sender) if origin == Origin::Systemd && systemds => {
+            Verdict::Unconfirmed(sender.to_owned())
+        }
+        _ => Verdict::Foreign,
+    }
+}
+
+/// Allows a `GetNameOwner` for an unconfirmed sender at most once per [`OWNER_RECHECK`].
+#[derive(Debug, Default)]
+struct OwnerRecheck {
+    last: Option<Instant>,
+}
+
+impl OwnerRecheck {
+    /// Whether asking at `now` is allowed; if so, counts it.
+    fn allow(&mut self, now: Instant) -> bool {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < OWNER_RECHECK)
+        {
+            return false;
+        }
+        self.last = Some(now);
+        true
+    }
+}
+
+/// Logs a signal dropped for its sender (at debug level: anyone can send them, any number).
+fn log_dropped(msg: &Message, systemd: Option<&str>) {
+    let header = msg.header();
+    tracing::debug!(
+        sender = header.sender().map(|s| s.as_str()),
+        path = header.path().map(|p| p.as_str()),
+        interface = header.interface().map(|i| i.as_str()),
+        member = header.member().map(|m| m.as_str()),
+        systemd,
+        "dropping a signal not sent by systemd or the bus"
+    );
+}
+
 /// Decodes `msg` if it is a genuine signal (see [`genuine`]; `systemd` is the current owner of
 /// systemd's name) about a watched unit, the manager itself or the owner of its name.
+#[cfg(test)]
 fn decode(
     msg: &Message,
     systemd: Option<&str>,
     watch: &WatchSet,
     tracker: &mut Tracker,
 ) -> Option<Signal> {
+    if verdict(msg, systemd) != Verdict::Genuine {
+        return None;
+    }
+    decode_trusted(msg, watch, tracker)
+}
+
+/// Decodes a signal whose sender was checked ([`verdict`]) about a watched unit, the manager
+/// itself or the owner of its name.
+fn decode_trusted(msg: &Message, watch: &WatchSet, tracker: &mut Tracker) -> Option<Signal> {
     if msg.message_type() != MessageType::Signal {
         return None;
     }
     let header = msg.header();
     let interface = header.interface()?.as_str();
     let member = header.member()?.as_str();
-    let origin = match (interface, member) {
-        ("org.freedesktop.DBus", "NameOwnerChanged") => Origin::Bus,
-        _ => Origin::Systemd,
-    };
-    let sender = header.sender().map(|s| s.as_str());
-    if !genuine(sender, systemd, origin) {
-        tracing::trace!(
-            sender,
-            interface,
-            member,
-            "dropping a signal not sent by systemd or the bus"
-        );
-        return None;
-    }
     let watched = |name: &str, tracker: &mut Tracker| {
         let watched = watch.contains(name);
         if !watched {
@@ -439,7 +526,7 @@ async fn open(kind: BusKind) -> Result<Opened> {
 }
 
 /// The unique name owning `org.freedesktop.systemd1`; None if nobody does.
-async fn name_owner(conn: &Connection) -> Result<Option<String>> {
+pub(crate) async fn name_owner(conn: &Connection) -> Result<Option<String>> {
     let reply = conn
         .call_method(
             Some(BUS_SERVICE),
@@ -498,6 +585,11 @@ pub(crate) async fn subscribe(
     watch: WatchSet,
 ) -> Result<mpsc::Receiver<UnitEvent>> {
     let opened = open(manager.kind).await?;
+    Ok(spawn(manager, watch, opened))
+}
+
+/// Spawns the task of a subscription on `opened`.
+fn spawn(manager: Arc<Inner>, watch: WatchSet, opened: Opened) -> mpsc::Receiver<UnitEvent> {
     let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
     let task = Subscription {
         manager,
@@ -505,9 +597,10 @@ pub(crate) async fn subscribe(
         tx,
         tracker: Tracker::default(),
         systemd: opened.systemd,
+        recheck: OwnerRecheck::default(),
     };
     tokio::spawn(task.run(opened.conn, opened.stream));
-    Ok(rx)
+    rx
 }
 
 struct Subscription {
@@ -518,6 +611,8 @@ struct Subscription {
     /// The unique name owning `org.freedesktop.systemd1` now: the only sender whose unit and
     /// manager signals count (any local user can send us signals).
     systemd: Option<String>,
+    /// Bounds the `GetNameOwner` calls that signals from other senders cause.
+    recheck: OwnerRecheck,
 }
 
 /// Why the task's loop ended.
@@ -573,11 +668,21 @@ impl Subscription {
                     }
                     None => return Stop::Lost,
                 };
-                let systemd = self.systemd.as_deref();
-                if let Some(signal) = decode(&msg, systemd, &self.watch, &mut self.tracker) {
-                    tracing::trace!(?signal, "systemd signal");
-                    if self.handle(conn, signal).await.is_err() {
-                        return Stop::Closed;
+                let trusted = match verdict(&msg, self.systemd.as_deref()) {
+                    Verdict::Genuine => Ok(true),
+                    Verdict::Unconfirmed(sender) => self.confirm(conn, &sender).await,
+                    Verdict::Foreign => Ok(false),
+                };
+                match trusted {
+                    Err(Closed) => return Stop::Closed,
+                    Ok(false) => log_dropped(&msg, self.systemd.as_deref()),
+                    Ok(true) => {
+                        if let Some(signal) = decode_trusted(&msg, &self.watch, &mut self.tracker) {
+                            tracing::trace!(?signal, "systemd signal");
+                            if self.handle(conn, signal).await.is_err() {
+                                return Stop::Closed;
+                            }
+                        }
                     }
                 }
                 match stream.next().now_or_never() {
@@ -627,6 +732,31 @@ impl Subscription {
             Some(change) => self.send(UnitEvent::Changed(change)).await,
             None => Ok(()),
         }
+    }
+
+    /// Whether `sender`, which is not the owner of systemd's name we know, owns it now: asks
+    /// the bus (at most once per [`OWNER_RECHECK`]), and takes a changed owner as the
+    /// `NameOwnerChanged` we must have missed (a resync).
+    async fn confirm(&mut self, conn: &Connection, sender: &str) -> Result<bool, Closed> {
+        if !self.recheck.allow(Instant::now()) {
+            return Ok(false);
+        }
+        let owner = match self.manager.systemd_owner().await {
+            Ok(owner) => owner,
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the bus who systemd is failed");
+                return Ok(false);
+            }
+        };
+        if owner != self.systemd {
+            tracing::warn!(
+                owner = owner.as_deref(),
+                previous = self.systemd.as_deref(),
+                "systemd's bus name changed owner unannounced, resynchronizing"
+            );
+            self.handle(conn, Signal::OwnerChanged(owner)).await?;
+        }
+        Ok(self.systemd.as_deref() == Some(sender))
     }
 
     /// Reads the states the tracker asked for, over the shared call connection (not this
@@ -1176,6 +1306,179 @@ mod tests {
             0,
             "a forged signal made the subscription read states"
         );
+    }
+
+    /// A `NameOwnerChanged` that never arrived (or a subscription that knows no owner) left
+    /// the subscription believing in the wrong systemd. Before the owner was asked again,
+    /// every genuine signal was dropped from then on and this test timed out.
+    #[tokio::test]
+    async fn a_missed_owner_change_is_noticed_at_the_next_signal() {
+        let Some(bus) = PrivateBus::start() else {
+            return;
+        };
+        let systemd = bus.connect().await;
+        let calls = MessageStream::from(&systemd);
+        systemd
+            .request_name(SYSTEMD_SERVICE)
+            .await
+            .expect("own systemd's name");
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        tokio::spawn(play_systemd(systemd.clone(), calls, reads.clone()));
+        let unit = "a.service";
+        let running: HashMap<&str, zbus::zvariant::Value<'_>> = [
+            ("LoadState", "loaded"),
+            ("ActiveState", "active"),
+            ("SubState", "running"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, zbus::zvariant::Value::from(v)))
+        .collect();
+        let path = unit_path(unit);
+        let no_names = Vec::<String>::new();
+
+        for believed in [Some(":1.9999"), None] {
+            let units = tempfile::tempdir().expect("tempdir");
+            let inner = Inner::for_tests(BusKind::Address(bus.address), units.path().join("units"))
+                .expect("manager");
+            let mut opened = open(BusKind::Address(bus.address)).await.expect("open");
+            assert_eq!(
+                opened.systemd.as_deref(),
+                systemd.unique_name().map(|n| n.as_str())
+            );
+            opened.systemd = believed.map(str::to_owned);
+            let mut rx = spawn(
+                Arc::new(inner),
+                WatchSet::from_iter([unit.to_owned()]),
+                opened,
+            );
+            systemd
+                .emit_signal(
+                    None::<&str>,
+                    path.as_str(),
+                    "org.freedesktop.DBus.Properties",
+                    "PropertiesChanged",
+                    &(UNIT_INTERFACE, &running, &no_names),
+                )
+                .await
+                .expect("systemd's signal");
+            let mut next = async || {
+                tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .unwrap_or_else(|_| panic!("believing {believed:?}: no event within 10 s"))
+            };
+            assert_eq!(
+                next().await,
+                Some(UnitEvent::Resync(ResyncReason::ManagerRestarted)),
+                "believing {believed:?}"
+            );
+            assert_eq!(
+                next().await,
+                Some(UnitEvent::Changed(StateChange {
+                    name: unit.to_owned(),
+                    state: Some(st("loaded", "active", "running")),
+                })),
+                "believing {believed:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_owner_is_asked_again_at_most_once_a_second() {
+        let mut recheck = OwnerRecheck::default();
+        assert!(recheck.allow(Instant::now()), "the first time");
+        assert!(!recheck.allow(Instant::now()), "at once again");
+        tokio::time::advance(OWNER_RECHECK - Duration::from_millis(1)).await;
+        assert!(
+            !recheck.allow(Instant::now()),
+            "just before a second passed"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(recheck.allow(Instant::now()), "a second later");
+        assert!(!recheck.allow(Instant::now()), "and not again at once");
+    }
+
+    #[test]
+    fn senders_other_than_the_known_owner_are_checked_only_on_systemds_signals() {
+        let (systemd, other) = (":1.1", ":1.42");
+        let unconfirmed = || Verdict::Unconfirmed(other.to_owned());
+        let unit_props = props_msg(other, "a.service", &[("ActiveState", "failed")]);
+        let foreign_props = Message::signal(
+            "/org/example/thing",
+            "org.freedesktop.DBus.Properties",
+            "PropertiesChanged",
+        )
+        .and_then(|b| b.sender(other))
+        .and_then(|b| {
+            b.build(&(
+                UNIT_INTERFACE,
+                HashMap::<&str, zbus::zvariant::Value<'_>>::new(),
+                Vec::<String>::new(),
+            ))
+        })
+        .expect("message");
+        let manager_elsewhere = Message::signal("/org/example", MANAGER_INTERFACE, "Reloading")
+            .and_then(|b| b.sender(other))
+            .and_then(|b| b.build(&false))
+            .expect("message");
+        let cases: Vec<(&str, Message, Option<&str>, Verdict)> = vec![
+            (
+                "systemd's own",
+                props_msg(systemd, "a.service", &[]),
+                Some(systemd),
+                Verdict::Genuine,
+            ),
+            (
+                "unit change from another",
+                unit_props.clone(),
+                Some(systemd),
+                unconfirmed(),
+            ),
+            (
+                "unit change, owner unknown",
+                unit_props,
+                None,
+                unconfirmed(),
+            ),
+            (
+                "reload from another",
+                reloading_msg(other),
+                Some(systemd),
+                unconfirmed(),
+            ),
+            (
+                "reload, owner unknown",
+                reloading_msg(other),
+                None,
+                unconfirmed(),
+            ),
+            (
+                "bus signal from another",
+                owner_msg(other, other),
+                Some(systemd),
+                Verdict::Foreign,
+            ),
+            (
+                "bus signal from the bus",
+                owner_msg(BUS_SERVICE, other),
+                None,
+                Verdict::Genuine,
+            ),
+            (
+                "not a unit path",
+                foreign_props,
+                Some(systemd),
+                Verdict::Foreign,
+            ),
+            (
+                "manager interface elsewhere",
+                manager_elsewhere,
+                Some(systemd),
+                Verdict::Foreign,
+            ),
+        ];
+        for (what, msg, owner, want) in cases {
+            assert_eq!(verdict(&msg, owner), want, "{what}");
+        }
     }
 
     /// One scripted signal for the tracker tests.
