@@ -20,7 +20,6 @@ use futures_util::stream::{self, FuturesOrdered};
 use crate::context::Ctx;
 use crate::error::{Failure, describe};
 use crate::ui;
-use crate::wait;
 
 /// fleet's `unitNameMangle`: the last path element, with `.service` appended unless the
 /// argument already ends in a unit type fleetctl recognizes.
@@ -222,20 +221,19 @@ pub const IN_FLIGHT: usize = 32;
 /// Each created unit is reported (`Unit hello.service inactive`). The error is the text after
 /// fleet's `Error creating units: `.
 ///
-/// fleet went unit by unit, waiting for each new unit in the background; here every lookup
-/// is made at once, then the arguments are decided in their order while the creations (each
-/// with its wait for the unit to show up) run up to [`IN_FLIGHT`] at a time, their lines
-/// printed in argument order. A decision that depends on an earlier creation (the same name
-/// again, an instance of a template created just before) waits for the creations first. At
-/// the first argument that cannot be created, the creations already under way are finished
-/// and reported, then the error; a unit that does not show up is reported and the others go
-/// on, as in fleet.
+/// fleet went unit by unit, then waited in the background for each new unit to show up in
+/// the registry (always at once: the create had succeeded). Here every lookup is made at
+/// once, then the arguments are decided in their order while the creations run up to
+/// [`IN_FLIGHT`] at a time; a created unit is reported from what the create said (inactive,
+/// on no machine), the lines in argument order after the creation step. A decision that
+/// depends on an earlier creation (the same name again, an instance of a template created
+/// just before) waits for the creations first. At the first argument that cannot be
+/// created, the creations already under way are finished and reported, then the error.
 pub async fn lazy_create(
     ctx: &Ctx,
     args: &[String],
     replace: bool,
     creator: Creator,
-    attempts: i64,
 ) -> Result<(), Failure> {
     let reg = ctx.registry().await?;
     let fail = |e: String| Failure::msg(format!("Error creating units: {e}"));
@@ -257,7 +255,9 @@ pub async fn lazy_create(
             || template.is_some_and(|t| creations.names.contains(t.as_str()));
         let found = if depends {
             // what the registry holds now depends on the creations under way
-            creations.finish(0).await?;
+            if let Err(e) = creations.finish(0).await {
+                return creations.end(Some(e)).await;
+            }
             lookup(&reg, name).await
         } else {
             found
@@ -268,28 +268,23 @@ pub async fn lazy_create(
                 creations.names.insert(unit_name.to_string());
                 creations
                     .running
-                    .push_back(create_one(ctx, &reg, unit_name, file, existed, attempts));
-                creations.finish(IN_FLIGHT - 1).await?;
+                    .push_back(create_one(ctx, &reg, unit_name, file, existed));
+                if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
+                    return creations.end(Some(e)).await;
+                }
             }
-            Err(e) => {
-                creations.finish(0).await?;
-                return Err(fail(e));
-            }
+            Err(e) => return creations.end(Some(fail(e))).await,
         }
     }
-    creations.finish(0).await?;
-    if creations.wait_failed {
-        return Err(fail("One or more errors creating units".to_string()));
-    }
-    Ok(())
+    creations.end(None).await
 }
 
 /// How one creation ended.
 enum Created {
     /// The line reporting the new unit.
     Shown(String),
-    /// Created, but it did not show up: fleet's note, and the command fails in the end.
-    WaitFailed(String),
+    /// Another client created the same unit at the same moment: nothing to report.
+    Existing,
     /// Not created: the command's error.
     Failed(Failure),
 }
@@ -297,17 +292,19 @@ enum Created {
 /// The creations under way, in argument order.
 struct Creations<F: Future<Output = Created>> {
     running: FuturesOrdered<F>,
+    /// Lines of finished creations, printed at the end of the command's creation step (as
+    /// fleet's, which came from background waits, came after the messages of its loop).
+    lines: Vec<String>,
     /// Names of every unit this command has created or is creating.
     names: HashSet<String>,
-    wait_failed: bool,
 }
 
 impl<F: Future<Output = Created>> Default for Creations<F> {
     fn default() -> Self {
         Creations {
             running: FuturesOrdered::new(),
+            lines: Vec::new(),
             names: HashSet::new(),
-            wait_failed: false,
         }
     }
 }
@@ -321,11 +318,8 @@ impl<F: Future<Output = Created>> Creations<F> {
         let mut failure = None;
         while self.running.len() > left || (failure.is_some() && !self.running.is_empty()) {
             match self.running.next().await {
-                Some(Created::Shown(line)) => ui::out(line),
-                Some(Created::WaitFailed(e)) => {
-                    ui::err(format!("Error waiting on unit creation: {e}"));
-                    self.wait_failed = true;
-                }
+                Some(Created::Shown(line)) => self.lines.push(line),
+                Some(Created::Existing) => {}
                 Some(Created::Failed(f)) => {
                     failure.get_or_insert(f);
                 }
@@ -333,6 +327,16 @@ impl<F: Future<Output = Created>> Creations<F> {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    /// Finishes every creation, prints their lines, and says how the step ended.
+    async fn end(mut self, error: Option<Failure>) -> Result<(), Failure> {
+        let finished = self.finish(0).await;
+        for line in self.lines.drain(..) {
+            ui::out(line);
+        }
+        finished?;
+        error.map_or(Ok(()), Err)
     }
 }
 
@@ -368,7 +372,6 @@ async fn create_one(
     unit_name: UnitName,
     file: UnitFile,
     existed: bool,
-    attempts: i64,
 ) -> Created {
     let fail = |e: &RegistryError| {
         Created::Failed(Failure::msg(format!(
@@ -403,26 +406,19 @@ async fn create_one(
             return Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive));
         }
         // another client created it meanwhile: with the same contents that is what this
-        // one wanted too (fleet's API took an identical PUT as success); it is left alone
+        // one wanted too, and it is left alone, as if the lookup had found it (no line, no
+        // wait: the other client may have moved it on already)
         Err(e @ RegistryError::AlreadyExists(_)) if !existed => {
-            let same = reg
-                .unit(&unit_name)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.hash == file.hash());
-            if !same {
-                return fail(&e);
-            }
-            tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
+            return match reg.unit(&unit_name).await {
+                Ok(Some(u)) if u.hash == file.hash() => {
+                    tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
+                    Created::Existing
+                }
+                Ok(_) => fail(&e),
+                Err(read) => fail(&read),
+            };
         }
         Err(e) => return fail(&e),
-    }
-    // fleet waits with the command's --block-attempts even with --no-block
-    match wait::unit_state_line(ctx, reg, &unit_name, TargetState::Inactive, attempts.max(0)).await
-    {
-        Ok(line) => Created::Shown(line),
-        Err(e) => Created::WaitFailed(e),
     }
 }
 

@@ -186,42 +186,6 @@ pub async fn wait_for_unit_states(
     }
 }
 
-/// Waits until one unit's state is `want`, and returns the line that says so (`Unit <name>
-/// <state>[ on <machine>]`) for the caller to print in its order.
-pub async fn unit_state_line(
-    ctx: &Ctx,
-    reg: &Arc<dyn Registry>,
-    name: &UnitName,
-    want: TargetState,
-    attempts: i64,
-) -> Result<String, String> {
-    let deadline = deadline(attempts);
-    let mut errors_shown: HashSet<String> = HashSet::new();
-    loop {
-        match reg.unit(name).await {
-            Ok(Some(u)) => {
-                if let Some(line) = reached(ctx, &u, want).await {
-                    return Ok(line);
-                }
-                tracing::debug!("Waiting for Unit({name}) to be {want}");
-            }
-            Ok(None) => return Err(format!("Unit {name} not found")),
-            Err(e) => {
-                let e = describe(&e);
-                if errors_shown.insert(e.clone()) {
-                    tracing::warn!("Error retrieving Unit({name}) from Registry: {e}");
-                }
-                tokio::time::sleep(RETRY).await;
-            }
-        }
-        if !wait_change(reg, name, deadline).await {
-            return Err(format!(
-                "timed out waiting for unit {name} to report state {want}"
-            ));
-        }
-    }
-}
-
 /// The line reporting `u` in state `want`, when it is there.
 async fn reached(ctx: &Ctx, u: &UnitView, want: TargetState) -> Option<String> {
     let state = if u.global { u.desired } else { u.current };

@@ -464,32 +464,44 @@ fn concurrent_starts_of_overlapping_conflicting_units() {
         out_a.unwrap_or_else(|_| panic!("fleetctl in node1 panicked")),
         out_b.unwrap_or_else(|_| panic!("fleetctl in node2 panicked")),
     );
-    // each prints its own units' creation in order; a unit the other command started first
-    // is skipped ("already launched"), so between them every unit is triggered
+    // Each prints, in its order, the units it created (a unit the other one created first is
+    // found, not created: no line) and then the units it started (a unit the other one
+    // started first is "already launched": no line). Between them, every unit is created
+    // once and started.
+    let mut created = Vec::new();
     let mut triggered = BTreeSet::new();
     for (out, units) in [(&out_a, 1..=4), (&out_b, 3..=6)] {
-        let created: Vec<String> = units
-            .clone()
-            .map(|i| format!("Unit cx@{i}.service inactive"))
-            .collect();
+        assert!(out.success(), "{out}");
         let lines: Vec<&str> = out.stdout.lines().collect();
-        assert!(
-            out.success() && lines.len() >= created.len() && lines[..created.len()] == created,
-            "{out}"
-        );
-        let own: Vec<String> = units
-            .map(|i| format!("Triggered unit cx@{i}.service start"))
-            .collect();
-        let rest = &lines[created.len()..];
-        assert!(
-            rest.iter().all(|l| own.iter().any(|o| o == l))
-                && rest.windows(2).all(|w| {
-                    own.iter().position(|o| o == w[0]) < own.iter().position(|o| o == w[1])
-                }),
-            "{out}"
-        );
-        triggered.extend(rest.iter().map(|l| l.to_string()));
+        let split = lines
+            .iter()
+            .position(|l| l.starts_with("Triggered"))
+            .unwrap_or(lines.len());
+        for (part, what) in [(&lines[..split], "inactive"), (&lines[split..], "start")] {
+            let own: Vec<String> = units
+                .clone()
+                .map(|i| match what {
+                    "inactive" => format!("Unit cx@{i}.service inactive"),
+                    _ => format!("Triggered unit cx@{i}.service start"),
+                })
+                .collect();
+            let at: Vec<Option<usize>> = part
+                .iter()
+                .map(|l| own.iter().position(|o| o == l))
+                .collect();
+            assert!(
+                at.iter().all(Option::is_some) && at.windows(2).all(|w| w[0] < w[1]),
+                "{what} lines not its own or out of order: {out}"
+            );
+        }
+        created.extend(lines[..split].iter().map(|l| l.to_string()));
+        triggered.extend(lines[split..].iter().map(|l| l.to_string()));
     }
+    created.sort();
+    let want: Vec<String> = (1..=6)
+        .map(|i| format!("Unit cx@{i}.service inactive"))
+        .collect();
+    assert_eq!(created, want, "each unit reported created once");
     assert_eq!(triggered.len(), 6, "{triggered:?}");
 
     let files = must(c.list_unit_files(1));

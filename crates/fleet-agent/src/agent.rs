@@ -23,8 +23,8 @@ use crate::desired::{Desired, desired_units};
 
 /// systemd jobs (StartUnit, StopUnit), body reads and state writes kept in flight at once.
 const JOBS_IN_FLIGHT: usize = 32;
-/// Most systemd state changes published as one batch.
-const MAX_BATCH: usize = 4096;
+/// Most systemd state changes published as one batch (the loop turns between batches).
+const MAX_BATCH: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -74,6 +74,9 @@ struct Agent {
     lease: LeaseKeeper,
     mirror: BTreeMap<String, Vec<u8>>,
     synced: bool,
+    /// A daemon-reload failed (or a start failed after one was skipped): the next converge
+    /// makes one, whatever its batch holds.
+    reload_owed: bool,
     requirements: HashMap<(UnitName, UnitHash), Requirements>,
     current: BTreeMap<String, Current>,
     systemd_states: BTreeMap<String, SystemdState>,
@@ -125,6 +128,7 @@ pub async fn run(
         lease,
         mirror: BTreeMap::new(),
         synced: false,
+        reload_owed: false,
         requirements: HashMap::new(),
         current: BTreeMap::new(),
         systemd_states: BTreeMap::new(),
@@ -618,8 +622,9 @@ impl Agent {
                     .get(name)
                     .is_some_and(|d| d.state == TargetState::Launched)
         });
-        let reload_skipped = files_changed && stale_removed == 0 && start_loads_them;
-        if files_changed && !reload_skipped && !self.reload().await {
+        let reload_skipped =
+            files_changed && stale_removed == 0 && start_loads_them && !self.reload_owed;
+        if ((files_changed && !reload_skipped) || self.reload_owed) && !self.reload().await {
             complete = false;
         }
         for (name, install) in &written {
@@ -657,11 +662,22 @@ impl Agent {
         let mut results: Vec<Result<(), fleet_systemd::Error>> =
             stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
         if reload_skipped && results.iter().any(Result::is_err) && self.reload().await {
-            for ((name, to, _), result) in moves.iter().zip(results.iter_mut()) {
-                if result.is_err() && *to == TargetState::Launched {
-                    debug!(unit = %name, "start failed without a daemon-reload; trying again after one");
-                    *result = self.systemd.start(name).await;
-                }
+            let again: Vec<usize> = (0..moves.len())
+                .filter(|&i| results[i].is_err() && moves[i].1 == TargetState::Launched)
+                .collect();
+            let retries: Vec<_> = again
+                .iter()
+                .map(|&i| {
+                    debug!(unit = %moves[i].0, "start failed without a daemon-reload; trying again after one");
+                    self.systemd.start(&moves[i].0)
+                })
+                .collect();
+            let retried: Vec<_> = stream::iter(retries)
+                .buffered(JOBS_IN_FLIGHT)
+                .collect()
+                .await;
+            for (i, r) in again.into_iter().zip(retried) {
+                results[i] = r;
             }
         }
         for ((name, to, cur), result) in moves.into_iter().zip(results) {
@@ -686,13 +702,17 @@ impl Agent {
         complete
     }
 
-    /// One daemon-reload; false (logged) when it failed.
-    async fn reload(&self) -> bool {
+    /// One daemon-reload; false (logged, and owed to the next converge) when it failed.
+    async fn reload(&mut self) -> bool {
         self.stats.reloads.fetch_add(1, Ordering::Relaxed);
         match self.systemd.reload().await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.reload_owed = false;
+                true
+            }
             Err(e) => {
                 warn!(error = %e, "daemon-reload failed");
+                self.reload_owed = true;
                 false
             }
         }
@@ -769,18 +789,30 @@ impl Agent {
                     .publish_state(&rec.name, &self.cfg.machine_id, Some(rec), &self.lease)
             })
             .collect();
-        let results: Vec<_> = stream::iter(writes)
-            .buffered(JOBS_IN_FLIGHT)
-            .collect()
-            .await;
-        for (rec, result) in records.into_iter().zip(results) {
-            match result {
-                Ok(()) => {
+        // etcd out of reach: the first write that says so ends the batch (the rest would each
+        // wait for its own timeout); what was not written is retried at a later tick
+        let mut results = Vec::with_capacity(writes.len());
+        let mut writing = stream::iter(writes).buffered(JOBS_IN_FLIGHT);
+        while let Some(r) = writing.next().await {
+            let unreachable = r.as_ref().is_err_and(|e| e.is_unavailable());
+            results.push(r);
+            if unreachable {
+                break;
+            }
+        }
+        drop(writing);
+        let mut results = results.into_iter();
+        for rec in records {
+            match results.next() {
+                Some(Ok(())) => {
                     self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
                     self.published.insert(rec.name.clone(), rec);
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     debug!(unit = %rec.name, error = %e, "publishing state failed; will retry");
+                    self.unsent.insert(rec.name);
+                }
+                None => {
                     self.unsent.insert(rec.name);
                 }
             }
@@ -809,13 +841,15 @@ impl Agent {
     /// Retries the state writes that failed: publish what is still managed, withdraw the rest.
     async fn retry_unsent(&mut self) {
         let names: Vec<String> = std::mem::take(&mut self.unsent).into_iter().collect();
-        for name in names {
-            if self.current.contains_key(&name) {
-                self.published.remove(&name);
-                self.publish(&name).await;
-            } else {
-                self.unpublish(&name).await;
-            }
+        let (managed, gone): (Vec<String>, Vec<String>) = names
+            .into_iter()
+            .partition(|n| self.current.contains_key(n));
+        for name in &managed {
+            self.published.remove(name);
+        }
+        self.publish_all(&managed).await;
+        for name in gone {
+            self.unpublish(&name).await;
         }
     }
 

@@ -444,13 +444,18 @@ impl Registry for HttpRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> fleet_registry::Result<()> {
-        // fleet's PUT also accepts an identical existing unit (and then only sets its desired
-        // state): `If-None-Match: *` makes our fleetd refuse any existing unit, atomically.
-        // (fleet v1.0's fleetd ignores the header; against it, as with fleet's own fleetctl,
-        // only the caller's lookup just before guards an existing unit.)
+        // `If-None-Match: *` makes our fleetd refuse any existing unit, atomically (412).
+        // fleet v1.0's fleetd ignores the header; it refuses a PUT without desired state for
+        // an existing unit (409), which is what fleet's own fleetctl relied on.
         let unit = wire::Unit {
             name: name.to_string(),
-            desired_state: desired.to_string(),
+            // fleet's fleetctl sent no desired state to create (a new unit is inactive); with
+            // one, fleet v1.0's fleetd would set it on an identical unit that exists already
+            desired_state: if desired == TargetState::Inactive {
+                String::new()
+            } else {
+                desired.to_string()
+            },
             options: file
                 .options()
                 .iter()
@@ -482,7 +487,13 @@ impl Registry for HttpRegistry {
     ) -> fleet_registry::Result<()> {
         let unit = wire::Unit {
             name: name.to_string(),
-            desired_state: desired.to_string(),
+            // fleet's fleetctl sent no desired state to create (a new unit is inactive); with
+            // one, fleet v1.0's fleetd would set it on an identical unit that exists already
+            desired_state: if desired == TargetState::Inactive {
+                String::new()
+            } else {
+                desired.to_string()
+            },
             ..wire::Unit::default()
         };
         let a = self

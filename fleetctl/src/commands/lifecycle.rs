@@ -21,14 +21,14 @@ pub async fn submit(ctx: &Ctx, args: &[String], replace: bool) -> Outcome {
     if args.is_empty() {
         return no_units();
     }
-    units::lazy_create(ctx, args, replace, Creator::Submit, 0).await
+    units::lazy_create(ctx, args, replace, Creator::Submit).await
 }
 
 pub async fn load(ctx: &Ctx, args: &[String], block: &BlockArgs, replace: bool) -> Outcome {
     if args.is_empty() {
         return no_units();
     }
-    units::lazy_create(ctx, args, replace, Creator::Load, block.block_attempts).await?;
+    units::lazy_create(ctx, args, replace, Creator::Load).await?;
     let triggered = units::set_target_states(ctx, args, TargetState::Loaded)
         .await
         .map_err(|e| Failure::msg(format!("Error loading units: {e}")))?;
@@ -43,7 +43,7 @@ pub async fn start(ctx: &Ctx, args: &[String], block: &BlockArgs, replace: bool)
     if args.is_empty() {
         return no_units();
     }
-    units::lazy_create(ctx, args, replace, Creator::Start, block.block_attempts).await?;
+    units::lazy_create(ctx, args, replace, Creator::Start).await?;
     let triggered = units::set_target_states(ctx, args, TargetState::Launched)
         .await
         .map_err(|e| Failure::msg(format!("Error starting units: {e}")))?;
@@ -271,7 +271,7 @@ pub async fn restart(
         return no_units();
     }
     let found = units::find_units(ctx, args).await?;
-    units::lazy_create(ctx, args, false, Creator::Restart, block_attempts_flag).await?;
+    units::lazy_create(ctx, args, false, Creator::Restart).await?;
     let attempts = block_attempts(false, block_attempts_flag);
     let mut globals = Vec::new();
     for u in &found {
