@@ -403,22 +403,20 @@ async fn create_one(
                 current: TargetState::Inactive,
                 reason: None,
             });
-            return Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive));
+            Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive))
         }
         // another client created it meanwhile: with the same contents that is what this
         // one wanted too, and it is left alone, as if the lookup had found it (no line, no
         // wait: the other client may have moved it on already)
-        Err(e @ RegistryError::AlreadyExists(_)) if !existed => {
-            return match reg.unit(&unit_name).await {
-                Ok(Some(u)) if u.hash == file.hash() => {
-                    tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
-                    Created::Existing
-                }
-                Ok(_) => fail(&e),
-                Err(read) => fail(&read),
-            };
-        }
-        Err(e) => return fail(&e),
+        Err(e @ RegistryError::AlreadyExists(_)) if !existed => match reg.unit(&unit_name).await {
+            Ok(Some(u)) if u.hash == file.hash() => {
+                tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
+                Created::Existing
+            }
+            Ok(_) => fail(&e),
+            Err(read) => fail(&read),
+        },
+        Err(e) => fail(&e),
     }
 }
 

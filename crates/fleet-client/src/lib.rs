@@ -487,13 +487,7 @@ impl Registry for HttpRegistry {
     ) -> fleet_registry::Result<()> {
         let unit = wire::Unit {
             name: name.to_string(),
-            // fleet's fleetctl sent no desired state to create (a new unit is inactive); with
-            // one, fleet v1.0's fleetd would set it on an identical unit that exists already
-            desired_state: if desired == TargetState::Inactive {
-                String::new()
-            } else {
-                desired.to_string()
-            },
+            desired_state: desired.to_string(),
             ..wire::Unit::default()
         };
         let a = self

@@ -274,19 +274,25 @@ async fn round_trips_match_the_etcd_driver() {
     };
     assert_eq!(strip(http_machines), strip(etcd_machines));
 
-    // desired state, templates, destroy
-    dynamic
-        .set_desired_state(&name("u3.service"), TargetState::Loaded)
-        .await
-        .expect("set");
-    assert_eq!(
-        etcd.unit(&name("u3.service"))
+    // desired state (every one of them, down to inactive), templates, destroy
+    for state in [
+        TargetState::Launched,
+        TargetState::Inactive,
+        TargetState::Loaded,
+    ] {
+        dynamic
+            .set_desired_state(&name("u3.service"), state)
             .await
-            .expect("read")
-            .expect("u3")
-            .desired,
-        TargetState::Loaded
-    );
+            .unwrap_or_else(|e| panic!("set {state}: {e}"));
+        assert_eq!(
+            etcd.unit(&name("u3.service"))
+                .await
+                .expect("read")
+                .expect("u3")
+                .desired,
+            state
+        );
+    }
     let missing = dynamic
         .set_desired_state(&name("nosuch.service"), TargetState::Loaded)
         .await;
