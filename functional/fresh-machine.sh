@@ -5,7 +5,7 @@
 # It builds (once, then cached in $FRESH_CACHE) a `debootstrap --variant=minbase bookworm`
 # root, puts a throw-away overlay on it, copies this working tree in (without target/ and
 # bin/), binds the host's Rust toolchain read-only, and in a chroot there (private mount and
-# PID namespaces; the host's network, for Debian's packages and crates.io) runs:
+# PID namespaces; the host's network, for Debian's packages and Rust crates) runs:
 #   ./build, then bin/fleetd --version      (the build packages, a release build)
 #   ./test --packages                      (the packages of the test suite and the cluster)
 # and checks that etcd, sshd and systemd-nspawn are then installed. --rebuild makes a new
