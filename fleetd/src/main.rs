@@ -26,13 +26,24 @@ mod limits;
 #[derive(Parser)]
 #[command(
     name = "fleetd",
-    version,
+    disable_version_flag = true,
     about = "fleet daemon: runs units of a fleet cluster on this machine"
 )]
 struct Args {
     /// Path to config file. fleetd looks for /etc/fleet/fleet.conf by default
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Print the version and exit
+    #[arg(long)]
+    version: bool,
+    /// `version` does what --version does (as in fleet); fleetd takes no other argument
+    #[arg(hide = true)]
+    command: Option<String>,
+}
+
+/// What `fleetd --version` prints: fleet's wording, which scripts parse.
+fn version_line() -> String {
+    format!("fleetd version {}", env!("CARGO_PKG_VERSION"))
 }
 
 fn main() -> ExitCode {
@@ -43,6 +54,21 @@ fn main() -> ExitCode {
         _ => a,
     });
     let args = Args::parse_from(argv);
+    match args.command.as_deref() {
+        Some("version") => {
+            println!("{}", version_line());
+            return ExitCode::SUCCESS;
+        }
+        Some(_) => {
+            eprintln!("fleetd takes no arguments. Did you mean to invoke fleetctl instead?");
+            return ExitCode::from(1);
+        }
+        None if args.version => {
+            println!("{}", version_line());
+            return ExitCode::SUCCESS;
+        }
+        None => {}
+    }
     let cfg = match load_config(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -137,7 +137,8 @@ impl Api {
                 ("machines", None) => match method {
                     Method::GET => self.list_machines(&query).await,
                     Method::PATCH => {
-                        let body = self.json_body(req, deadline).await?;
+                        // fleet v1.0 checked the Content-Type of unit PUTs only
+                        let body = self.body(req, deadline, false).await?;
                         self.patch_machines(&body).await
                     }
                     _ => Err(fail(
@@ -191,8 +192,7 @@ impl Api {
         Err(fail(StatusCode::NOT_FOUND, ""))
     }
 
-    /// The body of a PUT or PATCH: JSON only (415 otherwise, as fleet v1.0), at most
-    /// `max_body_bytes` (413), received before the request's deadline (408).
+    /// The body of a unit PUT: JSON only (415 otherwise, as fleet v1.0), see [`Self::body`].
     async fn json_body<B>(
         &self,
         req: http::Request<B>,
@@ -202,7 +202,24 @@ impl Api {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        check_content_type(req.headers())?;
+        self.body(req, deadline, true).await
+    }
+
+    /// A request body (with `json_only`, only under `Content-Type: application/json`: 415
+    /// otherwise), at most `max_body_bytes` (413), received before the deadline (408).
+    async fn body<B>(
+        &self,
+        req: http::Request<B>,
+        deadline: tokio::time::Instant,
+        json_only: bool,
+    ) -> Result<Bytes>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if json_only {
+            check_content_type(req.headers())?;
+        }
         let limit = self.config.max_body_bytes;
         let too_large = || {
             fail(
