@@ -903,7 +903,8 @@ fn blocking_gives_up_after_block_attempts() {
         &["load", "--block-attempts=1", "hello.service"],
         1,
         "Unit hello.service inactive\n",
-        "Error waiting for units: timed out waiting for unit hello.service to report state loaded\n",
+        "Error waiting for units: timed out waiting for unit hello.service to report state loaded\n\
+         Error waiting for unit states, exit status: timed out waiting for unit hello.service to report state loaded\n",
     );
     assert!(
         started.elapsed() >= Duration::from_secs(2),

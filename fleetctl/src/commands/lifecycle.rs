@@ -36,7 +36,7 @@ pub async fn load(ctx: &Ctx, args: &[String], block: &BlockArgs, replace: bool) 
     let attempts = block_attempts(block.no_block, block.block_attempts);
     wait::try_wait_for_unit_states(ctx, &loading, "load", TargetState::Loaded, attempts)
         .await
-        .map_err(|e| Failure::msg(format!("Error waiting for units: {e}")))
+        .map_err(unit_wait_failed)
 }
 
 pub async fn start(ctx: &Ctx, args: &[String], block: &BlockArgs, replace: bool) -> Outcome {
@@ -51,10 +51,23 @@ pub async fn start(ctx: &Ctx, args: &[String], block: &BlockArgs, replace: bool)
     let attempts = block_attempts(block.no_block, block.block_attempts);
     wait::try_wait_for_unit_states(ctx, &starting, "start", TargetState::Launched, attempts)
         .await
-        .map_err(|e| Failure::msg(format!("Error waiting for units: {e}")))?;
+        .map_err(unit_wait_failed)?;
     wait::wait_for_active(ctx, &starting, attempts)
         .await
-        .map_err(|e| Failure::msg(format!("Error waiting for systemd unit states, err: {e}")))
+        .map_err(active_wait_failed)
+}
+
+/// A wait for unit states that failed, in fleet's two lines: the wait's own, then the
+/// command's.
+fn unit_wait_failed(e: String) -> Failure {
+    ui::err(format!("Error waiting for units: {e}"));
+    Failure::msg(format!("Error waiting for unit states, exit status: {e}"))
+}
+
+/// A wait for systemd to report started units active that failed, in fleet's two lines.
+fn active_wait_failed(e: String) -> Failure {
+    ui::err(format!("Error waiting for units: {e}"));
+    Failure::msg(format!("Error waiting for systemd unit states, err: {e}"))
 }
 
 /// Reports the global units among `triggered` (nobody waits for those) and returns the others.
@@ -152,6 +165,7 @@ async fn wait_lowered(
     wait::try_wait_for_unit_states(ctx, waiting, verb, target, attempts)
         .await
         .map_err(|e| {
+            ui::err(format!("Error waiting for units: {e}"));
             Failure::msg(format!(
                 "Failed to {verb} units {}. err: {e}",
                 ui::go_list(waiting)
@@ -297,9 +311,7 @@ pub async fn restart(
         set_state_and_wait(ctx, &u.name, TargetState::Launched, attempts).await?;
         wait::wait_for_active(ctx, std::slice::from_ref(&u.name), attempts)
             .await
-            .map_err(|e| {
-                Failure::msg(format!("Error waiting for systemd unit states, err: {e}"))
-            })?;
+            .map_err(active_wait_failed)?;
         tracing::debug!("Unit({}) was restarted.", u.name);
     }
     if !globals.is_empty() {
@@ -330,5 +342,5 @@ async fn set_state_and_wait(
     })?;
     wait::wait_for_unit_states(ctx, std::slice::from_ref(name), state, attempts)
         .await
-        .map_err(|e| Failure::msg(format!("Error waiting for units: {e}")))
+        .map_err(unit_wait_failed)
 }
