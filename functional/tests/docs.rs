@@ -14,6 +14,9 @@
 //!   space and trailing blanks ignored. Placeholders stand for what differs between
 //!   clusters: `<ID>` and `<HASH>` (hex digits), `<IP>` (digits and dots), `<ANY>` (any text
 //!   within the line); a line `...` stands for any number of lines.
+//! - The lines of a blocking `fleetctl start`, `load`, `stop` or `unload` of several units
+//!   may come in any order (each unit is reported when it reaches its state), so theirs are
+//!   compared as a set of lines.
 //! - Commands that only read (`fleetctl list-…`, `fleetctl status`, `fleetctl journal`,
 //!   `fleetctl cat`, `curl` without `-X`) are retried for up to 20 s until their output
 //!   matches, since the machines report states a moment after a command returns.
@@ -68,7 +71,10 @@ fn extract(markdown: &str) -> Vec<Step> {
                     expected.push(l.to_string());
                 }
             }
-        } else if let Some(name) = info.split_whitespace().find_map(|w| w.strip_prefix("file=")) {
+        } else if let Some(name) = info
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("file="))
+        {
             let mut text: String = body.iter().map(|(_, l)| format!("{l}\n")).collect();
             if text.is_empty() {
                 text.push('\n');
@@ -107,7 +113,10 @@ fn pieces(expected: &str) -> Vec<Piece> {
         for (name, piece) in [
             ("<ID>", Piece::Class(|c: char| c.is_ascii_hexdigit())),
             ("<HASH>", Piece::Class(|c: char| c.is_ascii_hexdigit())),
-            ("<IP>", Piece::Class(|c: char| c.is_ascii_digit() || c == '.')),
+            (
+                "<IP>",
+                Piece::Class(|c: char| c.is_ascii_digit() || c == '.'),
+            ),
             ("<ANY>", Piece::Any),
         ] {
             if let Some(r) = rest.strip_prefix(name) {
@@ -164,6 +173,56 @@ fn output_matches(expected: &[String], actual: &str) -> bool {
     lines(&want, &got)
 }
 
+/// Does the output match the expected lines in some order (no `...` lines)?
+fn output_matches_unordered(expected: &[String], actual: &str) -> bool {
+    let want: Vec<Vec<Piece>> = expected
+        .iter()
+        .map(|l| normalize(l))
+        .filter(|l| !l.is_empty())
+        .map(|l| pieces(&l))
+        .collect();
+    let got: Vec<Vec<char>> = actual
+        .lines()
+        .map(normalize)
+        .filter(|l| !l.is_empty())
+        .map(|l| l.chars().collect())
+        .collect();
+    fn assign(want: &[Vec<Piece>], got: &[Vec<char>], used: &mut Vec<bool>) -> bool {
+        let Some((first, rest)) = want.split_first() else {
+            return true;
+        };
+        for i in 0..got.len() {
+            if !used[i] && line_matches(first, &got[i]) {
+                used[i] = true;
+                if assign(rest, got, used) {
+                    return true;
+                }
+                used[i] = false;
+            }
+        }
+        false
+    }
+    want.len() == got.len()
+        && !expected.iter().any(|l| l.trim() == "...")
+        && assign(&want, &got, &mut vec![false; got.len()])
+}
+
+/// A blocking fleetctl command on several units, which reports them as they get there.
+fn reports_in_any_order(command: &str) -> bool {
+    let words: Vec<&str> = command.split_whitespace().collect();
+    let verb = ["start", "load", "stop", "unload"]
+        .iter()
+        .any(|v| words.get(1) == Some(v));
+    let units = words.iter().skip(2).filter(|w| !w.starts_with('-')).count();
+    words.first() == Some(&"fleetctl") && verb && units > 1
+}
+
+/// Does `actual` match what the page shows for `command`?
+fn matches(command: &str, expected: &[String], actual: &str) -> bool {
+    output_matches(expected, actual)
+        || (reports_in_any_order(command) && output_matches_unordered(expected, actual))
+}
+
 /// Commands whose output may lag the cluster, retried until they match.
 fn read_only(command: &str) -> bool {
     let fleetctl_reads = ["list-", "status", "journal", "cat"]
@@ -202,7 +261,7 @@ fn pages() -> Vec<(String, Vec<Step>)> {
                 .then_some((name, steps))
         })
         .collect();
-    pages.sort();
+    pages.sort_by(|a, b| a.0.cmp(&b.0));
     pages
 }
 
@@ -226,10 +285,7 @@ fn run_page(c: &Cluster, name: &str, steps: &[Step]) -> Vec<String> {
     for step in steps {
         match step {
             Step::File { name: file, text } => {
-                bash(
-                    c,
-                    &format!("printf '%s' {} > {dir}/{file}", quote(text)),
-                );
+                bash(c, &format!("printf '%s' {} > {dir}/{file}", quote(text)));
             }
             Step::Run {
                 line,
@@ -239,14 +295,14 @@ fn run_page(c: &Cluster, name: &str, steps: &[Step]) -> Vec<String> {
                 let script = format!("cd {dir} && {{ {command}\n}} 2>&1");
                 let started = Instant::now();
                 let mut actual = bash(c, &script);
-                while !output_matches(expected, &actual)
+                while !matches(command, expected, &actual)
                     && read_only(command)
                     && started.elapsed() < SETTLE
                 {
                     std::thread::sleep(Duration::from_millis(500));
                     actual = bash(c, &script);
                 }
-                if !output_matches(expected, &actual) {
+                if !matches(command, expected, &actual) {
                     failures.push(format!(
                         "{name}:{line}: $ {command}\n--- expected\n{}\n--- actual\n{actual}",
                         expected.join("\n")
@@ -329,7 +385,11 @@ fn placeholders_and_ellipses_match_what_they_stand_for() {
             "Unit a launched on node1\n",
             false,
         ),
-        (e(&["UNIT\t\tHASH", "a\t<HASH>"]), "UNIT HASH\na  3f2a1b0\n\n", true),
+        (
+            e(&["UNIT\t\tHASH", "a\t<HASH>"]),
+            "UNIT HASH\na  3f2a1b0\n\n",
+            true,
+        ),
         (e(&["<ANY> hello"]), "Nov 26 node1 sh[42]: hello\n", true),
         (e(&["<ANY> hello"]), "Nov 26 node1 sh[42]: bye\n", false),
         (e(&["first", "...", "last"]), "first\nx\ny\nlast\n", true),
@@ -344,8 +404,27 @@ fn placeholders_and_ellipses_match_what_they_stand_for() {
             "{expected:?} vs {actual:?}"
         );
     }
+    let launched = e(&[
+        "Unit a inactive",
+        "Unit a launched on <ID>.../<IP>",
+        "Unit b launched on <ID>.../<IP>",
+    ]);
+    let swapped =
+        "Unit a inactive\nUnit b launched on 01.../1.2.3.4\nUnit a launched on 02.../1.2.3.5\n";
+    assert!(matches("fleetctl start a b", &launched, swapped));
+    assert!(!matches("fleetctl start a", &launched, swapped));
+    assert!(!matches("fleetctl list-units", &launched, swapped));
+    assert!(!matches(
+        "fleetctl start a b",
+        &launched,
+        "Unit a inactive\nUnit b launched on 01.../1.2.3.4\n"
+    ));
     assert!(read_only("fleetctl list-units"));
-    assert!(read_only("curl -s --unix-socket /s http://localhost/fleet/v1/units"));
-    assert!(!read_only("curl -s -X PUT http://localhost/fleet/v1/units/a"));
+    assert!(read_only(
+        "curl -s --unix-socket /s http://localhost/fleet/v1/units"
+    ));
+    assert!(!read_only(
+        "curl -s -X PUT http://localhost/fleet/v1/units/a"
+    ));
     assert!(!read_only("fleetctl start a"));
 }
