@@ -456,15 +456,7 @@ impl Registry for HttpRegistry {
             } else {
                 desired.to_string()
             },
-            options: file
-                .options()
-                .iter()
-                .map(|o| wire::UnitOption {
-                    name: o.name.clone(),
-                    section: o.section.to_string(),
-                    value: o.value.clone(),
-                })
-                .collect(),
+            options: wire_options(file),
             ..wire::Unit::default()
         };
         let a = self
@@ -476,6 +468,32 @@ impl Registry for HttpRegistry {
             StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => {
                 Err(RegistryError::AlreadyExists(name.to_string()))
             }
+            _ => Err(to_registry(api_error(&a))),
+        }
+    }
+
+    async fn replace_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        // fleet's own PUT of other options over a unit: one request, which our fleetd (and
+        // fleet v1.0's) applies as one write; the desired state goes with it, so the unit is
+        // never inactive in between
+        let unit = wire::Unit {
+            name: name.to_string(),
+            desired_state: desired.to_string(),
+            options: wire_options(file),
+            ..wire::Unit::default()
+        };
+        let a = self
+            .put_unit(name, &unit, false)
+            .await
+            .map_err(to_registry)?;
+        match a.status {
+            // 204: fleet v1.0's fleetd found the same options there (a desired state change)
+            StatusCode::CREATED | StatusCode::NO_CONTENT => Ok(()),
             _ => Err(to_registry(api_error(&a))),
         }
     }
@@ -637,6 +655,18 @@ fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
         current,
         reason: non_empty(u.reason),
     })
+}
+
+/// A unit file as the API's options.
+fn wire_options(file: &UnitFile) -> Vec<wire::UnitOption> {
+    file.options()
+        .iter()
+        .map(|o| wire::UnitOption {
+            name: o.name.clone(),
+            section: o.section.to_string(),
+            value: o.value.clone(),
+        })
+        .collect()
 }
 
 fn parse_state(s: &str) -> Result<TargetState, fleet_unit::TargetStateError> {
