@@ -34,6 +34,9 @@ pub struct Ctx {
     /// Units this invocation created, as they were when created: the next step of the same
     /// command (setting their target state) needs not read them back.
     created: std::sync::Mutex<HashMap<String, fleet_registry::UnitView>>,
+    /// Units this invocation replaced (`--replace`): they keep their desired state, yet the
+    /// command still waits for them to reach its own, as fleet's did.
+    replaced: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Ctx {
@@ -44,7 +47,20 @@ impl Ctx {
             tunnel: OnceCell::new(),
             machines: Mutex::new(None),
             created: std::sync::Mutex::default(),
+            replaced: std::sync::Mutex::default(),
         }
+    }
+
+    /// Remembers a unit this invocation has just replaced.
+    pub fn note_replaced(&self, name: &str) {
+        let mut replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        replaced.insert(name.to_string());
+    }
+
+    /// Whether this invocation replaced the unit.
+    pub fn was_replaced(&self, name: &str) -> bool {
+        let replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        replaced.contains(name)
     }
 
     /// Remembers a unit this invocation has just created.
