@@ -1622,7 +1622,10 @@ fn start_replace_keeps_the_unit_where_it_runs() {
         assert!(before.is_some());
         c.write(&unit, HELLO);
         let endpoint = if driver == "etcd" {
-            vec!["--driver=etcd".to_string(), format!("--endpoint={}", c.etcd.endpoint())]
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ]
         } else {
             vec![format!("--endpoint={api}")]
         };
@@ -1645,12 +1648,15 @@ fn start_replace_keeps_the_unit_where_it_runs() {
             ),
             "{driver}"
         );
-        assert_eq!(created(&c), before, "{driver}: the unit's key was never deleted");
-        let view = c
-            .rt
-            .block_on(fleet_registry::Registry::unit(&reg, &name))
-            .expect("read")
-            .expect("exists");
+        assert_eq!(
+            created(&c),
+            before,
+            "{driver}: the unit's key was never deleted"
+        );
+        let view =
+            c.rt.block_on(fleet_registry::Registry::unit(&reg, &name))
+                .expect("read")
+                .expect("exists");
         assert_eq!(view.hash, hash_of(HELLO), "{driver}");
         assert_eq!(view.desired, TargetState::Launched, "{driver}");
         assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");

@@ -364,12 +364,24 @@ async fn replacing_a_placed_unit_is_one_write_and_keeps_its_machine() {
     let r = h.put(path, &HELLO.replace("100", "200")).await;
     assert_eq!(r.status, 201, "{r:?}");
     let after = kv.get(key.as_str(), None).await.expect("get");
-    assert_eq!(after.kvs()[0].create_revision(), created, "same key, not re-created");
-    assert_eq!(after.header().expect("header").revision(), rev + 1, "one transaction");
+    assert_eq!(
+        after.kvs()[0].create_revision(),
+        created,
+        "same key, not re-created"
+    );
+    assert_eq!(
+        after.header().expect("header").revision(),
+        rev + 1,
+        "one transaction"
+    );
     let got = h.get(path).await.json();
     assert_eq!(got["machineID"].as_str(), Some("m1"), "{got}");
     assert_eq!(got["desiredState"].as_str(), Some("launched"), "{got}");
-    assert_eq!(got["options"][0]["value"].as_str(), Some("/bin/sleep 200"), "{got}");
+    assert_eq!(
+        got["options"][0]["value"].as_str(),
+        Some("/bin/sleep 200"),
+        "{got}"
+    );
     h.stop().await.expect("clean shutdown");
 }
 
