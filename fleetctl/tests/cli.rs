@@ -1662,3 +1662,30 @@ fn start_replace_keeps_the_unit_where_it_runs() {
         assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");
     }
 }
+
+/// fleet's deprecated `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile` set the same TLS
+/// files as `--ca-file` and friends, for the API driver too: a CA file that cannot be read
+/// stops an https endpoint before anything is sent.
+#[test]
+fn deprecated_tls_flags_reach_the_api_driver() {
+    let c = Cluster::start();
+    let port = fleet_testutil::free_port();
+    for flag in ["--etcd-cafile", "--ca-file"] {
+        let out = c
+            .bare_command()
+            .args([
+                "--driver=api",
+                &format!("--endpoint=https://127.0.0.1:{port}"),
+                &format!("{flag}=/nonexistent/ca.pem"),
+                "list-machines",
+            ])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("/nonexistent/ca.pem"),
+            "{flag}: the CA file was not used: {stderr}"
+        );
+    }
+}
