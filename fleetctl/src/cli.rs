@@ -126,7 +126,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "FLEETCTL_TUNNEL", value_name = "ADDRESS")]
     pub tunnel: Option<String>,
 
-    /// Seconds allowed for one request to the fleet API or etcd
+    /// Seconds one request to the fleet API or etcd may wait for its answer to start
     #[arg(
         long,
         global = true,
