@@ -126,7 +126,7 @@ pub struct GlobalArgs {
     #[arg(long, global = true, env = "FLEETCTL_TUNNEL", value_name = "ADDRESS")]
     pub tunnel: Option<String>,
 
-    /// Seconds allowed for one request to the fleet API or etcd
+    /// Seconds one request to the fleet API or etcd may wait for its answer to start
     #[arg(
         long,
         global = true,
@@ -149,7 +149,8 @@ pub struct GlobalArgs {
     )]
     pub identity_file: Option<String>,
 
-    /// Deprecated; false selects the etcd driver's old default endpoints
+    /// Deprecated, without effect: fleet's `false` gave the etcd driver the local etcd endpoints,
+    /// which it uses here whenever --endpoint is not given
     #[arg(long, global = true, hide = true, env = "FLEETCTL_EXPERIMENTAL_API", action = ArgAction::Set,
           num_args = 0..=1, require_equals = true, default_value_t = true, default_missing_value = "true",
           value_parser = go_bool)]

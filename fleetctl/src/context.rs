@@ -34,6 +34,9 @@ pub struct Ctx {
     /// Units this invocation created, as they were when created: the next step of the same
     /// command (setting their target state) needs not read them back.
     created: std::sync::Mutex<HashMap<String, fleet_registry::UnitView>>,
+    /// Units this invocation replaced (`--replace`): they keep their desired state, yet the
+    /// command still waits for them to reach its own, as fleet's did.
+    replaced: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Ctx {
@@ -44,7 +47,20 @@ impl Ctx {
             tunnel: OnceCell::new(),
             machines: Mutex::new(None),
             created: std::sync::Mutex::default(),
+            replaced: std::sync::Mutex::default(),
         }
+    }
+
+    /// Remembers a unit this invocation has just replaced.
+    pub fn note_replaced(&self, name: &str) {
+        let mut replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        replaced.insert(name.to_string());
+    }
+
+    /// Whether this invocation replaced the unit.
+    pub fn was_replaced(&self, name: &str) -> bool {
+        let replaced = self.replaced.lock().unwrap_or_else(|p| p.into_inner());
+        replaced.contains(name)
     }
 
     /// Remembers a unit this invocation has just created.
@@ -73,6 +89,7 @@ impl Ctx {
         let g = &self.global;
         let timeout = Duration::try_from_secs_f64(g.request_timeout)
             .map_err(|_| anyhow!("invalid --request-timeout {}", g.request_timeout))?;
+        let tls = TlsFiles::of(g);
         match driver(g)? {
             Driver::Etcd => {
                 let endpoints: Vec<String> = etcd_endpoints(g)
@@ -84,21 +101,9 @@ impl Ctx {
                     endpoints,
                     key_prefix: g.etcd_key_prefix.clone(),
                     request_timeout: timeout,
-                    ca_file: g
-                        .ca_file
-                        .clone()
-                        .or_else(|| g.etcd_cafile.clone())
-                        .map(PathBuf::from),
-                    cert_file: g
-                        .cert_file
-                        .clone()
-                        .or_else(|| g.etcd_certfile.clone())
-                        .map(PathBuf::from),
-                    key_file: g
-                        .key_file
-                        .clone()
-                        .or_else(|| g.etcd_keyfile.clone())
-                        .map(PathBuf::from),
+                    ca_file: tls.ca,
+                    cert_file: tls.cert,
+                    key_file: tls.key,
                     username: None,
                     password: None,
                 };
@@ -144,9 +149,9 @@ impl Ctx {
                 connect_api(&fleet_client::ClientConfig {
                     endpoint: first,
                     request_timeout: timeout,
-                    ca_file: g.ca_file.clone().map(PathBuf::from),
-                    cert_file: g.cert_file.clone().map(PathBuf::from),
-                    key_file: g.key_file.clone().map(PathBuf::from),
+                    ca_file: tls.ca,
+                    cert_file: tls.cert,
+                    key_file: tls.key,
                     connector,
                 })
             }
@@ -283,8 +288,33 @@ pub fn driver(g: &GlobalArgs) -> anyhow::Result<Driver> {
     }
 }
 
-/// The etcd endpoints: `--endpoint` unless it was left at (or set to) the API's default, or
-/// `--experimental-api=false` was given without an endpoint.
+/// The TLS files of either driver.
+#[derive(Debug, PartialEq, Eq)]
+struct TlsFiles {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// `--ca-file`, `--cert-file`, `--key-file`, or their deprecated spellings `--etcd-cafile`,
+    /// `--etcd-certfile`, `--etcd-keyfile`, which fleet applied to the API driver as well (both
+    /// spellings set one variable). Given both ways, the current spelling wins (in fleet, the
+    /// one given last did).
+    fn of(g: &GlobalArgs) -> TlsFiles {
+        let pick = |new: &Option<String>, old: &Option<String>| {
+            new.clone().or_else(|| old.clone()).map(PathBuf::from)
+        };
+        TlsFiles {
+            ca: pick(&g.ca_file, &g.etcd_cafile),
+            cert: pick(&g.cert_file, &g.etcd_certfile),
+            key: pick(&g.key_file, &g.etcd_keyfile),
+        }
+    }
+}
+
+/// The etcd endpoints: `--endpoint` unless it was left at (or set to) the API's default (then
+/// the local etcd, what fleet gave only with `--experimental-api=false`).
 fn etcd_endpoints(g: &GlobalArgs) -> String {
     match g.endpoint.as_deref() {
         Some(ep) if ep != DEFAULT_ENDPOINT => ep.to_string(),
@@ -393,6 +423,86 @@ mod tests {
         assert_eq!(
             etcd_endpoints(&global(&["--endpoint=http://e:2379"])),
             "http://e:2379"
+        );
+    }
+
+    /// fleet's `--experimental-api=false` only gave the etcd driver the old etcd endpoints
+    /// when `--endpoint` was left at the API socket; it never chose the driver. Here the etcd
+    /// driver has those endpoints by default either way.
+    #[test]
+    fn experimental_api_false_as_in_fleet() {
+        if std::env::var_os("FLEETCTL_ENDPOINT").is_some()
+            || std::env::var_os("FLEETCTL_DRIVER").is_some()
+        {
+            return;
+        }
+        let off = global(&["--experimental-api=false"]);
+        assert!(!off.experimental_api);
+        assert_eq!(driver(&off).ok(), Some(Driver::Api));
+        for args in [
+            &["--driver=etcd", "--experimental-api=false"][..],
+            &[
+                "--driver=etcd",
+                "--experimental-api=false",
+                "--endpoint=unix:///var/run/fleet.sock",
+            ],
+            &["--driver=etcd"],
+        ] {
+            assert_eq!(
+                etcd_endpoints(&global(args)),
+                DEFAULT_ETCD_ENDPOINTS,
+                "{args:?}"
+            );
+        }
+        let given = global(&["--experimental-api=false", "--endpoint=http://e:4001"]);
+        assert_eq!(etcd_endpoints(&given), "http://e:4001");
+    }
+
+    /// The deprecated `--etcd-*file` spellings count for both drivers, as in fleet.
+    #[test]
+    fn deprecated_tls_flags_for_both_drivers() {
+        for var in [
+            "CA_FILE",
+            "CERT_FILE",
+            "KEY_FILE",
+            "ETCD_CAFILE",
+            "ETCD_CERTFILE",
+            "ETCD_KEYFILE",
+        ] {
+            if std::env::var_os(format!("FLEETCTL_{var}")).is_some() {
+                return;
+            }
+        }
+        let files = |ca: &str, cert: &str, key: &str| TlsFiles {
+            ca: Some(ca.into()),
+            cert: Some(cert.into()),
+            key: Some(key.into()),
+        };
+        let old = [
+            "--etcd-cafile=/o/ca",
+            "--etcd-certfile=/o/cert",
+            "--etcd-keyfile=/o/key",
+        ];
+        for driver_flag in ["--driver=api", "--driver=etcd"] {
+            let mut args = vec![driver_flag];
+            args.extend_from_slice(&old);
+            assert_eq!(
+                TlsFiles::of(&global(&args)),
+                files("/o/ca", "/o/cert", "/o/key")
+            );
+            args.extend_from_slice(&["--ca-file=/n/ca", "--key-file=/n/key"]);
+            assert_eq!(
+                TlsFiles::of(&global(&args)),
+                files("/n/ca", "/o/cert", "/n/key")
+            );
+        }
+        assert_eq!(
+            TlsFiles::of(&global(&[])),
+            TlsFiles {
+                ca: None,
+                cert: None,
+                key: None
+            }
         );
     }
 }

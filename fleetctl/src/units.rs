@@ -264,11 +264,11 @@ pub async fn lazy_create(
         };
         match decide(&reg, arg, name, found, replace, creator).await {
             Ok(None) => {}
-            Ok(Some((unit_name, file, existed))) => {
+            Ok(Some((unit_name, file, replacing))) => {
                 creations.names.insert(unit_name.to_string());
                 creations
                     .running
-                    .push_back(create_one(ctx, &reg, unit_name, file, existed));
+                    .push_back(create_one(ctx, &reg, unit_name, file, replacing));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                     return creations.end(Some(e)).await;
                 }
@@ -312,7 +312,7 @@ impl<F: Future<Output = Created>> Default for Creations<F> {
 impl<F: Future<Output = Created>> Creations<F> {
     /// Reports finished creations in order until at most `left` are under way. At the first
     /// that failed, every other one under way is still finished (none is cut off halfway,
-    /// e.g. between removing a replaced unit and creating its new version) and reported,
+    /// e.g. after a create was sent but before its answer came) and reported,
     /// and the first failure is the error.
     async fn finish(&mut self, left: usize) -> Result<(), Failure> {
         let mut failure = None;
@@ -341,7 +341,7 @@ impl<F: Future<Output = Created>> Creations<F> {
 }
 
 /// What to do with one argument: `None` when its unit is there and stays, otherwise the unit
-/// to create, its file, and whether an old unit of that name must go first.
+/// to create, its file, and, when it replaces a unit of that name, that unit's desired state.
 async fn decide(
     reg: &Arc<dyn Registry>,
     arg: &str,
@@ -349,7 +349,7 @@ async fn decide(
     found: Result<Option<UnitView>, String>,
     replace: bool,
     creator: Creator,
-) -> Result<Option<(UnitName, UnitFile, bool)>, String> {
+) -> Result<Option<(UnitName, UnitFile, Option<TargetState>)>, String> {
     let existing =
         found.map_err(|e| format!("error retrieving Unit({name}) from Registry: {e}"))?;
     if let Some(unit) = &existing {
@@ -362,16 +362,21 @@ async fn decide(
     tracing::debug!("Looking for Unit({name}) or its corresponding template");
     let file = unit_file_for(reg, arg, name, replace).await?;
     let unit_name = validate(name, &file)?;
-    Ok(Some((unit_name, file, existing.is_some())))
+    Ok(Some((unit_name, file, existing.map(|u| u.desired))))
 }
 
-/// Creates one unit (replacing the old one when `existed`) and waits for it to show up.
+/// Creates one unit, or replaces the old one when `replacing` (its desired state).
+///
+/// fleet replaced a unit with a PUT of the new options alone, which made it inactive: the
+/// unit was stopped and unscheduled before the command set its state again, and could come
+/// back on another machine. Here the new version is written in one step with the old desired
+/// state, so it stays on its machine unless its new options forbid that machine.
 async fn create_one(
     ctx: &Ctx,
     reg: &Arc<dyn Registry>,
     unit_name: UnitName,
     file: UnitFile,
-    existed: bool,
+    replacing: Option<TargetState>,
 ) -> Created {
     let fail = |e: &RegistryError| {
         Created::Failed(Failure::msg(format!(
@@ -379,11 +384,15 @@ async fn create_one(
             describe(e)
         )))
     };
-    if existed {
-        // the registry has no "replace": the old unit goes, the new one comes, as inactive
-        if let Err(e) = reg.destroy_unit(&unit_name).await {
-            return fail(&e);
-        }
+    if let Some(desired) = replacing {
+        return match reg.replace_unit(&unit_name, &file, desired).await {
+            Ok(()) => {
+                tracing::debug!("Replaced Unit({unit_name}) in Registry");
+                ctx.note_replaced(unit_name.as_str());
+                Created::Shown(format!("Unit {unit_name} {desired}"))
+            }
+            Err(e) => fail(&e),
+        };
     }
     match reg
         .create_unit(&unit_name, &file, TargetState::Inactive)
@@ -408,7 +417,7 @@ async fn create_one(
         // another client created it meanwhile: with the same contents that is what this
         // one wanted too, and it is left alone, as if the lookup had found it (no line, no
         // wait: the other client may have moved it on already)
-        Err(e @ RegistryError::AlreadyExists(_)) if !existed => match reg.unit(&unit_name).await {
+        Err(e @ RegistryError::AlreadyExists(_)) => match reg.unit(&unit_name).await {
             Ok(Some(u)) if u.hash == file.hash() => {
                 tracing::debug!("Unit({unit_name}) was created by another client meanwhile");
                 Created::Existing
@@ -504,7 +513,10 @@ pub async fn set_target_states(
         }
     }
     let mut changes = stream::iter(units)
-        .map(|unit| set_target_state(&reg, unit, state))
+        .map(|unit| {
+            let replaced = ctx.was_replaced(unit.name.as_str());
+            set_target_state(&reg, unit, state, replaced)
+        })
         .buffered(IN_FLIGHT);
     let mut triggered = Vec::new();
     while let Some(changed) = changes.next().await {
@@ -513,12 +525,17 @@ pub async fn set_target_states(
     missing.map_or(Ok(triggered), Err)
 }
 
-/// Sets one unit's desired state; `None` when it had that state already.
+/// Sets one unit's desired state; `None` when it had that state already (unless it was just
+/// `replaced`: the command waits for its new version as for a unit it changed).
 async fn set_target_state(
     reg: &Arc<dyn Registry>,
     unit: UnitView,
     state: TargetState,
+    replaced: bool,
 ) -> Result<Option<UnitView>, String> {
+    if unit.desired == state && replaced {
+        return Ok(Some(unit));
+    }
     if unit.desired == state {
         tracing::debug!("Unit({}) already {state}, skipping.", unit.name);
         return Ok(None);

@@ -349,11 +349,11 @@ fn submit_cat_and_resubmit() {
         "",
         "Warning: can not replace Unit(hello.service) in state 'loaded', use the appropriate command\n",
     );
-    // load may replace a loaded unit: it comes back as a new unit and is loaded again
+    // load may replace a loaded unit: the new version stays loaded, and is waited for again
     c.check(
         &["load", "--no-block", "--replace", "hello.service"],
         0,
-        "Unit hello.service inactive\nTriggered unit hello.service load\n",
+        "Unit hello.service loaded\nTriggered unit hello.service load\n",
         "",
     );
     c.check(&["cat", "hello.service"], 0, &hello, "");
@@ -1578,6 +1578,114 @@ fn arguments_see_the_units_created_before_them() {
                 String::new()
             ),
             "{driver}"
+        );
+    }
+}
+
+/// `start --replace` of a running unit writes the new version over the old one in one step,
+/// keeping its desired state and its machine: the unit is never destroyed or inactive in
+/// between (fleet's fleetctl made it inactive first, and it could land elsewhere), through
+/// either driver.
+#[test]
+fn start_replace_keeps_the_unit_where_it_runs() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    c.add_machine(M1, "172.17.8.103", &[]);
+    let engine = c.engine();
+    let reg = c.registry();
+    for driver in ["etcd", "api"] {
+        let unit = format!("{driver}.service");
+        let name = fleet_unit::UnitName::parse(&unit).expect("name");
+        c.rt.block_on(fleet_registry::Registry::create_unit(
+            &reg,
+            &name,
+            &UnitFile::parse(SLEEP).expect("unit"),
+            TargetState::Launched,
+        ))
+        .expect("create");
+        c.apply(
+            &engine,
+            &[EngineOp::Schedule {
+                unit: unit.clone(),
+                machine: M1.into(),
+                hash: hash_of(SLEEP),
+                desired: TargetState::Launched,
+            }],
+        );
+        let key = reg.keys().unit(&unit);
+        let created = |c: &Cluster| {
+            let mut kv = reg.client().kv_client();
+            let got = c.rt.block_on(kv.get(key.as_str(), None)).expect("get");
+            got.kvs().first().map(|kv| kv.create_revision())
+        };
+        let before = created(&c);
+        assert!(before.is_some());
+        c.write(&unit, HELLO);
+        let endpoint = if driver == "etcd" {
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ]
+        } else {
+            vec![format!("--endpoint={api}")]
+        };
+        let out = c
+            .bare_command()
+            .args(&endpoint)
+            .args(["start", "--no-block", "--replace", unit.as_str()])
+            .output()
+            .expect("run");
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            ),
+            (
+                Some(0),
+                format!("Unit {unit} launched\nTriggered unit {unit} start\n"),
+                String::new()
+            ),
+            "{driver}"
+        );
+        assert_eq!(
+            created(&c),
+            before,
+            "{driver}: the unit's key was never deleted"
+        );
+        let view =
+            c.rt.block_on(fleet_registry::Registry::unit(&reg, &name))
+                .expect("read")
+                .expect("exists");
+        assert_eq!(view.hash, hash_of(HELLO), "{driver}");
+        assert_eq!(view.desired, TargetState::Launched, "{driver}");
+        assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");
+    }
+}
+
+/// fleet's deprecated `--etcd-cafile`, `--etcd-certfile` and `--etcd-keyfile` set the same TLS
+/// files as `--ca-file` and friends, for the API driver too: a CA file that cannot be read
+/// stops an https endpoint before anything is sent.
+#[test]
+fn deprecated_tls_flags_reach_the_api_driver() {
+    let c = Cluster::start();
+    let port = fleet_testutil::free_port();
+    for flag in ["--etcd-cafile", "--ca-file"] {
+        let out = c
+            .bare_command()
+            .args([
+                "--driver=api",
+                &format!("--endpoint=https://127.0.0.1:{port}"),
+                &format!("{flag}=/nonexistent/ca.pem"),
+                "list-machines",
+            ])
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{flag}: {stderr}");
+        assert!(
+            stderr.contains("/nonexistent/ca.pem"),
+            "{flag}: the CA file was not used: {stderr}"
         );
     }
 }

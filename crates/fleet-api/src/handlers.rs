@@ -357,12 +357,14 @@ impl Api {
             };
             check_template(&name, desired)?;
             if existing.is_some() {
-                // fleet overwrote the unit in place; the registry has no "replace", so the
-                // old version goes first (gone already: someone else destroyed it, fine)
-                self.registry
-                    .destroy_unit(&name)
-                    .await
-                    .map_err(|e| internal("failed replacing unit", &e))?;
+                // fleet overwrote the unit in place: one transaction, the placement stays
+                // (the engine moves the unit only if the new options forbid its machine).
+                // Without a desired state the unit becomes inactive, as in fleet: its own
+                // fleetctl waited for that before starting the new version.
+                return match self.registry.replace_unit(&name, &file, desired).await {
+                    Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
+                    Err(e) => Err(internal("failed creating unit", &e)),
+                };
             }
             return match self.registry.create_unit(&name, &file, desired).await {
                 Ok(()) => Ok(empty_reply(StatusCode::CREATED)),

@@ -331,6 +331,60 @@ async fn replace_with_other_options_as_fleetctl_replace_sends() {
     h.stop().await.expect("clean shutdown");
 }
 
+/// Replacing a placed unit is one etcd transaction over the same key (never a delete then a
+/// create, which the engine would see as the unit going away): the unit keeps its machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacing_a_placed_unit_is_one_write_and_keeps_its_machine() {
+    let h = Harness::start(ApiConfig::default()).await;
+    let reg = h.reg();
+    let path = "/fleet/v1/units/a.service";
+    assert_eq!(h.put(path, HELLO).await.status, 201);
+    let a = UnitName::parse("a.service").expect("name");
+    let hash = reg.unit(&a).await.expect("read").expect("a").hash;
+    let leadership = reg
+        .campaign("m1", Duration::from_secs(10))
+        .await
+        .expect("campaign")
+        .expect("leader");
+    let op = EngineOp::Schedule {
+        unit: "a.service".into(),
+        machine: "m1".into(),
+        hash,
+        desired: TargetState::Launched,
+    };
+    reg.apply(&leadership, std::slice::from_ref(&op))
+        .await
+        .expect("schedule");
+    let key = reg.keys().unit("a.service");
+    let mut kv = reg.client().kv_client();
+    let before = kv.get(key.as_str(), None).await.expect("get");
+    let created = before.kvs()[0].create_revision();
+    let rev = before.header().expect("header").revision();
+
+    let r = h.put(path, &HELLO.replace("100", "200")).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    let after = kv.get(key.as_str(), None).await.expect("get");
+    assert_eq!(
+        after.kvs()[0].create_revision(),
+        created,
+        "same key, not re-created"
+    );
+    assert_eq!(
+        after.header().expect("header").revision(),
+        rev + 1,
+        "one transaction"
+    );
+    let got = h.get(path).await.json();
+    assert_eq!(got["machineID"].as_str(), Some("m1"), "{got}");
+    assert_eq!(got["desiredState"].as_str(), Some("launched"), "{got}");
+    assert_eq!(
+        got["options"][0]["value"].as_str(),
+        Some("/bin/sleep 200"),
+        "{got}"
+    );
+    h.stop().await.expect("clean shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_reason_and_global_units_as_fleet_shows_them() {
     let h = Harness::start(ApiConfig::default()).await;

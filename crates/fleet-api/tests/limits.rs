@@ -160,6 +160,14 @@ impl Registry for Panicking {
     ) -> fleet_registry::Result<()> {
         panic!("create_unit")
     }
+    async fn replace_unit(
+        &self,
+        _: &UnitName,
+        _: &UnitFile,
+        _: TargetState,
+    ) -> fleet_registry::Result<()> {
+        panic!("replace_unit")
+    }
     async fn set_desired_state(&self, _: &UnitName, _: TargetState) -> fleet_registry::Result<()> {
         panic!("set_desired_state")
     }

@@ -1,8 +1,9 @@
 //! fleetctl's default driver: the fleet [`Registry`] over fleetd's HTTP API v1.
 //!
 //! [`HttpRegistry`] speaks to `unix:///var/run/fleet.sock` (the default), `http://host:port`
-//! or `https://host:port` (with `--ca-file`, `--cert-file`, `--key-file`), each request bounded
-//! by a timeout, list endpoints followed page by page. Connections are kept alive and reused
+//! or `https://host:port` (with `--ca-file`, `--cert-file`, `--key-file`), list endpoints
+//! followed page by page. `request_timeout` bounds each request until its answer starts, and
+//! then any silence while the answer comes (never its whole length). Connections are kept alive and reused
 //! (a few idle ones are pooled), so many requests, also concurrent ones, cost few connects.
 //! fleetctl holds it as an `Arc<dyn Registry>`, exactly like the etcd driver.
 //!
@@ -51,7 +52,9 @@ pub struct ClientConfig {
     /// `unix:///path`, `http://host:port[/prefix]` or `https://host:port[/prefix]`; of a
     /// comma-separated list only the first is used, as in fleet.
     pub endpoint: String,
-    /// Bound on one request: connecting, sending and reading the whole response.
+    /// Bound on one request until its answer starts (connecting, sending, the response head),
+    /// and on any silence while the answer is read; a long answer that keeps coming is read
+    /// whole. fleet bounded its etcd requests so (`HeaderTimeoutPerRequest`).
     pub request_timeout: Duration,
     pub ca_file: Option<std::path::PathBuf>,
     pub cert_file: Option<std::path::PathBuf>,
@@ -188,15 +191,7 @@ impl HttpRegistry {
         );
         let op = go_op(&method);
         debug!("{op} {url}");
-        let fut = self.exchange_inner(method, &target, body, &op, &url);
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => r,
-            Err(_) => Err(ClientError::Timeout {
-                op,
-                url,
-                after: self.timeout,
-            }),
-        }
+        self.exchange_inner(method, &target, body, &op, &url).await
     }
 
     async fn exchange_inner(
@@ -237,36 +232,67 @@ impl HttpRegistry {
         let idempotent = req.method() == Method::GET;
         // a copy of a GET to send again (bodies of GETs are empty)
         let mut retry = idempotent.then(|| clone_request(&req)).flatten();
-        let (mut sender, resp) = loop {
-            let (mut sender, reused) = match self.take_idle() {
-                Some(s) => (s, true),
-                None => (self.connect(op, url).await?, false),
-            };
-            match sender.try_send_request(req).await {
-                Ok(resp) => break (sender, resp),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if reused => {
-                        debug!(error = %e.error(), "kept-alive API connection closed; reconnecting");
-                        req = unsent;
-                    }
-                    None if reused && idempotent => {
-                        debug!(error = %e.error(), "kept-alive API connection closed; sending again");
-                        req = retry
-                            .take()
-                            .ok_or_else(|| transport(e.into_error().to_string()))?;
-                    }
-                    _ => return Err(transport(e.into_error().to_string())),
-                },
+        // `--request-timeout` bounds what fleet's own bound did (the etcd client's time per
+        // request until the response headers): connecting, sending, and fleetd's answer
+        // starting. A long answer is then read for as long as it keeps coming, so a large
+        // page over a slow link is not cut off; an answer that stalls for the same time is.
+        let head = async {
+            loop {
+                let (mut sender, reused) = match self.take_idle() {
+                    Some(s) => (s, true),
+                    None => (self.connect(op, url).await?, false),
+                };
+                match sender.try_send_request(req).await {
+                    Ok(resp) => break Ok::<_, ClientError>((sender, resp)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) if reused => {
+                            debug!(error = %e.error(), "kept-alive API connection closed; reconnecting");
+                            req = unsent;
+                        }
+                        None if reused && idempotent => {
+                            debug!(error = %e.error(), "kept-alive API connection closed; sending again");
+                            req = retry
+                                .take()
+                                .ok_or_else(|| transport(e.into_error().to_string()))?;
+                        }
+                        _ => return Err(transport(e.into_error().to_string())),
+                    },
+                }
+            }
+        };
+        let (mut sender, resp) = match tokio::time::timeout(self.timeout, head).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    op: op.to_string(),
+                    url: url.to_string(),
+                    after: self.timeout,
+                });
             }
         };
         let status = resp.status();
-        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
-            .collect()
-            .await
-            .map_err(|e| transport(format!("reading response: {e}")))?
-            .to_bytes();
+        let mut stream = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES);
+        let mut body = Vec::new();
+        loop {
+            match tokio::time::timeout(self.timeout, stream.frame()).await {
+                Err(_) => {
+                    return Err(transport(format!(
+                        "reading response: nothing received for {:?}",
+                        self.timeout
+                    )));
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(transport(format!("reading response: {e}"))),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        body.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+        let body = Bytes::from(body);
         // ready again once hyper has seen the end of the response
-        if sender.ready().await.is_ok() {
+        if let Ok(Ok(())) = tokio::time::timeout(self.timeout, sender.ready()).await {
             self.put_idle(sender);
         }
         Ok(Answer {
@@ -456,15 +482,7 @@ impl Registry for HttpRegistry {
             } else {
                 desired.to_string()
             },
-            options: file
-                .options()
-                .iter()
-                .map(|o| wire::UnitOption {
-                    name: o.name.clone(),
-                    section: o.section.to_string(),
-                    value: o.value.clone(),
-                })
-                .collect(),
+            options: wire_options(file),
             ..wire::Unit::default()
         };
         let a = self
@@ -476,6 +494,32 @@ impl Registry for HttpRegistry {
             StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => {
                 Err(RegistryError::AlreadyExists(name.to_string()))
             }
+            _ => Err(to_registry(api_error(&a))),
+        }
+    }
+
+    async fn replace_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        // fleet's own PUT of other options over a unit: one request, which our fleetd (and
+        // fleet v1.0's) applies as one write; the desired state goes with it, so the unit is
+        // never inactive in between
+        let unit = wire::Unit {
+            name: name.to_string(),
+            desired_state: desired.to_string(),
+            options: wire_options(file),
+            ..wire::Unit::default()
+        };
+        let a = self
+            .put_unit(name, &unit, false)
+            .await
+            .map_err(to_registry)?;
+        match a.status {
+            // 204: fleet v1.0's fleetd found the same options there (a desired state change)
+            StatusCode::CREATED | StatusCode::NO_CONTENT => Ok(()),
             _ => Err(to_registry(api_error(&a))),
         }
     }
@@ -637,6 +681,18 @@ fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
         current,
         reason: non_empty(u.reason),
     })
+}
+
+/// A unit file as the API's options.
+fn wire_options(file: &UnitFile) -> Vec<wire::UnitOption> {
+    file.options()
+        .iter()
+        .map(|o| wire::UnitOption {
+            name: o.name.clone(),
+            section: o.section.to_string(),
+            value: o.value.clone(),
+        })
+        .collect()
 }
 
 fn parse_state(s: &str) -> Result<TargetState, fleet_unit::TargetStateError> {

@@ -647,3 +647,61 @@ async fn tls_with_required_client_certificates() {
     .expect_err("cert without key");
     assert!(half.to_string().contains("--key-file"), "{half}");
 }
+
+/// `--request-timeout` bounds the time until fleetd's answer starts (what it bounded in fleet,
+/// for etcd), not the whole answer: a long page that keeps coming is read to its end, one that
+/// stops for the timeout fails.
+#[tokio::test]
+async fn request_timeout_bounds_the_start_of_the_answer_not_its_length() {
+    let body = r#"{"machines":[{"id":"m1","primaryIP":"10.0.0.1","metadata":{}}]}"#;
+    // answers at once, then sends the body in pieces, `gap` apart; stops after `pieces`
+    let serve = |gap: Duration, pieces: usize| async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let chunk = body.len().div_ceil(6);
+                for (i, piece) in body.as_bytes().chunks(chunk).enumerate() {
+                    if i == pieces {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    tokio::time::sleep(gap).await;
+                    let _ = s.write_all(piece).await;
+                }
+            }
+        });
+        (addr, task)
+    };
+    let client = |addr: std::net::SocketAddr| {
+        HttpRegistry::new(&ClientConfig {
+            endpoint: format!("http://{addr}"),
+            request_timeout: Duration::from_millis(400),
+            ..ClientConfig::default()
+        })
+        .expect("config")
+    };
+
+    // six pieces 200 ms apart: 1.2 s in all, three times the timeout, yet never silent for it
+    let (addr, task) = serve(Duration::from_millis(200), usize::MAX).await;
+    let machines = client(addr).machines().await.expect("a slow page is read");
+    assert_eq!(machines.len(), 1);
+    assert_eq!(machines[0].public_ip, "10.0.0.1");
+    task.abort();
+
+    // two pieces, then silence
+    let (addr, task) = serve(Duration::from_millis(50), 2).await;
+    let err = client(addr).machines().await.expect_err("stalled");
+    let e = ClientError::from_registry(&err).expect("client error");
+    assert!(e.to_string().contains("nothing received for 400ms"), "{e}");
+    task.abort();
+}

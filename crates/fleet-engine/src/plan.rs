@@ -346,4 +346,47 @@ mod tests {
             }]
         );
     }
+
+    /// A unit replaced in place (`--replace`: new body, same record key) stays on its machine
+    /// and that machine is told the new body; only when the new options rule the machine out
+    /// does it move.
+    #[test]
+    fn a_replaced_unit_stays_unless_its_new_options_forbid_the_machine() {
+        let mut snap = EngineSnapshot::default();
+        let mut m2 = machine("m2");
+        m2.metadata.insert("role".into(), "db".into());
+        snap.machines = vec![machine("m1"), m2];
+        snap.units = vec![rec("a.service", TargetState::Launched)];
+        placed(&mut snap, "a.service", "m1");
+        for (text, want) in [
+            ("[Service]\nExecStart=/bin/sleep 2\n", "m1"),
+            (
+                "[Service]\nExecStart=/bin/sleep 3\n[X-Fleet]\nMachineMetadata=role=db\n",
+                "m2",
+            ),
+        ] {
+            let file = UnitFile::parse(text).expect("file");
+            snap.units[0].hash = file.hash();
+            let name = snap.units[0].name.clone();
+            let (s, invalid) = to_scheduler_snapshot(&snap, |_| {
+                Requirements::from_unit(&name, &file)
+                    .map(|(r, _)| r)
+                    .map_err(|e| e.to_string())
+            });
+            let plan = fleet_scheduler::reconcile(&s);
+            let ops = diff(&snap, &plan, &invalid, &HashSet::new());
+            let scheduled: Vec<_> = ops
+                .iter()
+                .filter_map(|op| match op {
+                    EngineOp::Schedule { machine, hash, .. } => Some((machine.as_str(), *hash)),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(scheduled, [(want, file.hash())], "{text}: {ops:?}");
+            let moved = ops
+                .iter()
+                .any(|op| matches!(op, EngineOp::Unschedule { .. }));
+            assert_eq!(moved, want != "m1", "{text}: {ops:?}");
+        }
+    }
 }

@@ -926,6 +926,54 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    async fn replace_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()> {
+        let global = Requirements::from_unit(name, file)
+            .map(|(r, _)| r.global)
+            .unwrap_or(false);
+        let hash = file.hash();
+        let rec = UnitRecord {
+            version: RECORD_VERSION,
+            name: name.clone(),
+            hash,
+            desired_state: desired,
+            global,
+        };
+        let global_key = self.keys.global(name.as_str());
+        let body_key = self.keys.body(&hash.to_string());
+        // One transaction: the body (still create-only, in a nested transaction), the unit
+        // record and its global record. placement/ and schedule/ are the engine's: it keeps
+        // the unit where it is while the new options allow it.
+        let body = Txn::new()
+            .when([Compare::create_revision(
+                body_key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(body_key.as_str(), file.serialize(), None)]);
+        let mut ops = vec![
+            TxnOp::txn(body),
+            TxnOp::put(self.keys.unit(name.as_str()), encode(&rec), None),
+        ];
+        ops.push(if global {
+            let g = GlobalRecord {
+                version: RECORD_VERSION,
+                hash,
+                desired_state: desired,
+            };
+            TxnOp::put(global_key, encode(&g), None)
+        } else {
+            TxnOp::delete(global_key, None)
+        });
+        self.txn(Txn::new().and_then(ops)).await?;
+        self.cache_body(hash, file.clone());
+        Ok(())
+    }
+
     async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
         let key = self.keys.unit(name.as_str());
         loop {

@@ -46,6 +46,16 @@ pub trait Registry: Send + Sync {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()>;
+    /// Stores `file` as the unit `name` with `desired` in one transaction, over any unit of
+    /// that name (fleet's overwrite, what `--replace` does) or as a new one. Nothing else of
+    /// the unit is touched: the engine keeps it on its machine unless the new options forbid
+    /// that machine, and that machine's agent restarts it with the new body.
+    async fn replace_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()>;
     /// Changes the desired state of an existing unit.
     async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()>;
     /// Removes a unit; `false` when there was none.

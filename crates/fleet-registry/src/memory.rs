@@ -117,6 +117,23 @@ impl Registry for MemoryRegistry {
         Ok(())
     }
 
+    async fn replace_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()> {
+        let global = Requirements::from_unit(name, file)
+            .map(|(r, _)| r.global)
+            .unwrap_or(false);
+        // placement, reason and states stay: they are the engine's and the agents'
+        self.lock().units.insert(
+            name.to_string(),
+            (name.clone(), file.clone(), desired, global),
+        );
+        Ok(())
+    }
+
     async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
         match self.lock().units.get_mut(name.as_str()) {
             Some(u) => {

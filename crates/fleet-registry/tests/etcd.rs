@@ -338,3 +338,75 @@ async fn one_batch_may_schedule_and_explain_a_unit_and_strays_are_found() {
             .is_empty()
     );
 }
+
+/// `--replace`: a unit gets new options in one transaction, keeping its placement; global
+/// units gain or lose their global record with it.
+#[tokio::test]
+async fn replacing_a_unit_keeps_its_placement() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let v1 = file("[Service]\nExecStart=/bin/sleep 100\n");
+    let v2 = file("[Service]\nExecStart=/bin/sleep 200\n");
+    let hello = name("hello.service");
+    r.create_unit(&hello, &v1, TargetState::Launched)
+        .await
+        .expect("create");
+    let lead = r
+        .campaign("m1", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    let op = EngineOp::Schedule {
+        unit: "hello.service".into(),
+        machine: "m1".into(),
+        hash: v1.hash(),
+        desired: TargetState::Launched,
+    };
+    r.apply(&lead, std::slice::from_ref(&op))
+        .await
+        .expect("schedule");
+    r.replace_unit(&hello, &v2, TargetState::Launched)
+        .await
+        .expect("replace");
+    let u = r.unit(&hello).await.expect("unit").expect("some");
+    assert_eq!(u.hash, v2.hash());
+    assert_eq!(u.file, v2);
+    assert_eq!(u.desired, TargetState::Launched);
+    assert_eq!(u.machine_id.as_deref(), Some("m1"), "placement kept");
+    assert_eq!(r.body(&v2.hash()).await.expect("new body"), v2);
+    assert_eq!(r.body(&v1.hash()).await.expect("old body"), v1);
+    // the machine is still told the old version until the engine says otherwise
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(snap.schedules["hello.service"].1.hash, v1.hash());
+
+    // becoming global writes global/<name>; ceasing to be global removes it
+    let global = file("[Service]\nExecStart=/bin/true\n[X-Fleet]\nGlobal=true\n");
+    r.replace_unit(&hello, &global, TargetState::Loaded)
+        .await
+        .expect("replace global");
+    let mut kv = r.client().kv_client();
+    let gkey = r.keys().global("hello.service");
+    let got = kv.get(gkey.as_str(), None).await.expect("get");
+    assert_eq!(got.kvs().len(), 1, "global record written");
+    let u = r.unit(&hello).await.expect("unit").expect("some");
+    assert!(u.global);
+    assert_eq!(u.desired, TargetState::Loaded);
+    r.replace_unit(&hello, &v1, TargetState::Inactive)
+        .await
+        .expect("replace back");
+    let got = kv.get(gkey.as_str(), None).await.expect("get");
+    assert!(got.kvs().is_empty(), "global record removed");
+    // replacing a body with one already stored leaves that body as it was
+    let u = r.unit(&hello).await.expect("unit").expect("some");
+    assert_eq!((u.hash, u.global), (v1.hash(), false));
+
+    // a unit that is not there (destroyed meanwhile) is simply created, as fleet's overwrite
+    let other = name("other.service");
+    r.replace_unit(&other, &v2, TargetState::Inactive)
+        .await
+        .expect("replace missing");
+    assert_eq!(
+        r.unit(&other).await.expect("unit").expect("some").hash,
+        v2.hash()
+    );
+}

@@ -12,6 +12,8 @@
 //!   within `cfg.timeout` (the time a user spends answering the new-host prompt excluded).
 //! - [`Session::exec`] / [`Session::exec_capture`]: a remote command without a PTY, output
 //!   streamed to ours or captured, exit status returned.
+//! - [`Session::execute`]: fleet's `Execute` for `status` and `journal`: `shell(Some(cmd))`
+//!   when stdin is a terminal, else `exec(cmd)`.
 //! - [`Session::shell`]: `fleetctl ssh`'s interactive session (PTY and raw mode when stdin is a
 //!   terminal). [`Session::run`] is the general form with caller-supplied I/O.
 //! - [`Session::open_unix_socket`] / [`Session::open_tcp`]: an [`SshStream`] to a remote unix
@@ -54,9 +56,9 @@
 //!   `--strict-host-key-checking` → `strict_host_key_checking`, `--known-hosts-file` →
 //!   `known_hosts_file`, `-A/--forward-agent` → `forward_agent`.
 //! - `fleetctl ssh MACHINE [CMD...]`: `shell(None)` / `shell(Some(cmd))`. fleet's `Execute`
-//!   also served `status` and `journal`, so `shell(Some(cmd))` is the faithful call there too (a
-//!   PTY when stdin is a terminal, so Ctrl-C reaches `journalctl -f`); `exec` is for callers
-//!   that want no PTY and no stdin.
+//!   also served `status` and `journal`: they call `execute(cmd)` (a PTY when stdin is a
+//!   terminal, so Ctrl-C reaches `journalctl -f`; no PTY and no stdin otherwise); `exec` is
+//!   for callers that never want a PTY or stdin.
 //! - `--tunnel HOST` for the API: `connect(HOST)`, then one `open_unix_socket(path)` (or
 //!   `open_tcp`) per HTTP connection; for etcd, `open_tcp(host, port)`. fleet ran
 //!   `fleetctl fd-forward` remotely instead; the direct channel needs no fleetctl on the host.
@@ -168,6 +170,7 @@ fn _static_assertions() {
         send(&s.exec("x"));
         send(&s.exec_capture("x"));
         send(&s.shell(None));
+        send(&s.execute("x"));
         send(&s.open_unix_socket("/s"));
         send(&s.open_tcp("h", 1));
         send(&s.connect_via("h", &cfg));

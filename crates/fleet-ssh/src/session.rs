@@ -101,6 +101,20 @@ impl Session {
         Ok((out, err, code))
     }
 
+    /// fleet's `Execute`, as `fleetctl status`, `journal` and the global part of `restart`
+    /// run their remote command: when stdin is a terminal, [`Session::shell`] (a PTY, so
+    /// colours, `systemctl status` paging and Ctrl-C reaching `journalctl -f` work, with our
+    /// stdin forwarded); otherwise [`Session::exec`] (no PTY, remote stdin closed at once).
+    /// fleet forwarded a non-terminal stdin too, so a `while read` loop around fleetctl lost
+    /// its input to commands that never read it; here it is left alone.
+    pub async fn execute(&self, cmd: &str) -> Result<i32, SshError> {
+        if rustix::termios::isatty(std::io::stdin()) {
+            self.shell(Some(cmd)).await
+        } else {
+            self.exec(cmd).await
+        }
+    }
+
     /// The interactive session of `fleetctl ssh`: runs `cmd`, or a login shell when `None`,
     /// with our stdin forwarded. When stdin is a terminal (fleet's rule), a PTY is requested
     /// with `$TERM` (default [`DEFAULT_TERM`]) and the terminal's size, the local terminal is put

@@ -3,7 +3,10 @@
 //! remote PTY has our TERM and size, a resize reaches it, the exit status comes back, and the
 //! terminal is out of raw mode during the session and back to normal afterwards.
 //!
-//! A custom harness (`harness = false`): `main` is the test, or the client when
+//! `Session::execute` (fleet's `Execute`, for `status` and `journal`) gets the same PTY and
+//! stdin on a terminal, and neither off one.
+//!
+//! A custom harness (`harness = false`): `main` runs the tests, or is the client when
 //! `FLEET_SSH_SHELL_CLIENT` is set.
 
 mod support;
@@ -31,24 +34,31 @@ fn main() {
     // `--list --format terse` (and `--ignored` for the ignored ones), then runs each by name
     // with `--exact`.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let tests: [(&str, fn()); 2] = [
+        ("shell_on_a_terminal", shell_on_a_terminal),
+        (
+            "execute_on_a_terminal_and_off_it",
+            execute_on_a_terminal_and_off_it,
+        ),
+    ];
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            println!("shell_on_a_terminal: test");
+            for (name, _) in &tests {
+                println!("{name}: test");
+            }
         }
         return;
     }
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
-    if !filters.is_empty()
-        && !filters
-            .iter()
-            .any(|f| "shell_on_a_terminal".contains(f.as_str()))
-    {
-        println!("running 0 tests");
-        return;
+    let chosen: Vec<_> = tests
+        .iter()
+        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .collect();
+    println!("running {} tests", chosen.len());
+    for (name, test) in chosen {
+        test();
+        println!("test {name} ... ok");
     }
-    println!("running 1 test");
-    shell_on_a_terminal();
-    println!("test shell_on_a_terminal ... ok");
 }
 
 /// The client side: connect with the settings from the environment and run the shell.
@@ -67,7 +77,10 @@ fn client() -> ! {
         let session = fleet_ssh::connect(&var("FLEET_SSH_ADDR"), &cfg)
             .await
             .expect("connect");
-        session.shell(Some(REMOTE)).await.expect("shell")
+        match std::env::var("FLEET_SSH_EXECUTE") {
+            Ok(cmd) => session.execute(&cmd).await.expect("execute"),
+            Err(_) => session.shell(Some(REMOTE)).await.expect("shell"),
+        }
     });
     std::process::exit(code);
 }
@@ -216,4 +229,89 @@ fn shell_on_a_terminal() {
     assert_eq!(after.local_modes, before.local_modes, "terminal restored");
     assert_eq!(after.input_modes, before.input_modes, "terminal restored");
     assert_eq!(after.output_modes, before.output_modes, "terminal restored");
+}
+
+/// `execute` with a terminal on stdin runs on a remote PTY and forwards what is typed; with
+/// stdin elsewhere, no PTY, and the remote stdin is closed at once (whatever ours holds).
+fn execute_on_a_terminal_and_off_it() {
+    let fx = Fixture::new();
+    let client = |cmd: &str| {
+        let mut c = Command::new(std::env::current_exe().expect("own path"));
+        c.env("FLEET_SSH_SHELL_CLIENT", "1")
+            .env("FLEET_SSH_EXECUTE", cmd)
+            .env("FLEET_SSH_ADDR", fx.sshd.addr())
+            .env("FLEET_SSH_USER", &fx.cfg.user)
+            .env("FLEET_SSH_KEY", &fx.key.private)
+            .env("FLEET_SSH_KNOWN_HOSTS", &fx.cfg.known_hosts_file);
+        c
+    };
+
+    // off a terminal: stdin is a pipe we keep open, yet `cat` sees EOF at once
+    let mut child = client("tty; cat; echo done; exit 7")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start client");
+    let _held_open = child.stdin.take();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut out)
+        .expect("read");
+    let status = child.wait().expect("wait");
+    assert_eq!(status.code(), Some(7), "{out}");
+    assert_eq!(out, "not a tty\ndone\n");
+
+    // on a terminal: a remote PTY, and a typed line reaches the command
+    let (controller, term) = pty_pair();
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let sink = output.clone();
+    let mut reader = std::fs::File::from(controller);
+    let mut keyboard = reader.try_clone().expect("dup controller");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if let Ok(mut out) = sink.lock() {
+                out.extend_from_slice(&buf[..n]);
+            }
+        }
+    });
+    let shown = || {
+        output
+            .lock()
+            .map(|o| String::from_utf8_lossy(&o).into_owned())
+            .unwrap_or_default()
+    };
+    let clone = |f: &std::fs::File| Stdio::from(f.try_clone().expect("dup pty"));
+    let mut child = client("tty; echo ready; read x; echo got=$x; exit 6")
+        .stdin(clone(&term))
+        .stdout(clone(&term))
+        .stderr(clone(&term))
+        .spawn()
+        .expect("start client");
+    if !wait_for(Duration::from_secs(30), || shown().contains("ready")) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the remote command did not start: {}", shown());
+    }
+    keyboard.write_all(b"hi\r").expect("type");
+    let mut status = None;
+    let exited = wait_for(Duration::from_secs(20), || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert_eq!(status.and_then(|s| s.code()), Some(6), "{}", shown());
+    let text = shown();
+    assert!(text.contains("/dev/pts/"), "no remote PTY: {text}");
+    assert!(text.contains("got=hi"), "{text}");
 }

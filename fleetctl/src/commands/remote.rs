@@ -69,7 +69,8 @@ pub async fn run_command(ctx: &Ctx, machine_id: &str, port: u16, cmd: &str, args
             return NOT_RUN;
         }
     };
-    match session.exec(&line).await {
+    // fleet's Execute: a PTY and our stdin when stdin is a terminal
+    match session.execute(&line).await {
         Ok(code) => code,
         Err(e) if reader_gone(&e) => READER_GONE,
         Err(e) => {
