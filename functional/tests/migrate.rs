@@ -320,7 +320,10 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
         );
         assert!(moved.is_empty(), "node{i}: {moved:?}");
         // no reload storm: the takeover changes no unit file, so systemd reloads nothing
-        let reloads: Vec<&str> = journal.lines().filter(|l| l.contains("Reloading")).collect();
+        let reloads: Vec<&str> = journal
+            .lines()
+            .filter(|l| l.contains("Reloading"))
+            .collect();
         assert!(reloads.is_empty(), "node{i}: {reloads:?}");
     }
     let md = must(c.fleetctl_ok(1, &["list-machines", "--no-legend", "--full"]));

@@ -102,12 +102,15 @@ fn reads_global_units_templates_and_metadata() {
 }
 
 /// Each broken record: the key reported, nothing of that unit read.
+/// Extra v2 records, the key reported as skipped, and a part of the reason.
+type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, &'a str);
+
 #[test]
 fn unreadable_records_are_skipped_by_key() {
     let (bk, _) = v1_body(HELLO);
     let other = v1_object("other.service", HELLO);
     let short = r#"{"Name":"x.service","UnitHash":[1,2,3]}"#;
-    let table: Vec<(Vec<(&str, &str)>, &str, &str)> = vec![
+    let table: Vec<Case> = vec![
         (
             vec![("job/x.service/object", "{not json")],
             "job/x.service/object",
