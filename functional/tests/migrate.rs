@@ -3,7 +3,8 @@
 //! the nodes and started the way fleet v1.0's agent did, then the documented procedure:
 //! `fleetctl import-v1`, our fleetd started on every node. No unit may restart (same systemd
 //! InvocationID), fleetctl must show every unit where it ran, and stop/destroy must work on
-//! the imported units afterwards (a template and a global unit among them).
+//! the imported units afterwards (a template and a global unit among them). One unit whose
+//! file on disk differs from fleet v1.0's registry is replaced, as any change would be.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,6 +34,10 @@ const SLEEP: &str = "[Service]\nExecStart=/bin/sleep 100000\n";
 const TEMPLATE: &str =
     "[Unit]\nDescription=instance %i\n\n[Service]\nExecStart=/bin/sleep 100000\n";
 const GLOBAL: &str = "[Service]\nExecStart=/bin/sleep 100000\n\n[X-Fleet]\nGlobal=true\n";
+/// What the registry holds for [`CHANGED`]; its node runs [`SLEEP`] under that name.
+const NEWER: &str = "[Service]\nExecStart=/bin/sleep 200000\n";
+/// The unit whose file on disk is not what the registry wants.
+const CHANGED: &str = "changed.service";
 const ENABLED: &str =
     "[Service]\nExecStart=/bin/sleep 100000\n\n[Install]\nWantedBy=multi-user.target\n";
 
@@ -51,6 +56,7 @@ fn units() -> Vec<V1Unit> {
         u("inst@1.service", TEMPLATE, "launched", Some(2), false),
         u("idle.service", SLEEP, "loaded", Some(2), false),
         u("glob.service", GLOBAL, "launched", None, true),
+        u(CHANGED, NEWER, "launched", Some(2), false),
     ]
 }
 
@@ -174,11 +180,13 @@ fn run_like_v1_agent(c: &Cluster) {
             .filter(|u| u.state != "inactive" && nodes_of(c, u).contains(&i))
             .collect();
         for u in &mine {
+            // the registry's unit changed while this agent ran an older file
+            let text = if u.name == CHANGED { SLEEP } else { u.text };
             let script = "set -e; mkdir -p /run/fleet/units; printf '%s' \"$2\" > /run/fleet/units/$1; \
                           chmod 0644 /run/fleet/units/$1; systemctl link --runtime --force /run/fleet/units/$1; \
                           if grep -q '^\\[Install\\]' /run/fleet/units/$1; then systemctl enable --runtime --force /run/fleet/units/$1; fi";
             must(
-                must(c.exec(i, &["sh", "-c", script, "sh", u.name, u.text]))
+                must(c.exec(i, &["sh", "-c", script, "sh", u.name, text]))
                     .ok(&format!("loading {} on node{i}", u.name)),
             );
         }
@@ -232,7 +240,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     }
     seed_registry(&c);
     run_like_v1_agent(&c);
-    let before = invocations(&c);
+    let mut before = invocations(&c);
     let since = now_us();
 
     // step 3 of the procedure: the plan, then the import
@@ -243,14 +251,15 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     assert_eq!(
         dry.stdout,
         format!(
-            "would import enabled.service (launched on {m1})\n\
+            "would import changed.service (launched on {m2})\n\
+             would import enabled.service (launched on {m1})\n\
              would import glob.service (launched, global)\n\
              would import hello.service (launched on {m1})\n\
              would import idle.service (loaded on {m2})\n\
              would import inst@.service (inactive, not scheduled)\n\
              would import inst@1.service (launched on {m2})\n\
              would import metadata {m1} role=front\n\
-             would import: 7, already there: 0, skipped: 0, errors: 0\n"
+             would import: 8, already there: 0, skipped: 0, errors: 0\n"
         )
     );
     let imported = must(c.fleetctl_host(&["import-v1"]));
@@ -258,7 +267,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     assert!(
         imported
             .stdout
-            .ends_with("imported: 7, already there: 0, skipped: 0, errors: 0\n"),
+            .ends_with("imported: 8, already there: 0, skipped: 0, errors: 0\n"),
         "{}",
         imported.stdout
     );
@@ -266,7 +275,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     assert!(
         again
             .stdout
-            .ends_with("imported: 0, already there: 7, skipped: 0, errors: 0\n"),
+            .ends_with("imported: 0, already there: 8, skipped: 0, errors: 0\n"),
         "{}",
         again.stdout
     );
@@ -283,6 +292,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     };
     let (first, second) = if m1 < m2 { (&m1, &m2) } else { (&m2, &m1) };
     let want = vec![
+        row(CHANGED, &m2, "active", "running"),
         row("enabled.service", &m1, "active", "running"),
         row("glob.service", first, "active", "running"),
         row("glob.service", second, "active", "running"),
@@ -291,25 +301,44 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
         row("inst@1.service", &m2, "active", "running"),
     ];
     wait_list_units(&c, &want);
-    let files: Vec<(String, String, String, String)> = must(c.list_unit_files(1))
-        .into_iter()
-        .map(|r: UnitFileRow| (r.unit, r.dstate, r.state, r.target))
-        .collect();
-    let f = |u: &str, d: &str, s: &str, t: &str| (u.into(), d.into(), s.into(), t.into());
-    assert_eq!(
-        files,
-        vec![
-            f("enabled.service", "launched", "launched", &m1),
-            f("glob.service", "launched", "-", "global"),
-            f("hello.service", "launched", "launched", &m1),
-            f("idle.service", "loaded", "loaded", &m2),
-            f("inst@.service", "inactive", "inactive", "-"),
-            f("inst@1.service", "launched", "launched", &m2),
-        ]
-    );
+    let f = |u: &str, d: &str, s: &str, t: &str| -> (String, String, String, String) {
+        (u.into(), d.into(), s.into(), t.into())
+    };
+    let want_files = vec![
+        f(CHANGED, "launched", "launched", &m2),
+        f("enabled.service", "launched", "launched", &m1),
+        f("glob.service", "launched", "-", "global"),
+        f("hello.service", "launched", "launched", &m1),
+        f("idle.service", "loaded", "loaded", &m2),
+        f("inst@.service", "inactive", "inactive", "-"),
+        f("inst@1.service", "launched", "launched", &m2),
+    ];
+    // (the replaced unit is briefly inactive while its new file is started)
+    must(wait_for("list-unit-files", WAIT, || {
+        let files: Vec<(String, String, String, String)> = c
+            .list_unit_files(1)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|r: UnitFileRow| (r.unit, r.dstate, r.state, r.target))
+            .collect();
+        if files == want_files {
+            Ok(())
+        } else {
+            Err(format!("{files:?}"))
+        }
+    }));
     // a few reconciles later: still the same processes, no start or stop logged
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(invocations(&c), before, "a unit restarted");
+    let mut after = invocations(&c);
+    let key = (2, CHANGED.to_string());
+    assert_ne!(
+        after.remove(&key),
+        before.remove(&key),
+        "{CHANGED} not replaced"
+    );
+    assert_eq!(after, before, "a unit restarted");
+    let on_disk = must(c.exec(2, &["cat", &format!("/run/fleet/units/{CHANGED}")]));
+    assert_eq!(on_disk.stdout, NEWER);
     for i in c.nodes() {
         let journal = must(c.node_journal_since(i, since));
         let moved = transitions(
@@ -319,12 +348,12 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
             ],
         );
         assert!(moved.is_empty(), "node{i}: {moved:?}");
-        // no reload storm: the takeover changes no unit file, so systemd reloads nothing
+        // no reload storm: one for the replaced file on node2, none where nothing changed
         let reloads: Vec<&str> = journal
             .lines()
             .filter(|l| l.contains("Reloading"))
             .collect();
-        assert!(reloads.is_empty(), "node{i}: {reloads:?}");
+        assert!(reloads.len() <= i - 1, "node{i}: {reloads:?}");
     }
     let md = must(c.fleetctl_ok(1, &["list-machines", "--no-legend", "--full"]));
     assert!(md.stdout.contains("role=front"), "{}", md.stdout);
@@ -337,6 +366,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
     wait_list_units(
         &c,
         &[
+            row(CHANGED, &m2, "active", "running"),
             row("enabled.service", &m1, "active", "running"),
             row("glob.service", first, "inactive", "dead"),
             row("glob.service", second, "inactive", "dead"),
@@ -349,6 +379,7 @@ fn a_running_fleet_v1_cluster_is_taken_over_without_restarts() {
         1,
         &[
             "destroy",
+            CHANGED,
             "hello.service",
             "enabled.service",
             "inst@.service",
