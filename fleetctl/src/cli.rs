@@ -466,8 +466,8 @@ pub struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub struct ImportV1Args {
-    /// etcd endpoint serving fleet v1.0's registry through etcd's v2 API (http); default: the
-    /// first etcd endpoint in use
+    /// etcd endpoints (comma-separated, http) serving fleet v1.0's registry through etcd's v2
+    /// API; default: the etcd endpoints in use
     #[arg(long = "v1-endpoint", value_name = "URL")]
     pub v1_endpoint: Option<String>,
     /// Key prefix of fleet v1.0's registry in etcd's v2 keyspace

@@ -35,22 +35,33 @@ use crate::ui;
 const MAX_V2_BODY: usize = 512 << 20;
 
 pub async fn run(ctx: &Ctx, args: &ImportV1Args) -> Outcome {
-    let v1_endpoint = match &args.v1_endpoint {
-        Some(e) => e.clone(),
-        None => ctx
-            .etcd_endpoints()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Failure::msg("no etcd endpoint: give --v1-endpoint"))?,
+    let endpoints: Vec<String> = match &args.v1_endpoint {
+        Some(e) => e
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => ctx.etcd_endpoints(),
     };
+    if endpoints.is_empty() {
+        return Err(Failure::msg("no etcd endpoint: give --v1-endpoint"));
+    }
     let timeout = ctx.request_timeout().max(Duration::from_secs(10));
-    let tree = fetch_tree(&v1_endpoint, &args.v1_key_prefix, timeout)
-        .await
-        .map_err(|e| Failure::msg(format!("cannot read fleet v1.0's registry: {e}")))?;
+    // the first endpoint that answers, as etcd's clients do
+    let mut answer = Err(String::new());
+    for endpoint in &endpoints {
+        answer = fetch_tree(endpoint, &args.v1_key_prefix, timeout).await;
+        if answer.is_ok() {
+            break;
+        }
+    }
+    let tree =
+        answer.map_err(|e| Failure::msg(format!("cannot read fleet v1.0's registry: {e}")))?;
     let Some(tree) = tree else {
         return Err(Failure::msg(format!(
-            "no fleet v1.0 registry under {} at {v1_endpoint}",
-            args.v1_key_prefix
+            "no fleet v1.0 registry under {} at {}",
+            args.v1_key_prefix,
+            endpoints.join(",")
         )));
     };
     let v1 = read_v1(&tree, &args.v1_key_prefix);
