@@ -1658,7 +1658,7 @@ fn import_v1_says_what_it_could_not_import() {
         &[
             "list-unit-files",
             "--no-legend",
-            "--fields=unit,dstate,tmachine",
+            "--fields=unit,dstate,target",
         ],
         0,
         &format!("sleep.service\tlaunched\t{}...\n", &M1[..8]),
