@@ -210,6 +210,9 @@ pub enum Command {
     Submit(SubmitArgs),
     /// Unschedule units from their machines
     Unload(UnloadArgs),
+    /// Copy a fleet v1.0 cluster's units and machine metadata from its etcd v2 registry
+    #[command(name = "import-v1")]
+    ImportV1(ImportV1Args),
     /// Deprecated: signed units are no longer supported
     #[command(hide = true)]
     Verify(VerifyArgs),
@@ -460,6 +463,27 @@ pub struct UnloadArgs {
 pub struct VerifyArgs {
     #[arg(value_name = "UNIT")]
     pub units: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportV1Args {
+    /// etcd endpoints (comma-separated, http) serving fleet v1.0's registry through etcd's v2
+    /// API; default: the etcd endpoints in use
+    #[arg(long = "v1-endpoint", value_name = "URL")]
+    pub v1_endpoint: Option<String>,
+    /// Key prefix of fleet v1.0's registry in etcd's v2 keyspace
+    #[arg(
+        long = "v1-key-prefix",
+        default_value = "/_coreos.com/fleet/",
+        value_name = "PREFIX"
+    )]
+    pub v1_key_prefix: String,
+    /// Print what would be imported without writing anything
+    #[arg(long = "dry-run")]
+    pub dry_run: bool,
+    /// Overwrite units and metadata already present with different content
+    #[arg(long)]
+    pub replace: bool,
 }
 
 #[derive(Args, Debug)]

@@ -85,6 +85,28 @@ impl Ctx {
             .map_err(|e| Failure::msg(format!("Unable to initialize client: {e:#}")))
     }
 
+    /// A direct etcd connection, whatever `--driver` says (`import-v1` writes records only
+    /// etcd's own driver can write). No `--tunnel`: the v2 reads are plain HTTP.
+    pub async fn etcd(&self) -> anyhow::Result<EtcdRegistry> {
+        let g = &self.global;
+        if g.tunnel.is_some() {
+            bail!("--tunnel is not supported by this command; run it where etcd can be reached");
+        }
+        let timeout = Duration::try_from_secs_f64(g.request_timeout)
+            .map_err(|_| anyhow!("invalid --request-timeout {}", g.request_timeout))?;
+        Ok(EtcdRegistry::connect(&etcd_config(g, timeout)).await?)
+    }
+
+    /// The etcd endpoints `etcd` connects to, in the order given.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        etcd_config(&self.global, Duration::from_secs(1)).endpoints
+    }
+
+    /// `--request-timeout` as a duration (one second when it cannot be one).
+    pub fn request_timeout(&self) -> Duration {
+        Duration::try_from_secs_f64(self.global.request_timeout).unwrap_or(Duration::from_secs(1))
+    }
+
     async fn connect(&self) -> anyhow::Result<Arc<dyn Registry>> {
         let g = &self.global;
         let timeout = Duration::try_from_secs_f64(g.request_timeout)
@@ -92,21 +114,7 @@ impl Ctx {
         let tls = TlsFiles::of(g);
         match driver(g)? {
             Driver::Etcd => {
-                let endpoints: Vec<String> = etcd_endpoints(g)
-                    .split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                let cfg = EtcdConfig {
-                    endpoints,
-                    key_prefix: g.etcd_key_prefix.clone(),
-                    request_timeout: timeout,
-                    ca_file: tls.ca,
-                    cert_file: tls.cert,
-                    key_file: tls.key,
-                    username: None,
-                    password: None,
-                };
+                let cfg = etcd_config(g, timeout);
                 let reg = if g.tunnel.is_some() {
                     // dialled in process through the SSH session: no local listener
                     let session = self.tunnel().await?;
@@ -310,6 +318,26 @@ impl TlsFiles {
             cert: pick(&g.cert_file, &g.etcd_certfile),
             key: pick(&g.key_file, &g.etcd_keyfile),
         }
+    }
+}
+
+/// How fleetctl reaches etcd with `--driver=etcd` (and `import-v1`, whatever the driver).
+fn etcd_config(g: &GlobalArgs, timeout: Duration) -> EtcdConfig {
+    let endpoints: Vec<String> = etcd_endpoints(g)
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let tls = TlsFiles::of(g);
+    EtcdConfig {
+        endpoints,
+        key_prefix: g.etcd_key_prefix.clone(),
+        request_timeout: timeout,
+        ca_file: tls.ca,
+        cert_file: tls.cert,
+        key_file: tls.key,
+        username: None,
+        password: None,
     }
 }
 

@@ -37,13 +37,18 @@ struct Output {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// With extra etcd arguments (`--enable-v2=true` for fleet v1.0's registry).
+    fn start_with(etcd_args: &[&str]) -> Cluster {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("runtime");
         Cluster {
-            etcd: EtcdServer::start(),
+            etcd: EtcdServer::start_with(etcd_args),
             dir: tempfile::tempdir().expect("tempdir"),
             rt,
             leases: Mutex::new(Vec::new()),
@@ -211,6 +216,32 @@ fn machine(id: &str, ip: &str, metadata: &[(&str, &str)], version: &str) -> Mach
         agent_version: version.to_string(),
         token: format!("token-{id}"),
     }
+}
+
+/// Writes a key of fleet v1.0's registry through etcd's v2 API, as fleet v1.0 did (`PUT`,
+/// form field `value`).
+fn v2_put(endpoint: &str, key: &str, value: &str) {
+    use std::io::Write;
+    let addr = endpoint.trim_start_matches("http://");
+    let mut form = String::from("value=");
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() {
+            form.push(b as char);
+        } else {
+            form.push_str(&format!("%{b:02X}"));
+        }
+    }
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "PUT /v2/keys/_coreos.com/fleet/{key} HTTP/1.0\r\nHost: {addr}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    )
+    .expect("request");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("response");
+    assert!(resp.contains(" 201 ") || resp.contains(" 200 "), "{resp}");
 }
 
 fn hash_of(text: &str) -> fleet_unit::UnitHash {
@@ -1688,4 +1719,64 @@ fn deprecated_tls_flags_reach_the_api_driver() {
             "{flag}: the CA file was not used: {stderr}"
         );
     }
+}
+
+#[test]
+fn import_v1_says_what_it_could_not_import() {
+    let c = Cluster::start_with(&["--enable-v2=true"]);
+    let ep = c.etcd.endpoint().to_string();
+    c.check(
+        &["import-v1"],
+        1,
+        "",
+        &format!("no fleet v1.0 registry under /_coreos.com/fleet/ at {ep}\n"),
+    );
+    c.check(
+        &["import-v1", "--v1-endpoint=https://127.0.0.1:1"],
+        1,
+        "",
+        "cannot read fleet v1.0's registry: https://127.0.0.1:1: only http endpoints are supported for fleet v1.0's registry\n",
+    );
+    // one unit as fleet v1.0 wrote it, and one whose object is damaged
+    let file = UnitFile::parse(SLEEP).expect("unit");
+    let bytes: Vec<String> = file.hash().as_bytes().iter().map(u8::to_string).collect();
+    let raw = serde_json::json!({ "Raw": SLEEP }).to_string();
+    v2_put(&ep, &format!("unit/{}", file.hash()), &raw);
+    v2_put(
+        &ep,
+        "job/sleep.service/object",
+        &format!(
+            r#"{{"Name":"sleep.service","UnitHash":[{}]}}"#,
+            bytes.join(",")
+        ),
+    );
+    v2_put(&ep, "job/sleep.service/target-state", "launched");
+    v2_put(&ep, "job/sleep.service/target", M1);
+    v2_put(&ep, "job/broken.service/object", "{");
+    // the first endpoint that answers is used
+    let endpoints = format!("--v1-endpoint=http://127.0.0.1:1,{ep}");
+    c.check(
+        &["import-v1", &endpoints],
+        1,
+        &format!("imported sleep.service (launched on {M1})\nimported: 1, already there: 0, skipped: 1, errors: 0\n"),
+        "skipped job/broken.service/object: not a fleet v1.0 job record: EOF while parsing an object at line 1 column 1\n\
+         not everything was imported: fix or remove the records named above, then run import-v1 again\n",
+    );
+    c.check(
+        &[
+            "list-unit-files",
+            "--no-legend",
+            "--fields=unit,dstate,target",
+        ],
+        0,
+        &format!("sleep.service\tlaunched\t{}...\n", &M1[..8]),
+        "",
+    );
+    c.check(
+        &["import-v1", "--dry-run", "--v1-endpoint", &ep],
+        1,
+        "already there: sleep.service\nwould import: 0, already there: 1, skipped: 1, errors: 0\n",
+        "skipped job/broken.service/object: not a fleet v1.0 job record: EOF while parsing an object at line 1 column 1\n\
+         not everything was imported: fix or remove the records named above, then run import-v1 again\n",
+    );
 }

@@ -16,6 +16,12 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd and waits until it answers. Panics (tests only) when it cannot.
     pub fn start() -> EtcdServer {
+        EtcdServer::start_with(&[])
+    }
+
+    /// Like [`EtcdServer::start`], with extra arguments for etcd (`--enable-v2=true` for a
+    /// test that reads or writes etcd's v2 API, as fleet v1.0 did).
+    pub fn start_with(extra: &[&str]) -> EtcdServer {
         let bin = which_etcd().unwrap_or_else(|| {
             panic!("etcd is not installed: run ./test (it installs etcd-server) or apt-get install etcd-server")
         });
@@ -35,6 +41,7 @@ impl EtcdServer {
             ))
             .arg(format!("--initial-cluster=test=http://127.0.0.1:{peer}"))
             .arg("--log-level=error")
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -1,6 +1,7 @@
 //! One function per fleetctl command. Each returns an [`Outcome`]; output that fleet printed
 //! along the way is printed here, the final error message is left to `main`.
 
+mod import_v1;
 mod lifecycle;
 mod list;
 mod remote;
@@ -20,6 +21,7 @@ pub async fn run(ctx: &Ctx, command: Command) -> Outcome {
         Command::Cat(a) => lifecycle::cat(ctx, &a.units).await,
         Command::Destroy(a) => lifecycle::destroy(ctx, &a.units, &a.block).await,
         Command::FdForward(a) => remote::fd_forward(&a.socket).await,
+        Command::ImportV1(a) => import_v1::run(ctx, &a).await,
         Command::Journal(a) => remote::journal(ctx, &a).await,
         Command::ListMachines(a) => list::machines(ctx, &a.list, &a.fields).await,
         Command::ListUnitFiles(a) => list::unit_files(ctx, &a.list, &a.fields).await,
