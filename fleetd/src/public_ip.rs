@@ -87,12 +87,17 @@ pub async fn refresh(
     etcd: Vec<String>,
     published: String,
     interval: Duration,
-    detect: impl Fn(&[String]) -> String,
+    detect: fn(&[String]) -> String,
     control: mpsc::Sender<Control>,
 ) {
+    let etcd = std::sync::Arc::new(etcd);
     loop {
         tokio::time::sleep(interval).await;
-        let now = detect(&etcd);
+        // an etcd host name may need a (blocking) lookup
+        let servers = etcd.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || detect(&servers)).await else {
+            continue;
+        };
         if now != published {
             info!(old = %published, new = %now, "this machine's address changed");
             let _ = control.send(Control::Refresh).await;
@@ -156,17 +161,17 @@ mod tests {
     /// minute. A change now restarts agent and engine, which publish the new one.
     #[tokio::test(start_paused = true)]
     async fn a_changed_address_asks_for_a_refresh() {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn changing(_: &[String]) -> String {
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < 2 { "10.0.0.5" } else { "10.0.0.9" }.to_string()
+        }
         let (tx, mut rx) = mpsc::channel(4);
-        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let seen = calls.clone();
         let task = tokio::spawn(refresh(
             vec![],
             "10.0.0.5".into(),
             REFRESH_INTERVAL,
-            move |_| {
-                let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if n < 2 { "10.0.0.5" } else { "10.0.0.9" }.to_string()
-            },
+            changing,
             tx,
         ));
         let start = tokio::time::Instant::now();
