@@ -3,7 +3,8 @@
 //! Order of start: configuration (fully validated), logging, machine identity, etcd and
 //! systemd connections, API listeners, then the agent and engine loops. SIGTERM/SIGINT stop
 //! everything and purge this machine's units (they move elsewhere); SIGHUP re-reads the
-//! configuration and restarts the components without touching running units.
+//! configuration and restarts the components, the API included (on the same listeners),
+//! without touching running units; SIGUSR1 prints the agent's state as JSON.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -21,7 +22,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+mod api_host;
+mod dump;
 mod limits;
+mod public_ip;
 
 #[derive(Parser)]
 #[command(
@@ -128,15 +132,18 @@ fn machine_id() -> Result<String> {
     Ok(id)
 }
 
-/// The address this machine uses to reach etcd: a connected UDP socket's local address
-/// (connecting a UDP socket sends nothing).
-fn detect_public_ip(etcd: &[String]) -> Option<String> {
-    let first = etcd.first()?;
-    let hostport = first.split("://").nth(1)?.trim_end_matches('/');
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    sock.connect(hostport).ok()?;
-    let ip = sock.local_addr().ok()?.ip();
-    (!ip.is_loopback() && !ip.is_unspecified()).then(|| ip.to_string())
+/// What lives as long as fleetd, whatever configuration runs.
+struct Daemon {
+    machine_id: String,
+    metrics: fleet_api::Metrics,
+    /// The API's listeners and server, rebuilt by each start of the components.
+    api: tokio::sync::Mutex<api_host::ApiHost>,
+    /// The API's switch between answering and 503.
+    available: Arc<tokio::sync::watch::Sender<bool>>,
+    /// The registry of the running configuration, for SIGUSR1.
+    registry: std::sync::Mutex<Option<EtcdRegistry>>,
+    /// For components that ask for a restart (a changed address).
+    control: mpsc::Sender<Control>,
 }
 
 async fn run(args: Args, cfg: Config) -> Result<()> {
@@ -144,43 +151,32 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
         warn!("{w}");
     }
     let machine_id = machine_id()?;
-    let control = forward_signals()?;
+    let (control_tx, control) = mpsc::channel(4);
+    forward_signals(control_tx.clone())?;
     let metrics = fleet_api::Metrics::new();
-    let api_cfg = fleet_api::ApiConfig {
-        token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
-        metrics: metrics.clone(),
-        ..Default::default()
-    };
-    limits::raise_open_files(api_cfg.max_open_connections());
+    limits::raise_open_files(fleet_api::ApiConfig::default().max_open_connections());
     let listeners = api_listeners(&cfg).await?;
-
-    // The API serves for the daemon's whole life; SIGHUP restarts agent and engine only.
-    let api_shutdown = CancellationToken::new();
-    let api = if listeners.is_empty() {
+    if listeners.is_empty() {
         warn!(
             "no API listeners: not socket-activated and api_listen is not set; the HTTP API is off"
         );
-        None
-    } else {
-        let registry = connect_registry(&cfg).await?;
-        let stop = api_shutdown.clone();
-        Some(tokio::spawn(async move {
-            if let Err(e) = fleet_api::serve(
-                listeners,
-                Arc::new(registry),
-                api_cfg,
-                stop.cancelled_owned(),
-            )
-            .await
-            {
-                error!("API server: {e}");
-            }
-        }))
-    };
+    }
+    // The listeners serve for the daemon's whole life: 503 until this machine is registered,
+    // then each start of agent and engine (SIGHUP) rebuilds the API on them.
+    let api = api_host::ApiHost::new(listeners, Arc::new(fleet_registry::MemoryRegistry::new()));
+    let daemon = Arc::new(Daemon {
+        machine_id,
+        metrics,
+        available: api.availability(),
+        api: tokio::sync::Mutex::new(api),
+        registry: std::sync::Mutex::new(None),
+        control: control_tx,
+    });
+    dump_on_sigusr1(daemon.clone())?;
 
     let start_components = |cfg: Config| {
-        let (machine_id, metrics) = (machine_id.clone(), metrics.clone());
-        async move { start(&cfg, &machine_id, metrics).await }
+        let daemon = daemon.clone();
+        async move { start(&cfg, &daemon).await }
     };
     let result = supervise(
         cfg,
@@ -190,11 +186,35 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
         RESTART_BACKOFF,
     )
     .await;
-    api_shutdown.cancel();
-    if let Some(api) = api {
-        let _ = api.await;
-    }
+    daemon.available.send_replace(false);
+    daemon.api.lock().await.shutdown().await;
     result
+}
+
+/// SIGUSR1: the agent's state as one line of JSON on stdout, as fleet v1.0 printed it.
+fn dump_on_sigusr1(daemon: Arc<Daemon>) -> Result<()> {
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing SIGUSR1 handler")?;
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            info!("Dumping server state");
+            let registry = daemon.registry.lock().ok().and_then(|r| r.clone());
+            let Some(registry) = registry else {
+                error!("Failed to dump server state: agent and engine are not running");
+                continue;
+            };
+            match dump::collect(&registry, &daemon.machine_id).await {
+                Ok(json) => {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    if let Err(e) = writeln!(out, "{json}").and_then(|()| out.flush()) {
+                        error!("Failed to dump server state: {e}");
+                    }
+                }
+                Err(e) => error!("Failed to dump server state: {e:#}"),
+            }
+        }
+    });
+    Ok(())
 }
 
 /// What the signals tell the main loop.
@@ -202,17 +222,19 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
 enum Control {
     /// SIGTERM or SIGINT: stop, purging this machine's units.
     Stop,
-    /// SIGHUP: re-read the configuration and restart agent and engine with it.
+    /// SIGHUP: re-read the configuration and restart agent, engine and API with it.
     Reload,
+    /// This machine's detected address changed: restart agent and engine with the same
+    /// configuration, so that they publish the new one.
+    Refresh,
 }
 
 /// Installs the handlers of SIGTERM, SIGINT and SIGHUP, and turns the signals into
-/// [`Control`]s.
-fn forward_signals() -> Result<mpsc::Receiver<Control>> {
+/// [`Control`]s sent to `tx`.
+fn forward_signals(tx: mpsc::Sender<Control>) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing SIGHUP handler")?;
-    let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             let control = tokio::select! {
@@ -225,7 +247,7 @@ fn forward_signals() -> Result<mpsc::Receiver<Control>> {
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }
 
 /// Least and most time between two attempts to start a configuration again.
@@ -241,7 +263,8 @@ trait Running: Sized {
 }
 
 /// Runs the components of `cfg` (`start`) until a [`Control::Stop`], restarting them with a
-/// new configuration (`reload`) on [`Control::Reload`].
+/// new configuration (`reload`) on [`Control::Reload`], with the same one on
+/// [`Control::Refresh`].
 ///
 /// Only the first start may end fleetd. Once a configuration ran, a reload never does: a new
 /// configuration that fails to start gives way to the one before, and a configuration that
@@ -283,7 +306,8 @@ where
                 };
                 delay = (delay * 2).min(backoff.1);
                 match control {
-                    None => {}
+                    // the next start detects the address anew anyway
+                    None | Some(Control::Refresh) => {}
                     Some(Control::Stop) => {
                         return Err(e.context(
                             "stopped while agent and engine could not start: this machine's \
@@ -314,8 +338,10 @@ where
                 control = control.recv() => control.unwrap_or(Control::Stop),
                 failed = running.failed() => return running.stop(true).await.and(Err(failed)),
             };
-            if next == Control::Stop {
-                break None;
+            match next {
+                Control::Stop => break None,
+                Control::Refresh => break Some(cfg.clone()),
+                Control::Reload => {}
             }
             info!("Reloading configuration");
             match reload() {
@@ -349,41 +375,24 @@ async fn api_listeners(cfg: &Config) -> Result<Vec<fleet_api::Listener>> {
             listeners.push(l);
         }
     }
-    if !cfg.api_certfile.is_empty() {
-        let tls = fleet_api::load_tls(&fleet_api::TlsFiles {
-            cert_file: PathBuf::from(&cfg.api_certfile),
-            key_file: PathBuf::from(&cfg.api_keyfile),
-            client_ca_file: non_empty(&cfg.api_client_cafile).map(PathBuf::from),
-        })?;
-        listeners = listeners
-            .into_iter()
-            .map(|l| {
-                if l.is_tcp() {
-                    l.with_tls(tls.clone())
-                } else {
-                    Ok(l)
-                }
-            })
-            .collect::<Result<_, _>>()?;
-    }
-    let tls = !cfg.api_certfile.is_empty();
     for l in &listeners {
         info!("API listening on {}", l.describe());
-        let exposed = l
-            .tcp_addr()
-            .is_some_and(|a| !fleet_config::is_loopback_listen(&a.to_string()));
-        if exposed && !tls {
-            // Loud, not refused: socket activation is fleet v1.0's way to add TCP listeners,
-            // and api_listen only gets here with api_allow_plain_tcp=true (see fleet-config).
-            error!(
-                "INSECURE: the API on {} is plain HTTP and reachable from the network: anyone \
-                 who can connect controls every machine of the cluster; set api_certfile, \
-                 api_keyfile and api_client_cafile, or listen on loopback only",
-                l.describe()
-            );
-        }
     }
     Ok(listeners)
+}
+
+/// The API's TLS certificates of `cfg`, if it names them (read anew by each start, so a
+/// SIGHUP picks up renewed files).
+fn api_tls(cfg: &Config) -> Result<Option<fleet_api::TlsConfig>> {
+    if cfg.api_certfile.is_empty() {
+        return Ok(None);
+    }
+    let tls = fleet_api::load_tls(&fleet_api::TlsFiles {
+        cert_file: PathBuf::from(&cfg.api_certfile),
+        key_file: PathBuf::from(&cfg.api_keyfile),
+        client_ca_file: non_empty(&cfg.api_client_cafile).map(PathBuf::from),
+    })?;
+    Ok(Some(tls))
 }
 
 async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
@@ -406,6 +415,12 @@ struct Components {
     agent: tokio::task::JoinHandle<Result<(), fleet_registry::RegistryError>>,
     engine: Option<tokio::task::JoinHandle<()>>,
     bridge: tokio::task::JoinHandle<()>,
+    /// Makes the API available once this machine shows as registered.
+    registered: tokio::task::JoinHandle<()>,
+    /// Looks at this machine's address every minute (when `public_ip` is not set).
+    refresher: Option<tokio::task::JoinHandle<()>>,
+    /// The API answers 503 from the moment these components stop.
+    available: Arc<tokio::sync::watch::Sender<bool>>,
     /// Stops agent and engine.
     shutdown: CancellationToken,
     /// Whether the agent purges this machine's units when it stops.
@@ -421,6 +436,12 @@ impl Running for Components {
     }
 
     async fn stop(self, purge: bool) -> Result<()> {
+        // as fleet: the API says 503 while its components are down or restarting
+        self.available.send_replace(false);
+        self.registered.abort();
+        if let Some(r) = &self.refresher {
+            r.abort();
+        }
         self.purge.store(purge, Ordering::SeqCst);
         self.shutdown.cancel();
         self.bridge.abort();
@@ -434,7 +455,11 @@ impl Running for Components {
     }
 }
 
-async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> Result<Components> {
+/// Starts agent and engine of `cfg`, and rebuilds the API on its listeners with `cfg`'s
+/// registry, `token_limit` and certificates (fleet v1.0 built a new API server, on the same
+/// listeners, with each configuration). The API answers 503 until this machine registers.
+async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
+    let machine_id = daemon.machine_id.as_str();
     let shutdown = CancellationToken::new();
     let purge = Arc::new(AtomicBool::new(true));
     let registry = connect_registry(cfg).await?;
@@ -444,11 +469,37 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
     })
     .await
     .context("connecting to systemd over D-Bus")?;
+    let tls = api_tls(cfg)?;
+    let api_cfg = fleet_api::ApiConfig {
+        token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
+        metrics: daemon.metrics.clone(),
+        ..Default::default()
+    };
+    let api_registry: Arc<dyn fleet_registry::Registry> = Arc::new(registry.clone());
+    daemon.available.send_replace(false);
+    daemon
+        .api
+        .lock()
+        .await
+        .rebuild(api_registry.clone(), api_cfg, tls.as_ref())
+        .await;
+    if let Ok(mut current) = daemon.registry.lock() {
+        *current = Some(registry.clone());
+    }
     let public_ip = if cfg.public_ip.is_empty() {
-        detect_public_ip(&cfg.etcd_servers).unwrap_or_default()
+        public_ip::detect(&cfg.etcd_servers)
     } else {
         cfg.public_ip.clone()
     };
+    let refresher = cfg.public_ip.is_empty().then(|| {
+        tokio::spawn(public_ip::refresh(
+            cfg.etcd_servers.clone(),
+            public_ip.clone(),
+            public_ip::REFRESH_INTERVAL,
+            public_ip::detect,
+            daemon.control.clone(),
+        ))
+    });
     info!(machine = machine_id, %public_ip, "starting fleetd {}", env!("CARGO_PKG_VERSION"));
     let agent_stats = Arc::new(fleet_agent::AgentStats::default());
     let engine_stats = Arc::new(fleet_engine::EngineStats::default());
@@ -483,11 +534,23 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
             shutdown.clone(),
         ))
     });
-    let bridge = tokio::spawn(bridge_metrics(metrics, agent_stats, engine_stats));
+    let bridge = tokio::spawn(bridge_metrics(
+        daemon.metrics.clone(),
+        agent_stats,
+        engine_stats,
+    ));
+    let registered = tokio::spawn(api_host::available_once_registered(
+        api_registry,
+        machine_id.to_string(),
+        daemon.available.clone(),
+    ));
     Ok(Components {
         agent,
         engine,
         bridge,
+        registered,
+        refresher,
+        available: daemon.available.clone(),
         shutdown,
         purge,
     })
@@ -727,6 +790,36 @@ mod tests {
         assert!(
             format!("{err:#}").contains("units were not purged"),
             "{err:#}"
+        );
+    }
+
+    /// A changed address (public_ip::refresh) restarts the components with the same
+    /// configuration, without re-reading the file and without purging.
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_restarts_with_the_same_configuration() {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let (tx, rx) = mpsc::channel(4);
+        let loop_ = tokio::spawn(supervise(
+            config("only"),
+            starter(log.clone(), vec![], true),
+            || Err(anyhow::anyhow!("the file is not read on a refresh")),
+            rx,
+            (Duration::from_secs(1), Duration::from_secs(30)),
+        ));
+        settle().await;
+        tx.send(Control::Refresh).await.expect("refresh");
+        settle().await;
+        tx.send(Control::Stop).await.expect("stop");
+        loop_.await.expect("loop").expect("clean shutdown");
+        let events = log.lock().expect("log").events.clone();
+        assert_eq!(
+            events,
+            [
+                "start only runs at 0s",
+                "stop only purge=false",
+                "start only runs at 0s",
+                "stop only purge=true"
+            ]
         );
     }
 

@@ -28,7 +28,7 @@ pub use metrics::{
     CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, MethodLabel, Metrics, RegistryOp,
 };
 pub use page::{DEFAULT_TOKEN_LIMIT, PageToken};
-pub use server::{serve, serve_stream};
+pub use server::{serve, serve_keeping_listeners, serve_stream};
 
 /// The discovery document of API v1 (same structure as fleet's `schema/v1.json`, our wording).
 pub const DISCOVERY_JSON: &str = include_str!("discovery.json");

@@ -69,6 +69,13 @@ impl Listener {
         Ok(self)
     }
 
+    /// This listener without TLS, to be wrapped again with new certificates (fleetd's
+    /// SIGHUP).
+    pub fn without_tls(mut self) -> Listener {
+        self.tls = None;
+        self
+    }
+
     pub fn is_tcp(&self) -> bool {
         matches!(self.socket, Socket::Tcp(_))
     }

@@ -37,6 +37,20 @@ pub async fn serve(
     config: ApiConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_keeping_listeners(listeners, registry, config, shutdown)
+        .await
+        .map(drop)
+}
+
+/// [`serve`], handing the listeners back once it is done, so that a new server (another
+/// registry, another configuration: fleetd's SIGHUP) can go on with the same sockets, as
+/// fleet v1.0 did on reload. Clients arriving in between wait in the listen backlog.
+pub async fn serve_keeping_listeners(
+    listeners: Vec<Listener>,
+    registry: Arc<dyn Registry>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Vec<Listener>, ServeError> {
     if listeners.is_empty() {
         return Err(ServeError::NoListeners);
     }
@@ -54,7 +68,7 @@ pub async fn serve(
     }
     {
         let loops = listeners
-            .into_iter()
+            .iter()
             .map(|l| {
                 let slots = match l.socket {
                     Socket::Unix(_) => slots.unix.clone(),
@@ -67,7 +81,7 @@ pub async fn serve(
             _ = futures_util::future::join_all(loops) => {}
             _ = shutdown => {}
         }
-        // the accept loops and their listeners are dropped here: no new connections
+        // the accept loops end here: no new connections (they wait in the backlog)
     }
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
@@ -78,7 +92,7 @@ pub async fn serve(
             "API connections still open after the shutdown grace period; dropping them"
         );
     }
-    Ok(())
+    Ok(listeners)
 }
 
 /// Serves HTTP on one already-connected stream (for example one end of an in-memory pipe)
@@ -101,7 +115,7 @@ struct Slots {
 }
 
 async fn accept_loop(
-    listener: Listener,
+    listener: &Listener,
     api: &Arc<Api>,
     graceful: &GracefulShutdown,
     slots: Arc<Semaphore>,

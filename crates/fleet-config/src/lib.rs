@@ -162,13 +162,14 @@ impl Config {
                     reason: "is a directory, not a file".into(),
                 });
             }
-            let text = std::fs::read_to_string(&p).map_err(|e| ConfigError::File {
+            // fleet read bytes: a stray non-UTF-8 byte (in a comment, say) is no reason to stop
+            let bytes = std::fs::read(&p).map_err(|e| ConfigError::File {
                 path: name.clone(),
                 reason: e.to_string(),
             })?;
-            for (line, key, value) in parse_ini(&name, &text)? {
-                let _ = line;
-                cfg.set(&name, &key, &value)?;
+            let text = String::from_utf8_lossy(&bytes);
+            for e in parse_fleet_conf(&name, &text)? {
+                cfg.set(&format!("{name} line {}", e.line), &e.key, &e.value)?;
             }
         }
         let env: BTreeMap<String, String> = env.into_iter().collect();
@@ -237,7 +238,17 @@ impl Config {
         Ok(())
     }
 
-    /// Sets one option from its text form.
+    /// fleet v1.0 set its numeric and boolean options through Go flags and dropped a value
+    /// that did not parse, keeping the default: fleetd started. So do we, loudly.
+    fn ignored(&mut self, source: &str, key: &str, value: &str, expected: &str) {
+        self.warnings.push(format!(
+            "{source}: invalid value {value:?} for {key} ignored (expected {expected}), \
+             keeping {key}'s default as fleet v1.0 did"
+        ));
+    }
+
+    /// Sets one option from its text form. `source` names where it came from (a file and
+    /// line, or an environment variable) for errors and warnings.
     pub fn set(&mut self, source: &str, key: &str, raw: &str) -> Result<(), ConfigError> {
         let value = unquote(raw.trim());
         let bad = |reason: &str| ConfigError::Value {
@@ -247,9 +258,10 @@ impl Config {
             reason: reason.to_string(),
         };
         match key {
-            "verbosity" => {
-                self.verbosity = value.parse().map_err(|_| bad("expected a whole number"))?
-            }
+            "verbosity" => match go_int(value) {
+                Some(n) => self.verbosity = u32::try_from(n.max(0)).unwrap_or(u32::MAX),
+                None => self.ignored(source, key, value, "a whole number"),
+            },
             "etcd_servers" => {
                 let list = parse_list(value);
                 if list.is_empty() {
@@ -273,21 +285,26 @@ impl Config {
                 }
                 self.etcd_key_prefix = value.to_string();
             }
-            "etcd_request_timeout" => {
-                let secs: f64 = value
-                    .parse()
-                    .map_err(|_| bad("expected seconds, e.g. 1.0"))?;
-                self.etcd_request_timeout =
-                    bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?;
-            }
-            "engine_reconcile_interval" => {
-                let secs: f64 = value.parse().map_err(|_| bad("expected seconds, e.g. 2"))?;
-                self.engine_reconcile_interval =
-                    bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?;
-            }
+            "etcd_request_timeout" => match value.parse::<f64>() {
+                Ok(secs) => {
+                    self.etcd_request_timeout =
+                        bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?
+                }
+                Err(_) => self.ignored(source, key, value, "seconds, e.g. 1.0"),
+            },
+            "engine_reconcile_interval" => match value.parse::<f64>() {
+                Ok(secs) => {
+                    self.engine_reconcile_interval =
+                        bounded(secs, MIN_DURATION).map_err(|reason| bad(&reason))?
+                }
+                Err(_) => self.ignored(source, key, value, "seconds, e.g. 2"),
+            },
+            // Any text, as in fleet: an address or a host name that others reach this machine
+            // by (`fleetctl ssh` connects to it). Control characters (only possible from the
+            // environment) would garble fleetctl's tables and the registry's records.
             "public_ip" => {
-                if !value.is_empty() && value.parse::<std::net::IpAddr>().is_err() {
-                    return Err(bad("expected an IP address"));
+                if value.chars().any(char::is_control) {
+                    return Err(bad("control characters are not allowed"));
                 }
                 self.public_ip = value.to_string();
             }
@@ -304,34 +321,38 @@ impl Config {
                 }
                 self.units_directory = PathBuf::from(value);
             }
-            "systemd_user" => {
-                self.systemd_user = boolean(value).ok_or_else(|| bad("expected true or false"))?
-            }
-            "token_limit" => {
-                let n: usize = value.parse().map_err(|_| bad("expected a whole number"))?;
-                if n == 0 {
-                    return Err(bad("must be at least 1"));
-                }
-                self.token_limit = n;
-            }
-            "disable_engine" => {
-                self.disable_engine = boolean(value).ok_or_else(|| bad("expected true or false"))?
-            }
-            "disable_watches" => {
-                self.disable_watches =
-                    boolean(value).ok_or_else(|| bad("expected true or false"))?
-            }
-            "enable_grpc" => {
-                boolean(value).ok_or_else(|| bad("expected true or false"))?;
-                self.warnings.push("config option enable_grpc is ignored: agents and engine always talk through etcd".into());
-            }
-            "verify_units" => {
-                if boolean(value).ok_or_else(|| bad("expected true or false"))? {
-                    self.warnings.push(
-                        "Config option verify_units is no longer supported - ignoring".into(),
-                    );
-                }
-            }
+            "systemd_user" => match boolean(value) {
+                Some(b) => self.systemd_user = b,
+                None => self.ignored(source, key, value, "true or false"),
+            },
+            "token_limit" => match go_int(value) {
+                Some(n) if n < 1 => return Err(bad("must be at least 1")),
+                Some(n) => self.token_limit = usize::try_from(n).unwrap_or(usize::MAX),
+                None => self.ignored(source, key, value, "a whole number"),
+            },
+            "disable_engine" => match boolean(value) {
+                Some(b) => self.disable_engine = b,
+                None => self.ignored(source, key, value, "true or false"),
+            },
+            "disable_watches" => match boolean(value) {
+                Some(b) => self.disable_watches = b,
+                None => self.ignored(source, key, value, "true or false"),
+            },
+            "enable_grpc" => match boolean(value) {
+                Some(_) => self.warnings.push(
+                    "config option enable_grpc is ignored: agents and engine always talk \
+                     through etcd"
+                        .into(),
+                ),
+                None => self.ignored(source, key, value, "true or false"),
+            },
+            "verify_units" => match boolean(value) {
+                Some(true) => self
+                    .warnings
+                    .push("Config option verify_units is no longer supported - ignoring".into()),
+                Some(false) => {}
+                None => self.ignored(source, key, value, "true or false"),
+            },
             "authorized_keys_file" => {
                 if !value.is_empty() {
                     self.warnings.push(
@@ -344,6 +365,7 @@ impl Config {
             "api_certfile" => self.api_certfile = value.to_string(),
             "api_keyfile" => self.api_keyfile = value.to_string(),
             "api_client_cafile" => self.api_client_cafile = value.to_string(),
+            // not fleet's: refused, not ignored, as it guards the API
             "api_allow_plain_tcp" => {
                 self.api_allow_plain_tcp =
                     boolean(value).ok_or_else(|| bad("expected true or false"))?
@@ -356,32 +378,119 @@ impl Config {
     }
 }
 
-/// `key=value` lines of the global section; `#`/`;` comments; `[section]` headers other than
-/// the first global part are an error (fleet reads only the global section).
-fn parse_ini(name: &str, text: &str) -> Result<Vec<(usize, String, String)>, ConfigError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let l = line.trim();
-        if l.is_empty() || l.starts_with('#') || l.starts_with(';') {
+/// One `key=value` of fleet.conf's global part, with the line it starts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub line: usize,
+    /// Lowercased, as fleet's INI library stored keys.
+    pub key: String,
+    pub value: String,
+}
+
+/// Reads fleet.conf the way fleet v1.0 did (its `globalconf` on top of the `goini` library),
+/// so that every file fleet ran with runs here with the same values:
+///
+/// - each line is trimmed; empty lines and lines starting with `#` or `;` are skipped;
+/// - a line ending in `\` continues on the next one (trimmed), comment lines included;
+/// - `[name]` starts a section; fleet read only the part before the first section, so keys
+///   in sections are ignored (and `[]` goes back to that part, dropping what it had, as
+///   fleet's library did);
+/// - `key = "value"` and `key = 'value'` (the whole rest of the line quoted) give the text
+///   between the quotes; otherwise the value ends at the first `#` or `;` (an inline comment)
+///   and is trimmed; `key =` gives an empty value;
+/// - keys are case-insensitive (stored lowercased) and cannot contain blanks or `=`; a later
+///   key replaces an earlier one.
+///
+/// Errors (file and line named) only where fleet failed too: a line that is none of the
+/// above, a continuation at the end of the file, a continuation that joins to nothing (fleet
+/// crashed on both of the latter). Entries of the global part come back in file order.
+///
+/// Why not rust-ini: its rules differ from fleet's where fleet.conf files depend on them.
+/// It ends a value at `#`/`;` only after a blank (`metadata=a=1;b=2` would keep `b=2`), does
+/// not continue comment lines, reads `\t`-style escapes or keeps backslashes, lets a key run
+/// over several lines until an `=` (a stray line would swallow the next option instead of
+/// being an error) and treats `[]` as a section of its own. Matching fleet on top of it would
+/// mean re-parsing each line first, which is this function.
+pub fn parse_fleet_conf(name: &str, text: &str) -> Result<Vec<Entry>, ConfigError> {
+    let syntax = |line: usize, reason: String| ConfigError::Syntax {
+        source_name: name.to_string(),
+        line,
+        reason,
+    };
+    let mut out: Vec<Entry> = Vec::new();
+    let mut global = true;
+    let mut lines = text.split('\n').enumerate();
+    while let Some((i, raw)) = lines.next() {
+        let lineno = i + 1;
+        let mut line = raw.trim().to_string();
+        if line.is_empty() {
             continue;
         }
-        if l.starts_with('[') {
-            return Err(ConfigError::Syntax {
-                source_name: name.to_string(),
-                line: i + 1,
-                reason: "sections are not supported: fleet options go at the top level".into(),
+        while let Some(head) = line.strip_suffix('\\') {
+            let head = head.to_string();
+            let Some((_, next)) = lines.next() else {
+                return Err(syntax(
+                    lineno,
+                    "the last line ends with a backslash: nothing follows to continue it".into(),
+                ));
+            };
+            line = head + next.trim();
+            if line.is_empty() {
+                return Err(syntax(
+                    lineno,
+                    "a backslash continues this line onto an empty one: nothing to read".into(),
+                ));
+            }
+        }
+        if line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(inner) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            global = inner.trim().is_empty();
+            if global {
+                out.clear();
+            }
+            continue;
+        }
+        let Some((key, value)) = key_value(&line) else {
+            return Err(syntax(
+                lineno,
+                format!(
+                    "expected key=value (a key without blanks), a [section] or a comment, \
+                     found {line:?}"
+                ),
+            ));
+        };
+        if global {
+            out.retain(|e| e.key != key);
+            out.push(Entry {
+                line: lineno,
+                key,
+                value,
             });
         }
-        let Some((k, v)) = l.split_once('=') else {
-            return Err(ConfigError::Syntax {
-                source_name: name.to_string(),
-                line: i + 1,
-                reason: format!("expected key=value, found {l:?}"),
-            });
-        };
-        out.push((i + 1, k.trim().to_string(), v.trim().to_string()));
     }
     Ok(out)
+}
+
+/// One trimmed, non-comment line as fleet's library read it: the key (lowercased) and value.
+fn key_value(line: &str) -> Option<(String, String)> {
+    let key_end = line.find(['=', ' ', '\t']).unwrap_or(line.len());
+    if key_end == 0 {
+        return None;
+    }
+    let (key, rest) = line.split_at(key_end);
+    let rest = rest.trim_start_matches([' ', '\t']).strip_prefix('=')?;
+    let rest = rest.trim_start_matches([' ', '\t']);
+    for quote in ['"', '\''] {
+        if let Some(inner) = rest.strip_prefix(quote).and_then(|r| r.strip_suffix(quote))
+            && !inner.contains(quote)
+        {
+            return Some((key.to_lowercase(), inner.to_string()));
+        }
+    }
+    let value = rest.split(['#', ';']).next().unwrap_or("").trim();
+    Some((key.to_lowercase(), value.to_string()))
 }
 
 fn unquote(v: &str) -> &str {
@@ -472,6 +581,39 @@ pub fn is_loopback_listen(addr: &str) -> bool {
     }
     addr.rsplit_once(':')
         .is_some_and(|(host, _)| host.eq_ignore_ascii_case("localhost"))
+}
+
+/// A whole number as Go's flag package read one (`strconv.ParseInt(s, 0, 64)`): an optional
+/// sign, then decimal, `0x` hexadecimal, `0o`/`0` octal or `0b` binary, `_` between digits.
+fn go_int(v: &str) -> Option<i64> {
+    let (negative, digits) = match v.as_bytes().first()? {
+        b'-' => (true, &v[1..]),
+        b'+' => (false, &v[1..]),
+        _ => (false, v),
+    };
+    let lower = digits.to_ascii_lowercase();
+    let (radix, body) = if let Some(b) = lower.strip_prefix("0x") {
+        (16, b)
+    } else if let Some(b) = lower.strip_prefix("0o") {
+        (8, b)
+    } else if let Some(b) = lower.strip_prefix("0b") {
+        (2, b)
+    } else if lower.len() > 1 && lower.starts_with('0') {
+        (8, &lower[1..])
+    } else {
+        (10, lower.as_str())
+    };
+    // `_` only between digits or right after a base prefix, as in Go's integer literals
+    let prefixed = radix != 10;
+    if body.ends_with('_') || body.contains("__") || (body.starts_with('_') && !prefixed) {
+        return None;
+    }
+    let clean: String = body.chars().filter(|&c| c != '_').collect();
+    if clean.is_empty() || !clean.chars().all(|c| c.is_digit(radix)) {
+        return None;
+    }
+    let n = i64::from_str_radix(&clean, radix).ok()?;
+    Some(if negative { -n } else { n })
 }
 
 fn boolean(v: &str) -> Option<bool> {
@@ -574,15 +716,217 @@ mod tests {
                 "engine_reconcile_interval=-1\n",
                 "engine_reconcile_interval",
             ),
-            ("disable_watches=maybe\n", "disable_watches"),
             ("etcd_servers=127.0.0.1:2379\n", "etcd_servers"),
-            ("public_ip=nope\n", "public_ip"),
             ("token_limit=0\n", "token_limit"),
         ] {
             let err = load(text, &[]).expect_err(text);
             assert!(err.to_string().contains(key), "{err}");
+            assert!(err.to_string().contains("fleet.conf line 1"), "{err}");
         }
-        assert!(load("just words\n", &[]).is_err());
+        let err = load("# x\n\njust words\n", &[]).expect_err("no =");
+        assert!(err.to_string().ends_with("fleet.conf line 3: expected key=value (a key without blanks), a [section] or a comment, found \"just words\""), "{err}");
+    }
+
+    /// fleet v1.0 dropped numeric and boolean values that did not parse (Go's flag package
+    /// refused them and globalconf ignored the refusal) and started with the default; before,
+    /// such a fleet.conf stopped fleetd. Now: the default, and a warning naming file and line.
+    #[test]
+    fn unparsable_typed_values_keep_the_default_as_in_fleet() {
+        let c = load(
+            "verbosity=high\ndisable_watches=maybe\nsystemd_user=yes\ntoken_limit=lots\n\
+             engine_reconcile_interval=2s\netcd_request_timeout=\nenable_grpc=on\n\
+             verify_units=nah\ndisable_engine=\n",
+            &[("FLEET_VERBOSITY", "loud")],
+        )
+        .expect("fleet started with this file");
+        let d = Config::default();
+        assert_eq!(
+            (
+                c.verbosity,
+                c.disable_watches,
+                c.systemd_user,
+                c.token_limit
+            ),
+            (0, false, false, 100)
+        );
+        assert_eq!(c.engine_reconcile_interval, d.engine_reconcile_interval);
+        assert_eq!(c.etcd_request_timeout, d.etcd_request_timeout);
+        assert!(!c.disable_engine);
+        assert_eq!(c.warnings.len(), 10, "{:#?}", c.warnings);
+        assert!(
+            c.warnings[0]
+                .contains("fleet.conf line 1: invalid value \"high\" for verbosity ignored"),
+            "{}",
+            c.warnings[0]
+        );
+        assert!(c.warnings[9].starts_with("FLEET_VERBOSITY: invalid value \"loud\""));
+        // Go's integer syntax, as fleet's flags took it
+        for (v, n) in [("0x10", 16), ("010", 8), ("+3", 3), ("1_0", 10), ("-2", 0)] {
+            assert_eq!(
+                load(&format!("verbosity={v}\n"), &[]).expect(v).verbosity,
+                n,
+                "{v}"
+            );
+        }
+        assert_eq!(
+            load("token_limit=0x20\n", &[]).expect("hex").token_limit,
+            32
+        );
+        assert_eq!(go_int("08"), None);
+        assert_eq!(go_int("_1"), None);
+        assert_eq!(go_int("0x_1f"), Some(31));
+    }
+
+    /// fleet took any text for public_ip (a host name works for `fleetctl ssh`); before, only
+    /// an IP literal was accepted and such a fleet.conf stopped fleetd.
+    #[test]
+    fn public_ip_is_any_text_as_in_fleet() {
+        for v in ["172.18.0.11", "fd00::11", "node-1.example.com", ""] {
+            let c = load(&format!("public_ip={v}\n"), &[]).expect(v);
+            assert_eq!(c.public_ip, v);
+        }
+        let err = load("", &[("FLEET_PUBLIC_IP", "10.0.0.1\u{1b}[2J")]).expect_err("escape");
+        assert!(err.to_string().contains("control characters"), "{err}");
+    }
+
+    fn entries(text: &str) -> Vec<(usize, String, String)> {
+        parse_fleet_conf("fleet.conf", text)
+            .expect(text)
+            .into_iter()
+            .map(|e| (e.line, e.key, e.value))
+            .collect()
+    }
+
+    fn e(line: usize, key: &str, value: &str) -> (usize, String, String) {
+        (line, key.to_string(), value.to_string())
+    }
+
+    /// Files fleet v1.0's parser read, and what it read from them. Before, single quotes,
+    /// inline comments, continuations and sections stopped fleetd or gave other values.
+    #[test]
+    fn fleet_style_files() {
+        for (text, want) in [
+            // quotes: the whole rest of the line, comment characters kept inside
+            (
+                "public_ip = '10.0.0.1'\n",
+                vec![e(1, "public_ip", "10.0.0.1")],
+            ),
+            (
+                "metadata=\"a=1;b=#2\"\n",
+                vec![e(1, "metadata", "a=1;b=#2")],
+            ),
+            ("metadata='a=1, b=2'\n", vec![e(1, "metadata", "a=1, b=2")]),
+            // a quote not closing the line is text; the value ends at an inline comment
+            (
+                "public_ip = \"1.2.3.4\" # home\n",
+                vec![e(1, "public_ip", "\"1.2.3.4\"")],
+            ),
+            (
+                "agent_ttl = 30s # half a minute\n",
+                vec![e(1, "agent_ttl", "30s")],
+            ),
+            ("metadata=a=1;b=2\n", vec![e(1, "metadata", "a=1")]),
+            ("metadata=a=1#b=2\n", vec![e(1, "metadata", "a=1")]),
+            ("public_ip = ; nothing\n", vec![e(1, "public_ip", "")]),
+            ("public_ip=\n", vec![e(1, "public_ip", "")]),
+            ("etcd_servers==x\n", vec![e(1, "etcd_servers", "=x")]),
+            // continuations join trimmed lines; a continued comment swallows the next line
+            (
+                "etcd_servers=http://a:2379,\\\n    http://b:2379\nverbosity=1\n",
+                vec![
+                    e(1, "etcd_servers", "http://a:2379,http://b:2379"),
+                    e(3, "verbosity", "1"),
+                ],
+            ),
+            (
+                "# old: \\\nverbosity=1\nagent_ttl=5s\n",
+                vec![e(3, "agent_ttl", "5s")],
+            ),
+            (
+                "metadata=\"a=1,\\\n b=2\"\n",
+                vec![e(1, "metadata", "a=1,b=2")],
+            ),
+            // keys are case-insensitive; the last one wins
+            (
+                "Public_IP=1.1.1.1\nETCD_KEY_PREFIX=/x/\npublic_ip=2.2.2.2\n",
+                vec![e(2, "etcd_key_prefix", "/x/"), e(3, "public_ip", "2.2.2.2")],
+            ),
+            // comments, blank lines, CRLF, indentation
+            (
+                "; fleet\r\n  # indented\r\n\r\n\tverbosity\t=\t2\r\n",
+                vec![e(4, "verbosity", "2")],
+            ),
+            // only the part before the first section counts
+            (
+                "verbosity=1\n[Extra]\npublic_ip=9.9.9.9\n[ other ]\nagent_ttl=1s\n",
+                vec![e(1, "verbosity", "1")],
+            ),
+            // `[]` goes back to it, dropping what it had (fleet's library did)
+            (
+                "verbosity=1\n[x]\nagent_ttl=1s\n[]\npublic_ip=3.3.3.3\n",
+                vec![e(5, "public_ip", "3.3.3.3")],
+            ),
+            // a section header that is not closed at the line's end is a key line
+            ("[x] =1\n", vec![e(1, "[x]", "1")]),
+            ("", vec![]),
+        ] {
+            assert_eq!(entries(text), want, "{text:?}");
+        }
+    }
+
+    /// What fleet v1.0 could not read either is an error naming file and line.
+    #[test]
+    fn what_fleet_could_not_read_is_an_error_with_its_line() {
+        for (text, line, reason) in [
+            ("verbosity=1\njust words\n", 2, "expected key=value"),
+            ("my key = 1\n", 1, "expected key=value"),
+            ("= 1\n", 1, "expected key=value"),
+            ("[section\n", 1, "expected key=value"),
+            ("\"quoted\"\n", 1, "expected key=value"),
+            ("verbosity=1\npublic_ip=1.2.3.4\\", 2, "nothing follows"),
+            ("\n\\\n\n", 2, "onto an empty one"),
+        ] {
+            let err = parse_fleet_conf("/etc/fleet/fleet.conf", text).expect_err(text);
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("/etc/fleet/fleet.conf line {line}: "))
+                    && msg.contains(reason),
+                "{text:?}: {msg}"
+            );
+        }
+    }
+
+    /// A whole fleet v1.0-style file, through `Config::load`.
+    #[test]
+    fn a_fleet_v1_conf_loads() {
+        let c = load(
+            "# fleet.conf as written for fleet v1.0\n\
+             ETCD_SERVERS = 'http://10.0.0.1:2379,http://10.0.0.2:2379'\n\
+             metadata = \"region=us-west,\\\n            disk=ssd\"\n\
+             public_ip = node-1.example.com ; reached by name\n\
+             agent_ttl=\"45s\"\n\
+             \n\
+             [unused]\n\
+             verbosity = loud\n",
+            &[],
+        )
+        .expect("fleet v1.0 ran with this file");
+        assert_eq!(
+            c.etcd_servers,
+            vec!["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
+        assert_eq!(c.metadata.len(), 2);
+        assert_eq!(c.metadata.get("disk").map(String::as_str), Some("ssd"));
+        assert_eq!(c.public_ip, "node-1.example.com");
+        assert_eq!(c.agent_ttl, Duration::from_secs(45));
+        assert_eq!(c.verbosity, 0);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // bytes that are not UTF-8 (fleet read bytes) do not stop fleetd
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("fleet.conf");
+        std::fs::write(&p, b"# caf\xe9\nverbosity=1\n").expect("write");
+        let c = Config::load(Some(&p), std::iter::empty()).expect("latin-1 comment");
+        assert_eq!(c.verbosity, 1);
     }
 
     #[test]
