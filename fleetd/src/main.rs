@@ -450,7 +450,6 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
         cfg.public_ip.clone()
     };
     info!(machine = machine_id, %public_ip, "starting fleetd {}", env!("CARGO_PKG_VERSION"));
-    let agent_stats = Arc::new(fleet_agent::AgentStats::default());
     let engine_stats = Arc::new(fleet_engine::EngineStats::default());
     let agent_cfg = fleet_agent::AgentConfig {
         machine_id: machine_id.to_string(),
@@ -462,10 +461,10 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let agent = tokio::spawn(fleet_agent::run(
-        registry.clone(),
+        Arc::new(registry.clone()),
         Arc::new(systemd),
         agent_cfg,
-        agent_stats.clone(),
+        metrics.clone(),
         shutdown.clone(),
         purge.clone(),
     ));
@@ -483,7 +482,7 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
             shutdown.clone(),
         ))
     });
-    let bridge = tokio::spawn(bridge_metrics(metrics, agent_stats, engine_stats));
+    let bridge = tokio::spawn(bridge_metrics(metrics, engine_stats));
     Ok(Components {
         agent,
         engine,
@@ -494,12 +493,8 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
 }
 
 /// Carries the agent's and engine's counters into the Prometheus metrics every second.
-async fn bridge_metrics(
-    metrics: fleet_api::Metrics,
-    agent: Arc<fleet_agent::AgentStats>,
-    engine: Arc<fleet_engine::EngineStats>,
-) {
-    let mut seen = [0u64; 6];
+async fn bridge_metrics(metrics: fleet_api::Metrics, engine: Arc<fleet_engine::EngineStats>) {
+    let mut seen = [0u64; 3];
     let mut leader_since = 0;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -507,9 +502,6 @@ async fn bridge_metrics(
             engine.tasks.load(Ordering::Relaxed),
             engine.reconciles.load(Ordering::Relaxed),
             engine.reconcile_failures.load(Ordering::Relaxed),
-            agent.tasks.load(Ordering::Relaxed),
-            agent.task_failures.load(Ordering::Relaxed),
-            agent.reconciles.load(Ordering::Relaxed),
         ];
         let took = Duration::from_micros(engine.last_reconcile_micros.load(Ordering::Relaxed));
         for _ in seen[0]..now[0] {
@@ -520,12 +512,6 @@ async fn bridge_metrics(
         }
         for _ in seen[2]..now[2] {
             metrics.engine_reconcile_failure(fleet_api::EngineFailure::Run);
-        }
-        for _ in seen[3]..now[3] {
-            metrics.agent_task("task");
-        }
-        for _ in seen[4]..now[4] {
-            metrics.agent_task_failure("task");
         }
         seen = now;
         let since = engine.leader_since.load(Ordering::Relaxed);
