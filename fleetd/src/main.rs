@@ -145,7 +145,9 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
     }
     let machine_id = machine_id()?;
     let control = forward_signals()?;
-    let metrics = fleet_api::Metrics::new();
+    // the process's metrics: the etcd registry, the agent, the engine and the API record
+    // theirs there as things happen, and the API serves them
+    let metrics = fleet_metrics::global().clone();
     let api_cfg = fleet_api::ApiConfig {
         token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
         metrics: metrics.clone(),
@@ -405,7 +407,6 @@ async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
 struct Components {
     agent: tokio::task::JoinHandle<Result<(), fleet_registry::RegistryError>>,
     engine: Option<tokio::task::JoinHandle<()>>,
-    bridge: tokio::task::JoinHandle<()>,
     /// Stops agent and engine.
     shutdown: CancellationToken,
     /// Whether the agent purges this machine's units when it stops.
@@ -423,7 +424,6 @@ impl Running for Components {
     async fn stop(self, purge: bool) -> Result<()> {
         self.purge.store(purge, Ordering::SeqCst);
         self.shutdown.cancel();
-        self.bridge.abort();
         if let Some(engine) = self.engine {
             let _ = engine.await;
         }
@@ -450,7 +450,6 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
         cfg.public_ip.clone()
     };
     info!(machine = machine_id, %public_ip, "starting fleetd {}", env!("CARGO_PKG_VERSION"));
-    let engine_stats = Arc::new(fleet_engine::EngineStats::default());
     let agent_cfg = fleet_agent::AgentConfig {
         machine_id: machine_id.to_string(),
         public_ip,
@@ -476,50 +475,18 @@ async fn start(cfg: &Config, machine_id: &str, metrics: fleet_api::Metrics) -> R
             disable_watches: cfg.disable_watches,
         };
         tokio::spawn(fleet_engine::run(
-            registry.clone(),
+            Arc::new(registry.clone()),
             engine_cfg,
-            engine_stats.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ))
     });
-    let bridge = tokio::spawn(bridge_metrics(metrics, engine_stats));
     Ok(Components {
         agent,
         engine,
-        bridge,
         shutdown,
         purge,
     })
-}
-
-/// Carries the agent's and engine's counters into the Prometheus metrics every second.
-async fn bridge_metrics(metrics: fleet_api::Metrics, engine: Arc<fleet_engine::EngineStats>) {
-    let mut seen = [0u64; 3];
-    let mut leader_since = 0;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = [
-            engine.tasks.load(Ordering::Relaxed),
-            engine.reconciles.load(Ordering::Relaxed),
-            engine.reconcile_failures.load(Ordering::Relaxed),
-        ];
-        let took = Duration::from_micros(engine.last_reconcile_micros.load(Ordering::Relaxed));
-        for _ in seen[0]..now[0] {
-            metrics.engine_task("schedule");
-        }
-        for _ in seen[1]..now[1] {
-            metrics.engine_reconcile_success(took);
-        }
-        for _ in seen[2]..now[2] {
-            metrics.engine_reconcile_failure(fleet_api::EngineFailure::Run);
-        }
-        seen = now;
-        let since = engine.leader_since.load(Ordering::Relaxed);
-        if since != 0 && since != leader_since {
-            metrics.engine_leader();
-        }
-        leader_since = since;
-    }
 }
 
 fn non_empty(s: &str) -> Option<&str> {

@@ -172,6 +172,11 @@ impl MemoryStore {
         in_ranges(&snapshot_of(&self.lock().data), &[KeyRange::prefix(prefix)])
     }
 
+    /// The revision of the last write.
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
     /// The lease a key is held under, if any.
     pub fn lease_of(&self, key: &str) -> Option<i64> {
         self.lock().data.get(key).and_then(|e| e.lease)
