@@ -272,6 +272,14 @@ async fn a_burst_of_changes_makes_one_reconcile() {
         .filter(|n| placement(&store, &format!("u{n}.service")).is_some())
         .count();
     assert_eq!(placed, 20);
+    // tasks counted by fleet's task type where they are written; one duration per reconcile
+    let text = metrics.encode();
+    for line in [
+        "fleet_engine_task_count_total{type=\"attemptscheduleunit\"} 21".to_string(),
+        format!("fleet_engine_reconcile_duration_second_count {}", before + 1),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
 }
 
 /// The loop as fleetd runs it: two engines, one leads and schedules; when it shuts down it
