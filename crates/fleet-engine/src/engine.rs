@@ -341,6 +341,7 @@ impl Engine {
         l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
         let held = held_machines(l, &snap, self.cfg.agent_ttl);
         let ops = diff(&snap, &plan, &invalid, &held);
+        report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
             self.metrics.engine_reconcile_success(started.elapsed());
             return;
@@ -376,6 +377,27 @@ impl Engine {
     fn count_failed(&self, ops: &[EngineOp]) {
         for t in ops.iter().filter_map(EngineOp::task_type) {
             self.metrics.engine_task_failure(t);
+        }
+    }
+}
+
+/// fleet's per-unit reconcile failures: a unit that cannot be placed (`schedule`), a unit
+/// taken off a machine that went away (`machine_away`); counted every reconcile, as fleet did.
+fn report_failures(
+    metrics: &Metrics,
+    snap: &fleet_registry::EngineSnapshot,
+    plan: &fleet_scheduler::Plan,
+    ops: &[EngineOp],
+) {
+    for _ in &plan.unplaceable {
+        metrics.engine_reconcile_failure(EngineFailure::Schedule);
+    }
+    let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+    for op in ops {
+        if let EngineOp::Unschedule { machine, .. } = op
+            && !present.contains(machine.as_str())
+        {
+            metrics.engine_reconcile_failure(EngineFailure::MachineAway);
         }
     }
 }

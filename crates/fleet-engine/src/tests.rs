@@ -221,7 +221,8 @@ async fn a_new_leader_holds_placements_for_one_agent_ttl() {
 async fn a_machine_seen_leaving_is_not_held() {
     let store = MemoryStore::default();
     add_machine(&store, "m1");
-    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
     elect(&mut engine).await;
     add_machine(&store, "m2");
     create(&store, "a.service", 1).await;
@@ -233,6 +234,40 @@ async fn a_machine_seen_leaving_is_not_held() {
     drain(&mut engine).await;
     engine.handle(Event::Tick).await;
     assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    // counted as fleet's engine did: a unit taken off a machine that went away
+    let text = metrics.encode();
+    for line in [
+        "fleet_engine_reconcile_failure_count_total{type=\"machine_away\"} 1",
+        "fleet_engine_task_count_total{type=\"unscheduleunit\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}
+
+/// A unit that cannot be placed gets the scheduler's reason, and counts as a schedule
+/// failure of every reconcile (fleet's `reconcile_failure_count{type="schedule"}`).
+#[tokio::test(start_paused = true)]
+async fn unplaceable_units_get_a_reason_and_count_as_schedule_failures() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let unit: UnitName = "pinned.service".parse().expect("name");
+    let file =
+        UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m9\n").expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(store.get(&store.keys().reason("pinned.service")).is_some());
+    assert_eq!(placement(&store, "pinned.service"), None);
+    let text = metrics.encode();
+    assert!(
+        text.contains("fleet_engine_reconcile_failure_count_total{type=\"schedule\"} 1"),
+        "{text}"
+    );
 }
 
 /// A burst of watch events makes one reconcile, shortly after, not one per event.
@@ -276,7 +311,10 @@ async fn a_burst_of_changes_makes_one_reconcile() {
     let text = metrics.encode();
     for line in [
         "fleet_engine_task_count_total{type=\"attemptscheduleunit\"} 21".to_string(),
-        format!("fleet_engine_reconcile_duration_second_count {}", before + 1),
+        format!(
+            "fleet_engine_reconcile_duration_second_count {}",
+            before + 1
+        ),
     ] {
         assert!(text.contains(&line), "missing {line:?} in\n{text}");
     }
