@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{MemoryStore, Registry, RegistryError, ScheduleRecord, StateRecord};
+use fleet_registry::{MemoryStore, RegistryError, ScheduleRecord, StateRecord};
 use fleet_systemd::SystemdState;
 use fleet_systemd::fake::{Call, FakeUnitManager};
 use fleet_unit::{TargetState, UnitFile, UnitName};

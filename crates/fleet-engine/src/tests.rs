@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{
-    EngineStore, MachineRecord, MemoryStore, Registry, ScheduleRecord, WatchEvent,
-};
+use fleet_registry::{EngineStore, MachineRecord, MemoryStore, ScheduleRecord, WatchEvent};
 use fleet_unit::{TargetState, UnitFile, UnitName};
 
 use crate::EngineConfig;

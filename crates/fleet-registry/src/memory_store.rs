@@ -22,7 +22,7 @@ use crate::model::{
 };
 use crate::roles::{AgentStore, EngineOp, EngineStore, Leadership, Write, engine_writes};
 use crate::watch::KeyRange;
-use crate::{Registry, RegistryError, Result, WatchEvent, decode as records};
+use crate::{RegistryError, Result, WatchEvent, decode as records};
 
 /// How many events a watcher may have unread before it is dropped (its receiver then ends,
 /// as a broken etcd watch does, and the consumer watches again).
@@ -460,11 +460,11 @@ impl EngineStore for MemoryStore {
     }
 }
 
-/// The client role, as the etcd registry does it, so that tests create and change units the
-/// way fleetctl does.
-#[async_trait]
-impl Registry for MemoryStore {
-    async fn create_unit(
+/// The client's writes and reads, as the etcd registry does them, so that tests create and
+/// change units the way fleetctl does. (Inherent, not an `impl Registry`: the trait is the
+/// clients' and grows with them; `MemoryRegistry` is its in-memory implementation.)
+impl MemoryStore {
+    pub async fn create_unit(
         &self,
         name: &UnitName,
         file: &UnitFile,
@@ -506,7 +506,7 @@ impl Registry for MemoryStore {
         Ok(())
     }
 
-    async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
+    pub async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
         let key = self.keys.unit(name.as_str());
         let mut kv = self.request("setting desired state", &key)?;
         let Some(e) = kv.data.get(&key) else {
@@ -530,7 +530,7 @@ impl Registry for MemoryStore {
         Ok(())
     }
 
-    async fn destroy_unit(&self, name: &UnitName) -> Result<bool> {
+    pub async fn destroy_unit(&self, name: &UnitName) -> Result<bool> {
         let key = self.keys.unit(name.as_str());
         let mut kv = self.request("destroying unit", &key)?;
         let existed = kv.data.contains_key(&key);
@@ -544,11 +544,11 @@ impl Registry for MemoryStore {
         Ok(existed)
     }
 
-    async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>> {
+    pub async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>> {
         Ok(self.units().await?.into_iter().find(|u| &u.name == name))
     }
 
-    async fn units(&self) -> Result<Vec<UnitView>> {
+    pub async fn units(&self) -> Result<Vec<UnitView>> {
         let kv = self.request("listing units", &self.keys.dir(keys::UNITS))?;
         let all = snapshot_of(&kv.data);
         let placements = records::strings(&self.keys, keys::PLACEMENT, &all);
@@ -582,19 +582,19 @@ impl Registry for MemoryStore {
         Ok(out)
     }
 
-    async fn machines(&self) -> Result<Vec<MachineView>> {
+    pub async fn machines(&self) -> Result<Vec<MachineView>> {
         let kv = self.request("listing machines", &self.keys.dir(keys::MACHINES))?;
         Ok(records::machines(&self.keys, &snapshot_of(&kv.data)))
     }
 
-    async fn unit_states(&self) -> Result<Vec<StateRecord>> {
+    pub async fn unit_states(&self) -> Result<Vec<StateRecord>> {
         let kv = self.request("listing unit states", &self.keys.dir(keys::STATES))?;
         let mut states = records::states(&self.keys, &snapshot_of(&kv.data));
         states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
         Ok(states)
     }
 
-    async fn set_machine_metadata(
+    pub async fn set_machine_metadata(
         &self,
         machine: &str,
         key: &str,
@@ -732,6 +732,58 @@ mod tests {
                 s.keys().body(&hash.to_string())
             )
         );
+    }
+
+    #[tokio::test]
+    async fn clients_see_what_the_engine_and_agents_wrote() {
+        let s = MemoryStore::default();
+        let name: UnitName = "a.service".parse().expect("name");
+        let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n").expect("unit");
+        s.create_unit(&name, &file, TargetState::Loaded)
+            .await
+            .expect("create");
+        assert!(matches!(
+            s.create_unit(&name, &file, TargetState::Loaded).await,
+            Err(RegistryError::AlreadyExists(_))
+        ));
+        s.set_desired_state(&name, TargetState::Launched)
+            .await
+            .expect("desired");
+        let lease = AgentStore::register_machine(&s, &machine("m1", "t"), Duration::from_secs(9))
+            .await
+            .expect("register");
+        let lead = s
+            .campaign("m1", Duration::from_secs(9))
+            .await
+            .expect("campaign")
+            .expect("won");
+        let op = EngineOp::Schedule {
+            unit: "a.service".into(),
+            machine: "m1".into(),
+            hash: file.hash(),
+            desired: TargetState::Launched,
+        };
+        s.apply(&lead, &[op]).await.expect("apply");
+        let state = StateRecord {
+            version: 1,
+            name: "a.service".into(),
+            machine_id: "m1".into(),
+            hash: file.hash().to_string(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: TargetState::Launched,
+        };
+        s.publish_state("a.service", "m1", Some(&state), &lease)
+            .await
+            .expect("publish");
+        let view = s.unit(&name).await.expect("unit").expect("exists");
+        assert_eq!(view.machine_id.as_deref(), Some("m1"));
+        assert_eq!(view.current, TargetState::Launched);
+        assert_eq!(s.machines().await.expect("machines").len(), 1);
+        assert_eq!(s.unit_states().await.expect("states"), vec![state]);
+        assert!(s.destroy_unit(&name).await.expect("destroy"));
+        assert!(s.units().await.expect("units").is_empty());
     }
 
     #[tokio::test(start_paused = true)]
