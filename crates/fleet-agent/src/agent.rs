@@ -11,7 +11,7 @@ use std::time::Duration;
 use fleet_metrics::Metrics;
 use fleet_registry::{AgentStore, Lease, MachineRecord, RegistryError, WatchEvent};
 use fleet_scheduler::Machine;
-use fleet_systemd::{SystemdState, UnitEvent, UnitManager, WatchSet};
+use fleet_systemd::{StateChange, SystemdState, UnitEvent, UnitManager, WatchSet};
 use fleet_unit::{Requirements, TargetState, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -235,31 +235,7 @@ impl Agent {
                     self.synced = false;
                 }
                 Event::Systemd(UnitEvent::Changed(change)) => {
-                    // take every change already queued, and publish them as one batch
-                    let mut changed = Vec::new();
-                    let mut resync = None;
-                    let mut next = Some(change);
-                    while let Some(change) = next.take() {
-                        if let Some(s) = change.state {
-                            self.systemd_states.insert(change.name.clone(), s);
-                            changed.push(change.name);
-                        }
-                        if changed.len() >= MAX_BATCH {
-                            break; // the rest stays queued for the next turn of the loop
-                        }
-                        match signals.as_mut().map(|rx| rx.try_recv()) {
-                            Some(Ok(UnitEvent::Changed(c))) => next = Some(c),
-                            Some(Ok(UnitEvent::Resync(reason))) => resync = Some(reason),
-                            _ => {}
-                        }
-                    }
-                    changed.sort();
-                    changed.dedup();
-                    self.publish_all(&changed).await;
-                    if let Some(reason) = resync {
-                        debug!(?reason, "re-reading unit states");
-                        self.refresh_states(None).await;
-                    }
+                    self.state_changes(change, signals.as_mut()).await;
                 }
                 Event::Systemd(UnitEvent::Resync(reason)) => {
                     debug!(?reason, "re-reading unit states");
@@ -283,6 +259,39 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes every state change already queued after `first`, and publishes them as one
+    /// batch (of at most [`MAX_BATCH`]; the rest waits for the next turn of the loop).
+    async fn state_changes(
+        &mut self,
+        first: StateChange,
+        mut signals: Option<&mut mpsc::Receiver<UnitEvent>>,
+    ) {
+        let mut changed = Vec::new();
+        let mut resync = None;
+        let mut next = Some(first);
+        while let Some(change) = next.take() {
+            if let Some(s) = change.state {
+                self.systemd_states.insert(change.name.clone(), s);
+                changed.push(change.name);
+            }
+            if changed.len() >= MAX_BATCH {
+                break;
+            }
+            match signals.as_mut().map(|rx| rx.try_recv()) {
+                Some(Ok(UnitEvent::Changed(c))) => next = Some(c),
+                Some(Ok(UnitEvent::Resync(reason))) => resync = Some(reason),
+                _ => {}
+            }
+        }
+        changed.sort();
+        changed.dedup();
+        self.publish_all(&changed).await;
+        if let Some(reason) = resync {
+            debug!(?reason, "re-reading unit states");
+            self.refresh_states(None).await;
         }
     }
 
