@@ -153,7 +153,9 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
     let machine_id = machine_id()?;
     let (control_tx, control) = mpsc::channel(4);
     forward_signals(control_tx.clone())?;
-    let metrics = fleet_api::Metrics::new();
+    // the process's metrics: the etcd registry, the agent, the engine and the API record
+    // theirs there as things happen, and the API serves them
+    let metrics = fleet_metrics::global().clone();
     limits::raise_open_files(fleet_api::ApiConfig::default().max_open_connections());
     let listeners = api_listeners(&cfg).await?;
     if listeners.is_empty() {
@@ -414,7 +416,6 @@ async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
 struct Components {
     agent: tokio::task::JoinHandle<Result<(), fleet_registry::RegistryError>>,
     engine: Option<tokio::task::JoinHandle<()>>,
-    bridge: tokio::task::JoinHandle<()>,
     /// Makes the API available once this machine shows as registered.
     registered: tokio::task::JoinHandle<()>,
     /// Looks at this machine's address every minute (when `public_ip` is not set).
@@ -444,7 +445,6 @@ impl Running for Components {
         }
         self.purge.store(purge, Ordering::SeqCst);
         self.shutdown.cancel();
-        self.bridge.abort();
         if let Some(engine) = self.engine {
             let _ = engine.await;
         }
@@ -460,6 +460,7 @@ impl Running for Components {
 /// listeners, with each configuration). The API answers 503 until this machine registers.
 async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
     let machine_id = daemon.machine_id.as_str();
+    let metrics = daemon.metrics.clone();
     let shutdown = CancellationToken::new();
     let purge = Arc::new(AtomicBool::new(true));
     let registry = connect_registry(cfg).await?;
@@ -501,8 +502,6 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
         ))
     });
     info!(machine = machine_id, %public_ip, "starting fleetd {}", env!("CARGO_PKG_VERSION"));
-    let agent_stats = Arc::new(fleet_agent::AgentStats::default());
-    let engine_stats = Arc::new(fleet_engine::EngineStats::default());
     let agent_cfg = fleet_agent::AgentConfig {
         machine_id: machine_id.to_string(),
         public_ip,
@@ -513,10 +512,10 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let agent = tokio::spawn(fleet_agent::run(
-        registry.clone(),
+        Arc::new(registry.clone()),
         Arc::new(systemd),
         agent_cfg,
-        agent_stats.clone(),
+        metrics.clone(),
         shutdown.clone(),
         purge.clone(),
     ));
@@ -528,17 +527,12 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
             disable_watches: cfg.disable_watches,
         };
         tokio::spawn(fleet_engine::run(
-            registry.clone(),
+            Arc::new(registry.clone()),
             engine_cfg,
-            engine_stats.clone(),
+            metrics.clone(),
             shutdown.clone(),
         ))
     });
-    let bridge = tokio::spawn(bridge_metrics(
-        daemon.metrics.clone(),
-        agent_stats,
-        engine_stats,
-    ));
     let registered = tokio::spawn(api_host::available_once_registered(
         api_registry,
         machine_id.to_string(),
@@ -547,56 +541,12 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
     Ok(Components {
         agent,
         engine,
-        bridge,
         registered,
         refresher,
         available: daemon.available.clone(),
         shutdown,
         purge,
     })
-}
-
-/// Carries the agent's and engine's counters into the Prometheus metrics every second.
-async fn bridge_metrics(
-    metrics: fleet_api::Metrics,
-    agent: Arc<fleet_agent::AgentStats>,
-    engine: Arc<fleet_engine::EngineStats>,
-) {
-    let mut seen = [0u64; 6];
-    let mut leader_since = 0;
-    loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = [
-            engine.tasks.load(Ordering::Relaxed),
-            engine.reconciles.load(Ordering::Relaxed),
-            engine.reconcile_failures.load(Ordering::Relaxed),
-            agent.tasks.load(Ordering::Relaxed),
-            agent.task_failures.load(Ordering::Relaxed),
-            agent.reconciles.load(Ordering::Relaxed),
-        ];
-        let took = Duration::from_micros(engine.last_reconcile_micros.load(Ordering::Relaxed));
-        for _ in seen[0]..now[0] {
-            metrics.engine_task("schedule");
-        }
-        for _ in seen[1]..now[1] {
-            metrics.engine_reconcile_success(took);
-        }
-        for _ in seen[2]..now[2] {
-            metrics.engine_reconcile_failure(fleet_api::EngineFailure::Run);
-        }
-        for _ in seen[3]..now[3] {
-            metrics.agent_task("task");
-        }
-        for _ in seen[4]..now[4] {
-            metrics.agent_task_failure("task");
-        }
-        seen = now;
-        let since = engine.leader_since.load(Ordering::Relaxed);
-        if since != 0 && since != leader_since {
-            metrics.engine_leader();
-        }
-        leader_since = since;
-    }
 }
 
 fn non_empty(s: &str) -> Option<&str> {

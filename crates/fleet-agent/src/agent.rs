@@ -1,30 +1,34 @@
-//! The agent's loop: one event enum, one `select!`.
+//! The agent's loop: one event enum, one `select!`. The decisions are in `desired.rs` and
+//! `plan.rs`; carrying them out in `executor.rs`; states in `publish.rs`; taking over a
+//! predecessor's units in `adopt.rs`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use fleet_registry::{
-    EtcdRegistry, GlobalRecord, LeaseKeeper, MachineRecord, RegistryError, ScheduleRecord,
-    StateRecord, WatchEvent, keys,
-};
+use fleet_metrics::Metrics;
+use fleet_registry::{AgentStore, Lease, MachineRecord, RegistryError, WatchEvent};
 use fleet_scheduler::Machine;
-use fleet_systemd::{SystemdState, UnitEvent, UnitManager, WatchSet};
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
-use futures_util::StreamExt;
-use futures_util::stream;
+use fleet_systemd::{StateChange, SystemdState, UnitEvent, UnitManager, WatchSet};
+use fleet_unit::{Requirements, TargetState, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::desired::{Desired, desired_units};
+use crate::desired::{Desired, desired_units, read_watched};
+use crate::plan::Current;
+use crate::publish::Publisher;
 
 /// systemd jobs (StartUnit, StopUnit), body reads and state writes kept in flight at once.
-const JOBS_IN_FLIGHT: usize = 32;
+pub(crate) const JOBS_IN_FLIGHT: usize = 32;
 /// Most systemd state changes published as one batch (the loop turns between batches).
 const MAX_BATCH: usize = 512;
+/// How long after a watch event the agent reconciles (a burst of events makes one).
+const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How often the agent compares what runs with what is wanted, and retries failed writes.
+const TICK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -33,19 +37,10 @@ pub struct AgentConfig {
     /// Configured metadata (fleet's `metadata`); API-set metadata is merged over it.
     pub metadata: BTreeMap<String, String>,
     pub agent_ttl: Duration,
+    /// Where the unit files go; the agent's registration token is kept beside it.
     pub units_directory: PathBuf,
     pub disable_watches: bool,
     pub version: String,
-}
-
-/// Counters fleetd exports as metrics.
-#[derive(Debug, Default)]
-pub struct AgentStats {
-    pub reconciles: AtomicU64,
-    pub tasks: AtomicU64,
-    pub task_failures: AtomicU64,
-    pub state_writes: AtomicU64,
-    pub reloads: AtomicU64,
 }
 
 enum Event {
@@ -58,37 +53,38 @@ enum Event {
     Shutdown,
 }
 
-/// What the agent has done with a unit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Current {
-    hash: UnitHash,
-    state: TargetState,
-}
-
-struct Agent {
-    registry: EtcdRegistry,
-    systemd: Arc<dyn UnitManager>,
-    cfg: AgentConfig,
-    stats: Arc<AgentStats>,
+pub(crate) struct Agent {
+    pub(crate) store: Arc<dyn AgentStore>,
+    pub(crate) systemd: Arc<dyn UnitManager>,
+    pub(crate) cfg: AgentConfig,
+    pub(crate) metrics: Metrics,
+    /// What this machine registers (again, after its lease is lost).
     record: MachineRecord,
-    lease: LeaseKeeper,
+    /// The lease the machine record and the unit states are held under.
+    pub(crate) lease: Lease,
+    /// The watched keys and values: this machine's schedule, the global units, its metadata.
     mirror: BTreeMap<String, Vec<u8>>,
+    /// Whether `mirror` is a fresh snapshot: only then does the agent act on it ("unknown is
+    /// not empty": while disconnected, nothing is stopped).
     synced: bool,
     /// A daemon-reload failed (or a start failed after one was skipped): the next converge
     /// makes one, whatever its batch holds.
-    reload_owed: bool,
+    pub(crate) reload_owed: bool,
+    /// Requirements of unit bodies already read (bodies never change under a hash).
     requirements: HashMap<(UnitName, UnitHash), Requirements>,
-    current: BTreeMap<String, Current>,
-    systemd_states: BTreeMap<String, SystemdState>,
-    published: BTreeMap<String, StateRecord>,
-    watching: WatchSet,
+    /// What this agent has done with each unit it manages.
+    pub(crate) current: BTreeMap<String, Current>,
+    /// systemd's last word on each managed unit.
+    pub(crate) systemd_states: BTreeMap<String, SystemdState>,
+    pub(crate) publisher: Publisher,
+    /// The units whose systemd signals the subscription reports (the managed ones).
+    pub(crate) watching: WatchSet,
+    /// Global units that do not run here, with why (logged when it changes).
     refused_globals: BTreeMap<UnitName, String>,
     /// Units taken over from a previous fleetd, with the file text found on disk, until the
     /// first reconcile compares that text with what the registry wants (by content, not by
     /// hash: a file written from API options may hash differently once re-read).
-    adopted: BTreeMap<String, String>,
-    /// States whose last write (or withdrawal) failed: retried on every tick.
-    unsent: std::collections::BTreeSet<String>,
+    pub(crate) adopted: BTreeMap<String, String>,
 }
 
 /// Runs the agent until `shutdown` is cancelled. Then, if `purge` is set, it stops and
@@ -97,12 +93,12 @@ struct Agent {
 ///
 /// Fails before doing anything when this machine ID is registered by another fleetd.
 pub async fn run(
-    registry: EtcdRegistry,
+    store: Arc<dyn AgentStore>,
     systemd: Arc<dyn UnitManager>,
     cfg: AgentConfig,
-    stats: Arc<AgentStats>,
+    metrics: Metrics,
     shutdown: CancellationToken,
-    purge: Arc<std::sync::atomic::AtomicBool>,
+    purge: Arc<AtomicBool>,
 ) -> Result<(), RegistryError> {
     let token = agent_token(&cfg.units_directory);
     let record = MachineRecord {
@@ -114,16 +110,16 @@ pub async fn run(
         token,
     };
     let lease = tokio::select! {
-        l = register(&registry, &record, cfg.agent_ttl) => l?,
+        l = register(store.as_ref(), &record, cfg.agent_ttl) => l?,
         _ = shutdown.cancelled() => return Ok(()),
     };
     info!(machine = %cfg.machine_id, "machine registered");
-    let watching = WatchSet::new();
     let mut agent = Agent {
-        registry,
+        publisher: Publisher::new(store.clone(), cfg.machine_id.clone()),
+        store,
         systemd,
         cfg,
-        stats,
+        metrics,
         record,
         lease,
         mirror: BTreeMap::new(),
@@ -132,26 +128,24 @@ pub async fn run(
         requirements: HashMap::new(),
         current: BTreeMap::new(),
         systemd_states: BTreeMap::new(),
-        published: BTreeMap::new(),
-        watching,
+        watching: WatchSet::new(),
         refused_globals: BTreeMap::new(),
         adopted: BTreeMap::new(),
-        unsent: Default::default(),
     };
     agent.adopt().await;
     agent.run(shutdown, purge).await;
     Ok(())
 }
 
-/// Registers the machine, retrying while etcd cannot be reached.
+/// Registers the machine, retrying while the registry cannot be reached.
 async fn register(
-    registry: &EtcdRegistry,
+    store: &dyn AgentStore,
     record: &MachineRecord,
     ttl: Duration,
-) -> Result<LeaseKeeper, RegistryError> {
+) -> Result<Lease, RegistryError> {
     let mut wait = Duration::from_millis(500);
     loop {
-        match registry.register_machine(record, ttl).await {
+        match store.register_machine(record, ttl).await {
             Ok(lease) => return Ok(lease),
             Err(e @ RegistryError::DuplicateMachine { .. }) => return Err(e),
             Err(e) => {
@@ -164,7 +158,7 @@ async fn register(
 }
 
 /// A random token kept beside the units directory (in /run: a node's reboot forgets it), so
-/// a restarted fleetd recognizes its own registration (see `EtcdRegistry::register_machine`).
+/// a restarted fleetd recognizes its own registration (see `AgentStore::register_machine`).
 fn agent_token(units_directory: &std::path::Path) -> String {
     let dir = units_directory.parent().unwrap_or(units_directory);
     let path = dir.join("agent-token");
@@ -183,75 +177,14 @@ fn agent_token(units_directory: &std::path::Path) -> String {
 }
 
 impl Agent {
-    /// Takes over the units a previous fleetd left in the units directory, keeping them as
-    /// they are; the first reconcile then removes only those no longer wanted here.
-    async fn adopt(&mut self) {
-        let names = match self.systemd.unit_file_names().await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(error = %e, "cannot list the units directory");
-                return;
-            }
-        };
-        if names.is_empty() {
-            return;
-        }
-        let mut states = BTreeMap::new();
-        for attempt in 1..=3 {
-            match self.systemd.states(&names).await {
-                Ok(s) => {
-                    states = s;
-                    break;
-                }
-                Err(e) => {
-                    warn!(error = %e, attempt, "cannot read the states of units to adopt");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-        }
-        for name in names {
-            let path = self.cfg.units_directory.join(&name);
-            let Ok(text) = std::fs::read_to_string(&path) else {
-                continue;
-            };
-            let Ok(file) = UnitFile::parse(&text) else {
-                continue;
-            };
-            let running = states.get(&name).is_some_and(|s| {
-                matches!(
-                    s.active_state.as_str(),
-                    "active" | "activating" | "reloading"
-                )
-            });
-            let state = if running {
-                TargetState::Launched
-            } else {
-                TargetState::Loaded
-            };
-            info!(unit = %name, ?state, "adopting unit left by a previous fleetd");
-            self.current.insert(
-                name.clone(),
-                Current {
-                    hash: file.hash(),
-                    state,
-                },
-            );
-            self.adopted.insert(name.clone(), text.clone());
-            self.watching.insert(name.clone());
-            if let Some(s) = states.get(&name) {
-                self.systemd_states.insert(name, s.clone());
-            }
-        }
-    }
-
-    async fn run(mut self, shutdown: CancellationToken, purge: Arc<std::sync::atomic::AtomicBool>) {
+    async fn run(mut self, shutdown: CancellationToken, purge: Arc<AtomicBool>) {
         let poll = self.cfg.disable_watches.then_some(Duration::from_secs(2));
-        let mut watch = self.registry.watch_agent(&self.cfg.machine_id, poll);
+        let mut watch = self.store.watch_agent(&self.cfg.machine_id, poll);
         let mut signals = self.subscribe().await;
         // Adopted units: publish their states under this fleetd's lease (the records a
         // previous fleetd wrote die with its lease).
         self.refresh_states(None).await;
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<tokio::time::Instant> = None;
         loop {
@@ -294,39 +227,15 @@ impl Agent {
                 }
                 Event::Watch(ev) => {
                     if self.apply_watch(ev) && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + Duration::from_millis(30));
+                        deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
                 Event::WatchClosed => {
-                    watch = self.registry.watch_agent(&self.cfg.machine_id, poll);
+                    watch = self.store.watch_agent(&self.cfg.machine_id, poll);
                     self.synced = false;
                 }
                 Event::Systemd(UnitEvent::Changed(change)) => {
-                    // take every change already queued, and publish them as one batch
-                    let mut changed = Vec::new();
-                    let mut resync = None;
-                    let mut next = Some(change);
-                    while let Some(change) = next.take() {
-                        if let Some(s) = change.state {
-                            self.systemd_states.insert(change.name.clone(), s);
-                            changed.push(change.name);
-                        }
-                        if changed.len() >= MAX_BATCH {
-                            break; // the rest stays queued for the next turn of the loop
-                        }
-                        match signals.as_mut().map(|rx| rx.try_recv()) {
-                            Some(Ok(UnitEvent::Changed(c))) => next = Some(c),
-                            Some(Ok(UnitEvent::Resync(reason))) => resync = Some(reason),
-                            _ => {}
-                        }
-                    }
-                    changed.sort();
-                    changed.dedup();
-                    self.publish_all(&changed).await;
-                    if let Some(reason) = resync {
-                        debug!(?reason, "re-reading unit states");
-                        self.refresh_states(None).await;
-                    }
+                    self.state_changes(change, signals.as_mut()).await;
                 }
                 Event::Systemd(UnitEvent::Resync(reason)) => {
                     debug!(?reason, "re-reading unit states");
@@ -340,7 +249,7 @@ impl Agent {
                 }
                 Event::LeaseLost => self.reregister(&shutdown).await,
                 Event::Tick => {
-                    if !self.unsent.is_empty() {
+                    if self.publisher.has_unsent() {
                         self.retry_unsent().await;
                     }
                     // after a change, and periodically: does what runs match what is wanted?
@@ -350,6 +259,39 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+
+    /// Takes every state change already queued after `first`, and publishes them as one
+    /// batch (of at most [`MAX_BATCH`]; the rest waits for the next turn of the loop).
+    async fn state_changes(
+        &mut self,
+        first: StateChange,
+        mut signals: Option<&mut mpsc::Receiver<UnitEvent>>,
+    ) {
+        let mut changed = Vec::new();
+        let mut resync = None;
+        let mut next = Some(first);
+        while let Some(change) = next.take() {
+            if let Some(s) = change.state {
+                self.systemd_states.insert(change.name.clone(), s);
+                changed.push(change.name);
+            }
+            if changed.len() >= MAX_BATCH {
+                break;
+            }
+            match signals.as_mut().map(|rx| rx.try_recv()) {
+                Some(Ok(UnitEvent::Changed(c))) => next = Some(c),
+                Some(Ok(UnitEvent::Resync(reason))) => resync = Some(reason),
+                _ => {}
+            }
+        }
+        changed.sort();
+        changed.dedup();
+        self.publish_all(&changed).await;
+        if let Some(reason) = resync {
+            debug!(?reason, "re-reading unit states");
+            self.refresh_states(None).await;
         }
     }
 
@@ -396,7 +338,7 @@ impl Agent {
         if let Some(r) = self.requirements.get(&(name.clone(), hash)) {
             return Ok(r.clone());
         }
-        let file = self.registry.body(&hash).await?;
+        let file = self.store.body(&hash).await?;
         let req = match Requirements::from_unit(name, &file) {
             Ok((r, _)) => r,
             Err(e) => {
@@ -408,74 +350,47 @@ impl Agent {
         Ok(req)
     }
 
-    /// Brings systemd in line with the mirror. Returns false when it could not finish (etcd
-    /// error reading a body) and should be tried again.
+    /// Brings systemd in line with the mirror. Returns false when it could not finish (a
+    /// registry error reading a body) and should be tried again.
     async fn reconcile(&mut self) -> bool {
-        let keys = self.registry.keys().clone();
+        let watched = read_watched(
+            self.store.keys(),
+            &self.cfg.machine_id,
+            &self.cfg.metadata,
+            &self.mirror,
+        );
+        let mut unreadable = watched.unreadable;
         let mut scheduled = BTreeMap::new();
         let mut globals = BTreeMap::new();
-        let mut metadata = self.cfg.metadata.clone();
-        let sched_dir = keys.schedule_dir(&self.cfg.machine_id);
-        let meta_dir = keys.metadata_dir(&self.cfg.machine_id);
-        let mut entries: Vec<(bool, UnitName, UnitHash, TargetState)> = Vec::new();
-        // Records this agent cannot read (a newer format during an upgrade, damage): a unit
-        // it already runs under that name keeps running as it is; nothing new is started.
-        let mut unreadable: Vec<UnitName> = Vec::new();
-        for (k, v) in &self.mirror {
-            if let Some(name) = k.strip_prefix(&sched_dir) {
-                let Ok(name) = UnitName::parse(name) else {
-                    warn!(key = %k, "skipping schedule record with an invalid unit name");
-                    continue;
-                };
-                match serde_json_decode::<ScheduleRecord>(v) {
-                    Ok(rec) => entries.push((false, name, rec.hash, rec.desired_state)),
-                    Err(()) => {
-                        warn!(key = %k, "schedule record not understood; leaving the unit as it is");
-                        unreadable.push(name);
-                    }
-                }
-            } else if let Some(name) = keys.strip(keys::GLOBAL, k) {
-                let Ok(name) = UnitName::parse(name) else {
-                    warn!(key = %k, "skipping global record with an invalid unit name");
-                    continue;
-                };
-                match serde_json_decode::<GlobalRecord>(v) {
-                    Ok(rec) => entries.push((true, name, rec.hash, rec.desired_state)),
-                    Err(()) => {
-                        warn!(key = %k, "global record not understood; leaving the unit as it is");
-                        unreadable.push(name);
-                    }
-                }
-            } else if let Some(key) = k.strip_prefix(&meta_dir) {
-                metadata.insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
-            }
-        }
-        for (global, name, hash, state) in entries {
-            let req = match self.requirements_of(&name, hash).await {
+        for w in watched.wanted {
+            let req = match self.requirements_of(&w.name, w.hash).await {
                 Ok(r) => r,
                 Err(e) if e.is_unavailable() => {
-                    warn!(unit = %name, error = %e, "cannot read unit body; will retry");
+                    warn!(unit = %w.name, error = %e, "cannot read unit body; will retry");
                     return false;
                 }
                 Err(e) => {
                     // a body missing or damaged for good: this unit cannot be (re)written,
                     // but it must not hold up every other unit of this machine
-                    warn!(unit = %name, error = %e, "unusable unit body; leaving the unit as it is");
-                    unreadable.push(name);
+                    warn!(unit = %w.name, error = %e, "unusable unit body; leaving the unit as it is");
+                    unreadable.push(w.name);
                     continue;
                 }
             };
-            if global {
-                globals.insert(name, (hash, state, req));
+            let to = if w.global {
+                &mut globals
             } else {
-                scheduled.insert(name, (hash, state, req));
-            }
+                &mut scheduled
+            };
+            to.insert(w.name, (w.hash, w.state, req));
         }
         let machine = Machine {
             id: self.cfg.machine_id.clone(),
-            metadata,
+            metadata: watched.metadata,
         };
         let (mut desired, refused) = desired_units(&machine, &scheduled, &globals);
+        // what cannot be read stays as it is: never stopped because of a record we do not
+        // understand
         for name in unreadable {
             if let Some(cur) = self.current.get(name.as_str()) {
                 desired.insert(
@@ -494,380 +409,24 @@ impl Agent {
             }
             self.refused_globals = refused;
         }
-        self.stats.reconciles.fetch_add(1, Ordering::Relaxed);
         self.converge(desired).await
     }
 
-    /// For units taken over at start: when the file on disk says exactly what the registry's
-    /// body says, the unit is the one wanted, whatever its hash computed from disk.
-    async fn resolve_adopted(&mut self, desired: &BTreeMap<UnitName, Desired>) {
-        if self.adopted.is_empty() {
-            return;
-        }
-        for (name, d) in desired {
-            let Some(text) = self.adopted.get(name.as_str()) else {
-                continue;
-            };
-            let Some(cur) = self.current.get(name.as_str()).copied() else {
-                continue;
-            };
-            if cur.hash == d.hash {
-                continue;
-            }
-            match self.registry.body(&d.hash).await {
-                Ok(body) if body.serialize() == *text => {
-                    self.current.insert(
-                        name.to_string(),
-                        Current {
-                            hash: d.hash,
-                            ..cur
-                        },
-                    );
-                }
-                Ok(_) => {}
-                // not now: keep the unit and compare at the next reconcile
-                Err(_) => return,
-            }
-        }
-        self.adopted.clear();
-    }
-
-    /// Runs the tasks that take systemd from `current` to `desired`.
-    async fn converge(&mut self, desired: BTreeMap<UnitName, Desired>) -> bool {
-        let desired: BTreeMap<String, Desired> = desired
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        let mut complete = true;
-        let mut files_changed = false;
-        let mut stale_removed = 0;
-        let mut touched: Vec<String> = Vec::new();
-        // 1. units no longer wanted here, or whose body changed: stop and remove
-        let stale: Vec<(String, Current)> = self
-            .current
-            .iter()
-            .filter(|(n, c)| desired.get(*n).is_none_or(|d| d.hash != c.hash))
-            .map(|(n, c)| (n.clone(), *c))
-            .collect();
-        for (name, cur) in &stale {
-            if cur.state == TargetState::Launched {
-                self.task("stop", name, self.systemd.stop(name).await);
-            }
-        }
-        if !stale.is_empty() {
-            // one DisableUnitFiles for the whole batch (systemd pays ~30 ms per call)
-            let names: Vec<String> = stale.iter().map(|(n, _)| n.clone()).collect();
-            self.task(
-                "unload",
-                &names.join(" "),
-                self.systemd.remove_units(&names).await,
-            );
-            files_changed = true;
-            stale_removed = stale.len();
-        }
-        for (name, _) in stale {
-            self.current.remove(&name);
-            self.watching.remove(&name);
-            self.systemd_states.remove(&name);
-            self.unpublish(&name).await;
-        }
-        // 2. units to write
-        let mut written: Vec<(String, bool)> = Vec::new();
-        let new: Vec<(&String, &Desired)> = desired
-            .iter()
-            .filter(|(name, _)| !self.current.contains_key(*name))
-            .collect();
-        let reads: Vec<_> = new
-            .iter()
-            .map(|(_, d)| self.registry.body(&d.hash))
-            .collect();
-        let bodies: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
-        for ((name, d), body) in new.into_iter().zip(bodies) {
-            let file = match body {
-                Ok(f) => f,
-                Err(e) => {
-                    warn!(unit = %name, error = %e, "cannot read unit body; will retry");
-                    complete = false;
-                    continue;
-                }
-            };
-            if self.task(
-                "load",
-                name,
-                self.systemd.write_unit(name, &file.serialize()).await,
-            ) {
-                self.watching.insert(name.clone());
-                self.current.insert(
-                    name.clone(),
-                    Current {
-                        hash: d.hash,
-                        state: TargetState::Loaded,
-                    },
-                );
-                written.push((name.clone(), file.has_section("Install")));
-                files_changed = true;
-                touched.push(name.clone());
-            } else {
-                complete = false;
-            }
-        }
-        // New unit files that are only to be started need no daemon-reload: systemd loads a
-        // unit it has not loaded (or found missing) from disk when the StartUnit comes (it
-        // notices the new link in its units directory). A reload (~0.1-0.4 s with hundreds of
-        // units) is still made for removed or replaced files, units to be only loaded, and
-        // [Install] sections; and if such a start fails, a reload and one more try follow.
-        let start_loads_them = written.iter().all(|(name, install)| {
-            !install
-                && desired
-                    .get(name)
-                    .is_some_and(|d| d.state == TargetState::Launched)
-        });
-        let reload_skipped =
-            files_changed && stale_removed == 0 && start_loads_them && !self.reload_owed;
-        if ((files_changed && !reload_skipped) || self.reload_owed) && !self.reload().await {
-            complete = false;
-        }
-        for (name, install) in &written {
-            if *install {
-                self.task("enable", name, self.systemd.enable(name).await);
-            }
-        }
-        // 3. start / stop to the desired state: the jobs of a batch are queued concurrently
-        // (systemd runs them as they come; only the D-Bus round trips overlap)
-        let moves: Vec<(String, TargetState, Current)> = desired
-            .iter()
-            .filter_map(|(name, d)| {
-                let cur = self.current.get(name).copied()?;
-                match (d.state, cur.state) {
-                    (TargetState::Launched, s) if s != TargetState::Launched => {
-                        Some((name.clone(), TargetState::Launched, cur))
-                    }
-                    (TargetState::Loaded, TargetState::Launched) => {
-                        Some((name.clone(), TargetState::Loaded, cur))
-                    }
-                    _ => None,
-                }
-            })
-            .collect();
-        let jobs: Vec<_> = moves
-            .iter()
-            .map(|(name, to, _)| {
-                if *to == TargetState::Launched {
-                    self.systemd.start(name)
-                } else {
-                    self.systemd.stop(name)
-                }
-            })
-            .collect();
-        let mut results: Vec<Result<(), fleet_systemd::Error>> =
-            stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
-        if reload_skipped && results.iter().any(Result::is_err) && self.reload().await {
-            let again: Vec<usize> = (0..moves.len())
-                .filter(|&i| results[i].is_err() && moves[i].1 == TargetState::Launched)
-                .collect();
-            let retries: Vec<_> = again
-                .iter()
-                .map(|&i| {
-                    debug!(unit = %moves[i].0, "start failed without a daemon-reload; trying again after one");
-                    self.systemd.start(&moves[i].0)
-                })
-                .collect();
-            let retried: Vec<_> = stream::iter(retries)
-                .buffered(JOBS_IN_FLIGHT)
-                .collect()
-                .await;
-            for (i, r) in again.into_iter().zip(retried) {
-                results[i] = r;
-            }
-        }
-        for ((name, to, cur), result) in moves.into_iter().zip(results) {
-            let what = if to == TargetState::Launched {
-                "start"
-            } else {
-                "stop"
-            };
-            if self.task(what, &name, result) {
-                self.current
-                    .insert(name.clone(), Current { state: to, ..cur });
-                touched.push(name);
-            } else {
-                complete = false;
-            }
-        }
-        if !touched.is_empty() {
-            touched.sort();
-            touched.dedup();
-            self.refresh_states(Some(&touched)).await;
-        }
-        complete
-    }
-
-    /// One daemon-reload; false (logged, and owed to the next converge) when it failed.
-    async fn reload(&mut self) -> bool {
-        self.stats.reloads.fetch_add(1, Ordering::Relaxed);
-        match self.systemd.reload().await {
-            Ok(()) => {
-                self.reload_owed = false;
-                true
-            }
-            Err(e) => {
-                warn!(error = %e, "daemon-reload failed");
-                self.reload_owed = true;
-                false
-            }
-        }
-    }
-
-    /// Logs a task's outcome; true when it succeeded.
-    fn task(&self, what: &str, unit: &str, result: Result<(), fleet_systemd::Error>) -> bool {
-        self.stats.tasks.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                info!(unit, task = what, "agent task done");
-                true
-            }
-            Err(e) => {
-                self.stats.task_failures.fetch_add(1, Ordering::Relaxed);
-                warn!(unit, task = what, error = %e, "agent task failed");
-                false
-            }
-        }
-    }
-
-    /// Reads states from systemd (all managed units, or `only`) and publishes what changed.
-    async fn refresh_states(&mut self, only: Option<&[String]>) {
-        let names: Vec<String> = match only {
-            Some(n) => n.to_vec(),
-            None => self.current.keys().cloned().collect(),
-        };
-        if names.is_empty() {
-            return;
-        }
-        match self.systemd.states(&names).await {
-            Ok(states) => {
-                for (name, s) in states {
-                    if self.current.contains_key(&name) {
-                        self.systemd_states.insert(name, s);
-                    }
-                }
-            }
-            Err(e) => warn!(error = %e, "cannot read unit states"),
-        }
-        self.publish_all(&names).await;
-    }
-
-    /// Publishes the state of one managed unit if it differs from what was published.
-    async fn publish(&mut self, name: &str) {
-        self.publish_all(std::slice::from_ref(&name.to_string()))
-            .await;
-    }
-
-    /// Publishes the states of managed units that differ from what was published, up to
-    /// [`JOBS_IN_FLIGHT`] writes at a time (a burst of starts reports hundreds at once).
-    async fn publish_all(&mut self, names: &[String]) {
-        let records: Vec<StateRecord> = names
-            .iter()
-            .filter_map(|name| {
-                let (cur, sys) = (self.current.get(name)?, self.systemd_states.get(name)?);
-                let rec = StateRecord {
-                    version: 1,
-                    name: name.clone(),
-                    machine_id: self.cfg.machine_id.clone(),
-                    hash: cur.hash.to_string(),
-                    load_state: sys.load_state.clone(),
-                    active_state: sys.active_state.clone(),
-                    sub_state: sys.sub_state.clone(),
-                    agent_state: cur.state,
-                };
-                (self.published.get(name) != Some(&rec)).then_some(rec)
-            })
-            .collect();
-        let writes: Vec<_> = records
-            .iter()
-            .map(|rec| {
-                self.registry
-                    .publish_state(&rec.name, &self.cfg.machine_id, Some(rec), &self.lease)
-            })
-            .collect();
-        // etcd out of reach: the first write that says so ends the batch (the rest would each
-        // wait for its own timeout); what was not written is retried at a later tick
-        let mut results = Vec::with_capacity(writes.len());
-        let mut writing = stream::iter(writes).buffered(JOBS_IN_FLIGHT);
-        while let Some(r) = writing.next().await {
-            let unreachable = r.as_ref().is_err_and(|e| e.is_unavailable());
-            results.push(r);
-            if unreachable {
-                break;
-            }
-        }
-        drop(writing);
-        let mut results = results.into_iter();
-        for rec in records {
-            match results.next() {
-                Some(Ok(())) => {
-                    self.stats.state_writes.fetch_add(1, Ordering::Relaxed);
-                    self.published.insert(rec.name.clone(), rec);
-                }
-                Some(Err(e)) => {
-                    debug!(unit = %rec.name, error = %e, "publishing state failed; will retry");
-                    self.unsent.insert(rec.name);
-                }
-                None => {
-                    self.unsent.insert(rec.name);
-                }
-            }
-        }
-    }
-
-    async fn unpublish(&mut self, name: &str) {
-        if !self.published.contains_key(name) && !self.unsent.contains(name) {
-            return;
-        }
-        let withdrawn = self
-            .registry
-            .publish_state(name, &self.cfg.machine_id, None, &self.lease);
-        match withdrawn.await {
-            Ok(()) => {
-                self.published.remove(name);
-                self.unsent.remove(name);
-            }
-            Err(e) => {
-                debug!(unit = name, error = %e, "withdrawing state failed; will retry");
-                self.unsent.insert(name.to_string());
-            }
-        }
-    }
-
-    /// Retries the state writes that failed: publish what is still managed, withdraw the rest.
-    async fn retry_unsent(&mut self) {
-        let names: Vec<String> = std::mem::take(&mut self.unsent).into_iter().collect();
-        let (managed, gone): (Vec<String>, Vec<String>) = names
-            .into_iter()
-            .partition(|n| self.current.contains_key(n));
-        for name in &managed {
-            self.published.remove(name);
-        }
-        self.publish_all(&managed).await;
-        for name in gone {
-            self.unpublish(&name).await;
-        }
-    }
-
-    /// The lease is gone (etcd unreachable for a whole ttl): register again and publish every
-    /// state again under the new lease. Units keep running meanwhile.
+    /// The lease is gone (the registry unreachable for a whole ttl): register again and
+    /// publish every state again under the new lease. Units keep running meanwhile.
     async fn reregister(&mut self, shutdown: &CancellationToken) {
         warn!("machine lease lost; registering again");
         let lease = tokio::select! {
-            l = register(&self.registry, &self.record, self.cfg.agent_ttl) => l,
+            l = register(self.store.as_ref(), &self.record, self.cfg.agent_ttl) => l,
             _ = shutdown.cancelled() => return,
         };
         match lease {
             Ok(l) => {
                 self.lease = l;
-                self.published.clear();
+                self.publisher.forget_all();
                 let names: Vec<String> = self.current.keys().cloned().collect();
                 for n in names {
-                    self.publish(&n).await;
+                    self.publish_all(std::slice::from_ref(&n)).await;
                 }
                 info!("machine registered again");
             }
@@ -885,29 +444,23 @@ impl Agent {
             self.current.iter().map(|(n, c)| (n.clone(), *c)).collect();
         for (name, cur) in &names {
             if cur.state == TargetState::Launched {
-                self.task("stop", name, self.systemd.stop(name).await);
+                let r = self.systemd.stop(name).await;
+                self.task("stop", name, r);
             }
         }
         let all: Vec<String> = names.iter().map(|(n, _)| n.clone()).collect();
         if !all.is_empty() {
-            self.task(
-                "unload",
-                &all.join(" "),
-                self.systemd.remove_units(&all).await,
-            );
+            let r = self.systemd.remove_units(&all).await;
+            self.task("unload", &all.join(" "), r);
         }
         if !names.is_empty() {
             let _ = self.systemd.reload().await;
         }
         for (name, _) in &names {
-            self.unpublish(name).await;
+            self.publisher.withdraw(name, &self.lease).await;
         }
-        self.registry
+        self.store
             .withdraw_machine(&self.cfg.machine_id, self.lease)
             .await;
     }
-}
-
-fn serde_json_decode<T: for<'de> serde::Deserialize<'de>>(v: &[u8]) -> Result<T, ()> {
-    serde_json::from_slice(v).map_err(|_| ())
 }

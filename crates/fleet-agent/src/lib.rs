@@ -6,6 +6,12 @@
 //! Outputs: unit files, systemd jobs, and `states/<unit>/<machine>` records under the agent's
 //! lease, written only when they change.
 //!
+//! Where things are: the loop (`agent.rs`), what this machine must run (`desired.rs`, pure),
+//! the tasks that get it there (`plan.rs`, pure) and their execution (`executor.rs`), state
+//! publishing (`publish.rs`), adoption of a predecessor's units (`adopt.rs`). The agent talks
+//! to the registry through [`fleet_registry::AgentStore`] and to systemd through
+//! [`fleet_systemd::UnitManager`], so its loop tests run on in-memory twins of both.
+//!
 //! Invariants:
 //! - While etcd cannot be reached, what this machine must run is *unknown*, not *empty*:
 //!   nothing is stopped or restarted (fleet #1181, #1289, #1725).
@@ -13,8 +19,15 @@
 //!   does not restart them.
 //! - One `daemon-reload` per batch of file changes, never one per unit.
 
+mod adopt;
 mod agent;
 mod desired;
+mod executor;
+mod plan;
+mod publish;
+#[cfg(test)]
+mod tests;
 
-pub use agent::{AgentConfig, AgentStats, run};
-pub use desired::{Desired, desired_units};
+pub use agent::{AgentConfig, run};
+pub use desired::{Desired, Wanted, Watched, desired_units, read_watched};
+pub use plan::{Current, Move, Plan, Reload, plan, reload_rule};

@@ -4,10 +4,10 @@
 //! start, write or daemon-reload); when the content differs, it replaces the unit.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use fleet_agent::{AgentConfig, AgentStats};
+use fleet_agent::AgentConfig;
 use fleet_registry::{EtcdConfig, EtcdRegistry, ScheduleRecord};
 use fleet_systemd::fake::{Call, FakeUnitManager};
 use fleet_systemd::{SystemdState, UnitManager};
@@ -66,10 +66,9 @@ async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManag
     .await;
     fake.clear_calls();
 
-    let stats = Arc::new(AgentStats::default());
     let shutdown = CancellationToken::new();
     let agent = tokio::spawn(fleet_agent::run(
-        registry.clone(),
+        Arc::new(registry.clone()),
         fake.clone(),
         AgentConfig {
             machine_id: MACHINE.into(),
@@ -80,7 +79,7 @@ async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManag
             disable_watches: false,
             version: "test".into(),
         },
-        stats.clone(),
+        fleet_metrics::Metrics::new(),
         shutdown.clone(),
         Arc::new(AtomicBool::new(false)),
     ));
@@ -89,20 +88,21 @@ async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManag
     let published = wait_for_async(Duration::from_secs(20), || {
         let mut kv = registry.client().kv_client();
         let key = state_key.clone();
-        let stats = stats.clone();
         let want = want.clone();
         async move {
             let Ok(r) = kv.get(key, None).await else {
                 return false;
             };
-            stats.reconciles.load(Ordering::Relaxed) >= 2
-                && r.kvs().first().is_some_and(|kv| {
-                    let v = String::from_utf8_lossy(kv.value());
-                    v.contains(&want) && v.contains("\"activeState\":\"active\"")
-                })
+            r.kvs().first().is_some_and(|kv| {
+                let v = String::from_utf8_lossy(kv.value());
+                v.contains(&want) && v.contains("\"activeState\":\"active\"")
+            })
         }
     })
     .await;
+    // one more periodic pass of the agent (every agent_ttl / 2 at most), which must not
+    // change anything either
+    tokio::time::sleep(Duration::from_secs(6)).await;
     shutdown.cancel();
     let _ = agent.await;
     assert!(

@@ -108,9 +108,7 @@ impl ClientError {
     /// returned, so that fleetctl can print it (and its hint) in fleet's words.
     pub fn from_registry(e: &RegistryError) -> Option<&ClientError> {
         match e {
-            RegistryError::Etcd(etcd_client::Error::IoError(io)) => io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<ClientError>()),
+            RegistryError::Remote(inner) => inner.downcast_ref::<ClientError>(),
             _ => None,
         }
     }
@@ -118,11 +116,10 @@ impl ClientError {
 
 /// Carries a client error through the [`fleet_registry::Registry`] trait.
 ///
-/// `RegistryError` has no variant for a remote API, so the error travels inside the
-/// "unavailable" variant (`is_unavailable()` is true), from where
-/// [`ClientError::from_registry`] gets it back.
+/// It travels as [`RegistryError::Remote`] (`is_unavailable()` is true, as for any failure
+/// of the driver), from where [`ClientError::from_registry`] gets it back.
 pub(crate) fn to_registry(e: ClientError) -> RegistryError {
-    RegistryError::Etcd(etcd_client::Error::IoError(std::io::Error::other(e)))
+    RegistryError::Remote(Box::new(e))
 }
 
 #[cfg(test)]
@@ -174,6 +171,7 @@ mod tests {
     #[test]
     fn survives_the_registry_trait() {
         let e = to_registry(ClientError::NoScheme);
+        assert!(matches!(e, RegistryError::Remote(_)));
         assert!(e.is_unavailable());
         assert!(matches!(
             ClientError::from_registry(&e),

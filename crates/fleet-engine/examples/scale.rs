@@ -8,10 +8,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fleet_engine::{EngineConfig, EngineStats};
+use fleet_engine::EngineConfig;
+use fleet_metrics::Metrics;
 use fleet_registry::{EtcdConfig, EtcdRegistry, MachineRecord, Registry, WatchEvent};
 use fleet_testutil::EtcdServer;
 use fleet_unit::{TargetState, UnitFile, UnitName};
@@ -62,17 +62,17 @@ async fn main() {
             .expect("create");
     }
     let created = t0.elapsed();
-    let stats = Arc::new(EngineStats::default());
+    let metrics = Metrics::new();
     let shutdown = CancellationToken::new();
     let engine = tokio::spawn(fleet_engine::run(
-        registry.clone(),
+        Arc::new(registry.clone()),
         EngineConfig {
             machine_id: "engine".into(),
             reconcile_interval: Duration::from_secs(2),
             agent_ttl: Duration::from_secs(30),
             disable_watches: false,
         },
-        stats.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     let t1 = Instant::now();
@@ -107,14 +107,26 @@ async fn main() {
         "engine: all units scheduled {:.2}s after start",
         scheduled.as_secs_f64()
     );
+    let text = metrics.encode();
+    let reconciles = metric(&text, "fleet_engine_reconcile_count_total");
+    let seconds = metric(&text, "fleet_engine_reconcile_duration_second_sum");
     println!(
-        "engine: {} reconciles, {} decisions written, last reconcile {:.1} ms",
-        stats.reconciles.load(Ordering::Relaxed),
-        stats.tasks.load(Ordering::Relaxed),
-        stats.last_reconcile_micros.load(Ordering::Relaxed) as f64 / 1000.0
+        "engine: {reconciles} reconciles, {} units placed, {:.1} ms per reconcile on average",
+        metric(
+            &text,
+            "fleet_engine_task_count_total{type=\"attemptscheduleunit\"}"
+        ),
+        seconds * 1000.0 / reconciles.max(1.0)
     );
     println!(
         "one agent's watch woke {agent_events} times (expected about units/machines = {})",
         units / machines.max(1)
     );
+}
+
+/// The value of one series in the metrics text (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

@@ -1,16 +1,22 @@
-//! The engine's loop: one event enum, one `select!`.
+//! The engine: a struct that handles one [`Event`] at a time (campaign, reconcile and step
+//! down are its methods), and the loop that feeds it from one `select!`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use fleet_registry::{EtcdRegistry, Leadership, RegistryError, UnitRecord, WatchEvent};
+use fleet_metrics::{EngineFailure, Metrics};
+use fleet_registry::{EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent};
 use fleet_unit::{Requirements, UnitHash, UnitName};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::plan::{diff, to_scheduler_snapshot};
+
+/// After a burst of watch events the engine reconciles once, this long after the first.
+const DEBOUNCE: Duration = Duration::from_millis(50);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -23,25 +29,21 @@ pub struct EngineConfig {
     pub disable_watches: bool,
 }
 
-/// Counters fleetd exports as metrics.
-#[derive(Debug, Default)]
-pub struct EngineStats {
-    pub reconciles: AtomicU64,
-    pub reconcile_failures: AtomicU64,
-    pub tasks: AtomicU64,
-    /// Unix time (seconds) this engine last became leader; 0 when it is not leader.
-    pub leader_since: AtomicU64,
-    pub last_reconcile_micros: AtomicU64,
-}
-
-enum Event {
+/// What the engine reacts to.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// A change of the mirrored keys (or a fresh snapshot, or a disconnection).
     Watch(WatchEvent),
+    /// The watch ended; the engine watches again.
     WatchClosed,
+    /// Time to reconcile: the interval, or a quiet moment after a burst of watch events.
     Tick,
-    LeaseLost,
+    /// The leadership lease is gone.
+    LeadershipLost,
     Shutdown,
 }
 
+/// Leadership this engine holds.
 struct Leader {
     leadership: Leadership,
     since: Instant,
@@ -50,14 +52,27 @@ struct Leader {
     seen: HashSet<String>,
 }
 
-/// Gives up leadership: forgets it and revokes its lease in the background, so the leader
-/// key goes at once and another engine can win.
-fn step_down(registry: &EtcdRegistry, leader: &mut Option<Leader>, stats: &EngineStats) {
-    stats.leader_since.store(0, Ordering::Relaxed);
-    if let Some(l) = leader.take() {
-        let registry = registry.clone();
-        tokio::spawn(async move { registry.resign(l.leadership).await });
-    }
+pub(crate) struct Engine {
+    store: Arc<dyn EngineStore>,
+    cfg: EngineConfig,
+    metrics: Metrics,
+    watch: mpsc::Receiver<WatchEvent>,
+    /// The engine's keys as the watch reported them, at `mirror_rev`.
+    mirror: BTreeMap<String, Vec<u8>>,
+    mirror_rev: i64,
+    /// Whether the mirror is a fresh snapshot (the engine decides from nothing else).
+    synced: bool,
+    /// The revision of this engine's last write (or of its election): it never decides from
+    /// a mirror older than that.
+    written_rev: i64,
+    leader: Option<Leader>,
+    /// Requirements by unit body, read once (bodies never change under a hash).
+    requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
+    leader_key: String,
+    /// The interval of reconciles (zero would panic tokio; fleet-config refuses below 1 ms).
+    tick: tokio::time::Interval,
+    /// When the debounced reconcile after a burst of watch events is due.
+    deadline: Option<Instant>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -72,165 +87,222 @@ async fn off_runtime<T: Send + 'static>(
 /// Runs the engine until `shutdown` is cancelled; on shutdown a leader resigns at once so
 /// another engine takes over without waiting for the lease to expire.
 pub async fn run(
-    registry: EtcdRegistry,
+    store: Arc<dyn EngineStore>,
     cfg: EngineConfig,
-    stats: Arc<EngineStats>,
+    metrics: Metrics,
     shutdown: CancellationToken,
 ) {
-    let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
-    let mut watch = registry.watch_engine(poll);
-    let mut mirror: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut mirror_rev: i64 = 0;
-    let mut synced = false;
-    let mut written_rev: i64 = 0;
-    let mut leader: Option<Leader> = None;
-    let mut requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>> =
-        HashMap::new();
-    // a zero period would panic tokio (fleet-config refuses less than 1 ms anyway)
-    let mut tick = tokio::time::interval(cfg.reconcile_interval.max(Duration::from_millis(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let leader_key = registry.keys().leader();
-    // Debounce: after a burst of watch events reconcile once, shortly after.
-    let debounce = Duration::from_millis(50);
-    let mut deadline: Option<tokio::time::Instant> = None;
-
+    let mut engine = Engine::new(store, cfg, metrics);
     loop {
-        let event = {
-            let lease_lost = async {
-                match &leader {
-                    Some(l) => l.leadership.lease.lost().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let soon = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown.cancelled() => Event::Shutdown,
-                ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
-                _ = lease_lost => Event::LeaseLost,
-                _ = tick.tick() => Event::Tick,
-                _ = soon => { deadline = None; Event::Tick }
+        let event = engine.next_event(&shutdown).await;
+        if !engine.handle(event).await {
+            return;
+        }
+    }
+}
+
+impl Engine {
+    pub(crate) fn new(store: Arc<dyn EngineStore>, cfg: EngineConfig, metrics: Metrics) -> Engine {
+        let mut tick = tokio::time::interval(cfg.reconcile_interval.max(Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
+        Engine {
+            watch: store.watch_engine(poll),
+            leader_key: store.keys().leader(),
+            store,
+            cfg,
+            metrics,
+            mirror: BTreeMap::new(),
+            mirror_rev: 0,
+            synced: false,
+            written_rev: 0,
+            leader: None,
+            requirements: HashMap::new(),
+            tick,
+            deadline: None,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_leader(&self) -> bool {
+        self.leader.is_some()
+    }
+
+    /// A watch event already delivered, if any (tests feed them one by one).
+    #[cfg(test)]
+    pub(crate) fn delivered(&mut self) -> Option<WatchEvent> {
+        self.watch.try_recv().ok()
+    }
+
+    /// Whether a debounced reconcile is pending.
+    #[cfg(test)]
+    pub(crate) fn reconcile_pending(&self) -> bool {
+        self.deadline.is_some()
+    }
+
+    /// Waits for the next event.
+    pub(crate) async fn next_event(&mut self, shutdown: &CancellationToken) -> Event {
+        let lease_lost = async {
+            match &self.leader {
+                Some(l) => l.leadership.lease.lost().await,
+                None => std::future::pending().await,
             }
         };
-        let due = matches!(event, Event::Tick);
+        let deadline = self.deadline;
+        let soon = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => Event::Shutdown,
+            ev = self.watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
+            _ = lease_lost => Event::LeadershipLost,
+            _ = self.tick.tick() => Event::Tick,
+            _ = soon => { self.deadline = None; Event::Tick }
+        }
+    }
+
+    /// Handles one event; false when the engine is done (shutdown).
+    pub(crate) async fn handle(&mut self, event: Event) -> bool {
         match event {
             Event::Shutdown => {
-                if let Some(l) = leader.take() {
+                if let Some(l) = self.leader.take() {
                     info!("engine resigning leadership");
-                    registry.resign(l.leadership).await;
+                    self.store.resign(l.leadership).await;
                 }
-                return;
+                return false;
             }
             Event::WatchClosed => {
                 warn!("engine watch ended; restarting it");
-                watch = registry.watch_engine(poll);
-                synced = false;
-                continue;
+                self.rewatch();
             }
-            Event::LeaseLost => {
+            Event::LeadershipLost => {
                 warn!("engine lost its leadership lease");
-                step_down(&registry, &mut leader, &stats);
-                continue;
+                self.step_down();
             }
-            Event::Watch(WatchEvent::Snapshot { revision, kvs }) => {
-                mirror = kvs.into_iter().collect();
-                mirror_rev = revision;
-                synced = true;
+            Event::Watch(WatchEvent::Disconnected) => self.synced = false,
+            Event::Watch(ev) => {
+                self.apply_watch(ev);
+                // reconcile on ticks (the interval, or a quiet moment after a burst of watch
+                // events), never once per event
+                if self.synced && self.deadline.is_none() {
+                    self.deadline = Some(Instant::now() + DEBOUNCE);
+                }
             }
-            Event::Watch(WatchEvent::Put {
+            Event::Tick => {
+                if self.synced {
+                    if self.leader.is_none() {
+                        self.campaign().await;
+                    }
+                    if self.leader.is_some() {
+                        self.reconcile().await;
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn apply_watch(&mut self, ev: WatchEvent) {
+        match ev {
+            WatchEvent::Snapshot { revision, kvs } => {
+                self.mirror = kvs.into_iter().collect();
+                self.mirror_rev = revision;
+                self.synced = true;
+            }
+            WatchEvent::Put {
                 key,
                 value,
                 revision,
-            }) => {
-                mirror.insert(key, value);
-                mirror_rev = mirror_rev.max(revision);
+            } => {
+                self.mirror.insert(key, value);
+                self.mirror_rev = self.mirror_rev.max(revision);
             }
-            Event::Watch(WatchEvent::Delete { key, revision }) => {
-                let leader_gone = key == leader_key;
-                mirror.remove(&key);
-                mirror_rev = mirror_rev.max(revision);
-                if leader_gone && leader.is_none() {
+            WatchEvent::Delete { key, revision } => {
+                if key == self.leader_key && self.leader.is_none() {
                     debug!("leader key deleted; campaigning");
                 }
+                self.mirror.remove(&key);
+                self.mirror_rev = self.mirror_rev.max(revision);
             }
-            Event::Watch(WatchEvent::Disconnected) => {
-                synced = false;
-                continue;
+            WatchEvent::Disconnected => self.synced = false,
+        }
+    }
+
+    /// Lists again before deciding anything more.
+    fn rewatch(&mut self) {
+        let poll = self
+            .cfg
+            .disable_watches
+            .then_some(self.cfg.reconcile_interval);
+        self.watch = self.store.watch_engine(poll);
+        self.synced = false;
+    }
+
+    /// Tries to lead when nobody does.
+    pub(crate) async fn campaign(&mut self) {
+        if self.mirror.contains_key(&self.leader_key) {
+            return;
+        }
+        let ttl = self.cfg.reconcile_interval.saturating_mul(5);
+        match self.store.campaign(&self.cfg.machine_id, ttl).await {
+            Ok(Some(l)) => {
+                info!(machine = %self.cfg.machine_id, "engine became leader");
+                self.metrics.engine_leader();
+                self.written_rev = l.create_revision;
+                self.leader = Some(Leader {
+                    leadership: l,
+                    since: Instant::now(),
+                    seen: HashSet::new(),
+                });
             }
-            Event::Tick => {}
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "campaign failed"),
         }
-        if !synced {
-            continue;
+    }
+
+    /// Gives up leadership: forgets it and revokes its lease in the background, so the
+    /// leader key goes at once and another engine can win.
+    pub(crate) fn step_down(&mut self) {
+        if let Some(l) = self.leader.take() {
+            let store = self.store.clone();
+            tokio::spawn(async move { store.resign(l.leadership).await });
         }
-        // Reconcile on ticks (the interval, or a quiet moment after a burst of watch events),
-        // never once per event.
-        if !due {
-            if deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + debounce);
-            }
-            continue;
-        }
-        if leader.is_none() {
-            let leader_present = mirror.contains_key(&leader_key);
-            if !leader_present {
-                match registry
-                    .campaign(&cfg.machine_id, cfg.reconcile_interval.saturating_mul(5))
-                    .await
-                {
-                    Ok(Some(l)) => {
-                        info!(machine = %cfg.machine_id, "engine became leader");
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .map(|d| d.as_secs())
-                            .unwrap_or(0);
-                        stats.leader_since.store(now, Ordering::Relaxed);
-                        written_rev = l.create_revision;
-                        leader = Some(Leader {
-                            leadership: l,
-                            since: Instant::now(),
-                            seen: HashSet::new(),
-                        });
-                    }
-                    Ok(None) => {}
-                    Err(e) => debug!(error = %e, "campaign failed"),
-                }
-            }
-        }
-        let Some(l) = leader.as_mut() else { continue };
-        if mirror_rev < written_rev {
+    }
+
+    /// One reconcile of a leader: decide from the mirror, write the difference.
+    pub(crate) async fn reconcile(&mut self) {
+        if self.mirror_rev < self.written_rev {
             // our own last write has not come back through the watch yet
-            continue;
+            return;
         }
         let started = Instant::now();
-        let snap = registry.decode_engine_snapshot(mirror_rev, mirror.iter());
-        match snap.leader.as_deref() {
-            Some(id) if id == cfg.machine_id => {}
+        let snap =
+            fleet_registry::engine_snapshot(self.store.keys(), self.mirror_rev, self.mirror.iter());
+        if snap.leader.as_deref() != Some(self.cfg.machine_id.as_str()) {
             // The mirror is past our election, so it holds our leader key unless that key is
             // gone (deleted by hand, or expired while we did not notice): we do not lead.
-            _ => {
-                warn!("the leader key is no longer this engine's; stepping down");
-                step_down(&registry, &mut leader, &stats);
-                continue;
-            }
+            warn!("the leader key is no longer this engine's; stepping down");
+            self.step_down();
+            return;
         }
         let bodies_needed: Vec<UnitHash> = snap
             .units
             .iter()
-            .filter(|u| !u.global && !requirements.contains_key(&(u.name.clone(), u.hash)))
+            .filter(|u| !u.global && !self.requirements.contains_key(&(u.name.clone(), u.hash)))
             .map(|u| u.hash)
             .collect();
-        let bodies = match registry.unit_bodies(&bodies_needed).await {
+        let bodies = match self.store.unit_bodies(&bodies_needed).await {
             Ok(b) => b,
             Err(e) => {
                 warn!(error = %e, "reading unit bodies failed");
-                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
-                continue;
+                self.metrics.engine_reconcile_failure(EngineFailure::Run);
+                return;
             }
         };
+        let requirements = &mut self.requirements;
         let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
             let key = (rec.name.clone(), rec.hash);
             if let Some(r) = requirements.get(&key) {
@@ -249,65 +321,103 @@ pub async fn run(
             r
         };
         let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
-        if requirements.len() > 2 * snap.units.len() + 64 {
+        if self.requirements.len() > 2 * snap.units.len() + 64 {
             // forget destroyed units (the cache would otherwise grow with every unit ever seen)
             let live: HashSet<(&UnitName, &UnitHash)> =
                 snap.units.iter().map(|u| (&u.name, &u.hash)).collect();
-            requirements.retain(|(n, h), _| live.contains(&(n, h)));
+            self.requirements.retain(|(n, h), _| live.contains(&(n, h)));
         }
         let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
             Ok(plan) => plan,
             Err(e) => {
                 warn!(error = %e, "the scheduler failed");
-                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
-                continue;
+                self.metrics.engine_reconcile_failure(EngineFailure::Run);
+                return;
             }
         };
-        l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
-        let held: HashSet<String> = if l.since.elapsed() < cfg.agent_ttl {
-            let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
-            snap.schedules
-                .values()
-                .map(|(m, _)| m.clone())
-                .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m))
-                .collect()
-        } else {
-            HashSet::new()
+        let Some(l) = self.leader.as_mut() else {
+            return;
         };
+        l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
+        let held = held_machines(l, &snap, self.cfg.agent_ttl);
         let ops = diff(&snap, &plan, &invalid, &held);
-        stats.reconciles.fetch_add(1, Ordering::Relaxed);
+        report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
-            stats
-                .last_reconcile_micros
-                .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            continue;
+            self.metrics.engine_reconcile_success(started.elapsed());
+            return;
         }
         debug!(ops = ops.len(), "engine writing decisions");
-        match registry.apply(&l.leadership, &ops).await {
+        match self.store.apply(&l.leadership, &ops).await {
             Ok(rev) => {
-                stats.tasks.fetch_add(ops.len() as u64, Ordering::Relaxed);
-                written_rev = written_rev.max(rev);
+                self.written_rev = self.written_rev.max(rev);
                 for op in &ops {
                     info!(?op, "engine decision");
+                    if let Some(t) = op.task_type() {
+                        self.metrics.engine_task(t);
+                    }
                 }
+                self.metrics.engine_reconcile_success(started.elapsed());
             }
             Err(RegistryError::NotLeader) => {
                 warn!("engine write refused: no longer leader");
-                step_down(&registry, &mut leader, &stats);
+                self.count_failed(&ops);
+                self.step_down();
             }
             Err(e) => {
                 // The write may have landed anyway (a timeout after commit): decide again only
                 // from a fresh listing, never from a mirror that may lack our own write.
                 warn!(error = %e, "engine write failed; listing again before deciding");
-                stats.reconcile_failures.fetch_add(1, Ordering::Relaxed);
-                watch = registry.watch_engine(poll);
-                synced = false;
+                self.count_failed(&ops);
+                self.metrics.engine_reconcile_failure(EngineFailure::Run);
+                self.rewatch();
             }
         }
-        stats
-            .last_reconcile_micros
-            .store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
+
+    fn count_failed(&self, ops: &[EngineOp]) {
+        for t in ops.iter().filter_map(EngineOp::task_type) {
+            self.metrics.engine_task_failure(t);
+        }
+    }
+}
+
+/// fleet's per-unit reconcile failures: a unit that cannot be placed (`schedule`), a unit
+/// taken off a machine that went away (`machine_away`); counted every reconcile, as fleet did.
+fn report_failures(
+    metrics: &Metrics,
+    snap: &fleet_registry::EngineSnapshot,
+    plan: &fleet_scheduler::Plan,
+    ops: &[EngineOp],
+) {
+    for _ in &plan.unplaceable {
+        metrics.engine_reconcile_failure(EngineFailure::Schedule);
+    }
+    let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+    for op in ops {
+        if let EngineOp::Unschedule { machine, .. } = op
+            && !present.contains(machine.as_str())
+        {
+            metrics.engine_reconcile_failure(EngineFailure::MachineAway);
+        }
+    }
+}
+
+/// During a new leader's first `agent_ttl`, the machines absent from the snapshot that it has
+/// never seen but that hold units (re-registering after an etcd blip): their units stay.
+fn held_machines(
+    l: &Leader,
+    snap: &fleet_registry::EngineSnapshot,
+    agent_ttl: Duration,
+) -> HashSet<String> {
+    if l.since.elapsed() >= agent_ttl {
+        return HashSet::new();
+    }
+    let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+    snap.schedules
+        .values()
+        .map(|(m, _)| m.clone())
+        .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m))
+        .collect()
 }
 
 #[cfg(test)]

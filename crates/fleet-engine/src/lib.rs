@@ -6,6 +6,11 @@
 //! difference, each write fenced on its leadership. It also writes, for each unit it cannot
 //! place, the scheduler's reason.
 //!
+//! Where things are: the engine as a struct handling one event at a time, and its loop
+//! (`engine.rs`); the pure translation between the registry's view and the scheduler
+//! (`plan.rs`). The engine talks to the registry through [`fleet_registry::EngineStore`], so
+//! its loop tests run on the in-memory store.
+//!
 //! Invariants:
 //! - A reconcile never runs on a mirror older than the engine's own last write (no double
 //!   scheduling from a stale view).
@@ -15,6 +20,8 @@
 
 mod engine;
 mod plan;
+#[cfg(test)]
+mod tests;
 
-pub use engine::{EngineConfig, EngineStats, run};
+pub use engine::{EngineConfig, run};
 pub use plan::{diff, to_scheduler_snapshot};

@@ -1,5 +1,7 @@
 //! Errors of the registry, each naming what it was about.
 
+use std::time::Duration;
+
 use thiserror::Error;
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -10,10 +12,26 @@ pub enum RegistryError {
     AlreadyExists(String),
     #[error("unit {0} not found")]
     NotFound(String),
+    /// Connecting to etcd failed (before any request).
     #[error("etcd: {0}")]
-    Etcd(#[from] etcd_client::Error),
-    #[error("etcd request timed out after {0:?}")]
-    Timeout(std::time::Duration),
+    Connect(#[from] etcd_client::Error),
+    /// One etcd request failed: which operation, on which key (or the first of its keys).
+    #[error("{op} {key}: etcd: {source}")]
+    Etcd {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("{op} {key}: etcd request timed out after {after:?}")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        after: Duration,
+    },
+    /// The store cannot be reached (the in-memory store's partition, for tests).
+    #[error("{op} {key}: registry unreachable")]
+    Unreachable { op: &'static str, key: String },
     #[error("invalid value at {key}: {reason}")]
     BadValue { key: String, reason: String },
     #[error("unit body {0} missing from the registry")]
@@ -26,17 +44,22 @@ pub enum RegistryError {
     NotLeader,
     #[error("invalid etcd configuration: {0}")]
     Config(String),
-    /// A remote driver's error (e.g. fleetd's API unreachable), shown as that driver words it.
+    /// A remote driver's error (e.g. fleetd's API unreachable or answering an error), shown
+    /// as that driver words it; the driver gets its own error back by downcasting.
     #[error(transparent)]
     Remote(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl RegistryError {
-    /// True for errors that say etcd could not be reached (as opposed to a refusal).
+    /// True for errors that say the registry could not be reached (as opposed to a refusal).
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            RegistryError::Etcd(_) | RegistryError::Timeout(_) | RegistryError::Remote(_)
+            RegistryError::Connect(_)
+                | RegistryError::Etcd { .. }
+                | RegistryError::Timeout { .. }
+                | RegistryError::Unreachable { .. }
+                | RegistryError::Remote(_)
         )
     }
 }

@@ -1,4 +1,5 @@
-//! A lease kept alive in the background, and told apart from a lost one.
+//! A lease kept alive in the background, and told apart from a lost one: [`LeaseKeeper`] on
+//! etcd, and [`Lease`], the store-neutral handle the agent and the engine hold.
 
 use std::time::{Duration, Instant};
 
@@ -90,6 +91,57 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
             );
             let _ = lost.send(true);
             return;
+        }
+    }
+}
+
+/// A lease as the agent and the engine see it, whatever store granted it: an ID to write
+/// under, and a signal that it is gone. Dropping it stops its refreshing (the lease then
+/// expires after its ttl); the store's `withdraw`/`resign` revoke it at once.
+#[derive(Debug)]
+pub struct Lease {
+    id: i64,
+    lost: watch::Receiver<bool>,
+    /// The etcd keeper refreshing it (none for an in-memory lease).
+    keeper: Option<LeaseKeeper>,
+}
+
+impl Lease {
+    /// A lease whose loss is signalled through `lost` (the in-memory store's).
+    pub fn new(id: i64, lost: watch::Receiver<bool>) -> Lease {
+        Lease {
+            id,
+            lost,
+            keeper: None,
+        }
+    }
+
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Resolves when the lease is lost (immediately if it already is).
+    pub async fn lost(&self) {
+        let mut rx = self.lost.clone();
+        let _ = rx.wait_for(|l| *l).await;
+    }
+
+    /// The etcd keeper, to revoke the lease.
+    pub(crate) fn into_keeper(self) -> Option<LeaseKeeper> {
+        self.keeper
+    }
+}
+
+impl From<LeaseKeeper> for Lease {
+    fn from(k: LeaseKeeper) -> Lease {
+        Lease {
+            id: k.id,
+            lost: k.lost.clone(),
+            keeper: Some(k),
         }
     }
 }

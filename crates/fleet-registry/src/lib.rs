@@ -4,31 +4,41 @@
 //! `/_coreos.com/fleet/`). The layout is documented in `keys` and in
 //! `Documentation/etcd-layout.md`; values are JSON objects with a `version` field.
 //!
-//! Three kinds of users talk to the registry, each through its own part of the API:
+//! Three kinds of users talk to the registry, each through its own trait:
 //! - clients (the HTTP API and fleetctl's etcd driver): create, change and destroy units,
 //!   list units, machines and states ([`Registry`]);
-//! - the engine: leader election, one consistent snapshot, fenced writes of decisions;
+//! - the engine: leader election, a mirror of its keys, fenced writes of decisions
+//!   ([`EngineStore`]);
 //! - the agent: machine presence under a lease, its own schedule and the global units
-//!   through a watch, unit states under its lease.
+//!   through a watch, unit states under its lease ([`AgentStore`]).
+//!
+//! [`EtcdRegistry`] implements all three on etcd v3; [`MemoryRegistry`] (clients) and
+//! [`MemoryStore`] (agent and engine) are their in-memory twins for tests.
 
+mod decode;
 mod dial;
 mod error;
 mod etcd;
 pub mod keys;
 mod lease;
 mod memory;
+mod memory_store;
 mod model;
+mod roles;
 mod watch;
 
+pub use decode::{agent_ranges, engine_ranges, engine_snapshot};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};
-pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
-pub use lease::LeaseKeeper;
+pub use etcd::{EtcdConfig, EtcdRegistry};
+pub use lease::{Lease, LeaseKeeper};
 pub use memory::MemoryRegistry;
+pub use memory_store::MemoryStore;
 pub use model::{
     GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
     current_state,
 };
+pub use roles::{AgentStore, EngineOp, EngineSnapshot, EngineStore, Leadership};
 pub use watch::{KeyRange, ListWatch, WatchEvent};
 
 use std::time::Duration;

@@ -57,6 +57,14 @@ impl KeyRange {
         }
     }
 
+    /// Whether `key` lies in this range.
+    pub fn contains(&self, key: &str) -> bool {
+        match &self.end {
+            None => key.starts_with(&self.start),
+            Some(end) => key >= self.start.as_str() && key < end.as_str(),
+        }
+    }
+
     fn get_options(&self) -> GetOptions {
         match &self.end {
             None => GetOptions::new().with_prefix(),

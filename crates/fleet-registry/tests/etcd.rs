@@ -410,3 +410,35 @@ async fn replacing_a_unit_keeps_its_placement() {
         v2.hash()
     );
 }
+
+/// A failed request says which operation on which key failed, and is counted in the
+/// registry operation metrics (fleet's `fleet_registry_operation_*`).
+#[tokio::test]
+async fn failures_name_the_operation_and_the_key_and_are_counted() {
+    let etcd = EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let r = registry(&etcd).await.with_metrics(metrics.clone());
+    r.units().await.expect("list");
+    r.create_unit(
+        &name("a.service"),
+        &file("[Service]\nExecStart=/bin/true\n"),
+        TargetState::Loaded,
+    )
+    .await
+    .expect("create");
+    drop(etcd);
+    let e = r.units().await.expect_err("etcd is gone");
+    assert!(e.is_unavailable());
+    assert!(
+        e.to_string().starts_with("listing units /test/units/: "),
+        "{e}"
+    );
+    let text = metrics.encode();
+    for line in [
+        "fleet_registry_operation_count_total{type=\"get_all\"} 1",
+        "fleet_registry_operation_count_total{type=\"set\"} 2",
+        "fleet_registry_operation_failed_count_total{type=\"get_all\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}

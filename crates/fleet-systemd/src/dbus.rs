@@ -613,6 +613,14 @@ impl UnitManager for SystemdManager {
             .await
             .map_err(|e| join_error("listing units directory", self.inner.dir.dir(), e))?
     }
+
+    async fn read_unit(&self, name: &str) -> Result<String> {
+        let dir = self.inner.dir.clone();
+        let owned = name.to_owned();
+        tokio::task::spawn_blocking(move || dir.read(&owned))
+            .await
+            .map_err(|e| join_error("reading unit file", self.inner.dir.dir(), e))?
+    }
 }
 
 pub(crate) const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";

@@ -1,5 +1,6 @@
 //! [`FakeUnitManager`]: an in-memory [`UnitManager`] with systemd's observable semantics, for
-//! the agent's unit tests. Never what fleetd runs.
+//! the agent's unit tests. Never what fleetd runs: it is compiled only with the non-default
+//! `fake` feature, which only dev-dependencies turn on.
 //!
 //! What it models: unit files in a units directory, enablement, a unit table whose states
 //! change on start/stop (immediately: `active`/`running`, or `failed`/`failed` for a unit
@@ -399,6 +400,19 @@ impl UnitManager for FakeUnitManager {
             .filter(|n| recognized_unit_type(n))
             .cloned()
             .collect())
+    }
+
+    async fn read_unit(&self, name: &str) -> Result<String> {
+        validate_name(name)?;
+        self.lock()
+            .files
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::Io {
+                action: "reading unit file",
+                path: std::path::PathBuf::from(name),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
     }
 }
 

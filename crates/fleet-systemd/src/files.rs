@@ -185,6 +185,16 @@ impl UnitsDir {
         Ok(path)
     }
 
+    /// The file's text.
+    pub(crate) fn read(&self, name: &str) -> Result<String> {
+        let path = self.path(name)?;
+        std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            action: "reading unit file",
+            path,
+            source,
+        })
+    }
+
     /// Removes the file; a file already gone is not an error.
     pub(crate) fn remove(&self, name: &str) -> Result<()> {
         let path = self.path(name)?;

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 mod dbus;
 mod error;
-#[cfg(feature = "fake")]
+#[cfg(any(test, feature = "fake"))]
 pub mod fake;
 mod files;
 mod signals;
@@ -251,6 +251,10 @@ pub trait UnitManager: Send + Sync {
     /// Names of the unit files in `units_directory` (recognized unit types only, sorted), so a
     /// restarted agent finds the units it left behind.
     async fn unit_file_names(&self) -> Result<Vec<String>>;
+
+    /// The text of unit `name`'s file in `units_directory`, as a restarted agent finds it
+    /// (to adopt the unit only if the registry still wants exactly that).
+    async fn read_unit(&self, name: &str) -> Result<String>;
 }
 
 /// The longest unit name systemd accepts (`UNIT_NAME_MAX` is 256 with the NUL), which is

@@ -1,0 +1,351 @@
+//! The engine against the in-memory store, one event at a time (`Engine::handle`) or through
+//! its loop, in paused time: fencing, step-down on a refused write, deciding only from a
+//! view that holds its own last write, holding placements for one agent_ttl after a
+//! leadership change, and debouncing.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_metrics::Metrics;
+use fleet_registry::{EngineStore, MachineRecord, MemoryStore, ScheduleRecord, WatchEvent};
+use fleet_unit::{TargetState, UnitFile, UnitName};
+
+use crate::EngineConfig;
+use crate::engine::{Engine, Event};
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn config(id: &str) -> EngineConfig {
+    EngineConfig {
+        machine_id: id.into(),
+        reconcile_interval: Duration::from_secs(2),
+        agent_ttl: TTL,
+        disable_watches: false,
+    }
+}
+
+fn body(n: u32) -> UnitFile {
+    UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n")).expect("unit")
+}
+
+/// A machine present, as its agent registers it (without a lease: it stays).
+fn add_machine(store: &MemoryStore, id: &str) {
+    let rec = MachineRecord {
+        version: 1,
+        id: id.into(),
+        public_ip: "10.0.0.1".into(),
+        metadata: BTreeMap::new(),
+        agent_version: "1.0.0".into(),
+        token: id.into(),
+    };
+    store.put(
+        &store.keys().machine(id),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+}
+
+async fn create(store: &MemoryStore, name: &str, n: u32) {
+    let unit: UnitName = name.parse().expect("name");
+    store
+        .create_unit(&unit, &body(n), TargetState::Launched)
+        .await
+        .expect("create");
+}
+
+fn placement(store: &MemoryStore, unit: &str) -> Option<String> {
+    store
+        .get(&store.keys().placement(unit))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+/// Feeds the engine every event its watch has delivered so far.
+async fn drain(engine: &mut Engine) {
+    while let Some(ev) = engine.delivered() {
+        engine.handle(Event::Watch(ev)).await;
+    }
+}
+
+/// Handles every event that is ready now (watch events, and ticks already due).
+async fn settle(engine: &mut Engine) {
+    let never = tokio_util::sync::CancellationToken::new();
+    while let Ok(ev) = tokio::time::timeout(Duration::ZERO, engine.next_event(&never)).await {
+        engine.handle(ev).await;
+    }
+}
+
+/// Syncs the engine, lets it win the election, and syncs it again (its election comes back
+/// through the watch before it decides anything).
+async fn elect(engine: &mut Engine) {
+    drain(engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(engine.is_leader());
+    drain(engine).await;
+}
+
+/// A store with machine m1 and unit a.service, and an engine of m1 that leads and placed it.
+async fn leading() -> (MemoryStore, Engine, Metrics) {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    create(&store, "a.service", 1).await;
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    drain(&mut engine).await;
+    (store, engine, metrics)
+}
+
+/// Every engine write is fenced, and a refused write makes the engine step down: another
+/// engine won the leader key meanwhile, before this one's mirror showed it.
+#[tokio::test(start_paused = true)]
+async fn a_refused_write_steps_down_and_writes_nothing() {
+    let (store, mut engine, metrics) = leading().await;
+    store.delete(&store.keys().leader());
+    let other = store
+        .campaign("m2", TTL)
+        .await
+        .expect("campaign")
+        .expect("m2 leads");
+    create(&store, "b.service", 2).await;
+    // the engine learns of b.service, not (yet) of the new leader
+    let unit_key = store.keys().unit("b.service");
+    let value = store.get(&unit_key).expect("unit record");
+    engine
+        .handle(Event::Watch(WatchEvent::Put {
+            key: unit_key,
+            value,
+            revision: store.revision(),
+        }))
+        .await;
+    let before = store.revision();
+    engine.handle(Event::Tick).await;
+    assert!(!engine.is_leader(), "the engine did not step down");
+    assert_eq!(store.revision(), before, "a deposed leader wrote");
+    assert_eq!(placement(&store, "b.service"), None);
+    assert!(
+        metrics
+            .encode()
+            .contains("fleet_engine_task_failure_count_total{type=\"attemptscheduleunit\"} 1"),
+        "{}",
+        metrics.encode()
+    );
+    // its resignation does not touch the new leader's key
+    tokio::task::yield_now().await;
+    assert_eq!(
+        store.get(&store.keys().leader()),
+        Some(b"m2".to_vec()),
+        "{other:?}"
+    );
+}
+
+/// The leader key gone from the mirror (deleted, expired): the engine steps down before
+/// deciding anything.
+#[tokio::test(start_paused = true)]
+async fn a_leader_key_no_longer_ours_steps_down() {
+    let (store, mut engine, _) = leading().await;
+    store.delete(&store.keys().leader());
+    store.put(&store.keys().leader(), "m9");
+    create(&store, "b.service", 2).await;
+    drain(&mut engine).await;
+    let before = store.revision();
+    engine.handle(Event::Tick).await;
+    assert!(!engine.is_leader());
+    assert_eq!(store.revision(), before);
+}
+
+/// A reconcile never decides from a view older than its own last write: until the write
+/// comes back through the watch, a tick decides nothing (else a.service, missing from the
+/// stale mirror's placements, would be placed again).
+#[tokio::test(start_paused = true)]
+async fn never_decides_from_a_view_without_its_own_last_write() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    create(&store, "a.service", 1).await;
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let placed = placement(&store, "a.service").expect("placed");
+    let written = store.revision();
+    // the engine's own write has not been read back: ticks change nothing
+    for _ in 0..3 {
+        engine.handle(Event::Tick).await;
+    }
+    assert_eq!(store.revision(), written);
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(store.revision(), written, "a settled cluster is rewritten");
+    assert_eq!(placement(&store, "a.service"), Some(placed));
+}
+
+fn schedule_on(store: &MemoryStore, unit: &str, machine: &str, n: u32) {
+    let rec = ScheduleRecord {
+        version: 1,
+        hash: body(n).hash(),
+        desired_state: TargetState::Launched,
+    };
+    store.put(
+        &store.keys().schedule(machine, unit),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement(unit), machine);
+}
+
+/// A new leader keeps units on machines it has not seen yet for one agent_ttl (they may be
+/// re-registering after an etcd blip), and moves them once that time has passed.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_holds_placements_for_one_agent_ttl() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    create(&store, "a.service", 1).await;
+    schedule_on(&store, "a.service", "m2", 1); // m2 is not (yet) back
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    tokio::time::sleep(TTL - Duration::from_secs(1)).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m2"));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+}
+
+/// A machine the leader saw leave has left: its units move at once, grace period or not.
+#[tokio::test(start_paused = true)]
+async fn a_machine_seen_leaving_is_not_held() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    create(&store, "a.service", 1).await;
+    schedule_on(&store, "a.service", "m2", 1);
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m2"));
+    store.delete(&store.keys().machine("m2"));
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    // counted as fleet's engine did: a unit taken off a machine that went away
+    let text = metrics.encode();
+    for line in [
+        "fleet_engine_reconcile_failure_count_total{type=\"machine_away\"} 1",
+        "fleet_engine_task_count_total{type=\"unscheduleunit\"} 1",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+}
+
+/// A unit that cannot be placed gets the scheduler's reason, and counts as a schedule
+/// failure of every reconcile (fleet's `reconcile_failure_count{type="schedule"}`).
+#[tokio::test(start_paused = true)]
+async fn unplaceable_units_get_a_reason_and_count_as_schedule_failures() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let unit: UnitName = "pinned.service".parse().expect("name");
+    let file =
+        UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m9\n").expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(store.get(&store.keys().reason("pinned.service")).is_some());
+    assert_eq!(placement(&store, "pinned.service"), None);
+    let text = metrics.encode();
+    assert!(
+        text.contains("fleet_engine_reconcile_failure_count_total{type=\"schedule\"} 1"),
+        "{text}"
+    );
+}
+
+/// A burst of watch events makes one reconcile, shortly after, not one per event.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_changes_makes_one_reconcile() {
+    let (store, mut engine, metrics) = leading().await;
+    settle(&mut engine).await;
+    let reconciles = |m: &Metrics| {
+        m.encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("fleet_engine_reconcile_count_total ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    let before = reconciles(&metrics);
+    for n in 0..20 {
+        create(&store, &format!("u{n}.service"), n + 10).await;
+    }
+    let written = store.revision();
+    drain(&mut engine).await;
+    assert!(engine.reconcile_pending());
+    assert_eq!(store.revision(), written, "a watch event made a reconcile");
+    assert_eq!(reconciles(&metrics), before);
+    // the debounce deadline comes before the interval's next tick
+    let never = tokio_util::sync::CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let ev = engine.next_event(&never).await;
+    assert!(matches!(ev, Event::Tick));
+    assert_eq!(started.elapsed(), Duration::from_millis(50));
+    engine.handle(ev).await;
+    assert_eq!(reconciles(&metrics), before + 1);
+    assert!(!engine.reconcile_pending());
+    let placed = (0..20)
+        .filter(|n| placement(&store, &format!("u{n}.service")).is_some())
+        .count();
+    assert_eq!(placed, 20);
+    // tasks counted by fleet's task type where they are written; one duration per reconcile
+    let text = metrics.encode();
+    for line in [
+        "fleet_engine_task_count_total{type=\"attemptscheduleunit\"} 21".to_string(),
+        format!(
+            "fleet_engine_reconcile_duration_second_count {}",
+            before + 1
+        ),
+    ] {
+        assert!(text.contains(&line), "missing {line:?} in\n{text}");
+    }
+}
+
+/// The loop as fleetd runs it: two engines, one leads and schedules; when it shuts down it
+/// resigns and the other takes over.
+#[tokio::test(start_paused = true)]
+async fn the_loop_elects_one_leader_and_hands_over_on_shutdown() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    create(&store, "a.service", 1).await;
+    let start = |id: &str| {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(crate::run(
+            Arc::new(store.clone()),
+            config(id),
+            Metrics::new(),
+            shutdown.clone(),
+        ));
+        (shutdown, task)
+    };
+    let (stop1, one) = start("e1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (stop2, two) = start("e2");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.get(&store.keys().leader()), Some(b"e1".to_vec()));
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    stop1.cancel();
+    one.await.expect("engine 1");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(store.get(&store.keys().leader()), Some(b"e2".to_vec()));
+    stop2.cancel();
+    two.await.expect("engine 2");
+    assert_eq!(store.get(&store.keys().leader()), None);
+}

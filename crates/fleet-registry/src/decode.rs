@@ -1,0 +1,176 @@
+//! From listed keys and values to records: shared by every store, so the etcd registry and
+//! the in-memory store read the same bytes the same way. Malformed records are logged and
+//! skipped, never fatal.
+
+use std::collections::BTreeMap;
+
+use tracing::warn;
+
+use crate::keys::{self, Keys};
+use crate::model::{MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, decode};
+use crate::roles::EngineSnapshot;
+use crate::watch::KeyRange;
+
+pub(crate) fn units(keys: &Keys, kvs: &[(String, Vec<u8>)]) -> Vec<UnitRecord> {
+    kvs.iter()
+        .filter(|(k, _)| keys.strip(keys::UNITS, k).is_some())
+        .filter_map(|(k, v)| match decode::<UnitRecord>(k, v) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                warn!(error = %e, "skipping unit record");
+                None
+            }
+        })
+        .collect()
+}
+
+/// Machines present, with their API-set metadata merged over what their agents registered.
+pub(crate) fn machines(keys: &Keys, kvs: &[(String, Vec<u8>)]) -> Vec<MachineView> {
+    let mut overrides: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    for (k, v) in kvs {
+        if let Some((id, key)) = keys
+            .strip(keys::METADATA, k)
+            .and_then(|rest| rest.split_once('/'))
+        {
+            overrides
+                .entry(id.to_string())
+                .or_default()
+                .insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
+        }
+    }
+    let mut out: Vec<MachineView> = kvs
+        .iter()
+        .filter(|(k, _)| keys.strip(keys::MACHINES, k).is_some())
+        .filter_map(|(k, v)| match decode::<MachineRecord>(k, v) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "skipping machine record");
+                None
+            }
+        })
+        .map(|m| {
+            let mut metadata = m.metadata;
+            if let Some(o) = overrides.get(&m.id) {
+                metadata.extend(o.iter().map(|(k, v)| (k.clone(), v.clone())));
+            }
+            MachineView {
+                id: m.id,
+                public_ip: m.public_ip,
+                metadata,
+                version: m.agent_version,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// Plain-text values under `kind` (placements, reasons), by the rest of their key.
+pub(crate) fn strings(
+    keys: &Keys,
+    kind: &str,
+    kvs: &[(String, Vec<u8>)],
+) -> BTreeMap<String, String> {
+    kvs.iter()
+        .filter_map(|(k, v)| {
+            let name = keys.strip(kind, k)?;
+            Some((name.to_string(), String::from_utf8_lossy(v).into_owned()))
+        })
+        .collect()
+}
+
+pub(crate) fn states(keys: &Keys, kvs: &[(String, Vec<u8>)]) -> Vec<StateRecord> {
+    kvs.iter()
+        .filter(|(k, _)| keys.strip(keys::STATES, k).is_some())
+        .filter_map(|(k, v)| decode::<StateRecord>(k, v).ok())
+        .collect()
+}
+
+/// The key ranges the engine mirrors (list-watch) and decides from. The engine's own writes
+/// (`placement/`, `reasons/`, `schedule/`, adjacent in key order) are one range, so one
+/// write's events arrive together and the mirror never holds half of a decision.
+pub fn engine_ranges(keys: &Keys) -> Vec<KeyRange> {
+    let mut r: Vec<KeyRange> = [keys::UNITS, keys::MACHINES, keys::METADATA]
+        .iter()
+        .map(|k| KeyRange::prefix(keys.dir(k)))
+        .collect();
+    r.push(KeyRange::between(
+        keys.dir(keys::PLACEMENT),
+        // just past every key under schedule/ ('0' follows '/')
+        format!("{}schedule0", keys.prefix()),
+    ));
+    r.push(KeyRange::prefix(keys.leader()));
+    r
+}
+
+/// The key ranges an agent watches: its own schedule, the global units and its API-set
+/// metadata (never the whole unit tree).
+pub fn agent_ranges(keys: &Keys, machine_id: &str) -> Vec<KeyRange> {
+    [
+        keys.schedule_dir(machine_id),
+        keys.dir(keys::GLOBAL),
+        keys.metadata_dir(machine_id),
+    ]
+    .into_iter()
+    .map(KeyRange::prefix)
+    .collect()
+}
+
+/// Decodes a mirror of [`engine_ranges`] into what the engine decides from.
+pub fn engine_snapshot<'a>(
+    keys: &Keys,
+    revision: i64,
+    kvs: impl Iterator<Item = (&'a String, &'a Vec<u8>)>,
+) -> EngineSnapshot {
+    let owned: Vec<(String, Vec<u8>)> = kvs.map(|(k, v)| (k.clone(), v.clone())).collect();
+    let placements = strings(keys, keys::PLACEMENT, &owned);
+    let mut schedules: BTreeMap<String, (String, ScheduleRecord)> = BTreeMap::new();
+    let mut strays = Vec::new();
+    for (k, v) in &owned {
+        let Some(rest) = keys.strip(keys::SCHEDULE, k) else {
+            continue;
+        };
+        let Some((machine, unit)) = rest.split_once('/') else {
+            continue;
+        };
+        let rec = match decode::<ScheduleRecord>(k, v) {
+            Ok(r) => r,
+            Err(e) => {
+                // unreadable: the engine removes it like any other stray
+                warn!(error = %e, "schedule record not understood");
+                strays.push((unit.to_string(), machine.to_string()));
+                continue;
+            }
+        };
+        // A unit scheduled on two machines (an interrupted write): the placement says which
+        // one is meant; the other is a stray to remove.
+        let keep_new = match schedules.get(unit) {
+            None => true,
+            Some((m, _)) => {
+                placements.get(unit) == Some(&machine.to_string())
+                    && placements.get(unit) != Some(m)
+            }
+        };
+        if keep_new {
+            if let Some((old, _)) = schedules.insert(unit.to_string(), (machine.to_string(), rec)) {
+                strays.push((unit.to_string(), old));
+            }
+        } else {
+            strays.push((unit.to_string(), machine.to_string()));
+        }
+    }
+    let leader_key = keys.leader();
+    EngineSnapshot {
+        revision,
+        units: units(keys, &owned),
+        machines: machines(keys, &owned),
+        schedules,
+        strays,
+        placements,
+        reasons: strings(keys, keys::REASONS, &owned),
+        leader: owned
+            .iter()
+            .find(|(k, _)| *k == leader_key)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
+    }
+}

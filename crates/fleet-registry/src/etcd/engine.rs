@@ -1,0 +1,197 @@
+//! The engine role on etcd: leader election, the engine's mirror, unit bodies and fenced
+//! writes of decisions ([`EngineStore`]).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use fleet_unit::{UnitFile, UnitHash};
+use tokio::sync::mpsc;
+
+use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
+use crate::keys::Keys;
+use crate::lease::{Lease, LeaseKeeper};
+use crate::roles::{EngineOp, EngineSnapshot, EngineStore, Leadership, Write, engine_writes};
+use crate::watch::{KeyRange, ListWatch, list};
+use crate::{RegistryError, Result, WatchEvent, decode as records};
+
+impl EtcdRegistry {
+    /// Tries to become the engine leader. `Ok(None)` when someone else leads.
+    pub async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>> {
+        let key = self.keys.leader();
+        let lease = self
+            .timed(
+                OpKind::Set,
+                "granting the leader lease",
+                &key,
+                LeaseKeeper::grant(&self.client, ttl),
+            )
+            .await?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                machine_id,
+                Some(PutOptions::new().with_lease(lease.id())),
+            )]);
+        let resp = self.txn(OpKind::Set, "campaigning", &key, txn).await?;
+        if !resp.succeeded() {
+            lease.revoke(&self.client).await;
+            return Ok(None);
+        }
+        let create_revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok(Some(Leadership {
+            lease: Lease::from(lease),
+            create_revision,
+        }))
+    }
+
+    /// The current leader's machine ID, if any.
+    pub async fn leader(&self) -> Result<Option<String>> {
+        let key = self.keys.leader();
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .timed(
+                OpKind::Get,
+                "reading the leader",
+                &key,
+                kv.get(key.as_str(), None),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Gives up leadership at once (on shutdown), so another engine takes over quickly.
+    pub async fn resign(&self, leadership: Leadership) {
+        if let Some(keeper) = leadership.lease.into_keeper() {
+            keeper.revoke(&self.client).await;
+        }
+    }
+
+    /// The key ranges the engine mirrors; see [`records::engine_ranges`].
+    pub fn engine_ranges(&self) -> Vec<KeyRange> {
+        records::engine_ranges(&self.keys)
+    }
+
+    /// Decodes a mirror of [`Self::engine_ranges`] into what the engine decides from.
+    /// Malformed records are logged and skipped.
+    pub fn decode_engine_snapshot<'a>(
+        &self,
+        revision: i64,
+        kvs: impl Iterator<Item = (&'a String, &'a Vec<u8>)>,
+    ) -> EngineSnapshot {
+        records::engine_snapshot(&self.keys, revision, kvs)
+    }
+
+    /// Everything the engine decides from, read at one revision.
+    pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
+        let ranges = self.engine_ranges();
+        let first = ranges[0].start.clone();
+        let (revision, kvs) = self
+            .timed(
+                OpKind::GetAll,
+                "listing the engine's keys",
+                &first,
+                list(&self.client, &ranges),
+            )
+            .await?;
+        Ok(self.decode_engine_snapshot(revision, kvs.iter().map(|(k, v)| (k, v))))
+    }
+
+    /// Mirrors the engine's prefixes (see [`ListWatch`]).
+    pub fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        ListWatch::spawn(
+            self.client.clone(),
+            self.engine_ranges(),
+            poll,
+            self.timeout.saturating_mul(5),
+        )
+    }
+
+    /// The bodies of the given units (for their requirements).
+    pub async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        self.bodies(hashes).await
+    }
+
+    /// Writes decisions, each transaction fenced on the leader key: a deposed leader's writes
+    /// fail as a whole ([`RegistryError::NotLeader`]). Returns the revision of the last write
+    /// (0 when there was nothing to write).
+    pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
+        let leader = self.keys.leader();
+        let mut revision = 0;
+        for chunk in txn_chunks(&self.keys, ops) {
+            let txn = Txn::new()
+                .when([Compare::create_revision(
+                    leader.as_str(),
+                    CompareOp::Equal,
+                    leadership.create_revision,
+                )])
+                .and_then(chunk);
+            let resp = self
+                .txn(OpKind::Set, "writing engine decisions", &leader, txn)
+                .await?;
+            if !resp.succeeded() {
+                return Err(RegistryError::NotLeader);
+            }
+            revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+        }
+        Ok(revision)
+    }
+}
+
+/// The etcd operations of `ops`, in transactions of at most [`MAX_TXN_OPS`]; a transaction
+/// never splits one decision's group.
+fn txn_chunks(keys: &Keys, ops: &[EngineOp]) -> Vec<Vec<TxnOp>> {
+    let groups = engine_writes(keys, ops).into_iter().map(|g| {
+        g.into_iter()
+            .map(|w| match w {
+                Write::Put(k, v) => TxnOp::put(k, v, None),
+                Write::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut chunks = Vec::new();
+    let mut chunk: Vec<TxnOp> = Vec::new();
+    let mut iter = groups.peekable();
+    while let Some(group) = iter.next() {
+        chunk.extend(group);
+        let next_fits = iter
+            .peek()
+            .is_some_and(|g| chunk.len() + g.len() <= MAX_TXN_OPS);
+        if !next_fits {
+            chunks.push(std::mem::take(&mut chunk));
+        }
+    }
+    chunks
+}
+
+#[async_trait]
+impl EngineStore for EtcdRegistry {
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>> {
+        EtcdRegistry::campaign(self, machine_id, ttl).await
+    }
+
+    async fn resign(&self, leadership: Leadership) {
+        EtcdRegistry::resign(self, leadership).await
+    }
+
+    fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        EtcdRegistry::watch_engine(self, poll)
+    }
+
+    async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        self.bodies(hashes).await
+    }
+
+    async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
+        EtcdRegistry::apply(self, leadership, ops).await
+    }
+}

@@ -1,0 +1,339 @@
+//! The registry on etcd v3, through `etcd-client`: the connection and what every role shares
+//! (timed requests naming their key, transactions, the unit body cache). Each role's requests
+//! live in their own module: `client` ([`crate::Registry`]), `engine` ([`crate::EngineStore`])
+//! and `agent` ([`crate::AgentStore`]).
+
+mod agent;
+mod client;
+mod engine;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{
+    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
+    TxnOpResponse,
+};
+use fleet_unit::{UnitFile, UnitHash};
+use tracing::warn;
+
+use crate::keys::{self, Keys};
+use crate::watch::{KeyRange, list};
+use crate::{RegistryError, Result};
+
+/// etcd accepts at most 128 operations in one transaction by default.
+const MAX_TXN_OPS: usize = 120;
+
+/// How to reach etcd; fleet's `etcd_*` options.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub key_prefix: String,
+    pub request_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            key_prefix: "/_coreos.com/fleet/".into(),
+            request_timeout: Duration::from_secs(1),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// The registry. Cheap to clone; clones share the connection and the body cache.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+    keys: Keys,
+    timeout: Duration,
+    /// Unit bodies by hash: immutable once written, so caching them is always correct.
+    bodies: Arc<Mutex<HashMap<UnitHash, UnitFile>>>,
+    /// Where every request is counted (fleet's registry operation metrics).
+    metrics: fleet_metrics::Metrics,
+}
+
+impl EtcdRegistry {
+    /// Connects (lazily: etcd need not be up yet) and validates the configuration.
+    pub async fn connect(cfg: &EtcdConfig) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, None).await
+    }
+
+    /// Like [`EtcdRegistry::connect`], but every connection to an endpoint is opened by
+    /// `dialer` (fleetctl's `--tunnel`: an SSH channel) instead of a TCP connect, so no local
+    /// port is involved. TLS still verifies the host name in the endpoint URL.
+    pub async fn connect_via(
+        cfg: &EtcdConfig,
+        dialer: Arc<dyn crate::Dialer>,
+    ) -> Result<EtcdRegistry> {
+        EtcdRegistry::open(cfg, Some(dialer)).await
+    }
+
+    async fn open(
+        cfg: &EtcdConfig,
+        dialer: Option<Arc<dyn crate::Dialer>>,
+    ) -> Result<EtcdRegistry> {
+        if cfg.endpoints.is_empty() {
+            return Err(RegistryError::Config("etcd_servers is empty".into()));
+        }
+        let mut opts = ConnectOptions::new()
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
+            .with_connect_timeout(cfg.request_timeout.max(Duration::from_secs(1)))
+            .with_keep_alive_while_idle(true);
+        if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
+            opts = opts.with_user(u.clone(), p.clone());
+        }
+        let tls_wanted = cfg.ca_file.is_some()
+            || cfg.cert_file.is_some()
+            || cfg.endpoints.iter().any(|e| e.starts_with("https://"));
+        if tls_wanted {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &cfg.ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| RegistryError::Config(format!("{}: {e}", ca.display())))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            match (&cfg.cert_file, &cfg.key_file) {
+                (Some(c), Some(k)) => {
+                    let cert = std::fs::read(c)
+                        .map_err(|e| RegistryError::Config(format!("{}: {e}", c.display())))?;
+                    let key = std::fs::read(k)
+                        .map_err(|e| RegistryError::Config(format!("{}: {e}", k.display())))?;
+                    tls = tls.identity(Identity::from_pem(cert, key));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(RegistryError::Config(
+                        "etcd_certfile and etcd_keyfile must be given together".into(),
+                    ));
+                }
+            }
+            opts = opts.with_tls(tls);
+        }
+        let endpoints: Vec<String> = cfg.endpoints.clone();
+        let client = match dialer {
+            None => Client::connect(endpoints, Some(opts)).await?,
+            Some(dialer) => {
+                let dialed = crate::dial::Dialed {
+                    dialer,
+                    endpoints: endpoints.len() + 1,
+                };
+                Client::connect_with_balanced_channel(endpoints, Some(opts), dialed).await?
+            }
+        };
+        Ok(EtcdRegistry {
+            client,
+            keys: Keys::new(&cfg.key_prefix),
+            timeout: cfg.request_timeout,
+            bodies: Arc::new(Mutex::new(HashMap::new())),
+            metrics: fleet_metrics::global().clone(),
+        })
+    }
+
+    /// Counts this registry's requests in `metrics` instead of the process's
+    /// [`fleet_metrics::global`] ones.
+    pub fn with_metrics(mut self, metrics: fleet_metrics::Metrics) -> EtcdRegistry {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// One etcd request, bounded by the request timeout; a failure names `op` and `key`,
+    /// and the request is counted in the registry metrics as `kind`.
+    async fn timed<T, F>(&self, kind: OpKind, op: &'static str, key: &str, f: F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(self.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => Err(RegistryError::Etcd {
+                op,
+                key: key.to_string(),
+                source,
+            }),
+            Err(_) => Err(RegistryError::Timeout {
+                op,
+                key: key.to_string(),
+                after: self.timeout,
+            }),
+        };
+        self.metrics
+            .registry_op(kind.metric(), started.elapsed(), result.is_ok());
+        result
+    }
+
+    /// A transaction; `op` and `key` (its first key) name it in errors.
+    async fn txn(
+        &self,
+        kind: OpKind,
+        op: &'static str,
+        key: &str,
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse> {
+        let mut kv = self.client.kv_client();
+        self.timed(kind, op, key, kv.txn(txn)).await
+    }
+
+    async fn get_prefix(&self, op: &'static str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .timed(
+                OpKind::GetAll,
+                op,
+                prefix,
+                kv.get(prefix, Some(GetOptions::new().with_prefix())),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect())
+    }
+
+    /// Reads several prefixes at one revision.
+    async fn list(
+        &self,
+        op: &'static str,
+        prefixes: &[String],
+    ) -> Result<(i64, Vec<(String, Vec<u8>)>)> {
+        let ranges: Vec<KeyRange> = prefixes.iter().map(KeyRange::prefix).collect();
+        let first = prefixes.first().map(String::as_str).unwrap_or_default();
+        self.timed(OpKind::GetAll, op, first, list(&self.client, &ranges))
+            .await
+    }
+
+    /// The unit file stored under `hash` (cached; bodies never change).
+    pub async fn body(&self, hash: &UnitHash) -> Result<UnitFile> {
+        if let Some(f) = self.cached_body(hash) {
+            return Ok(f);
+        }
+        let key = self.keys.body(&hash.to_string());
+        let mut kv = self.client.kv_client();
+        let resp = self
+            .timed(
+                OpKind::Get,
+                "reading unit body",
+                &key,
+                kv.get(key.as_str(), None),
+            )
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(RegistryError::MissingBody(hash.to_string()));
+        };
+        let text = String::from_utf8_lossy(kv.value());
+        let file = UnitFile::parse(&text).map_err(|e| RegistryError::BadValue {
+            key,
+            reason: e.to_string(),
+        })?;
+        self.cache_body(*hash, file.clone());
+        Ok(file)
+    }
+
+    /// Bodies of many hashes, fetched in batched transactions.
+    async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        let mut out = HashMap::new();
+        let mut missing = Vec::new();
+        for h in hashes {
+            match self.cached_body(h) {
+                Some(f) => {
+                    out.insert(*h, f);
+                }
+                None if !missing.contains(h) => missing.push(*h),
+                None => {}
+            }
+        }
+        for chunk in missing.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|h| TxnOp::get(self.keys.body(&h.to_string()), None))
+                .collect();
+            let first = self.keys.body(&chunk[0].to_string());
+            let resp = self
+                .txn(
+                    OpKind::GetAll,
+                    "reading unit bodies",
+                    &first,
+                    Txn::new().and_then(ops),
+                )
+                .await?;
+            for op in resp.op_responses() {
+                let TxnOpResponse::Get(get) = op else {
+                    continue;
+                };
+                for kv in get.kvs() {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let Some(hash) = self
+                        .keys
+                        .strip(keys::BODIES, &key)
+                        .and_then(|h| h.parse().ok())
+                    else {
+                        continue;
+                    };
+                    match UnitFile::parse(&String::from_utf8_lossy(kv.value())) {
+                        Ok(f) => {
+                            self.cache_body(hash, f.clone());
+                            out.insert(hash, f);
+                        }
+                        Err(e) => warn!(%key, error = %e, "unparsable unit body"),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn cached_body(&self, hash: &UnitHash) -> Option<UnitFile> {
+        self.bodies.lock().ok()?.get(hash).cloned()
+    }
+
+    fn cache_body(&self, hash: UnitHash, file: UnitFile) {
+        if let Ok(mut m) = self.bodies.lock() {
+            m.insert(hash, file);
+        }
+    }
+}
+
+/// What kind of registry operation a request is, as fleet's registry metrics count them.
+#[derive(Debug, Clone, Copy)]
+enum OpKind {
+    Get,
+    GetAll,
+    Set,
+}
+
+impl OpKind {
+    fn metric(self) -> fleet_metrics::RegistryOp {
+        match self {
+            OpKind::Get => fleet_metrics::RegistryOp::Get,
+            OpKind::GetAll => fleet_metrics::RegistryOp::GetAll,
+            OpKind::Set => fleet_metrics::RegistryOp::Set,
+        }
+    }
+}

@@ -1,0 +1,803 @@
+//! An in-memory store with etcd's semantics as the agent and the engine see them: keys in
+//! fleet's layout with revisions, leases that expire, list-watches that deliver, fenced
+//! engine writes. For the agent's and the engine's loop tests; never what fleetd runs.
+//!
+//! Everything is deterministic under `tokio::time::pause`: a lease expires `ttl` after the
+//! store became unreachable (nobody can refresh it then) or at once by
+//! [`MemoryStore::expire_lease`]; watch events are sent as the write happens.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use tokio::sync::{mpsc, watch};
+
+use crate::keys::{self, Keys};
+use crate::lease::Lease;
+use crate::model::{
+    GlobalRecord, MachineRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView,
+    current_state, decode, encode,
+};
+use crate::roles::{AgentStore, EngineOp, EngineStore, Leadership, Write, engine_writes};
+use crate::watch::KeyRange;
+use crate::{RegistryError, Result, WatchEvent, decode as records};
+
+/// How many events a watcher may have unread before it is dropped (its receiver then ends,
+/// as a broken etcd watch does, and the consumer watches again).
+const WATCH_BUFFER: usize = 4096;
+
+/// The store. Cheap to clone: clones share the data.
+#[derive(Clone)]
+pub struct MemoryStore {
+    keys: Keys,
+    inner: Arc<Mutex<Kv>>,
+}
+
+struct Entry {
+    value: Vec<u8>,
+    create_revision: i64,
+    lease: Option<i64>,
+}
+
+struct LeaseEntry {
+    ttl: Duration,
+    lost: watch::Sender<bool>,
+}
+
+struct Watcher {
+    ranges: Vec<KeyRange>,
+    tx: mpsc::Sender<WatchEvent>,
+    /// Told of a disconnection, owed a snapshot when the store is reachable again.
+    disconnected: bool,
+}
+
+#[derive(Default)]
+struct Kv {
+    revision: i64,
+    data: BTreeMap<String, Entry>,
+    leases: HashMap<i64, LeaseEntry>,
+    next_lease: i64,
+    watchers: Vec<Watcher>,
+    unreachable: bool,
+    /// Bumped at every change of reachability, so a pending expiry knows it is stale.
+    epoch: u64,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new("/_coreos.com/fleet/")
+    }
+}
+
+impl MemoryStore {
+    /// An empty store whose keys start with `prefix`.
+    pub fn new(prefix: &str) -> MemoryStore {
+        MemoryStore {
+            keys: Keys::new(prefix),
+            inner: Arc::new(Mutex::new(Kv::default())),
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Kv> {
+        // a panicking test thread must not make every later call panic too
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Locks the store for a request; fails as etcd out of reach would.
+    fn request(&self, op: &'static str, key: &str) -> Result<MutexGuard<'_, Kv>> {
+        let kv = self.lock();
+        if kv.unreachable {
+            return Err(RegistryError::Unreachable {
+                op,
+                key: key.to_string(),
+            });
+        }
+        Ok(kv)
+    }
+
+    /// Cuts every client off (`false`) or lets them back (`true`). While cut off, requests
+    /// fail, watchers get [`WatchEvent::Disconnected`], and every lease expires after its
+    /// ttl; once back, watchers get a fresh snapshot.
+    pub fn set_reachable(&self, reachable: bool) {
+        let mut kv = self.lock();
+        if kv.unreachable != reachable {
+            return;
+        }
+        kv.unreachable = !reachable;
+        kv.epoch += 1;
+        let epoch = kv.epoch;
+        if reachable {
+            let (revision, data) = (kv.revision, snapshot_of(&kv.data));
+            kv.watchers.retain_mut(|w| {
+                w.disconnected = false;
+                w.tx.try_send(WatchEvent::Snapshot {
+                    revision,
+                    kvs: in_ranges(&data, &w.ranges),
+                })
+                .is_ok()
+            });
+            return;
+        }
+        kv.watchers.retain_mut(|w| {
+            w.disconnected = true;
+            w.tx.try_send(WatchEvent::Disconnected).is_ok()
+        });
+        for (&id, lease) in &kv.leases {
+            let store = self.clone();
+            let ttl = lease.ttl;
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                let still_cut_off = {
+                    let kv = store.lock();
+                    kv.unreachable && kv.epoch == epoch
+                };
+                if still_cut_off {
+                    store.expire_lease(id);
+                }
+            });
+        }
+    }
+
+    /// The lease expires now: its keys are deleted and its holder learns it is lost.
+    pub fn expire_lease(&self, id: i64) {
+        let mut kv = self.lock();
+        kv.revoke(id);
+    }
+
+    /// Writes one key as etcdctl would (no lease), e.g. a record this code cannot read.
+    pub fn put(&self, key: &str, value: impl Into<Vec<u8>>) {
+        self.lock()
+            .commit(vec![Write::Put(key.to_string(), value.into())], None);
+    }
+
+    /// Deletes one key as etcdctl would.
+    pub fn delete(&self, key: &str) {
+        self.lock()
+            .commit(vec![Write::Delete(key.to_string())], None);
+    }
+
+    /// The value under `key`.
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.lock().data.get(key).map(|e| e.value.clone())
+    }
+
+    /// Every key under `prefix`, with its value, in key order.
+    pub fn list(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        in_ranges(&snapshot_of(&self.lock().data), &[KeyRange::prefix(prefix)])
+    }
+
+    /// The revision of the last write.
+    pub fn revision(&self) -> i64 {
+        self.lock().revision
+    }
+
+    /// The lease a key is held under, if any.
+    pub fn lease_of(&self, key: &str) -> Option<i64> {
+        self.lock().data.get(key).and_then(|e| e.lease)
+    }
+
+    fn grant(&self, kv: &mut Kv, ttl: Duration) -> Lease {
+        kv.next_lease += 1;
+        let id = kv.next_lease;
+        let (lost, rx) = watch::channel(false);
+        kv.leases.insert(id, LeaseEntry { ttl, lost });
+        let lease = Lease::new(id, rx);
+        if kv.unreachable {
+            // granted just before the cut: it cannot be refreshed either
+            let store = self.clone();
+            let epoch = kv.epoch;
+            tokio::spawn(async move {
+                tokio::time::sleep(ttl).await;
+                let still = {
+                    let kv = store.lock();
+                    kv.unreachable && kv.epoch == epoch
+                };
+                if still {
+                    store.expire_lease(id);
+                }
+            });
+        }
+        lease
+    }
+
+    fn watch(&self, ranges: Vec<KeyRange>) -> mpsc::Receiver<WatchEvent> {
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let mut kv = self.lock();
+        let first = if kv.unreachable {
+            WatchEvent::Disconnected
+        } else {
+            WatchEvent::Snapshot {
+                revision: kv.revision,
+                kvs: in_ranges(&snapshot_of(&kv.data), &ranges),
+            }
+        };
+        if tx.try_send(first).is_ok() {
+            let disconnected = kv.unreachable;
+            kv.watchers.push(Watcher {
+                ranges,
+                tx,
+                disconnected,
+            });
+        }
+        rx
+    }
+
+    fn body_of(&self, kv: &Kv, hash: &UnitHash) -> Result<UnitFile> {
+        let key = self.keys.body(&hash.to_string());
+        let Some(e) = kv.data.get(&key) else {
+            return Err(RegistryError::MissingBody(hash.to_string()));
+        };
+        UnitFile::parse(&String::from_utf8_lossy(&e.value)).map_err(|e| RegistryError::BadValue {
+            key,
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn snapshot_of(data: &BTreeMap<String, Entry>) -> Vec<(String, Vec<u8>)> {
+    data.iter()
+        .map(|(k, e)| (k.clone(), e.value.clone()))
+        .collect()
+}
+
+fn in_ranges(data: &[(String, Vec<u8>)], ranges: &[KeyRange]) -> Vec<(String, Vec<u8>)> {
+    data.iter()
+        .filter(|(k, _)| ranges.iter().any(|r| r.contains(k)))
+        .cloned()
+        .collect()
+}
+
+impl Kv {
+    /// Applies writes as one transaction (one revision) and tells the watchers.
+    fn commit(&mut self, writes: Vec<Write>, lease: Option<i64>) -> i64 {
+        if writes.is_empty() {
+            return self.revision;
+        }
+        self.revision += 1;
+        let revision = self.revision;
+        let mut events = Vec::with_capacity(writes.len());
+        for w in writes {
+            match w {
+                Write::Put(key, value) => {
+                    let create_revision =
+                        self.data.get(&key).map_or(revision, |e| e.create_revision);
+                    self.data.insert(
+                        key.clone(),
+                        Entry {
+                            value: value.clone(),
+                            create_revision,
+                            lease,
+                        },
+                    );
+                    events.push(WatchEvent::Put {
+                        key,
+                        value,
+                        revision,
+                    });
+                }
+                Write::Delete(key) => {
+                    if self.data.remove(&key).is_some() {
+                        events.push(WatchEvent::Delete { key, revision });
+                    }
+                }
+            }
+        }
+        self.watchers.retain(|w| {
+            if w.disconnected {
+                return true;
+            }
+            events
+                .iter()
+                .filter(|ev| match ev {
+                    WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => {
+                        w.ranges.iter().any(|r| r.contains(key))
+                    }
+                    _ => false,
+                })
+                .all(|ev| w.tx.try_send(ev.clone()).is_ok())
+        });
+        revision
+    }
+
+    fn revoke(&mut self, id: i64) {
+        let Some(lease) = self.leases.remove(&id) else {
+            return;
+        };
+        let _ = lease.lost.send(true);
+        let held: Vec<Write> = self
+            .data
+            .iter()
+            .filter(|(_, e)| e.lease == Some(id))
+            .map(|(k, _)| Write::Delete(k.clone()))
+            .collect();
+        self.commit(held, None);
+    }
+
+    fn create_revision(&self, key: &str) -> i64 {
+        self.data.get(key).map_or(0, |e| e.create_revision)
+    }
+}
+
+#[async_trait]
+impl AgentStore for MemoryStore {
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn register_machine(&self, rec: &MachineRecord, ttl: Duration) -> Result<Lease> {
+        let key = self.keys.machine(&rec.id);
+        let deadline = tokio::time::Instant::now() + ttl.saturating_add(Duration::from_secs(2));
+        loop {
+            {
+                let mut kv = self.request("registering machine", &key)?;
+                let taken = kv
+                    .data
+                    .get(&key)
+                    .map(|e| decode::<MachineRecord>(&key, &e.value).ok());
+                let ours = |o: &Option<MachineRecord>| {
+                    o.as_ref()
+                        .is_some_and(|o| !o.token.is_empty() && o.token == rec.token)
+                };
+                match taken {
+                    Some(other) if !ours(&other) => {
+                        if tokio::time::Instant::now() >= deadline {
+                            return Err(RegistryError::DuplicateMachine {
+                                id: rec.id.clone(),
+                                ip: other.map(|o| o.public_ip).unwrap_or_default(),
+                            });
+                        }
+                    }
+                    _ => {
+                        let lease = self.grant(&mut kv, ttl);
+                        kv.commit(vec![Write::Put(key.clone(), encode(rec))], Some(lease.id()));
+                        return Ok(lease);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn withdraw_machine(&self, id: &str, lease: Lease) {
+        let mut kv = self.lock();
+        if kv.unreachable {
+            return;
+        }
+        kv.revoke(lease.id());
+        kv.commit(vec![Write::Delete(self.keys.machine(id))], None);
+    }
+
+    fn watch_agent(&self, machine_id: &str, _poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        // polling would deliver the same snapshots later; the store always watches
+        self.watch(records::agent_ranges(&self.keys, machine_id))
+    }
+
+    async fn body(&self, hash: &UnitHash) -> Result<UnitFile> {
+        let key = self.keys.body(&hash.to_string());
+        let kv = self.request("reading unit body", &key)?;
+        self.body_of(&kv, hash)
+    }
+
+    async fn publish_state(
+        &self,
+        name: &str,
+        machine_id: &str,
+        state: Option<&StateRecord>,
+        lease: &Lease,
+    ) -> Result<()> {
+        let key = self.keys.state(name, machine_id);
+        let mut kv = self.request("publishing unit state", &key)?;
+        match state {
+            Some(s) => kv.commit(vec![Write::Put(key, encode(s))], Some(lease.id())),
+            None => kv.commit(vec![Write::Delete(key)], None),
+        };
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EngineStore for MemoryStore {
+    fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>> {
+        let key = self.keys.leader();
+        let mut kv = self.request("campaigning", &key)?;
+        if kv.data.contains_key(&key) {
+            return Ok(None);
+        }
+        let lease = self.grant(&mut kv, ttl);
+        let create_revision = kv.commit(
+            vec![Write::Put(key, machine_id.as_bytes().to_vec())],
+            Some(lease.id()),
+        );
+        Ok(Some(Leadership {
+            lease,
+            create_revision,
+        }))
+    }
+
+    async fn resign(&self, leadership: Leadership) {
+        let mut kv = self.lock();
+        if !kv.unreachable {
+            kv.revoke(leadership.lease.id());
+        }
+    }
+
+    fn watch_engine(&self, _poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        self.watch(records::engine_ranges(&self.keys))
+    }
+
+    async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        let kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
+        Ok(hashes
+            .iter()
+            .filter_map(|h| Some((*h, self.body_of(&kv, h).ok()?)))
+            .collect())
+    }
+
+    async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
+        let leader = self.keys.leader();
+        let mut kv = self.request("writing engine decisions", &leader)?;
+        let writes: Vec<Write> = engine_writes(&self.keys, ops)
+            .into_iter()
+            .flatten()
+            .collect();
+        if writes.is_empty() {
+            return Ok(0);
+        }
+        if kv.create_revision(&leader) != leadership.create_revision {
+            return Err(RegistryError::NotLeader);
+        }
+        Ok(kv.commit(writes, None))
+    }
+}
+
+/// The client's writes and reads, as the etcd registry does them, so that tests create and
+/// change units the way fleetctl does. (Inherent, not an `impl Registry`: the trait is the
+/// clients' and grows with them; `MemoryRegistry` is its in-memory implementation.)
+impl MemoryStore {
+    pub async fn create_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()> {
+        let global = Requirements::from_unit(name, file)
+            .map(|(r, _)| r.global)
+            .unwrap_or(false);
+        let hash = file.hash();
+        let unit_key = self.keys.unit(name.as_str());
+        let body_key = self.keys.body(&hash.to_string());
+        let mut kv = self.request("creating unit", &unit_key)?;
+        if kv.data.contains_key(&unit_key) {
+            return Err(RegistryError::AlreadyExists(name.to_string()));
+        }
+        if !kv.data.contains_key(&body_key) {
+            kv.commit(
+                vec![Write::Put(body_key, file.serialize().into_bytes())],
+                None,
+            );
+        }
+        let rec = UnitRecord {
+            version: RECORD_VERSION,
+            name: name.clone(),
+            hash,
+            desired_state: desired,
+            global,
+        };
+        let mut writes = vec![Write::Put(unit_key, encode(&rec))];
+        if global {
+            let g = GlobalRecord {
+                version: RECORD_VERSION,
+                hash,
+                desired_state: desired,
+            };
+            writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
+        }
+        kv.commit(writes, None);
+        Ok(())
+    }
+
+    pub async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
+        let key = self.keys.unit(name.as_str());
+        let mut kv = self.request("setting desired state", &key)?;
+        let Some(e) = kv.data.get(&key) else {
+            return Err(RegistryError::NotFound(name.to_string()));
+        };
+        let mut rec: UnitRecord = decode(&key, &e.value)?;
+        if rec.desired_state == desired {
+            return Ok(());
+        }
+        rec.desired_state = desired;
+        let mut writes = vec![Write::Put(key, encode(&rec))];
+        if rec.global {
+            let g = GlobalRecord {
+                version: RECORD_VERSION,
+                hash: rec.hash,
+                desired_state: desired,
+            };
+            writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
+        }
+        kv.commit(writes, None);
+        Ok(())
+    }
+
+    pub async fn destroy_unit(&self, name: &UnitName) -> Result<bool> {
+        let key = self.keys.unit(name.as_str());
+        let mut kv = self.request("destroying unit", &key)?;
+        let existed = kv.data.contains_key(&key);
+        kv.commit(
+            vec![
+                Write::Delete(key),
+                Write::Delete(self.keys.global(name.as_str())),
+            ],
+            None,
+        );
+        Ok(existed)
+    }
+
+    pub async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>> {
+        Ok(self.units().await?.into_iter().find(|u| &u.name == name))
+    }
+
+    pub async fn units(&self) -> Result<Vec<UnitView>> {
+        let kv = self.request("listing units", &self.keys.dir(keys::UNITS))?;
+        let all = snapshot_of(&kv.data);
+        let placements = records::strings(&self.keys, keys::PLACEMENT, &all);
+        let reasons = records::strings(&self.keys, keys::REASONS, &all);
+        let states: HashMap<(String, String), StateRecord> = records::states(&self.keys, &all)
+            .into_iter()
+            .map(|s| ((s.name.clone(), s.machine_id.clone()), s))
+            .collect();
+        let mut out = Vec::new();
+        for u in records::units(&self.keys, &all) {
+            let Ok(file) = self.body_of(&kv, &u.hash) else {
+                continue;
+            };
+            let name = u.name.to_string();
+            let machine = placements.get(&name).cloned();
+            let state = machine
+                .as_ref()
+                .and_then(|m| states.get(&(name.clone(), m.clone())));
+            out.push(UnitView {
+                current: current_state(machine.as_deref(), state),
+                name: u.name,
+                file,
+                hash: u.hash,
+                desired: u.desired_state,
+                global: u.global,
+                machine_id: machine,
+                reason: reasons.get(&name).cloned(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub async fn machines(&self) -> Result<Vec<MachineView>> {
+        let kv = self.request("listing machines", &self.keys.dir(keys::MACHINES))?;
+        Ok(records::machines(&self.keys, &snapshot_of(&kv.data)))
+    }
+
+    pub async fn unit_states(&self) -> Result<Vec<StateRecord>> {
+        let kv = self.request("listing unit states", &self.keys.dir(keys::STATES))?;
+        let mut states = records::states(&self.keys, &snapshot_of(&kv.data));
+        states.sort_by(|a, b| (&a.name, &a.machine_id).cmp(&(&b.name, &b.machine_id)));
+        Ok(states)
+    }
+
+    pub async fn set_machine_metadata(
+        &self,
+        machine: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
+        let k = self.keys.metadata(machine, key);
+        let mut kv = self.request("setting machine metadata", &k)?;
+        let w = match value {
+            Some(v) => Write::Put(k, v.as_bytes().to_vec()),
+            None => Write::Delete(k),
+        };
+        kv.commit(vec![w], None);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(id: &str, token: &str) -> MachineRecord {
+        MachineRecord {
+            version: 1,
+            id: id.into(),
+            public_ip: "10.0.0.1".into(),
+            metadata: BTreeMap::new(),
+            agent_version: "1.0.0".into(),
+            token: token.into(),
+        }
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
+        rx.recv().await.expect("watch open")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_expire_one_ttl_after_the_store_is_cut_off() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(10);
+        let lease = AgentStore::register_machine(&s, &machine("m1", "t"), ttl)
+            .await
+            .expect("register");
+        let mut rx = s.watch(vec![KeyRange::prefix(s.keys().dir(keys::MACHINES))]);
+        assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { kvs, .. } if kvs.len() == 1));
+        s.set_reachable(false);
+        assert_eq!(next(&mut rx).await, WatchEvent::Disconnected);
+        tokio::time::sleep(ttl - Duration::from_millis(1)).await;
+        assert!(!lease.is_lost());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(lease.is_lost());
+        assert!(s.get(&s.keys().machine("m1")).is_none());
+        s.set_reachable(true);
+        assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { kvs, .. } if kvs.is_empty()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_outlive_a_short_cut() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(10);
+        let lease = AgentStore::register_machine(&s, &machine("m1", "t"), ttl)
+            .await
+            .expect("register");
+        s.set_reachable(false);
+        tokio::time::sleep(ttl / 2).await;
+        s.set_reachable(true);
+        tokio::time::sleep(ttl * 2).await;
+        assert!(!lease.is_lost());
+        assert!(s.get(&s.keys().machine("m1")).is_some());
+    }
+
+    #[tokio::test]
+    async fn watches_deliver_writes_in_their_ranges_with_revisions() {
+        let s = MemoryStore::default();
+        let mut rx = s.watch_agent("m1", None);
+        let WatchEvent::Snapshot { revision, kvs } = next(&mut rx).await else {
+            panic!("no snapshot first");
+        };
+        assert!(kvs.is_empty());
+        s.put(&s.keys().schedule("m2", "a.service"), "x"); // another machine's: not watched
+        s.put(&s.keys().schedule("m1", "a.service"), "y");
+        assert_eq!(
+            next(&mut rx).await,
+            WatchEvent::Put {
+                key: s.keys().schedule("m1", "a.service"),
+                value: b"y".to_vec(),
+                revision: revision + 2,
+            }
+        );
+        s.delete(&s.keys().schedule("m1", "a.service"));
+        assert!(matches!(next(&mut rx).await, WatchEvent::Delete { .. }));
+    }
+
+    #[tokio::test]
+    async fn engine_writes_are_fenced_on_the_leader_key() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(10);
+        let lead = s.campaign("m1", ttl).await.expect("campaign").expect("won");
+        assert!(s.campaign("m2", ttl).await.expect("campaign").is_none());
+        let op = EngineOp::SetReason {
+            unit: "a.service".into(),
+            reason: "no machine".into(),
+        };
+        s.apply(&lead, std::slice::from_ref(&op))
+            .await
+            .expect("apply");
+        assert_eq!(
+            s.get(&s.keys().reason("a.service")),
+            Some(b"no machine".to_vec())
+        );
+        // the key deleted and won again by someone else: the old leader's writes fail whole
+        s.delete(&s.keys().leader());
+        let other = s.campaign("m2", ttl).await.expect("campaign").expect("won");
+        assert!(matches!(
+            s.apply(&lead, std::slice::from_ref(&op)).await,
+            Err(RegistryError::NotLeader)
+        ));
+        s.apply(&other, &[op]).await.expect("the new leader writes");
+        s.resign(other).await;
+        assert!(s.get(&s.keys().leader()).is_none());
+    }
+
+    #[tokio::test]
+    async fn errors_name_the_operation_and_the_key() {
+        let s = MemoryStore::default();
+        s.set_reachable(false);
+        let hash = UnitFile::parse("[Service]\nExecStart=/bin/true\n")
+            .expect("unit")
+            .hash();
+        let e = AgentStore::body(&s, &hash).await.expect_err("cut off");
+        assert!(e.is_unavailable());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "reading unit body {}: registry unreachable",
+                s.keys().body(&hash.to_string())
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn clients_see_what_the_engine_and_agents_wrote() {
+        let s = MemoryStore::default();
+        let name: UnitName = "a.service".parse().expect("name");
+        let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n").expect("unit");
+        s.create_unit(&name, &file, TargetState::Loaded)
+            .await
+            .expect("create");
+        assert!(matches!(
+            s.create_unit(&name, &file, TargetState::Loaded).await,
+            Err(RegistryError::AlreadyExists(_))
+        ));
+        s.set_desired_state(&name, TargetState::Launched)
+            .await
+            .expect("desired");
+        let lease = AgentStore::register_machine(&s, &machine("m1", "t"), Duration::from_secs(9))
+            .await
+            .expect("register");
+        let lead = s
+            .campaign("m1", Duration::from_secs(9))
+            .await
+            .expect("campaign")
+            .expect("won");
+        let op = EngineOp::Schedule {
+            unit: "a.service".into(),
+            machine: "m1".into(),
+            hash: file.hash(),
+            desired: TargetState::Launched,
+        };
+        s.apply(&lead, &[op]).await.expect("apply");
+        let state = StateRecord {
+            version: 1,
+            name: "a.service".into(),
+            machine_id: "m1".into(),
+            hash: file.hash().to_string(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: TargetState::Launched,
+        };
+        s.publish_state("a.service", "m1", Some(&state), &lease)
+            .await
+            .expect("publish");
+        let view = s.unit(&name).await.expect("unit").expect("exists");
+        assert_eq!(view.machine_id.as_deref(), Some("m1"));
+        assert_eq!(view.current, TargetState::Launched);
+        assert_eq!(s.machines().await.expect("machines").len(), 1);
+        assert_eq!(s.unit_states().await.expect("states"), vec![state]);
+        assert!(s.destroy_unit(&name).await.expect("destroy"));
+        assert!(s.units().await.expect("units").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn another_fleetds_machine_id_is_refused_after_one_ttl() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(5);
+        let _first = AgentStore::register_machine(&s, &machine("m1", "a"), ttl)
+            .await
+            .expect("register");
+        // the same fleetd (token) takes its record over at once
+        AgentStore::register_machine(&s, &machine("m1", "a"), ttl)
+            .await
+            .expect("same token");
+        let dup = AgentStore::register_machine(&s, &machine("m1", "b"), ttl).await;
+        assert!(matches!(dup, Err(RegistryError::DuplicateMachine { .. })));
+    }
+}
