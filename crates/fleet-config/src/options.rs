@@ -55,11 +55,7 @@ pub const OPTION_DOCS: &[OptionDoc] = &[
         "name",
         "User name for etcd authentication; empty for none.",
     ),
-    doc(
-        "etcd_password",
-        "password",
-        "Password of etcd_username.",
-    ),
+    doc("etcd_password", "password", "Password of etcd_username."),
     doc(
         "etcd_keyfile",
         "path",
@@ -168,11 +164,7 @@ pub const OPTION_DOCS: &[OptionDoc] = &[
         "path",
         "Server certificate for TCP API listeners, which then speak TLS; needs api_keyfile.",
     ),
-    doc(
-        "api_keyfile",
-        "path",
-        "Private key of api_certfile.",
-    ),
+    doc("api_keyfile", "path", "Private key of api_certfile."),
     doc(
         "api_client_cafile",
         "path",
