@@ -25,6 +25,7 @@ out=$outdir/${pkg}_${version}_${arch}.deb
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
+chmod 0755 "$stage"
 umask 022
 doc=$stage/usr/share/doc/$pkg
 
@@ -84,7 +85,7 @@ Version: $version
 Architecture: $arch
 Maintainer: $maintainer
 Installed-Size: $size
-Depends: $shlibs, systemd, init-system-helpers
+Depends: $shlibs, systemd
 Suggests: etcd-server
 Section: admin
 Priority: optional
