@@ -373,7 +373,7 @@ pub fn sample_config() -> String {
          # Most machines need etcd_servers, and public_ip when they have several addresses.\n",
     );
     for d in OPTION_DOCS {
-        out.push_str("\n");
+        out.push('\n');
         for line in wrap(d.help, 88) {
             out.push_str(&format!("# {line}\n"));
         }
