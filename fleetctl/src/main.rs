@@ -3,7 +3,6 @@
 //! `main` parses the command line (see `cli`), runs one command (see `commands`) and is the
 //! only place that turns the outcome into a message on stderr and an exit status.
 
-mod cli;
 mod commands;
 mod context;
 mod error;
@@ -16,6 +15,7 @@ mod wait;
 use std::io::IsTerminal;
 
 use clap::FromArgMatches;
+use fleetctl::cli;
 
 use crate::cli::Cli;
 use crate::context::Ctx;

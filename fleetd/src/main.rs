@@ -27,23 +27,7 @@ mod dump;
 mod limits;
 mod public_ip;
 
-#[derive(Parser)]
-#[command(
-    name = "fleetd",
-    disable_version_flag = true,
-    about = "fleet daemon: runs units of a fleet cluster on this machine"
-)]
-struct Args {
-    /// Path to config file. fleetd looks for /etc/fleet/fleet.conf by default
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the version and exit
-    #[arg(long)]
-    version: bool,
-    /// `version` does what --version does (as in fleet); fleetd takes no other argument
-    #[arg(hide = true)]
-    command: Option<String>,
-}
+use fleetd::cli::Args;
 
 /// What `fleetd --version` prints: fleet's wording, which scripts parse.
 fn version_line() -> String {

@@ -34,7 +34,7 @@ FH_LOCK=$FH_ROOT/$FH_CLUSTER.lock
 # except in up.sh, which starts afresh.
 if [ "${FH_FRESH:-0}" != 1 ] && [ -f "$FH_STATE/settings" ]; then
   while IFS='=' read -r k v; do
-    case $k in FH_NET|FH_PREFIXLEN|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR)
+    case $k in FH_NET|FH_PREFIXLEN|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR|FH_INSTALL_FLEET)
       [ -z "${!k:-}" ] && printf -v "$k" '%s' "$v" ;;
     esac
   done <"$FH_STATE/settings"
@@ -63,6 +63,9 @@ FH_ETCD_ENDPOINT=http://$FH_BRIDGE_IP:$FH_ETCD_PORT
 : "${FH_BOOT_TIMEOUT:=120}"
 FH_CGROUP_NAME=fleet-fh-$FH_CLUSTER
 : "${FH_BIN_DIR:=$FH_PROJECT/bin}"              # dir with fleetd + fleetctl, bound at /opt/fleet/bin
+# 0: nodes get no fleet from the harness (no units, fleet.conf, /opt/fleet/bin or fleetctl
+# link); a test installs it itself, e.g. from the Debian package (functional/tests/package.rs)
+: "${FH_INSTALL_FLEET:=1}"
 : "${FH_UNITS_DIR:=$FH_PROJECT/fleetd/units}"   # fleet.socket + fleet.service
 : "${FH_NSPAWN_ARGS:=}"                         # extra nspawn args
 # fleetd configuration of the nodes (read when a node is first prepared):
@@ -256,8 +259,8 @@ fh_ensure_host() {
   ip link set "$FH_BRIDGE" up
   for t in $(fh_cg_roots); do mkdir -p "$t"; done
   # the settings later node.sh calls use (see the top of this file)
-  printf 'FH_NET=%s\nFH_PREFIXLEN=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\n' \
-    "$FH_NET" "$FH_PREFIXLEN" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" >"$FH_STATE/settings"
+  printf 'FH_NET=%s\nFH_PREFIXLEN=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\nFH_INSTALL_FLEET=%s\n' \
+    "$FH_NET" "$FH_PREFIXLEN" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" "$FH_INSTALL_FLEET" >"$FH_STATE/settings"
 }
 
 # key=value facts about the cluster (for the Rust API and users)
@@ -423,7 +426,7 @@ fh_node_prepare() {
   fh_fleetctl_ssh_env | fh_put "$r" /etc/environment
   sed -i "/^$ip /d;/^$name /d" "$FH_KNOWN_HOSTS"
   echo "$ip $(cut -d' ' -f1,2 "$r/etc/ssh/ssh_host_ed25519_key.pub")" >>"$FH_KNOWN_HOSTS"
-  fh_node_fleet "$i" "$r"
+  if [ "$FH_INSTALL_FLEET" = 1 ]; then fh_node_fleet "$i" "$r"; fi
   echo "$mid" >"$d/machine-id"; echo "$ip" >"$d/ip"
   touch "$d/prepared"
 }
@@ -449,7 +452,11 @@ fh_node_launch() {
   local i=$1 d mid cgs c
   d=$(fh_dir "$i"); mid=$(cat "$d/machine-id")
   if fh_nspawn_pid "$i" >/dev/null; then return 0; fi
-  [ -x "$FH_BIN_DIR/fleetd" ] || fh_die "no fleetd in FH_BIN_DIR=$FH_BIN_DIR (build it first)"
+  local bind=()
+  if [ "$FH_INSTALL_FLEET" = 1 ]; then
+    [ -x "$FH_BIN_DIR/fleetd" ] || fh_die "no fleetd in FH_BIN_DIR=$FH_BIN_DIR (build it first)"
+    bind=(--bind-ro="$FH_BIN_DIR:/opt/fleet/bin")
+  fi
   cgs=""
   for c in $(fh_cg_roots); do
     mkdir -p "$c/$(fh_name "$i")"; cgs="$cgs $c/$(fh_name "$i")"
@@ -464,7 +471,7 @@ fh_node_launch() {
     systemd-nspawn --directory="$d/root" --boot --machine="$(fh_machine "$i")" --hostname="$(fh_name "$i")" \
       --uuid="$mid" --capability=CAP_NET_ADMIN --register=no --keep-unit \
       --network-namespace-path="/run/netns/$(fh_netns "$i")" \
-      --bind-ro="$FH_BIN_DIR:/opt/fleet/bin" --bind-ro="$FH_SSH_DIR:$FH_NODE_SSH_DIR" \
+      "${bind[@]}" --bind-ro="$FH_SSH_DIR:$FH_NODE_SSH_DIR" \
       --console=read-only --link-journal=no --resolv-conf=off --timezone=off $FH_NSPAWN_ARGS
 }
 

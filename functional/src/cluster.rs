@@ -40,6 +40,10 @@ pub struct ClusterSpec {
     pub fleet_tcp_port: Option<u16>,
     /// Directory with fleetd and fleetctl; default: `$FLEET_BIN_DIR`, else the debug build.
     pub bin_dir: Option<PathBuf>,
+    /// Whether the harness installs fleet in the nodes (true by default). Without it
+    /// ([`ClusterSpec::without_fleet`]) nodes have no fleet units, fleet.conf, binaries or
+    /// fleetctl, and `up` does not wait for fleet.service: the test installs fleet itself.
+    pub install_fleet: bool,
     /// First three octets of the cluster's /24 subnet, e.g. `"172.20.5"`. Default: derived
     /// from the name (172.18.0.0/16 for the cluster called "fleet").
     pub net: Option<String>,
@@ -66,6 +70,7 @@ impl ClusterSpec {
             fleet_env: Vec::new(),
             fleet_tcp_port: None,
             bin_dir: None,
+            install_fleet: true,
             net: None,
             etcd_args: String::new(),
             boot_timeout: Duration::from_secs(120),
@@ -110,6 +115,13 @@ impl ClusterSpec {
         self
     }
 
+    /// Nodes without the harness's fleet (see [`ClusterSpec::install_fleet`]), for tests
+    /// that install it another way, such as the Debian package.
+    pub fn without_fleet(mut self) -> ClusterSpec {
+        self.install_fleet = false;
+        self
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let bad = |reason: String| {
             Err(Error::Spec {
@@ -147,6 +159,13 @@ impl ClusterSpec {
                 ));
             }
         }
+        let fleet_settings = !self.metadata.is_empty()
+            || !self.fleet_config.is_empty()
+            || !self.fleet_env.is_empty()
+            || self.fleet_tcp_port.is_some();
+        if !self.install_fleet && fleet_settings {
+            return bad("fleet settings for nodes without the harness's fleet".into());
+        }
         let lines = self.fleet_config.iter().chain(self.metadata.values());
         if let Some(l) = lines.into_iter().find(|l| l.contains('\n')) {
             return bad(format!("{l:?} spans lines"));
@@ -176,6 +195,10 @@ impl ClusterSpec {
             ),
             ("FH_FLEET_CONF".to_string(), self.fleet_config.join("\n")),
             ("FH_ETCD_ARGS".to_string(), self.etcd_args.clone()),
+            (
+                "FH_INSTALL_FLEET".to_string(),
+                u8::from(self.install_fleet).to_string(),
+            ),
             (
                 "FH_FLEET_ENV".to_string(),
                 self.fleet_env
@@ -234,14 +257,16 @@ impl Cluster {
             None => default_bin_dir()?,
         };
         for name in ["fleetd", "fleetctl"] {
-            if !bin_dir.join(name).is_file() {
+            if spec.install_fleet && !bin_dir.join(name).is_file() {
                 return Err(Error::MissingBinary {
                     name,
                     dir: bin_dir.clone(),
                 });
             }
         }
-        warn_if_stale(&bin_dir);
+        if spec.install_fleet {
+            warn_if_stale(&bin_dir);
+        }
         let lock = ClusterLock::acquire(Path::new(HARNESS_ROOT), &spec.name, spec.lock_timeout)?;
         let env = spec.harness_env(&bin_dir);
         // From here on, dropping `cluster` (an error below) tears down what was booted.
@@ -283,7 +308,7 @@ impl Cluster {
                 machine_id: read("machine-id")?,
             });
         }
-        for i in cluster.nodes() {
+        for i in cluster.nodes().filter(|_| cluster.spec.install_fleet) {
             wait_for(
                 &format!("fleet.service active on node{i}"),
                 FLEETD_ACTIVE_TIMEOUT,
@@ -799,6 +824,15 @@ mod tests {
                 Some("environment value"),
             ),
             (s("fleet", 1).fleet_config("a=1\nb=2"), Some("spans lines")),
+            (s("pkg", 2).without_fleet(), None),
+            (
+                s("pkg", 2).without_fleet().fleet_config("agent_ttl=3s"),
+                Some("without the harness's fleet"),
+            ),
+            (
+                s("pkg", 2).without_fleet().metadata(1, "a=b"),
+                Some("without the harness's fleet"),
+            ),
             (
                 ClusterSpec {
                     net: Some("172.30.1".into()),
@@ -838,6 +872,7 @@ mod tests {
         let get = |k: &str| env.get(k).map(String::as_str);
         assert_eq!(get("FH_CLUSTER"), Some("abc"));
         assert_eq!(get("FH_BIN_DIR"), Some("/b"));
+        assert_eq!(get("FH_INSTALL_FLEET"), Some("1"));
         assert_eq!(get("FH_METADATA_2"), Some("region=east"));
         assert_eq!(get("FH_METADATA_1"), None);
         assert_eq!(
@@ -847,5 +882,8 @@ mod tests {
         assert_eq!(get("FH_FLEET_ENV"), Some("FLEET_VERBOSITY=2"));
         assert_eq!(get("FH_FLEET_TCP_PORT"), Some("54728"));
         assert_eq!(get("FH_NET"), None);
+        let bare = ClusterSpec::new("pkg", 2).without_fleet();
+        let env: HashMap<_, _> = bare.harness_env(Path::new("/b")).into_iter().collect();
+        assert_eq!(env.get("FH_INSTALL_FLEET").map(String::as_str), Some("0"));
     }
 }

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+mod options;
+pub use options::{OPTION_DOCS, OptionDoc};
+
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/fleet/fleet.conf";
 
 /// The longest any duration option may be: one day. A longer TTL, timeout or interval is
