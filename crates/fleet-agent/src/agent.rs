@@ -157,7 +157,9 @@ async fn register(
             Err(e) => {
                 warn!(error = %e, "registering machine failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
+                // short: a machine that is not registered once etcd is back looks dead to
+                // the engine, which moves its units; one attempt costs one request
+                wait = (wait * 2).min(Duration::from_secs(2)).min(ttl / 2);
             }
         }
     }
@@ -853,8 +855,9 @@ impl Agent {
         }
     }
 
-    /// The lease is gone (etcd unreachable for a whole ttl): register again and publish every
-    /// state again under the new lease. Units keep running meanwhile.
+    /// etcd says the lease is gone (it expired while this machine could not reach etcd):
+    /// register again and publish every state again under the new lease. Units keep
+    /// running meanwhile.
     async fn reregister(&mut self, shutdown: &CancellationToken) {
         warn!("machine lease lost; registering again");
         let lease = tokio::select! {

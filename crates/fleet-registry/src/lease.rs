@@ -8,7 +8,13 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 /// A granted lease refreshed every ttl/3. `lost()` resolves once etcd says the lease is
-/// gone, or no refresh succeeded for a whole ttl (then it has expired on etcd's side too).
+/// gone, and only then: while etcd cannot be reached (lost quorum, a partition) the lease
+/// is unknown, not lost. etcd extends every lease when a new leader takes over, so after
+/// an outage the same lease usually lives on, and keeping it means nothing churns: no
+/// machine record rewritten, no state record republished, no leadership change. (Giving
+/// up after a ttl without refresh made every agent register anew after a quorum loss while
+/// its old lease, no longer refreshed, expired and took the machine record with it: the
+/// engine then moved units off machines that were fine.)
 #[derive(Debug)]
 pub struct LeaseKeeper {
     id: i64,
@@ -64,6 +70,7 @@ impl Drop for LeaseKeeper {
 async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let period = ttl / 3;
     let mut last_ok = Instant::now();
+    let mut warned = false;
     loop {
         tokio::time::sleep(period).await;
         let attempt = tokio::time::timeout(period.max(Duration::from_secs(1)), async {
@@ -83,13 +90,14 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
             Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
             Err(_) => debug!(lease = id, "lease refresh timed out"),
         }
-        if last_ok.elapsed() >= ttl {
+        if last_ok.elapsed() >= ttl && !warned {
             warn!(
                 lease = id,
-                "lease not refreshed for a whole ttl; treating it as lost"
+                "lease not refreshed for a whole ttl; etcd is out of reach, still trying"
             );
-            let _ = lost.send(true);
-            return;
+            warned = true;
+        } else if last_ok.elapsed() < ttl {
+            warned = false;
         }
     }
 }
