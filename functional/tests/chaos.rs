@@ -122,6 +122,13 @@ impl Overlaps {
 /// returned and what the sampler saw.
 fn sampled<R>(c: &Cluster, body: impl FnOnce() -> R) -> (R, Overlaps) {
     let stop = AtomicBool::new(false);
+    // stops the sampler when `body` returns or panics (the scope joins it either way)
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     thread::scope(|s| {
         let sampler = s.spawn(|| {
             let mut seen = Overlaps::default();
@@ -178,8 +185,10 @@ fn sampled<R>(c: &Cluster, body: impl FnOnce() -> R) -> (R, Overlaps) {
             }
             seen
         });
-        let r = body();
-        stop.store(true, Ordering::Relaxed);
+        let r = {
+            let _stop = Stop(&stop);
+            body()
+        };
         let seen = sampler
             .join()
             .unwrap_or_else(|_| panic!("the overlap sampler panicked"));
@@ -300,8 +309,10 @@ fn etcd_member_faults_and_lost_quorum_restart_and_move_nothing() {
     after.remove("hello@7.service");
     nothing_restarted(&before, &after, "etcd faults");
     assert!(overlaps.windows.is_empty(), "{overlaps:?}");
+    // the sampler aims at 150 ms (printed above); on a machine loaded with other work one
+    // round of `systemctl` in every node can take longer: bounded loosely
     assert!(
-        overlaps.max_interval < Duration::from_millis(400),
+        overlaps.max_interval < Duration::from_secs(1),
         "{overlaps:?}"
     );
     // "within 5 s of quorum returning": printed above; bounded loosely here (CI machines

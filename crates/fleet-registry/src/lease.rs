@@ -69,26 +69,50 @@ impl Drop for LeaseKeeper {
 
 async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let period = ttl / 3;
+    let patience = period.max(Duration::from_secs(1));
     let mut last_ok = Instant::now();
     let mut warned = false;
+    // after a failed refresh, try again soon (another etcd member may answer: a request
+    // that met a member without a leader or a dead connection fails fast), doubling the
+    // pause back up to the period; once the lease may have expired, the normal pace
+    let first_retry = (period / 8).max(Duration::from_millis(100));
+    let mut pause = period;
     loop {
-        tokio::time::sleep(period).await;
-        let attempt = tokio::time::timeout(period.max(Duration::from_secs(1)), async {
-            let (mut keeper, mut stream) = client.lease_client().keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
+        tokio::time::sleep(pause).await;
+        // etcd-client's keep_alive sends one refresh and reads its answer; an answer of ttl
+        // 0 (the lease is gone) comes back as an error, told apart from a failed request
+        // by asking etcd for the lease's time to live
+        let attempt = tokio::time::timeout(patience, async {
+            match client.lease_client().keep_alive(id).await {
+                Ok(_) => Ok(true),
+                Err(e) => match client.lease_client().time_to_live(id, None).await {
+                    Ok(t) if t.ttl() <= 0 => Ok(false),
+                    _ => Err(e),
+                },
+            }
         })
         .await;
         match attempt {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
-            Ok(Ok(Some(_))) => {
+            Ok(Ok(true)) => {
+                last_ok = Instant::now();
+                pause = period;
+                continue;
+            }
+            Ok(Ok(false)) => {
                 warn!(lease = id, "lease expired");
                 let _ = lost.send(true);
                 return;
             }
-            Ok(Ok(None)) => debug!(lease = id, "lease refresh stream ended without an answer"),
             Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
             Err(_) => debug!(lease = id, "lease refresh timed out"),
+        }
+        pause = if pause >= period {
+            first_retry
+        } else {
+            (pause * 2).min(period)
+        };
+        if last_ok.elapsed() >= ttl {
+            pause = period;
         }
         if last_ok.elapsed() >= ttl && !warned {
             warn!(

@@ -127,6 +127,29 @@ async fn a_lease_is_not_lost_while_etcd_does_not_answer() {
     etcd.resume();
 }
 
+/// A lease that etcd no longer has (it expired, or was revoked) is lost, and said so
+/// within a refresh period or two.
+#[tokio::test]
+async fn a_lease_gone_from_etcd_is_lost() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let ttl = Duration::from_secs(3);
+    let lease = r
+        .register_machine(&machine("m1", "tok-a"), ttl)
+        .await
+        .expect("register");
+    let client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("client");
+    client
+        .lease_client()
+        .revoke(lease.id())
+        .await
+        .expect("revoke");
+    let lost = tokio::time::timeout(Duration::from_secs(5), lease.lost()).await;
+    assert!(lost.is_ok(), "a revoked lease was not reported lost");
+}
+
 #[tokio::test]
 async fn machines_leases_and_duplicates() {
     let etcd = EtcdServer::start();
