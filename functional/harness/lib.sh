@@ -34,7 +34,7 @@ FH_LOCK=$FH_ROOT/$FH_CLUSTER.lock
 # except in up.sh, which starts afresh.
 if [ "${FH_FRESH:-0}" != 1 ] && [ -f "$FH_STATE/settings" ]; then
   while IFS='=' read -r k v; do
-    case $k in FH_NET|FH_PREFIXLEN|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR|FH_INSTALL_FLEET)
+    case $k in FH_NET|FH_PREFIXLEN|FH_ETCD_PORTS|FH_ETCD_PEER_PORT|FH_BIN_DIR|FH_INSTALL_FLEET|FH_ETCD_MEMBERS)
       [ -z "${!k:-}" ] && printf -v "$k" '%s' "$v" ;;
     esac
   done <"$FH_STATE/settings"
@@ -59,7 +59,23 @@ FH_BRIDGE_IP=$FH_NET.1
 : "${FH_ETCD_PEER_PORT:=2380}"
 : "${FH_ETCD_ARGS:=}"                           # extra etcd arguments (e.g. --enable-v2=true for fleet v1.0)
 FH_ETCD_PORT=${FH_ETCD_PORTS%% *}
-FH_ETCD_ENDPOINT=http://$FH_BRIDGE_IP:$FH_ETCD_PORT
+# FH_ETCD_MEMBERS: 1 (default) = one etcd on the bridge address; 2..7 = an etcd cluster whose
+# member K lives in its own netns C-eK at $FH_NET.(1+K) (on the bridge, like a node), so it
+# can be killed, frozen or cut off from chosen members and nodes on its own.
+: "${FH_ETCD_MEMBERS:=1}"
+[[ $FH_ETCD_MEMBERS =~ ^[1-7]$ ]] || { echo "[harness] ERROR: FH_ETCD_MEMBERS=$FH_ETCD_MEMBERS: want 1..7" >&2; exit 2; }
+fh_member_ip() { echo "$FH_NET.$((1 + $1))"; }
+fh_member_ns() { echo "$FH_CLUSTER-e$1"; }        # netns and host end of its veth
+fh_member_dir() { echo "$FH_ETCD_DIR/e$1"; }
+if [ "$FH_ETCD_MEMBERS" = 1 ]; then
+  FH_ETCD_HOSTS=$FH_BRIDGE_IP
+else
+  FH_ETCD_HOSTS=$(for k in $(seq "$FH_ETCD_MEMBERS"); do fh_member_ip "$k"; done | tr '\n' ' ')
+  FH_ETCD_HOSTS=${FH_ETCD_HOSTS% }
+fi
+FH_ETCD_ENDPOINT=http://${FH_ETCD_HOSTS%% *}:$FH_ETCD_PORT
+FH_ETCD_ENDPOINTS=$(for h in $FH_ETCD_HOSTS; do printf 'http://%s:%s,' "$h" "$FH_ETCD_PORT"; done)
+FH_ETCD_ENDPOINTS=${FH_ETCD_ENDPOINTS%,}
 : "${FH_BOOT_TIMEOUT:=120}"
 FH_CGROUP_NAME=fleet-fh-$FH_CLUSTER
 : "${FH_BIN_DIR:=$FH_PROJECT/bin}"              # dir with fleetd + fleetctl, bound at /opt/fleet/bin
@@ -259,14 +275,14 @@ fh_ensure_host() {
   ip link set "$FH_BRIDGE" up
   for t in $(fh_cg_roots); do mkdir -p "$t"; done
   # the settings later node.sh calls use (see the top of this file)
-  printf 'FH_NET=%s\nFH_PREFIXLEN=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\nFH_INSTALL_FLEET=%s\n' \
-    "$FH_NET" "$FH_PREFIXLEN" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" "$FH_INSTALL_FLEET" >"$FH_STATE/settings"
+  printf 'FH_NET=%s\nFH_PREFIXLEN=%s\nFH_ETCD_PORTS=%s\nFH_ETCD_PEER_PORT=%s\nFH_BIN_DIR=%s\nFH_INSTALL_FLEET=%s\nFH_ETCD_MEMBERS=%s\n' \
+    "$FH_NET" "$FH_PREFIXLEN" "$FH_ETCD_PORTS" "$FH_ETCD_PEER_PORT" "$FH_BIN_DIR" "$FH_INSTALL_FLEET" "$FH_ETCD_MEMBERS" >"$FH_STATE/settings"
 }
 
 # key=value facts about the cluster (for the Rust API and users)
 fh_info() {
-  printf 'cluster=%s\nstate=%s\nbridge=%s\nbridge_ip=%s\netcd_endpoint=%s\n' \
-    "$FH_CLUSTER" "$FH_STATE" "$FH_BRIDGE" "$FH_BRIDGE_IP" "$FH_ETCD_ENDPOINT"
+  printf 'cluster=%s\nstate=%s\nbridge=%s\nbridge_ip=%s\netcd_endpoint=%s\netcd_endpoints=%s\netcd_members=%s\n' \
+    "$FH_CLUSTER" "$FH_STATE" "$FH_BRIDGE" "$FH_BRIDGE_IP" "$FH_ETCD_ENDPOINT" "$FH_ETCD_ENDPOINTS" "$FH_ETCD_MEMBERS"
   printf 'ssh_config=%s\nssh_key=%s\nknown_hosts=%s\nbin_dir=%s\nnodes=%s\n' \
     "$FH_SSH_CONFIG" "$FH_SSH_KEY" "$FH_KNOWN_HOSTS" "$FH_BIN_DIR" "$(cat "$FH_STATE/nodes" 2>/dev/null || echo 0)"
 }
@@ -277,6 +293,7 @@ fh_etcd_pid() {
 }
 
 fh_etcd_start() {
+  if [ "$FH_ETCD_MEMBERS" != 1 ]; then fh_members_start; return; fi
   if fh_etcd_pid >/dev/null; then return 0; fi
   mkdir -p "$FH_ETCD_DIR"
   local p urls="" cg=""
@@ -302,12 +319,147 @@ fh_etcd_start() {
 
 # (its data is thrown away with the state dir, so no graceful shutdown: SIGKILL)
 fh_etcd_stop() {
-  local pid
+  local pid k
+  for k in $(fh_member_indices); do fh_member_kill "$k"; fh_member_net_del "$k"; done
   pid=$(fh_etcd_pid) || return 0
   kill -KILL "$pid"
   for _ in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
   kill -KILL "$pid" 2>/dev/null || true
 }
+
+# --- an etcd cluster (FH_ETCD_MEMBERS > 1) ---
+
+# member numbers with any trace: a state dir, a netns, a host link
+fh_member_indices() {
+  {
+    fh_names_in "$FH_ETCD_DIR" | sed -n "s|^e||p"
+    fh_names_in /run/netns | sed -n "s/^$FH_CLUSTER-e//p"
+    fh_names_in /sys/class/net | sed -n "s/^$FH_CLUSTER-e//p"
+  } | grep -E '^[0-9]+$' | sort -n | uniq
+}
+
+fh_check_member() { { [[ $1 =~ ^[1-7]$ ]] && [ "$1" -le "$FH_ETCD_MEMBERS" ]; } || fh_die "bad etcd member '$1' (want 1..$FH_ETCD_MEMBERS)"; }
+
+fh_member_pid() {
+  local pid; pid=$(cat "$(fh_member_dir "$1")/etcd.pid" 2>/dev/null) || return 1
+  fh_pid_alive "$pid" "--data-dir $(fh_member_dir "$1")/data" && echo "$pid"
+}
+
+# netns + veth like a node's: eth0 (in C-eK) <-> C-eK (host end, on the bridge)
+fh_member_net() {
+  local k=$1 ns ip
+  ns=$(fh_member_ns "$k"); ip=$(fh_member_ip "$k")
+  [ -e "/run/netns/$ns" ] || ip netns add "$ns"
+  ip link show "$ns" >/dev/null 2>&1 || ip link add "$ns" type veth peer name eth0 netns "$ns"
+  fh_link_ours "$ns" || ip link set "$ns" alias "$FH_ALIAS"
+  ip link set "$ns" master "$FH_BRIDGE" up
+  ip -n "$ns" link set lo up
+  ip -n "$ns" link set eth0 up
+  [[ $(ip -n "$ns" -o addr show dev eth0) == *" $ip/$FH_PREFIXLEN "* ]] || ip -n "$ns" addr add "$ip/$FH_PREFIXLEN" dev eth0
+}
+
+fh_member_net_del() {
+  local ns; ns=$(fh_member_ns "$1")
+  [ -e "/run/netns/$ns" ] && ip netns del "$ns"
+  if ip link show "$ns" >/dev/null 2>&1 && fh_link_ours "$ns"; then ip link del "$ns"; fi
+  return 0
+}
+
+# start member K (again): its data dir survives a kill, so a restarted member rejoins
+fh_member_start() {
+  local k=$1 d ip p urls="" cg="" initial="" j
+  fh_member_pid "$k" >/dev/null && return 0
+  d=$(fh_member_dir "$k"); ip=$(fh_member_ip "$k")
+  mkdir -p "$d"
+  fh_member_net "$k"
+  for p in $FH_ETCD_PORTS; do urls="$urls,http://$ip:$p"; done
+  for j in $(seq "$FH_ETCD_MEMBERS"); do initial="$initial,e$j=http://$(fh_member_ip "$j"):$FH_ETCD_PEER_PORT"; done
+  for p in $(fh_cg_roots); do mkdir -p "$p/etcd-e$k"; cg="$cg $p/etcd-e$k"; done
+  # shellcheck disable=SC2086 # FH_ETCD_ARGS: extra arguments, split on spaces
+  fh_spawn "$d/etcd.pid" "$d/etcd.log" "$cg" \
+    nsenter "--net=/run/netns/$(fh_member_ns "$k")" -- \
+    etcd --name "e$k" --data-dir "$d/data" \
+      --listen-client-urls "${urls#,}" --advertise-client-urls "http://$ip:$FH_ETCD_PORT" \
+      --listen-peer-urls "http://$ip:$FH_ETCD_PEER_PORT" \
+      --initial-advertise-peer-urls "http://$ip:$FH_ETCD_PEER_PORT" \
+      --initial-cluster "${initial#,}" --initial-cluster-token "fh-$FH_CLUSTER" \
+      --initial-cluster-state new --logger=zap --log-outputs=stderr $FH_ETCD_ARGS || fh_die "etcd member e$k: spawn failed"
+}
+
+fh_member_healthy() { curl -fsS --max-time 1 "http://$(fh_member_ip "$1"):$FH_ETCD_PORT/health" 2>/dev/null | grep -q '"health":"true"'; }
+
+# every member, then wait until each one says it is healthy (it has a leader)
+fh_members_start() {
+  local k ok
+  for k in $(seq "$FH_ETCD_MEMBERS"); do fh_member_start "$k"; done
+  for _ in $(seq 300); do
+    ok=1
+    for k in $(seq "$FH_ETCD_MEMBERS"); do fh_member_healthy "$k" || { ok=0; break; }; done
+    [ "$ok" = 1 ] && return 0
+    sleep 0.1
+  done
+  for k in $(seq "$FH_ETCD_MEMBERS"); do fh_log "member e$k:"; tail -5 "$(fh_member_dir "$k")/etcd.log" >&2; done
+  fh_die "etcd cluster of $FH_ETCD_MEMBERS members did not become healthy"
+}
+
+# wait until member K is healthy again (after a start or a thaw)
+fh_member_wait() {
+  for _ in $(seq 300); do fh_member_healthy "$1" && return 0; sleep 0.1; done
+  fh_die "etcd member e$1 not healthy after 30s"
+}
+
+fh_member_kill() {
+  local pid; pid=$(fh_member_pid "$1") || return 0
+  kill -CONT "$pid" 2>/dev/null; kill -KILL "$pid"
+  for _ in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
+  fh_die "etcd member e$1 (pid $pid) still running after SIGKILL"
+}
+
+# fh_member_signal K STOP|CONT: freeze / thaw a member (a hung process, sockets kept open)
+fh_member_signal() {
+  local pid; pid=$(fh_member_pid "$1") || fh_die "etcd member e$1 is not running"
+  kill "-$2" "$pid"
+}
+
+# the member number of the current leader (none: exit 1)
+fh_member_leader() {
+  local k st
+  for k in $(seq "$FH_ETCD_MEMBERS"); do
+    st=$(ETCDCTL_API=3 etcdctl --endpoints="http://$(fh_member_ip "$k"):$FH_ETCD_PORT" --command-timeout=1s \
+      endpoint status -w simple 2>/dev/null) || continue
+    # fields: endpoint, id, version, db size, is leader, is learner, ...
+    [ "$(echo "$st" | cut -d, -f5 | tr -d ' ')" = true ] && { echo "$k"; return 0; }
+  done
+  return 1
+}
+
+# fh_member_isolate K [eJ|nI]...: drop all traffic between member K and the given members
+# (eJ) and nodes (nI); with none given, from every other member (a minority partition).
+# Rules live in chain FH-ISOLATE of the member's own netns.
+fh_member_isolate() {
+  local k=$1 ns t a addrs=() j; shift
+  ns=$(fh_member_ns "$k")
+  if [ $# = 0 ]; then
+    for j in $(seq "$FH_ETCD_MEMBERS"); do [ "$j" != "$k" ] && set -- "$@" "e$j"; done
+  fi
+  for t in "$@"; do
+    case $t in
+      e[1-7]) fh_check_member "${t#e}"; addrs+=("$(fh_member_ip "${t#e}")") ;;
+      n[0-9]*) fh_check_index "${t#n}"; addrs+=("$(fh_ip "${t#n}")") ;;
+      *) fh_die "etcd-isolate: bad target '$t' (want eJ for a member, nI for a node)" ;;
+    esac
+  done
+  ip netns exec "$ns" iptables -w -N FH-ISOLATE 2>/dev/null || true
+  for c in INPUT OUTPUT; do
+    ip netns exec "$ns" iptables -w -C "$c" -j FH-ISOLATE 2>/dev/null || ip netns exec "$ns" iptables -w -I "$c" -j FH-ISOLATE
+  done
+  for a in "${addrs[@]}"; do
+    ip netns exec "$ns" iptables -w -A FH-ISOLATE -s "$a" -j DROP
+    ip netns exec "$ns" iptables -w -A FH-ISOLATE -d "$a" -j DROP
+  done
+}
+
+fh_member_heal() { ip netns exec "$(fh_member_ns "$1")" iptables -w -F FH-ISOLATE 2>/dev/null || true; }
 
 fh_ssh_setup() {
   mkdir -p "$FH_SSH_DIR"; chmod 700 "$FH_SSH_DIR"
@@ -373,7 +525,7 @@ fh_node_fleet() {
   var=FH_METADATA_$i; md=${!var:-}
   {
     printf '# written by the fleet cluster harness (cluster %s)\n' "$FH_CLUSTER"
-    printf 'etcd_servers=%s\n' "$FH_ETCD_ENDPOINT"
+    printf 'etcd_servers=%s\n' "$FH_ETCD_ENDPOINTS"
     printf 'public_ip=%s\n' "$ip"
     [ -n "$md" ] && printf 'metadata=%s\n' "$md"
     [ -n "${FH_FLEET_CONF:-}" ] && printf '%s\n' "$FH_FLEET_CONF"
@@ -634,10 +786,10 @@ fh_leftovers() {
   local bad=0 out p l
   out=$(findmnt -rn -o TARGET,SOURCE | grep -E "^$FH_STATE( |/)| fh-$FH_CLUSTER(-| |$)")
   [ -n "$out" ] && { echo "mounts: $(echo "$out" | tr '\n' ';')"; bad=1; }
-  out=$(fh_names_in /run/netns | grep -E "^$FH_CLUSTER-n[0-9]+$")
+  out=$(fh_names_in /run/netns | grep -E "^$FH_CLUSTER-[ne][0-9]+$")
   [ -n "$out" ] && { echo "netns: $(echo "$out" | tr '\n' ' ')"; bad=1; }
   out=$(for l in $(fh_names_in /sys/class/net); do
-    [[ $l =~ ^($FH_CLUSTER-n[0-9]+|$FH_BRIDGE)$ ]] || fh_link_ours "$l" && echo "$l"
+    [[ $l =~ ^($FH_CLUSTER-[ne][0-9]+|$FH_BRIDGE)$ ]] || fh_link_ours "$l" && echo "$l"
   done)
   [ -n "$out" ] && { echo "links: $(echo "$out" | tr '\n' ' ')"; bad=1; }
   out=$(ip -4 -o addr show | grep " $FH_BRIDGE_IP/")

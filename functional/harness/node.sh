@@ -18,25 +18,35 @@
 #   fleetd-kill I             SIGKILL fleet.service's main process (systemd restarts it)
 #   journal I [ARGS...]       the node's journal from the host (works when it is down)
 #   leftovers                 what this cluster left behind; exit 1 if anything
+# With an etcd cluster (FH_ETCD_MEMBERS > 1), K = member number (1-based):
+#   etcd-kill K | etcd-start K          SIGKILL member K / start it again (keeps its data)
+#   etcd-freeze K | etcd-thaw K         SIGSTOP / SIGCONT member K (a hung etcd)
+#   etcd-isolate K [eJ|nI]...           drop traffic between member K and members eJ / nodes nI
+#                                       (none given: every other member); etcd-heal K undoes it
+#   etcd-leader                         the leader's member number (exit 1: no leader)
+#   etcd-pid K                          member K's pid
 # shellcheck source=lib.sh
 . "$(dirname "$0")/lib.sh"
 fh_require_root
 cmd=${1:-}; shift || true
 case "$cmd" in
-  info|list|leftovers|"") ;;
+  info|list|leftovers|etcd-leader|"") ;;
+  etcd-*) fh_check_member "${1:-}"; k=$1; shift ;;
   *) fh_check_index "${1:-}"; i=$1; shift ;;
 esac
 # fh_cmd I CMD...: run CMD inside node I, do not replace this shell
 fh_cmd() { ( fh_exec "$@" ); }
 fh_block() { # fh_block I -I|-D
-  local p ns; ns=$(fh_netns "$1")
-  for p in $FH_ETCD_PORTS; do
-    local rule=(OUTPUT -p tcp -d "$FH_BRIDGE_IP" --dport "$p" -j REJECT --reject-with tcp-reset)
-    if ip netns exec "$ns" iptables -w -C "${rule[@]}" 2>/dev/null; then
-      [ "$2" = -D ] && ip netns exec "$ns" iptables -w -D "${rule[@]}"
-    else
-      [ "$2" = -I ] && ip netns exec "$ns" iptables -w -I "${rule[@]}"
-    fi
+  local p h ns; ns=$(fh_netns "$1")
+  for h in $FH_ETCD_HOSTS; do
+    for p in $FH_ETCD_PORTS; do
+      local rule=(OUTPUT -p tcp -d "$h" --dport "$p" -j REJECT --reject-with tcp-reset)
+      if ip netns exec "$ns" iptables -w -C "${rule[@]}" 2>/dev/null; then
+        [ "$2" = -D ] && ip netns exec "$ns" iptables -w -D "${rule[@]}"
+      else
+        [ "$2" = -I ] && ip netns exec "$ns" iptables -w -I "${rule[@]}"
+      fi
+    done
   done
   return 0
 }
@@ -82,5 +92,13 @@ case "$cmd" in
   fleetd-kill)    fh_cmd "$i" systemctl kill --kill-who=main --signal=SIGKILL fleet.service ;;
   journal)   exec journalctl -D "$(fh_dir "$i")/upper/var/log/journal" --no-pager "$@" ;;
   leftovers) fh_leftovers ;;
-  *) sed -n '2,23p' "$0" >&2; exit 2 ;;
+  etcd-kill)    fh_member_kill "$k" ;;
+  etcd-start)   fh_member_start "$k" && fh_member_wait "$k" ;;
+  etcd-freeze)  fh_member_signal "$k" STOP ;;
+  etcd-thaw)    fh_member_signal "$k" CONT ;;
+  etcd-isolate) fh_member_isolate "$k" "$@" ;;
+  etcd-heal)    fh_member_heal "$k" ;;
+  etcd-leader)  fh_member_leader ;;
+  etcd-pid)     fh_member_pid "$k" ;;
+  *) sed -n '2,31p' "$0" >&2; exit 2 ;;
 esac

@@ -26,5 +26,5 @@ for i in $(seq 1 "$N"); do
 done
 echo "$N" >"$FH_STATE/nodes"
 printf 'cluster %s: %d nodes up in %.1fs, etcd at %s\n' "$FH_CLUSTER" "$N" \
-  "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" "$FH_ETCD_ENDPOINT"
+  "$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN{print a-b}')" "$FH_ETCD_ENDPOINTS"
 exit $rc

@@ -50,6 +50,11 @@ pub struct ClusterSpec {
     /// Extra arguments of the cluster's etcd (e.g. `--enable-v2=true`, which fleet v1.0's
     /// fleetd needs when a benchmark runs it in the nodes).
     pub etcd_args: String,
+    /// etcd members: 1 (one etcd on the bridge address, the default) or an etcd cluster of
+    /// 3 or 5 (up to 7), each member in its own network namespace at `<net>.(1+K)`, which
+    /// [`Cluster::etcd_kill`], [`Cluster::etcd_freeze`] and [`Cluster::etcd_isolate`]
+    /// act on. fleetd in the nodes is given every member.
+    pub etcd_members: usize,
     /// How long each node may take to boot.
     pub boot_timeout: Duration,
     /// How long one command (exec, fleetctl, ssh, a node operation) may take.
@@ -73,6 +78,7 @@ impl ClusterSpec {
             install_fleet: true,
             net: None,
             etcd_args: String::new(),
+            etcd_members: 1,
             boot_timeout: Duration::from_secs(120),
             command_timeout: Duration::from_secs(120),
             lock_timeout: Duration::from_secs(30 * 60),
@@ -109,6 +115,12 @@ impl ClusterSpec {
         self
     }
 
+    /// Runs an etcd cluster of `members` members instead of one etcd.
+    pub fn etcd_members(mut self, members: usize) -> ClusterSpec {
+        self.etcd_members = members;
+        self
+    }
+
     /// Uses fleetd and fleetctl from `dir`.
     pub fn bin_dir(mut self, dir: impl Into<PathBuf>) -> ClusterSpec {
         self.bin_dir = Some(dir.into());
@@ -142,6 +154,9 @@ impl ClusterSpec {
         }
         if !(1..=200).contains(&self.nodes) {
             return bad(format!("{} nodes; want 1..=200", self.nodes));
+        }
+        if !(1..=7).contains(&self.etcd_members) {
+            return bad(format!("{} etcd members; want 1..=7", self.etcd_members));
         }
         if let Some(n) = self.metadata.keys().find(|&&n| n == 0 || n > self.nodes) {
             return bad(format!("metadata for node {n} of {}", self.nodes));
@@ -195,6 +210,7 @@ impl ClusterSpec {
             ),
             ("FH_FLEET_CONF".to_string(), self.fleet_config.join("\n")),
             ("FH_ETCD_ARGS".to_string(), self.etcd_args.clone()),
+            ("FH_ETCD_MEMBERS".to_string(), self.etcd_members.to_string()),
             (
                 "FH_INSTALL_FLEET".to_string(),
                 u8::from(self.install_fleet).to_string(),
@@ -221,6 +237,24 @@ impl ClusterSpec {
     }
 }
 
+/// Who an etcd member is cut off from ([`Cluster::etcd_isolate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdPeer {
+    /// Another etcd member (1-based).
+    Member(usize),
+    /// A node (1-based): its fleetd cannot reach this member any more.
+    Node(usize),
+}
+
+impl EtcdPeer {
+    fn arg(&self) -> String {
+        match self {
+            EtcdPeer::Member(k) => format!("e{k}"),
+            EtcdPeer::Node(i) => format!("n{i}"),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Node {
     ip: String,
@@ -236,6 +270,7 @@ pub struct Cluster {
     bin_dir: PathBuf,
     env: Vec<(String, String)>,
     etcd_endpoint: String,
+    etcd_endpoints: Vec<String>,
     bridge_ip: String,
     nodes: Vec<Node>,
     torn_down: bool,
@@ -275,6 +310,7 @@ impl Cluster {
             bin_dir,
             env,
             etcd_endpoint: String::new(),
+            etcd_endpoints: Vec::new(),
             bridge_ip: String::new(),
             nodes: Vec::new(),
             torn_down: false,
@@ -291,6 +327,10 @@ impl Cluster {
             })
         };
         cluster.etcd_endpoint = field("etcd_endpoint")?;
+        cluster.etcd_endpoints = field("etcd_endpoints")?
+            .split(',')
+            .map(str::to_string)
+            .collect();
         cluster.bridge_ip = field("bridge_ip")?;
         let state = PathBuf::from(field("state")?);
         for i in 1..=cluster.spec.nodes {
@@ -546,6 +586,75 @@ impl Cluster {
     /// Undoes [`Cluster::block_etcd`].
     pub fn unblock_etcd(&self, node: usize) -> Result<(), Error> {
         self.node_op("unblock-etcd", node)
+    }
+
+    /// Every etcd client endpoint (one per member), in member order; fleetd's etcd_servers.
+    pub fn etcd_endpoints(&self) -> &[String] {
+        &self.etcd_endpoints
+    }
+
+    /// SIGKILLs etcd member `member` (1-based; an etcd cluster only). Its data survives.
+    pub fn etcd_kill(&self, member: usize) -> Result<(), Error> {
+        self.member_op("etcd-kill", member, &[])
+    }
+
+    /// Starts a killed member again and waits until it is healthy (it has a leader).
+    pub fn etcd_start(&self, member: usize) -> Result<(), Error> {
+        self.member_op("etcd-start", member, &[])
+    }
+
+    /// SIGSTOPs a member: a hung etcd whose sockets stay open.
+    pub fn etcd_freeze(&self, member: usize) -> Result<(), Error> {
+        self.member_op("etcd-freeze", member, &[])
+    }
+
+    /// Undoes [`Cluster::etcd_freeze`].
+    pub fn etcd_thaw(&self, member: usize) -> Result<(), Error> {
+        self.member_op("etcd-thaw", member, &[])
+    }
+
+    /// Drops all traffic between a member and the given peers; no peers: every other
+    /// member (the member is a minority of one).
+    pub fn etcd_isolate(&self, member: usize, from: &[EtcdPeer]) -> Result<(), Error> {
+        let from: Vec<String> = from.iter().map(EtcdPeer::arg).collect();
+        let from: Vec<&str> = from.iter().map(String::as_str).collect();
+        self.member_op("etcd-isolate", member, &from)
+    }
+
+    /// Undoes every [`Cluster::etcd_isolate`] of a member.
+    pub fn etcd_heal(&self, member: usize) -> Result<(), Error> {
+        self.member_op("etcd-heal", member, &[])
+    }
+
+    /// The member that leads the etcd cluster now; `None` while there is no leader.
+    pub fn etcd_leader(&self) -> Result<Option<usize>, Error> {
+        let out = self.script("node.sh", &["etcd-leader"], self.spec.command_timeout)?;
+        if !out.success() {
+            return Ok(None);
+        }
+        out.trimmed().parse().map(Some).map_err(|_| Error::Harness {
+            what: "node.sh etcd-leader".into(),
+            detail: out.trimmed().to_string(),
+        })
+    }
+
+    fn member_op(&self, op: &str, member: usize, args: &[&str]) -> Result<(), Error> {
+        if self.spec.etcd_members < 2 || member == 0 || member > self.spec.etcd_members {
+            return Err(Error::Spec {
+                cluster: self.spec.name.clone(),
+                reason: format!(
+                    "{op}: no etcd member {member} (the cluster has {} member(s); \
+                     set ClusterSpec::etcd_members)",
+                    self.spec.etcd_members
+                ),
+            });
+        }
+        let member = member.to_string();
+        let mut all = vec![op, member.as_str()];
+        all.extend_from_slice(args);
+        self.script("node.sh", &all, self.spec.command_timeout)?
+            .ok(&format!("{op} {member} of cluster {}", self.spec.name))
+            .map(drop)
     }
 
     /// Tears the cluster down: nodes, etcd, mounts, namespaces, links, cgroups, state.

@@ -337,7 +337,7 @@ impl FleetCluster for Cluster {
     fn engine_leader(&self) -> Result<Option<String>, Error> {
         let mut cmd = Command::new("etcdctl");
         cmd.env("ETCDCTL_API", "3").args([
-            &format!("--endpoints={}", self.etcd_endpoint()),
+            &format!("--endpoints={}", self.etcd_endpoints().join(",")),
             "get",
             &format!("{KEY_PREFIX}leader"),
             "--print-value-only",

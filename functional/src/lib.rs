@@ -30,7 +30,9 @@ pub mod fleet;
 mod lock;
 mod wait;
 
-pub use cluster::{Cluster, ClusterSpec, default_bin_dir, harness_dir, is_root, leftovers};
+pub use cluster::{
+    Cluster, ClusterSpec, EtcdPeer, default_bin_dir, harness_dir, is_root, leftovers,
+};
 pub use command::Output;
 pub use error::Error;
 pub use fleet::FleetCluster;

@@ -151,7 +151,9 @@ async fn register(
             Err(e) => {
                 warn!(error = %e, "registering machine failed; retrying in {wait:?}");
                 tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(10));
+                // short: a machine that is not registered once etcd is back looks dead to
+                // the engine, which moves its units; one attempt costs one request
+                wait = (wait * 2).min(Duration::from_secs(2)).min(ttl / 2);
             }
         }
     }
@@ -412,8 +414,9 @@ impl Agent {
         self.converge(desired).await
     }
 
-    /// The lease is gone (the registry unreachable for a whole ttl): register again and
-    /// publish every state again under the new lease. Units keep running meanwhile.
+    /// The registry says the lease is gone (it expired while this machine could not reach
+    /// etcd): register again and publish every state again under the new lease. Units keep
+    /// running meanwhile.
     async fn reregister(&mut self, shutdown: &CancellationToken) {
         warn!("machine lease lost; registering again");
         let lease = tokio::select! {

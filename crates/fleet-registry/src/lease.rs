@@ -9,7 +9,13 @@ use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 /// A granted lease refreshed every ttl/3. `lost()` resolves once etcd says the lease is
-/// gone, or no refresh succeeded for a whole ttl (then it has expired on etcd's side too).
+/// gone, and only then: while etcd cannot be reached (lost quorum, a partition) the lease
+/// is unknown, not lost. etcd extends every lease when a new leader takes over, so after
+/// an outage the same lease usually lives on, and keeping it means nothing churns: no
+/// machine record rewritten, no state record republished, no leadership change. (Giving
+/// up after a ttl without refresh made every agent register anew after a quorum loss while
+/// its old lease, no longer refreshed, expired and took the machine record with it: the
+/// engine then moved units off machines that were fine.)
 #[derive(Debug)]
 pub struct LeaseKeeper {
     id: i64,
@@ -64,33 +70,59 @@ impl Drop for LeaseKeeper {
 
 async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
     let period = ttl / 3;
+    let patience = period.max(Duration::from_secs(1));
     let mut last_ok = Instant::now();
+    let mut warned = false;
+    // after a failed refresh, try again soon (another etcd member may answer: a request
+    // that met a member without a leader or a dead connection fails fast), doubling the
+    // pause back up to the period; once the lease may have expired, the normal pace
+    let first_retry = (period / 8).max(Duration::from_millis(100));
+    let mut pause = period;
     loop {
-        tokio::time::sleep(period).await;
-        let attempt = tokio::time::timeout(period.max(Duration::from_secs(1)), async {
-            let (mut keeper, mut stream) = client.lease_client().keep_alive(id).await?;
-            keeper.keep_alive().await?;
-            stream.message().await
+        tokio::time::sleep(pause).await;
+        // etcd-client's keep_alive sends one refresh and reads its answer; an answer of ttl
+        // 0 (the lease is gone) comes back as an error, told apart from a failed request
+        // by asking etcd for the lease's time to live
+        let attempt = tokio::time::timeout(patience, async {
+            match client.lease_client().keep_alive(id).await {
+                Ok(_) => Ok(true),
+                Err(e) => match client.lease_client().time_to_live(id, None).await {
+                    Ok(t) if t.ttl() <= 0 => Ok(false),
+                    _ => Err(e),
+                },
+            }
         })
         .await;
         match attempt {
-            Ok(Ok(Some(resp))) if resp.ttl() > 0 => last_ok = Instant::now(),
-            Ok(Ok(Some(_))) => {
+            Ok(Ok(true)) => {
+                last_ok = Instant::now();
+                pause = period;
+                continue;
+            }
+            Ok(Ok(false)) => {
                 warn!(lease = id, "lease expired");
                 let _ = lost.send(true);
                 return;
             }
-            Ok(Ok(None)) => debug!(lease = id, "lease refresh stream ended without an answer"),
             Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
             Err(_) => debug!(lease = id, "lease refresh timed out"),
         }
+        pause = if pause >= period {
+            first_retry
+        } else {
+            (pause * 2).min(period)
+        };
         if last_ok.elapsed() >= ttl {
+            pause = period;
+        }
+        if last_ok.elapsed() >= ttl && !warned {
             warn!(
                 lease = id,
-                "lease not refreshed for a whole ttl; treating it as lost"
+                "lease not refreshed for a whole ttl; etcd is out of reach, still trying"
             );
-            let _ = lost.send(true);
-            return;
+            warned = true;
+        } else if last_ok.elapsed() < ttl {
+            warned = false;
         }
     }
 }

@@ -107,6 +107,49 @@ async fn units_round_trip() {
     );
 }
 
+/// An etcd that answers nothing for longer than a ttl (lost quorum, a hang) leaves the
+/// lease unknown, not lost: the keeper goes on trying, and the agent does not register
+/// anew (which would let its old, unrefreshed lease expire with its machine record).
+#[tokio::test]
+async fn a_lease_is_not_lost_while_etcd_does_not_answer() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let ttl = Duration::from_secs(1);
+    let lease = r
+        .register_machine(&machine("m1", "tok-a"), ttl)
+        .await
+        .expect("register");
+    etcd.pause();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!lease.is_lost(), "lost while etcd did not answer");
+    }
+    etcd.resume();
+}
+
+/// A lease that etcd no longer has (it expired, or was revoked) is lost, and said so
+/// within a refresh period or two.
+#[tokio::test]
+async fn a_lease_gone_from_etcd_is_lost() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let ttl = Duration::from_secs(3);
+    let lease = r
+        .register_machine(&machine("m1", "tok-a"), ttl)
+        .await
+        .expect("register");
+    let client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("client");
+    client
+        .lease_client()
+        .revoke(lease.id())
+        .await
+        .expect("revoke");
+    let lost = tokio::time::timeout(Duration::from_secs(5), lease.lost()).await;
+    assert!(lost.is_ok(), "a revoked lease was not reported lost");
+}
+
 #[tokio::test]
 async fn machines_leases_and_duplicates() {
     let etcd = EtcdServer::start();

@@ -62,6 +62,25 @@ impl EtcdServer {
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
+
+    /// Freezes the server (SIGSTOP): its connections stay open and nothing answers, as
+    /// with an etcd that lost its quorum or hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Undoes [`EtcdServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} etcd failed");
+    }
 }
 
 impl Drop for EtcdServer {
