@@ -8,7 +8,7 @@ FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler libprotobuf-dev 
 FH_CHECK_PACKAGES="shellcheck"
 # to run the integration and functional tests, and the local cluster
 FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus dbus-user-session openssh-server \
-openssh-client iptables iproute2 util-linux procps curl"
+openssh-client iptables iproute2 util-linux procps curl chromium"
 
 # fh_ensure_packages PKG...: install the missing ones (one apt-get update first)
 fh_ensure_packages() {

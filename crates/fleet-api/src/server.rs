@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::Api;
 use crate::listen::{Listener, Socket};
+use crate::live::{AnyBody, Live, boxed};
 use crate::metrics::MethodLabel;
 use crate::write_timeout::WriteTimeout;
 use crate::{ApiConfig, ServeError};
@@ -47,6 +48,9 @@ pub async fn serve(
         unix: Arc::new(Semaphore::new(config.max_unix_connections.max(1))),
         tcp: Arc::new(Semaphore::new(config.max_tcp_connections.max(1))),
     };
+    // ends the event streams, which would otherwise hold their connections past the grace
+    let (stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
+    let live = Arc::new(Live::new(&config, streams_stopped));
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     for l in &listeners {
@@ -60,7 +64,7 @@ pub async fn serve(
                     Socket::Unix(_) => slots.unix.clone(),
                     Socket::Tcp(_) => slots.tcp.clone(),
                 };
-                Box::pin(accept_loop(l, &api, &graceful, slots))
+                Box::pin(accept_loop(l, &api, &live, &graceful, slots))
             })
             .collect::<Vec<_>>();
         tokio::select! {
@@ -69,6 +73,7 @@ pub async fn serve(
         }
         // the accept loops and their listeners are dropped here: no new connections
     }
+    let _ = stop_streams.send(true);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -88,10 +93,12 @@ pub async fn serve_stream<IO>(io: IO, registry: Arc<dyn Registry>, config: ApiCo
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (_stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
+    let live = Arc::new(Live::new(&config, streams_stopped));
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     let io = WriteTimeout::new(io, api.config.write_timeout, api.config.min_write_rate);
-    serve_connection(io, api, graceful.watcher(), None).await;
+    serve_connection(io, api, live, graceful.watcher(), None).await;
 }
 
 /// The connection budgets of one server, one per kind of listener.
@@ -103,6 +110,7 @@ struct Slots {
 async fn accept_loop(
     listener: Listener,
     api: &Arc<Api>,
+    live: &Arc<Live>,
     graceful: &GracefulShutdown,
     slots: Arc<Semaphore>,
 ) {
@@ -129,6 +137,7 @@ async fn accept_loop(
             }
         };
         let api = api.clone();
+        let live = live.clone();
         let watcher = graceful.watcher();
         let tls = listener.tls.clone();
         let (write_timeout, min_rate) = (api.config.write_timeout, api.config.min_write_rate);
@@ -137,18 +146,18 @@ async fn accept_loop(
             match (conn, tls) {
                 (Conn::Unix(s), _) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit).await
                 }
                 (Conn::Tcp(s, _), None) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit).await
                 }
                 (Conn::Tcp(s, peer), Some(acceptor)) => {
                     // the handshake's own writes are bounded by the write timeout too
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
                     let timeout = api.config.tls_handshake_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, api, watcher, permit).await,
+                        Ok(Ok(tls)) => serve_connection(tls, api, live, watcher, permit).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
                     }
@@ -166,6 +175,7 @@ enum Conn {
 async fn serve_connection<IO>(
     io: IO,
     api: Arc<Api>,
+    live: Arc<Live>,
     watcher: Watcher,
     // held until the connection ends; `None` for streams not accepted by `serve`
     _permit: Option<OwnedSemaphorePermit>,
@@ -175,16 +185,23 @@ async fn serve_connection<IO>(
     let service_api = api.clone();
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let api = service_api.clone();
+        let live = live.clone();
         async move {
             let start = Instant::now();
             // a fixed set of labels, whatever method token the client sent
             let method = MethodLabel::of(req.method());
             // a bug in a handler answers 500 for that request, never takes the server down
-            let reply = match AssertUnwindSafe(api.respond(req)).catch_unwind().await {
+            let answer = async {
+                match live.respond(&req).await {
+                    Some(r) => with_server(r, &api),
+                    None => boxed(api.respond(req).await),
+                }
+            };
+            let reply = match AssertUnwindSafe(answer).catch_unwind().await {
                 Ok(r) => r,
                 Err(_) => {
                     warn!("API request handler panicked");
-                    api.panic_reply()
+                    boxed(api.panic_reply())
                 }
             };
             api.config
@@ -207,4 +224,12 @@ async fn serve_connection<IO>(
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "API connection ended with an error");
     }
+}
+
+/// `reply` with the `Server` header every v1 answer has.
+fn with_server(mut reply: http::Response<AnyBody>, api: &Api) -> http::Response<AnyBody> {
+    reply
+        .headers_mut()
+        .insert(http::header::SERVER, api.server_header());
+    reply
 }

@@ -199,6 +199,11 @@ impl EtcdRegistry {
         &self.client
     }
 
+    /// How long one etcd request may take (`etcd_request_timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     async fn timed<T, F>(&self, f: F) -> Result<T>
     where
         F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,

@@ -11,6 +11,7 @@
 //! - the agent: machine presence under a lease, its own schedule and the global units
 //!   through a watch, unit states under its lease.
 
+pub mod changes;
 mod dial;
 mod error;
 mod etcd;
@@ -20,6 +21,7 @@ mod memory;
 mod model;
 mod watch;
 
+pub use changes::{Change, ChangeBatch, ChangeFeed, FeedItem};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};
 pub use etcd::{EngineOp, EngineSnapshot, EtcdConfig, EtcdRegistry, Leadership};
