@@ -162,16 +162,16 @@ async fn run(args: Args, cfg: Config) -> Result<()> {
         );
         None
     } else {
-        let registry = connect_registry(&cfg).await?;
+        let registry = Arc::new(connect_registry(&cfg).await?);
+        let api_cfg = fleet_api::ApiConfig {
+            events: Some(fleet_api::EventFeed(registry.clone())),
+            dashboard: cfg.enable_dashboard,
+            ..api_cfg
+        };
         let stop = api_shutdown.clone();
         Some(tokio::spawn(async move {
-            if let Err(e) = fleet_api::serve(
-                listeners,
-                Arc::new(registry),
-                api_cfg,
-                stop.cancelled_owned(),
-            )
-            .await
+            if let Err(e) =
+                fleet_api::serve(listeners, registry, api_cfg, stop.cancelled_owned()).await
             {
                 error!("API server: {e}");
             }

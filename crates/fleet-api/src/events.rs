@@ -10,19 +10,18 @@
 //! falls more than `event_backlog` revisions behind is cut off with a message saying where
 //! to resume from.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fleet_registry::{
-    Change, ChangeBatch, ChangeFeed, FeedItem, MachineRecord, StateRecord, UnitRecord,
-};
+use fleet_registry::changes::describe;
+use fleet_registry::{ChangeBatch, ChangeFeed, FeedItem};
 use fleet_unit::Glob;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
@@ -443,17 +442,11 @@ pub(crate) fn render(batch: &ChangeBatch) -> Batch {
     let mut all = Vec::new();
     for change in &batch.changes {
         let Some(ev) = describe(change) else { continue };
-        let mut obj = Map::new();
-        obj.insert("revision".into(), batch.revision.into());
-        obj.insert("type".into(), ev.kind.into());
-        if let Some(u) = &ev.unit {
-            obj.insert("unit".into(), u.clone().into());
-        }
-        if let Some(m) = &ev.machine {
-            obj.insert("machine".into(), m.clone().into());
-        }
-        obj.extend(ev.fields);
-        let text = format!("id: {}\ndata: {}\n\n", batch.revision, Value::Object(obj));
+        let text = format!(
+            "id: {}\ndata: {}\n\n",
+            batch.revision,
+            ev.to_json(batch.revision)
+        );
         all.extend_from_slice(text.as_bytes());
         events.push(Rendered {
             unit: ev.unit,
@@ -469,279 +462,9 @@ pub(crate) fn render(batch: &ChangeBatch) -> Batch {
     }
 }
 
-/// What one change means to users.
-#[derive(Debug, PartialEq)]
-pub(crate) struct Described {
-    pub kind: &'static str,
-    pub unit: Option<String>,
-    pub machine: Option<String>,
-    pub fields: Map<String, Value>,
-}
-
-fn described(
-    kind: &'static str,
-    unit: Option<&str>,
-    machine: Option<&str>,
-    fields: Value,
-) -> Option<Described> {
-    let fields = match fields {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    Some(Described {
-        kind,
-        unit: unit.map(str::to_string),
-        machine: machine.map(str::to_string),
-        fields,
-    })
-}
-
-fn parse<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Option<T> {
-    match serde_json::from_slice(value) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            debug!(key, error = %e, "event stream: skipping a record that does not decode");
-            None
-        }
-    }
-}
-
-pub(crate) fn describe(c: &Change) -> Option<Described> {
-    let (kind, rest) = c.key.split_once('/')?;
-    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
-    match kind {
-        "units" => match (&c.value, &c.prev) {
-            (Some(v), prev) => {
-                let rec: UnitRecord = parse(&c.key, v)?;
-                let prev: Option<UnitRecord> = prev.as_deref().and_then(|p| parse(&c.key, p));
-                match prev {
-                    None => described(
-                        "unit-created",
-                        Some(rest),
-                        None,
-                        json!({"desiredState": rec.desired_state, "hash": rec.hash.to_string(), "global": rec.global}),
-                    ),
-                    Some(p) => described(
-                        "unit-changed",
-                        Some(rest),
-                        None,
-                        json!({
-                            "desiredState": rec.desired_state,
-                            "previousDesiredState": p.desired_state,
-                            "hash": rec.hash.to_string(),
-                            "previousHash": p.hash.to_string(),
-                        }),
-                    ),
-                }
-            }
-            (None, _) => described("unit-destroyed", Some(rest), None, json!({})),
-        },
-        "placement" => match (&c.value, &c.prev) {
-            (Some(v), _) => described("unit-placed", Some(rest), Some(&text(v)), json!({})),
-            (None, Some(p)) => described("unit-unplaced", Some(rest), Some(&text(p)), json!({})),
-            (None, None) => described("unit-unplaced", Some(rest), None, json!({})),
-        },
-        "reasons" => {
-            let v = c.value.as_deref()?;
-            described(
-                "unit-unplaceable",
-                Some(rest),
-                None,
-                json!({"reason": text(v)}),
-            )
-        }
-        "states" => {
-            let (unit, machine) = rest.split_once('/')?;
-            match &c.value {
-                Some(v) => {
-                    let s: StateRecord = parse(&c.key, v)?;
-                    described(
-                        "unit-state",
-                        Some(unit),
-                        Some(machine),
-                        json!({
-                            "loadState": s.load_state,
-                            "activeState": s.active_state,
-                            "subState": s.sub_state,
-                            "currentState": s.agent_state,
-                            "hash": s.hash,
-                        }),
-                    )
-                }
-                None => described("unit-state-removed", Some(unit), Some(machine), json!({})),
-            }
-        }
-        "machines" => match &c.value {
-            Some(v) => {
-                let m: MachineRecord = parse(&c.key, v)?;
-                let prev: Option<MachineRecord> = c.prev.as_deref().and_then(|p| parse(&c.key, p));
-                let kind = match prev {
-                    None => "machine-joined",
-                    Some(p) if p.public_ip == m.public_ip && p.metadata == m.metadata => {
-                        return None; // re-registered, nothing users see changed
-                    }
-                    Some(_) => "machine-changed",
-                };
-                described(
-                    kind,
-                    None,
-                    Some(rest),
-                    json!({"primaryIP": m.public_ip, "metadata": m.metadata}),
-                )
-            }
-            None => described("machine-left", None, Some(rest), json!({})),
-        },
-        "metadata" => {
-            let (machine, key) = rest.split_once('/')?;
-            let value = c.value.as_deref().map(text);
-            let mut fields = BTreeMap::new();
-            fields.insert("key", Value::from(key));
-            fields.insert("value", value.map(Value::from).unwrap_or(Value::Null));
-            described(
-                "machine-metadata",
-                None,
-                Some(machine),
-                serde_json::to_value(fields).unwrap_or_default(),
-            )
-        }
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn put(key: &str, value: &str, prev: Option<&str>) -> Change {
-        Change {
-            key: key.into(),
-            value: Some(value.as_bytes().to_vec()),
-            prev: prev.map(|p| p.as_bytes().to_vec()),
-        }
-    }
-
-    fn del(key: &str, prev: Option<&str>) -> Change {
-        Change {
-            key: key.into(),
-            value: None,
-            prev: prev.map(|p| p.as_bytes().to_vec()),
-        }
-    }
-
-    const UNIT: &str = r#"{"version":1,"name":"a.service","hash":"0123456789abcdef0123456789abcdef01234567","desiredState":"loaded"}"#;
-    const UNIT2: &str = r#"{"version":1,"name":"a.service","hash":"0123456789abcdef0123456789abcdef01234567","desiredState":"launched"}"#;
-    const STATE: &str = r#"{"version":1,"name":"a.service","machineId":"m1","hash":"h","loadState":"loaded","activeState":"active","subState":"running","agentState":"launched"}"#;
-    const MACHINE: &str = r#"{"version":1,"id":"m1","publicIp":"10.0.0.1","metadata":{"r":"x"}}"#;
-
-    fn check(change: Change, expected: Option<(&str, Option<&str>, Option<&str>, Value)>) {
-        let got = describe(&change).map(|d| (d.kind, d.unit, d.machine, Value::Object(d.fields)));
-        let expected =
-            expected.map(|(k, u, m, f)| (k, u.map(str::to_string), m.map(str::to_string), f));
-        assert_eq!(got, expected, "{change:?}");
-    }
-
-    #[test]
-    fn changes_become_events() {
-        check(
-            put("units/a.service", UNIT, None),
-            Some((
-                "unit-created",
-                Some("a.service"),
-                None,
-                json!({"desiredState": "loaded", "hash": "0123456789abcdef0123456789abcdef01234567", "global": false}),
-            )),
-        );
-        check(
-            put("units/a.service", UNIT2, Some(UNIT)),
-            Some((
-                "unit-changed",
-                Some("a.service"),
-                None,
-                json!({"desiredState": "launched", "previousDesiredState": "loaded",
-                       "hash": "0123456789abcdef0123456789abcdef01234567",
-                       "previousHash": "0123456789abcdef0123456789abcdef01234567"}),
-            )),
-        );
-        check(
-            del("units/a.service", Some(UNIT)),
-            Some(("unit-destroyed", Some("a.service"), None, json!({}))),
-        );
-        check(
-            put("placement/a.service", "m1", None),
-            Some(("unit-placed", Some("a.service"), Some("m1"), json!({}))),
-        );
-        check(
-            del("placement/a.service", Some("m1")),
-            Some(("unit-unplaced", Some("a.service"), Some("m1"), json!({}))),
-        );
-        check(
-            put("reasons/a.service", "no machine", None),
-            Some((
-                "unit-unplaceable",
-                Some("a.service"),
-                None,
-                json!({"reason": "no machine"}),
-            )),
-        );
-        check(del("reasons/a.service", Some("no machine")), None);
-        check(
-            put("states/a.service/m1", STATE, None),
-            Some((
-                "unit-state",
-                Some("a.service"),
-                Some("m1"),
-                json!({"loadState": "loaded", "activeState": "active", "subState": "running",
-                       "currentState": "launched", "hash": "h"}),
-            )),
-        );
-        check(
-            del("states/a.service/m1", None),
-            Some((
-                "unit-state-removed",
-                Some("a.service"),
-                Some("m1"),
-                json!({}),
-            )),
-        );
-        check(
-            put("machines/m1", MACHINE, None),
-            Some((
-                "machine-joined",
-                None,
-                Some("m1"),
-                json!({"primaryIP": "10.0.0.1", "metadata": {"r": "x"}}),
-            )),
-        );
-        check(put("machines/m1", MACHINE, Some(MACHINE)), None);
-        check(
-            del("machines/m1", Some(MACHINE)),
-            Some(("machine-left", None, Some("m1"), json!({}))),
-        );
-        check(
-            put("metadata/m1/region", "eu", None),
-            Some((
-                "machine-metadata",
-                None,
-                Some("m1"),
-                json!({"key": "region", "value": "eu"}),
-            )),
-        );
-        check(
-            del("metadata/m1/region", Some("eu")),
-            Some((
-                "machine-metadata",
-                None,
-                Some("m1"),
-                json!({"key": "region", "value": null}),
-            )),
-        );
-        // internal keys and bad records are left out, never a panic
-        check(put("bodies/abc", "[Unit]", None), None);
-        check(put("schedule/m1/a.service", "{}", None), None);
-        check(put("leader", "m1", None), None);
-        check(put("units/a.service", "not json", None), None);
-        check(put("states/a.service", STATE, None), None);
-    }
 
     #[test]
     fn filters_pick_units_and_machines() {
