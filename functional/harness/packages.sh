@@ -6,7 +6,8 @@
 FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler libprotobuf-dev ca-certificates curl"
 # ./test's gates (shellcheck of the shell scripts)
 FH_CHECK_PACKAGES="shellcheck"
-# to run the integration and functional tests, and the local cluster
+# to run the integration and functional tests, and the local cluster (chromium: the headless
+# browser of functional/tests/dashboard.rs)
 FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus dbus-user-session openssh-server \
 openssh-client iptables iproute2 util-linux procps curl chromium"
 

@@ -320,12 +320,17 @@ pub fn describe(c: &Change) -> Option<Described> {
             (None, _) => described("unit-destroyed", Some(rest), None, json!({})),
         },
         "placement" => match (&c.value, &c.prev) {
+            // rewritten with each desired-state change: the same machine is no news
+            (Some(v), Some(p)) if v == p => None,
             (Some(v), _) => described("unit-placed", Some(rest), Some(&text(v)), json!({})),
             (None, Some(p)) => described("unit-unplaced", Some(rest), Some(&text(p)), json!({})),
             (None, None) => described("unit-unplaced", Some(rest), None, json!({})),
         },
         "reasons" => {
             let v = c.value.as_deref()?;
+            if c.prev.as_deref() == Some(v) {
+                return None;
+            }
             described(
                 "unit-unplaceable",
                 Some(rest),
@@ -467,6 +472,15 @@ mod tests {
             )),
         );
         check(del("reasons/a.service", Some("no machine")), None);
+        check(
+            put("reasons/a.service", "no machine", Some("no machine")),
+            None,
+        );
+        check(put("placement/a.service", "m1", Some("m1")), None);
+        check(
+            put("placement/a.service", "m2", Some("m1")),
+            Some(("unit-placed", Some("a.service"), Some("m2"), json!({}))),
+        );
         check(
             put("states/a.service/m1", STATE, None),
             Some((
