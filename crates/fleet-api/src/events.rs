@@ -159,13 +159,20 @@ impl Hub {
         }
     }
 
-    /// Starts watching etcd, once.
-    async fn start(&self) -> Result<(), SubscribeError> {
+    /// Starts watching etcd, once: from now, or from `since` when the first subscriber
+    /// resumes from a revision not older than `history` revisions (etcd still has them, unless
+    /// compacted), so that a client resuming on a restarted fleetd loses nothing.
+    async fn start(&self, since: Option<i64>) -> Result<(), SubscribeError> {
         self.started
             .get_or_try_init(|| async {
                 let unavailable =
                     |e: fleet_registry::RegistryError| SubscribeError::Unavailable(e.to_string());
-                let rev = self.feed.current_revision().await.map_err(unavailable)?;
+                let current = self.feed.current_revision().await.map_err(unavailable)?;
+                let reach = i64::try_from(self.limits.history).unwrap_or(i64::MAX);
+                let rev = match since {
+                    Some(s) if s < current && current.saturating_sub(s) <= reach => s,
+                    _ => current,
+                };
                 let rx = self
                     .feed
                     .changes_after(rev, FEED_CAPACITY)
@@ -195,7 +202,7 @@ impl Hub {
         since: Option<i64>,
         filter: Filter,
     ) -> Result<Subscription, SubscribeError> {
-        self.start().await?;
+        self.start(since).await?;
         let st = lock(&self.state);
         let from = since.unwrap_or(st.last);
         if from < st.floor {

@@ -60,7 +60,7 @@ impl Live {
         if path != EVENTS_PATH && !dashboard {
             return None;
         }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        if req.method() != Method::GET {
             return Some(boxed(error_reply(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "only GET supported against this resource",

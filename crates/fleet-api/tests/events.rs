@@ -222,6 +222,17 @@ async fn resuming_after_a_disconnect_loses_no_event() {
     assert_eq!(kinds.iter().filter(|k| *k == "unit-changed").count(), 5);
     assert_eq!(kinds.last().map(String::as_str), Some("unit-destroyed"));
 
+    // a server started later (a restarted fleetd) resumes from etcd's history
+    let config = ApiConfig {
+        events: Some(EventFeed(Arc::new(reg.clone()))),
+        ..Default::default()
+    };
+    let restarted = Harness::with_registry(Arc::new(reg.clone()), config).await;
+    let mut client = Sse::stream(restarted.addr, &format!("?since={from}")).await;
+    client.next().await.expect("hello");
+    let again = client.until(is("unit-destroyed", "u2.service")).await;
+    assert_eq!(again, all, "resuming on another server");
+
     // EventSource's reconnection header works as `since`
     let mut s = TcpStream::connect(h.addr).await.expect("connect");
     let req = format!(
@@ -321,6 +332,55 @@ async fn fake_server(config: ApiConfig) -> (Harness, mpsc::Sender<FeedItem>) {
         ..config
     };
     (Harness::with_registry(registry, config).await, tx)
+}
+
+/// A server shutting down ends its streams at once: they do not hold it for the grace period.
+#[tokio::test]
+async fn streams_end_when_the_server_shuts_down() {
+    let (h, _tx) = fake_server(ApiConfig {
+        shutdown_grace: Duration::from_secs(60),
+        ..Default::default()
+    })
+    .await;
+    let mut s = Sse::stream(h.addr, "").await;
+    s.next().await.expect("hello");
+    let stopped = tokio::time::timeout(Duration::from_secs(10), h.stop()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "{stopped:?}");
+    let end = tokio::time::timeout(Duration::from_secs(10), s.next()).await;
+    assert!(matches!(end, Ok(None)), "the stream goes on: {end:?}");
+}
+
+#[tokio::test]
+async fn only_get_is_allowed() {
+    let (h, _tx) = fake_server(ApiConfig::default()).await;
+    for method in ["POST", "HEAD", "DELETE"] {
+        let r = h.send(method, "/fleet/v1/events", None, "").await;
+        assert_eq!(r.status, 405, "{method}");
+    }
+    // without a feed (fleetd's tests, fuzzing), the path does not exist
+    let plain = Harness::with_registry(
+        Arc::new(fleet_registry::MemoryRegistry::new()),
+        ApiConfig::default(),
+    )
+    .await;
+    let r = plain.get("/fleet/v1/events").await;
+    assert_eq!(r.status, 404);
+    // nor does the dashboard unless enabled
+    assert_eq!(plain.get("/dashboard/").await.status, 404);
+    let dash = Harness::with_registry(
+        Arc::new(fleet_registry::MemoryRegistry::new()),
+        ApiConfig {
+            dashboard: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let page = dash.get("/dashboard/").await;
+    assert_eq!(page.status, 200);
+    assert_eq!(
+        page.header("server"),
+        Some(concat!("fleetd/", env!("CARGO_PKG_VERSION")))
+    );
 }
 
 #[tokio::test]
