@@ -234,8 +234,12 @@ function matcher() {
   const f = $("filter").value.trim();
   if (!f) return () => true;
   if (/[*?[]/.test(f)) {
-    const re = new RegExp("^" + f.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".") + "$");
-    return (...values) => values.some((v) => v && re.test(v));
+    try {
+      const re = new RegExp("^" + f.replace(/[.+^${}()|\\]/g, "\\$&").replace(/\*/g, ".*").replace(/\?/g, ".") + "$");
+      return (...values) => values.some((v) => v && re.test(v));
+    } catch (_) {
+      // an unfinished pattern ("web[") filters as text until it is complete
+    }
   }
   const low = f.toLowerCase();
   return (...values) => values.some((v) => v && v.toLowerCase().includes(low));
