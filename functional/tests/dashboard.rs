@@ -175,6 +175,14 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // ask it to close (its helper processes go with it), then make sure
+        let close = format!("{}\0", json!({"id": 0, "method": "Browser.close"}));
+        let _ = self.commands.write_all(close.as_bytes());
+        let _ = self.commands.flush();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
