@@ -186,6 +186,8 @@ pub enum Command {
     Destroy(DestroyArgs),
     /// Relay stdin and stdout to a unix socket (used by --tunnel, not meant for users)
     FdForward(FdForwardArgs),
+    /// Follow the cluster's events: units, their states and placements, machines
+    Events(EventsArgs),
     /// Print a unit's journal from the machine it runs on
     Journal(JournalArgs),
     /// List the machines currently in the cluster
@@ -328,6 +330,9 @@ pub struct ListArgs {
 pub struct ListMachinesArgs {
     #[command(flatten)]
     pub list: ListArgs,
+    /// Keep the list on screen, redrawn whenever something changes
+    #[arg(long, short = 'w')]
+    pub watch: bool,
     /// Columns to print, comma-separated; valid: machine, ip, metadata
     #[arg(long, default_value = LIST_MACHINES_FIELDS, value_name = "FIELDS")]
     pub fields: String,
@@ -344,9 +349,38 @@ pub struct ListUnitFilesArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct EventsArgs {
+    /// Start after this etcd revision (resume where an earlier stream left off)
+    #[arg(long, value_name = "REV")]
+    pub since: Option<i64>,
+    /// Only events of units whose name matches this glob (machine events are left out)
+    #[arg(long, value_name = "GLOB")]
+    pub unit: Option<String>,
+    /// Only events about machines whose ID starts with this
+    #[arg(long, value_name = "ID")]
+    pub machine: Option<String>,
+    /// Output format: text lines, or one JSON object per line
+    #[arg(long, short = 'o', value_enum, default_value_t = EventsFormat::Text, value_name = "FORMAT")]
+    pub output: EventsFormat,
+}
+
+/// How `fleetctl events` prints.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventsFormat {
+    /// One line per event: revision, unit or machine, what happened
+    #[default]
+    Text,
+    /// One JSON object per line, as the API sends it
+    Json,
+}
+
+#[derive(Args, Debug)]
 pub struct ListUnitsArgs {
     #[command(flatten)]
     pub list: ListArgs,
+    /// Keep the list on screen, redrawn whenever something changes
+    #[arg(long, short = 'w')]
+    pub watch: bool,
     /// Columns to print, comma-separated; valid: active, hash, load, machine, sub, unit
     #[arg(long, default_value = LIST_UNITS_FIELDS, value_name = "FIELDS")]
     pub fields: String,

@@ -63,6 +63,11 @@ impl Ctx {
         replaced.contains(name)
     }
 
+    /// Forgets the cached machine list (machines came or went: `--watch`).
+    pub async fn forget_machines(&self) {
+        *self.machines.lock().await = None;
+    }
+
     /// Remembers a unit this invocation has just created.
     pub fn note_created(&self, unit: fleet_registry::UnitView) {
         let mut created = self.created.lock().unwrap_or_else(|p| p.into_inner());

@@ -458,6 +458,8 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
     let api_cfg = fleet_api::ApiConfig {
         token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
         metrics: daemon.metrics.clone(),
+        events: Some(fleet_api::EventFeed(Arc::new(registry.clone()))),
+        dashboard: cfg.enable_dashboard,
         ..Default::default()
     };
     let api_registry: Arc<dyn fleet_registry::Registry> = Arc::new(registry.clone());

@@ -4,9 +4,10 @@
 
 # to build fleetd and fleetctl (etcd-client's build runs protoc)
 FH_BUILD_PACKAGES="build-essential pkg-config protobuf-compiler libprotobuf-dev ca-certificates curl"
-# ./test's gates (shellcheck of the shell scripts) and the checks of ./build --deb's package
-# (lintian; man-db renders the man pages with man -l)
-FH_CHECK_PACKAGES="shellcheck lintian man-db"
+# what only ./test needs: its gates (shellcheck of the shell scripts), the checks of
+# ./build --deb's package (lintian; man-db renders the man pages with man -l), and the
+# headless browser of functional/tests/dashboard.rs (chromium)
+FH_CHECK_PACKAGES="shellcheck lintian man-db chromium"
 # to run the integration and functional tests, and the local cluster
 FH_RUN_PACKAGES="etcd-server etcd-client systemd systemd-container dbus dbus-user-session openssh-server \
 openssh-client iptables iproute2 util-linux procps curl"

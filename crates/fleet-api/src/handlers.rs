@@ -87,6 +87,11 @@ impl Api {
         reply
     }
 
+    /// `Server: fleetd/<version>`.
+    pub(crate) fn server_header(&self) -> HeaderValue {
+        self.server.clone()
+    }
+
     /// A reply for a request whose handler panicked.
     pub(crate) fn panic_reply(&self) -> Reply {
         let mut reply = error_reply(StatusCode::INTERNAL_SERVER_ERROR, "");
@@ -739,7 +744,7 @@ pub(crate) fn error_reply(code: StatusCode, message: &str) -> Reply {
 // ---- URL pieces ----
 
 /// Decodes `%XX` escapes of a URL path (not `+`); `None` for a malformed escape or non-UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     decode_bytes(s, false)
 }
 
@@ -769,7 +774,7 @@ fn decode_bytes(s: &str, plus_is_space: bool) -> Option<String> {
 }
 
 /// `a=1&b=2` into pairs; pairs that do not decode are skipped, as Go's `URL.Query` did.
-fn parse_query(q: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
     q.split(['&', ';'])
         .filter(|p| !p.is_empty())
         .filter_map(|p| {

@@ -9,9 +9,12 @@
 //! Only this crate and `fleet-client` know HTTP; the registry behind the API is any
 //! [`fleet_registry::Registry`].
 
+mod dashboard;
 mod error;
+mod events;
 mod handlers;
 mod listen;
+mod live;
 mod metrics;
 mod page;
 mod server;
@@ -21,9 +24,11 @@ mod write_timeout;
 use std::time::Duration;
 
 pub use error::ServeError;
+pub use events::EventFeed;
 pub use listen::{
     Listener, TlsConfig, TlsFiles, bind_tcp, bind_unix, listeners_from_systemd, load_tls,
 };
+pub use live::{DASHBOARD_PATH, EVENTS_PATH};
 pub use metrics::{
     CONTENT_TYPE as METRICS_CONTENT_TYPE, EngineFailure, MethodLabel, Metrics, RegistryOp,
 };
@@ -74,6 +79,19 @@ pub struct ApiConfig {
     /// While this says `false`, every request gets fleet's 503 ("fleet server unable to
     /// communicate with etcd"). `None`: always available.
     pub available: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The source of `GET /fleet/v1/events`; `None`: that path answers 404.
+    pub events: Option<EventFeed>,
+    /// Revisions of events kept so that clients can resume (`?since=`).
+    pub event_history: usize,
+    /// Bytes of events kept so that clients can resume; the older ones go first.
+    pub event_history_bytes: usize,
+    /// Revisions a subscriber may fall behind before it is cut off (with a message): what
+    /// bounds fleetd's memory whatever the number and speed of subscribers.
+    pub event_backlog: usize,
+    /// A comment is sent on an idle stream this often.
+    pub event_heartbeat: Duration,
+    /// Serve the read-only dashboard at `/dashboard/` (`enable_dashboard`).
+    pub dashboard: bool,
 }
 
 impl ApiConfig {
@@ -102,6 +120,12 @@ impl Default for ApiConfig {
             version: env!("CARGO_PKG_VERSION").to_string(),
             metrics: Metrics::new(),
             available: None,
+            events: None,
+            event_history: 10_000,
+            event_history_bytes: 8 * 1024 * 1024,
+            event_backlog: 1024,
+            event_heartbeat: Duration::from_secs(15),
+            dashboard: false,
         }
     }
 }

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::Api;
 use crate::listen::{Listener, Socket};
+use crate::live::{AnyBody, Live, boxed};
 use crate::metrics::MethodLabel;
 use crate::write_timeout::WriteTimeout;
 use crate::{ApiConfig, ServeError};
@@ -61,6 +62,9 @@ pub async fn serve_keeping_listeners(
         unix: Arc::new(Semaphore::new(config.max_unix_connections.max(1))),
         tcp: Arc::new(Semaphore::new(config.max_tcp_connections.max(1))),
     };
+    // ends the event streams, which would otherwise hold their connections past the grace
+    let (stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
+    let live = Arc::new(Live::new(&config, streams_stopped));
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     for l in &listeners {
@@ -74,7 +78,7 @@ pub async fn serve_keeping_listeners(
                     Socket::Unix(_) => slots.unix.clone(),
                     Socket::Tcp(_) => slots.tcp.clone(),
                 };
-                Box::pin(accept_loop(l, &api, &graceful, slots))
+                Box::pin(accept_loop(l, &api, &live, &graceful, slots))
             })
             .collect::<Vec<_>>();
         tokio::select! {
@@ -83,6 +87,7 @@ pub async fn serve_keeping_listeners(
         }
         // the accept loops end here: no new connections (they wait in the backlog)
     }
+    let _ = stop_streams.send(true);
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -102,10 +107,12 @@ pub async fn serve_stream<IO>(io: IO, registry: Arc<dyn Registry>, config: ApiCo
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (_stop_streams, streams_stopped) = tokio::sync::watch::channel(false);
+    let live = Arc::new(Live::new(&config, streams_stopped));
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     let io = WriteTimeout::new(io, api.config.write_timeout, api.config.min_write_rate);
-    serve_connection(io, api, graceful.watcher(), None).await;
+    serve_connection(io, api, live, graceful.watcher(), None).await;
 }
 
 /// The connection budgets of one server, one per kind of listener.
@@ -117,6 +124,7 @@ struct Slots {
 async fn accept_loop(
     listener: &Listener,
     api: &Arc<Api>,
+    live: &Arc<Live>,
     graceful: &GracefulShutdown,
     slots: Arc<Semaphore>,
 ) {
@@ -143,6 +151,7 @@ async fn accept_loop(
             }
         };
         let api = api.clone();
+        let live = live.clone();
         let watcher = graceful.watcher();
         let tls = listener.tls.clone();
         let (write_timeout, min_rate) = (api.config.write_timeout, api.config.min_write_rate);
@@ -151,18 +160,18 @@ async fn accept_loop(
             match (conn, tls) {
                 (Conn::Unix(s), _) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit).await
                 }
                 (Conn::Tcp(s, _), None) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit).await
                 }
                 (Conn::Tcp(s, peer), Some(acceptor)) => {
                     // the handshake's own writes are bounded by the write timeout too
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
                     let timeout = api.config.tls_handshake_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, api, watcher, permit).await,
+                        Ok(Ok(tls)) => serve_connection(tls, api, live, watcher, permit).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
                     }
@@ -180,6 +189,7 @@ enum Conn {
 async fn serve_connection<IO>(
     io: IO,
     api: Arc<Api>,
+    live: Arc<Live>,
     watcher: Watcher,
     // held until the connection ends; `None` for streams not accepted by `serve`
     _permit: Option<OwnedSemaphorePermit>,
@@ -189,16 +199,23 @@ async fn serve_connection<IO>(
     let service_api = api.clone();
     let service = service_fn(move |req: hyper::Request<Incoming>| {
         let api = service_api.clone();
+        let live = live.clone();
         async move {
             let start = Instant::now();
             // a fixed set of labels, whatever method token the client sent
             let method = MethodLabel::of(req.method());
             // a bug in a handler answers 500 for that request, never takes the server down
-            let reply = match AssertUnwindSafe(api.respond(req)).catch_unwind().await {
+            let answer = async {
+                match live.respond(&req).await {
+                    Some(r) => with_server(r, &api),
+                    None => boxed(api.respond(req).await),
+                }
+            };
+            let reply = match AssertUnwindSafe(answer).catch_unwind().await {
                 Ok(r) => r,
                 Err(_) => {
                     warn!("API request handler panicked");
-                    api.panic_reply()
+                    boxed(api.panic_reply())
                 }
             };
             api.config
@@ -221,4 +238,12 @@ async fn serve_connection<IO>(
     if let Err(e) = watcher.watch(conn).await {
         debug!(error = %e, "API connection ended with an error");
     }
+}
+
+/// `reply` with the `Server` header every v1 answer has.
+fn with_server(mut reply: http::Response<AnyBody>, api: &Api) -> http::Response<AnyBody> {
+    reply
+        .headers_mut()
+        .insert(http::header::SERVER, api.server_header());
+    reply
 }

@@ -14,6 +14,7 @@
 mod connector;
 mod endpoint;
 mod error;
+mod events;
 mod tls;
 
 use std::sync::{Arc, Mutex};
@@ -464,6 +465,13 @@ impl HttpRegistry {
 
 #[async_trait]
 impl Registry for HttpRegistry {
+    async fn events(
+        &self,
+        query: &fleet_registry::EventQuery,
+    ) -> Result<tokio::sync::mpsc::Receiver<fleet_registry::EventItem>, RegistryError> {
+        self.follow_events(query).await.map_err(to_registry)
+    }
+
     async fn create_unit(
         &self,
         name: &UnitName,

@@ -77,6 +77,9 @@ pub struct Config {
     /// not loopback. Off by default: such a listener gives everyone who can reach it root on
     /// every machine of the cluster.
     pub api_allow_plain_tcp: bool,
+    /// Beyond fleet: serve the read-only dashboard at `/dashboard/` on the API's listeners.
+    /// Off by default: it shows every unit file to whoever can reach the API.
+    pub enable_dashboard: bool,
     /// Warnings to log once logging is set up (deprecated or unknown options).
     pub warnings: Vec<String>,
 }
@@ -110,6 +113,7 @@ impl Default for Config {
             api_keyfile: String::new(),
             api_client_cafile: String::new(),
             api_allow_plain_tcp: false,
+            enable_dashboard: false,
             warnings: Vec::new(),
         }
     }
@@ -143,6 +147,7 @@ pub const OPTIONS: &[&str] = &[
     "api_keyfile",
     "api_client_cafile",
     "api_allow_plain_tcp",
+    "enable_dashboard",
 ];
 
 impl Config {
@@ -371,6 +376,10 @@ impl Config {
             // not fleet's: refused, not ignored, as it guards the API
             "api_allow_plain_tcp" => {
                 self.api_allow_plain_tcp =
+                    boolean(value).ok_or_else(|| bad("expected true or false"))?
+            }
+            "enable_dashboard" => {
+                self.enable_dashboard =
                     boolean(value).ok_or_else(|| bad("expected true or false"))?
             }
             other => self
@@ -688,6 +697,20 @@ mod tests {
         assert_eq!(c.etcd_key_prefix, "/_coreos.com/fleet/");
         assert_eq!(c.units_directory, PathBuf::from("/run/fleet/units/"));
         assert_eq!(c.token_limit, 100);
+        assert!(!c.enable_dashboard);
+    }
+
+    #[test]
+    fn the_dashboard_is_enabled_by_file_or_environment() {
+        assert!(
+            load("enable_dashboard=true\n", &[])
+                .expect("load")
+                .enable_dashboard
+        );
+        let c = load("", &[("FLEET_ENABLE_DASHBOARD", "1")]).expect("load");
+        assert!(c.enable_dashboard);
+        let err = load("enable_dashboard=maybe\n", &[]).expect_err("refused");
+        assert!(err.to_string().contains("enable_dashboard"), "{err}");
     }
 
     #[test]

@@ -177,6 +177,12 @@ pub const OPTION_DOCS: &[OptionDoc] = &[
         "Allow api_listen to serve plain HTTP on a TCP address other machines can reach. \
          Anyone who reaches such a listener controls every machine of the cluster.",
     ),
+    doc(
+        "enable_dashboard",
+        "true|false",
+        "Serve the read-only cluster dashboard at /dashboard/ on the API's listeners, with \
+         the API's TLS and client certificates.",
+    ),
 ];
 
 impl Config {
@@ -216,6 +222,7 @@ impl Config {
             "api_keyfile" => self.api_keyfile.clone(),
             "api_client_cafile" => self.api_client_cafile.clone(),
             "api_allow_plain_tcp" => self.api_allow_plain_tcp.to_string(),
+            "enable_dashboard" => self.enable_dashboard.to_string(),
             _ => return None,
         })
     }
@@ -268,6 +275,7 @@ mod tests {
             api_keyfile: "/ak".into(),
             api_client_cafile: "/acc".into(),
             api_allow_plain_tcp: true,
+            enable_dashboard: true,
             warnings: Vec::new(),
         };
         for config in [Config::default(), changed.clone()] {

@@ -15,6 +15,7 @@
 //! [`EtcdRegistry`] implements all three on etcd v3; [`MemoryRegistry`] (clients) and
 //! [`MemoryStore`] (agent and engine) are their in-memory twins for tests.
 
+pub mod changes;
 mod decode;
 mod dial;
 mod error;
@@ -27,6 +28,7 @@ mod model;
 mod roles;
 mod watch;
 
+pub use changes::{Change, ChangeBatch, ChangeFeed, EventItem, EventQuery, FeedItem};
 pub use decode::{agent_ranges, engine_ranges, engine_snapshot};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};
@@ -91,5 +93,14 @@ pub trait Registry: Send + Sync {
     async fn wait_for_change(&self, unit: &UnitName, max: Duration) {
         let _ = unit;
         tokio::time::sleep(max.min(Duration::from_millis(250))).await;
+    }
+    /// The registry's events after a revision (or from now on), as the API's event stream
+    /// words them (`Documentation/api-v1-events.md`), `hello` first. The stream ends with an
+    /// `Err` saying why, or with a `cut-off` event after which a follower resumes.
+    async fn events(&self, query: &EventQuery) -> Result<tokio::sync::mpsc::Receiver<EventItem>> {
+        let _ = query;
+        Err(RegistryError::Remote(
+            "this driver cannot follow the cluster's events".into(),
+        ))
     }
 }

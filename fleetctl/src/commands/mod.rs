@@ -4,6 +4,7 @@
 mod import_v1;
 mod lifecycle;
 mod list;
+mod live;
 mod remote;
 
 use crate::cli::Command;
@@ -22,9 +23,12 @@ pub async fn run(ctx: &Ctx, command: Command) -> Outcome {
         Command::Destroy(a) => lifecycle::destroy(ctx, &a.units, &a.block).await,
         Command::FdForward(a) => remote::fd_forward(&a.socket).await,
         Command::ImportV1(a) => import_v1::run(ctx, &a).await,
+        Command::Events(a) => live::events(ctx, &a).await,
         Command::Journal(a) => remote::journal(ctx, &a).await,
+        Command::ListMachines(a) if a.watch => live::watch_machines(ctx, &a).await,
         Command::ListMachines(a) => list::machines(ctx, &a.list, &a.fields).await,
         Command::ListUnitFiles(a) => list::unit_files(ctx, &a.list, &a.fields).await,
+        Command::ListUnits(a) if a.watch => live::watch_units(ctx, &a).await,
         Command::ListUnits(a) => list::units(ctx, &a.list, &a.fields).await,
         Command::Load(a) => {
             if a.sign.sign {

@@ -278,6 +278,13 @@ impl Registry for EtcdRegistry {
         self.watch_unit_change(unit.as_str(), max).await
     }
 
+    async fn events(
+        &self,
+        query: &crate::EventQuery,
+    ) -> Result<tokio::sync::mpsc::Receiver<crate::EventItem>> {
+        self.follow_events(query).await
+    }
+
     async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>> {
         Ok(self.views(Some(name)).await?.into_iter().next())
     }

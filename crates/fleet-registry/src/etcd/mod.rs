@@ -158,6 +158,11 @@ impl EtcdRegistry {
         &self.client
     }
 
+    /// How long one etcd request may take (`etcd_request_timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// One etcd request, bounded by the request timeout; a failure names `op` and `key`,
     /// and the request is counted in the registry metrics as `kind`.
     async fn timed<T, F>(&self, kind: OpKind, op: &'static str, key: &str, f: F) -> Result<T>

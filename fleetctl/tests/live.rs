@@ -1,0 +1,236 @@
+//! `fleetctl events` and `list-units --watch`, the real binary against a real etcd, through
+//! fleetd's API (the event stream) and straight from etcd (`--driver=etcd`).
+
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_registry::{EtcdConfig, EtcdRegistry, Registry};
+use fleet_testutil::EtcdServer;
+use fleet_unit::{TargetState, UnitFile, UnitName};
+
+struct Setup {
+    etcd: EtcdServer,
+    dir: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+    reg: EtcdRegistry,
+    api: String,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let etcd = EtcdServer::start();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = EtcdConfig {
+            endpoints: vec![etcd.endpoint().to_string()],
+            key_prefix: "/_coreos.com/fleet/".into(),
+            request_timeout: Duration::from_secs(3),
+            ..Default::default()
+        };
+        let reg = rt
+            .block_on(EtcdRegistry::connect(&cfg))
+            .expect("connect to etcd");
+        let path = dir.path().join("fleet.sock");
+        let registry = Arc::new(reg.clone());
+        rt.block_on(async {
+            let listener = fleet_api::bind_unix(&path).expect("bind API socket");
+            let config = fleet_api::ApiConfig {
+                events: Some(fleet_api::EventFeed(registry.clone())),
+                ..Default::default()
+            };
+            tokio::spawn(fleet_api::serve(
+                vec![listener],
+                registry,
+                config,
+                std::future::pending::<()>(),
+            ));
+        });
+        let api = format!("unix://{}", path.display());
+        Setup {
+            etcd,
+            dir,
+            rt,
+            reg,
+            api,
+        }
+    }
+
+    fn spawn(&self, args: &[&str]) -> Running {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetctl"));
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FLEETCTL_") {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fleetctl");
+        Running {
+            stdout: collect(child.stdout.take().expect("stdout")),
+            stderr: collect(child.stderr.take().expect("stderr")),
+            child,
+        }
+    }
+
+    fn create(&self, name: &str, desired: TargetState) {
+        let file = UnitFile::parse("[Service]\nExecStart=/bin/sleep 100\n").expect("unit");
+        let name = UnitName::parse(name).expect("name");
+        self.rt
+            .block_on(self.reg.create_unit(&name, &file, desired))
+            .expect("create unit");
+    }
+
+    fn set(&self, name: &str, desired: TargetState) {
+        let name = UnitName::parse(name).expect("name");
+        self.rt
+            .block_on(self.reg.set_desired_state(&name, desired))
+            .expect("set desired state");
+    }
+}
+
+struct Running {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buf
+}
+
+impl Running {
+    fn stdout(&self) -> String {
+        self.stdout.lock().expect("lock").clone()
+    }
+
+    /// Waits until stdout satisfies `cond`.
+    fn wait_stdout(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        let ok = fleet_testutil::wait_for(Duration::from_secs(15), || cond(&self.stdout()));
+        assert!(
+            ok,
+            "fleetctl did not print {what}; stdout: {:?}, stderr: {:?}",
+            self.stdout(),
+            self.stderr.lock().expect("lock")
+        );
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn events_prints_the_stream_as_text_and_json_and_resumes_with_since() {
+    let s = Setup::start();
+    let endpoint = format!("--endpoint={}", s.api);
+    let text = s.spawn(&[&endpoint, "events", "--unit", "web*"]);
+    let json = s.spawn(&[&endpoint, "events", "-o", "json"]);
+    let direct = s.spawn(&[
+        "--driver=etcd",
+        &format!("--endpoint={}", s.etcd.endpoint()),
+        "events",
+        "-o",
+        "json",
+    ]);
+    // each is following once the first event shows
+    let ok = fleet_testutil::wait_for(Duration::from_secs(15), || {
+        s.create("web-probe.service", TargetState::Inactive);
+        let seen = |r: &Running| r.stdout().contains("web-probe.service");
+        let name = UnitName::parse("web-probe.service").expect("name");
+        let _ = s.rt.block_on(s.reg.destroy_unit(&name));
+        seen(&text) && seen(&json) && seen(&direct)
+    });
+    assert!(ok, "the followers did not start: {:?}", json.stdout());
+    s.create("web1.service", TargetState::Loaded);
+    s.create("db.service", TargetState::Loaded);
+    s.set("web1.service", TargetState::Launched);
+    text.wait_stdout("web1's desired-state change", |o| {
+        o.contains("web1.service\tdesired state loaded -> launched")
+    });
+    let lines: Vec<String> = text
+        .stdout()
+        .lines()
+        .filter(|l| !l.contains("web-probe"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[0].ends_with("\tweb1.service\tcreated, desired state loaded"));
+    assert!(!text.stdout().contains("db.service"), "the glob filters");
+
+    for r in [&json, &direct] {
+        r.wait_stdout("the change as JSON", |o| {
+            o.contains(r#""previousDesiredState":"loaded""#)
+        });
+    }
+    // the API's stream and etcd's say the same
+    let tail = |r: &Running| {
+        let out = r.stdout();
+        let from = out.find("web1.service").and_then(|i| out[..i].rfind('\n'));
+        out[from.map_or(0, |i| i + 1)..].to_string()
+    };
+    assert_eq!(tail(&json), tail(&direct));
+
+    // --since replays from a revision
+    let first: serde_json::Value = tail(&json)
+        .lines()
+        .next()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .expect("a JSON line");
+    let rev = first["revision"].as_i64().expect("revision");
+    let since = s.spawn(&[
+        &endpoint,
+        "events",
+        "-o",
+        "json",
+        "--since",
+        &(rev - 1).to_string(),
+    ]);
+    since.wait_stdout("the replay", |o| o.lines().count() >= 3);
+    assert_eq!(since.stdout().lines().next(), tail(&json).lines().next());
+}
+
+#[test]
+fn list_units_watch_redraws_on_changes() {
+    let s = Setup::start();
+    let endpoint = format!("--endpoint={}", s.api);
+    let watch = s.spawn(&[&endpoint, "list-units", "--watch"]);
+    watch.wait_stdout("the first table", |o| o.starts_with("UNIT"));
+    s.create("hello.service", TargetState::Launched);
+    // not a terminal: tables follow each other, a blank line between them
+    watch.wait_stdout("a redraw", |o| o.contains("\n\nUNIT"));
+    let machines = s.spawn(&[&endpoint, "list-machines", "--watch"]);
+    machines.wait_stdout("the machine table", |o| o.starts_with("MACHINE"));
+    let bad = s.spawn(&[&endpoint, "events", "--unit", "["]);
+    let ok = fleet_testutil::wait_for(Duration::from_secs(10), || {
+        let stderr = bad.stderr.lock().expect("lock").clone();
+        stderr == "Error following events: googleapi: Error 400: invalid unit pattern \"[\"\n"
+    });
+    assert!(ok, "stderr: {:?}", bad.stderr.lock().expect("lock"));
+}
