@@ -2,7 +2,7 @@
 //! `plan.rs`; carrying them out in `executor.rs`; states in `publish.rs`; taking over a
 //! predecessor's units in `adopt.rs`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -364,6 +364,15 @@ impl Agent {
         let mut unreadable = watched.unreadable;
         let mut scheduled = BTreeMap::new();
         let mut globals = BTreeMap::new();
+        // the requirements of units no longer watched (destroyed, replaced) are forgotten
+        if self.requirements.len() > 2 * watched.wanted.len() + 64 {
+            let live: HashSet<(UnitName, UnitHash)> = watched
+                .wanted
+                .iter()
+                .map(|w| (w.name.clone(), w.hash))
+                .collect();
+            self.requirements.retain(|k, _| live.contains(k));
+        }
         for w in watched.wanted {
             let req = match self.requirements_of(&w.name, w.hash).await {
                 Ok(r) => r,

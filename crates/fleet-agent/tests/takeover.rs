@@ -100,7 +100,7 @@ async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManag
         }
     })
     .await;
-    // one more periodic pass of the agent (every agent_ttl / 2 at most), which must not
+    // one more periodic pass of the agent (every 5 s, its TICK), which must not
     // change anything either
     tokio::time::sleep(Duration::from_secs(6)).await;
     shutdown.cancel();

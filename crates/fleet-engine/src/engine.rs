@@ -297,8 +297,8 @@ impl Engine {
         let bodies = match self.store.unit_bodies(&bodies_needed).await {
             Ok(b) => b,
             Err(e) => {
+                // (not one of fleet's reconcile failure types, which count units: logged)
                 warn!(error = %e, "reading unit bodies failed");
-                self.metrics.engine_reconcile_failure(EngineFailure::Run);
                 return;
             }
         };
@@ -331,14 +331,18 @@ impl Engine {
             Ok(plan) => plan,
             Err(e) => {
                 warn!(error = %e, "the scheduler failed");
-                self.metrics.engine_reconcile_failure(EngineFailure::Run);
                 return;
             }
         };
         let Some(l) = self.leader.as_mut() else {
             return;
         };
-        l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
+        // what a new leader has seen matters only while it holds placements (one agent_ttl)
+        if l.since.elapsed() < self.cfg.agent_ttl {
+            l.seen.extend(snap.machines.iter().map(|m| m.id.clone()));
+        } else if !l.seen.is_empty() {
+            l.seen = HashSet::new();
+        }
         let held = held_machines(l, &snap, self.cfg.agent_ttl);
         let ops = diff(&snap, &plan, &invalid, &held);
         report_failures(&self.metrics, &snap, &plan, &ops);
@@ -368,21 +372,24 @@ impl Engine {
                 // from a fresh listing, never from a mirror that may lack our own write.
                 warn!(error = %e, "engine write failed; listing again before deciding");
                 self.count_failed(&ops);
-                self.metrics.engine_reconcile_failure(EngineFailure::Run);
                 self.rewatch();
             }
         }
     }
 
+    /// Tasks whose write failed: counted as tasks and as failures, as fleet's doTask did.
     fn count_failed(&self, ops: &[EngineOp]) {
         for t in ops.iter().filter_map(EngineOp::task_type) {
+            self.metrics.engine_task(t);
             self.metrics.engine_task_failure(t);
         }
     }
 }
 
 /// fleet's per-unit reconcile failures: a unit that cannot be placed (`schedule`), a unit
-/// taken off a machine that went away (`machine_away`); counted every reconcile, as fleet did.
+/// taken off a machine that went away (`machine_away`), a unit taken off a machine that is
+/// still there but can no longer run it (`run`: its options or the machine's metadata
+/// changed, a conflict); counted every reconcile, as fleet did.
 fn report_failures(
     metrics: &Metrics,
     snap: &fleet_registry::EngineSnapshot,
@@ -393,11 +400,14 @@ fn report_failures(
         metrics.engine_reconcile_failure(EngineFailure::Schedule);
     }
     let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+    let live: HashSet<&str> = snap.units.iter().map(|u| u.name.as_str()).collect();
     for op in ops {
-        if let EngineOp::Unschedule { machine, .. } = op
-            && !present.contains(machine.as_str())
-        {
-            metrics.engine_reconcile_failure(EngineFailure::MachineAway);
+        if let EngineOp::Unschedule { unit, machine } = op {
+            if !present.contains(machine.as_str()) {
+                metrics.engine_reconcile_failure(EngineFailure::MachineAway);
+            } else if live.contains(unit.as_str()) {
+                metrics.engine_reconcile_failure(EngineFailure::Run);
+            }
         }
     }
 }

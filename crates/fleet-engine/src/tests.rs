@@ -242,6 +242,44 @@ async fn a_machine_seen_leaving_is_not_held() {
     }
 }
 
+/// A unit taken off a machine that is still there but can no longer run it counts as
+/// fleet's `run` failure; a failure to read or write is not one of fleet's types.
+#[tokio::test(start_paused = true)]
+async fn a_unit_its_machine_can_no_longer_run_counts_as_a_run_failure() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    let unit: UnitName = "pinned.service".parse().expect("name");
+    let file =
+        UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m2\n").expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    // placed on m1 before its options said m2 (an older version of the unit)
+    let rec = ScheduleRecord {
+        version: 1,
+        hash: file.hash(),
+        desired_state: TargetState::Launched,
+    };
+    store.put(
+        &store.keys().schedule("m1", "pinned.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement("pinned.service"), "m1");
+    let metrics = Metrics::new();
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), metrics.clone());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "pinned.service").as_deref(), Some("m2"));
+    let text = metrics.encode();
+    assert!(
+        text.contains("fleet_engine_reconcile_failure_count_total{type=\"run\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("type=\"machine_away\"} 1"), "{text}");
+}
+
 /// A unit that cannot be placed gets the scheduler's reason, and counts as a schedule
 /// failure of every reconcile (fleet's `reconcile_failure_count{type="schedule"}`).
 #[tokio::test(start_paused = true)]

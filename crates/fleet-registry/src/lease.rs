@@ -75,7 +75,7 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
     let mut warned = false;
     // after a failed refresh, try again soon (another etcd member may answer: a request
     // that met a member without a leader or a dead connection fails fast), doubling the
-    // pause back up to the period; once the lease may have expired, the normal pace
+    // pause back up to the period
     let first_retry = (period / 8).max(Duration::from_millis(100));
     let mut pause = period;
     loop {
@@ -112,8 +112,11 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
         } else {
             (pause * 2).min(period)
         };
+        // once the lease may have expired, a pace between the two: a machine that was cut
+        // off learns soon after it heals that its lease is gone (and registers again before
+        // the engine moves more than it must), for one cheap request every 2 s at most
         if last_ok.elapsed() >= ttl {
-            pause = period;
+            pause = period.min(Duration::from_secs(2)).max(first_retry);
         }
         if last_ok.elapsed() >= ttl && !warned {
             warn!(

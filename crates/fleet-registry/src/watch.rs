@@ -91,7 +91,9 @@ struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(200);
-    const MAX: Duration = Duration::from_secs(5);
+    /// Short enough that an agent cut off from etcd learns within ~2 s of the heal that its
+    /// units were moved and stops its copies (one small scoped list per attempt).
+    const MAX: Duration = Duration::from_secs(2);
 
     fn new() -> Backoff {
         Backoff { next: Self::FIRST }
@@ -299,11 +301,11 @@ mod tests {
     use tokio::time::Instant;
 
     #[test]
-    fn backoff_doubles_up_to_five_seconds_and_resets() {
+    fn backoff_doubles_up_to_two_seconds_and_resets() {
         let mut b = Backoff::new();
         let ms = |b: &mut Backoff| b.next_delay().as_millis();
         let delays: Vec<u128> = (0..8).map(|_| ms(&mut b)).collect();
-        assert_eq!(delays, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(delays, [200, 400, 800, 1600, 2000, 2000, 2000, 2000]);
         b.reset();
         assert_eq!(ms(&mut b), 200);
     }

@@ -18,6 +18,12 @@ use crate::watch::ListWatch;
 use crate::{RegistryError, Result, WatchEvent, decode as records};
 
 impl EtcdRegistry {
+    /// Revokes a lease this registration granted but could not use, so it does not linger
+    /// for a ttl (retries would pile them up); best effort, bounded by the request timeout.
+    async fn abandon(&self, lease: LeaseKeeper) {
+        let _ = tokio::time::timeout(self.timeout, lease.revoke(&self.client)).await;
+    }
+
     /// Registers a machine under a new lease. A record of the same ID with another token is
     /// another fleetd: waits up to one ttl for it to vanish (a crashed predecessor's lease
     /// expiring), then fails with [`RegistryError::DuplicateMachine`].
@@ -51,9 +57,16 @@ impl EtcdRegistry {
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([put.clone()])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let resp = self
+            let resp = match self
                 .txn(OpKind::Set, "registering machine", &key, txn)
-                .await?;
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    self.abandon(lease).await;
+                    return Err(e);
+                }
+            };
             if resp.succeeded() {
                 return Ok(lease);
             }
@@ -78,12 +91,16 @@ impl EtcdRegistry {
                             mod_rev,
                         )])
                         .and_then([put]);
-                    if self
+                    match self
                         .txn(OpKind::Set, "taking over the machine record", &key, txn)
-                        .await?
-                        .succeeded()
+                        .await
                     {
-                        return Ok(lease);
+                        Ok(r) if r.succeeded() => return Ok(lease),
+                        Ok(_) => {}
+                        Err(e) => {
+                            self.abandon(lease).await;
+                            return Err(e);
+                        }
                     }
                 } else if tokio::time::Instant::now() >= deadline {
                     lease.revoke(&self.client).await;

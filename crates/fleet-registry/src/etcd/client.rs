@@ -44,6 +44,10 @@ impl EtcdRegistry {
             states.insert((s.name.clone(), s.machine_id.clone()), s);
         }
         let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
+        if only.is_none() {
+            // every live body is known here: forget those of units destroyed or replaced
+            self.prune_bodies(&hashes);
+        }
         let bodies = self.bodies(&hashes).await?;
         let mut out = Vec::with_capacity(units.len());
         for u in units {

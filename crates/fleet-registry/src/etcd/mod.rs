@@ -320,10 +320,35 @@ impl EtcdRegistry {
 
     fn cache_body(&self, hash: UnitHash, file: UnitFile) {
         if let Ok(mut m) = self.bodies.lock() {
+            // a hard bound whoever uses the cache (a fleetd whose API never lists
+            // everything would otherwise keep every body it ever read)
+            if m.len() >= MAX_CACHED_BODIES {
+                m.clear();
+            }
             m.insert(hash, file);
         }
     }
+
+    /// Keeps only the bodies of `live` once the cache holds many more than that (called
+    /// with every unit's hash after a full listing).
+    pub(crate) fn prune_bodies(&self, live: &[UnitHash]) {
+        if let Ok(mut m) = self.bodies.lock()
+            && m.len() > 2 * live.len() + 1024
+        {
+            let live: std::collections::HashSet<&UnitHash> = live.iter().collect();
+            m.retain(|h, _| live.contains(h));
+        }
+    }
+
+    /// How many bodies the cache holds (for tests).
+    pub fn cached_bodies(&self) -> usize {
+        self.bodies.lock().map(|m| m.len()).unwrap_or(0)
+    }
 }
+
+/// The most unit bodies the cache holds before it starts over (bodies are a few hundred
+/// bytes to a few KiB: tens of MiB at most).
+const MAX_CACHED_BODIES: usize = 131_072;
 
 /// What kind of registry operation a request is, as fleet's registry metrics count them.
 #[derive(Debug, Clone, Copy)]
