@@ -8,6 +8,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::etcd::health::Health;
+
 /// A granted lease refreshed every ttl/3. `lost()` resolves once etcd says the lease is
 /// gone, and only then: while etcd cannot be reached (lost quorum, a partition) the lease
 /// is unknown, not lost. etcd extends every lease when a new leader takes over, so after
@@ -25,6 +27,16 @@ pub struct LeaseKeeper {
 
 impl LeaseKeeper {
     pub async fn grant(client: &Client, ttl: Duration) -> Result<LeaseKeeper, etcd_client::Error> {
+        LeaseKeeper::grant_watched(client, ttl, Health::none()).await
+    }
+
+    /// Like [`LeaseKeeper::grant`]; a failed refresh also tells `health` (the registry's
+    /// monitor of dead etcd members).
+    pub(crate) async fn grant_watched(
+        client: &Client,
+        ttl: Duration,
+        health: Health,
+    ) -> Result<LeaseKeeper, etcd_client::Error> {
         // etcd takes an i64 of seconds; a ttl beyond it (never from fleet-config) saturates
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let resp = client.lease_client().grant(secs, None).await?;
@@ -35,6 +47,7 @@ impl LeaseKeeper {
             id,
             Duration::from_secs(secs.unsigned_abs()),
             tx,
+            health,
         ));
         Ok(LeaseKeeper { id, lost, task })
     }
@@ -68,7 +81,7 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>) {
+async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>, health: Health) {
     let period = ttl / 3;
     let patience = period.max(Duration::from_secs(1));
     let mut last_ok = Instant::now();
@@ -104,8 +117,14 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>)
                 let _ = lost.send(true);
                 return;
             }
-            Ok(Err(e)) => debug!(lease = id, error = %e, "lease refresh failed"),
-            Err(_) => debug!(lease = id, "lease refresh timed out"),
+            Ok(Err(e)) => {
+                debug!(lease = id, error = %e, "lease refresh failed");
+                health.suspect();
+            }
+            Err(_) => {
+                debug!(lease = id, "lease refresh timed out");
+                health.suspect();
+            }
         }
         pause = if pause >= period {
             first_retry

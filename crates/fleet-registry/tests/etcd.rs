@@ -107,6 +107,31 @@ async fn units_round_trip() {
     );
 }
 
+/// A dead member among the endpoints (connections refused) is taken out of use after the
+/// first failed request: the client's balancer would otherwise prefer it (it never has a
+/// request in flight), and most requests would fail while the live member is fine.
+#[tokio::test]
+async fn a_dead_endpoint_is_left_out_after_a_failure() {
+    let etcd = EtcdServer::start();
+    let dead = format!("http://127.0.0.1:{}", fleet_testutil::free_port());
+    let cfg = EtcdConfig {
+        endpoints: vec![dead, etcd.endpoint().to_string()],
+        key_prefix: "/test/".into(),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let r = EtcdRegistry::connect(&cfg).await.expect("connect");
+    let mut failed_late = 0;
+    for i in 0..40 {
+        let ok = r.units().await.is_ok();
+        if !ok && i >= 20 {
+            failed_late += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failed_late, 0, "requests kept failing on the dead endpoint");
+}
+
 /// An etcd that answers nothing for longer than a ttl (lost quorum, a hang) leaves the
 /// lease unknown, not lost: the keeper goes on trying, and the agent does not register
 /// anew (which would let its old, unrefreshed lease expire with its machine record).

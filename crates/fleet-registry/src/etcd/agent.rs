@@ -45,7 +45,7 @@ impl EtcdRegistry {
                     OpKind::Set,
                     "granting the machine lease",
                     &key,
-                    LeaseKeeper::grant(&self.client, ttl),
+                    LeaseKeeper::grant_watched(&self.client, ttl, self.health.clone()),
                 )
                 .await?;
             let put = TxnOp::put(

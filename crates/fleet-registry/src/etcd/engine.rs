@@ -25,7 +25,7 @@ impl EtcdRegistry {
                 OpKind::Set,
                 "granting the leader lease",
                 &key,
-                LeaseKeeper::grant(&self.client, ttl),
+                LeaseKeeper::grant_watched(&self.client, ttl, self.health.clone()),
             )
             .await?;
         let txn = Txn::new()

@@ -6,6 +6,7 @@
 mod agent;
 mod client;
 mod engine;
+pub(crate) mod health;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ pub struct EtcdRegistry {
     bodies: Arc<Mutex<HashMap<UnitHash, UnitFile>>>,
     /// Where every request is counted (fleet's registry operation metrics).
     metrics: fleet_metrics::Metrics,
+    /// Takes dead members out of the balancer once a request failed.
+    health: health::Health,
 }
 
 impl EtcdRegistry {
@@ -124,14 +127,24 @@ impl EtcdRegistry {
             opts = opts.with_tls(tls);
         }
         let endpoints: Vec<String> = cfg.endpoints.clone();
-        let client = match dialer {
-            None => Client::connect(endpoints, Some(opts)).await?,
+        let (client, health) = match dialer {
+            None => {
+                let client = Client::connect(endpoints.clone(), Some(opts)).await?;
+                let health = if endpoints.len() > 1 {
+                    health::Health::spawn(client.clone(), endpoints)
+                } else {
+                    health::Health::none()
+                };
+                (client, health)
+            }
             Some(dialer) => {
                 let dialed = crate::dial::Dialed {
                     dialer,
                     endpoints: endpoints.len() + 1,
                 };
-                Client::connect_with_balanced_channel(endpoints, Some(opts), dialed).await?
+                let client =
+                    Client::connect_with_balanced_channel(endpoints, Some(opts), dialed).await?;
+                (client, health::Health::none())
             }
         };
         Ok(EtcdRegistry {
@@ -140,6 +153,7 @@ impl EtcdRegistry {
             timeout: cfg.request_timeout,
             bodies: Arc::new(Mutex::new(HashMap::new())),
             metrics: fleet_metrics::global().clone(),
+            health,
         })
     }
 
@@ -172,16 +186,22 @@ impl EtcdRegistry {
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(RegistryError::Etcd {
-                op,
-                key: key.to_string(),
-                source,
-            }),
-            Err(_) => Err(RegistryError::Timeout {
-                op,
-                key: key.to_string(),
-                after: self.timeout,
-            }),
+            Ok(Err(source)) => {
+                self.health.suspect();
+                Err(RegistryError::Etcd {
+                    op,
+                    key: key.to_string(),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.health.suspect();
+                Err(RegistryError::Timeout {
+                    op,
+                    key: key.to_string(),
+                    after: self.timeout,
+                })
+            }
         };
         self.metrics
             .registry_op(kind.metric(), started.elapsed(), result.is_ok());
