@@ -4,21 +4,23 @@
 //! prefers the endpoint with the fewest requests in flight. A killed member refuses
 //! connections at once, so it never has a request in flight and is picked *more* often than
 //! the live ones: with one member of three dead, most requests failed until it came back
-//! (lease refreshes included, so machines lost their leases with quorum intact). Once a
-//! request fails, the monitor tries a TCP connection to every endpoint, takes those that
-//! refuse out of the balancer (never the last one), and puts each back once it accepts
-//! connections again. It costs nothing while requests succeed: no probe, no etcd request.
+//! (lease refreshes included, so machines lost their leases with quorum intact). A member
+//! cut off from the others accepts connections but cannot serve: requests to it hang until
+//! they time out. Once a request fails, the monitor asks every endpoint for its status (one
+//! maintenance request each, to that member alone), takes out of the balancer those that do
+//! not answer in time or have no leader (never the last one), and puts each back once it
+//! answers with a leader again. It costs nothing while requests succeed.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::Client;
+use etcd_client::{Client, ConnectOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// How long a probe waits for a TCP connection.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a probe waits for a member's status.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// How often endpoints taken out are probed again.
 const RECHECK: Duration = Duration::from_secs(1);
 
@@ -37,9 +39,9 @@ impl Health {
     }
 
     /// Watches `endpoints` of `client` from now on.
-    pub(crate) fn spawn(client: Client, endpoints: Vec<String>) -> Health {
+    pub(crate) fn spawn(client: Client, endpoints: Vec<String>, opts: ConnectOptions) -> Health {
         let (tx, rx) = watch::channel(0u64);
-        tokio::spawn(monitor(client, endpoints, rx));
+        tokio::spawn(monitor(client, endpoints, opts, rx));
         Health {
             wake: Some(Arc::new(tx)),
         }
@@ -53,7 +55,15 @@ impl Health {
     }
 }
 
-async fn monitor(client: Client, endpoints: Vec<String>, mut wake: watch::Receiver<u64>) {
+async fn monitor(
+    client: Client,
+    endpoints: Vec<String>,
+    opts: ConnectOptions,
+    mut wake: watch::Receiver<u64>,
+) {
+    // one client per member, to ask that member alone (connected lazily, kept)
+    let mut probes_of: Vec<(String, Option<Client>)> =
+        endpoints.iter().map(|e| (e.clone(), None)).collect();
     let mut removed: HashSet<String> = HashSet::new();
     loop {
         let woken = if removed.is_empty() {
@@ -68,10 +78,16 @@ async fn monitor(client: Client, endpoints: Vec<String>, mut wake: watch::Receiv
             return; // the registry is gone
         }
         let mut probes = tokio::task::JoinSet::new();
-        for e in &endpoints {
-            let e = e.clone();
+        for (e, c) in probes_of.iter_mut() {
+            if c.is_none() {
+                *c = Client::connect([e.as_str()], Some(opts.clone())).await.ok();
+            }
+            let (e, c) = (e.clone(), c.clone());
             probes.spawn(async move {
-                let up = accepts(&e).await;
+                let up = match c {
+                    Some(c) => serves(c).await,
+                    None => false,
+                };
                 (e, up)
             });
         }
@@ -87,7 +103,7 @@ async fn monitor(client: Client, endpoints: Vec<String>, mut wake: watch::Receiv
                 if client.remove_endpoint(endpoint).await.is_ok() {
                     warn!(
                         %endpoint,
-                        "etcd endpoint refuses connections; not using it until it accepts them"
+                        "etcd member does not answer or has no leader; not using it until it does"
                     );
                     removed.insert(endpoint.clone());
                 }
@@ -95,24 +111,17 @@ async fn monitor(client: Client, endpoints: Vec<String>, mut wake: watch::Receiv
                 && removed.contains(endpoint)
                 && client.add_endpoint(endpoint).await.is_ok()
             {
-                info!(%endpoint, "etcd endpoint accepts connections again; using it");
+                info!(%endpoint, "etcd member answers with a leader again; using it");
                 removed.remove(endpoint);
             }
         }
     }
 }
 
-/// Whether a TCP connection to the endpoint's address succeeds within [`PROBE_TIMEOUT`].
-async fn accepts(endpoint: &str) -> bool {
-    let Some((host, port)) = crate::endpoint_host_port(endpoint) else {
-        return true; // not ours to judge: leave it in
-    };
+/// Whether the member answers its status within [`PROBE_TIMEOUT`] and knows a leader.
+async fn serves(mut c: Client) -> bool {
     matches!(
-        tokio::time::timeout(
-            PROBE_TIMEOUT,
-            tokio::net::TcpStream::connect((host.as_str(), port))
-        )
-        .await,
-        Ok(Ok(_))
+        tokio::time::timeout(PROBE_TIMEOUT, c.status()).await,
+        Ok(Ok(s)) if s.leader() != 0
     )
 }

@@ -129,9 +129,9 @@ impl EtcdRegistry {
         let endpoints: Vec<String> = cfg.endpoints.clone();
         let (client, health) = match dialer {
             None => {
-                let client = Client::connect(endpoints.clone(), Some(opts)).await?;
+                let client = Client::connect(endpoints.clone(), Some(opts.clone())).await?;
                 let health = if endpoints.len() > 1 {
-                    health::Health::spawn(client.clone(), endpoints)
+                    health::Health::spawn(client.clone(), endpoints, opts)
                 } else {
                     health::Health::none()
                 };
