@@ -1,8 +1,10 @@
 //! Test utilities shared by the crates' integration tests: a real etcd on a free loopback port,
-//! and bounded waiting for conditions.
+//! bounded waiting for conditions, and a child process's output collected as it comes.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A private etcd server for one test: started on free loopback ports with its data in a
@@ -135,4 +137,24 @@ where
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Reads `pipe` (a child's stdout or stderr) on a thread of its own until it closes; the text
+/// so far is in the returned buffer at any time. The thread drops its handle when the pipe
+/// closes, so a strong count of 1 says that everything was read.
+pub fn collect_output(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buf
 }
