@@ -121,21 +121,24 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Async flavour of [`wait_for`] for tokio tests.
-pub async fn wait_for_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+/// The async [`wait_for`], for tokio tests: polls `cond` every 50 ms until it holds or
+/// `timeout` passes, and returns whether it held. It sleeps on tokio's clock, so it never
+/// blocks the runtime (the task under test keeps running between polls) and it follows
+/// paused time (`tokio::time::pause`) as the code under test does.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = Instant::now() + timeout;
+    let end = tokio::time::Instant::now() + timeout;
     loop {
         if cond().await {
             return true;
         }
-        if Instant::now() >= end {
+        if tokio::time::Instant::now() >= end {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
