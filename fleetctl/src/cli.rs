@@ -206,11 +206,11 @@ pub enum Command {
     /// Print systemd's status of units from the machines they run on
     Status(StatusArgs),
     /// Stop units in the cluster, keeping them scheduled
-    Stop(StopArgs),
+    Stop(DestroyArgs),
     /// Upload units to the cluster without scheduling or starting them
     Submit(SubmitArgs),
     /// Unschedule units from their machines
-    Unload(UnloadArgs),
+    Unload(DestroyArgs),
     /// Copy a fleet v1.0 cluster's units and machine metadata from its etcd v2 registry
     #[command(name = "import-v1")]
     ImportV1(ImportV1Args),
@@ -255,6 +255,7 @@ pub struct CatArgs {
     pub units: Vec<String>,
 }
 
+/// The arguments of `destroy`, `stop` and `unload`, which take the same flags.
 #[derive(Args, Debug)]
 pub struct DestroyArgs {
     #[command(flatten)]
@@ -454,28 +455,12 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StopArgs {
-    #[command(flatten)]
-    pub block: BlockArgs,
-    #[arg(value_name = "UNIT")]
-    pub units: Vec<String>,
-}
-
-#[derive(Args, Debug)]
 pub struct SubmitArgs {
     /// Replace units already in the cluster whose content differs from the local files
     #[arg(long)]
     pub replace: bool,
     #[command(flatten)]
     pub sign: SignArg,
-    #[arg(value_name = "UNIT")]
-    pub units: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct UnloadArgs {
-    #[command(flatten)]
-    pub block: BlockArgs,
     #[arg(value_name = "UNIT")]
     pub units: Vec<String>,
 }
