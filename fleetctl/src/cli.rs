@@ -11,8 +11,7 @@ use clap_complete::Shell;
 pub const DEFAULT_ENDPOINT: &str = "unix:///var/run/fleet.sock";
 /// Where an etcd is looked for when `--driver=etcd` is used without `--endpoint`.
 pub const DEFAULT_ETCD_ENDPOINTS: &str = "http://127.0.0.1:2379,http://127.0.0.1:4001";
-/// fleet's default etcd key prefix.
-pub const DEFAULT_KEY_PREFIX: &str = "/_coreos.com/fleet/";
+pub use fleet_registry::DEFAULT_KEY_PREFIX;
 /// Default columns of `list-units`.
 pub const LIST_UNITS_FIELDS: &str = "unit,machine,active,sub";
 /// Default columns of `list-unit-files`.
@@ -197,7 +196,7 @@ pub enum Command {
     /// List the units in the cluster as their machines report them
     ListUnits(ListUnitsArgs),
     /// Schedule units onto machines without starting them, submitting them first if needed
-    Load(LoadArgs),
+    Load(StartArgs),
     /// Restart units one after the other, waiting for each to be running again
     Restart(RestartArgs),
     /// Open a shell, or run a command, on a machine of the cluster
@@ -207,11 +206,11 @@ pub enum Command {
     /// Print systemd's status of units from the machines they run on
     Status(StatusArgs),
     /// Stop units in the cluster, keeping them scheduled
-    Stop(StopArgs),
+    Stop(DestroyArgs),
     /// Upload units to the cluster without scheduling or starting them
     Submit(SubmitArgs),
     /// Unschedule units from their machines
-    Unload(UnloadArgs),
+    Unload(DestroyArgs),
     /// Copy a fleet v1.0 cluster's units and machine metadata from its etcd v2 registry
     #[command(name = "import-v1")]
     ImportV1(ImportV1Args),
@@ -256,6 +255,7 @@ pub struct CatArgs {
     pub units: Vec<String>,
 }
 
+/// The arguments of `destroy`, `stop` and `unload`, which take the same flags.
 #[derive(Args, Debug)]
 pub struct DestroyArgs {
     #[command(flatten)]
@@ -387,19 +387,6 @@ pub struct ListUnitsArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct LoadArgs {
-    #[command(flatten)]
-    pub block: BlockArgs,
-    /// Replace units already in the cluster whose content differs from the local files
-    #[arg(long)]
-    pub replace: bool,
-    #[command(flatten)]
-    pub sign: SignArg,
-    #[arg(value_name = "UNIT")]
-    pub units: Vec<String>,
-}
-
-#[derive(Args, Debug)]
 pub struct RestartArgs {
     /// Give up waiting after N attempts of about two seconds each; 0 waits without limit
     #[arg(
@@ -444,6 +431,7 @@ pub struct SshArgs {
     pub args: Vec<String>,
 }
 
+/// The arguments of `load` and `start`, which take the same flags.
 #[derive(Args, Debug)]
 pub struct StartArgs {
     #[command(flatten)]
@@ -467,28 +455,12 @@ pub struct StatusArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct StopArgs {
-    #[command(flatten)]
-    pub block: BlockArgs,
-    #[arg(value_name = "UNIT")]
-    pub units: Vec<String>,
-}
-
-#[derive(Args, Debug)]
 pub struct SubmitArgs {
     /// Replace units already in the cluster whose content differs from the local files
     #[arg(long)]
     pub replace: bool,
     #[command(flatten)]
     pub sign: SignArg,
-    #[arg(value_name = "UNIT")]
-    pub units: Vec<String>,
-}
-
-#[derive(Args, Debug)]
-pub struct UnloadArgs {
-    #[command(flatten)]
-    pub block: BlockArgs,
     #[arg(value_name = "UNIT")]
     pub units: Vec<String>,
 }
@@ -508,7 +480,7 @@ pub struct ImportV1Args {
     /// Key prefix of fleet v1.0's registry in etcd's v2 keyspace
     #[arg(
         long = "v1-key-prefix",
-        default_value = "/_coreos.com/fleet/",
+        default_value = DEFAULT_KEY_PREFIX,
         value_name = "PREFIX"
     )]
     pub v1_key_prefix: String,

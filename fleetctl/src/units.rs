@@ -401,7 +401,7 @@ async fn create_one(
         Ok(()) => {
             tracing::debug!("Created Unit({unit_name}) in Registry");
             // what fleet's wait would read back at once: inactive, on no machine
-            let global = Requirements::from_unit(&unit_name, &file).is_ok_and(|(r, _)| r.global);
+            let global = Requirements::is_global(&unit_name, &file);
             ctx.note_created(UnitView {
                 name: unit_name.clone(),
                 hash: file.hash(),

@@ -1,7 +1,6 @@
 //! `fleetctl events` and `list-units --watch`, the real binary against a real etcd, through
 //! fleetd's API (the event stream) and straight from etcd (`--driver=etcd`).
 
-use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -77,8 +76,8 @@ impl Setup {
             .spawn()
             .expect("spawn fleetctl");
         Running {
-            stdout: collect(child.stdout.take().expect("stdout")),
-            stderr: collect(child.stderr.take().expect("stderr")),
+            stdout: fleet_testutil::collect_output(child.stdout.take().expect("stdout")),
+            stderr: fleet_testutil::collect_output(child.stderr.take().expect("stderr")),
             child,
         }
     }
@@ -103,23 +102,6 @@ struct Running {
     child: Child,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
-}
-
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let sink = buf.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n) = pipe.read(&mut chunk) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .expect("lock")
-                .push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    });
-    buf
 }
 
 impl Running {

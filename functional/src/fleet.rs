@@ -13,8 +13,6 @@ use crate::{Cluster, ClusterSpec, Error, Output, wait_for};
 
 /// Where [`FleetCluster::put_unit`] writes unit files inside a node.
 pub const NODE_UNITS_DIR: &str = "/var/tmp/fleet-units";
-/// fleet's default key prefix in etcd.
-const KEY_PREFIX: &str = "/_coreos.com/fleet/";
 
 /// `agent_ttl` of the scenario clusters: short, so that lost machines are noticed quickly
 /// (fleet's own functional tests used 3s).
@@ -339,7 +337,7 @@ impl FleetCluster for Cluster {
         cmd.env("ETCDCTL_API", "3").args([
             &format!("--endpoints={}", self.etcd_endpoints().join(",")),
             "get",
-            &format!("{KEY_PREFIX}leader"),
+            &format!("{}leader", fleet_config::DEFAULT_KEY_PREFIX),
             "--print-value-only",
         ]);
         let out = run(&mut cmd, "etcdctl get leader", Duration::from_secs(20))?

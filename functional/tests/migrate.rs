@@ -17,7 +17,7 @@ use functional::{Cluster, FleetCluster, wait_for};
 /// Bound of every wait for the cluster to act.
 const WAIT: Duration = Duration::from_secs(40);
 
-const PREFIX: &str = "/_coreos.com/fleet/";
+const PREFIX: &str = fleet_config::DEFAULT_KEY_PREFIX;
 
 /// One unit of the fleet v1.0 cluster: its name, its file in fleet v1.0's canonical form
 /// (what its agent wrote to disk and its registry kept as `Raw`), its target state and where

@@ -78,13 +78,9 @@ impl Agent {
 
 /// Waits (in paused time) until `cond` holds; fails after a minute of virtual time.
 async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    for _ in 0..600 {
-        if cond() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never happened: {what}");
+    let held =
+        fleet_testutil::eventually(Duration::from_secs(60), || std::future::ready(cond())).await;
+    assert!(held, "never happened: {what}");
 }
 
 /// Lets the agent run for `d` of virtual time.

@@ -11,7 +11,7 @@ use fleet_agent::AgentConfig;
 use fleet_registry::{EtcdConfig, EtcdRegistry, ScheduleRecord};
 use fleet_systemd::fake::{Call, FakeUnitManager};
 use fleet_systemd::{SystemdState, UnitManager};
-use fleet_testutil::{EtcdServer, wait_for_async};
+use fleet_testutil::{EtcdServer, eventually};
 use fleet_unit::{TargetState, UnitFile};
 use tokio_util::sync::CancellationToken;
 
@@ -85,7 +85,7 @@ async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManag
     ));
     let state_key = keys.state("hello.service", MACHINE);
     let want = file.hash().to_string();
-    let published = wait_for_async(Duration::from_secs(20), || {
+    let published = eventually(Duration::from_secs(20), || {
         let mut kv = registry.client().kv_client();
         let key = state_key.clone();
         let want = want.clone();

@@ -33,3 +33,13 @@ pub enum ServeError {
     #[error("no listeners to serve the API on")]
     NoListeners,
 }
+
+impl From<crate::pem::PemError> for ServeError {
+    fn from(e: crate::pem::PemError) -> ServeError {
+        ServeError::TlsFile {
+            what: e.what,
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fleet_registry::{MachineView, Registry, RegistryError, StateRecord, UnitView};
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName, go_quote};
 use http::header::{CONTENT_TYPE, HeaderValue, SERVER};
 use http::{HeaderMap, Method, Response, StatusCode};
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
@@ -606,7 +606,7 @@ impl PreparedPut {
         let name =
             UnitName::parse(&su.name).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
         let has_options = !su.options.is_empty();
-        let file = UnitFile::from_options(su.options.into_iter().map(option_from_wire).collect());
+        let file = wire::options_from_wire(su.options);
         let hash = file.hash();
         let checked = if has_options {
             validate_options(&name, &file)
@@ -663,10 +663,6 @@ fn first_value<'a>(query: &'a [(String, String)], key: &str) -> Option<&'a str> 
 
 // ---- domain -> wire ----
 
-fn option_from_wire(o: wire::UnitOption) -> fleet_unit::UnitOption {
-    fleet_unit::UnitOption::new(o.section, o.name, o.value)
-}
-
 /// A unit as fleet showed it: `currentState` and `machineID` only for non-global units.
 pub(crate) fn unit_to_wire(u: &UnitView) -> wire::Unit {
     wire::Unit {
@@ -678,16 +674,7 @@ pub(crate) fn unit_to_wire(u: &UnitView) -> wire::Unit {
         desired_state: u.desired.to_string(),
         machine_id: u.machine_id.clone().unwrap_or_default(),
         name: u.name.to_string(),
-        options: u
-            .file
-            .options()
-            .iter()
-            .map(|o| wire::UnitOption {
-                name: o.name.clone(),
-                section: o.section.to_string(),
-                value: o.value.clone(),
-            })
-            .collect(),
+        options: wire::options_to_wire(&u.file),
         reason: u.reason.clone().unwrap_or_default(),
     }
 }
@@ -782,27 +769,6 @@ pub(crate) fn parse_query(q: &str) -> Vec<(String, String)> {
             Some((decode_bytes(k, true)?, decode_bytes(v, true)?))
         })
         .collect()
-}
-
-/// Go's `%q` for the strings that appear in messages.
-fn go_quote(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{7f}' => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ mod listen;
 mod live;
 mod metrics;
 mod page;
+pub mod pem;
 mod server;
 pub mod wire;
 mod write_timeout;

@@ -10,12 +10,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::net::AddressFamily;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
-use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 use crate::ServeError;
+use crate::pem;
 
 /// First file descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
@@ -248,41 +247,15 @@ impl std::fmt::Debug for TlsConfig {
 
 /// Reads certificate, key and (optionally) client CA files.
 pub fn load_tls(files: &TlsFiles) -> Result<TlsConfig, ServeError> {
-    let file_err = |what: &'static str, path: &Path, reason: String| ServeError::TlsFile {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert_file)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| file_err("certificate", &files.cert_file, e.to_string()))?;
-    if certs.is_empty() {
-        return Err(file_err(
-            "certificate",
-            &files.cert_file,
-            "no certificate found".into(),
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(&files.key_file)
-        .map_err(|e| file_err("key", &files.key_file, e.to_string()))?;
+    let certs = pem::read_certs("certificate", &files.cert_file)?;
+    let key = pem::read_key(&files.key_file)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| ServeError::Tls(e.to_string()))?;
     let builder = match &files.client_ca_file {
         Some(ca) => {
-            let mut roots = RootCertStore::empty();
-            let ca_certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| file_err("client CA", ca, e.to_string()))?;
-            for c in ca_certs {
-                roots
-                    .add(c)
-                    .map_err(|e| file_err("client CA", ca, e.to_string()))?;
-            }
-            if roots.is_empty() {
-                return Err(file_err("client CA", ca, "no certificate found".into()));
-            }
+            let roots = pem::read_roots("client CA", ca)?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| ServeError::Tls(e.to_string()))?;

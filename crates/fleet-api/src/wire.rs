@@ -255,6 +255,30 @@ impl MachinePatchOp {
     }
 }
 
+/// A unit file as the API's options, in the file's order: what the server sends and what a
+/// client submits.
+pub fn options_to_wire(file: &fleet_unit::UnitFile) -> Vec<UnitOption> {
+    file.options()
+        .iter()
+        .map(|o| UnitOption {
+            name: o.name.clone(),
+            section: o.section.to_string(),
+            value: o.value.clone(),
+        })
+        .collect()
+}
+
+/// The unit file the API's options describe: what the server receives and what a client
+/// reads back.
+pub fn options_from_wire(options: Vec<UnitOption>) -> fleet_unit::UnitFile {
+    fleet_unit::UnitFile::from_options(
+        options
+            .into_iter()
+            .map(|o| fleet_unit::UnitOption::new(o.section, o.name, o.value))
+            .collect(),
+    )
+}
+
 /// Serializes like Go's `encoding/json`: `<`, `>`, `&`, U+2028 and U+2029 escaped, so bodies
 /// match fleet's byte for byte.
 pub fn to_go_json<T: Serialize>(value: &T) -> Vec<u8> {

@@ -6,9 +6,10 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Harness, eventually};
+use common::Harness;
 use fleet_api::{ApiConfig, DISCOVERY_JSON, PageToken};
 use fleet_registry::{EngineOp, MachineRecord, Registry, StateRecord};
+use fleet_testutil::eventually;
 use fleet_unit::{TargetState, UnitName};
 
 const HELLO: &str = r#"{"desiredState":"launched","options":[{"section":"Service","name":"ExecStart","value":"/bin/sleep 100"}]}"#;

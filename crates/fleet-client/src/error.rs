@@ -114,6 +114,16 @@ impl ClientError {
     }
 }
 
+impl From<fleet_api::pem::PemError> for ClientError {
+    fn from(e: fleet_api::pem::PemError) -> ClientError {
+        ClientError::TlsFile {
+            what: e.what,
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}
+
 /// Carries a client error through the [`fleet_registry::Registry`] trait.
 ///
 /// It travels as [`RegistryError::Remote`] (`is_unavailable()` is true, as for any failure

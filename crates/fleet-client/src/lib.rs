@@ -490,7 +490,7 @@ impl Registry for HttpRegistry {
             } else {
                 desired.to_string()
             },
-            options: wire_options(file),
+            options: wire::options_to_wire(file),
             ..wire::Unit::default()
         };
         let a = self
@@ -518,7 +518,7 @@ impl Registry for HttpRegistry {
         let unit = wire::Unit {
             name: name.to_string(),
             desired_state: desired.to_string(),
-            options: wire_options(file),
+            options: wire::options_to_wire(file),
             ..wire::Unit::default()
         };
         let a = self
@@ -668,17 +668,10 @@ fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
     // a unit stored by fleet v1.0 may have a name one byte longer than can be created
     let name =
         UnitName::parse_stored(&u.name).map_err(|e| format!("unit name {:?}: {e}", u.name))?;
-    let file = UnitFile::from_options(
-        u.options
-            .into_iter()
-            .map(|o| fleet_unit::UnitOption::new(o.section, o.name, o.value))
-            .collect(),
-    );
+    let file = wire::options_from_wire(u.options);
     let desired = parse_state(&u.desired_state).map_err(|e| format!("unit {name}: {e}"))?;
     let current = parse_state(&u.current_state).map_err(|e| format!("unit {name}: {e}"))?;
-    let global = Requirements::from_unit(&name, &file)
-        .map(|(r, _)| r.global)
-        .unwrap_or(false);
+    let global = Requirements::is_global(&name, &file);
     Ok(UnitView {
         hash: file.hash(),
         name,
@@ -689,18 +682,6 @@ fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
         current,
         reason: non_empty(u.reason),
     })
-}
-
-/// A unit file as the API's options.
-fn wire_options(file: &UnitFile) -> Vec<wire::UnitOption> {
-    file.options()
-        .iter()
-        .map(|o| wire::UnitOption {
-            name: o.name.clone(),
-            section: o.section.to_string(),
-            value: o.value.clone(),
-        })
-        .collect()
 }
 
 fn parse_state(s: &str) -> Result<TargetState, fleet_unit::TargetStateError> {

@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use fleet_api::pem;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::pki_types::pem::PemObject;
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 
 use crate::ClientError;
@@ -19,24 +19,6 @@ pub(crate) struct ClientTls {
     server_name: ServerName<'static>,
 }
 
-fn read_certs(
-    what: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, ClientError> {
-    let err = |reason: String| ClientError::TlsFile {
-        what,
-        path: path.to_path_buf(),
-        reason,
-    };
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("no certificate found".into()));
-    }
-    Ok(certs)
-}
-
 impl ClientTls {
     pub(crate) fn load(
         host: &str,
@@ -44,24 +26,17 @@ impl ClientTls {
         cert_file: Option<&Path>,
         key_file: Option<&Path>,
     ) -> Result<ClientTls, ClientError> {
-        let mut roots = RootCertStore::empty();
-        match ca_file {
-            Some(ca) => {
-                for c in read_certs("CA", ca)? {
-                    roots.add(c).map_err(|e| ClientError::TlsFile {
-                        what: "CA",
-                        path: ca.to_path_buf(),
-                        reason: e.to_string(),
-                    })?;
-                }
-            }
+        let roots = match ca_file {
+            Some(ca) => pem::read_roots("CA", ca)?,
             None => {
+                let mut roots = RootCertStore::empty();
                 let native = rustls_native_certs::load_native_certs();
                 for c in native.certs {
                     let _ = roots.add(c);
                 }
+                roots
             }
-        }
+        };
         let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -69,13 +44,8 @@ impl ClientTls {
             .with_root_certificates(roots);
         let mut config = match (cert_file, key_file) {
             (Some(cert), Some(key)) => {
-                let chain = read_certs("certificate", cert)?;
-                let key_der =
-                    PrivateKeyDer::from_pem_file(key).map_err(|e| ClientError::TlsFile {
-                        what: "key",
-                        path: key.to_path_buf(),
-                        reason: e.to_string(),
-                    })?;
+                let chain = pem::read_certs("certificate", cert)?;
+                let key_der = pem::read_key(key)?;
                 builder.with_client_auth_cert(chain, key_der).map_err(|e| {
                     ClientError::Tls(format!("client certificate and key do not fit: {e}"))
                 })?

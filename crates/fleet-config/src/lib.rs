@@ -11,6 +11,10 @@ use thiserror::Error;
 mod options;
 pub use options::{OPTION_DOCS, OptionDoc};
 
+/// fleet's default etcd key prefix (`etcd_key_prefix`), under which the whole registry lives.
+/// The one definition: fleet-registry, fleetctl and the functional harness use it too.
+pub const DEFAULT_KEY_PREFIX: &str = "/_coreos.com/fleet/";
+
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/fleet/fleet.conf";
 
 /// The longest any duration option may be: one day. A longer TTL, timeout or interval is
@@ -97,7 +101,7 @@ impl Default for Config {
             etcd_keyfile: String::new(),
             etcd_certfile: String::new(),
             etcd_cafile: String::new(),
-            etcd_key_prefix: "/_coreos.com/fleet/".into(),
+            etcd_key_prefix: DEFAULT_KEY_PREFIX.into(),
             etcd_request_timeout: Duration::from_secs(1),
             engine_reconcile_interval: Duration::from_secs(2),
             public_ip: String::new(),

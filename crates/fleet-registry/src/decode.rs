@@ -2,12 +2,17 @@
 //! the in-memory store read the same bytes the same way. Malformed records are logged and
 //! skipped, never fatal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use fleet_unit::UnitFile;
 
 use tracing::warn;
 
 use crate::keys::{self, Keys};
-use crate::model::{MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, decode};
+use crate::model::{
+    MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView, current_state,
+    decode,
+};
 use crate::roles::EngineSnapshot;
 use crate::watch::KeyRange;
 
@@ -84,6 +89,46 @@ pub(crate) fn states(keys: &Keys, kvs: &[(String, Vec<u8>)]) -> Vec<StateRecord>
         .filter(|(k, _)| keys.strip(keys::STATES, k).is_some())
         .filter_map(|(k, v)| decode::<StateRecord>(k, v).ok())
         .collect()
+}
+
+/// What clients see of units besides their records and bodies, from one listing: where the
+/// engine placed each, why it could not, and what the machines report.
+pub(crate) struct UnitContext {
+    placements: BTreeMap<String, String>,
+    reasons: BTreeMap<String, String>,
+    states: HashMap<(String, String), StateRecord>,
+}
+
+impl UnitContext {
+    pub(crate) fn read(keys: &Keys, kvs: &[(String, Vec<u8>)]) -> UnitContext {
+        UnitContext {
+            placements: strings(keys, keys::PLACEMENT, kvs),
+            reasons: strings(keys, keys::REASONS, kvs),
+            states: states(keys, kvs)
+                .into_iter()
+                .map(|s| ((s.name.clone(), s.machine_id.clone()), s))
+                .collect(),
+        }
+    }
+
+    /// A unit as clients see it: its current state is what its machine reports.
+    pub(crate) fn view(&self, u: UnitRecord, file: UnitFile) -> UnitView {
+        let name = u.name.to_string();
+        let machine = self.placements.get(&name).cloned();
+        let state = machine
+            .as_ref()
+            .and_then(|m| self.states.get(&(name.clone(), m.clone())));
+        UnitView {
+            current: current_state(machine.as_deref(), state),
+            name: u.name,
+            file,
+            hash: u.hash,
+            desired: u.desired_state,
+            global: u.global,
+            machine_id: machine,
+            reason: self.reasons.get(&name).cloned(),
+        }
+    }
 }
 
 /// The key ranges the engine mirrors (list-watch) and decides from. The engine's own writes

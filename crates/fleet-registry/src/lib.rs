@@ -33,6 +33,8 @@ pub use decode::{agent_ranges, engine_ranges, engine_snapshot};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
+/// fleet's default key prefix, defined with fleetd's other option defaults.
+pub use fleet_config::DEFAULT_KEY_PREFIX;
 pub use lease::{Lease, LeaseKeeper};
 pub use memory::MemoryRegistry;
 pub use memory_store::MemoryStore;

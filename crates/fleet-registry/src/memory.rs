@@ -103,9 +103,7 @@ impl Registry for MemoryRegistry {
         desired: TargetState,
     ) -> Result<()> {
         // as the etcd driver: a unit whose requirements do not parse is not global
-        let global = Requirements::from_unit(name, file)
-            .map(|(r, _)| r.global)
-            .unwrap_or(false);
+        let global = Requirements::is_global(name, file);
         let mut inner = self.lock();
         if inner.units.contains_key(name.as_str()) {
             return Err(RegistryError::AlreadyExists(name.to_string()));
@@ -123,9 +121,7 @@ impl Registry for MemoryRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::from_unit(name, file)
-            .map(|(r, _)| r.global)
-            .unwrap_or(false);
+        let global = Requirements::is_global(name, file);
         // placement, reason and states stay: they are the engine's and the agents'
         self.lock().units.insert(
             name.to_string(),

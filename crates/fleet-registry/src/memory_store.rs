@@ -18,7 +18,7 @@ use crate::keys::{self, Keys};
 use crate::lease::Lease;
 use crate::model::{
     GlobalRecord, MachineRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView,
-    current_state, decode, encode,
+    decode, encode,
 };
 use crate::roles::{AgentStore, EngineOp, EngineStore, Leadership, Write, engine_writes};
 use crate::watch::KeyRange;
@@ -67,7 +67,7 @@ struct Kv {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore::new("/_coreos.com/fleet/")
+        MemoryStore::new(crate::DEFAULT_KEY_PREFIX)
     }
 }
 
@@ -470,9 +470,7 @@ impl MemoryStore {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::from_unit(name, file)
-            .map(|(r, _)| r.global)
-            .unwrap_or(false);
+        let global = Requirements::is_global(name, file);
         let hash = file.hash();
         let unit_key = self.keys.unit(name.as_str());
         let body_key = self.keys.body(&hash.to_string());
@@ -551,32 +549,13 @@ impl MemoryStore {
     pub async fn units(&self) -> Result<Vec<UnitView>> {
         let kv = self.request("listing units", &self.keys.dir(keys::UNITS))?;
         let all = snapshot_of(&kv.data);
-        let placements = records::strings(&self.keys, keys::PLACEMENT, &all);
-        let reasons = records::strings(&self.keys, keys::REASONS, &all);
-        let states: HashMap<(String, String), StateRecord> = records::states(&self.keys, &all)
-            .into_iter()
-            .map(|s| ((s.name.clone(), s.machine_id.clone()), s))
-            .collect();
+        let context = records::UnitContext::read(&self.keys, &all);
         let mut out = Vec::new();
         for u in records::units(&self.keys, &all) {
             let Ok(file) = self.body_of(&kv, &u.hash) else {
                 continue;
             };
-            let name = u.name.to_string();
-            let machine = placements.get(&name).cloned();
-            let state = machine
-                .as_ref()
-                .and_then(|m| states.get(&(name.clone(), m.clone())));
-            out.push(UnitView {
-                current: current_state(machine.as_deref(), state),
-                name: u.name,
-                file,
-                hash: u.hash,
-                desired: u.desired_state,
-                global: u.global,
-                machine_id: machine,
-                reason: reasons.get(&name).cloned(),
-            });
+            out.push(context.view(u, file));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)

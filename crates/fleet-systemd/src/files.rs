@@ -10,17 +10,6 @@ use crate::{Error, Result, validate_name};
 /// Where fleetd keeps the unit files it hands to systemd (fleet's default).
 pub const DEFAULT_UNITS_DIRECTORY: &str = "/run/fleet/units/";
 
-/// Unit types fleet manages; other files in the units directory are ignored.
-const UNIT_TYPES: &[&str] = &[
-    "service",
-    "socket",
-    "timer",
-    "path",
-    "device",
-    "mount",
-    "automount",
-];
-
 /// Prefix of the temporary files of an atomic write. Their names have a fixed length well
 /// below NAME_MAX whatever the unit's name (a unit name may have 255 bytes, which leaves no
 /// room for anything around it), start with a dot and end in no unit type, so they are never
@@ -49,11 +38,11 @@ fn temporary_name() -> String {
     format!("{TMP_PREFIX}{:08x}{n:016x}", std::process::id())
 }
 
-/// Whether `name` ends in a unit type fleet manages (`.service`, `.socket`, `.timer`, `.path`,
-/// `.device`, `.mount`, `.automount`).
+/// Whether `name` ends in a unit type fleet manages ([`fleet_unit::RECOGNIZED_TYPES`]); other
+/// files in the units directory are ignored.
 pub fn recognized_unit_type(name: &str) -> bool {
     name.rsplit_once('.')
-        .is_some_and(|(stem, ty)| !stem.is_empty() && UNIT_TYPES.contains(&ty))
+        .is_some_and(|(stem, ty)| !stem.is_empty() && fleet_unit::RECOGNIZED_TYPES.contains(&ty))
 }
 
 /// Sets a regular file's mode to [`UNIT_FILE_MODE`] if it grants more; symbolic links and

@@ -1,8 +1,10 @@
 //! Test utilities shared by the crates' integration tests: a real etcd on a free loopback port,
-//! and bounded waiting for conditions.
+//! bounded waiting for conditions, and a child process's output collected as it comes.
 
+use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A private etcd server for one test: started on free loopback ports with its data in a
@@ -119,20 +121,43 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Async flavour of [`wait_for`] for tokio tests.
-pub async fn wait_for_async<F, Fut>(timeout: Duration, mut cond: F) -> bool
+/// The async [`wait_for`], for tokio tests: polls `cond` every 50 ms until it holds or
+/// `timeout` passes, and returns whether it held. It sleeps on tokio's clock, so it never
+/// blocks the runtime (the task under test keeps running between polls) and it follows
+/// paused time (`tokio::time::pause`) as the code under test does.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let end = Instant::now() + timeout;
+    let end = tokio::time::Instant::now() + timeout;
     loop {
         if cond().await {
             return true;
         }
-        if Instant::now() >= end {
+        if tokio::time::Instant::now() >= end {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Reads `pipe` (a child's stdout or stderr) on a thread of its own until it closes; the text
+/// so far is in the returned buffer at any time. The thread drops its handle when the pipe
+/// closes, so a strong count of 1 says that everything was read.
+pub fn collect_output(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .expect("lock")
+                .push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    buf
 }

@@ -23,6 +23,7 @@ mod glob;
 mod hash;
 mod name;
 mod quote;
+pub use quote::go_quote;
 mod requirements;
 mod state;
 
@@ -32,8 +33,8 @@ pub use file::{
 pub use glob::{Glob, glob_match, is_literal_pattern, is_valid_pattern, literal_prefix};
 pub use hash::{UnitHash, UnitHashError};
 pub use name::{
-    STORED_UNIT_NAME_MAX, TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName, UnitNameError,
-    default_unit_type,
+    RECOGNIZED_TYPES, STORED_UNIT_NAME_MAX, TEMPLATE_TYPES, UNIT_NAME_MAX, UNIT_TYPES, UnitName,
+    UnitNameError, default_unit_type,
 };
 pub use requirements::{
     FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_PATTERNS, MAX_SECTION_BYTES,

@@ -37,8 +37,9 @@ pub const UNIT_TYPES: &[&str] = &[
 /// Unit types that may be templates or instances (names containing `@`).
 pub const TEMPLATE_TYPES: &[&str] = &["path", "service", "socket", "target", "timer"];
 
-/// Suffixes fleetctl recognizes before it appends `.service` to an argument.
-const RECOGNIZED_TYPES: &[&str] = &[
+/// Unit types fleet manages: the suffixes fleetctl recognizes before it appends `.service` to
+/// an argument, and the files of the units directory that fleetd lists.
+pub const RECOGNIZED_TYPES: &[&str] = &[
     "service",
     "socket",
     "timer",

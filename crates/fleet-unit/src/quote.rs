@@ -56,7 +56,7 @@ fn escape_into(out: &mut String, c: char, quote: char) {
 }
 
 /// `fmt.Sprintf("%q", s)` for a string: double quotes, Go escapes.
-pub(crate) fn go_quote(s: &str) -> String {
+pub fn go_quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     for c in s.chars() {

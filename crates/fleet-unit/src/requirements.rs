@@ -73,6 +73,12 @@ pub struct Requirements {
 }
 
 impl Requirements {
+    /// Whether the unit runs on every machine (`Global=true`). A unit whose requirements do
+    /// not parse is not global: every registry and client reads it so.
+    pub fn is_global(name: &UnitName, file: &UnitFile) -> bool {
+        Requirements::from_unit(name, file).is_ok_and(|(r, _)| r.global)
+    }
+
     /// Reads the `[X-Fleet]` section of `file` for the unit called `name`.
     ///
     /// Returns the requirements and warnings (unknown keys, with fleet's text, and ignored

@@ -219,21 +219,3 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
-
-/// Polls `cond` every 50 ms (without blocking the runtime) until it holds or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}

@@ -1,6 +1,5 @@
 //! The client role on etcd: what the HTTP API and fleetctl's etcd driver do ([`Registry`]).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -11,8 +10,7 @@ use tracing::warn;
 use super::{EtcdRegistry, OpKind};
 use crate::keys;
 use crate::model::{
-    GlobalRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView, current_state,
-    decode, encode,
+    GlobalRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView, decode, encode,
 };
 use crate::watch::{KeyRange, ListWatch};
 use crate::{Registry, RegistryError, Result, decode as records};
@@ -37,12 +35,7 @@ impl EtcdRegistry {
             // A prefix read of units/a.service also matches units/a.service2.
             units.retain(|u| &u.name == n);
         }
-        let placements = records::strings(&self.keys, keys::PLACEMENT, &kvs);
-        let reasons = records::strings(&self.keys, keys::REASONS, &kvs);
-        let mut states: HashMap<(String, String), StateRecord> = HashMap::new();
-        for s in records::states(&self.keys, &kvs) {
-            states.insert((s.name.clone(), s.machine_id.clone()), s);
-        }
+        let context = records::UnitContext::read(&self.keys, &kvs);
         let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
         if only.is_none() {
             // every live body is known here: forget those of units destroyed or replaced
@@ -55,21 +48,7 @@ impl EtcdRegistry {
                 warn!(unit = %u.name, hash = %u.hash, "unit body missing; skipping unit");
                 continue;
             };
-            let name = u.name.to_string();
-            let machine = placements.get(&name).cloned();
-            let state = machine
-                .as_ref()
-                .and_then(|m| states.get(&(name.clone(), m.clone())));
-            out.push(UnitView {
-                current: current_state(machine.as_deref(), state),
-                name: u.name,
-                file,
-                hash: u.hash,
-                desired: u.desired_state,
-                global: u.global,
-                machine_id: machine,
-                reason: reasons.get(&name).cloned(),
-            });
+            out.push(context.view(u, file));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
@@ -108,9 +87,7 @@ impl Registry for EtcdRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::from_unit(name, file)
-            .map(|(r, _)| r.global)
-            .unwrap_or(false);
+        let global = Requirements::is_global(name, file);
         let hash = file.hash();
         let rec = UnitRecord {
             version: RECORD_VERSION,
@@ -168,9 +145,7 @@ impl Registry for EtcdRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::from_unit(name, file)
-            .map(|(r, _)| r.global)
-            .unwrap_or(false);
+        let global = Requirements::is_global(name, file);
         let hash = file.hash();
         let rec = UnitRecord {
             version: RECORD_VERSION,

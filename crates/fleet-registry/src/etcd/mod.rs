@@ -44,7 +44,7 @@ impl Default for EtcdConfig {
     fn default() -> Self {
         EtcdConfig {
             endpoints: vec!["http://127.0.0.1:2379".into()],
-            key_prefix: "/_coreos.com/fleet/".into(),
+            key_prefix: crate::DEFAULT_KEY_PREFIX.into(),
             request_timeout: Duration::from_secs(1),
             ca_file: None,
             cert_file: None,
@@ -103,19 +103,18 @@ impl EtcdRegistry {
             || cfg.cert_file.is_some()
             || cfg.endpoints.iter().any(|e| e.starts_with("https://"));
         if tls_wanted {
+            // tonic parses the PEM text itself, when it connects
+            let read_pem = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| RegistryError::Config(format!("{}: {e}", path.display())))
+            };
             let mut tls = TlsOptions::new();
             if let Some(ca) = &cfg.ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| RegistryError::Config(format!("{}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
+                tls = tls.ca_certificate(Certificate::from_pem(read_pem(ca)?));
             }
             match (&cfg.cert_file, &cfg.key_file) {
                 (Some(c), Some(k)) => {
-                    let cert = std::fs::read(c)
-                        .map_err(|e| RegistryError::Config(format!("{}: {e}", c.display())))?;
-                    let key = std::fs::read(k)
-                        .map_err(|e| RegistryError::Config(format!("{}: {e}", k.display())))?;
-                    tls = tls.identity(Identity::from_pem(cert, key));
+                    tls = tls.identity(Identity::from_pem(read_pem(c)?, read_pem(k)?));
                 }
                 (None, None) => {}
                 _ => {

@@ -6,25 +6,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fleet_ssh::{NewHostPolicy, SshConfig};
 
 pub const SSHD: &str = "/usr/sbin/sshd";
 
-/// Polls `cond` every 20 ms for up to `limit`; true once it holds.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+pub use fleet_testutil::wait_for;
 
 /// Runs a command to completion, panicking with its output on failure.
 pub fn run(cmd: &mut Command) -> String {

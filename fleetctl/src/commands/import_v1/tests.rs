@@ -8,7 +8,7 @@ use fleet_testutil::EtcdServer;
 
 use super::*;
 
-const PREFIX: &str = "/_coreos.com/fleet/";
+const PREFIX: &str = fleet_registry::DEFAULT_KEY_PREFIX;
 
 const HELLO: &str = "[Unit]\nDescription=hello\n\n[Service]\nExecStart=/bin/sleep 1000\n";
 const GLOBAL: &str = "[Service]\nExecStart=/bin/sleep 1000\n\n[X-Fleet]\nGlobal=true\n";

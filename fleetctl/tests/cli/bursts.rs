@@ -1,0 +1,230 @@
+//! Many units in one command: argument order, units that depend on earlier arguments, `start --replace`.
+
+use fleet_registry::EngineOp;
+use fleet_unit::{TargetState, UnitFile};
+
+use crate::support::*;
+
+/// Many units in one invocation: fleetctl works on many at once, yet prints in argument
+/// order, stops at the first bad argument after reporting the ones before it, and handles a
+/// unit named twice once. Through the etcd driver and through the API alike.
+#[test]
+fn many_units_are_reported_in_argument_order() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    for driver in ["etcd", "api"] {
+        let name = |i: usize| format!("{driver}-{i:02}.service");
+        let names: Vec<String> = (1..=80).map(name).collect();
+        for n in &names {
+            c.write(n, SLEEP);
+        }
+        let bad = format!("{driver}-bad.service");
+        c.write(
+            &bad,
+            "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\nMachineOf=abcd\n",
+        );
+        let run = |args: &[&str]| -> Output {
+            let flags = if driver == "etcd" {
+                vec![
+                    "--driver=etcd".to_string(),
+                    format!("--endpoint={}", c.etcd.endpoint()),
+                ]
+            } else {
+                vec![format!("--endpoint={api}")]
+            };
+            let out = c
+                .bare_command()
+                .args(flags)
+                .args(args)
+                .output()
+                .expect("run fleetctl");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        let inactive = |ns: &[String]| -> String {
+            ns.iter().map(|n| format!("Unit {n} inactive\n")).collect()
+        };
+
+        // the bad unit in the middle: the 40 before it are created and reported, in order
+        let mut args = vec!["start", "--no-block"];
+        args.extend(names[..40].iter().map(String::as_str));
+        args.push(&bad);
+        args.extend(names[40..].iter().map(String::as_str));
+        let out = run(&args);
+        assert_eq!(
+            (out.code, out.stdout.clone(), out.stderr.as_str()),
+            (
+                1,
+                inactive(&names[..40]),
+                format!("Error creating units: unit {bad}: Global cannot be used with MachineOf\n")
+                    .as_str()
+            ),
+            "{driver}: {out:?}"
+        );
+
+        // again without it (and one unit named twice): the rest created, all started, in order
+        let mut args = vec!["start", "--no-block"];
+        args.extend(names.iter().map(String::as_str));
+        args.push(&names[3]);
+        let out = run(&args);
+        let triggered: String = names
+            .iter()
+            .map(|n| format!("Triggered unit {n} start\n"))
+            .collect();
+        assert_eq!(
+            (out.code, out.stdout.clone(), out.stderr.as_str()),
+            (0, inactive(&names[40..]) + &triggered, ""),
+            "{driver}: {out:?}"
+        );
+        let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+        let want: String = names.iter().map(|n| format!("{n}\tlaunched\n")).collect();
+        let ours: String = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("{driver}-")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ours, want, "{driver}: {out:?}");
+    }
+}
+
+/// Arguments that depend on an earlier one of the same command: a unit named twice is
+/// created once, and an instance finds the template created just before it (both drivers).
+#[test]
+fn arguments_see_the_units_created_before_them() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    std::fs::create_dir_all(c.dir.path().join("sub")).expect("mkdir");
+    for (driver, flags) in [
+        (
+            "etcd",
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ],
+        ),
+        ("api", vec![format!("--endpoint={api}")]),
+    ] {
+        let run = |args: &[&str]| {
+            let out = c
+                .bare_command()
+                .args(&flags)
+                .args(args)
+                .output()
+                .expect("run");
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let dup = format!("dup-{driver}.service");
+        c.write(&dup, SLEEP);
+        assert_eq!(
+            run(&["submit", &dup, &dup]),
+            (0, format!("Unit {dup} inactive\n"), String::new()),
+            "{driver}"
+        );
+        let x = format!("x-{driver}.service");
+        let (tmpl, inst) = (
+            format!("t{driver}@.service"),
+            format!("t{driver}@1.service"),
+        );
+        c.write(&x, SLEEP);
+        c.write(&format!("sub/{tmpl}"), SLEEP);
+        let tmpl_path = format!("sub/{tmpl}");
+        assert_eq!(
+            run(&["submit", &x, &tmpl_path, &inst]),
+            (
+                0,
+                format!("Unit {x} inactive\nUnit {tmpl} inactive\nUnit {inst} inactive\n"),
+                String::new()
+            ),
+            "{driver}"
+        );
+    }
+}
+
+/// `start --replace` of a running unit writes the new version over the old one in one step,
+/// keeping its desired state and its machine: the unit is never destroyed or inactive in
+/// between (fleet's fleetctl made it inactive first, and it could land elsewhere), through
+/// either driver.
+#[test]
+fn start_replace_keeps_the_unit_where_it_runs() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    c.add_machine(M1, "172.17.8.103", &[]);
+    let engine = c.engine();
+    let reg = c.registry();
+    for driver in ["etcd", "api"] {
+        let unit = format!("{driver}.service");
+        let name = fleet_unit::UnitName::parse(&unit).expect("name");
+        c.rt.block_on(fleet_registry::Registry::create_unit(
+            &reg,
+            &name,
+            &UnitFile::parse(SLEEP).expect("unit"),
+            TargetState::Launched,
+        ))
+        .expect("create");
+        c.apply(
+            &engine,
+            &[EngineOp::Schedule {
+                unit: unit.clone(),
+                machine: M1.into(),
+                hash: hash_of(SLEEP),
+                desired: TargetState::Launched,
+            }],
+        );
+        let key = reg.keys().unit(&unit);
+        let created = |c: &Cluster| {
+            let mut kv = reg.client().kv_client();
+            let got = c.rt.block_on(kv.get(key.as_str(), None)).expect("get");
+            got.kvs().first().map(|kv| kv.create_revision())
+        };
+        let before = created(&c);
+        assert!(before.is_some());
+        c.write(&unit, HELLO);
+        let endpoint = if driver == "etcd" {
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ]
+        } else {
+            vec![format!("--endpoint={api}")]
+        };
+        let out = c
+            .bare_command()
+            .args(&endpoint)
+            .args(["start", "--no-block", "--replace", unit.as_str()])
+            .output()
+            .expect("run");
+        assert_eq!(
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            ),
+            (
+                Some(0),
+                format!("Unit {unit} launched\nTriggered unit {unit} start\n"),
+                String::new()
+            ),
+            "{driver}"
+        );
+        assert_eq!(
+            created(&c),
+            before,
+            "{driver}: the unit's key was never deleted"
+        );
+        let view =
+            c.rt.block_on(fleet_registry::Registry::unit(&reg, &name))
+                .expect("read")
+                .expect("exists");
+        assert_eq!(view.hash, hash_of(HELLO), "{driver}");
+        assert_eq!(view.desired, TargetState::Launched, "{driver}");
+        assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");
+    }
+}
