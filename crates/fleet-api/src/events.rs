@@ -22,7 +22,7 @@ use fleet_unit::Glob;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
 /// The source of the event stream, as [`crate::ApiConfig`] holds it.
@@ -48,7 +48,7 @@ pub(crate) struct Limits {
     pub heartbeat: Duration,
 }
 
-/// One event, rendered as an SSE message, with what filters look at.
+/// One event, rendered as an SSE message without its `id:` line, with what filters look at.
 #[derive(Debug)]
 pub(crate) struct Rendered {
     unit: Option<String>,
@@ -61,7 +61,8 @@ pub(crate) struct Rendered {
 pub(crate) struct Batch {
     revision: i64,
     events: Vec<Rendered>,
-    /// All events' text, for subscribers without a filter.
+    /// All events' text, for subscribers without a filter; the last one carries the `id:`,
+    /// so that a client that loses the connection mid-revision resumes before it.
     all: Bytes,
     /// Set on the message that ends every stream when the hub lost events (its watch's
     /// history was compacted away while etcd was unreachable).
@@ -201,6 +202,7 @@ impl Hub {
         &self,
         since: Option<i64>,
         filter: Filter,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<Subscription, SubscribeError> {
         self.start(since).await?;
         let st = lock(&self.state);
@@ -234,6 +236,8 @@ impl Hub {
             heartbeat: tokio::time::interval_at(start, self.limits.heartbeat),
             shutdown: self.shutdown.clone(),
             done: false,
+            state: self.state.clone(),
+            _slot: slot,
         })
     }
 }
@@ -276,6 +280,14 @@ async fn run(
             }
             None => Some(lock(&state).last),
         };
+        // wait before watching again, every time: a watch that opens and breaks at once (etcd
+        // answering, then failing every watch) must not spin; the delay grows until a batch
+        // arrives
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
         // resume after the last revision seen, or start over at the current one
         loop {
             let attempt = match resume_after {
@@ -364,6 +376,10 @@ pub(crate) struct Subscription {
     heartbeat: tokio::time::Interval,
     shutdown: watch::Receiver<bool>,
     done: bool,
+    /// The hub's state, to read its last revision for keepalives.
+    state: Arc<Mutex<State>>,
+    /// This stream's place in its listener's budget of event streams, freed when it ends.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Subscription {
@@ -406,13 +422,28 @@ impl Subscription {
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                _ = self.heartbeat.tick() => return Some(self.keepalive()),
                 _ = self.shutdown.changed() => {
                     self.done = true;
                     return None;
                 }
             }
         }
+    }
+
+    /// The keepalive comment, with the revision this subscriber has every event up to as its
+    /// `id:`: a filtered stream may go long without an event of its own, and an `EventSource`
+    /// keeps the last id it saw, so it resumes from there rather than from an old event.
+    fn keepalive(&mut self) -> Bytes {
+        {
+            // under the lock the hub publishes under: with nothing queued for this subscriber,
+            // it has seen every revision up to the hub's last
+            let st = lock(&self.state);
+            if self.rx.is_empty() {
+                self.last_sent = self.last_sent.max(st.last);
+            }
+        }
+        Bytes::from(format!(": keepalive\nid: {}\n\n", self.last_sent))
     }
 
     /// The text of `b` this subscriber wants, if any; marks `b` as delivered.
@@ -424,11 +455,8 @@ impl Subscription {
         if self.filter.is_empty() {
             return Some(b.all.clone());
         }
-        let mut out = Vec::new();
-        for e in b.events.iter().filter(|e| self.filter.keeps(e)) {
-            out.extend_from_slice(&e.text);
-        }
-        (!out.is_empty()).then(|| Bytes::from(out))
+        let kept: Vec<&Rendered> = b.events.iter().filter(|e| self.filter.keeps(e)).collect();
+        (!kept.is_empty()).then(|| with_id(b.revision, kept.into_iter()))
     }
 
     /// The subscription as an HTTP body.
@@ -442,29 +470,41 @@ impl Subscription {
     }
 }
 
+/// The text of `events` of revision `revision`, the `id:` line on the last one only: an
+/// `EventSource` (or fleetctl) that has the id has every event of the revision.
+fn with_id<'a>(revision: i64, events: impl ExactSizeIterator<Item = &'a Rendered>) -> Bytes {
+    let count = events.len();
+    let mut out = Vec::new();
+    for (i, e) in events.enumerate() {
+        if i + 1 == count {
+            out.extend_from_slice(format!("id: {revision}\n").as_bytes());
+        }
+        out.extend_from_slice(&e.text);
+    }
+    Bytes::from(out)
+}
+
 /// Renders one revision's changes: each change that means something to users becomes one
 /// event; the others (bodies, schedule keys, the leader key, bad records) are left out.
 pub(crate) fn render(batch: &ChangeBatch) -> Batch {
-    let mut events = Vec::new();
-    let mut all = Vec::new();
-    for change in &batch.changes {
-        let Some(ev) = describe(change) else { continue };
-        let text = format!(
-            "id: {}\ndata: {}\n\n",
-            batch.revision,
-            ev.to_json(batch.revision)
-        );
-        all.extend_from_slice(text.as_bytes());
-        events.push(Rendered {
-            unit: ev.unit,
-            machine: ev.machine,
-            text: Bytes::from(text),
-        });
-    }
+    let events: Vec<Rendered> = batch
+        .changes
+        .iter()
+        .filter_map(describe)
+        .map(|ev| {
+            let text = format!("data: {}\n\n", ev.to_json(batch.revision));
+            Rendered {
+                unit: ev.unit,
+                machine: ev.machine,
+                text: Bytes::from(text),
+            }
+        })
+        .collect();
+    let all = with_id(batch.revision, events.iter());
     Batch {
         revision: batch.revision,
         events,
-        all: Bytes::from(all),
+        all,
         reset: None,
     }
 }
@@ -472,6 +512,54 @@ pub(crate) fn render(batch: &ChangeBatch) -> Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A feed whose every watch opens and breaks at once, counting the watches.
+    struct Breaking {
+        opened: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl ChangeFeed for Breaking {
+        async fn current_revision(&self) -> fleet_registry::Result<i64> {
+            Ok(10)
+        }
+
+        async fn changes_after(
+            &self,
+            _after: i64,
+            _capacity: usize,
+        ) -> fleet_registry::Result<mpsc::Receiver<FeedItem>> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(FeedItem::Broken("etcd went away".into()));
+            Ok(rx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_breaks_at_once_is_retried_with_a_delay() {
+        let feed = Arc::new(Breaking {
+            opened: AtomicUsize::new(0),
+        });
+        let (_stop, stopped) = watch::channel(false);
+        let limits = Limits {
+            history: 100,
+            history_bytes: 1 << 20,
+            backlog: 16,
+            heartbeat: Duration::from_secs(15),
+        };
+        let hub = Hub::new(feed.clone(), limits, stopped);
+        let _sub = hub
+            .subscribe(None, Filter::default(), None)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("subscribe");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // 200 ms, then 400 ms, then 800 ms between watches
+        let opened = feed.opened.load(Ordering::SeqCst);
+        assert!(opened <= 4, "{opened} watches in one second");
+    }
 
     #[test]
     fn filters_pick_units_and_machines() {
