@@ -244,10 +244,9 @@ fn events_from_a_compacted_revision_end_with_a_message() {
     for i in 0..3 {
         s.create(&format!("c{i}.service"), TargetState::Loaded);
     }
-    let rev = s
-        .rt
-        .block_on(fleet_registry::ChangeFeed::current_revision(&s.reg))
-        .expect("current revision");
+    let rev =
+        s.rt.block_on(fleet_registry::ChangeFeed::current_revision(&s.reg))
+            .expect("current revision");
     let out = Command::new("etcdctl")
         .env("ETCDCTL_API", "3")
         .arg(format!("--endpoints={}", s.etcd.endpoint()))

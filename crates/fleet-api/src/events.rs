@@ -112,9 +112,14 @@ struct State {
     floor: i64,
     /// The newest revision seen.
     last: i64,
+    /// In revision order: subscribers replaying find their place by binary search.
     ring: VecDeque<Arc<Batch>>,
     ring_bytes: usize,
     tx: broadcast::Sender<Arc<Batch>>,
+    /// How many times the history was lost, and the message that said so last: a subscriber
+    /// still replaying learns of it here rather than from the broadcast.
+    resets: u64,
+    reset_msg: Option<Bytes>,
 }
 
 /// Why a subscription was refused.
@@ -154,6 +159,8 @@ impl Hub {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 tx,
+                resets: 0,
+                reset_msg: None,
             })),
             started: tokio::sync::OnceCell::new(),
             shutdown,
@@ -213,13 +220,10 @@ impl Hub {
                 oldest: st.floor,
             });
         }
-        let replay = st
-            .ring
-            .iter()
-            .filter(|b| b.revision > from)
-            .cloned()
-            .collect();
+        // the replay is a place in the shared ring, not a copy of it: a subscriber costs the
+        // same however much history it replays
         let rx = st.tx.subscribe();
+        let resets = st.resets;
         drop(st);
         let hello = format!(
             "retry: 1000\nid: {from}\ndata: {}\n\n",
@@ -228,7 +232,8 @@ impl Hub {
         let start = tokio::time::Instant::now() + self.limits.heartbeat;
         Ok(Subscription {
             hello: Some(Bytes::from(hello)),
-            replay,
+            replaying: true,
+            resets,
             rx,
             last_sent: from,
             filter,
@@ -349,26 +354,43 @@ fn reset(state: &Mutex<State>, revision: i64) {
     let lost_after = st.last;
     st.floor = revision;
     st.last = revision;
-    let msg = format!(
+    let msg = Bytes::from(format!(
         "data: {}\n\n",
         json!({
             "type": "reset",
             "revision": revision,
             "message": format!("events after revision {lost_after} were lost while etcd was unreachable; list again and resume from revision {revision}"),
         })
-    );
+    ));
+    st.resets += 1;
+    st.reset_msg = Some(msg.clone());
     let _ = st.tx.send(Arc::new(Batch {
         revision,
         events: Vec::new(),
         all: Bytes::new(),
-        reset: Some(Bytes::from(msg)),
+        reset: Some(msg),
     }));
 }
 
-/// One subscriber's view: the hello message, the replay, then live batches.
+/// Where a replaying subscriber stands in the ring.
+enum Replay {
+    /// The next batch after its place.
+    Next(Arc<Batch>),
+    /// It has replayed all the ring holds: live batches from now on.
+    Done,
+    /// Batches it had not read left the ring (it read too slowly).
+    Lost,
+    /// The history was lost (see [`reset`]); the stream ends with this message.
+    Reset(Bytes),
+}
+
+/// One subscriber's view: the hello message, the replay from the ring, then live batches.
 pub(crate) struct Subscription {
     hello: Option<Bytes>,
-    replay: VecDeque<Arc<Batch>>,
+    /// Still replaying the ring, from just after `last_sent`.
+    replaying: bool,
+    /// The hub's reset count when it subscribed.
+    resets: u64,
     rx: broadcast::Receiver<Arc<Batch>>,
     last_sent: i64,
     filter: Filter,
@@ -391,9 +413,22 @@ impl Subscription {
         if let Some(h) = self.hello.take() {
             return Some(h);
         }
-        while let Some(b) = self.replay.pop_front() {
-            if let Some(text) = self.take(&b) {
-                return Some(text);
+        while self.replaying {
+            match self.replay_next() {
+                Replay::Next(b) => {
+                    if let Some(text) = self.take(&b) {
+                        return Some(text);
+                    }
+                }
+                Replay::Done => self.replaying = false,
+                Replay::Lost => {
+                    self.done = true;
+                    return Some(self.cut_off());
+                }
+                Replay::Reset(msg) => {
+                    self.done = true;
+                    return Some(msg);
+                }
             }
         }
         loop {
@@ -410,15 +445,7 @@ impl Subscription {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.done = true;
-                        let msg = json!({
-                            "type": "cut-off",
-                            "revision": self.last_sent,
-                            "message": format!(
-                                "client too slow: more than {} revisions behind; reconnect with since={} to resume",
-                                self.backlog, self.last_sent
-                            ),
-                        });
-                        return Some(Bytes::from(format!("data: {msg}\n\n")));
+                        return Some(self.cut_off());
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
@@ -429,6 +456,38 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// The batch after `last_sent` in the ring, found by binary search under the hub's lock.
+    fn replay_next(&self) -> Replay {
+        let st = lock(&self.state);
+        if st.resets != self.resets {
+            return match &st.reset_msg {
+                Some(m) => Replay::Reset(m.clone()),
+                None => Replay::Lost,
+            };
+        }
+        if self.last_sent < st.floor {
+            return Replay::Lost;
+        }
+        let next = st.ring.partition_point(|b| b.revision <= self.last_sent);
+        match st.ring.get(next) {
+            Some(b) => Replay::Next(b.clone()),
+            None => Replay::Done,
+        }
+    }
+
+    /// The message that ends the stream of a subscriber that fell behind.
+    fn cut_off(&self) -> Bytes {
+        let msg = json!({
+            "type": "cut-off",
+            "revision": self.last_sent,
+            "message": format!(
+                "client too slow: more than {} revisions behind; reconnect with since={} to resume",
+                self.backlog, self.last_sent
+            ),
+        });
+        Bytes::from(format!("data: {msg}\n\n"))
     }
 
     /// The keepalive comment, with the revision this subscriber has every event up to as its

@@ -88,13 +88,13 @@ console.log(kept + " " + history.has("a.service"));
 
 #[test]
 fn a_malformed_address_shows_the_main_page() {
-    let got = run(r#"
+    let got = run(r##"
 location.hash = "#unit/%E0%A4%A";
 let a;
 try { a = String(pageUnit()); } catch (e) { a = "threw " + e.name; }
 location.hash = "#unit/web%40.service";
 console.log(a + " " + pageUnit());
-"#);
+"##);
     if let Some(got) = got {
         assert_eq!(got, "null web@.service");
     }

@@ -65,8 +65,7 @@ impl Sse {
     /// [`Sse::open`] with extra header lines (each ending in `\r\n`).
     async fn open_with(addr: std::net::SocketAddr, query: &str, headers: &str) -> Opened {
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        let req =
-            format!("GET /fleet/v1/events{query} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
+        let req = format!("GET /fleet/v1/events{query} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
         s.write_all(req.as_bytes()).await.expect("write request");
         let mut reader = BufReader::new(s);
         let mut status = String::new();
@@ -735,7 +734,10 @@ async fn only_the_last_event_of_a_revision_has_an_id() {
     let mut f = Sse::stream(h.addr, "?since=4&unit=b.service").await;
     f.next().await.expect("hello");
     let m = f.next().await.expect("b's placement");
-    assert_eq!((m.data()["unit"].clone(), m.id), ("b.service".into(), Some(5)));
+    assert_eq!(
+        (m.data()["unit"].clone(), m.id),
+        ("b.service".into(), Some(5))
+    );
 }
 
 /// `Last-Event-ID` (what an `EventSource` sends when it reconnects) wins over the `since`
@@ -768,6 +770,8 @@ async fn last_event_id_wins_over_since() {
 async fn event_streams_take_at_most_half_the_connections() {
     let (h, _tx) = fake_server(ApiConfig {
         max_tcp_connections: 4,
+        // a stream notices its client left when it next writes
+        event_heartbeat: Duration::from_millis(200),
         ..Default::default()
     })
     .await;

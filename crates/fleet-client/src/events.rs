@@ -143,7 +143,9 @@ fn parse_message(message: &[u8]) -> Option<EventItem> {
             .map(|d| d.strip_prefix(' ').unwrap_or(d))
     };
     let data: Vec<&str> = field("data:").collect();
-    let id = field("id:").last().and_then(|v| v.trim().parse::<i64>().ok());
+    let id = field("id:")
+        .last()
+        .and_then(|v| v.trim().parse::<i64>().ok());
     if data.is_empty() && id.is_none() {
         return None;
     }

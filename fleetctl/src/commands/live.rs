@@ -232,7 +232,7 @@ fn text_line(ev: &Value) -> Option<String> {
     // characters are shown escaped, never written to the terminal as they are
     let s = |k: &str| escape_controls(ev[k].as_str().unwrap_or(""));
     let machine = || machine_id_legend(&s("machine"), false);
-    let what = match s("type") {
+    let what = match s("type").as_str() {
         "unit-created" => format!("created, desired state {}", s("desiredState")),
         "unit-changed" if s("hash") != s("previousHash") => {
             format!("unit file replaced, desired state {}", s("desiredState"))
@@ -455,7 +455,11 @@ mod tests {
             Err(Some("Error following events: connection reset".to_string()))
         );
         let opens = resumed_from(&reg).len() as u32;
-        assert_eq!(opens, RECONNECT_ATTEMPTS + 1, "the first open and each retry");
+        assert_eq!(
+            opens,
+            RECONNECT_ATTEMPTS + 1,
+            "the first open and each retry"
+        );
         assert!(
             started.elapsed() >= RECONNECT_DELAY * (RECONNECT_ATTEMPTS - 1),
             "reopened without waiting: {:?}",
