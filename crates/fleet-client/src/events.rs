@@ -144,7 +144,7 @@ fn parse_message(message: &[u8]) -> Option<EventItem> {
     };
     let data: Vec<&str> = field("data:").collect();
     let id = field("id:")
-        .last()
+        .next_back()
         .and_then(|v| v.trim().parse::<i64>().ok());
     if data.is_empty() && id.is_none() {
         return None;
