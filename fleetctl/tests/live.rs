@@ -216,3 +216,51 @@ fn list_units_watch_redraws_on_changes() {
     });
     assert!(ok, "stderr: {:?}", bad.stderr.lock().expect("lock"));
 }
+
+/// `--driver=etcd` with a `--since` etcd has compacted away: the watch opens, then etcd says
+/// the history is gone. fleetctl ends with the message saying so, instead of reopening the
+/// watch forever.
+#[test]
+fn events_from_a_compacted_revision_end_with_a_message() {
+    let s = Setup::start();
+    for i in 0..3 {
+        s.create(&format!("c{i}.service"), TargetState::Loaded);
+    }
+    let rev =
+        s.rt.block_on(fleet_registry::ChangeFeed::current_revision(&s.reg))
+            .expect("current revision");
+    let out = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={}", s.etcd.endpoint()))
+        .arg("compaction")
+        .arg(rev.to_string())
+        .output()
+        .expect("run etcdctl");
+    assert!(
+        out.status.success(),
+        "etcdctl compaction: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut r = s.spawn(&[
+        "--driver=etcd",
+        &format!("--endpoint={}", s.etcd.endpoint()),
+        "events",
+        "--since",
+        "1",
+    ]);
+    let exited = fleet_testutil::wait_for(Duration::from_secs(15), || {
+        matches!(r.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "fleetctl events did not end: it reopens the watch");
+    let expected = format!(
+        "Error following events: revision 1 is too old to resume from (etcd keeps revisions after {rev} only); list again and follow without --since"
+    );
+    let said = fleet_testutil::wait_for(Duration::from_secs(5), || {
+        r.stderr.lock().expect("lock").contains(&expected)
+    });
+    assert!(
+        said,
+        "stderr: {:?}, expected {expected:?}",
+        r.stderr.lock().expect("lock")
+    );
+}

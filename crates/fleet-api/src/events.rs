@@ -22,7 +22,7 @@ use fleet_unit::Glob;
 use http_body_util::StreamBody;
 use hyper::body::Frame;
 use serde_json::json;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, broadcast, mpsc, watch};
 use tracing::{debug, warn};
 
 /// The source of the event stream, as [`crate::ApiConfig`] holds it.
@@ -48,7 +48,7 @@ pub(crate) struct Limits {
     pub heartbeat: Duration,
 }
 
-/// One event, rendered as an SSE message, with what filters look at.
+/// One event, rendered as an SSE message without its `id:` line, with what filters look at.
 #[derive(Debug)]
 pub(crate) struct Rendered {
     unit: Option<String>,
@@ -61,7 +61,8 @@ pub(crate) struct Rendered {
 pub(crate) struct Batch {
     revision: i64,
     events: Vec<Rendered>,
-    /// All events' text, for subscribers without a filter.
+    /// All events' text, for subscribers without a filter; the last one carries the `id:`,
+    /// so that a client that loses the connection mid-revision resumes before it.
     all: Bytes,
     /// Set on the message that ends every stream when the hub lost events (its watch's
     /// history was compacted away while etcd was unreachable).
@@ -111,9 +112,14 @@ struct State {
     floor: i64,
     /// The newest revision seen.
     last: i64,
+    /// In revision order: subscribers replaying find their place by binary search.
     ring: VecDeque<Arc<Batch>>,
     ring_bytes: usize,
     tx: broadcast::Sender<Arc<Batch>>,
+    /// How many times the history was lost, and the message that said so last: a subscriber
+    /// still replaying learns of it here rather than from the broadcast.
+    resets: u64,
+    reset_msg: Option<Bytes>,
 }
 
 /// Why a subscription was refused.
@@ -153,6 +159,8 @@ impl Hub {
                 ring: VecDeque::new(),
                 ring_bytes: 0,
                 tx,
+                resets: 0,
+                reset_msg: None,
             })),
             started: tokio::sync::OnceCell::new(),
             shutdown,
@@ -201,6 +209,7 @@ impl Hub {
         &self,
         since: Option<i64>,
         filter: Filter,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> Result<Subscription, SubscribeError> {
         self.start(since).await?;
         let st = lock(&self.state);
@@ -211,13 +220,10 @@ impl Hub {
                 oldest: st.floor,
             });
         }
-        let replay = st
-            .ring
-            .iter()
-            .filter(|b| b.revision > from)
-            .cloned()
-            .collect();
+        // the replay is a place in the shared ring, not a copy of it: a subscriber costs the
+        // same however much history it replays
         let rx = st.tx.subscribe();
+        let resets = st.resets;
         drop(st);
         let hello = format!(
             "retry: 1000\nid: {from}\ndata: {}\n\n",
@@ -226,7 +232,8 @@ impl Hub {
         let start = tokio::time::Instant::now() + self.limits.heartbeat;
         Ok(Subscription {
             hello: Some(Bytes::from(hello)),
-            replay,
+            replaying: true,
+            resets,
             rx,
             last_sent: from,
             filter,
@@ -234,6 +241,8 @@ impl Hub {
             heartbeat: tokio::time::interval_at(start, self.limits.heartbeat),
             shutdown: self.shutdown.clone(),
             done: false,
+            state: self.state.clone(),
+            _slot: slot,
         })
     }
 }
@@ -276,6 +285,14 @@ async fn run(
             }
             None => Some(lock(&state).last),
         };
+        // wait before watching again, every time: a watch that opens and breaks at once (etcd
+        // answering, then failing every watch) must not spin; the delay grows until a batch
+        // arrives
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        delay = (delay * 2).min(Duration::from_secs(5));
         // resume after the last revision seen, or start over at the current one
         loop {
             let attempt = match resume_after {
@@ -337,26 +354,43 @@ fn reset(state: &Mutex<State>, revision: i64) {
     let lost_after = st.last;
     st.floor = revision;
     st.last = revision;
-    let msg = format!(
+    let msg = Bytes::from(format!(
         "data: {}\n\n",
         json!({
             "type": "reset",
             "revision": revision,
             "message": format!("events after revision {lost_after} were lost while etcd was unreachable; list again and resume from revision {revision}"),
         })
-    );
+    ));
+    st.resets += 1;
+    st.reset_msg = Some(msg.clone());
     let _ = st.tx.send(Arc::new(Batch {
         revision,
         events: Vec::new(),
         all: Bytes::new(),
-        reset: Some(Bytes::from(msg)),
+        reset: Some(msg),
     }));
 }
 
-/// One subscriber's view: the hello message, the replay, then live batches.
+/// Where a replaying subscriber stands in the ring.
+enum Replay {
+    /// The next batch after its place.
+    Next(Arc<Batch>),
+    /// It has replayed all the ring holds: live batches from now on.
+    Done,
+    /// Batches it had not read left the ring (it read too slowly).
+    Lost,
+    /// The history was lost (see [`reset`]); the stream ends with this message.
+    Reset(Bytes),
+}
+
+/// One subscriber's view: the hello message, the replay from the ring, then live batches.
 pub(crate) struct Subscription {
     hello: Option<Bytes>,
-    replay: VecDeque<Arc<Batch>>,
+    /// Still replaying the ring, from just after `last_sent`.
+    replaying: bool,
+    /// The hub's reset count when it subscribed.
+    resets: u64,
     rx: broadcast::Receiver<Arc<Batch>>,
     last_sent: i64,
     filter: Filter,
@@ -364,6 +398,10 @@ pub(crate) struct Subscription {
     heartbeat: tokio::time::Interval,
     shutdown: watch::Receiver<bool>,
     done: bool,
+    /// The hub's state, to read its last revision for keepalives.
+    state: Arc<Mutex<State>>,
+    /// This stream's place in its listener's budget of event streams, freed when it ends.
+    _slot: Option<OwnedSemaphorePermit>,
 }
 
 impl Subscription {
@@ -375,9 +413,22 @@ impl Subscription {
         if let Some(h) = self.hello.take() {
             return Some(h);
         }
-        while let Some(b) = self.replay.pop_front() {
-            if let Some(text) = self.take(&b) {
-                return Some(text);
+        while self.replaying {
+            match self.replay_next() {
+                Replay::Next(b) => {
+                    if let Some(text) = self.take(&b) {
+                        return Some(text);
+                    }
+                }
+                Replay::Done => self.replaying = false,
+                Replay::Lost => {
+                    self.done = true;
+                    return Some(self.cut_off());
+                }
+                Replay::Reset(msg) => {
+                    self.done = true;
+                    return Some(msg);
+                }
             }
         }
         loop {
@@ -394,25 +445,64 @@ impl Subscription {
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.done = true;
-                        let msg = json!({
-                            "type": "cut-off",
-                            "revision": self.last_sent,
-                            "message": format!(
-                                "client too slow: more than {} revisions behind; reconnect with since={} to resume",
-                                self.backlog, self.last_sent
-                            ),
-                        });
-                        return Some(Bytes::from(format!("data: {msg}\n\n")));
+                        return Some(self.cut_off());
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
                 },
-                _ = self.heartbeat.tick() => return Some(Bytes::from_static(b": keepalive\n\n")),
+                _ = self.heartbeat.tick() => return Some(self.keepalive()),
                 _ = self.shutdown.changed() => {
                     self.done = true;
                     return None;
                 }
             }
         }
+    }
+
+    /// The batch after `last_sent` in the ring, found by binary search under the hub's lock.
+    fn replay_next(&self) -> Replay {
+        let st = lock(&self.state);
+        if st.resets != self.resets {
+            return match &st.reset_msg {
+                Some(m) => Replay::Reset(m.clone()),
+                None => Replay::Lost,
+            };
+        }
+        if self.last_sent < st.floor {
+            return Replay::Lost;
+        }
+        let next = st.ring.partition_point(|b| b.revision <= self.last_sent);
+        match st.ring.get(next) {
+            Some(b) => Replay::Next(b.clone()),
+            None => Replay::Done,
+        }
+    }
+
+    /// The message that ends the stream of a subscriber that fell behind.
+    fn cut_off(&self) -> Bytes {
+        let msg = json!({
+            "type": "cut-off",
+            "revision": self.last_sent,
+            "message": format!(
+                "client too slow: more than {} revisions behind; reconnect with since={} to resume",
+                self.backlog, self.last_sent
+            ),
+        });
+        Bytes::from(format!("data: {msg}\n\n"))
+    }
+
+    /// The keepalive comment, with the revision this subscriber has every event up to as its
+    /// `id:`: a filtered stream may go long without an event of its own, and an `EventSource`
+    /// keeps the last id it saw, so it resumes from there rather than from an old event.
+    fn keepalive(&mut self) -> Bytes {
+        {
+            // under the lock the hub publishes under: with nothing queued for this subscriber,
+            // it has seen every revision up to the hub's last
+            let st = lock(&self.state);
+            if self.rx.is_empty() {
+                self.last_sent = self.last_sent.max(st.last);
+            }
+        }
+        Bytes::from(format!(": keepalive\nid: {}\n\n", self.last_sent))
     }
 
     /// The text of `b` this subscriber wants, if any; marks `b` as delivered.
@@ -424,11 +514,8 @@ impl Subscription {
         if self.filter.is_empty() {
             return Some(b.all.clone());
         }
-        let mut out = Vec::new();
-        for e in b.events.iter().filter(|e| self.filter.keeps(e)) {
-            out.extend_from_slice(&e.text);
-        }
-        (!out.is_empty()).then(|| Bytes::from(out))
+        let kept: Vec<&Rendered> = b.events.iter().filter(|e| self.filter.keeps(e)).collect();
+        (!kept.is_empty()).then(|| with_id(b.revision, kept.into_iter()))
     }
 
     /// The subscription as an HTTP body.
@@ -442,29 +529,41 @@ impl Subscription {
     }
 }
 
+/// The text of `events` of revision `revision`, the `id:` line on the last one only: an
+/// `EventSource` (or fleetctl) that has the id has every event of the revision.
+fn with_id<'a>(revision: i64, events: impl ExactSizeIterator<Item = &'a Rendered>) -> Bytes {
+    let count = events.len();
+    let mut out = Vec::new();
+    for (i, e) in events.enumerate() {
+        if i + 1 == count {
+            out.extend_from_slice(format!("id: {revision}\n").as_bytes());
+        }
+        out.extend_from_slice(&e.text);
+    }
+    Bytes::from(out)
+}
+
 /// Renders one revision's changes: each change that means something to users becomes one
 /// event; the others (bodies, schedule keys, the leader key, bad records) are left out.
 pub(crate) fn render(batch: &ChangeBatch) -> Batch {
-    let mut events = Vec::new();
-    let mut all = Vec::new();
-    for change in &batch.changes {
-        let Some(ev) = describe(change) else { continue };
-        let text = format!(
-            "id: {}\ndata: {}\n\n",
-            batch.revision,
-            ev.to_json(batch.revision)
-        );
-        all.extend_from_slice(text.as_bytes());
-        events.push(Rendered {
-            unit: ev.unit,
-            machine: ev.machine,
-            text: Bytes::from(text),
-        });
-    }
+    let events: Vec<Rendered> = batch
+        .changes
+        .iter()
+        .filter_map(describe)
+        .map(|ev| {
+            let text = format!("data: {}\n\n", ev.to_json(batch.revision));
+            Rendered {
+                unit: ev.unit,
+                machine: ev.machine,
+                text: Bytes::from(text),
+            }
+        })
+        .collect();
+    let all = with_id(batch.revision, events.iter());
     Batch {
         revision: batch.revision,
         events,
-        all: Bytes::from(all),
+        all,
         reset: None,
     }
 }
@@ -472,6 +571,54 @@ pub(crate) fn render(batch: &ChangeBatch) -> Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A feed whose every watch opens and breaks at once, counting the watches.
+    struct Breaking {
+        opened: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl ChangeFeed for Breaking {
+        async fn current_revision(&self) -> fleet_registry::Result<i64> {
+            Ok(10)
+        }
+
+        async fn changes_after(
+            &self,
+            _after: i64,
+            _capacity: usize,
+        ) -> fleet_registry::Result<mpsc::Receiver<FeedItem>> {
+            self.opened.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = mpsc::channel(1);
+            let _ = tx.try_send(FeedItem::Broken("etcd went away".into()));
+            Ok(rx)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_watch_that_breaks_at_once_is_retried_with_a_delay() {
+        let feed = Arc::new(Breaking {
+            opened: AtomicUsize::new(0),
+        });
+        let (_stop, stopped) = watch::channel(false);
+        let limits = Limits {
+            history: 100,
+            history_bytes: 1 << 20,
+            backlog: 16,
+            heartbeat: Duration::from_secs(15),
+        };
+        let hub = Hub::new(feed.clone(), limits, stopped);
+        let _sub = hub
+            .subscribe(None, Filter::default(), None)
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .expect("subscribe");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // 200 ms, then 400 ms, then 800 ms between watches
+        let opened = feed.opened.load(Ordering::SeqCst);
+        assert!(opened <= 4, "{opened} watches in one second");
+    }
 
     #[test]
     fn filters_pick_units_and_machines() {

@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use fleet_unit::Glob;
-use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION};
+use http::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
 use http::{Method, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::ApiConfig;
 use crate::events::{Filter, Hub, Limits, SubscribeError};
@@ -25,10 +25,31 @@ pub const EVENTS_PATH: &str = "/fleet/v1/events";
 /// Where the dashboard lives, when enabled.
 pub const DASHBOARD_PATH: &str = "/dashboard/";
 
+/// Filter parameters longer than this are refused: no unit name or machine ID is near it.
+const MAX_FILTER_BYTES: usize = 255;
+
+/// How long a client refused for want of a stream slot is asked to wait.
+const RETRY_AFTER_SECS: u64 = 5;
+
+/// Which kind of listener a request came on: each has its own connection budget, and its own
+/// share of it for event streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ListenerKind {
+    Unix,
+    Tcp,
+}
+
 pub(crate) struct Live {
     hub: Option<Hub>,
     dashboard: bool,
     available: Option<watch::Receiver<bool>>,
+    /// Event streams hold their connection for as long as the client stays, so they may take
+    /// at most half of each listener's connection budget: the other half stays for requests
+    /// (on the unix socket, fleetctl's own), however many streams are open.
+    unix_streams: Arc<Semaphore>,
+    tcp_streams: Arc<Semaphore>,
+    unix_stream_cap: usize,
+    tcp_stream_cap: usize,
 }
 
 impl Live {
@@ -46,6 +67,10 @@ impl Live {
                 .map(|f| Hub::new(f.0.clone(), limits, shutdown)),
             dashboard: config.dashboard,
             available: config.available.clone(),
+            unix_streams: Arc::new(Semaphore::new(stream_cap(config.max_unix_connections))),
+            tcp_streams: Arc::new(Semaphore::new(stream_cap(config.max_tcp_connections))),
+            unix_stream_cap: stream_cap(config.max_unix_connections),
+            tcp_stream_cap: stream_cap(config.max_tcp_connections),
         }
     }
 
@@ -53,6 +78,7 @@ impl Live {
     pub(crate) async fn respond<B>(
         self: &Arc<Self>,
         req: &http::Request<B>,
+        kind: ListenerKind,
     ) -> Option<Response<AnyBody>> {
         let path = req.uri().path();
         let dashboard =
@@ -75,10 +101,10 @@ impl Live {
                 "fleet server unable to communicate with etcd",
             )));
         }
-        Some(self.events(req).await)
+        Some(self.events(req, kind).await)
     }
 
-    async fn events<B>(&self, req: &http::Request<B>) -> Response<AnyBody> {
+    async fn events<B>(&self, req: &http::Request<B>, kind: ListenerKind) -> Response<AnyBody> {
         let Some(hub) = &self.hub else {
             return boxed(error_reply(
                 StatusCode::NOT_FOUND,
@@ -89,7 +115,22 @@ impl Live {
             Ok(v) => v,
             Err(msg) => return boxed(error_reply(StatusCode::BAD_REQUEST, &msg)),
         };
-        match hub.subscribe(since, filter).await {
+        let (slots, cap) = match kind {
+            ListenerKind::Unix => (&self.unix_streams, self.unix_stream_cap),
+            ListenerKind::Tcp => (&self.tcp_streams, self.tcp_stream_cap),
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let mut r = boxed(error_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!(
+                    "too many event streams open on this listener (at most {cap}, half its connection limit); retry later"
+                ),
+            ));
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            return r;
+        };
+        match hub.subscribe(since, filter, Some(slot)).await {
             Ok(sub) => {
                 let mut r = Response::new(BodyExt::boxed_unsync(sub.into_body()));
                 let h = r.headers_mut();
@@ -114,8 +155,14 @@ impl Live {
     }
 }
 
-/// `since` (query, or `Last-Event-ID` as `EventSource` sends on reconnecting), `unit` and
-/// `machine` from a request.
+/// How many event streams a listener with `budget` connections may hold: half, rounded
+/// down, so that streams never take the last slots.
+fn stream_cap(budget: usize) -> usize {
+    budget.max(1) / 2
+}
+
+/// `since` (`Last-Event-ID` as `EventSource` sends on reconnecting, or else the query),
+/// `unit` and `machine` from a request.
 fn parse_request<B>(req: &http::Request<B>) -> Result<(Option<i64>, Filter), String> {
     let query = parse_query(req.uri().query().unwrap_or(""));
     let get = |k: &str| {
@@ -131,13 +178,22 @@ fn parse_request<B>(req: &http::Request<B>) -> Result<(Option<i64>, Filter), Str
             .filter(|r| *r >= 0)
             .ok_or_else(|| format!("invalid since {v:?}: expected a revision (a whole number)"))
     };
-    let since = match get("since") {
-        Some(v) => Some(revision(v)?),
-        None => match req.headers().get("last-event-id") {
-            Some(v) => Some(revision(v.to_str().unwrap_or("?"))?),
+    // the header first: an `EventSource` opened on `?since=N` keeps that URL, and its
+    // reconnections must continue from the last id it got, not from N again
+    let since = match req.headers().get("last-event-id") {
+        Some(v) => Some(revision(v.to_str().unwrap_or("?"))?),
+        None => match get("since") {
+            Some(v) => Some(revision(v)?),
             None => None,
         },
     };
+    for key in ["unit", "machine"] {
+        if get(key).is_some_and(|v| v.len() > MAX_FILTER_BYTES) {
+            return Err(format!(
+                "{key} filter too long: at most {MAX_FILTER_BYTES} bytes"
+            ));
+        }
+    }
     let unit = match get("unit").filter(|u| !u.is_empty()) {
         Some(p) => Some(Glob::new(p).ok_or_else(|| format!("invalid unit pattern {p:?}"))?),
         None => None,

@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::handlers::Api;
 use crate::listen::{Listener, Socket};
-use crate::live::{AnyBody, Live, boxed};
+use crate::live::{AnyBody, ListenerKind, Live, boxed};
 use crate::metrics::MethodLabel;
 use crate::write_timeout::WriteTimeout;
 use crate::{ApiConfig, ServeError};
@@ -112,7 +112,7 @@ where
     let api = Arc::new(Api::new(registry, config));
     let graceful = GracefulShutdown::new();
     let io = WriteTimeout::new(io, api.config.write_timeout, api.config.min_write_rate);
-    serve_connection(io, api, live, graceful.watcher(), None).await;
+    serve_connection(io, api, live, graceful.watcher(), None, ListenerKind::Tcp).await;
 }
 
 /// The connection budgets of one server, one per kind of listener.
@@ -160,18 +160,21 @@ async fn accept_loop(
             match (conn, tls) {
                 (Conn::Unix(s), _) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, live, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit, ListenerKind::Unix).await
                 }
                 (Conn::Tcp(s, _), None) => {
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
-                    serve_connection(io, api, live, watcher, permit).await
+                    serve_connection(io, api, live, watcher, permit, ListenerKind::Tcp).await
                 }
                 (Conn::Tcp(s, peer), Some(acceptor)) => {
                     // the handshake's own writes are bounded by the write timeout too
                     let io = WriteTimeout::new(s, write_timeout, min_rate);
                     let timeout = api.config.tls_handshake_timeout;
                     match tokio::time::timeout(timeout, acceptor.accept(io)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, api, live, watcher, permit).await,
+                        Ok(Ok(tls)) => {
+                            serve_connection(tls, api, live, watcher, permit, ListenerKind::Tcp)
+                                .await
+                        }
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, ?timeout, "TLS handshake timed out"),
                     }
@@ -193,6 +196,7 @@ async fn serve_connection<IO>(
     watcher: Watcher,
     // held until the connection ends; `None` for streams not accepted by `serve`
     _permit: Option<OwnedSemaphorePermit>,
+    kind: ListenerKind,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -206,7 +210,7 @@ async fn serve_connection<IO>(
             let method = MethodLabel::of(req.method());
             // a bug in a handler answers 500 for that request, never takes the server down
             let answer = async {
-                match live.respond(&req).await {
+                match live.respond(&req, kind).await {
                     Some(r) => with_server(r, &api),
                     None => boxed(api.respond(req).await),
                 }

@@ -48,6 +48,8 @@ impl Msg {
 struct Sse {
     reader: BufReader<TcpStream>,
     pending: Vec<u8>,
+    /// The `id:` of every message without data (keepalives) read so far.
+    keepalive_ids: Vec<i64>,
 }
 
 enum Opened {
@@ -57,8 +59,13 @@ enum Opened {
 
 impl Sse {
     async fn open(addr: std::net::SocketAddr, query: &str) -> Opened {
+        Sse::open_with(addr, query, "").await
+    }
+
+    /// [`Sse::open`] with extra header lines (each ending in `\r\n`).
+    async fn open_with(addr: std::net::SocketAddr, query: &str, headers: &str) -> Opened {
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        let req = format!("GET /fleet/v1/events{query} HTTP/1.1\r\nHost: test\r\n\r\n");
+        let req = format!("GET /fleet/v1/events{query} HTTP/1.1\r\nHost: test\r\n{headers}\r\n");
         s.write_all(req.as_bytes()).await.expect("write request");
         let mut reader = BufReader::new(s);
         let mut status = String::new();
@@ -70,6 +77,7 @@ impl Sse {
             .expect("status code");
         let mut length = 0usize;
         let mut chunked = false;
+        let mut retry_after = None;
         loop {
             let mut line = String::new();
             reader.read_line(&mut line).await.expect("header");
@@ -83,16 +91,24 @@ impl Sse {
             if line == "transfer-encoding: chunked" {
                 chunked = true;
             }
+            if let Some(v) = line.strip_prefix("retry-after:") {
+                retry_after = Some(v.trim().to_string());
+            }
         }
         if code != 200 {
             let mut body = vec![0; length];
             reader.read_exact(&mut body).await.expect("body");
-            return Opened::Refused(code, String::from_utf8_lossy(&body).into_owned());
+            let mut body = String::from_utf8_lossy(&body).into_owned();
+            if let Some(r) = retry_after {
+                body = format!("retry-after {r}: {body}");
+            }
+            return Opened::Refused(code, body);
         }
         assert!(chunked, "an event stream is chunked");
         Opened::Stream(Sse {
             reader,
             pending: Vec::new(),
+            keepalive_ids: Vec::new(),
         })
     }
 
@@ -120,7 +136,11 @@ impl Sse {
                 }
                 match data {
                     Some(raw) => return Some(Msg { id, raw }),
-                    None => continue, // a comment (keepalive)
+                    None => {
+                        // a comment (keepalive)
+                        self.keepalive_ids.extend(id);
+                        continue;
+                    }
                 }
             }
             let mut size = String::new();
@@ -242,6 +262,7 @@ async fn resuming_after_a_disconnect_loses_no_event() {
     let mut client = Sse {
         reader: BufReader::new(s),
         pending: Vec::new(),
+        keepalive_ids: Vec::new(),
     };
     // skip the headers
     loop {
@@ -668,4 +689,164 @@ fn a_hundred_subscribers_at_a_thousand_events_per_second_stay_bounded() {
         "server heap grew {growth:.1} MiB, bound {bound:.1} MiB"
     );
     drop(h);
+}
+
+/// Every unit in `units` placed on m1 in one revision (one etcd transaction).
+fn placements(revision: i64, units: &[&str]) -> FeedItem {
+    FeedItem::Batch(ChangeBatch {
+        revision,
+        changes: units
+            .iter()
+            .map(|u| Change {
+                key: format!("placement/{u}"),
+                value: Some(b"2c4b0d1bd4cd4a8d90d4c4e0e4b0f2a1".to_vec()),
+                prev: None,
+            })
+            .collect(),
+    })
+}
+
+/// Only the last event of a revision carries its `id:`: a client that breaks off after the
+/// first of them resumes before the revision and so gets the rest.
+#[tokio::test]
+async fn only_the_last_event_of_a_revision_has_an_id() {
+    let (h, tx) = fake_server(ApiConfig::default()).await;
+    let mut s = Sse::stream(h.addr, "").await;
+    s.next().await.expect("hello");
+    tx.send(placements(5, &["a.service", "b.service", "c.service"]))
+        .await
+        .expect("feed");
+    tx.send(placements(6, &["d.service"])).await.expect("feed");
+    let got = s.until(|m| m.id == Some(6)).await;
+    let seen: Vec<(String, Option<i64>)> = got
+        .iter()
+        .map(|m| (m.data()["unit"].as_str().unwrap_or("").to_string(), m.id))
+        .collect();
+    let expected = [
+        ("a.service", None),
+        ("b.service", None),
+        ("c.service", Some(5)),
+        ("d.service", Some(6)),
+    ]
+    .map(|(u, id)| (u.to_string(), id));
+    assert_eq!(seen, expected);
+    // a filtered stream gets the id on the last event it keeps
+    let mut f = Sse::stream(h.addr, "?since=4&unit=b.service").await;
+    f.next().await.expect("hello");
+    let m = f.next().await.expect("b's placement");
+    assert_eq!(
+        (m.data()["unit"].clone(), m.id),
+        ("b.service".into(), Some(5))
+    );
+}
+
+/// `Last-Event-ID` (what an `EventSource` sends when it reconnects) wins over the `since`
+/// of the URL it was opened with.
+#[tokio::test]
+async fn last_event_id_wins_over_since() {
+    let (h, tx) = fake_server(ApiConfig::default()).await;
+    let mut s = Sse::stream(h.addr, "").await;
+    s.next().await.expect("hello");
+    for rev in 1..=6 {
+        tx.send(batch(rev, 0)).await.expect("feed");
+    }
+    s.until(|m| m.id == Some(6)).await;
+    let mut again = match Sse::open_with(h.addr, "?since=2", "Last-Event-ID: 4\r\n").await {
+        Opened::Stream(s) => s,
+        Opened::Refused(code, body) => panic!("{code} {body}"),
+    };
+    let ids: Vec<Option<i64>> = again
+        .until(|m| m.id == Some(6))
+        .await
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids, [Some(4), Some(5), Some(6)]);
+}
+
+/// Event streams take at most half of a listener's connection budget; one more is refused
+/// with 503 and Retry-After, while plain requests still get through.
+#[tokio::test]
+async fn event_streams_take_at_most_half_the_connections() {
+    let (h, _tx) = fake_server(ApiConfig {
+        max_tcp_connections: 4,
+        // a stream notices its client left when it next writes
+        event_heartbeat: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut a = Sse::stream(h.addr, "").await;
+    a.next().await.expect("hello");
+    let mut b = Sse::stream(h.addr, "").await;
+    b.next().await.expect("hello");
+    match Sse::open(h.addr, "").await {
+        Opened::Stream(_) => panic!("a third stream was accepted"),
+        Opened::Refused(code, body) => {
+            assert_eq!(code, 503);
+            let (retry, body) = body.split_once(": ").expect("retry-after");
+            assert_eq!(retry, "retry-after 5");
+            let v: Value = serde_json::from_str(body).expect("json error");
+            assert_eq!(
+                v["error"]["message"],
+                "too many event streams open on this listener (at most 2, half its connection limit); retry later"
+            );
+        }
+    }
+    assert_eq!(h.get("/fleet/v1/machines").await.status, 200);
+    // a stream that ends gives its place back
+    drop(a);
+    let reopened = common::eventually(Duration::from_secs(10), || async {
+        matches!(Sse::open(h.addr, "").await, Opened::Stream(_))
+    })
+    .await;
+    assert!(reopened, "the freed stream slot was not given back");
+    drop(b);
+}
+
+/// A filtered stream's keepalive carries the revision it has seen everything up to, so that
+/// a client that saw none of the recent events still resumes from a recent revision.
+#[tokio::test]
+async fn keepalives_carry_the_current_revision() {
+    let (h, tx) = fake_server(ApiConfig {
+        event_heartbeat: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let mut s = Sse::stream(h.addr, "?unit=nothing.service").await;
+    s.next().await.expect("hello");
+    for rev in 1..=7 {
+        tx.send(batch(rev, 0)).await.expect("feed");
+    }
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        while !s.keepalive_ids.contains(&7) {
+            let _ = tokio::time::timeout(Duration::from_millis(200), s.next()).await;
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "keepalive ids: {:?}", s.keepalive_ids);
+}
+
+/// Filter parameters are bounded.
+#[tokio::test]
+async fn overlong_filters_are_refused() {
+    let (h, _tx) = fake_server(ApiConfig::default()).await;
+    let long = "a".repeat(256);
+    for (key, value, ok) in [
+        ("unit", "a".repeat(255), true),
+        ("unit", long.clone(), false),
+        ("machine", long.clone(), false),
+    ] {
+        match Sse::open(h.addr, &format!("?{key}={value}")).await {
+            Opened::Stream(_) => assert!(ok, "{key} of {} bytes accepted", value.len()),
+            Opened::Refused(code, body) => {
+                assert!(!ok, "{key}: {code} {body}");
+                assert_eq!(code, 400);
+                let v: Value = serde_json::from_str(&body).expect("json error");
+                assert_eq!(
+                    v["error"]["message"],
+                    format!("{key} filter too long: at most 255 bytes")
+                );
+            }
+        }
+    }
 }

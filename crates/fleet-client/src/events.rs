@@ -2,7 +2,7 @@
 //! connection of its own, kept open, its Server-Sent Events parsed into the JSON events.
 
 use bytes::Bytes;
-use fleet_registry::{EventItem, EventQuery};
+use fleet_registry::{EventItem, EventMessage, EventQuery, StreamEnd};
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use tokio::sync::mpsc;
@@ -99,7 +99,8 @@ impl HttpRegistry {
                     }
                 }
                 if pending.len() > MAX_MESSAGE_BYTES {
-                    let _ = tx.send(Err("event stream: message too large".into())).await;
+                    let end = StreamEnd::Broken("event stream: message too large".into());
+                    let _ = tx.send(Err(end)).await;
                     return;
                 }
                 let frame = tokio::select! {
@@ -113,11 +114,14 @@ impl HttpRegistry {
                         }
                     }
                     Some(Err(e)) => {
-                        let _ = tx.send(Err(format!("event stream: {e}"))).await;
+                        let _ = tx
+                            .send(Err(StreamEnd::Broken(format!("event stream: {e}"))))
+                            .await;
                         return;
                     }
                     None => {
-                        let _ = tx.send(Err("event stream closed by fleetd".into())).await;
+                        let end = StreamEnd::Broken("event stream closed by fleetd".into());
+                        let _ = tx.send(Err(end)).await;
                         return;
                     }
                 }
@@ -127,21 +131,37 @@ impl HttpRegistry {
     }
 }
 
-/// One SSE message: its `data:` lines as JSON; comments and messages without data are none.
+/// One SSE message: its `id:` (the resume point) and its `data:` lines as JSON; comments
+/// alone are none. An `id:` without data (a filtered stream's keepalive) only moves the
+/// resume point.
 fn parse_message(message: &[u8]) -> Option<EventItem> {
     let text = String::from_utf8_lossy(message);
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    if data.is_empty() {
+    let field = |name: &str| {
+        let name = name.to_string();
+        text.lines()
+            .filter_map(move |l| l.strip_prefix(name.as_str()))
+            .map(|d| d.strip_prefix(' ').unwrap_or(d))
+    };
+    let data: Vec<&str> = field("data:").collect();
+    let id = field("id:")
+        .next_back()
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    if data.is_empty() && id.is_none() {
         return None;
     }
-    Some(
-        serde_json::from_str(&data.join("\n"))
-            .map_err(|e| format!("event stream: unreadable event: {e}")),
-    )
+    let event = if data.is_empty() {
+        None
+    } else {
+        match serde_json::from_str(&data.join("\n")) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                return Some(Err(StreamEnd::Broken(format!(
+                    "event stream: unreadable event: {e}"
+                ))));
+            }
+        }
+    };
+    Some(Ok(EventMessage { event, id }))
 }
 
 #[cfg(test)]
@@ -153,9 +173,23 @@ mod tests {
         let ev = parse_message(b"id: 5\ndata: {\"type\":\"hello\",\"revision\":5}\n\n");
         assert_eq!(
             ev,
-            Some(Ok(serde_json::json!({"type": "hello", "revision": 5})))
+            Some(Ok(EventMessage {
+                event: Some(serde_json::json!({"type": "hello", "revision": 5})),
+                id: Some(5),
+            }))
         );
+        // not the last event of its revision: no resume point
+        let ev = parse_message(b"data: {\"type\":\"unit-placed\",\"revision\":6}\n\n");
+        assert_eq!(ev.and_then(Result::ok).map(|m| m.id), Some(None));
         assert_eq!(parse_message(b": keepalive\n\n"), None);
+        // a filtered stream's keepalive carries the revision it has seen up to
+        assert_eq!(
+            parse_message(b": keepalive\nid: 9\n\n"),
+            Some(Ok(EventMessage {
+                event: None,
+                id: Some(9)
+            }))
+        );
         assert!(matches!(parse_message(b"data: {oops\n\n"), Some(Err(_))));
     }
 }

@@ -143,9 +143,37 @@ pub struct EventQuery {
     pub machine: Option<String>,
 }
 
-/// One message of an event stream: an event as the API sends it (`type` says which, with
-/// `hello` first and `cut-off` when the follower fell behind), or why the stream ended.
-pub type EventItem = std::result::Result<Value, String>;
+/// One message of an event stream: an event, a resume point, or both.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventMessage {
+    /// The event as the API sends it (`type` says which, with `hello` first and `cut-off`
+    /// when the follower fell behind); `None` for a message that only moves the resume point
+    /// (the keepalive of a filtered stream).
+    pub event: Option<Value>,
+    /// The SSE `id:`, on the last event of each revision only: a follower that has it has
+    /// every event up to that revision, and resumes from the last one it got.
+    pub id: Option<i64>,
+}
+
+/// Why an event stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// The connection or the watch broke: reopen from the last resume point.
+    Broken(String),
+    /// The history to resume from is gone (etcd compacted it): reopening cannot help.
+    Gone(String),
+}
+
+impl std::fmt::Display for StreamEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamEnd::Broken(m) | StreamEnd::Gone(m) => f.write_str(m),
+        }
+    }
+}
+
+/// One item of a followed event stream, or why it ended.
+pub type EventItem = std::result::Result<EventMessage, StreamEnd>;
 
 impl Described {
     /// Whether a follower with this unit glob and machine ID prefix wants the event.
@@ -181,11 +209,11 @@ impl EtcdRegistry {
         let mut feed = self.changes_after(from, 256).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            if tx
-                .send(Ok(json!({"type": "hello", "revision": from})))
-                .await
-                .is_err()
-            {
+            let hello = EventMessage {
+                event: Some(json!({"type": "hello", "revision": from})),
+                id: Some(from),
+            };
+            if tx.send(Ok(hello)).await.is_err() {
                 return;
             }
             let end = loop {
@@ -195,23 +223,35 @@ impl EtcdRegistry {
                 };
                 match item {
                     Some(FeedItem::Batch(b)) => {
-                        for c in &b.changes {
-                            let Some(ev) = describe(c) else { continue };
-                            if !ev.wanted(glob.as_ref(), machine.as_deref()) {
-                                continue;
-                            }
-                            if tx.send(Ok(ev.to_json(b.revision))).await.is_err() {
+                        let wanted: Vec<Value> = b
+                            .changes
+                            .iter()
+                            .filter_map(describe)
+                            .filter(|ev| ev.wanted(glob.as_ref(), machine.as_deref()))
+                            .map(|ev| ev.to_json(b.revision))
+                            .collect();
+                        let count = wanted.len();
+                        for (i, ev) in wanted.into_iter().enumerate() {
+                            // the resume point moves once the whole revision is delivered
+                            let id = (i + 1 == count).then_some(b.revision);
+                            let msg = EventMessage {
+                                event: Some(ev),
+                                id,
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
                                 return;
                             }
                         }
                     }
                     Some(FeedItem::Compacted { compact_revision }) => {
-                        break format!(
+                        break StreamEnd::Gone(format!(
                             "revision {from} is too old to resume from (etcd keeps revisions after {compact_revision} only); list again and follow without --since"
-                        );
+                        ));
                     }
-                    Some(FeedItem::Broken(reason)) => break format!("watching etcd: {reason}"),
-                    None => break "watching etcd: the watch ended".to_string(),
+                    Some(FeedItem::Broken(reason)) => {
+                        break StreamEnd::Broken(format!("watching etcd: {reason}"));
+                    }
+                    None => break StreamEnd::Broken("watching etcd: the watch ended".to_string()),
                 }
             };
             let _ = tx.send(Err(end)).await;

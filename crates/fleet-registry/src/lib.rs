@@ -28,7 +28,9 @@ mod model;
 mod roles;
 mod watch;
 
-pub use changes::{Change, ChangeBatch, ChangeFeed, EventItem, EventQuery, FeedItem};
+pub use changes::{
+    Change, ChangeBatch, ChangeFeed, EventItem, EventMessage, EventQuery, FeedItem, StreamEnd,
+};
 pub use decode::{agent_ranges, engine_ranges, engine_snapshot};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
 pub use error::{RegistryError, Result};

@@ -6,8 +6,9 @@
 const API = "/fleet/v1";
 const units = new Map();     // name -> {name, desired, current, machine, reason, hash, global}
 const states = new Map();    // name -> Map(machine -> {load, active, sub, current})
-const machines = new Map();  // id -> {id, ip, metadata}
+const machines = new Map();  // id -> {id, ip, metadata, apiMetadata}
 const history = new Map();   // unit name -> [{revision, time, text}], since the page opened
+const HISTORY_MAX = 200;     // entries kept per unit: a page left open must not grow forever
 const files = new Map();     // unit name -> unit file text
 let source = null;
 let ready = false;           // the lists are in: events apply at once
@@ -90,7 +91,9 @@ async function load() {
         current: null,
       });
     }
-    for (const m of ms) machines.set(m.id, { id: m.id, ip: m.primaryIP, metadata: m.metadata || {} });
+    for (const m of ms) {
+      machines.set(m.id, { id: m.id, ip: m.primaryIP, metadata: m.metadata || {}, apiMetadata: {} });
+    }
     ready = true;
     const queued = pending;
     pending = [];
@@ -157,7 +160,9 @@ function apply(ev) {
   }
   if (ev.unit) {
     if (!history.has(ev.unit)) history.set(ev.unit, []);
-    history.get(ev.unit).push({ revision: ev.revision, time: new Date(), text: describe(ev) });
+    const h = history.get(ev.unit);
+    h.push({ revision: ev.revision, time: new Date(), text: describe(ev) });
+    if (h.length > HISTORY_MAX) h.splice(0, h.length - HISTORY_MAX);
   }
   switch (ev.type) {
     case "unit-created": {
@@ -174,6 +179,7 @@ function apply(ev) {
     }
     case "unit-destroyed":
       units.delete(ev.unit); states.delete(ev.unit); files.delete(ev.unit);
+      history.delete(ev.unit);
       break;
     case "unit-placed": {
       const u = unitOf(ev.unit);
@@ -203,9 +209,11 @@ function apply(ev) {
     }
     case "machine-joined":
     case "machine-changed": {
-      const m = machines.get(ev.machine) || { id: ev.machine, metadata: {} };
+      const m = machines.get(ev.machine) || { id: ev.machine, metadata: {}, apiMetadata: {} };
       m.ip = ev.primaryIP;
-      m.metadata = Object.assign({}, m.metadata, ev.metadata || {});
+      // the event carries the whole configured metadata: keys it lacks were removed; what was
+      // set through the API since the page opened stays on top
+      m.metadata = Object.assign({}, ev.metadata || {}, m.apiMetadata || {});
       machines.set(ev.machine, m);
       break;
     }
@@ -215,7 +223,12 @@ function apply(ev) {
     case "machine-metadata": {
       const m = machines.get(ev.machine);
       if (m) {
-        if (ev.value === null) delete m.metadata[ev.key]; else m.metadata[ev.key] = ev.value;
+        m.apiMetadata = m.apiMetadata || {};
+        if (ev.value === null) {
+          delete m.metadata[ev.key]; delete m.apiMetadata[ev.key];
+        } else {
+          m.metadata[ev.key] = ev.value; m.apiMetadata[ev.key] = ev.value;
+        }
       }
       break;
     }
@@ -332,7 +345,12 @@ function machineLabel(id) {
 
 function pageUnit() {
   const h = location.hash;
-  return h.startsWith("#unit/") ? decodeURIComponent(h.slice(6)) : null;
+  if (!h.startsWith("#unit/")) return null;
+  try {
+    return decodeURIComponent(h.slice(6));
+  } catch (_) {
+    return null; // a malformed escape in a hand-typed address: the main page
+  }
 }
 
 async function fetchFile(name) {
