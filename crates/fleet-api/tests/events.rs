@@ -795,7 +795,7 @@ async fn event_streams_take_at_most_half_the_connections() {
     assert_eq!(h.get("/fleet/v1/machines").await.status, 200);
     // a stream that ends gives its place back
     drop(a);
-    let reopened = common::eventually(Duration::from_secs(10), || async {
+    let reopened = fleet_testutil::eventually(Duration::from_secs(10), || async {
         matches!(Sse::open(h.addr, "").await, Opened::Stream(_))
     })
     .await;
