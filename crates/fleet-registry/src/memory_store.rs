@@ -568,7 +568,7 @@ impl MemoryStore {
                 .as_ref()
                 .and_then(|m| states.get(&(name.clone(), m.clone())));
             out.push(UnitView {
-                current: current_state(machine.as_deref(), state),
+                current: current_state(machine.as_deref(), state, &u.hash),
                 name: u.name,
                 file,
                 hash: u.hash,

@@ -57,7 +57,7 @@ impl EtcdRegistry {
                 .as_ref()
                 .and_then(|m| states.get(&(name.clone(), m.clone())));
             out.push(UnitView {
-                current: current_state(machine.as_deref(), state),
+                current: current_state(machine.as_deref(), state, &u.hash),
                 name: u.name,
                 file,
                 hash: u.hash,
