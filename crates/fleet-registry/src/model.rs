@@ -173,7 +173,10 @@ mod tests {
             current_state(Some("m2"), Some(&launched), &new),
             TargetState::Inactive
         );
-        assert_eq!(current_state(None, Some(&launched), &new), TargetState::Inactive);
+        assert_eq!(
+            current_state(None, Some(&launched), &new),
+            TargetState::Inactive
+        );
         let mut garbled = launched.clone();
         garbled.hash = "nonsense".into();
         assert_eq!(
