@@ -11,8 +11,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_registry::{Registry, StateRecord, UnitView};
-use fleet_unit::{TargetState, UnitName};
+use fleet_registry::{Registry, StateRecord, UnitView, reports_hash};
+use fleet_unit::{TargetState, UnitHash, UnitName};
 use tokio::time::Instant;
 
 use crate::context::Ctx;
@@ -278,16 +278,17 @@ pub async fn wait_for_active(ctx: &Ctx, names: &[UnitName], attempts: i64) -> Re
     }
 }
 
-/// What systemd reports for each of `names` on the machine the unit is placed on (units not
-/// placed, or with no report yet, are left out).
+/// What systemd reports for each of `names` on the machine the unit is placed on, about the
+/// unit's present body (units not placed, or with no report yet about that body — the old
+/// version of a replaced unit still running — are left out).
 async fn systemd_states(
     reg: &Arc<dyn Registry>,
     names: &[&UnitName],
 ) -> Result<HashMap<UnitName, StateRecord>, String> {
-    let placed: HashMap<UnitName, String> = views(reg, names)
+    let placed: HashMap<UnitName, (String, UnitHash)> = views(reg, names)
         .await?
         .into_values()
-        .filter_map(|u| u.machine_id.map(|m| (u.name, m)))
+        .filter_map(|u| u.machine_id.map(|m| (u.name, (m, u.hash))))
         .collect();
     if placed.is_empty() {
         return Ok(HashMap::new());
@@ -297,7 +298,8 @@ async fn systemd_states(
         .into_iter()
         .filter_map(|s| {
             let name = UnitName::parse(&s.name).ok()?;
-            (placed.get(&name) == Some(&s.machine_id)).then_some((name, s))
+            let (machine, hash) = placed.get(&name)?;
+            (*machine == s.machine_id && reports_hash(&s, hash)).then_some((name, s))
         })
         .collect())
 }

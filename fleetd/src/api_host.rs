@@ -151,6 +151,15 @@ pub async fn available_once_registered(
     }
 }
 
+/// Makes the API unavailable (503) for good: ends `registered` first (and waits for it, as an
+/// abort takes effect only at its next pause: a task in the middle of making the API
+/// available would otherwise do so after this).
+pub async fn unavailable(available: &watch::Sender<bool>, registered: JoinHandle<()>) {
+    registered.abort();
+    let _ = registered.await;
+    available.send_replace(false);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +198,29 @@ mod tests {
     /// started with, never answered 503 while it was not registered, and a SIGHUP did not
     /// reach the API. Now: 503 until registered and while components restart; a rebuild
     /// takes the new registry and `token_limit` on the same socket.
+    /// A registration check in the middle of making the API available when the components
+    /// stop: the API ends unavailable all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_wins_over_a_registration_in_flight() {
+        let available = Arc::new(watch::Sender::new(false));
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let registered = tokio::spawn({
+            let (available, started) = (available.clone(), started.clone());
+            async move {
+                started.store(true, std::sync::atomic::Ordering::SeqCst);
+                // busy between two pauses, where an abort does not reach it
+                std::thread::sleep(Duration::from_millis(200));
+                available.send_replace(true);
+            }
+        });
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        unavailable(&available, registered).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!*available.borrow(), "the API came back after the stop");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn rebuilt_on_the_same_listener_and_503_until_registered() {
         let listener = fleet_api::bind_tcp("127.0.0.1:0").await.expect("bind");

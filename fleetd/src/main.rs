@@ -422,8 +422,7 @@ impl Running for Components {
 
     async fn stop(self, purge: bool) -> Result<()> {
         // as fleet: the API says 503 while its components are down or restarting
-        self.available.send_replace(false);
-        self.registered.abort();
+        api_host::unavailable(&self.available, self.registered).await;
         if let Some(r) = &self.refresher {
             r.abort();
         }
@@ -474,7 +473,7 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
         *current = Some(registry.clone());
     }
     let public_ip = if cfg.public_ip.is_empty() {
-        public_ip::detect(&cfg.etcd_servers)
+        public_ip::detect_off_runtime(Arc::new(cfg.etcd_servers.clone()), public_ip::detect).await
     } else {
         cfg.public_ip.clone()
     };

@@ -3,6 +3,7 @@
 //! with the address used to reach etcd as a fallback where fleet published nothing.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -64,8 +65,8 @@ fn source_for(dest: SocketAddr) -> Option<IpAddr> {
     Some(sock.local_addr().ok()?.ip())
 }
 
-/// The address of the first etcd endpoint's route, if its host is an address or resolves
-/// without a lookup on the network (`localhost`).
+/// The address of the first etcd endpoint's route. A host name is resolved first (through
+/// the system's resolver, which may ask DNS and blocks): call it off the async runtime.
 fn etcd_route(etcd: &[String]) -> Option<IpAddr> {
     let first = etcd.first()?;
     let hostport = first.split("://").nth(1)?.trim_end_matches('/');
@@ -75,14 +76,24 @@ fn etcd_route(etcd: &[String]) -> Option<IpAddr> {
     source_for(dest)
 }
 
-/// The address fleetd publishes when `public_ip` is not set.
+/// The address fleetd publishes when `public_ip` is not set. Blocking (see [`etcd_route`]).
 pub fn detect(etcd: &[String]) -> String {
     choose("", source_for(BEYOND), etcd_route(etcd))
 }
 
-/// Looks at the detected address every `interval` and asks for a restart of agent and engine
-/// (units keep running) when it is no longer `published`, so the new one gets published, as
-/// fleet's periodic refresh did. Runs until aborted.
+/// Runs `detect` on the blocking pool, so that a slow name lookup does not hold up the
+/// async runtime (the API, the agent's lease); empty when it could not run.
+pub async fn detect_off_runtime(etcd: Arc<Vec<String>>, detect: fn(&[String]) -> String) -> String {
+    tokio::task::spawn_blocking(move || detect(&etcd))
+        .await
+        .unwrap_or_default()
+}
+
+/// Looks at the detected address every `interval` and asks for a restart of agent, engine
+/// and API (units keep running) when it is no longer `published`, so the new one gets
+/// published, as fleet's periodic refresh did. Only an address seen on two checks in a row
+/// counts, and never an empty one (no route for a moment): a blip restarts nothing. Runs
+/// until aborted.
 pub async fn refresh(
     etcd: Vec<String>,
     published: String,
@@ -90,19 +101,22 @@ pub async fn refresh(
     detect: fn(&[String]) -> String,
     control: mpsc::Sender<Control>,
 ) {
-    let etcd = std::sync::Arc::new(etcd);
+    let etcd = Arc::new(etcd);
+    let mut seen: Option<String> = None;
     loop {
         tokio::time::sleep(interval).await;
-        // an etcd host name may need a (blocking) lookup
-        let servers = etcd.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || detect(&servers)).await else {
+        let now = detect_off_runtime(etcd.clone(), detect).await;
+        if now.is_empty() || now == published {
+            seen = None;
             continue;
-        };
-        if now != published {
-            info!(old = %published, new = %now, "this machine's address changed");
-            let _ = control.send(Control::Refresh).await;
-            return;
         }
+        if seen.as_deref() != Some(now.as_str()) {
+            seen = Some(now);
+            continue;
+        }
+        info!(old = %published, new = %now, "this machine's address changed");
+        let _ = control.send(Control::Refresh).await;
+        return;
     }
 }
 
@@ -176,7 +190,53 @@ mod tests {
         ));
         let start = tokio::time::Instant::now();
         assert_eq!(rx.recv().await, Some(Control::Refresh));
-        assert_eq!(start.elapsed(), REFRESH_INTERVAL * 3);
+        // seen changed at the third check, confirmed at the fourth
+        assert_eq!(start.elapsed(), REFRESH_INTERVAL * 4);
         task.await.expect("refresher ends after asking");
+    }
+
+    /// A check that finds no address, or a new one only once, restarts nothing.
+    #[tokio::test(start_paused = true)]
+    async fn an_empty_or_passing_address_is_ignored() {
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        fn blips(_: &[String]) -> String {
+            let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match n % 4 {
+                0 => "",
+                1 => "10.0.0.9",
+                2 => "10.0.0.5",
+                _ => "",
+            }
+            .to_string()
+        }
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(refresh(
+            vec![],
+            "10.0.0.5".into(),
+            REFRESH_INTERVAL,
+            blips,
+            tx,
+        ));
+        tokio::time::sleep(REFRESH_INTERVAL * 40).await;
+        assert!(rx.try_recv().is_err(), "a blip asked for a restart");
+        assert!(CALLS.load(std::sync::atomic::Ordering::SeqCst) >= 39);
+        task.abort();
+    }
+
+    /// The detection (maybe a DNS lookup of an etcd host name) runs off the runtime: other
+    /// tasks of a single-threaded runtime go on meanwhile.
+    #[tokio::test(flavor = "current_thread")]
+    async fn detection_does_not_block_the_runtime() {
+        static TICKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        fn slow(_: &[String]) -> String {
+            std::thread::sleep(Duration::from_millis(300));
+            TICKED.load(std::sync::atomic::Ordering::SeqCst).to_string()
+        }
+        let ticker = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            TICKED.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        assert_eq!(detect_off_runtime(Arc::new(vec![]), slow).await, "true");
+        ticker.await.expect("ticker");
     }
 }

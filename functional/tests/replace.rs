@@ -22,6 +22,20 @@ fn running_on(c: &Cluster, unit: &str) -> usize {
     }))
 }
 
+/// Asserts that systemd in `node` runs `unit` with an ExecStart containing `exec` now (after
+/// `start --replace` returned: it waits for the new version, not the old one).
+fn runs_now(c: &Cluster, node: usize, unit: &str, exec: &str) {
+    let show = must(c.exec(
+        node,
+        &["systemctl", "show", "-p", "ExecStart,ActiveState", unit],
+    ));
+    assert!(
+        show.stdout.contains(exec) && show.stdout.contains("ActiveState=active"),
+        "node{node} does not run {exec} yet: {}",
+        show.stdout
+    );
+}
+
 /// Waits until systemd in `node` runs `unit` with an ExecStart containing `exec`.
 fn wait_exec(c: &Cluster, node: usize, unit: &str, exec: &str) {
     must(wait_for(
@@ -59,7 +73,7 @@ fn start_replace_keeps_the_machine_unless_the_new_options_forbid_it() {
     let v2 = must(c.put_unit(1, "v2/r.service", "[Service]\nExecStart=/bin/sleep 1002\n"));
     let out = must(c.fleetctl_ok(1, &["start", "--replace", &v2]));
     assert!(out.stdout.starts_with("Unit r.service launched\n"), "{out}");
-    wait_exec(&c, first, "r.service", "/bin/sleep 1002");
+    runs_now(&c, first, "r.service", "/bin/sleep 1002");
     assert_eq!(running_on(&c, "r.service"), first, "the unit stayed");
     let other = 3 - first;
     let elsewhere = must(c.systemd_unit(other, "r.service"));
@@ -78,7 +92,7 @@ fn start_replace_keeps_the_machine_unless_the_new_options_forbid_it() {
         ),
     ));
     must(c.fleetctl_ok(1, &["start", "--replace", &v3]));
-    wait_exec(&c, other, "r.service", "/bin/sleep 1003");
+    runs_now(&c, other, "r.service", "/bin/sleep 1003");
     assert_eq!(running_on(&c, "r.service"), other, "the unit moved");
     must(wait_for(
         "r.service gone from its first machine",

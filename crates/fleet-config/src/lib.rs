@@ -435,7 +435,10 @@ pub fn parse_fleet_conf(name: &str, text: &str) -> Result<Vec<Entry>, ConfigErro
     };
     let mut out: Vec<Entry> = Vec::new();
     let mut global = true;
-    let mut lines = text.split('\n').enumerate();
+    // a final newline ends the last line; it does not begin another (empty) one, which a
+    // backslash on the last line could otherwise continue onto
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    let mut lines = body.split('\n').enumerate();
     while let Some((i, raw)) = lines.next() {
         let lineno = i + 1;
         let mut line = raw.trim().to_string();
@@ -914,6 +917,9 @@ mod tests {
             ("[section\n", 1, "expected key=value"),
             ("\"quoted\"\n", 1, "expected key=value"),
             ("verbosity=1\npublic_ip=1.2.3.4\\", 2, "nothing follows"),
+            // the same with the file's final newline (fleet's reader saw no further line)
+            ("verbosity=1\npublic_ip=1.2.3.4\\\n", 2, "nothing follows"),
+            ("public_ip=1.2.3.4 \\\r\n", 1, "nothing follows"),
             ("\n\\\n\n", 2, "onto an empty one"),
         ] {
             let err = parse_fleet_conf("/etc/fleet/fleet.conf", text).expect_err(text);

@@ -119,7 +119,7 @@ impl UnitContext {
             .as_ref()
             .and_then(|m| self.states.get(&(name.clone(), m.clone())));
         UnitView {
-            current: current_state(machine.as_deref(), state),
+            current: current_state(machine.as_deref(), state, &u.hash),
             name: u.name,
             file,
             hash: u.hash,

@@ -42,7 +42,7 @@ pub use memory::MemoryRegistry;
 pub use memory_store::MemoryStore;
 pub use model::{
     GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
-    current_state,
+    current_state, reports_hash,
 };
 pub use roles::{AgentStore, EngineOp, EngineSnapshot, EngineStore, Leadership};
 pub use watch::{KeyRange, ListWatch, WatchEvent};

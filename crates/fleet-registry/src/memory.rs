@@ -82,7 +82,7 @@ impl MemoryRegistry {
             .as_ref()
             .and_then(|m| inner.states.get(&(key.to_string(), m.clone())));
         Some(UnitView {
-            current: current_state(machine.as_deref(), state),
+            current: current_state(machine.as_deref(), state, &file.hash()),
             name: name.clone(),
             hash: file.hash(),
             file: file.clone(),

@@ -106,13 +106,23 @@ pub struct MachineView {
     pub version: String,
 }
 
-/// fleet's current state of a unit: `inactive` unless placed and reported by its machine,
-/// then whatever that machine's agent says it did.
-pub fn current_state(machine: Option<&str>, state: Option<&StateRecord>) -> TargetState {
+/// fleet's current state of a unit: `inactive` unless placed and reported by its machine
+/// for the unit's present body (`hash`), then whatever that machine's agent says it did. A
+/// report about another body (the old version of a replaced unit) says nothing about this one.
+pub fn current_state(
+    machine: Option<&str>,
+    state: Option<&StateRecord>,
+    hash: &UnitHash,
+) -> TargetState {
     match (machine, state) {
-        (Some(m), Some(s)) if s.machine_id == m => s.agent_state,
+        (Some(m), Some(s)) if s.machine_id == m && reports_hash(s, hash) => s.agent_state,
         _ => TargetState::Inactive,
     }
+}
+
+/// Whether `state` is a report about the body `hash`.
+pub fn reports_hash(state: &StateRecord, hash: &UnitHash) -> bool {
+    state.hash.parse::<UnitHash>().is_ok_and(|h| h == *hash)
 }
 
 /// Decodes a JSON record, naming the key when it is malformed.
@@ -126,4 +136,54 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &str, value: &[u8]) -> c
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Serializing these plain structs cannot fail (string keys, no custom serializers).
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(machine: &str, hash: &UnitHash, agent: TargetState) -> StateRecord {
+        StateRecord {
+            version: 1,
+            name: "a.service".into(),
+            machine_id: machine.into(),
+            hash: hash.to_string(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: agent,
+        }
+    }
+
+    #[test]
+    fn current_state_needs_the_units_body_and_machine() {
+        let (old, new) = (UnitHash::of(b"old"), UnitHash::of(b"new"));
+        let launched = state("m1", &new, TargetState::Launched);
+        assert_eq!(
+            current_state(Some("m1"), Some(&launched), &new),
+            TargetState::Launched
+        );
+        // the old version's report (a replaced unit not yet reloaded) is not the unit's state
+        let stale = state("m1", &old, TargetState::Launched);
+        assert_eq!(
+            current_state(Some("m1"), Some(&stale), &new),
+            TargetState::Inactive
+        );
+        assert_eq!(
+            current_state(Some("m2"), Some(&launched), &new),
+            TargetState::Inactive
+        );
+        assert_eq!(
+            current_state(None, Some(&launched), &new),
+            TargetState::Inactive
+        );
+        let mut garbled = launched.clone();
+        garbled.hash = "nonsense".into();
+        assert_eq!(
+            current_state(Some("m1"), Some(&garbled), &new),
+            TargetState::Inactive
+        );
+        assert!(reports_hash(&launched, &new));
+        assert!(!reports_hash(&stale, &new));
+    }
 }

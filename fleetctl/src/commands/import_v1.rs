@@ -310,10 +310,25 @@ pub fn read_v1(root: &V2Node, prefix: &str) -> V1Registry {
             if let (Some(id), Some("metadata"), Some(mkey)) =
                 (parts.next(), parts.next(), parts.next())
             {
-                if mkey.contains('/') || mkey.is_empty() {
+                if !valid_machine_id(id) {
                     v1.skipped.push(Skip {
                         key: key.clone(),
-                        reason: "not a metadata key".into(),
+                        reason: "not a machine ID".into(),
+                    });
+                } else if !valid_metadata_key(mkey) {
+                    v1.skipped.push(Skip {
+                        key: key.clone(),
+                        reason: format!(
+                            "not a metadata key (1 to {MAX_METADATA_KEY} letters, digits, '_', '.' or '-')"
+                        ),
+                    });
+                } else if value.len() > MAX_METADATA_VALUE {
+                    v1.skipped.push(Skip {
+                        key: key.clone(),
+                        reason: format!(
+                            "a value of {} bytes (at most {MAX_METADATA_VALUE})",
+                            value.len()
+                        ),
                     });
                 } else if value.is_empty() {
                     v1.skipped.push(Skip {
@@ -409,6 +424,20 @@ fn read_job(
     })
 }
 
+/// Longest metadata key imported.
+const MAX_METADATA_KEY: usize = 255;
+/// Longest metadata value imported, in bytes.
+const MAX_METADATA_VALUE: usize = 4096;
+
+/// A metadata key as the API accepts one (letters, digits, `_`, `.`, `-`), and not too long.
+fn valid_metadata_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_METADATA_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
 fn valid_machine_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 255
@@ -474,6 +503,7 @@ pub async fn import(
     let keys = etcd.keys().clone();
     let mut kv = etcd.client().kv_client();
     let mut report = Report::default();
+    report.err.extend(engine_warning(&mut kv, &keys).await?);
     for s in &v1.skipped {
         report.skipped += 1;
         report.err.push(format!("skipped {}: {}", s.key, s.reason));
@@ -589,6 +619,42 @@ pub async fn import(
         }
     }
     Ok(report)
+}
+
+/// A warning (no error) when this project's fleetd already runs against the registry: a
+/// machine registered or an engine leader elected. Its engine may then place imported units
+/// before their machines' fleetd registered, so move them (the migration's order — import
+/// first, then start fleetd — avoids it).
+async fn engine_warning(
+    kv: &mut etcd_client::KvClient,
+    keys: &keys::Keys,
+) -> Result<Option<String>, etcd_client::Error> {
+    let count = |r: etcd_client::GetResponse| r.count();
+    let machines = count(
+        kv.get(
+            keys.dir(keys::MACHINES),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?,
+    );
+    let leader = count(
+        kv.get(
+            keys.leader(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await?,
+    );
+    if machines == 0 && leader == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "warning: this registry already has {machines} machine(s) registered{}: its engine may move imported units elsewhere before their machines register (import before starting any fleetd, as the migration guide says)",
+        if leader > 0 {
+            " and an engine leader"
+        } else {
+            ""
+        }
+    )))
 }
 
 /// One unit in one transaction (its body first, create-only and shared). False when

@@ -220,6 +220,35 @@ fn unreadable_records_are_skipped_by_key() {
     assert_eq!(v1.skipped[0].key, "machines/m1/metadata/region");
 }
 
+/// A metadata record is imported only with a machine ID, a key the API would take, and a
+/// value of bounded size; the others are named and skipped.
+#[test]
+fn odd_metadata_records_are_skipped() {
+    let long = "x".repeat(4097);
+    let long_key = format!("machines/m1/metadata/{}", "k".repeat(256));
+    for (key, value, reason) in [
+        ("machines/m 1/metadata/region", "east", "not a machine ID"),
+        ("machines/m1%2f/metadata/region", "east", "not a machine ID"),
+        ("machines/m1/metadata/re gion", "east", "not a metadata key"),
+        ("machines/m1/metadata/région", "east", "not a metadata key"),
+        (long_key.as_str(), "east", "not a metadata key"),
+        ("machines/m1/metadata/region", long.as_str(), "4097 bytes"),
+    ] {
+        let v1 = hello_with(&[(key, value)]);
+        assert!(v1.metadata.is_empty(), "{key}");
+        assert_eq!(v1.skipped.len(), 1, "{key}");
+        assert_eq!(v1.skipped[0].key, key);
+        assert!(
+            v1.skipped[0].reason.contains(reason),
+            "{key}: {}",
+            v1.skipped[0].reason
+        );
+    }
+    let v1 = hello_with(&[("machines/m-1_a/metadata/a.b-c_d", &"v".repeat(4096))]);
+    assert_eq!(v1.skipped, vec![]);
+    assert_eq!(v1.metadata.len(), 1);
+}
+
 #[test]
 fn paths_and_forms_are_encoded() {
     assert_eq!(encode_path("/_coreos.com/fleet"), "/_coreos.com/fleet");
@@ -443,4 +472,39 @@ async fn a_missing_registry_is_none() {
         .await
         .expect("fetch");
     assert!(got.is_none());
+}
+
+/// An import into a registry some fleetd already uses warns (and still imports): that
+/// fleetd's engine may move the units before their machines register.
+#[tokio::test(flavor = "current_thread")]
+async fn warns_when_a_fleetd_already_uses_the_registry() {
+    let etcd = EtcdServer::start_with(&["--enable-v2=true"]);
+    let reg = registry(&etcd).await;
+    let keys = reg.keys().clone();
+    let v1 = hello_with(&[]);
+    let quiet = import(
+        &reg,
+        &v1,
+        Options {
+            dry_run: true,
+            replace: false,
+        },
+    )
+    .await
+    .expect("dry run");
+    assert_eq!(quiet.err, Vec::<String>::new());
+    let mut kv = reg.client().kv_client();
+    kv.put(keys.machine("m9"), "{}", None).await.expect("put");
+    kv.put(keys.leader(), "m9", None).await.expect("put");
+    let warned = import(&reg, &v1, Options::default()).await.expect("import");
+    assert_eq!(warned.err.len(), 1, "{:?}", warned.err);
+    assert!(
+        warned.err[0].starts_with("warning: this registry already has 1 machine(s) registered and an engine leader: its engine may move imported units"),
+        "{}",
+        warned.err[0]
+    );
+    assert_eq!(
+        warned.summary(false),
+        "imported: 1, already there: 0, skipped: 0, errors: 0"
+    );
 }
