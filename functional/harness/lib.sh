@@ -320,7 +320,7 @@ fh_etcd_start() {
 # (its data is thrown away with the state dir, so no graceful shutdown: SIGKILL)
 fh_etcd_stop() {
   local pid k
-  for k in $(fh_member_indices); do fh_member_kill "$k"; fh_member_net_del "$k"; done
+  for k in $(fh_member_indices); do fh_member_kill "$k" || true; fh_member_net_del "$k"; done
   pid=$(fh_etcd_pid) || return 0
   kill -KILL "$pid"
   for _ in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
@@ -412,7 +412,9 @@ fh_member_kill() {
   local pid; pid=$(fh_member_pid "$1") || return 0
   kill -CONT "$pid" 2>/dev/null; kill -KILL "$pid"
   for _ in $(seq 100); do fh_running "$pid" || return 0; sleep 0.05; done
-  fh_die "etcd member e$1 (pid $pid) still running after SIGKILL"
+  # (no fh_die: teardown goes on, and its cgroup.kill takes what is left)
+  fh_log "etcd member e$1 (pid $pid) still running 5s after SIGKILL"
+  return 1
 }
 
 # fh_member_signal K STOP|CONT: freeze / thaw a member (a hung process, sockets kept open)

@@ -7,7 +7,7 @@
 //! at most 200 ms apart and records for how long any unit was active on two machines at
 //! once. Each prints what it measured (`chaos:` lines; `cargo test -- --nocapture`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -309,15 +309,8 @@ fn etcd_member_faults_and_lost_quorum_restart_and_move_nothing() {
     after.remove("hello@7.service");
     nothing_restarted(&before, &after, "etcd faults");
     assert!(overlaps.windows.is_empty(), "{overlaps:?}");
-    // the sampler aims at 150 ms (printed above); on a machine loaded with other work one
-    // round of `systemctl` in every node can take longer: bounded loosely
-    assert!(
-        overlaps.max_interval < Duration::from_secs(1),
-        "{overlaps:?}"
-    );
-    // "within 5 s of quorum returning": printed above; bounded loosely here (CI machines
-    // are slower and a timed assertion would make the suite flaky)
-    assert!(usable_after < Duration::from_secs(30), "{usable_after:?}");
+    // times (the sampler's interval, the cluster usable again) are printed above, never
+    // asserted: the waits above bound them
 }
 
 /// fleet.service's main process in `node`: SIGSTOP or SIGCONT.
@@ -364,14 +357,16 @@ fn a_frozen_engine_leader_is_fenced_when_it_thaws() {
         wait_for_each_once(&c, 9, "hello@1..9 active once after the thaw");
     });
     overlaps.report("frozen leader");
-    // no unit is placed twice: one target each in the registry
-    let files = must(c.list_unit_files(other));
-    let placed: BTreeSet<&str> = files
-        .iter()
-        .filter(|f| f.unit.starts_with("hello@") && f.target != "-")
-        .map(|f| f.unit.as_str())
-        .collect();
-    assert_eq!(placed.len(), 9, "{files:?}");
+    // no unit is placed twice: one schedule key each in etcd
+    let keys = schedule_keys(&c);
+    let mut per_unit: BTreeMap<&str, usize> = BTreeMap::new();
+    for k in &keys {
+        if let Some(unit) = k.rsplit('/').next().filter(|u| u.starts_with("hello@")) {
+            *per_unit.entry(unit).or_default() += 1;
+        }
+    }
+    assert_eq!(per_unit.len(), 9, "{keys:?}");
+    assert!(per_unit.values().all(|&n| n == 1), "{keys:?}");
     let journal = must(c.journal(frozen, &["-u", "fleet.service"]));
     let stepped_down = [
         "engine write refused: no longer leader",
@@ -384,6 +379,27 @@ fn a_frozen_engine_leader_is_fenced_when_it_thaws() {
         stepped_down,
         "the thawed engine did not step down:\n{journal}"
     );
+}
+
+/// Every `schedule/<machine>/<unit>` key in etcd (asked of all members).
+fn schedule_keys(c: &Cluster) -> Vec<String> {
+    let out = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args([
+            &format!("--endpoints={}", c.etcd_endpoints().join(",")),
+            "get",
+            "--prefix",
+            "--keys-only",
+            "/_coreos.com/fleet/schedule/",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("etcdctl: {e}"));
+    assert!(out.status.success(), "etcdctl get schedule/: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 /// A node cut off (`how` = "etcd": from etcd only; "all": from everything) for
@@ -441,6 +457,14 @@ fn cut_off_and_heal(c: &Cluster, how: &str) -> f64 {
         healed
     });
     overlaps.report(&format!("node cut off from {how}"));
+    // its units ran on two machines while it was cut off (plain units, as fleet): the
+    // sampler must have seen that, or the figure below would mean nothing
+    for u in &moved {
+        assert!(
+            overlaps.windows.contains_key(u),
+            "{u} was never seen on two machines: {overlaps:?}"
+        );
+    }
     let after_heal = overlaps
         .last_end()
         .map(|end| end.saturating_duration_since(healed).as_secs_f64())
@@ -452,15 +476,13 @@ fn cut_off_and_heal(c: &Cluster, how: &str) -> f64 {
 #[test]
 fn a_node_cut_off_from_etcd_stops_its_moved_copies_when_it_heals() {
     let c = boot(quick_spec("chaose", 3).etcd_members(3));
-    let after_heal = cut_off_and_heal(&c, "etcd");
-    assert!(after_heal < 30.0, "{after_heal}");
+    cut_off_and_heal(&c, "etcd");
 }
 
 #[test]
 fn a_node_cut_off_from_everything_stops_its_moved_copies_when_it_heals() {
     let c = boot(quick_spec("chaosp", 3).etcd_members(3));
-    let after_heal = cut_off_and_heal(&c, "all");
-    assert!(after_heal < 30.0, "{after_heal}");
+    cut_off_and_heal(&c, "all");
 }
 
 #[test]

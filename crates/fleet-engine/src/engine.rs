@@ -400,12 +400,20 @@ fn report_failures(
         metrics.engine_reconcile_failure(EngineFailure::Schedule);
     }
     let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
-    let live: HashSet<&str> = snap.units.iter().map(|u| u.name.as_str()).collect();
+    let unable: HashSet<&str> = plan
+        .unschedule_reasons
+        .iter()
+        .filter(|(_, why)| {
+            // a unit unloaded, or become global, is not one its machine is unable to run
+            why.as_str() != "target state inactive" && !why.starts_with("global units")
+        })
+        .map(|(u, _)| u.as_str())
+        .collect();
     for op in ops {
         if let EngineOp::Unschedule { unit, machine } = op {
             if !present.contains(machine.as_str()) {
                 metrics.engine_reconcile_failure(EngineFailure::MachineAway);
-            } else if live.contains(unit.as_str()) {
+            } else if unable.contains(unit.as_str()) {
                 metrics.engine_reconcile_failure(EngineFailure::Run);
             }
         }

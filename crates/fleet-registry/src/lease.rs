@@ -99,8 +99,10 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>,
         let attempt = tokio::time::timeout(patience, async {
             match client.lease_client().keep_alive(id).await {
                 Ok(_) => Ok(true),
+                // (-1: the lease is gone; 0 is a live lease in its last second, etcd
+                // rounds down)
                 Err(e) => match client.lease_client().time_to_live(id, None).await {
-                    Ok(t) if t.ttl() <= 0 => Ok(false),
+                    Ok(t) if t.ttl() < 0 => Ok(false),
                     _ => Err(e),
                 },
             }

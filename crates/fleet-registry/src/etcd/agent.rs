@@ -103,14 +103,14 @@ impl EtcdRegistry {
                         }
                     }
                 } else if tokio::time::Instant::now() >= deadline {
-                    lease.revoke(&self.client).await;
+                    self.abandon(lease).await;
                     return Err(RegistryError::DuplicateMachine {
                         id: rec.id.clone(),
                         ip: other.map(|o| o.public_ip).unwrap_or_default(),
                     });
                 }
             }
-            lease.revoke(&self.client).await;
+            self.abandon(lease).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
@@ -135,7 +135,7 @@ impl EtcdRegistry {
 
     /// Withdraws a machine's presence at once.
     pub async fn withdraw_machine(&self, id: &str, lease: LeaseKeeper) {
-        lease.revoke(&self.client).await;
+        self.abandon(lease).await;
         self.delete_machine(id).await;
     }
 

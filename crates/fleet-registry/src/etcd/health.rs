@@ -11,7 +11,7 @@
 //! not answer in time or have no leader (never the last one), and puts each back once it
 //! answers with a leader again. It costs nothing while requests succeed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use etcd_client::{Client, ConnectOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-/// How long a probe waits for a member's status.
+/// How long a probe waits for a connection to a member and its status.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(800);
 /// How often endpoints taken out are probed again.
 const RECHECK: Duration = Duration::from_secs(1);
@@ -61,10 +61,9 @@ async fn monitor(
     opts: ConnectOptions,
     mut wake: watch::Receiver<u64>,
 ) {
-    // one client per member, to ask that member alone (connected lazily, kept)
-    let mut probes_of: Vec<(String, Option<Client>)> =
-        endpoints.iter().map(|e| (e.clone(), None)).collect();
     let mut removed: HashSet<String> = HashSet::new();
+    // rounds in a row each removed member has answered well: it comes back after two
+    let mut good: HashMap<String, u32> = HashMap::new();
     loop {
         let woken = if removed.is_empty() {
             wake.changed().await
@@ -77,29 +76,36 @@ async fn monitor(
         if woken.is_err() {
             return; // the registry is gone
         }
+        // every member at once, each over a connection of its own made for this round (and
+        // closed after it), the whole probe bounded by PROBE_TIMEOUT
         let mut probes = tokio::task::JoinSet::new();
-        for (e, c) in probes_of.iter_mut() {
-            if c.is_none() {
-                *c = Client::connect([e.as_str()], Some(opts.clone())).await.ok();
-            }
-            let (e, c) = (e.clone(), c.clone());
+        for e in &endpoints {
+            let (e, opts) = (e.clone(), opts.clone());
             probes.spawn(async move {
-                let up = match c {
-                    Some(c) => serves(c).await,
-                    None => false,
-                };
+                let up = tokio::time::timeout(PROBE_TIMEOUT, serves(&e, opts))
+                    .await
+                    .unwrap_or(false);
                 (e, up)
             });
         }
-        let mut results = Vec::with_capacity(endpoints.len());
+        let mut up: HashSet<String> = HashSet::new();
         while let Some(r) = probes.join_next().await {
-            if let Ok(r) = r {
-                results.push(r);
+            if let Ok((e, true)) = r {
+                up.insert(e);
             }
         }
-        for (endpoint, up) in &results {
-            let (endpoint, up) = (endpoint, *up);
-            if !up && !removed.contains(endpoint) && removed.len() + 1 < endpoints.len() {
+        if up.is_empty() {
+            // nobody serves (a lost quorum, an election): nothing to prefer, use them all
+            for endpoint in removed.drain() {
+                let _ = client.add_endpoint(&endpoint).await;
+            }
+            good.clear();
+            continue;
+        }
+        for endpoint in &endpoints {
+            let serving = up.contains(endpoint);
+            if !serving && !removed.contains(endpoint) {
+                // (never the last: at least one member of `up` stays in)
                 if client.remove_endpoint(endpoint).await.is_ok() {
                     warn!(
                         %endpoint,
@@ -107,21 +113,26 @@ async fn monitor(
                     );
                     removed.insert(endpoint.clone());
                 }
-            } else if up
-                && removed.contains(endpoint)
-                && client.add_endpoint(endpoint).await.is_ok()
-            {
-                info!(%endpoint, "etcd member answers with a leader again; using it");
-                removed.remove(endpoint);
+                good.remove(endpoint);
+            } else if serving && removed.contains(endpoint) {
+                let n = good.entry(endpoint.clone()).or_insert(0);
+                *n += 1;
+                if *n >= 2 && client.add_endpoint(endpoint).await.is_ok() {
+                    info!(%endpoint, "etcd member answers with a leader again; using it");
+                    removed.remove(endpoint);
+                    good.remove(endpoint);
+                }
+            } else if !serving {
+                good.remove(endpoint);
             }
         }
     }
 }
 
-/// Whether the member answers its status within [`PROBE_TIMEOUT`] and knows a leader.
-async fn serves(mut c: Client) -> bool {
-    matches!(
-        tokio::time::timeout(PROBE_TIMEOUT, c.status()).await,
-        Ok(Ok(s)) if s.leader() != 0
-    )
+/// Whether the member answers its status and knows a leader.
+async fn serves(endpoint: &str, opts: ConnectOptions) -> bool {
+    let Ok(mut c) = Client::connect([endpoint], Some(opts)).await else {
+        return false;
+    };
+    matches!(c.status().await, Ok(s) if s.leader() != 0)
 }

@@ -95,7 +95,10 @@ impl EtcdRegistry {
         let mut opts = ConnectOptions::new()
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_connect_timeout(cfg.request_timeout.max(Duration::from_secs(1)))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            // a member without a leader (cut off, or in an election) answers at once
+            // instead of holding requests, and ends watches it can no longer feed
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
             opts = opts.with_user(u.clone(), p.clone());
         }
@@ -125,7 +128,13 @@ impl EtcdRegistry {
             }
             opts = opts.with_tls(tls);
         }
-        let endpoints: Vec<String> = cfg.endpoints.clone();
+        // the balancer keys endpoints by URI: one entry each
+        let mut endpoints: Vec<String> = Vec::with_capacity(cfg.endpoints.len());
+        for e in &cfg.endpoints {
+            if !endpoints.contains(e) {
+                endpoints.push(e.clone());
+            }
+        }
         let (client, health) = match dialer {
             None => {
                 let client = Client::connect(endpoints.clone(), Some(opts.clone())).await?;
@@ -186,7 +195,9 @@ impl EtcdRegistry {
         let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => {
-                self.health.suspect();
+                if unavailable(&source) {
+                    self.health.suspect();
+                }
                 Err(RegistryError::Etcd {
                     op,
                     key: key.to_string(),
@@ -362,6 +373,23 @@ impl EtcdRegistry {
     /// How many bodies the cache holds (for tests).
     pub fn cached_bodies(&self) -> usize {
         self.bodies.lock().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Whether an etcd error may come from a member that cannot serve (as opposed to a
+/// refusal: no space, permission denied, a bad request).
+fn unavailable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
     }
 }
 
