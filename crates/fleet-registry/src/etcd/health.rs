@@ -102,10 +102,27 @@ async fn monitor(
             good.clear();
             continue;
         }
+        if !endpoints
+            .iter()
+            .any(|e| up.contains(e) && !removed.contains(e))
+        {
+            // every member still in has failed: those that serve come back now, whatever
+            // their count of good rounds, so the balancer is never left without one
+            for endpoint in &endpoints {
+                if up.contains(endpoint)
+                    && removed.contains(endpoint)
+                    && client.add_endpoint(endpoint).await.is_ok()
+                {
+                    info!(%endpoint, "etcd member answers with a leader again; using it");
+                    removed.remove(endpoint);
+                    good.remove(endpoint);
+                }
+            }
+        }
         for endpoint in &endpoints {
             let serving = up.contains(endpoint);
             if !serving && !removed.contains(endpoint) {
-                // (never the last: at least one member of `up` stays in)
+                // (never the last: at least one member of `up` is in by now)
                 if client.remove_endpoint(endpoint).await.is_ok() {
                     warn!(
                         %endpoint,
