@@ -68,6 +68,8 @@ pub(crate) struct Engine {
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
     requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
+    /// Units whose record could not be read at the last reconcile (said once each).
+    unreadable: std::collections::BTreeSet<String>,
     leader_key: String,
     /// The interval of reconciles (zero would panic tokio; fleet-config refuses below 1 ms).
     tick: tokio::time::Interval,
@@ -118,6 +120,7 @@ impl Engine {
             written_rev: 0,
             leader: None,
             requirements: HashMap::new(),
+            unreadable: Default::default(),
             tick,
             deadline: None,
         }
@@ -344,7 +347,14 @@ impl Engine {
             l.seen = HashSet::new();
         }
         let held = held_machines(l, &snap, self.cfg.agent_ttl);
-        let ops = diff(&snap, &plan, &invalid, &held);
+        let mut ops = diff(&snap, &plan, &invalid, &held);
+        // a unit whose record cannot be read is not a destroyed one: its placement stays
+        // as it is (the agent, likewise, leaves it running)
+        for u in snap.unreadable.difference(&self.unreadable) {
+            warn!(unit = %u, "unit record cannot be read; leaving its placement as it is");
+        }
+        self.unreadable.clone_from(&snap.unreadable);
+        ops.retain(|op| !snap.unreadable.contains(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
             self.metrics.engine_reconcile_success(started.elapsed());

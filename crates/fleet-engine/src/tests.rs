@@ -242,6 +242,28 @@ async fn a_machine_seen_leaving_is_not_held() {
     }
 }
 
+/// A unit whose record cannot be read (a newer fleetd's value, damage) is not a destroyed
+/// one: the engine leaves it placed where it is, schedule key and all.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_unit_record_leaves_the_unit_placed() {
+    let (store, mut engine, _metrics) = leading().await;
+    let schedule_key = store.keys().schedule("m1", "a.service");
+    assert!(store.get(&schedule_key).is_some());
+    store.put(
+        &store.keys().unit("a.service"),
+        "{\"version\": 99, \"name\": 7}",
+    );
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    assert!(
+        store.get(&schedule_key).is_some(),
+        "the unit was unscheduled"
+    );
+}
+
 /// A unit taken off a machine that is still there but can no longer run it counts as
 /// fleet's `run` failure; a failure to read or write is not one of fleet's types.
 #[tokio::test(start_paused = true)]

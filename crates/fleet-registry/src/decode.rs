@@ -205,9 +205,17 @@ pub fn engine_snapshot<'a>(
         }
     }
     let leader_key = keys.leader();
+    let units = units(keys, &owned);
+    let read: std::collections::BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();
+    let unreadable = owned
+        .iter()
+        .filter_map(|(k, _)| keys.strip(keys::UNITS, k))
+        .filter(|name| !read.contains(name))
+        .map(str::to_string)
+        .collect();
     EngineSnapshot {
         revision,
-        units: units(keys, &owned),
+        units,
         machines: machines(keys, &owned),
         schedules,
         strays,
@@ -217,5 +225,6 @@ pub fn engine_snapshot<'a>(
             .iter()
             .find(|(k, _)| *k == leader_key)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
+        unreadable,
     }
 }

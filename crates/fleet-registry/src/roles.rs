@@ -164,6 +164,23 @@ pub struct EngineSnapshot {
     pub placements: BTreeMap<String, String>,
     pub reasons: BTreeMap<String, String>,
     pub leader: Option<String>,
+    /// Units whose `units/` record exists but cannot be read (a newer fleetd's value,
+    /// damage): they are not destroyed units, and the engine leaves their placement as it
+    /// is until the record reads again.
+    pub unreadable: std::collections::BTreeSet<String>,
+}
+
+impl EngineOp {
+    /// The unit the decision is about.
+    pub fn unit(&self) -> &str {
+        match self {
+            EngineOp::Schedule { unit, .. }
+            | EngineOp::Unschedule { unit, .. }
+            | EngineOp::DropSchedule { unit, .. }
+            | EngineOp::SetReason { unit, .. }
+            | EngineOp::ClearReason { unit } => unit,
+        }
+    }
 }
 
 /// Proof of engine leadership: the lease and the leader key's create revision, which fences
