@@ -95,10 +95,7 @@ impl EtcdRegistry {
         let mut opts = ConnectOptions::new()
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5))
             .with_connect_timeout(cfg.request_timeout.max(Duration::from_secs(1)))
-            .with_keep_alive_while_idle(true)
-            // a member without a leader (cut off, or in an election) answers at once
-            // instead of holding requests, and ends watches it can no longer feed
-            .with_require_leader(true);
+            .with_keep_alive_while_idle(true);
         if let (Some(u), Some(p)) = (&cfg.username, &cfg.password) {
             opts = opts.with_user(u.clone(), p.clone());
         }
