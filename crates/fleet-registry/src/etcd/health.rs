@@ -95,10 +95,9 @@ async fn monitor(
             }
         }
         if up.is_empty() {
-            // nobody serves (a lost quorum, an election): nothing to prefer, use them all
-            for endpoint in removed.drain() {
-                let _ = client.add_endpoint(&endpoint).await;
-            }
+            // nobody serves (a lost quorum, an election): no member is better than another,
+            // so nothing changes; members taken out earlier (dead ones) stay out, so that
+            // the first request after the quorum returns does not meet them
             good.clear();
             continue;
         }
