@@ -15,6 +15,55 @@ use crate::model::{
 use crate::watch::{KeyRange, ListWatch};
 use crate::{Registry, RegistryError, Result, decode as records};
 
+/// The writes a unit's creation or replacement is made of.
+struct UnitWrite {
+    unit_key: String,
+    unit_put: TxnOp,
+    /// `global/<name>` for a global unit.
+    global_put: Option<TxnOp>,
+    body_key: String,
+    /// The body, create-only (identical bodies share one key).
+    body_txn: Txn,
+}
+
+impl EtcdRegistry {
+    fn unit_write(&self, name: &UnitName, file: &UnitFile, desired: TargetState) -> UnitWrite {
+        let global = Requirements::is_global(name, file);
+        let hash = file.hash();
+        let rec = UnitRecord {
+            version: RECORD_VERSION,
+            name: name.clone(),
+            hash,
+            desired_state: desired,
+            global,
+        };
+        let unit_key = self.keys.unit(name.as_str());
+        let body_key = self.keys.body(&hash.to_string());
+        let global_put = global.then(|| {
+            let g = GlobalRecord {
+                version: RECORD_VERSION,
+                hash,
+                desired_state: desired,
+            };
+            TxnOp::put(self.keys.global(name.as_str()), encode(&g), None)
+        });
+        let body_txn = Txn::new()
+            .when([Compare::create_revision(
+                body_key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then([TxnOp::put(body_key.as_str(), file.serialize(), None)]);
+        UnitWrite {
+            unit_put: TxnOp::put(unit_key.as_str(), encode(&rec), None),
+            unit_key,
+            global_put,
+            body_key,
+            body_txn,
+        }
+    }
+}
+
 impl EtcdRegistry {
     async fn views(&self, only: Option<&UnitName>) -> Result<Vec<UnitView>> {
         let prefixes: Vec<String> = match only {
@@ -87,55 +136,29 @@ impl Registry for EtcdRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::is_global(name, file);
-        let hash = file.hash();
-        let rec = UnitRecord {
-            version: RECORD_VERSION,
-            name: name.clone(),
-            hash,
-            desired_state: desired,
-            global,
-        };
-        let unit_key = self.keys.unit(name.as_str());
-        let body_key = self.keys.body(&hash.to_string());
-        let mut ops = vec![TxnOp::put(unit_key.as_str(), encode(&rec), None)];
-        if global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash,
-                desired_state: desired,
-            };
-            ops.push(TxnOp::put(
-                self.keys.global(name.as_str()),
-                encode(&g),
-                None,
-            ));
+        let w = self.unit_write(name, file, desired);
+        let mut ops = vec![w.unit_put];
+        if let Some(g) = w.global_put {
+            ops.push(g);
         }
         // the body first (create-only: identical bodies share one key)
-        let body_txn = Txn::new()
-            .when([Compare::create_revision(
-                body_key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(body_key.as_str(), file.serialize(), None)]);
-        self.txn(OpKind::Set, "writing unit body", &body_key, body_txn)
+        self.txn(OpKind::Set, "writing unit body", &w.body_key, w.body_txn)
             .await?;
         let txn = Txn::new()
             .when([Compare::create_revision(
-                unit_key.as_str(),
+                w.unit_key.as_str(),
                 CompareOp::Equal,
                 0,
             )])
             .and_then(ops);
         if !self
-            .txn(OpKind::Set, "creating unit", &unit_key, txn)
+            .txn(OpKind::Set, "creating unit", &w.unit_key, txn)
             .await?
             .succeeded()
         {
             return Err(RegistryError::AlreadyExists(name.to_string()));
         }
-        self.cache_body(hash, file.clone());
+        self.cache_body(file.hash(), file.clone());
         Ok(())
     }
 
@@ -145,50 +168,22 @@ impl Registry for EtcdRegistry {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::is_global(name, file);
-        let hash = file.hash();
-        let rec = UnitRecord {
-            version: RECORD_VERSION,
-            name: name.clone(),
-            hash,
-            desired_state: desired,
-            global,
-        };
-        let unit_key = self.keys.unit(name.as_str());
-        let global_key = self.keys.global(name.as_str());
-        let body_key = self.keys.body(&hash.to_string());
+        let w = self.unit_write(name, file, desired);
         // One transaction: the body (still create-only, in a nested transaction), the unit
         // record and its global record. placement/ and schedule/ are the engine's: it keeps
         // the unit where it is while the new options allow it.
-        let body = Txn::new()
-            .when([Compare::create_revision(
-                body_key.as_str(),
-                CompareOp::Equal,
-                0,
-            )])
-            .and_then([TxnOp::put(body_key.as_str(), file.serialize(), None)]);
-        let mut ops = vec![
-            TxnOp::txn(body),
-            TxnOp::put(unit_key.as_str(), encode(&rec), None),
-        ];
-        ops.push(if global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash,
-                desired_state: desired,
-            };
-            TxnOp::put(global_key, encode(&g), None)
-        } else {
-            TxnOp::delete(global_key, None)
-        });
+        let global_op = w
+            .global_put
+            .unwrap_or_else(|| TxnOp::delete(self.keys.global(name.as_str()), None));
+        let ops = vec![TxnOp::txn(w.body_txn), w.unit_put, global_op];
         self.txn(
             OpKind::Set,
             "replacing unit",
-            &unit_key,
+            &w.unit_key,
             Txn::new().and_then(ops),
         )
         .await?;
-        self.cache_body(hash, file.clone());
+        self.cache_body(file.hash(), file.clone());
         Ok(())
     }
 
