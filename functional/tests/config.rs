@@ -49,7 +49,8 @@ fn sighup_reloads_the_configuration_and_leaves_units_running() {
             "echo metadata=role=new >> /etc/fleet/fleet.conf",
         ],
     ));
-    must(c.exec(1, &["systemctl", "kill", "-s", "HUP", "fleet.service"]));
+    // `systemctl reload` (the unit's ExecReload) sends the SIGHUP
+    must(c.exec(1, &["systemctl", "reload", "fleet.service"]));
     must(wait_for("list-machines shows role=new", WAIT, || {
         let out = c
             .fleetctl_ok(1, &["list-machines", "--no-legend", "--fields", "metadata"])

@@ -64,8 +64,12 @@ pub async fn run(ctx: &Ctx, command: Command) -> Outcome {
             Ok(())
         }
         Command::Completion(a) => {
+            // Generated into memory first: clap_complete panics on a failed write, and
+            // `fleetctl completion bash | head -1` closes the pipe early.
             let mut cmd = crate::cli::command();
-            clap_complete::generate(a.shell, &mut cmd, "fleetctl", &mut std::io::stdout());
+            let mut script = Vec::new();
+            clap_complete::generate(a.shell, &mut cmd, "fleetctl", &mut script);
+            ui::out_raw(&String::from_utf8_lossy(&script));
             Ok(())
         }
     }

@@ -55,6 +55,20 @@ fn version_help_completion_and_env() {
         bash.stdout
     );
 
+    // a reader that went away (`| head -1`) ends the script quietly, without a panic
+    let closed = Command::new("bash")
+        .args([
+            "-c",
+            "set -o pipefail; { sleep 0.3; \"$0\" completion bash; } | true",
+            env!("CARGO_BIN_EXE_fleetctl"),
+        ])
+        .output()
+        .expect("run bash");
+    assert!(
+        closed.status.success() && closed.stderr.is_empty(),
+        "{closed:?}"
+    );
+
     // prefixes of commands work, as with fleet's cobra
     c.check(&["list-m", "--no-legend"], 0, "", "");
 
