@@ -5,6 +5,10 @@
 //! Everything is deterministic under `tokio::time::pause`: a lease expires `ttl` after the
 //! store became unreachable (nobody can refresh it then) or at once by
 //! [`MemoryStore::expire_lease`]; watch events are sent as the write happens.
+//!
+//! Leases behave as etcd's do for their holder: a write under a revoked or expired lease is
+//! refused with etcd's own error, and a holder learns that its lease is lost only from an
+//! answer, that is once the store is reachable again (while cut off, a lease is unknown).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -61,6 +65,8 @@ struct Kv {
     next_lease: i64,
     watchers: Vec<Watcher>,
     unreachable: bool,
+    /// Holders of leases that expired while the store was cut off: told once it is back.
+    lost_unheard: Vec<watch::Sender<bool>>,
     /// Bumped at every change of reachability, so a pending expiry knows it is stale.
     epoch: u64,
 }
@@ -113,6 +119,9 @@ impl MemoryStore {
         kv.epoch += 1;
         let epoch = kv.epoch;
         if reachable {
+            for lost in std::mem::take(&mut kv.lost_unheard) {
+                let _ = lost.send(true);
+            }
             let (revision, data) = (kv.revision, snapshot_of(&kv.data));
             kv.watchers.retain_mut(|w| {
                 w.disconnected = false;
@@ -144,7 +153,8 @@ impl MemoryStore {
         }
     }
 
-    /// The lease expires now: its keys are deleted and its holder learns it is lost.
+    /// The lease expires now: its keys are deleted, and its holder learns it is lost (once
+    /// the store is reachable, if it is cut off now).
     pub fn expire_lease(&self, id: i64) {
         let mut kv = self.lock();
         kv.revoke(id);
@@ -240,6 +250,17 @@ impl MemoryStore {
     }
 }
 
+/// What etcd answers a write under a lease it does not have (revoked or expired).
+fn lease_not_found(op: &'static str, key: String) -> RegistryError {
+    RegistryError::Etcd {
+        op,
+        key,
+        source: etcd_client::Error::GRpcStatus(tonic::Status::not_found(
+            "etcdserver: requested lease not found",
+        )),
+    }
+}
+
 fn snapshot_of(data: &BTreeMap<String, Entry>) -> Vec<(String, Vec<u8>)> {
     data.iter()
         .map(|(k, e)| (k.clone(), e.value.clone()))
@@ -309,7 +330,11 @@ impl Kv {
         let Some(lease) = self.leases.remove(&id) else {
             return;
         };
-        let _ = lease.lost.send(true);
+        if self.unreachable {
+            self.lost_unheard.push(lease.lost);
+        } else {
+            let _ = lease.lost.send(true);
+        }
         let held: Vec<Write> = self
             .data
             .iter()
@@ -394,6 +419,9 @@ impl AgentStore for MemoryStore {
         let key = self.keys.state(name, machine_id);
         let mut kv = self.request("publishing unit state", &key)?;
         match state {
+            Some(_) if !kv.leases.contains_key(&lease.id()) => {
+                return Err(lease_not_found("publishing unit state", key));
+            }
             Some(s) => kv.commit(vec![Write::Put(key, encode(s))], Some(lease.id())),
             None => kv.commit(vec![Write::Delete(key)], None),
         };
@@ -621,12 +649,61 @@ mod tests {
         s.set_reachable(false);
         assert_eq!(next(&mut rx).await, WatchEvent::Disconnected);
         tokio::time::sleep(ttl - Duration::from_millis(1)).await;
-        assert!(!lease.is_lost());
+        assert!(s.get(&s.keys().machine("m1")).is_some());
         tokio::time::sleep(Duration::from_millis(2)).await;
-        assert!(lease.is_lost());
         assert!(s.get(&s.keys().machine("m1")).is_none());
+        // etcd has let it go, but nobody can say so to a holder that cannot reach it
+        assert!(!lease.is_lost(), "lost reported while unreachable");
         s.set_reachable(true);
+        assert!(lease.is_lost());
         assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { kvs, .. } if kvs.is_empty()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_under_an_expired_or_revoked_lease_are_refused() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(10);
+        let st = |unit: &str| StateRecord {
+            version: 1,
+            name: unit.into(),
+            machine_id: "m1".into(),
+            hash: "1c6fb6f3684bafb0c173d8b8b957ceff031180c1".into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: TargetState::Launched,
+        };
+        let expired = AgentStore::register_machine(&s, &machine("m1", "t"), ttl)
+            .await
+            .expect("register");
+        s.expire_lease(expired.id());
+        let e = s
+            .publish_state("a.service", "m1", Some(&st("a.service")), &expired)
+            .await
+            .expect_err("expired lease");
+        let said = e.to_string();
+        let key = s.keys().state("a.service", "m1");
+        assert!(
+            said.starts_with(&format!("publishing unit state {key}: etcd: "))
+                && said.contains("requested lease not found"),
+            "{said}"
+        );
+        let lead = s.campaign("m1", ttl).await.expect("campaign").expect("won");
+        let revoked = Lease::new(lead.lease.id(), watch::channel(false).1);
+        s.resign(lead).await;
+        assert!(
+            s.publish_state("b.service", "m1", Some(&st("b.service")), &revoked)
+                .await
+                .is_err()
+        );
+        assert!(
+            s.list(&s.keys().dir(keys::STATES)).is_empty(),
+            "half written"
+        );
+        // withdrawing needs no lease
+        s.publish_state("a.service", "m1", None, &expired)
+            .await
+            .expect("delete");
     }
 
     #[tokio::test(start_paused = true)]
