@@ -15,15 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::{mpsc, watch};
 
 use crate::keys::{self, Keys};
 use crate::lease::Lease;
-use crate::model::{
-    GlobalRecord, MachineRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView,
-    decode, encode,
-};
+use crate::model::{MachineRecord, MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
 use crate::roles::{AgentStore, EngineOp, EngineStore, Leadership, Write, engine_writes};
 use crate::watch::KeyRange;
 use crate::{RegistryError, Result, WatchEvent, decode as records};
@@ -138,19 +135,24 @@ impl MemoryStore {
             w.tx.try_send(WatchEvent::Disconnected).is_ok()
         });
         for (&id, lease) in &kv.leases {
-            let store = self.clone();
-            let ttl = lease.ttl;
-            tokio::spawn(async move {
-                tokio::time::sleep(ttl).await;
-                let still_cut_off = {
-                    let kv = store.lock();
-                    kv.unreachable && kv.epoch == epoch
-                };
-                if still_cut_off {
-                    store.expire_lease(id);
-                }
-            });
+            self.expire_unless_reached(id, lease.ttl, epoch);
         }
+    }
+
+    /// Expires lease `id` after `ttl` unless the store was reachable again in between (the
+    /// cut of `epoch` over: its holder could refresh it again).
+    fn expire_unless_reached(&self, id: i64, ttl: Duration, epoch: u64) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let still_cut_off = {
+                let kv = store.lock();
+                kv.unreachable && kv.epoch == epoch
+            };
+            if still_cut_off {
+                store.expire_lease(id);
+            }
+        });
     }
 
     /// The lease expires now: its keys are deleted, and its holder learns it is lost (once
@@ -200,18 +202,7 @@ impl MemoryStore {
         let lease = Lease::new(id, rx);
         if kv.unreachable {
             // granted just before the cut: it cannot be refreshed either
-            let store = self.clone();
-            let epoch = kv.epoch;
-            tokio::spawn(async move {
-                tokio::time::sleep(ttl).await;
-                let still = {
-                    let kv = store.lock();
-                    kv.unreachable && kv.epoch == epoch
-                };
-                if still {
-                    store.expire_lease(id);
-                }
-            });
+            self.expire_unless_reached(id, ttl, kv.epoch);
         }
         lease
     }
@@ -498,10 +489,9 @@ impl MemoryStore {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::is_global(name, file);
-        let hash = file.hash();
+        let rec = UnitRecord::new(name, file, desired);
         let unit_key = self.keys.unit(name.as_str());
-        let body_key = self.keys.body(&hash.to_string());
+        let body_key = self.keys.body(&rec.hash.to_string());
         let mut kv = self.request("creating unit", &unit_key)?;
         if kv.data.contains_key(&unit_key) {
             return Err(RegistryError::AlreadyExists(name.to_string()));
@@ -512,20 +502,8 @@ impl MemoryStore {
                 None,
             );
         }
-        let rec = UnitRecord {
-            version: RECORD_VERSION,
-            name: name.clone(),
-            hash,
-            desired_state: desired,
-            global,
-        };
         let mut writes = vec![Write::Put(unit_key, encode(&rec))];
-        if global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash,
-                desired_state: desired,
-            };
+        if let Some(g) = rec.global_record() {
             writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
         }
         kv.commit(writes, None);
@@ -544,12 +522,7 @@ impl MemoryStore {
         }
         rec.desired_state = desired;
         let mut writes = vec![Write::Put(key, encode(&rec))];
-        if rec.global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash: rec.hash,
-                desired_state: desired,
-            };
+        if let Some(g) = rec.global_record() {
             writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
         }
         kv.commit(writes, None);
