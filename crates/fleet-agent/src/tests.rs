@@ -8,9 +8,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{MemoryStore, RegistryError, ScheduleRecord, StateRecord};
+use fleet_registry::{MemoryStore, RegistryError, StateRecord};
 use fleet_systemd::SystemdState;
 use fleet_systemd::fake::{Call, FakeUnitManager};
+use fleet_testutil::records::{self, body};
 use fleet_unit::{TargetState, UnitFile, UnitName};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -19,10 +20,6 @@ use crate::{AgentConfig, run};
 
 const TTL: Duration = Duration::from_secs(10);
 const M1: &str = "m1";
-
-fn body(n: u32) -> UnitFile {
-    UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n")).expect("unit")
-}
 
 /// A running agent of machine `m1`.
 struct Agent {
@@ -94,11 +91,7 @@ async fn schedule(store: &MemoryStore, machine: &str, name: &str, file: &UnitFil
     if store.unit(&unit).await.expect("unit").is_none() {
         store.create_unit(&unit, file, s).await.expect("create");
     }
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: file.hash(),
-        desired_state: s,
-    };
+    let rec = records::schedule(file.hash(), s);
     store.put(
         &store.keys().schedule(machine, name),
         serde_json::to_vec(&rec).expect("json"),
