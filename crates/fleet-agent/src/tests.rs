@@ -21,6 +21,15 @@ use crate::{AgentConfig, run};
 const TTL: Duration = Duration::from_secs(10);
 const M1: &str = "m1";
 
+/// An empty store, an idle systemd and a scratch directory for the units.
+fn twins() -> (MemoryStore, FakeUnitManager, tempfile::TempDir) {
+    (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    )
+}
+
 /// A running agent of machine `m1`.
 struct Agent {
     shutdown: CancellationToken,
@@ -118,11 +127,7 @@ fn count(systemd: &FakeUnitManager, f: impl Fn(&Call) -> bool) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn runs_its_schedule_with_one_reload_per_batch() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     eventually("registered", || {
         store.get(&store.keys().machine(M1)).is_some()
@@ -181,11 +186,7 @@ async fn runs_its_schedule_with_one_reload_per_batch() {
 /// is stopped; once it answers again with the same schedule, nothing is restarted.
 #[tokio::test(start_paused = true)]
 async fn unknown_is_not_empty() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("started", || active(&systemd, "a.service")).await;
@@ -226,11 +227,7 @@ async fn unknown_is_not_empty() {
 /// as it is, and does not hold up other units.
 #[tokio::test(start_paused = true)]
 async fn unreadable_records_leave_units_running() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("started", || active(&systemd, "a.service")).await;
@@ -261,11 +258,7 @@ async fn unreadable_records_leave_units_running() {
 /// publishes their states under its own lease: the killed one's records expire with its.
 #[tokio::test(start_paused = true)]
 async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let first = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     schedule(&store, M1, "b.service", &body(2), TargetState::Loaded).await;
@@ -296,11 +289,7 @@ async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
 /// publishes every state again, keeping its units running.
 #[tokio::test(start_paused = true)]
 async fn a_lost_lease_is_replaced_and_states_published_again() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("published", || state_of(&store, "a.service").is_some()).await;
@@ -324,11 +313,7 @@ async fn a_lost_lease_is_replaced_and_states_published_again() {
 /// only when it changed.
 #[tokio::test(start_paused = true)]
 async fn states_follow_systemd_signals() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("published", || {
@@ -348,11 +333,7 @@ async fn states_follow_systemd_signals() {
 /// SIGTERM (purge): units stopped and unloaded, states and presence withdrawn at once.
 #[tokio::test(start_paused = true)]
 async fn purge_stops_unloads_and_withdraws() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let metrics = Metrics::new();
     let agent = Agent::start_with(&store, &systemd, &dir, metrics.clone());
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
