@@ -2,7 +2,7 @@
 //! API server in front of it: a private etcd, an `EtcdRegistry` connected to it, and
 //! `ApiServer` on a listener of the test's choosing, stopped when dropped.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleet_registry::{EtcdConfig, EtcdRegistry, Registry};
 
@@ -34,7 +34,9 @@ impl Fixture {
 }
 
 /// A registry on `etcd` under `prefix`, already connected: it has answered one request, so
-/// a test with short request timeouts does not spend them on connecting.
+/// a test with short request timeouts does not spend them on connecting. (The first
+/// requests are retried for up to 20 s: on a loaded machine, connecting can take longer
+/// than a short timeout.)
 pub async fn connect(etcd: &EtcdServer, prefix: &str, timeout: Duration) -> EtcdRegistry {
     let cfg = EtcdConfig {
         endpoints: vec![etcd.endpoint().to_string()],
@@ -43,8 +45,14 @@ pub async fn connect(etcd: &EtcdServer, prefix: &str, timeout: Duration) -> Etcd
         ..Default::default()
     };
     let registry = EtcdRegistry::connect(&cfg).await.expect("connect to etcd");
-    registry.units().await.expect("etcd answers");
-    registry
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        match registry.units().await {
+            Ok(_) => return registry,
+            Err(e) if Instant::now() >= give_up => panic!("etcd does not answer: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
 }
 
 #[cfg(feature = "api")]
