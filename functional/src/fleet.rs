@@ -124,6 +124,64 @@ pub fn short_id(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// The bound of every wait for the cluster to act on a command in the scenario tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// fleetctl in `node`, whatever its exit status (panics when it cannot run at all).
+#[track_caller]
+pub fn fleetctl(c: &Cluster, node: usize, args: &[&str]) -> Output {
+    must(c.fleetctl(node, args))
+}
+
+/// fleetctl in `node`, which must succeed.
+#[track_caller]
+pub fn fleetctl_ok(c: &Cluster, node: usize, args: &[&str]) -> Output {
+    must(c.fleetctl_ok(node, args))
+}
+
+/// The node a machine ID belongs to.
+#[track_caller]
+pub fn node(c: &Cluster, machine: &str) -> usize {
+    c.node_of(machine)
+        .unwrap_or_else(|| panic!("machine {machine} is not a node of the cluster"))
+}
+
+/// Waits up to [`WAIT`] until systemd in `node` reports `unit` with `ActiveState` `active`
+/// and, when given, `LoadState` `load`.
+#[track_caller]
+pub fn wait_systemd(c: &Cluster, node: usize, unit: &str, load: Option<&str>, active: &str) {
+    must(wait_for(
+        &format!("{unit} {active} in node{node}'s systemd"),
+        WAIT,
+        || {
+            let u = c.systemd_unit(node, unit).map_err(|e| e.to_string())?;
+            if u.active_state == active && load.is_none_or(|l| u.load_state == l) {
+                Ok(())
+            } else {
+                Err(u.to_string())
+            }
+        },
+    ));
+}
+
+/// `GET path` on fleetd's API socket in `node` (curl, 5 s at most): the body.
+pub fn api_get(c: &Cluster, node: usize, path: &str) -> Result<String, Error> {
+    let url = format!("http://fleet{path}");
+    let out = c.exec(
+        node,
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            "--unix-socket",
+            "/var/run/fleet.sock",
+            &url,
+        ],
+    )?;
+    Ok(out.stdout)
+}
+
 /// The fleet-level operations the scenario tests share.
 pub trait FleetCluster {
     /// fleetctl in `node`, required to succeed.

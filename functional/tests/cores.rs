@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use functional::fleet::{AGENT_TTL, boot, fixture, must, quick_spec};
+use functional::fleet::{AGENT_TTL, api_get, boot, fixture, must, quick_spec};
 use functional::{FleetCluster, wait_for};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -41,19 +41,7 @@ fn a_killed_fleetd_is_succeeded_without_restarting_units_and_metrics_are_labelle
     must(c.fleetctl_ok(1, &["start", "--no-block", &second]));
     must(c.wait_for_active(1, 2, WAIT));
     let metrics = must(wait_for("labelled metrics", WAIT, || {
-        let out = c
-            .exec(
-                1,
-                &[
-                    "curl",
-                    "-sS",
-                    "--unix-socket",
-                    "/var/run/fleet.sock",
-                    "http://localhost/metrics",
-                ],
-            )
-            .map_err(|e| e.to_string())?;
-        let text = out.stdout;
+        let text = api_get(&c, 1, "/metrics").map_err(|e| e.to_string())?;
         let wanted = [
             "fleet_engine_task_count_total{type=\"attemptscheduleunit\"}",
             "fleet_agent_task_count_total{type=\"start\"}",

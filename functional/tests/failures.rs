@@ -8,27 +8,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use functional::fleet::{
-    AGENT_TTL, RECONCILE, SystemdUnit, UnitRow, boot, must, now_us, quick_spec, transitions,
+    AGENT_TTL, RECONCILE, SystemdUnit, UnitRow, WAIT, boot, fleetctl_ok, must, node, now_us,
+    quick_spec, transitions,
 };
-use functional::{Cluster, ClusterSpec, FleetCluster, Output, wait_for};
-
-/// Bound of every wait for the cluster to act.
-const WAIT: Duration = Duration::from_secs(30);
+use functional::{Cluster, ClusterSpec, FleetCluster, wait_for};
 /// What a bounded poll adds to a deadline it checks: the pause between probes and the time
 /// one fleetctl call takes.
 const POLL_SLACK: Duration = Duration::from_secs(2);
 /// How long "nothing else happens" is watched after a disturbance ends.
 const SETTLE: Duration = Duration::from_secs(4);
-
-fn fleetctl_ok(c: &Cluster, node: usize, args: &[&str]) -> Output {
-    must(c.fleetctl_ok(node, args))
-}
-
-/// The node a machine ID belongs to.
-fn node(c: &Cluster, machine: &str) -> usize {
-    c.node_of(machine)
-        .unwrap_or_else(|| panic!("machine {machine} is not a node of the cluster"))
-}
 
 /// systemd's view of every active unit, keyed by (node, unit).
 fn snapshot(

@@ -2,13 +2,10 @@
 //! destroy round trips with fleet's messages, `cat` and `list-unit-files`, and units with an
 //! [Install] section, checked against fleetctl's tables and the node's own systemd.
 
-use std::time::Duration;
-
-use functional::fleet::{boot, fixture, must, quick_spec, short_id};
-use functional::{Cluster, FleetCluster, Output, wait_for};
-
-/// Bound of every wait for the cluster to act on a command.
-const WAIT: Duration = Duration::from_secs(30);
+use functional::fleet::{
+    WAIT, boot, fixture, fleetctl, fleetctl_ok, must, quick_spec, short_id, wait_systemd,
+};
+use functional::{Cluster, FleetCluster, wait_for};
 
 /// `Unit <name> <state> on <short id>.../<ip>`, what blocking commands print.
 fn on_machine(c: &Cluster, node: usize, name: &str, state: &str) -> String {
@@ -17,33 +14,6 @@ fn on_machine(c: &Cluster, node: usize, name: &str, state: &str) -> String {
         short_id(c.machine_id(node)),
         c.ip(node)
     )
-}
-
-/// Runs fleetctl in `node` and returns its output whatever the exit status.
-fn fleetctl(c: &Cluster, node: usize, args: &[&str]) -> Output {
-    must(c.fleetctl(node, args))
-}
-
-/// Runs fleetctl in `node`, which must succeed.
-fn fleetctl_ok(c: &Cluster, node: usize, args: &[&str]) -> Output {
-    must(c.fleetctl_ok(node, args))
-}
-
-/// Waits until systemd in `node` reports `unit` in `active` state (`ActiveState`) and, when
-/// given, load state.
-fn wait_systemd(c: &Cluster, node: usize, unit: &str, load: Option<&str>, active: &str) {
-    must(wait_for(
-        &format!("{unit} {active} in node{node}'s systemd"),
-        WAIT,
-        || {
-            let u = c.systemd_unit(node, unit).map_err(|e| e.to_string())?;
-            if u.active_state == active && load.is_none_or(|l| u.load_state == l) {
-                Ok(())
-            } else {
-                Err(u.to_string())
-            }
-        },
-    ));
 }
 
 /// Waits until `list-units` shows exactly `rows` as (unit, active, sub).

@@ -7,22 +7,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use functional::fleet::{
-    NODE_UNITS_DIR, UnitFileRow, UnitRow, boot, fixture, must, quick_spec, short_id,
+    NODE_UNITS_DIR, UnitFileRow, UnitRow, WAIT, boot, fixture, fleetctl, fleetctl_ok, must, node,
+    quick_spec, short_id, wait_systemd,
 };
-use functional::{Cluster, FleetCluster, Output, wait_for};
-
-/// Bound of every wait for the cluster to act on a command.
-const WAIT: Duration = Duration::from_secs(30);
+use functional::{Cluster, FleetCluster, wait_for};
 /// How long "nothing else happens" is watched: several reconcile passes.
 const SETTLE: Duration = Duration::from_secs(4);
-
-fn fleetctl(c: &Cluster, node: usize, args: &[&str]) -> Output {
-    must(c.fleetctl(node, args))
-}
-
-fn fleetctl_ok(c: &Cluster, node: usize, args: &[&str]) -> Output {
-    must(c.fleetctl_ok(node, args))
-}
 
 /// The one machine an active unit runs on.
 fn machine_of(states: &BTreeMap<String, Vec<UnitRow>>, unit: &str) -> String {
@@ -30,28 +20,6 @@ fn machine_of(states: &BTreeMap<String, Vec<UnitRow>>, unit: &str) -> String {
         Some([row]) => row.machine.clone(),
         other => panic!("{unit}: want one active row, got {other:?} in {states:?}"),
     }
-}
-
-/// The node a machine ID belongs to.
-fn node(c: &Cluster, machine: &str) -> usize {
-    c.node_of(machine)
-        .unwrap_or_else(|| panic!("machine {machine} is not a node of the cluster"))
-}
-
-/// Waits until systemd in `node` reports `unit` with `ActiveState` `active`.
-fn wait_systemd(c: &Cluster, node: usize, unit: &str, active: &str) {
-    must(wait_for(
-        &format!("{unit} {active} in node{node}"),
-        WAIT,
-        || {
-            let u = c.systemd_unit(node, unit).map_err(|e| e.to_string())?;
-            if u.active_state == active {
-                Ok(())
-            } else {
-                Err(u.to_string())
-            }
-        },
-    ));
 }
 
 /// Names of the units matching `pattern` that systemd in `node` runs.
@@ -126,8 +94,8 @@ fn machine_of_pairs_land_together_and_move_together() {
     let new = machine_of(&states, "ping.1.service");
     assert_eq!(new, machine_of(&states, "pong.1.service"), "{states:?}");
     for unit in ["ping.1.service", "pong.1.service"] {
-        wait_systemd(&c, node(&c, &new), unit, "active");
-        wait_systemd(&c, gone, unit, "inactive");
+        wait_systemd(&c, node(&c, &new), unit, None, "active");
+        wait_systemd(&c, gone, unit, None, "inactive");
     }
 }
 
@@ -216,8 +184,8 @@ fn a_one_way_conflict_keeps_the_other_unit_away_until_destroyed() {
         }
     }));
     assert_eq!(states.len(), 1, "{states:?}");
-    wait_systemd(&c, 1, "hello.service", "active");
-    wait_systemd(&c, 1, "conflicts-with-hello.service", "inactive");
+    wait_systemd(&c, 1, "hello.service", None, "active");
+    wait_systemd(&c, 1, "conflicts-with-hello.service", None, "inactive");
 }
 
 #[test]
@@ -257,9 +225,9 @@ fn replaces_takes_the_machine_and_moves_the_replaced_unit() {
         },
     ));
     let moved_to = node(&c, &machine_of(&states, "replace.0.service"));
-    wait_systemd(&c, moved_to, "replace.0.service", "active");
-    wait_systemd(&c, node(&c, &old), "replace-kick0.service", "active");
-    wait_systemd(&c, node(&c, &old), "replace.0.service", "inactive");
+    wait_systemd(&c, moved_to, "replace.0.service", None, "active");
+    wait_systemd(&c, node(&c, &old), "replace-kick0.service", None, "active");
+    wait_systemd(&c, node(&c, &old), "replace.0.service", None, "inactive");
     assert_ne!(
         must(c.systemd_unit(moved_to, "replace.0.service")).main_pid,
         pid_before
@@ -328,7 +296,7 @@ fn machine_id_and_metadata_with_template_specifiers_pick_the_machine() {
             ),
             "{out}"
         );
-        wait_systemd(&c, i, &unit, "active");
+        wait_systemd(&c, i, &unit, None, "active");
     }
 
     // MachineMetadata=hostname=%i from a submitted template, started in reverse order
@@ -341,7 +309,7 @@ fn machine_id_and_metadata_with_template_specifiers_pick_the_machine() {
     for i in c.nodes() {
         let unit = format!("metadata@node{i}.service");
         assert_eq!(machine_of(&states, &unit), c.machine_id(i), "{states:?}");
-        wait_systemd(&c, i, &unit, "active");
+        wait_systemd(&c, i, &unit, None, "active");
     }
 
     // no machine has the metadata: never placed, and fleetctl says why
@@ -382,7 +350,7 @@ fn global_units_run_once_per_machine_and_conflicting_globals_do_not() {
         .collect();
     assert_eq!(on, machines.iter().cloned().collect(), "{states:?}");
     for n in c.nodes() {
-        wait_systemd(&c, n, "global.service", "active");
+        wait_systemd(&c, n, "global.service", None, "active");
     }
     let files = must(c.list_unit_files(1));
     let g = files
@@ -427,7 +395,7 @@ fn global_units_run_once_per_machine_and_conflicting_globals_do_not() {
         "{out}"
     );
     for n in c.nodes() {
-        wait_systemd(&c, n, "global.service", "inactive");
+        wait_systemd(&c, n, "global.service", None, "inactive");
     }
     must(c.wait_for_active(1, 5, WAIT));
 }

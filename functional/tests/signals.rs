@@ -5,30 +5,10 @@
 
 use std::time::Duration;
 
-use functional::fleet::{boot, must, quick_spec};
+use functional::fleet::{api_get, boot, must, quick_spec};
 use functional::{FleetCluster, wait_for};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// `GET path` on the node's API socket: the body.
-fn api_get(c: &functional::Cluster, path: &str) -> Result<String, String> {
-    let url = format!("http://fleet{path}");
-    let out = c
-        .exec(
-            1,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "5",
-                "--unix-socket",
-                "/var/run/fleet.sock",
-                &url,
-            ],
-        )
-        .map_err(|e| e.to_string())?;
-    Ok(out.stdout)
-}
 
 #[test]
 fn sighup_rebuilds_the_api_and_sigusr1_dumps_the_agent() {
@@ -41,7 +21,7 @@ fn sighup_rebuilds_the_api_and_sigusr1_dumps_the_agent() {
     must(c.wait_for_active(1, 1, WAIT));
     let before = must(c.systemd_unit(1, "hello.service"));
     let fleetd = must(c.fleetd_pid(1));
-    let page = api_get(&c, "/fleet/v1/units").expect("the API answers");
+    let page = api_get(&c, 1, "/fleet/v1/units").expect("the API answers");
     assert!(
         page.contains("other.service") && !page.contains("nextPageToken"),
         "{page}"
@@ -65,7 +45,7 @@ token_limit=50
     must(c.exec(1, &["systemctl", "kill", "-s", "HUP", "fleet.service"]));
     // before, the API kept its first configuration until fleetd restarted
     must(wait_for("the API pages by one unit", WAIT, || {
-        let page = api_get(&c, "/fleet/v1/units")?;
+        let page = api_get(&c, 1, "/fleet/v1/units").map_err(|e| e.to_string())?;
         if page.contains("nextPageToken") && page.matches("\"desiredState\"").count() == 1 {
             Ok(())
         } else {

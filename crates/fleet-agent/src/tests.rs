@@ -8,9 +8,10 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{MemoryStore, RegistryError, ScheduleRecord, StateRecord};
+use fleet_registry::{MemoryStore, RegistryError, StateRecord};
 use fleet_systemd::SystemdState;
 use fleet_systemd::fake::{Call, FakeUnitManager};
+use fleet_testutil::records::{self, body};
 use fleet_unit::{TargetState, UnitFile, UnitName};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,8 +21,13 @@ use crate::{AgentConfig, run};
 const TTL: Duration = Duration::from_secs(10);
 const M1: &str = "m1";
 
-fn body(n: u32) -> UnitFile {
-    UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n")).expect("unit")
+/// An empty store, an idle systemd and a scratch directory for the units.
+fn twins() -> (MemoryStore, FakeUnitManager, tempfile::TempDir) {
+    (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    )
 }
 
 /// A running agent of machine `m1`.
@@ -94,11 +100,7 @@ async fn schedule(store: &MemoryStore, machine: &str, name: &str, file: &UnitFil
     if store.unit(&unit).await.expect("unit").is_none() {
         store.create_unit(&unit, file, s).await.expect("create");
     }
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: file.hash(),
-        desired_state: s,
-    };
+    let rec = records::schedule(file.hash(), s);
     store.put(
         &store.keys().schedule(machine, name),
         serde_json::to_vec(&rec).expect("json"),
@@ -125,11 +127,7 @@ fn count(systemd: &FakeUnitManager, f: impl Fn(&Call) -> bool) -> usize {
 
 #[tokio::test(start_paused = true)]
 async fn runs_its_schedule_with_one_reload_per_batch() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     eventually("registered", || {
         store.get(&store.keys().machine(M1)).is_some()
@@ -188,11 +186,7 @@ async fn runs_its_schedule_with_one_reload_per_batch() {
 /// is stopped; once it answers again with the same schedule, nothing is restarted.
 #[tokio::test(start_paused = true)]
 async fn unknown_is_not_empty() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("started", || active(&systemd, "a.service")).await;
@@ -233,11 +227,7 @@ async fn unknown_is_not_empty() {
 /// as it is, and does not hold up other units.
 #[tokio::test(start_paused = true)]
 async fn unreadable_records_leave_units_running() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("started", || active(&systemd, "a.service")).await;
@@ -268,11 +258,7 @@ async fn unreadable_records_leave_units_running() {
 /// publishes their states under its own lease: the killed one's records expire with its.
 #[tokio::test(start_paused = true)]
 async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let first = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     schedule(&store, M1, "b.service", &body(2), TargetState::Loaded).await;
@@ -303,11 +289,7 @@ async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
 /// publishes every state again, keeping its units running.
 #[tokio::test(start_paused = true)]
 async fn a_lost_lease_is_replaced_and_states_published_again() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("published", || state_of(&store, "a.service").is_some()).await;
@@ -331,11 +313,7 @@ async fn a_lost_lease_is_replaced_and_states_published_again() {
 /// only when it changed.
 #[tokio::test(start_paused = true)]
 async fn states_follow_systemd_signals() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("published", || {
@@ -355,11 +333,7 @@ async fn states_follow_systemd_signals() {
 /// SIGTERM (purge): units stopped and unloaded, states and presence withdrawn at once.
 #[tokio::test(start_paused = true)]
 async fn purge_stops_unloads_and_withdraws() {
-    let (store, systemd, dir) = (
-        MemoryStore::default(),
-        FakeUnitManager::new(),
-        tempfile::tempdir().expect("dir"),
-    );
+    let (store, systemd, dir) = twins();
     let metrics = Metrics::new();
     let agent = Agent::start_with(&store, &systemd, &dir, metrics.clone());
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;

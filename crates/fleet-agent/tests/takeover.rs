@@ -8,10 +8,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use fleet_agent::AgentConfig;
-use fleet_registry::{EtcdConfig, EtcdRegistry, ScheduleRecord};
 use fleet_systemd::fake::{Call, FakeUnitManager};
 use fleet_systemd::{SystemdState, UnitManager};
-use fleet_testutil::{EtcdServer, eventually};
+use fleet_testutil::{Fixture, eventually, records};
 use fleet_unit::{TargetState, UnitFile};
 use tokio_util::sync::CancellationToken;
 
@@ -24,25 +23,15 @@ const NEWER: &str = "[Unit]\nDescription=hello\n\n[Service]\nExecStart=/bin/slee
 /// the previous agent left it) while the registry schedules `wanted` here, until the agent
 /// has published the unit's state after two reconciles; returns the systemd calls it made.
 async fn take_over(on_disk: &str, wanted: &str) -> (Vec<Call>, Arc<FakeUnitManager>) {
-    let etcd = EtcdServer::start();
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/takeover/".into(),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
-    let registry = EtcdRegistry::connect(&cfg).await.expect("connect");
+    let fixture = Fixture::start_with("/takeover/", Duration::from_secs(3)).await;
+    let registry = fixture.registry.clone();
     let keys = registry.keys().clone();
     let file = UnitFile::parse(wanted).expect("unit");
     let mut kv = registry.client().kv_client();
     kv.put(keys.body(&file.hash().to_string()), file.serialize(), None)
         .await
         .expect("body");
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: file.hash(),
-        desired_state: TargetState::Launched,
-    };
+    let rec = records::schedule(file.hash(), TargetState::Launched);
     kv.put(
         keys.schedule(MACHINE, "hello.service"),
         serde_json::to_vec(&rec).expect("json"),

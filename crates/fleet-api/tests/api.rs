@@ -9,33 +9,21 @@ use std::time::Duration;
 use common::Harness;
 use fleet_api::{ApiConfig, DISCOVERY_JSON, PageToken};
 use fleet_registry::{EngineOp, MachineRecord, Registry, StateRecord};
-use fleet_testutil::eventually;
+use fleet_testutil::{eventually, records};
 use fleet_unit::{TargetState, UnitName};
 
 const HELLO: &str = r#"{"desiredState":"launched","options":[{"section":"Service","name":"ExecStart","value":"/bin/sleep 100"}]}"#;
 
 fn machine(id: &str, ip: &str) -> MachineRecord {
     MachineRecord {
-        version: 1,
-        id: id.into(),
         public_ip: ip.into(),
         metadata: BTreeMap::from([("region".into(), "east".into())]),
-        agent_version: "1.0.0".into(),
-        token: format!("token-{id}"),
+        ..records::machine(id)
     }
 }
 
 fn state(unit: &str, machine: &str) -> StateRecord {
-    StateRecord {
-        version: 1,
-        name: unit.into(),
-        machine_id: machine.into(),
-        hash: "1c6fb6f3684bafb0c173d8b8b957ceff031180c1".into(),
-        load_state: "loaded".into(),
-        active_state: "active".into(),
-        sub_state: "running".into(),
-        agent_state: TargetState::Launched,
-    }
+    records::state(unit, machine, "1c6fb6f3684bafb0c173d8b8b957ceff031180c1")
 }
 
 /// (status, method, path, content type, body, expected error message)

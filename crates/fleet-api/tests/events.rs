@@ -15,7 +15,7 @@ use fleet_api::{ApiConfig, EventFeed};
 use fleet_registry::{
     Change, ChangeBatch, ChangeFeed, FeedItem, Registry, RegistryError, Result as RegResult,
 };
-use fleet_testutil::EtcdServer;
+use fleet_testutil::Fixture;
 use fleet_unit::{TargetState, UnitFile, UnitName};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -189,8 +189,8 @@ fn name(n: &str) -> UnitName {
 
 #[tokio::test]
 async fn resuming_after_a_disconnect_loses_no_event() {
-    let etcd = EtcdServer::start();
-    let reg = common::registry(&etcd).await;
+    let fixture = Fixture::start().await;
+    let reg = fixture.registry.clone();
     let config = ApiConfig {
         events: Some(EventFeed(Arc::new(reg.clone()))),
         ..Default::default()

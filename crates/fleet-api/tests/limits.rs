@@ -345,16 +345,8 @@ async fn a_client_that_closes_its_write_side_still_gets_the_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_out_of_reach_is_a_503_that_says_so() {
-    let etcd = fleet_testutil::EtcdServer::start();
-    let cfg = fleet_registry::EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/gone/".into(),
-        request_timeout: Duration::from_millis(500),
-        ..Default::default()
-    };
-    let registry = fleet_registry::EtcdRegistry::connect(&cfg)
-        .await
-        .expect("connect");
+    let fleet_testutil::Fixture { etcd, registry } =
+        fleet_testutil::Fixture::start_with("/gone/", Duration::from_millis(500)).await;
     drop(etcd);
     let server = unix_server(Arc::new(registry));
     let r = server

@@ -9,54 +9,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleet_api::{ApiConfig, Listener, TlsFiles, bind_tcp, bind_unix, load_tls, serve};
+use fleet_api::{ApiConfig, Listener, TlsFiles, bind_tcp, bind_unix, load_tls};
 use fleet_client::{ClientConfig, ClientError, Connector, HttpRegistry, Stream};
-use fleet_registry::{
-    EngineOp, EtcdConfig, EtcdRegistry, MachineRecord, Registry, RegistryError, StateRecord,
-};
-use fleet_testutil::EtcdServer;
-use fleet_unit::{TargetState, UnitFile, UnitName};
-use tokio::sync::oneshot;
+use fleet_registry::{EngineOp, MachineRecord, Registry, RegistryError, StateRecord};
+use fleet_testutil::records::{self, file, name};
+use fleet_testutil::{ApiServer, Fixture};
+use fleet_unit::TargetState;
 
 struct Server {
-    _etcd: EtcdServer,
-    etcd_reg: EtcdRegistry,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-    }
+    fixture: Fixture,
+    _api: ApiServer,
 }
 
 /// A private etcd, its registry, and the API server on `listener`.
 async fn start(listener: Listener, config: ApiConfig) -> Server {
-    let etcd = EtcdServer::start();
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/test/".into(),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
-    let reg = EtcdRegistry::connect(&cfg).await.expect("connect to etcd");
-    reg.units().await.expect("etcd answers");
-    let (tx, rx) = oneshot::channel::<()>();
-    tokio::spawn(serve(
-        vec![listener],
-        Arc::new(reg.clone()),
-        config,
-        async {
-            let _ = rx.await;
-        },
-    ));
-    Server {
-        _etcd: etcd,
-        etcd_reg: reg,
-        stop: Some(tx),
-    }
+    let fixture = Fixture::start().await;
+    let api = ApiServer::on(listener, Arc::new(fixture.registry.clone()), config);
+    Server { fixture, _api: api }
 }
 
 fn client(endpoint: &str) -> HttpRegistry {
@@ -68,39 +37,23 @@ fn client(endpoint: &str) -> HttpRegistry {
     .expect("valid client config")
 }
 
-fn name(s: &str) -> UnitName {
-    UnitName::parse(s).expect("valid name")
-}
-
-fn file(s: &str) -> UnitFile {
-    UnitFile::parse(s).expect("valid unit file")
-}
-
 fn machine(id: &str) -> MachineRecord {
     MachineRecord {
-        version: 1,
-        id: id.into(),
         public_ip: format!("10.0.0.{}", id.len()),
         metadata: BTreeMap::from([("region".into(), "east".into())]),
-        agent_version: "1.0.0".into(),
-        token: format!("token-{id}"),
+        ..records::machine(id)
     }
 }
 
 fn state(unit: &str, machine: &str, active: &str) -> StateRecord {
     StateRecord {
-        version: 1,
-        name: unit.into(),
-        machine_id: machine.into(),
-        hash: "1c6fb6f3684bafb0c173d8b8b957ceff031180c1".into(),
-        load_state: "loaded".into(),
         active_state: active.into(),
-        sub_state: "running".into(),
         agent_state: if active == "active" {
             TargetState::Launched
         } else {
             TargetState::Loaded
         },
+        ..records::state(unit, machine, "1c6fb6f3684bafb0c173d8b8b957ceff031180c1")
     }
 }
 
@@ -116,7 +69,7 @@ async fn round_trips_match_the_etcd_driver() {
         },
     )
     .await;
-    let etcd = &srv.etcd_reg;
+    let etcd = &srv.fixture.registry;
     let http = client(&format!("http://{addr}"));
     let dynamic: Arc<dyn Registry> = Arc::new(http.clone());
 
@@ -414,7 +367,7 @@ async fn unix_socket_endpoint_and_custom_connector() {
     )
     .await
     .expect("create over unix socket");
-    assert_eq!(srv.etcd_reg.units().await.expect("units").len(), 1);
+    assert_eq!(srv.fixture.registry.units().await.expect("units").len(), 1);
 
     /// Dials the socket itself and counts connections, like a tunnel would.
     struct Counting {

@@ -6,14 +6,13 @@
 //! `cargo run --release -p fleet-engine --example scale [machines] [units]` (defaults 100 1000).
 //! Needs `etcd` installed (./test installs it); starts its own on a free loopback port.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_engine::EngineConfig;
 use fleet_metrics::Metrics;
-use fleet_registry::{EtcdConfig, EtcdRegistry, MachineRecord, Registry, WatchEvent};
-use fleet_testutil::EtcdServer;
+use fleet_registry::{MachineRecord, Registry, WatchEvent};
+use fleet_testutil::{Fixture, records};
 use fleet_unit::{TargetState, UnitFile, UnitName};
 use tokio_util::sync::CancellationToken;
 
@@ -22,23 +21,14 @@ async fn main() {
     let mut args = std::env::args().skip(1);
     let machines: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(100);
     let units: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
-    let etcd = EtcdServer::start();
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/scale/".into(),
-        request_timeout: Duration::from_secs(10),
-        ..Default::default()
-    };
-    let registry = EtcdRegistry::connect(&cfg).await.expect("connect");
+    let fixture = Fixture::start_with("/scale/", Duration::from_secs(10)).await;
+    let registry = fixture.registry.clone();
     let mut leases = Vec::new();
     for i in 0..machines {
         let rec = MachineRecord {
-            version: 1,
-            id: format!("{i:032x}"),
             public_ip: format!("10.0.{}.{}", i / 250, i % 250 + 1),
-            metadata: BTreeMap::new(),
             agent_version: "scale".into(),
-            token: format!("t{i}"),
+            ..records::machine(&format!("{i:032x}"))
         };
         leases.push(
             registry

@@ -175,18 +175,13 @@ pub fn diff(
 #[allow(clippy::field_reassign_with_default)] // snapshots built up field by field read best
 mod tests {
     use super::*;
-    use fleet_registry::{MachineView, ScheduleRecord};
+    use fleet_registry::MachineView;
+    use fleet_testutil::records;
     use fleet_unit::{TargetState, UnitFile, UnitName};
 
     fn rec(name: &str, desired: TargetState) -> UnitRecord {
         let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n").expect("file");
-        UnitRecord {
-            version: 1,
-            name: UnitName::parse(name).expect("name"),
-            hash: file.hash(),
-            desired_state: desired,
-            global: false,
-        }
+        records::unit(name, file.hash(), desired)
     }
 
     fn machine(id: &str) -> MachineView {
@@ -204,17 +199,8 @@ mod tests {
             UnitFile::parse("").expect("empty").hash(),
             TargetState::Launched,
         ));
-        snap.schedules.insert(
-            unit.into(),
-            (
-                m.into(),
-                ScheduleRecord {
-                    version: 1,
-                    hash,
-                    desired_state: desired,
-                },
-            ),
-        );
+        snap.schedules
+            .insert(unit.into(), (m.into(), records::schedule(hash, desired)));
         snap.placements.insert(unit.into(), m.into());
     }
 

@@ -3,12 +3,12 @@
 //! view that holds its own last write, holding placements for one agent_ttl after a
 //! leadership change, and debouncing.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{EngineStore, MachineRecord, MemoryStore, ScheduleRecord, WatchEvent};
+use fleet_registry::{EngineStore, MachineRecord, MemoryStore, WatchEvent};
+use fleet_testutil::records::{self, body};
 use fleet_unit::{TargetState, UnitFile, UnitName};
 
 use crate::EngineConfig;
@@ -25,19 +25,11 @@ fn config(id: &str) -> EngineConfig {
     }
 }
 
-fn body(n: u32) -> UnitFile {
-    UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n")).expect("unit")
-}
-
 /// A machine present, as its agent registers it (without a lease: it stays).
 fn add_machine(store: &MemoryStore, id: &str) {
     let rec = MachineRecord {
-        version: 1,
-        id: id.into(),
-        public_ip: "10.0.0.1".into(),
-        metadata: BTreeMap::new(),
-        agent_version: "1.0.0".into(),
         token: id.into(),
+        ..records::machine(id)
     };
     store.put(
         &store.keys().machine(id),
@@ -181,11 +173,7 @@ async fn never_decides_from_a_view_without_its_own_last_write() {
 }
 
 fn schedule_on(store: &MemoryStore, unit: &str, machine: &str, n: u32) {
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: body(n).hash(),
-        desired_state: TargetState::Launched,
-    };
+    let rec = records::schedule(body(n).hash(), TargetState::Launched);
     store.put(
         &store.keys().schedule(machine, unit),
         serde_json::to_vec(&rec).expect("json"),
@@ -279,11 +267,7 @@ async fn a_unit_its_machine_can_no_longer_run_counts_as_a_run_failure() {
         .await
         .expect("create");
     // placed on m1 before its options said m2 (an older version of the unit)
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: file.hash(),
-        desired_state: TargetState::Launched,
-    };
+    let rec = records::schedule(file.hash(), TargetState::Launched);
     store.put(
         &store.keys().schedule("m1", "pinned.service"),
         serde_json::to_vec(&rec).expect("json"),

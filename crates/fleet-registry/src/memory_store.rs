@@ -5,21 +5,22 @@
 //! Everything is deterministic under `tokio::time::pause`: a lease expires `ttl` after the
 //! store became unreachable (nobody can refresh it then) or at once by
 //! [`MemoryStore::expire_lease`]; watch events are sent as the write happens.
+//!
+//! Leases behave as etcd's do for their holder: a write under a revoked or expired lease is
+//! refused with etcd's own error, and a holder learns that its lease is lost only from an
+//! answer, that is once the store is reachable again (while cut off, a lease is unknown).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::{mpsc, watch};
 
 use crate::keys::{self, Keys};
 use crate::lease::Lease;
-use crate::model::{
-    GlobalRecord, MachineRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView,
-    decode, encode,
-};
+use crate::model::{MachineRecord, MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
 use crate::roles::{AgentStore, EngineOp, EngineStore, Leadership, Write, engine_writes};
 use crate::watch::KeyRange;
 use crate::{RegistryError, Result, WatchEvent, decode as records};
@@ -61,6 +62,8 @@ struct Kv {
     next_lease: i64,
     watchers: Vec<Watcher>,
     unreachable: bool,
+    /// Holders of leases that expired while the store was cut off: told once it is back.
+    lost_unheard: Vec<watch::Sender<bool>>,
     /// Bumped at every change of reachability, so a pending expiry knows it is stale.
     epoch: u64,
 }
@@ -113,6 +116,9 @@ impl MemoryStore {
         kv.epoch += 1;
         let epoch = kv.epoch;
         if reachable {
+            for lost in std::mem::take(&mut kv.lost_unheard) {
+                let _ = lost.send(true);
+            }
             let (revision, data) = (kv.revision, snapshot_of(&kv.data));
             kv.watchers.retain_mut(|w| {
                 w.disconnected = false;
@@ -129,22 +135,28 @@ impl MemoryStore {
             w.tx.try_send(WatchEvent::Disconnected).is_ok()
         });
         for (&id, lease) in &kv.leases {
-            let store = self.clone();
-            let ttl = lease.ttl;
-            tokio::spawn(async move {
-                tokio::time::sleep(ttl).await;
-                let still_cut_off = {
-                    let kv = store.lock();
-                    kv.unreachable && kv.epoch == epoch
-                };
-                if still_cut_off {
-                    store.expire_lease(id);
-                }
-            });
+            self.expire_unless_reached(id, lease.ttl, epoch);
         }
     }
 
-    /// The lease expires now: its keys are deleted and its holder learns it is lost.
+    /// Expires lease `id` after `ttl` unless the store was reachable again in between (the
+    /// cut of `epoch` over: its holder could refresh it again).
+    fn expire_unless_reached(&self, id: i64, ttl: Duration, epoch: u64) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ttl).await;
+            let still_cut_off = {
+                let kv = store.lock();
+                kv.unreachable && kv.epoch == epoch
+            };
+            if still_cut_off {
+                store.expire_lease(id);
+            }
+        });
+    }
+
+    /// The lease expires now: its keys are deleted, and its holder learns it is lost (once
+    /// the store is reachable, if it is cut off now).
     pub fn expire_lease(&self, id: i64) {
         let mut kv = self.lock();
         kv.revoke(id);
@@ -190,18 +202,7 @@ impl MemoryStore {
         let lease = Lease::new(id, rx);
         if kv.unreachable {
             // granted just before the cut: it cannot be refreshed either
-            let store = self.clone();
-            let epoch = kv.epoch;
-            tokio::spawn(async move {
-                tokio::time::sleep(ttl).await;
-                let still = {
-                    let kv = store.lock();
-                    kv.unreachable && kv.epoch == epoch
-                };
-                if still {
-                    store.expire_lease(id);
-                }
-            });
+            self.expire_unless_reached(id, ttl, kv.epoch);
         }
         lease
     }
@@ -237,6 +238,17 @@ impl MemoryStore {
             key,
             reason: e.to_string(),
         })
+    }
+}
+
+/// What etcd answers a write under a lease it does not have (revoked or expired).
+fn lease_not_found(op: &'static str, key: String) -> RegistryError {
+    RegistryError::Etcd {
+        op,
+        key,
+        source: etcd_client::Error::GRpcStatus(tonic::Status::not_found(
+            "etcdserver: requested lease not found",
+        )),
     }
 }
 
@@ -309,7 +321,11 @@ impl Kv {
         let Some(lease) = self.leases.remove(&id) else {
             return;
         };
-        let _ = lease.lost.send(true);
+        if self.unreachable {
+            self.lost_unheard.push(lease.lost);
+        } else {
+            let _ = lease.lost.send(true);
+        }
         let held: Vec<Write> = self
             .data
             .iter()
@@ -394,6 +410,9 @@ impl AgentStore for MemoryStore {
         let key = self.keys.state(name, machine_id);
         let mut kv = self.request("publishing unit state", &key)?;
         match state {
+            Some(_) if !kv.leases.contains_key(&lease.id()) => {
+                return Err(lease_not_found("publishing unit state", key));
+            }
             Some(s) => kv.commit(vec![Write::Put(key, encode(s))], Some(lease.id())),
             None => kv.commit(vec![Write::Delete(key)], None),
         };
@@ -470,10 +489,9 @@ impl MemoryStore {
         file: &UnitFile,
         desired: TargetState,
     ) -> Result<()> {
-        let global = Requirements::is_global(name, file);
-        let hash = file.hash();
+        let rec = UnitRecord::new(name, file, desired);
         let unit_key = self.keys.unit(name.as_str());
-        let body_key = self.keys.body(&hash.to_string());
+        let body_key = self.keys.body(&rec.hash.to_string());
         let mut kv = self.request("creating unit", &unit_key)?;
         if kv.data.contains_key(&unit_key) {
             return Err(RegistryError::AlreadyExists(name.to_string()));
@@ -484,20 +502,8 @@ impl MemoryStore {
                 None,
             );
         }
-        let rec = UnitRecord {
-            version: RECORD_VERSION,
-            name: name.clone(),
-            hash,
-            desired_state: desired,
-            global,
-        };
         let mut writes = vec![Write::Put(unit_key, encode(&rec))];
-        if global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash,
-                desired_state: desired,
-            };
+        if let Some(g) = rec.global_record() {
             writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
         }
         kv.commit(writes, None);
@@ -516,12 +522,7 @@ impl MemoryStore {
         }
         rec.desired_state = desired;
         let mut writes = vec![Write::Put(key, encode(&rec))];
-        if rec.global {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash: rec.hash,
-                desired_state: desired,
-            };
+        if let Some(g) = rec.global_record() {
             writes.push(Write::Put(self.keys.global(name.as_str()), encode(&g)));
         }
         kv.commit(writes, None);
@@ -621,12 +622,61 @@ mod tests {
         s.set_reachable(false);
         assert_eq!(next(&mut rx).await, WatchEvent::Disconnected);
         tokio::time::sleep(ttl - Duration::from_millis(1)).await;
-        assert!(!lease.is_lost());
+        assert!(s.get(&s.keys().machine("m1")).is_some());
         tokio::time::sleep(Duration::from_millis(2)).await;
-        assert!(lease.is_lost());
         assert!(s.get(&s.keys().machine("m1")).is_none());
+        // etcd has let it go, but nobody can say so to a holder that cannot reach it
+        assert!(!lease.is_lost(), "lost reported while unreachable");
         s.set_reachable(true);
+        assert!(lease.is_lost());
         assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { kvs, .. } if kvs.is_empty()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_under_an_expired_or_revoked_lease_are_refused() {
+        let s = MemoryStore::default();
+        let ttl = Duration::from_secs(10);
+        let st = |unit: &str| StateRecord {
+            version: 1,
+            name: unit.into(),
+            machine_id: "m1".into(),
+            hash: "1c6fb6f3684bafb0c173d8b8b957ceff031180c1".into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: TargetState::Launched,
+        };
+        let expired = AgentStore::register_machine(&s, &machine("m1", "t"), ttl)
+            .await
+            .expect("register");
+        s.expire_lease(expired.id());
+        let e = s
+            .publish_state("a.service", "m1", Some(&st("a.service")), &expired)
+            .await
+            .expect_err("expired lease");
+        let said = e.to_string();
+        let key = s.keys().state("a.service", "m1");
+        assert!(
+            said.starts_with(&format!("publishing unit state {key}: etcd: "))
+                && said.contains("requested lease not found"),
+            "{said}"
+        );
+        let lead = s.campaign("m1", ttl).await.expect("campaign").expect("won");
+        let revoked = Lease::new(lead.lease.id(), watch::channel(false).1);
+        s.resign(lead).await;
+        assert!(
+            s.publish_state("b.service", "m1", Some(&st("b.service")), &revoked)
+                .await
+                .is_err()
+        );
+        assert!(
+            s.list(&s.keys().dir(keys::STATES)).is_empty(),
+            "half written"
+        );
+        // withdrawing needs no lease
+        s.publish_state("a.service", "m1", None, &expired)
+            .await
+            .expect("delete");
     }
 
     #[tokio::test(start_paused = true)]

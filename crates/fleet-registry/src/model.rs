@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use serde::{Deserialize, Serialize};
 
 /// Format version of every record this code writes. Readers accept this version and skip
@@ -24,6 +24,29 @@ pub struct UnitRecord {
     pub desired_state: TargetState,
     #[serde(default)]
     pub global: bool,
+}
+
+impl UnitRecord {
+    /// The record of unit `name` with the body `file`: global when its `[X-Fleet]` says so
+    /// (a unit whose requirements do not parse is not).
+    pub(crate) fn new(name: &UnitName, file: &UnitFile, desired: TargetState) -> UnitRecord {
+        UnitRecord {
+            version: RECORD_VERSION,
+            name: name.clone(),
+            hash: file.hash(),
+            desired_state: desired,
+            global: Requirements::is_global(name, file),
+        }
+    }
+
+    /// What goes to `global/<name>` for a global unit; nothing for the others.
+    pub(crate) fn global_record(&self) -> Option<GlobalRecord> {
+        self.global.then_some(GlobalRecord {
+            version: RECORD_VERSION,
+            hash: self.hash,
+            desired_state: self.desired_state,
+        })
+    }
 }
 
 /// `global/<name>`: the part of a global unit every agent needs.

@@ -4,38 +4,21 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_registry::{
-    EngineOp, EtcdConfig, EtcdRegistry, MachineRecord, Registry, RegistryError, StateRecord,
-    WatchEvent,
+    EngineOp, EtcdConfig, EtcdRegistry, MachineRecord, Registry, RegistryError, WatchEvent,
 };
-use fleet_testutil::EtcdServer;
-use fleet_unit::{TargetState, UnitFile, UnitName};
+use fleet_testutil::records::{self, file, name};
+use fleet_testutil::{EtcdServer, fixture};
+use fleet_unit::TargetState;
 
 async fn registry(etcd: &EtcdServer) -> EtcdRegistry {
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/test/".into(),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
-    EtcdRegistry::connect(&cfg).await.expect("connect")
-}
-
-fn name(s: &str) -> UnitName {
-    UnitName::parse(s).expect("name")
-}
-
-fn file(s: &str) -> UnitFile {
-    UnitFile::parse(s).expect("file")
+    fixture::connect(etcd, fixture::PREFIX, fixture::REQUEST_TIMEOUT).await
 }
 
 fn machine(id: &str, token: &str) -> MachineRecord {
     MachineRecord {
-        version: 1,
-        id: id.into(),
-        public_ip: "10.0.0.1".into(),
         metadata: BTreeMap::from([("region".into(), "east".into())]),
-        agent_version: "1.0.0".into(),
         token: token.into(),
+        ..records::machine(id)
     }
 }
 
@@ -206,16 +189,7 @@ async fn machines_leases_and_duplicates() {
         ms[0].metadata.get("region").map(String::as_str),
         Some("east")
     );
-    let state = StateRecord {
-        version: 1,
-        name: "a.service".into(),
-        machine_id: "m1".into(),
-        hash: "x".into(),
-        load_state: "loaded".into(),
-        active_state: "active".into(),
-        sub_state: "running".into(),
-        agent_state: TargetState::Launched,
-    };
+    let state = records::state("a.service", "m1", "x");
     r.publish_state("a.service", "m1", Some(&state), &lease2)
         .await
         .expect("publish");

@@ -1,11 +1,23 @@
-//! Test utilities shared by the crates' integration tests: a real etcd on a free loopback port,
-//! bounded waiting for conditions, and a child process's output collected as it comes.
+//! Test utilities shared by the crates' tests: a real etcd on a free loopback port, bounded
+//! waiting for conditions, and a child process's output collected as it comes; with the
+//! `registry` feature, a registry on that etcd ([`fixture`]) and record builders
+//! ([`records`]); with `api`, fleet's API server in front of a registry.
 
 use std::io::Read;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+#[cfg(feature = "registry")]
+pub mod fixture;
+#[cfg(feature = "registry")]
+pub mod records;
+
+#[cfg(feature = "api")]
+pub use fixture::ApiServer;
+#[cfg(feature = "registry")]
+pub use fixture::Fixture;
 
 /// A private etcd server for one test: started on free loopback ports with its data in a
 /// temporary directory, killed (by its PID) and removed when dropped.

@@ -23,27 +23,7 @@ fn many_units_are_reported_in_argument_order() {
             &bad,
             "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nGlobal=true\nMachineOf=abcd\n",
         );
-        let run = |args: &[&str]| -> Output {
-            let flags = if driver == "etcd" {
-                vec![
-                    "--driver=etcd".to_string(),
-                    format!("--endpoint={}", c.etcd.endpoint()),
-                ]
-            } else {
-                vec![format!("--endpoint={api}")]
-            };
-            let out = c
-                .bare_command()
-                .args(flags)
-                .args(args)
-                .output()
-                .expect("run fleetctl");
-            Output {
-                code: out.status.code().unwrap_or(-1),
-                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            }
-        };
+        let run = |args: &[&str]| -> Output { c.run_with(&c.driver_flags(driver, &api), args) };
         let inactive = |ns: &[String]| -> String {
             ns.iter().map(|n| format!("Unit {n} inactive\n")).collect()
         };
@@ -98,29 +78,9 @@ fn arguments_see_the_units_created_before_them() {
     let c = Cluster::start();
     let api = c.serve_api();
     std::fs::create_dir_all(c.dir.path().join("sub")).expect("mkdir");
-    for (driver, flags) in [
-        (
-            "etcd",
-            vec![
-                "--driver=etcd".to_string(),
-                format!("--endpoint={}", c.etcd.endpoint()),
-            ],
-        ),
-        ("api", vec![format!("--endpoint={api}")]),
-    ] {
-        let run = |args: &[&str]| {
-            let out = c
-                .bare_command()
-                .args(&flags)
-                .args(args)
-                .output()
-                .expect("run");
-            (
-                out.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        };
+    for driver in ["etcd", "api"] {
+        let flags = c.driver_flags(driver, &api);
+        let run = |args: &[&str]| c.run_with(&flags, args).parts();
         let dup = format!("dup-{driver}.service");
         c.write(&dup, SLEEP);
         assert_eq!(
@@ -187,28 +147,14 @@ fn start_replace_keeps_the_unit_where_it_runs() {
         let before = created(&c);
         assert!(before.is_some());
         c.write(&unit, HELLO);
-        let endpoint = if driver == "etcd" {
-            vec![
-                "--driver=etcd".to_string(),
-                format!("--endpoint={}", c.etcd.endpoint()),
-            ]
-        } else {
-            vec![format!("--endpoint={api}")]
-        };
-        let out = c
-            .bare_command()
-            .args(&endpoint)
-            .args(["start", "--no-block", "--replace", unit.as_str()])
-            .output()
-            .expect("run");
+        let out = c.run_with(
+            &c.driver_flags(driver, &api),
+            &["start", "--no-block", "--replace", unit.as_str()],
+        );
         assert_eq!(
+            out.parts(),
             (
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).into_owned(),
-                String::from_utf8_lossy(&out.stderr).into_owned()
-            ),
-            (
-                Some(0),
+                0,
                 format!("Unit {unit} launched\nTriggered unit {unit} start\n"),
                 String::new()
             ),

@@ -119,19 +119,7 @@ fn api_driver_answers_like_the_etcd_driver() {
     let endpoint = c.serve_api();
     c.add_machine(M1, "172.17.8.103", &[("role", "web")]);
     c.write("hello.service", HELLO);
-    let api = |args: &[&str]| {
-        let out = c
-            .bare_command()
-            .arg(format!("--endpoint={endpoint}"))
-            .args(args)
-            .output()
-            .expect("run");
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let api = |args: &[&str]| c.run_with(&c.driver_flags("api", &endpoint), args).parts();
     let same = |args: &[&str]| {
         let via_etcd = c.run(args);
         assert_eq!(

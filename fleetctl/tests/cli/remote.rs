@@ -319,18 +319,11 @@ fn tunnelled_etcd_driver_opens_no_listener() {
         "--block-attempts=100",
         "hello.service",
     ]);
-    let reg = c.registry();
-    let name = fleet_unit::UnitName::parse("hello.service").expect("name");
-    use fleet_registry::Registry as _;
-    let written = fleet_testutil::wait_for(Duration::from_secs(20), || {
-        c.rt.block_on(async {
-            reg.unit(&name)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.desired == TargetState::Launched)
-        })
-    });
+    let written = c.wait_desired(
+        "hello.service",
+        TargetState::Launched,
+        Duration::from_secs(20),
+    );
     assert!(
         written,
         "start through the tunnel did not reach etcd; stderr: {:?}",

@@ -105,20 +105,12 @@ fn blocking_start_reports_reasons_and_placement() {
     c.write("hello.service", HELLO);
     let child = c.spawn(&["start", "--block-attempts=15", "hello.service"]);
     // the unit appears, then the engine says why it cannot be placed
-    let reg = c.registry();
-    let name = fleet_unit::UnitName::parse("hello.service").expect("name");
-    let desired_launched = || {
-        c.rt.block_on(async {
-            reg.unit(&name)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.desired == TargetState::Launched)
-        })
-    };
-    use fleet_registry::Registry as _;
     assert!(
-        fleet_testutil::wait_for(Duration::from_secs(10), desired_launched),
+        c.wait_desired(
+            "hello.service",
+            TargetState::Launched,
+            Duration::from_secs(10)
+        ),
         "start did not set the desired state"
     );
     let engine = c.engine();
@@ -183,17 +175,12 @@ fn blocking_start_reports_reasons_and_placement() {
 
     // stop: the agent reports the unit loaded
     let child = c.spawn(&["stop", "hello.service"]);
-    let desired_loaded = || {
-        c.rt.block_on(async {
-            reg.unit(&name)
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|u| u.desired == TargetState::Loaded)
-        })
-    };
     assert!(
-        fleet_testutil::wait_for(Duration::from_secs(10), desired_loaded),
+        c.wait_desired(
+            "hello.service",
+            TargetState::Loaded,
+            Duration::from_secs(10)
+        ),
         "stop did not set the desired state"
     );
     c.publish(

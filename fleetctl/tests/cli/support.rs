@@ -6,10 +6,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fleet_registry::{
-    EngineOp, EtcdConfig, EtcdRegistry, Leadership, LeaseKeeper, MachineRecord, StateRecord,
-};
-use fleet_testutil::EtcdServer;
+use fleet_registry::{EngineOp, EtcdRegistry, Leadership, LeaseKeeper, MachineRecord, StateRecord};
+use fleet_testutil::{EtcdServer, fixture, records};
 use fleet_unit::{TargetState, UnitFile};
 
 pub const HELLO: &str = "[Unit]\nDescription=Hello World\n\n[Service]\nExecStart=/bin/bash -c \"while true; do echo \\\"Hello, world\\\"; sleep 1; done\"\n";
@@ -30,6 +28,23 @@ pub struct Output {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+impl Output {
+    /// Runs `cmd` to the end.
+    fn of(mut cmd: Command) -> Output {
+        let out = cmd.output().expect("run fleetctl");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// (exit status, stdout, stderr), to compare in one assertion.
+    pub fn parts(self) -> (i32, String, String) {
+        (self.code, self.stdout, self.stderr)
+    }
 }
 
 impl Cluster {
@@ -93,12 +108,43 @@ impl Cluster {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
-        let out = self.command(args).output().expect("run fleetctl");
-        Output {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        Output::of(self.command(args))
+    }
+
+    /// The flags that point fleetctl at this cluster through `driver`: `etcd`, or the API
+    /// at `api` (what [`Cluster::serve_api`] returned).
+    pub fn driver_flags(&self, driver: &str, api: &str) -> Vec<String> {
+        if driver == "etcd" {
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", self.etcd.endpoint()),
+            ]
+        } else {
+            vec![format!("--endpoint={api}")]
         }
+    }
+
+    /// fleetctl run to the end with `flags` (a driver of the caller's choice), then `args`.
+    pub fn run_with(&self, flags: &[String], args: &[&str]) -> Output {
+        let mut cmd = self.bare_command();
+        cmd.args(flags).args(args);
+        Output::of(cmd)
+    }
+
+    /// Waits up to `timeout` for `unit`'s desired state in etcd to be `want`.
+    pub fn wait_desired(&self, unit: &str, want: TargetState, timeout: Duration) -> bool {
+        use fleet_registry::Registry as _;
+        let reg = self.registry();
+        let name = fleet_unit::UnitName::parse(unit).expect("name");
+        fleet_testutil::wait_for(timeout, || {
+            self.rt.block_on(async {
+                reg.unit(&name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|u| u.desired == want)
+            })
+        })
     }
 
     /// Runs fleetctl and checks exit status, stdout and stderr exactly.
@@ -128,14 +174,11 @@ impl Cluster {
     }
 
     pub fn registry(&self) -> EtcdRegistry {
-        let cfg = EtcdConfig {
-            endpoints: vec![self.etcd.endpoint().to_string()],
-            request_timeout: Duration::from_secs(3),
-            ..EtcdConfig::default()
-        };
-        self.rt
-            .block_on(EtcdRegistry::connect(&cfg))
-            .expect("connect")
+        self.rt.block_on(fixture::connect(
+            &self.etcd,
+            fleet_registry::DEFAULT_KEY_PREFIX,
+            Duration::from_secs(3),
+        ))
     }
 
     /// Registers a machine as an agent does (kept alive while the cluster lives).
@@ -163,14 +206,10 @@ impl Cluster {
     ) {
         let reg = self.registry();
         let rec = StateRecord {
-            version: 1,
-            name: unit.to_string(),
-            machine_id: machine.to_string(),
-            hash: hash.to_string(),
-            load_state: "loaded".to_string(),
             active_state: active.to_string(),
             sub_state: sub.to_string(),
             agent_state: agent,
+            ..records::state(unit, machine, hash)
         };
         self.rt.block_on(async {
             let lease = LeaseKeeper::grant(reg.client(), Duration::from_secs(60))
@@ -203,15 +242,13 @@ impl Cluster {
 
 pub fn machine(id: &str, ip: &str, metadata: &[(&str, &str)], version: &str) -> MachineRecord {
     MachineRecord {
-        version: 1,
-        id: id.to_string(),
         public_ip: ip.to_string(),
         metadata: metadata
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
         agent_version: version.to_string(),
-        token: format!("token-{id}"),
+        ..records::machine(id)
     }
 }
 

@@ -7,65 +7,44 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_api::{ApiConfig, ServeError, bind_tcp, serve};
-use fleet_registry::{EtcdConfig, EtcdRegistry, Registry};
-use fleet_testutil::EtcdServer;
+use fleet_api::{ApiConfig, ServeError};
+use fleet_registry::{EtcdRegistry, Registry};
+use fleet_testutil::{ApiServer, Fixture};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 pub struct Harness {
-    pub etcd: Option<EtcdServer>,
-    pub registry: Option<EtcdRegistry>,
+    /// The private etcd and its registry, when the server is in front of them.
+    pub fixture: Option<Fixture>,
     pub addr: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
-}
-
-pub async fn registry(etcd: &EtcdServer) -> EtcdRegistry {
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: "/test/".into(),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
-    let reg = EtcdRegistry::connect(&cfg).await.expect("connect to etcd");
-    // connect now, so that tests with short request timeouts do not pay for it
-    reg.units().await.expect("etcd answers");
-    reg
+    server: ApiServer,
 }
 
 impl Harness {
     /// A private etcd, its registry, and the API server on 127.0.0.1:<free port>.
     pub async fn start(config: ApiConfig) -> Harness {
-        let etcd = EtcdServer::start();
-        let reg = registry(&etcd).await;
-        let mut h = Harness::with_registry(Arc::new(reg.clone()), config).await;
-        h.etcd = Some(etcd);
-        h.registry = Some(reg);
+        let fixture = Fixture::start().await;
+        let mut h = Harness::with_registry(Arc::new(fixture.registry.clone()), config).await;
+        h.fixture = Some(fixture);
         h
     }
 
     /// The API server in front of any registry (no etcd).
     pub async fn with_registry(registry: Arc<dyn Registry>, config: ApiConfig) -> Harness {
-        let listener = bind_tcp("127.0.0.1:0").await.expect("bind");
-        let addr = listener.tcp_addr().expect("tcp address");
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(vec![listener], registry, config, async {
-            let _ = rx.await;
-        }));
+        let server = ApiServer::on_loopback(registry, config).await;
         Harness {
-            etcd: None,
-            registry: None,
-            addr,
-            stop: Some(tx),
-            task: Some(task),
+            fixture: None,
+            addr: server.addr(),
+            server,
         }
     }
 
     pub fn reg(&self) -> &EtcdRegistry {
-        self.registry.as_ref().expect("harness has a registry")
+        &self
+            .fixture
+            .as_ref()
+            .expect("harness has a registry")
+            .registry
     }
 
     pub async fn send(
@@ -97,15 +76,8 @@ impl Harness {
     }
 
     /// Stops the server and waits for `serve` to return.
-    pub async fn stop(mut self) -> Result<(), ServeError> {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        let task = self.task.take().expect("server task");
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("serve returns after shutdown")
-            .expect("serve task did not panic")
+    pub async fn stop(self) -> Result<(), ServeError> {
+        self.server.stop().await
     }
 }
 

@@ -4,14 +4,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
-use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tracing::warn;
 
 use super::{EtcdRegistry, OpKind};
 use crate::keys;
-use crate::model::{
-    GlobalRecord, MachineView, RECORD_VERSION, StateRecord, UnitRecord, UnitView, decode, encode,
-};
+use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
 use crate::watch::{KeyRange, ListWatch};
 use crate::{Registry, RegistryError, Result, decode as records};
 
@@ -28,25 +26,12 @@ struct UnitWrite {
 
 impl EtcdRegistry {
     fn unit_write(&self, name: &UnitName, file: &UnitFile, desired: TargetState) -> UnitWrite {
-        let global = Requirements::is_global(name, file);
-        let hash = file.hash();
-        let rec = UnitRecord {
-            version: RECORD_VERSION,
-            name: name.clone(),
-            hash,
-            desired_state: desired,
-            global,
-        };
+        let rec = UnitRecord::new(name, file, desired);
         let unit_key = self.keys.unit(name.as_str());
-        let body_key = self.keys.body(&hash.to_string());
-        let global_put = global.then(|| {
-            let g = GlobalRecord {
-                version: RECORD_VERSION,
-                hash,
-                desired_state: desired,
-            };
-            TxnOp::put(self.keys.global(name.as_str()), encode(&g), None)
-        });
+        let body_key = self.keys.body(&rec.hash.to_string());
+        let global_put = rec
+            .global_record()
+            .map(|g| TxnOp::put(self.keys.global(name.as_str()), encode(&g), None));
         let body_txn = Txn::new()
             .when([Compare::create_revision(
                 body_key.as_str(),
@@ -209,12 +194,7 @@ impl Registry for EtcdRegistry {
             }
             rec.desired_state = desired;
             let mut ops = vec![TxnOp::put(key.as_str(), encode(&rec), None)];
-            if rec.global {
-                let g = GlobalRecord {
-                    version: RECORD_VERSION,
-                    hash: rec.hash,
-                    desired_state: desired,
-                };
+            if let Some(g) = rec.global_record() {
                 ops.push(TxnOp::put(
                     self.keys.global(name.as_str()),
                     encode(&g),

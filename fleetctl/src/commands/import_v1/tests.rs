@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fleet_registry::{EtcdConfig, EtcdRegistry, Registry};
+use fleet_registry::{EtcdRegistry, Registry};
 use fleet_testutil::EtcdServer;
 
 use super::*;
@@ -275,14 +275,14 @@ async fn v2_put(endpoint: &str, key: &str, value: &str) {
 }
 
 async fn registry(etcd: &EtcdServer) -> EtcdRegistry {
-    let cfg = EtcdConfig {
-        endpoints: vec![etcd.endpoint().to_string()],
-        key_prefix: PREFIX.into(),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
-    };
-    EtcdRegistry::connect(&cfg).await.expect("connect")
+    fleet_testutil::fixture::connect(etcd, PREFIX, Duration::from_secs(3)).await
 }
+
+/// The plan only, nothing written.
+const DRY_RUN: Options = Options {
+    dry_run: true,
+    replace: false,
+};
 
 async fn get(reg: &EtcdRegistry, key: &str) -> Option<String> {
     let mut kv = reg.client().kv_client();
@@ -333,16 +333,7 @@ async fn imports_what_fleet_v1_wrote_and_is_idempotent() {
     let keys = reg.keys().clone();
 
     // dry run: the plan, nothing written
-    let dry = import(
-        &reg,
-        &v1,
-        Options {
-            dry_run: true,
-            replace: false,
-        },
-    )
-    .await
-    .expect("dry run");
+    let dry = import(&reg, &v1, DRY_RUN).await.expect("dry run");
     assert_eq!(
         dry.summary(true),
         "would import: 5, already there: 0, skipped: 1, errors: 0"
@@ -482,16 +473,7 @@ async fn warns_when_a_fleetd_already_uses_the_registry() {
     let reg = registry(&etcd).await;
     let keys = reg.keys().clone();
     let v1 = hello_with(&[]);
-    let quiet = import(
-        &reg,
-        &v1,
-        Options {
-            dry_run: true,
-            replace: false,
-        },
-    )
-    .await
-    .expect("dry run");
+    let quiet = import(&reg, &v1, DRY_RUN).await.expect("dry run");
     assert_eq!(quiet.err, Vec::<String>::new());
     let mut kv = reg.client().kv_client();
     kv.put(keys.machine("m9"), "{}", None).await.expect("put");
