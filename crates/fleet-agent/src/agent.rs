@@ -475,15 +475,19 @@ impl Agent {
     async fn fenced(&mut self) {
         let mut stopped = Vec::new();
         for name in self.fence.units() {
-            let Some(cur) = self.current.get_mut(&name) else {
+            let launched = self
+                .current
+                .get(&name)
+                .is_some_and(|c| c.state == TargetState::Launched);
+            if !launched {
                 continue;
-            };
-            if cur.state == TargetState::Launched {
-                let r = self.systemd.stop(&name).await;
-                self.task("stop", &name, r);
-                cur.state = TargetState::Loaded;
-                stopped.push(name);
             }
+            let r = self.systemd.stop(&name).await;
+            self.task("stop", &name, r);
+            if let Some(cur) = self.current.get_mut(&name) {
+                cur.state = TargetState::Loaded;
+            }
+            stopped.push(name);
         }
         if !stopped.is_empty() {
             self.refresh_states(Some(&stopped)).await;

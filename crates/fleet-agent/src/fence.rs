@@ -13,14 +13,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use fleet_registry::{AtMostOnce, Lease};
 use fleet_systemd::UnitManager;
-use futures_util::StreamExt;
-use futures_util::stream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
-
-use crate::agent::JOBS_IN_FLIGHT;
 
 /// What the agent and the guard task share. The agent records the units and reads `fenced`
 /// under one lock, and the guard sets `fenced` and reads the units under it: a unit the
@@ -115,6 +111,7 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+#[derive(Debug, Clone, Copy)]
 enum State {
     /// Refreshes are accepted; fence at the last one's send time + B.
     Open,
@@ -150,7 +147,7 @@ async fn guard(
                     units = units.len(),
                     "machine lease not refreshed for {b:?}; stopping its at-most-once units"
                 );
-                stop_all(systemd.as_ref(), &units, timing).await;
+                stop_all(&systemd, &units, timing).await;
                 state = State::Fenced {
                     after: Some(last),
                     until: None,
@@ -192,18 +189,20 @@ async fn guard(
 }
 
 /// Stops `units` (StopUnit queues the job; systemd carries it out, within the unit's
-/// `TimeoutStopSec`), each request bounded by the stop allowance.
-async fn stop_all(systemd: &dyn UnitManager, units: &BTreeSet<String>, timing: AtMostOnce) {
-    let stops = units.iter().map(|name| async move {
-        let r = tokio::time::timeout(timing.stop_allowance, systemd.stop(name)).await;
-        match r {
-            Ok(Ok(())) => info!(unit = %name, "at-most-once unit stopped"),
-            Ok(Err(e)) => warn!(unit = %name, error = %e, "cannot stop at-most-once unit"),
-            Err(_) => warn!(unit = %name, "stopping at-most-once unit timed out"),
-        }
-    });
-    stream::iter(stops)
-        .buffer_unordered(JOBS_IN_FLIGHT)
-        .collect::<Vec<()>>()
-        .await;
+/// `TimeoutStopSec`), all at once (the D-Bus client bounds its calls in flight), each request
+/// bounded by the stop allowance.
+async fn stop_all(systemd: &Arc<dyn UnitManager>, units: &BTreeSet<String>, timing: AtMostOnce) {
+    let mut stops = tokio::task::JoinSet::new();
+    for name in units.iter().cloned() {
+        let systemd = systemd.clone();
+        stops.spawn(async move {
+            let r = tokio::time::timeout(timing.stop_allowance, systemd.stop(&name)).await;
+            match r {
+                Ok(Ok(())) => info!(unit = %name, "at-most-once unit stopped"),
+                Ok(Err(e)) => warn!(unit = %name, error = %e, "cannot stop at-most-once unit"),
+                Err(_) => warn!(unit = %name, "stopping at-most-once unit timed out"),
+            }
+        });
+    }
+    while stops.join_next().await.is_some() {}
 }
