@@ -193,7 +193,7 @@ async fn guard(
 /// bounded by the stop allowance.
 async fn stop_all(systemd: &Arc<dyn UnitManager>, units: &BTreeSet<String>, timing: AtMostOnce) {
     let mut stops = tokio::task::JoinSet::new();
-    for name in units.iter().cloned() {
+    for name in units.clone() {
         let systemd = systemd.clone();
         stops.spawn(async move {
             let r = tokio::time::timeout(timing.stop_allowance, systemd.stop(&name)).await;

@@ -430,7 +430,10 @@ async fn an_at_most_once_unit_stops_when_the_lease_goes_unrenewed() {
     assert_eq!(store.lease_of(&store.keys().machine(M1)), lease);
     assert!(active(&systemd, "plain.service"));
     assert_eq!(
-        count(&systemd, |c| matches!(c, Call::Stop(n) if n == "plain.service")),
+        count(
+            &systemd,
+            |c| matches!(c, Call::Stop(n) if n == "plain.service")
+        ),
         0
     );
     agent.stop(false).await;
@@ -448,8 +451,22 @@ async fn after_a_lost_lease_at_most_once_units_wait_before_starting_again() {
     );
     let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
     let agent = Agent::start(&store, &systemd, &dir);
-    schedule(&store, M1, "moved.service", &at_most_once_body(1), TargetState::Launched).await;
-    schedule(&store, M1, "kept.service", &at_most_once_body(2), TargetState::Launched).await;
+    schedule(
+        &store,
+        M1,
+        "moved.service",
+        &at_most_once_body(1),
+        TargetState::Launched,
+    )
+    .await;
+    schedule(
+        &store,
+        M1,
+        "kept.service",
+        &at_most_once_body(2),
+        TargetState::Launched,
+    )
+    .await;
     eventually("started", || {
         active(&systemd, "moved.service") && active(&systemd, "kept.service")
     })
@@ -466,13 +483,22 @@ async fn after_a_lost_lease_at_most_once_units_wait_before_starting_again() {
     })
     .await;
     let back = tokio::time::Instant::now();
-    eventually("kept unit started again", || active(&systemd, "kept.service")).await;
+    eventually("kept unit started again", || {
+        active(&systemd, "kept.service")
+    })
+    .await;
     assert!(
         back.elapsed() + Duration::from_millis(100) >= timing.hold_after_rejoin,
         "started {:?} after registering again",
         back.elapsed()
     );
-    assert_eq!(count(&systemd, |c| matches!(c, Call::Start(n) if n == "moved.service")), 0);
+    assert_eq!(
+        count(
+            &systemd,
+            |c| matches!(c, Call::Start(n) if n == "moved.service")
+        ),
+        0
+    );
     assert!(!active(&systemd, "moved.service"));
     agent.stop(false).await;
 }

@@ -342,7 +342,10 @@ mod tests {
             (Duration::from_millis(1500), Duration::from_millis(1286)),
             (Duration::from_secs(5), Duration::from_millis(2387)),
             (Duration::from_secs(30), Duration::from_millis(9268)),
-            (Duration::from_secs(86_400), Duration::from_millis(23_782_829)),
+            (
+                Duration::from_secs(86_400),
+                Duration::from_millis(23_782_829),
+            ),
         ];
         for (agent_ttl, want) in cases {
             let t = AtMostOnce::for_ttl(agent_ttl);

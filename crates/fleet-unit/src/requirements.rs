@@ -285,9 +285,7 @@ impl Requirements {
             _ if global && replaces => clash(FleetOption::Global, FleetOption::Replaces),
             _ if conflicts && replaces => clash(FleetOption::Conflicts, FleetOption::Replaces),
             // a global unit runs on every machine by design: at most once means nothing there
-            _ if global && self.at_most_once => {
-                clash(FleetOption::Global, FleetOption::AtMostOnce)
-            }
+            _ if global && self.at_most_once => clash(FleetOption::Global, FleetOption::AtMostOnce),
             _ => Ok(()),
         }
     }
@@ -651,7 +649,10 @@ mod tests {
             ("AtMostOnce=false\nAtMostOnce=true\n", true),
             // with the other scheduling options
             ("AtMostOnce=true\nMachineID=m1\n", true),
-            ("AtMostOnce=true\nMachineOf=db.service\nConflicts=web.*\n", true),
+            (
+                "AtMostOnce=true\nMachineOf=db.service\nConflicts=web.*\n",
+                true,
+            ),
             ("AtMostOnce=true\nReplaces=old.service\n", true),
             ("AtMostOnce=true\nGlobal=false\n", true),
         ];
