@@ -539,6 +539,23 @@ fn monotonic(c: &Cluster, node: usize, unit: &str, prop: &str) -> u64 {
     out.stdout.trim().parse().unwrap_or(0)
 }
 
+/// When (CLOCK_MONOTONIC microseconds) systemd in `node` last logged `what` (e.g. `Stopped
+/// x.service`) at or after `since_us`, 0 if it did not. (An inactive unit's properties are
+/// gone once systemd unloads it; its journal stays.)
+fn logged_at(c: &Cluster, node: usize, since_us: u64, what: &str) -> u64 {
+    let journal = must(c.node_journal_since(node, since_us));
+    journal
+        .lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let inner = l.trim_start().strip_prefix('[')?;
+            let secs: f64 = inner.split(']').next()?.trim().parse().ok()?;
+            Some((secs * 1e6) as u64)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// A node running an at-most-once unit and a plain one is cut off from etcd for
 /// 3 x agent_ttl: the plain unit runs on two machines for a while, as in fleet; the
 /// at-most-once unit stops on the cut-off node before it starts elsewhere (an overlap
@@ -575,8 +592,7 @@ fn an_at_most_once_unit_never_runs_twice_when_its_node_is_cut_off() {
             "chaos: at-most-once: {ONCE} active on node{elsewhere} {:.1} s after node{cut} was cut off",
             t.elapsed().as_secs_f64()
         );
-        // read while the cut-off node still has the unit loaded (it unloads it on heal)
-        let stopped = monotonic(&c, cut, ONCE, "ActiveExitTimestampMonotonic");
+        let stopped = logged_at(&c, cut, cut_us, &format!("Stopped {ONCE}"));
         let started = monotonic(&c, elsewhere, ONCE, "ActiveEnterTimestampMonotonic");
         thread::sleep((3 * AGENT_TTL).saturating_sub(t.elapsed()));
         must(c.unblock_etcd(cut));
