@@ -409,8 +409,8 @@ impl Engine {
     /// reasoning behind the wait: [`fleet_registry::AtMostOnce`].
     fn wait_for_at_most_once(&mut self, snap: &fleet_registry::EngineSnapshot) -> HashSet<String> {
         let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
-        self.absent_since
-            .retain(|m, _| !present.contains(m.as_str()));
+        // only absent machines that still hold at-most-once units are remembered
+        let mut was = std::mem::take(&mut self.absent_since);
         let wait = AtMostOnce::for_ttl(self.cfg.agent_ttl).start_after;
         let now = Instant::now();
         let mut waiting = HashSet::new();
@@ -429,7 +429,10 @@ impl Engine {
             if !at_most_once {
                 continue;
             }
-            let since = *self.absent_since.entry(machine.clone()).or_insert(now);
+            let since = *self
+                .absent_since
+                .entry(machine.clone())
+                .or_insert_with(|| was.remove(machine).unwrap_or(now));
             let ends = since + wait;
             if now < ends {
                 waiting.insert(u.name.to_string());
