@@ -16,7 +16,7 @@ use fleet_systemd::UnitManager;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What the agent and the guard task share. The agent records the units and reads `fenced`
 /// under one lock, and the guard sets `fenced` and reads the units under it: a unit the
@@ -143,11 +143,15 @@ async fn guard(
                     s.units.clone()
                 };
                 let _ = tx.send(true);
-                warn!(
-                    units = units.len(),
-                    "machine lease not refreshed for {b:?}; stopping its at-most-once units"
-                );
-                stop_all(&systemd, &units, timing).await;
+                if units.is_empty() {
+                    debug!("machine lease not refreshed for {b:?}; no at-most-once unit here");
+                } else {
+                    warn!(
+                        units = units.len(),
+                        "machine lease not refreshed for {b:?}; stopping its at-most-once units"
+                    );
+                    stop_all(&systemd, &units, timing).await;
+                }
                 state = State::Fenced {
                     after: Some(last),
                     until: None,
@@ -164,9 +168,15 @@ async fn guard(
                 let refreshed = after.is_none_or(|a| last > a) && now < last + b;
                 let held = until.is_some_and(|u| now < u);
                 if refreshed && !held {
-                    lock(&shared).fenced = false;
+                    let any = {
+                        let mut s = lock(&shared);
+                        s.fenced = false;
+                        !s.units.is_empty()
+                    };
                     let _ = tx.send(false);
-                    info!("machine lease refreshed; at-most-once units may run again");
+                    if any {
+                        info!("machine lease refreshed; at-most-once units may run again");
+                    }
                     state = State::Open;
                     continue;
                 }
