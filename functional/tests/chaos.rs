@@ -525,3 +525,112 @@ fn fleetd_killed_mid_launch_on_each_node_leaves_every_unit_active_once() {
         );
     }
 }
+
+/// An at-most-once instance of the hello template (`[X-Fleet] AtMostOnce=true`).
+const ONCE: &str = "hello@once.service";
+const ONCE_UNIT: &str = "[Unit]\nDescription=Greeter that must never run twice\n\n\
+    [Service]\nExecStart=/bin/sh -c \"while :; do echo greeting once; sleep 2; done\"\n\n\
+    [X-Fleet]\nAtMostOnce=true\n";
+
+/// A CLOCK_MONOTONIC timestamp (microseconds) of `unit` in `node`, 0 when systemd has none.
+/// The nodes share the host's kernel, so these compare across nodes.
+fn monotonic(c: &Cluster, node: usize, unit: &str, prop: &str) -> u64 {
+    let out = must(c.exec(node, &["systemctl", "show", "-p", prop, "--value", unit]));
+    out.stdout.trim().parse().unwrap_or(0)
+}
+
+/// When (CLOCK_MONOTONIC microseconds) systemd in `node` last logged `what` (e.g. `Stopped
+/// x.service`) at or after `since_us`, 0 if it did not. (An inactive unit's properties are
+/// gone once systemd unloads it; its journal stays.)
+fn logged_at(c: &Cluster, node: usize, since_us: u64, what: &str) -> u64 {
+    let journal = must(c.node_journal_since(node, since_us));
+    journal
+        .lines()
+        .filter(|l| l.contains(what))
+        .filter_map(|l| {
+            let inner = l.trim_start().strip_prefix('[')?;
+            let secs: f64 = inner.split(']').next()?.trim().parse().ok()?;
+            Some((secs * 1e6) as u64)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A node running an at-most-once unit and a plain one is cut off from etcd for
+/// 3 x agent_ttl: the plain unit runs on two machines for a while, as in fleet; the
+/// at-most-once unit stops on the cut-off node before it starts elsewhere (an overlap
+/// window of 0), and the test prints how long it was down.
+#[test]
+fn an_at_most_once_unit_never_runs_twice_when_its_node_is_cut_off() {
+    let c = boot(quick_spec("chaosam", 3).etcd_members(3));
+    // one plain unit per node, then the at-most-once one beside one of them
+    start_hellos(&c, 1, 1, 3);
+    wait_for_each_once(&c, 3, "hello@1..3 active once");
+    let path = must(c.put_unit(1, ONCE, ONCE_UNIT));
+    must(c.fleetctl_ok(1, &["start", "--no-block", &path]));
+    let before = wait_for_each_once(&c, 4, "hello@1..3 and hello@once active once");
+    let cut = before[ONCE][0].0;
+    let plain: Vec<String> = before
+        .iter()
+        .filter(|(u, v)| u.as_str() != ONCE && v[0].0 == cut)
+        .map(|(u, _)| u.clone())
+        .collect();
+    assert!(!plain.is_empty(), "no plain unit beside {ONCE}: {before:?}");
+    // a cut-off engine leader adds its successor's election to the time the unit is down
+    let led = must(c.engine_leader()).and_then(|m| c.node_of(&m)) == Some(cut);
+    let ((stopped_us, started_us, cut_us), overlaps) = sampled(&c, || {
+        let t = Instant::now();
+        let cut_us = functional::fleet::now_us();
+        must(c.block_etcd(cut));
+        // the at-most-once unit stops on the cut-off node, then runs elsewhere
+        let elsewhere = wait_for("hello@once active elsewhere", WAIT, || {
+            match census(&c).get(ONCE).map(Vec::as_slice) {
+                Some([(n, _)]) if *n != cut => Ok(*n),
+                other => Err(format!("{other:?}")),
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        println!(
+            "chaos: at-most-once: {ONCE} active on node{elsewhere} {:.1} s after node{cut} was cut off",
+            t.elapsed().as_secs_f64()
+        );
+        let stopped = logged_at(&c, cut, cut_us, &format!("Stopped {ONCE}"));
+        let started = monotonic(&c, elsewhere, ONCE, "ActiveEnterTimestampMonotonic");
+        thread::sleep((3 * AGENT_TTL).saturating_sub(t.elapsed()));
+        must(c.unblock_etcd(cut));
+        wait_for_each_once(&c, 4, "every unit on one machine after the heal");
+        (stopped, started, cut_us)
+    });
+    overlaps.report("at-most-once, node cut off from etcd");
+    // the plain units did what fleet does: ran twice for a while
+    for u in &plain {
+        assert!(
+            overlaps.windows.contains_key(u),
+            "plain {u} was never seen on two machines: {overlaps:?}"
+        );
+    }
+    let window = overlaps
+        .windows
+        .get(ONCE)
+        .map_or(0.0, |(_, d)| d.as_secs_f64());
+    println!("chaos: at-most-once: overlap window of {ONCE}: {window:.1} s");
+    assert!(
+        stopped_us > cut_us && started_us > 0,
+        "{stopped_us} {started_us} {cut_us}"
+    );
+    println!(
+        "chaos: at-most-once: stopped {:.1} s after the cut, down {:.1} s (stop on node{cut} to \
+         active elsewhere, systemd's timestamps; node{cut} {} the engine leader)",
+        (stopped_us - cut_us) as f64 / 1e6,
+        started_us.saturating_sub(stopped_us) as f64 / 1e6,
+        if led { "was" } else { "was not" }
+    );
+    assert!(
+        !overlaps.windows.contains_key(ONCE),
+        "{ONCE} ran on two machines: {overlaps:?}"
+    );
+    assert!(
+        started_us > stopped_us,
+        "{ONCE} started elsewhere before it stopped on the cut-off node"
+    );
+}

@@ -2,14 +2,14 @@
 //! `plan.rs`; carrying them out in `executor.rs`; states in `publish.rs`; taking over a
 //! predecessor's units in `adopt.rs`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleet_metrics::Metrics;
-use fleet_registry::{AgentStore, Lease, MachineRecord, RegistryError, WatchEvent};
+use fleet_registry::{AgentStore, AtMostOnce, Lease, MachineRecord, RegistryError, WatchEvent};
 use fleet_scheduler::Machine;
 use fleet_systemd::{StateChange, SystemdState, UnitEvent, UnitManager, WatchSet};
 use fleet_unit::{Requirements, TargetState, UnitHash, UnitName};
@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::desired::{Desired, desired_units, read_watched};
+use crate::fence::Fence;
 use crate::plan::Current;
 use crate::publish::Publisher;
 
@@ -49,6 +50,8 @@ enum Event {
     Systemd(UnitEvent),
     SystemdClosed,
     LeaseLost,
+    /// The guard of at-most-once units fenced them, or lifted the fence.
+    Fence,
     Tick,
     Shutdown,
 }
@@ -62,6 +65,8 @@ pub(crate) struct Agent {
     record: MachineRecord,
     /// The lease the machine record and the unit states are held under.
     pub(crate) lease: Lease,
+    /// Stops the at-most-once units when `lease` goes unrenewed (replaced with the lease).
+    fence: Fence,
     /// The watched keys and values: this machine's schedule, the global units, its metadata.
     mirror: BTreeMap<String, Vec<u8>>,
     /// Whether `mirror` is a fresh snapshot: only then does the agent act on it ("unknown is
@@ -114,6 +119,13 @@ pub async fn run(
         _ = shutdown.cancelled() => return Ok(()),
     };
     info!(machine = %cfg.machine_id, "machine registered");
+    let fence = Fence::new(
+        &lease,
+        AtMostOnce::for_ttl(cfg.agent_ttl),
+        systemd.clone(),
+        BTreeSet::new(),
+        None,
+    );
     let mut agent = Agent {
         publisher: Publisher::new(store.clone(), cfg.machine_id.clone()),
         store,
@@ -122,6 +134,7 @@ pub async fn run(
         metrics,
         record,
         lease,
+        fence,
         mirror: BTreeMap::new(),
         synced: false,
         reload_owed: false,
@@ -216,6 +229,7 @@ impl Agent {
                     ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
                     ev = sys => ev,
                     _ = self.lease.lost() => Event::LeaseLost,
+                    _ = self.fence.changed() => Event::Fence,
                     _ = tick.tick() => Event::Tick,
                     _ = soon => { deadline = None; Event::Tick }
                 }
@@ -250,6 +264,14 @@ impl Agent {
                     self.refresh_states(None).await;
                 }
                 Event::LeaseLost => self.reregister(&shutdown).await,
+                Event::Fence => {
+                    if self.fence.is_fenced() {
+                        self.fenced().await;
+                    } else if self.synced && deadline.is_none() {
+                        // lifted: start again what must run
+                        deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
+                    }
+                }
                 Event::Tick => {
                     if self.publisher.has_unsent() {
                         self.retry_unsent().await;
@@ -364,6 +386,13 @@ impl Agent {
         let mut unreadable = watched.unreadable;
         let mut scheduled = BTreeMap::new();
         let mut globals = BTreeMap::new();
+        // at-most-once units wanted here, and those still here that were (unreadable now)
+        let mut at_most_once: BTreeSet<String> = self
+            .fence
+            .units()
+            .into_iter()
+            .filter(|n| self.current.contains_key(n))
+            .collect();
         // the requirements of units no longer watched (destroyed, replaced) are forgotten
         if self.requirements.len() > 2 * watched.wanted.len() + 64 {
             let live: HashSet<(UnitName, UnitHash)> = watched
@@ -388,6 +417,9 @@ impl Agent {
                     continue;
                 }
             };
+            if req.at_most_once && !w.global {
+                at_most_once.insert(w.name.to_string());
+            }
             let to = if w.global {
                 &mut globals
             } else {
@@ -413,6 +445,15 @@ impl Agent {
                 );
             }
         }
+        // fenced: at-most-once units stay loaded, not running (recorded before any start)
+        let fenced = self.fence.set_units(at_most_once.clone());
+        if fenced {
+            for (name, d) in desired.iter_mut() {
+                if d.state == TargetState::Launched && at_most_once.contains(name.as_str()) {
+                    d.state = TargetState::Loaded;
+                }
+            }
+        }
         self.resolve_adopted(&desired).await;
         if refused != self.refused_globals {
             for (name, reason) in &refused {
@@ -420,7 +461,37 @@ impl Agent {
             }
             self.refused_globals = refused;
         }
-        self.converge(desired).await
+        let complete = self.converge(desired).await;
+        if !fenced && self.fence.is_fenced() {
+            // fenced while this converge ran: what it started after the guard's stops must
+            // stop too
+            self.fenced().await;
+        }
+        complete
+    }
+
+    /// The guard fenced the at-most-once units (and stopped them): none of them runs, as far
+    /// as this agent is concerned, until the fence is lifted and a reconcile starts them.
+    async fn fenced(&mut self) {
+        let mut stopped = Vec::new();
+        for name in self.fence.units() {
+            let launched = self
+                .current
+                .get(&name)
+                .is_some_and(|c| c.state == TargetState::Launched);
+            if !launched {
+                continue;
+            }
+            let r = self.systemd.stop(&name).await;
+            self.task("stop", &name, r);
+            if let Some(cur) = self.current.get_mut(&name) {
+                cur.state = TargetState::Loaded;
+            }
+            stopped.push(name);
+        }
+        if !stopped.is_empty() {
+            self.refresh_states(Some(&stopped)).await;
+        }
     }
 
     /// The registry says the lease is gone (it expired while this machine could not reach
@@ -434,7 +505,20 @@ impl Agent {
         };
         match lease {
             Ok(l) => {
+                // the engine may be moving this machine's at-most-once units: they stay
+                // stopped until its decision is surely visible
+                let timing = AtMostOnce::for_ttl(self.cfg.agent_ttl);
+                self.fence = Fence::new(
+                    &l,
+                    timing,
+                    self.systemd.clone(),
+                    self.fence.units(),
+                    Some(timing.hold_after_rejoin),
+                );
                 self.lease = l;
+                // (they were stopped when the fence went up, unless the lease was taken
+                // away sooner than that: stop them now)
+                self.fenced().await;
                 self.publisher.forget_all();
                 let names: Vec<String> = self.current.keys().cloned().collect();
                 for n in names {

@@ -18,11 +18,15 @@
 //! - A restarted fleetd adopts the units it left running when their files are unchanged; it
 //!   does not restart them.
 //! - One `daemon-reload` per batch of file changes, never one per unit.
+//! - An at-most-once unit (`[X-Fleet] AtMostOnce=true`) is stopped once this machine's lease
+//!   has gone unrenewed for `fleet_registry::AtMostOnce::stop_after` (`fence.rs`), and is
+//!   started again only once the lease is refreshed.
 
 mod adopt;
 mod agent;
 mod desired;
 mod executor;
+mod fence;
 mod plan;
 mod publish;
 #[cfg(test)]

@@ -354,3 +354,125 @@ async fn purge_stops_unloads_and_withdraws() {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
 }
+
+fn at_most_once_body(n: u32) -> UnitFile {
+    UnitFile::parse(&format!(
+        "[Service]\nExecStart=/bin/sleep {n}\n[X-Fleet]\nAtMostOnce=true\n"
+    ))
+    .expect("unit")
+}
+
+/// An at-most-once unit stops once the machine's lease has gone unrenewed for
+/// `AtMostOnce::stop_after` (a plain unit runs on: unknown is not empty), and starts again
+/// once the same lease is refreshed (it never expired: the engine moved nothing).
+#[tokio::test(start_paused = true)]
+async fn an_at_most_once_unit_stops_when_the_lease_goes_unrenewed() {
+    let (store, systemd, dir) = (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "plain.service", &body(1), TargetState::Launched).await;
+    let once = at_most_once_body(2);
+    schedule(&store, M1, "once.service", &once, TargetState::Launched).await;
+    eventually("both started", || {
+        active(&systemd, "plain.service") && active(&systemd, "once.service")
+    })
+    .await;
+    let lease = store.lease_of(&store.keys().machine(M1));
+    store.set_reachable(false);
+    let cut = tokio::time::Instant::now();
+    eventually("at-most-once unit stopped", || {
+        !active(&systemd, "once.service")
+    })
+    .await;
+    // within B of the cut (the last refresh came at most ttl/3 before it)
+    let stopped = cut.elapsed();
+    assert!(stopped <= timing.stop_after, "{stopped:?}");
+    assert!(stopped + TTL / 3 >= timing.stop_after, "{stopped:?}");
+    assert!(active(&systemd, "plain.service"));
+    // back before the lease expired: the same lease, refreshed; the unit runs again
+    tokio::time::sleep_until(cut + timing.stop_after + Duration::from_millis(500)).await;
+    assert!(!active(&systemd, "once.service"));
+    store.set_reachable(true);
+    eventually("at-most-once unit started again", || {
+        active(&systemd, "once.service")
+    })
+    .await;
+    assert_eq!(store.lease_of(&store.keys().machine(M1)), lease);
+    assert!(active(&systemd, "plain.service"));
+    assert_eq!(
+        count(
+            &systemd,
+            |c| matches!(c, Call::Stop(n) if n == "plain.service")
+        ),
+        0
+    );
+    agent.stop(false).await;
+}
+
+/// A machine whose lease expired keeps its at-most-once units stopped after it registers
+/// again, for `hold_after_rejoin`: the engine may be moving them. Then it runs what its
+/// schedule still says (here: the engine moved one, and kept the other).
+#[tokio::test(start_paused = true)]
+async fn after_a_lost_lease_at_most_once_units_wait_before_starting_again() {
+    let (store, systemd, dir) = (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(
+        &store,
+        M1,
+        "moved.service",
+        &at_most_once_body(1),
+        TargetState::Launched,
+    )
+    .await;
+    schedule(
+        &store,
+        M1,
+        "kept.service",
+        &at_most_once_body(2),
+        TargetState::Launched,
+    )
+    .await;
+    eventually("started", || {
+        active(&systemd, "moved.service") && active(&systemd, "kept.service")
+    })
+    .await;
+    store.set_reachable(false);
+    idle(TTL * 3).await;
+    assert!(!active(&systemd, "moved.service") && !active(&systemd, "kept.service"));
+    // meanwhile the engine moved one of them elsewhere
+    store.delete(&store.keys().schedule(M1, "moved.service"));
+    systemd.clear_calls();
+    store.set_reachable(true);
+    eventually("registered again", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    let back = tokio::time::Instant::now();
+    eventually("kept unit started again", || {
+        active(&systemd, "kept.service")
+    })
+    .await;
+    assert!(
+        back.elapsed() + Duration::from_millis(100) >= timing.hold_after_rejoin,
+        "started {:?} after registering again",
+        back.elapsed()
+    );
+    assert_eq!(
+        count(
+            &systemd,
+            |c| matches!(c, Call::Start(n) if n == "moved.service")
+        ),
+        0
+    );
+    assert!(!active(&systemd, "moved.service"));
+    agent.stop(false).await;
+}

@@ -105,6 +105,10 @@ async fn units_create_modify_get_destroy() {
         (400, "PUT", format!("{u}/x.service"), json,
             r#"{"desiredState":"launched","options":[{"section":"X-Fleet","name":"MachineID","value":"abc"},{"section":"X-Fleet","name":"Global","value":"true"}]}"#.into(),
             Some("MachineID cannot be used with Global")),
+        // ours (not in fleet v1.0): AtMostOnce, refused like fleet's own checks
+        (400, "PUT", format!("{u}/x.service"), json,
+            r#"{"desiredState":"launched","options":[{"section":"X-Fleet","name":"AtMostOnce","value":"maybe"}]}"#.into(),
+            Some(r#"[X-Fleet] AtMostOnce value "maybe" is not a boolean: use true or false"#)),
         (400, "PUT", format!("{u}/x.service"), json,
             format!(r#"{{"desiredState":"launched","options":[{{"section":"Service","name":"ExecStart","value":"{}"}}]}}"#, "a".repeat(3000)),
             Some("line too long (max 2048 bytes)")),

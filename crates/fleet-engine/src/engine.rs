@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_metrics::{EngineFailure, Metrics};
-use fleet_registry::{EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent};
+use fleet_registry::{
+    AtMostOnce, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent,
+};
 use fleet_unit::{Requirements, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -75,6 +77,11 @@ pub(crate) struct Engine {
     tick: tokio::time::Interval,
     /// When the debounced reconcile after a burst of watch events is due.
     deadline: Option<Instant>,
+    /// Machines holding at-most-once units, absent since this engine saw them leave (or,
+    /// when it did not see that, since it first found them absent): such units move only
+    /// `AtMostOnce::start_after` later. Forgotten when a machine comes back, and wholly
+    /// when the engine lists again or stops leading (it may have missed a return).
+    absent_since: HashMap<String, Instant>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -123,6 +130,7 @@ impl Engine {
             unreadable: Default::default(),
             tick,
             deadline: None,
+            absent_since: HashMap::new(),
         }
     }
 
@@ -211,6 +219,7 @@ impl Engine {
     fn apply_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Snapshot { revision, kvs } => {
+                self.absent_since.clear();
                 self.mirror = kvs.into_iter().collect();
                 self.mirror_rev = revision;
                 self.synced = true;
@@ -220,6 +229,10 @@ impl Engine {
                 value,
                 revision,
             } => {
+                if let Some(id) = key.strip_prefix(&self.store.keys().machine("")) {
+                    // a machine (re)registered: its absence, if any, is over
+                    self.absent_since.remove(id);
+                }
                 self.mirror.insert(key, value);
                 self.mirror_rev = self.mirror_rev.max(revision);
             }
@@ -269,6 +282,7 @@ impl Engine {
     /// Gives up leadership: forgets it and revokes its lease in the background, so the
     /// leader key goes at once and another engine can win.
     pub(crate) fn step_down(&mut self) {
+        self.absent_since.clear();
         if let Some(l) = self.leader.take() {
             let store = self.store.clone();
             tokio::spawn(async move { store.resign(l.leadership).await });
@@ -337,6 +351,7 @@ impl Engine {
                 return;
             }
         };
+        let waiting = self.wait_for_at_most_once(&snap);
         let Some(l) = self.leader.as_mut() else {
             return;
         };
@@ -355,6 +370,7 @@ impl Engine {
         }
         self.unreadable.clone_from(&snap.unreadable);
         ops.retain(|op| !snap.unreadable.contains(op.unit()));
+        ops.retain(|op| !waiting.contains(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
             self.metrics.engine_reconcile_success(started.elapsed());
@@ -385,6 +401,54 @@ impl Engine {
                 self.rewatch();
             }
         }
+    }
+
+    /// The at-most-once units scheduled on machines that left less than
+    /// `AtMostOnce::start_after` ago: their old copy may still be stopping, so they stay
+    /// placed as they are for now (and a reconcile is due when the first wait ends). The
+    /// reasoning behind the wait: [`fleet_registry::AtMostOnce`].
+    fn wait_for_at_most_once(&mut self, snap: &fleet_registry::EngineSnapshot) -> HashSet<String> {
+        let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+        // only absent machines that still hold at-most-once units are remembered
+        let mut was = std::mem::take(&mut self.absent_since);
+        let wait = AtMostOnce::for_ttl(self.cfg.agent_ttl).start_after;
+        let now = Instant::now();
+        let mut waiting = HashSet::new();
+        let mut next: Option<Instant> = None;
+        for u in &snap.units {
+            let Some((machine, _)) = snap.schedules.get(u.name.as_str()) else {
+                continue;
+            };
+            if present.contains(machine.as_str()) {
+                continue;
+            }
+            let at_most_once = self
+                .requirements
+                .get(&(u.name.clone(), u.hash))
+                .is_some_and(|r| r.as_ref().is_ok_and(|r| r.at_most_once));
+            if !at_most_once {
+                continue;
+            }
+            let since = *self
+                .absent_since
+                .entry(machine.clone())
+                .or_insert_with(|| was.remove(machine).unwrap_or(now));
+            let ends = since + wait;
+            if now < ends {
+                waiting.insert(u.name.to_string());
+                next = Some(next.map_or(ends, |n| n.min(ends)));
+            }
+        }
+        if !waiting.is_empty() {
+            debug!(
+                units = waiting.len(),
+                "at-most-once units wait for their old copies to stop before moving"
+            );
+        }
+        if let Some(n) = next {
+            self.deadline = Some(self.deadline.map_or(n, |d| d.min(n)));
+        }
+        waiting
     }
 
     /// Tasks whose write failed: counted as tasks and as failures, as fleet's doTask did.

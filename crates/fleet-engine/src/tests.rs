@@ -393,3 +393,107 @@ async fn the_loop_elects_one_leader_and_hands_over_on_shutdown() {
     two.await.expect("engine 2");
     assert_eq!(store.get(&store.keys().leader()), None);
 }
+
+/// Creates `name` with `AtMostOnce=true` (body `n`) and schedules it on `machine`.
+async fn at_most_once_on(store: &MemoryStore, name: &str, machine: &str, n: u32) {
+    let unit: UnitName = name.parse().expect("name");
+    let file = UnitFile::parse(&format!(
+        "[Service]\nExecStart=/bin/sleep {n}\n[X-Fleet]\nAtMostOnce=true\n"
+    ))
+    .expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let rec = ScheduleRecord {
+        version: 1,
+        hash: file.hash(),
+        desired_state: TargetState::Launched,
+    };
+    store.put(
+        &store.keys().schedule(machine, name),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement(name), machine);
+}
+
+/// An at-most-once unit on a machine that left moves only `AtMostOnce::start_after` after
+/// the engine saw it leave (its old copy may still be stopping); a plain unit moves at once,
+/// as in fleet. The engine reconciles when the wait ends, without waiting for a tick.
+#[tokio::test(start_paused = true)]
+async fn an_at_most_once_unit_moves_only_after_its_old_copy_has_stopped() {
+    let wait = fleet_registry::AtMostOnce::for_ttl(TTL).start_after;
+    assert_eq!(wait, Duration::from_millis(9268));
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    create(&store, "plain.service", 1).await;
+    schedule_on(&store, "plain.service", "m2", 1);
+    at_most_once_on(&store, "once.service", "m2", 2).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    store.delete(&store.keys().machine("m2"));
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    drain(&mut engine).await;
+    assert_eq!(placement(&store, "plain.service").as_deref(), Some("m1"));
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    assert!(
+        store
+            .get(&store.keys().schedule("m2", "once.service"))
+            .is_some()
+    );
+    // ticks during the wait change nothing
+    tokio::time::sleep(wait - Duration::from_millis(10)).await;
+    settle(&mut engine).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    // the loop's next event is the end of the wait, before the interval's tick
+    let never = tokio_util::sync::CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let ev = engine.next_event(&never).await;
+    assert!(matches!(ev, Event::Tick));
+    assert_eq!(started.elapsed(), Duration::from_millis(10));
+    engine.handle(ev).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m1"));
+    assert!(
+        store
+            .get(&store.keys().schedule("m2", "once.service"))
+            .is_none()
+    );
+}
+
+/// A machine back before the wait is over keeps its at-most-once unit; when it leaves
+/// again, the wait starts again from then.
+#[tokio::test(start_paused = true)]
+async fn a_machine_back_within_the_wait_keeps_its_at_most_once_unit() {
+    let wait = fleet_registry::AtMostOnce::for_ttl(TTL).start_after;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    at_most_once_on(&store, "once.service", "m2", 2).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    store.delete(&store.keys().machine("m2"));
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    tokio::time::sleep(wait / 2).await;
+    add_machine(&store, "m2");
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    store.delete(&store.keys().machine("m2"));
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    // past the first absence's wait, within the second's
+    tokio::time::sleep(wait / 2 + Duration::from_secs(1)).await;
+    engine.handle(Event::Tick).await;
+    drain(&mut engine).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    tokio::time::sleep(wait).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m1"));
+}

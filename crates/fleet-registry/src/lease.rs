@@ -1,7 +1,10 @@
 //! A lease kept alive in the background, and told apart from a lost one: [`LeaseKeeper`] on
-//! etcd, and [`Lease`], the store-neutral handle the agent and the engine hold.
+//! etcd, and [`Lease`], the store-neutral handle the agent and the engine hold; and the
+//! timing of at-most-once units, which follows from how leases are kept ([`AtMostOnce`]).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use etcd_client::Client;
 use tokio::sync::watch;
@@ -22,6 +25,8 @@ use crate::etcd::health::Health;
 pub struct LeaseKeeper {
     id: i64,
     lost: watch::Receiver<bool>,
+    /// When the last refresh etcd accepted was sent (see [`Lease::renewed`]).
+    renewed: watch::Receiver<Instant>,
     task: JoinHandle<()>,
 }
 
@@ -39,17 +44,28 @@ impl LeaseKeeper {
     ) -> Result<LeaseKeeper, etcd_client::Error> {
         // etcd takes an i64 of seconds; a ttl beyond it (never from fleet-config) saturates
         let secs = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        // taken before the request: etcd starts the lease's ttl after it, never before
+        let sent = Instant::now();
         let resp = client.lease_client().grant(secs, None).await?;
         let id = resp.id();
         let (tx, lost) = watch::channel(false);
+        let (renewed_tx, renewed) = watch::channel(sent);
         let task = tokio::spawn(keep(
             client.clone(),
             id,
             Duration::from_secs(secs.unsigned_abs()),
-            tx,
+            Signals {
+                lost: tx,
+                renewed: renewed_tx,
+            },
             health,
         ));
-        Ok(LeaseKeeper { id, lost, task })
+        Ok(LeaseKeeper {
+            id,
+            lost,
+            renewed,
+            task,
+        })
     }
 
     pub fn id(&self) -> i64 {
@@ -81,7 +97,14 @@ impl Drop for LeaseKeeper {
     }
 }
 
-async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>, health: Health) {
+/// What the keeper tells the lease's holder.
+struct Signals {
+    lost: watch::Sender<bool>,
+    renewed: watch::Sender<Instant>,
+}
+
+async fn keep(client: Client, id: i64, ttl: Duration, signals: Signals, health: Health) {
+    let Signals { lost, renewed } = signals;
     let period = ttl / 3;
     let patience = period.max(Duration::from_secs(1));
     let mut last_ok = Instant::now();
@@ -93,6 +116,9 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>,
     let mut pause = period;
     loop {
         tokio::time::sleep(pause).await;
+        // a refresh etcd accepts restarts the ttl at some moment after it was sent: the
+        // send time is the safe one to count from (at-most-once units do)
+        let sent = Instant::now();
         // etcd-client's keep_alive sends one refresh and reads its answer; an answer of ttl
         // 0 (the lease is gone) comes back as an error, told apart from a failed request
         // by asking etcd for the lease's time to live
@@ -111,6 +137,7 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>,
         match attempt {
             Ok(Ok(true)) => {
                 last_ok = Instant::now();
+                let _ = renewed.send(sent);
                 pause = period;
                 continue;
             }
@@ -158,18 +185,29 @@ async fn keep(client: Client, id: i64, ttl: Duration, lost: watch::Sender<bool>,
 pub struct Lease {
     id: i64,
     lost: watch::Receiver<bool>,
+    renewed: watch::Receiver<Instant>,
     /// The etcd keeper refreshing it (none for an in-memory lease).
     keeper: Option<LeaseKeeper>,
 }
 
 impl Lease {
-    /// A lease whose loss is signalled through `lost` (the in-memory store's).
-    pub fn new(id: i64, lost: watch::Receiver<bool>) -> Lease {
+    /// A lease whose loss is signalled through `lost` and whose refreshes through `renewed`
+    /// (the in-memory store's).
+    pub fn new(id: i64, lost: watch::Receiver<bool>, renewed: watch::Receiver<Instant>) -> Lease {
         Lease {
             id,
             lost,
+            renewed,
             keeper: None,
         }
+    }
+
+    /// When the last refresh the store accepted was sent, on this process's monotonic clock
+    /// (the grant's request for a lease never refreshed). The store restarted the lease's
+    /// ttl at some moment after that, so the lease lives at least a ttl past it (measured
+    /// by the store's clock).
+    pub fn renewed(&self) -> watch::Receiver<Instant> {
+        self.renewed.clone()
     }
 
     pub fn id(&self) -> i64 {
@@ -197,7 +235,131 @@ impl From<LeaseKeeper> for Lease {
         Lease {
             id: k.id,
             lost: k.lost.clone(),
+            renewed: k.renewed.clone(),
             keeper: Some(k),
+        }
+    }
+}
+
+/// How much faster or slower than real time any clock involved may run (this machine's
+/// monotonic clock, the etcd leader's, the engine's): 1 %, twenty times what NTP may slew a
+/// clock (500 ppm).
+pub const CLOCK_RATE_MARGIN: f64 = 0.01;
+
+/// What may delay the agent's stop beyond its deadline: the timer's wake-up, a busy
+/// runtime, the D-Bus round trip of StopUnit.
+pub const STOP_LATENCY_MARGIN: Duration = Duration::from_secs(1);
+
+/// The timing of at-most-once units (`[X-Fleet] AtMostOnce=true`), derived from `agent_ttl`
+/// so that the copy on a machine cut off from etcd has stopped before the engine starts
+/// another one elsewhere.
+///
+/// Write T for the lease's ttl (whole seconds, as etcd takes it), ρ for
+/// [`CLOCK_RATE_MARGIN`], L for [`STOP_LATENCY_MARGIN`], and s for the moment (real time)
+/// the agent sent the last refresh etcd accepted ([`Lease::renewed`]).
+///
+/// - The old copy. The agent starts stopping its at-most-once units when its monotonic clock
+///   has counted B (`stop_after`) since s; the unit then has S (`stop_allowance`) to stop.
+///   Its clock may run slow by ρ, so the copy has stopped by real time
+///   s + (B + S) / (1 - ρ) + L.
+/// - The lease. etcd restarted the ttl when it handled that refresh, after s; its leader
+///   counts T on its own clock (a new leader only extends leases), so the lease expires,
+///   and the machine's record vanishes, no earlier than s + T / (1 + ρ).
+/// - The new copy. The engine learns of the expiry after it happened, then counts W
+///   (`start_after`) on its own clock before it writes the unit's new placement: not before
+///   real time s + T / (1 + ρ) + W / (1 + ρ). The new copy starts later still.
+///
+/// No overlap therefore needs s + (B + S) / (1 - ρ) + L ≤ s + (T + W) / (1 + ρ), that is
+/// W ≥ (1 + ρ) ((B + S) / (1 - ρ) + L) - T. With B = 3T/4 (two refreshes, each every T/3,
+/// and their retries, missed) and S = T/2 this is W = 0.275 T + 1.01 s, rounded up to the
+/// millisecond: 2.387 s at T = 5 s, 9.268 s at fleet's default T = 30 s.
+///
+/// Such a unit is down, when its machine is cut off, from the agent's stop (B after s) until
+/// the new copy starts: at most (T - B) + W plus the engine's and the new agent's reaction
+/// (etcd reports an expiry up to 0.5 s late, then a reconcile, a schedule write, a
+/// StartUnit): about 0.525 T + 1 s + that reaction, 3.6 s + ~1 s at T = 5 s.
+///
+/// A machine whose lease was lost and which registers again keeps its at-most-once units
+/// stopped for `hold_after_rejoin` (T): an engine that decided to move them from a view
+/// without the new registration has written that decision by then, and the agent sees it
+/// before starting anything.
+///
+/// What the bound cannot cover: a unit that takes longer than S to stop (its
+/// `TimeoutStopSec` must fit in S), a fleetd that is itself dead or frozen while its
+/// machine is cut off (nothing stops the unit then), and clocks outside ρ; and every fleetd
+/// must use the same `agent_ttl`, since the engine derives W from its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AtMostOnce {
+    /// The lease's ttl, T.
+    pub ttl: Duration,
+    /// B: the agent stops its at-most-once units once no refresh sent this long ago or
+    /// later has been accepted.
+    pub stop_after: Duration,
+    /// S: how long the stop may take.
+    pub stop_allowance: Duration,
+    /// W: after the engine sees a machine's lease expire, how long it waits before it places
+    /// that machine's at-most-once units elsewhere.
+    pub start_after: Duration,
+    /// H: how long a machine that lost its lease and registered again keeps its at-most-once
+    /// units stopped.
+    pub hold_after_rejoin: Duration,
+}
+
+impl AtMostOnce {
+    /// The timing for an `agent_ttl` (see the type's documentation for the reasoning).
+    pub fn for_ttl(agent_ttl: Duration) -> AtMostOnce {
+        // the ttl etcd is given: whole seconds, at least one (as `LeaseKeeper` grants it)
+        let ttl = Duration::from_secs(agent_ttl.as_secs().max(1));
+        let stop_after = ttl * 3 / 4;
+        let stop_allowance = ttl / 2;
+        let rho = CLOCK_RATE_MARGIN;
+        let old_stopped = (stop_after + stop_allowance).as_secs_f64() / (1.0 - rho)
+            + STOP_LATENCY_MARGIN.as_secs_f64();
+        let wait = ((1.0 + rho) * old_stopped - ttl.as_secs_f64()).max(0.0);
+        // rounded up to the millisecond, and finite whatever the ttl
+        let start_after = Duration::from_millis((wait * 1000.0).ceil().min(1e15) as u64);
+        AtMostOnce {
+            ttl,
+            stop_after,
+            stop_allowance,
+            start_after,
+            hold_after_rejoin: ttl,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The old copy has surely stopped before the engine may start the new one, with every
+    /// clock at the worst end of its margin.
+    #[test]
+    fn at_most_once_waits_until_the_old_copy_has_stopped() {
+        // (agent_ttl, W)
+        let cases = [
+            (Duration::from_secs(1), Duration::from_millis(1286)),
+            (Duration::from_millis(1500), Duration::from_millis(1286)),
+            (Duration::from_secs(5), Duration::from_millis(2387)),
+            (Duration::from_secs(30), Duration::from_millis(9268)),
+            (
+                Duration::from_secs(86_400),
+                Duration::from_millis(23_782_829),
+            ),
+        ];
+        for (agent_ttl, want) in cases {
+            let t = AtMostOnce::for_ttl(agent_ttl);
+            assert_eq!(t.start_after, want, "{agent_ttl:?}");
+            assert!(t.stop_after < t.ttl, "{agent_ttl:?}: B within the ttl");
+            assert!(
+                t.stop_after > t.ttl / 3 * 2,
+                "{agent_ttl:?}: B leaves room for two refreshes"
+            );
+            let rho = CLOCK_RATE_MARGIN;
+            let stopped = (t.stop_after + t.stop_allowance).as_secs_f64() / (1.0 - rho)
+                + STOP_LATENCY_MARGIN.as_secs_f64();
+            let started = (t.ttl + t.start_after).as_secs_f64() / (1.0 + rho);
+            assert!(stopped <= started, "{agent_ttl:?}: {stopped} > {started}");
         }
     }
 }

@@ -37,7 +37,7 @@ pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 /// fleet's default key prefix, defined with fleetd's other option defaults.
 pub use fleet_config::DEFAULT_KEY_PREFIX;
-pub use lease::{Lease, LeaseKeeper};
+pub use lease::{AtMostOnce, CLOCK_RATE_MARGIN, Lease, LeaseKeeper, STOP_LATENCY_MARGIN};
 pub use memory::MemoryRegistry;
 pub use memory_store::MemoryStore;
 pub use model::{

@@ -45,6 +45,8 @@ struct Entry {
 struct LeaseEntry {
     ttl: Duration,
     lost: watch::Sender<bool>,
+    /// Refreshed every ttl/3 while the store is reachable, as `LeaseKeeper` does on etcd.
+    renewed: watch::Sender<tokio::time::Instant>,
 }
 
 struct Watcher {
@@ -198,8 +200,28 @@ impl MemoryStore {
         kv.next_lease += 1;
         let id = kv.next_lease;
         let (lost, rx) = watch::channel(false);
-        kv.leases.insert(id, LeaseEntry { ttl, lost });
-        let lease = Lease::new(id, rx);
+        let (renewed, renewals) = watch::channel(tokio::time::Instant::now());
+        kv.leases.insert(id, LeaseEntry { ttl, lost, renewed });
+        let lease = Lease::new(id, rx, renewals);
+        // the holder's keep-alive: a refresh every ttl/3 that succeeds while the store is
+        // reachable; ends with the lease
+        let store = self.clone();
+        tokio::spawn(async move {
+            let period = (ttl / 3).max(Duration::from_millis(1));
+            loop {
+                let sent = tokio::time::Instant::now();
+                {
+                    let kv = store.lock();
+                    let Some(lease) = kv.leases.get(&id) else {
+                        return;
+                    };
+                    if !kv.unreachable {
+                        let _ = lease.renewed.send(sent);
+                    }
+                }
+                tokio::time::sleep(period).await;
+            }
+        });
         if kv.unreachable {
             // granted just before the cut: it cannot be refreshed either
             self.expire_unless_reached(id, ttl, kv.epoch);

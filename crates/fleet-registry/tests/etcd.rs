@@ -135,6 +135,43 @@ async fn a_lease_is_not_lost_while_etcd_does_not_answer() {
     etcd.resume();
 }
 
+/// The lease tells when its last accepted refresh was sent: it moves on while etcd answers
+/// and stands still while it does not (at-most-once units count from it), then moves on
+/// again once etcd answers.
+#[tokio::test]
+async fn a_lease_says_when_its_last_accepted_refresh_was_sent() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let ttl = Duration::from_secs(3);
+    let before = tokio::time::Instant::now();
+    let lease = fleet_registry::Lease::from(
+        r.register_machine(&machine("m1", "tok-a"), ttl)
+            .await
+            .expect("register"),
+    );
+    let renewed = lease.renewed();
+    let granted = *renewed.borrow();
+    assert!(granted >= before && granted <= tokio::time::Instant::now());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let refreshed = *renewed.borrow();
+    assert!(refreshed > granted, "no refresh in 1.5 s at ttl 3 s");
+    etcd.pause();
+    let paused = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stale = *renewed.borrow();
+    assert!(
+        stale <= paused,
+        "a refresh was accepted while etcd was paused"
+    );
+    etcd.resume();
+    let back = fleet_testutil::eventually(Duration::from_secs(10), || {
+        std::future::ready(*renewed.borrow() > stale)
+    })
+    .await;
+    assert!(back, "no refresh accepted after etcd came back");
+    assert!(!lease.is_lost());
+}
+
 /// A lease that etcd no longer has (it expired, or was revoked) is lost, and said so
 /// within a refresh period or two.
 #[tokio::test]

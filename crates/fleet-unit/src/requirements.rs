@@ -48,6 +48,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "MachineMetadata",
     "Global",
     "Replaces",
+    "AtMostOnce",
 ];
 
 /// What a unit asks of the machine it runs on, with specifiers expanded and deprecated
@@ -70,6 +71,11 @@ pub struct Requirements {
     pub global: bool,
     /// Push units matching these globs off the machine this unit is placed on.
     pub replaces: Vec<String>,
+    /// Never run on two machines at once (`AtMostOnce`, last value wins; not in fleet v1.0):
+    /// the agent stops the unit when its machine's lease goes unrenewed, and the engine
+    /// moves it only once that stop has surely happened (see `fleet_registry::AtMostOnce`).
+    #[serde(default)]
+    pub at_most_once: bool,
 }
 
 impl Requirements {
@@ -187,6 +193,19 @@ impl Requirements {
 
         let global = get("Global").last().is_some_and(|v| is_truthy(v));
         let replaces = get("Replaces").to_vec();
+        // read like Global, except that a value that is neither true nor false is refused
+        // rather than read as false: a typo must not silently allow two copies
+        let at_most_once = match get("AtMostOnce").last() {
+            None => false,
+            Some(v) if is_truthy(v) => true,
+            Some(v) if is_falsy(v) => false,
+            Some(v) => {
+                return Err(err(RequirementErrorKind::NotABoolean {
+                    key: "AtMostOnce".into(),
+                    value: v.clone(),
+                }));
+            }
+        };
 
         let req = Requirements {
             machine_id,
@@ -198,6 +217,7 @@ impl Requirements {
             conflicts,
             global,
             replaces,
+            at_most_once,
         };
         req.validate().map_err(|kind| RequirementError {
             unit: name.clone(),
@@ -264,6 +284,8 @@ impl Requirements {
             _ if global && peers => clash(FleetOption::Global, FleetOption::Peers),
             _ if global && replaces => clash(FleetOption::Global, FleetOption::Replaces),
             _ if conflicts && replaces => clash(FleetOption::Conflicts, FleetOption::Replaces),
+            // a global unit runs on every machine by design: at most once means nothing there
+            _ if global && self.at_most_once => clash(FleetOption::Global, FleetOption::AtMostOnce),
             _ => Ok(()),
         }
     }
@@ -297,6 +319,14 @@ fn is_truthy(v: &str) -> bool {
     )
 }
 
+/// fleet's falsy spellings, the counterparts of [`is_truthy`]: false, no, 0, off, f (any case).
+fn is_falsy(v: &str) -> bool {
+    matches!(
+        v.to_ascii_lowercase().as_str(),
+        "false" | "no" | "0" | "off" | "f"
+    )
+}
+
 /// An option as fleet's validation messages named it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FleetOption {
@@ -306,6 +336,8 @@ pub enum FleetOption {
     Conflicts,
     Global,
     Replaces,
+    /// `AtMostOnce` (ours; fleet v1.0 had no such option).
+    AtMostOnce,
 }
 
 impl FleetOption {
@@ -317,6 +349,7 @@ impl FleetOption {
             FleetOption::Conflicts => "Conflicts",
             FleetOption::Global => "Global",
             FleetOption::Replaces => "Replaces",
+            FleetOption::AtMostOnce => "AtMostOnce",
         }
     }
 
@@ -355,10 +388,13 @@ pub enum RequirementErrorKind {
         peer_bytes: usize,
         pattern_bytes: usize,
     },
+    /// A boolean option (`AtMostOnce`) whose value is neither true nor false.
+    NotABoolean { key: String, value: String },
 }
 
 impl RequirementErrorKind {
-    /// The message of a size limit (fleet had none), or None for fleet's own checks.
+    /// The message of a check fleet did not have (size limits, `AtMostOnce`), or None for
+    /// fleet's own checks.
     fn limit_message(&self) -> Option<String> {
         Some(match self {
             RequirementErrorKind::ValueTooLong { key } => format!(
@@ -381,6 +417,10 @@ impl RequirementErrorKind {
                 pattern_bytes,
             } => format!(
                 "[X-Fleet] requirements too large to check: {peer_bytes} bytes of MachineOf values x {pattern_bytes} bytes of Conflicts and Replaces patterns exceed {MAX_MATCH_WORK}"
+            ),
+            RequirementErrorKind::NotABoolean { key, value } => format!(
+                "[X-Fleet] {key} value {} is not a boolean: use true or false",
+                go_quote(value)
             ),
             _ => return None,
         })
@@ -586,6 +626,67 @@ mod tests {
             let (got, warnings) = read(name, xfleet).expect("valid requirements");
             assert_eq!(got, want, "{name} {xfleet:?}");
             assert!(warnings.is_empty(), "{name} {xfleet:?}: {warnings:?}");
+        }
+    }
+
+    #[test]
+    fn at_most_once_is_a_checked_boolean() {
+        // (x-fleet section, the value read)
+        let ok: &[(&str, bool)] = &[
+            ("", false),
+            ("AtMostOnce=true\n", true),
+            ("AtMostOnce=YES\n", true),
+            ("AtMostOnce=1\n", true),
+            ("AtMostOnce=on\n", true),
+            ("AtMostOnce=t\n", true),
+            ("AtMostOnce=false\n", false),
+            ("AtMostOnce=No\n", false),
+            ("AtMostOnce=0\n", false),
+            ("AtMostOnce=off\n", false),
+            ("AtMostOnce=f\n", false),
+            // the last value wins, as for Global
+            ("AtMostOnce=true\nAtMostOnce=false\n", false),
+            ("AtMostOnce=false\nAtMostOnce=true\n", true),
+            // with the other scheduling options
+            ("AtMostOnce=true\nMachineID=m1\n", true),
+            (
+                "AtMostOnce=true\nMachineOf=db.service\nConflicts=web.*\n",
+                true,
+            ),
+            ("AtMostOnce=true\nReplaces=old.service\n", true),
+            ("AtMostOnce=true\nGlobal=false\n", true),
+        ];
+        for (xfleet, want) in ok {
+            let (got, warnings) = read("a.service", xfleet).expect(xfleet);
+            assert_eq!(got.at_most_once, *want, "{xfleet:?}");
+            assert!(warnings.is_empty(), "{xfleet:?}: {warnings:?}");
+        }
+        let (got, _) = read("a@true.service", "AtMostOnce=%i\n").expect("expanded");
+        assert!(got.at_most_once);
+        // (x-fleet section, the API's message)
+        let bad: &[(&str, &str)] = &[
+            (
+                "AtMostOnce=maybe\n",
+                "[X-Fleet] AtMostOnce value \"maybe\" is not a boolean: use true or false",
+            ),
+            (
+                "AtMostOnce=\n",
+                "[X-Fleet] AtMostOnce value \"\" is not a boolean: use true or false",
+            ),
+            // a bad last value is refused even after a good one (the last one counts)
+            (
+                "AtMostOnce=true\nAtMostOnce=ture\n",
+                "[X-Fleet] AtMostOnce value \"ture\" is not a boolean: use true or false",
+            ),
+            (
+                "Global=true\nAtMostOnce=true\n",
+                "Global cannot be used with AtMostOnce",
+            ),
+        ];
+        for (xfleet, want) in bad {
+            let err = read("a.service", xfleet).expect_err(xfleet);
+            assert_eq!(err.fleet_message(), *want, "{xfleet:?}");
+            assert_eq!(err.to_string(), format!("unit a.service: {want}"));
         }
     }
 

@@ -377,6 +377,16 @@ fn requirements_are_validated_on_submit() {
         "Error creating units: unit bad.service: Global cannot be used with MachineOf\n",
     );
     c.write(
+        "once.service",
+        "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nAtMostOnce=maybe\n",
+    );
+    c.check(
+        &["submit", "once.service"],
+        1,
+        "",
+        "Error creating units: unit once.service: [X-Fleet] AtMostOnce value \"maybe\" is not a boolean: use true or false\n",
+    );
+    c.write(
         "odd.service",
         "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\nBogus=1\n",
     );
