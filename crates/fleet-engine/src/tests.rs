@@ -405,11 +405,7 @@ async fn at_most_once_on(store: &MemoryStore, name: &str, machine: &str, n: u32)
         .create_unit(&unit, &file, TargetState::Launched)
         .await
         .expect("create");
-    let rec = ScheduleRecord {
-        version: 1,
-        hash: file.hash(),
-        desired_state: TargetState::Launched,
-    };
+    let rec = records::schedule(file.hash(), TargetState::Launched);
     store.put(
         &store.keys().schedule(machine, name),
         serde_json::to_vec(&rec).expect("json"),

@@ -684,7 +684,11 @@ mod tests {
             "{said}"
         );
         let lead = s.campaign("m1", ttl).await.expect("campaign").expect("won");
-        let revoked = Lease::new(lead.lease.id(), watch::channel(false).1);
+        let revoked = Lease::new(
+            lead.lease.id(),
+            watch::channel(false).1,
+            watch::channel(tokio::time::Instant::now()).1,
+        );
         s.resign(lead).await;
         assert!(
             s.publish_state("b.service", "m1", Some(&st("b.service")), &revoked)
