@@ -35,6 +35,7 @@ fn state(unit: &str, machine: &str) -> StateRecord {
         active_state: "active".into(),
         sub_state: "running".into(),
         agent_state: TargetState::Launched,
+        reason: None,
     }
 }
 

@@ -101,6 +101,7 @@ fn state(unit: &str, machine: &str, active: &str) -> StateRecord {
         } else {
             TargetState::Loaded
         },
+        reason: None,
     }
 }
 

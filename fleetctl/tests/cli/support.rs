@@ -171,6 +171,7 @@ impl Cluster {
             active_state: active.to_string(),
             sub_state: sub.to_string(),
             agent_state: agent,
+            reason: None,
         };
         self.rt.block_on(async {
             let lease = LeaseKeeper::grant(reg.client(), Duration::from_secs(60))
