@@ -12,7 +12,7 @@ use tokio::time::Instant;
 /// The delay before the first retry (the agent's tick comes about as often).
 const FIRST: Duration = Duration::from_secs(5);
 /// The longest delay between two tries of one unit.
-const MAX: Duration = Duration::from_secs(60);
+const MAX: Duration = Duration::from_secs(30);
 
 /// One unit's failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,13 +93,13 @@ mod tests {
         assert!(f.record("a.service", hash, "stop failed: x".into(), t0));
         assert!(f.waiting("a.service", t0 + Duration::from_secs(4)));
         assert!(!f.waiting("a.service", t0 + FIRST));
-        // each failure doubles the wait, up to a minute; the same reason is not news
+        // each failure doubles the wait, up to 30 s; the same reason is not news
         let mut delays = Vec::new();
         for _ in 0..6 {
             assert!(!f.record("a.service", hash, "stop failed: x".into(), t0));
             delays.push((f.get("a.service").expect("fault").retry_at - t0).as_secs());
         }
-        assert_eq!(delays, [10, 20, 40, 60, 60, 60]);
+        assert_eq!(delays, [10, 20, 30, 30, 30, 30]);
         assert!(f.record("a.service", hash, "stop failed: y".into(), t0));
         assert!(!f.waiting("b.service", t0));
         assert!(f.clear("a.service"));
