@@ -342,8 +342,8 @@ pub struct ListMachinesArgs {
 pub struct ListUnitFilesArgs {
     #[command(flatten)]
     pub list: ListArgs,
-    /// Columns to print, comma-separated; valid: desc, dstate, global, hash, state, target,
-    /// tmachine (deprecated), unit
+    /// Columns to print, comma-separated; valid: desc, dstate, global, hash, reason, state,
+    /// target, tmachine (deprecated), unit
     #[arg(long, default_value = LIST_UNIT_FILES_FIELDS, value_name = "FIELDS")]
     pub fields: String,
 }

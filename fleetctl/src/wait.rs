@@ -155,11 +155,20 @@ pub async fn wait_for_unit_states(
                     match reached(ctx, u, want).await {
                         Some(line) => ui::out(line),
                         None => {
-                            let unplaced = u.reason.as_ref().filter(|_| u.machine_id.is_none());
-                            if let Some(reason) = unplaced
+                            if let Some(reason) = u
+                                .reason
+                                .as_ref()
                                 .filter(|r| reasons_shown.insert((name.clone(), r.to_string())))
                             {
-                                ui::err(format!("Unit {name} cannot be placed yet: {reason}"));
+                                ui::err(match &u.machine_id {
+                                    None => format!("Unit {name} cannot be placed yet: {reason}"),
+                                    // its machine says why it is not there yet (not in
+                                    // fleet v1.0, which said nothing)
+                                    Some(id) => format!(
+                                        "Unit {name} cannot be {want} on {} yet: {reason}",
+                                        ctx.legend(id, false).await
+                                    ),
+                                });
                             }
                             left.push(name);
                         }

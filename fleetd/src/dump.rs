@@ -131,6 +131,7 @@ mod tests {
             .into(),
             sub_state: sub.into(),
             agent_state: agent,
+            reason: None,
         }
     }
 

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::desired::{Desired, desired_units, read_watched};
+use crate::faults::Faults;
 use crate::fence::Fence;
 use crate::plan::Current;
 use crate::publish::Publisher;
@@ -90,6 +91,9 @@ pub(crate) struct Agent {
     /// first reconcile compares that text with what the registry wants (by content, not by
     /// hash: a file written from API options may hash differently once re-read).
     pub(crate) adopted: BTreeMap<String, String>,
+    /// Units a task failed for: kept as they are until their retry is due, their reason
+    /// published with their state.
+    pub(crate) faults: Faults,
 }
 
 /// Runs the agent until `shutdown` is cancelled. Then, if `purge` is set, it stops and
@@ -144,6 +148,7 @@ pub async fn run(
         watching: WatchSet::new(),
         refused_globals: BTreeMap::new(),
         adopted: BTreeMap::new(),
+        faults: Faults::default(),
     };
     agent.adopt().await;
     agent.run(shutdown, purge).await;
@@ -520,7 +525,7 @@ impl Agent {
                 // away sooner than that: stop them now)
                 self.fenced().await;
                 self.publisher.forget_all();
-                let names: Vec<String> = self.current.keys().cloned().collect();
+                let names: Vec<String> = self.reported_units();
                 for n in names {
                     self.publish_all(std::slice::from_ref(&n)).await;
                 }

@@ -2,78 +2,151 @@
 //! what it touched. The decisions are `plan.rs`'s; this module only does them, in order,
 //! many at once where the order does not matter.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use fleet_unit::{TargetState, UnitName};
+use fleet_unit::{TargetState, UnitHash, UnitName};
 use futures_util::StreamExt;
 use futures_util::stream;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::agent::{Agent, JOBS_IN_FLIGHT};
 use crate::desired::Desired;
+use crate::faults::Fault;
 use crate::plan::{Current, Plan, Reload, plan, reload_rule};
 
 impl Agent {
     /// Runs the tasks that take systemd from `current` to `desired`. Returns false when it
     /// could not finish (a body unreadable, a task failed) and should be tried again.
     pub(crate) async fn converge(&mut self, desired: BTreeMap<UnitName, Desired>) -> bool {
-        let desired: BTreeMap<String, Desired> = desired
+        let mut desired: BTreeMap<String, Desired> = desired
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
+        let now = Instant::now();
+        let failing: Vec<String> = self.faults.names().cloned().collect();
+        for name in failing {
+            if !desired.contains_key(&name) && !self.current.contains_key(&name) {
+                // neither wanted nor here any more (its file was never written)
+                self.faults.clear(&name);
+                self.publisher.withdraw(&name, &self.lease).await;
+                continue;
+            }
+            let same_body = |f: &Fault| desired.get(&name).is_none_or(|d| d.hash == f.hash);
+            let hold =
+                self.faults.waiting(&name, now) && self.faults.get(&name).is_some_and(same_body);
+            if hold {
+                // not yet tried again: stays exactly as it is (a new body is tried at once)
+                match self.current.get(&name) {
+                    Some(c) => {
+                        desired.insert(
+                            name,
+                            Desired {
+                                hash: c.hash,
+                                state: c.state,
+                            },
+                        );
+                    }
+                    None => {
+                        desired.remove(&name);
+                    }
+                }
+            }
+        }
         let plan = plan(&self.current, &desired);
         self.execute(plan, &desired).await
     }
 
     async fn execute(&mut self, plan: Plan, desired: &BTreeMap<String, Desired>) -> bool {
-        let mut complete = true;
+        let mut outcome = Outcome {
+            complete: true,
+            ..Outcome::default()
+        };
         let mut touched: Vec<String> = Vec::new();
-        // 1. units no longer wanted here, or whose body changed: stop and remove
+        // 1. units no longer wanted here, or whose body changed: stop and remove. One whose
+        // stop or removal fails stays, file and all (fleet forgot it, still running): it is
+        // retried later, and its state says why it is still there.
+        let mut kept: HashSet<String> = HashSet::new();
         for (name, launched) in &plan.unload {
             if *launched {
                 let r = self.systemd.stop(name).await;
-                self.task("stop", name, r);
+                if let Err(reason) = self.attempt("stop", name, r) {
+                    outcome.failed(name, self.current.get(name).map(|c| c.hash), reason);
+                    kept.insert(name.clone());
+                }
             }
         }
-        if !plan.unload.is_empty() {
+        let removing: Vec<String> = plan
+            .unload
+            .iter()
+            .map(|(n, _)| n.clone())
+            .filter(|n| !kept.contains(n))
+            .collect();
+        if !removing.is_empty() {
             // one DisableUnitFiles for the whole batch (systemd pays ~30 ms per call)
-            let names: Vec<String> = plan.unload.iter().map(|(n, _)| n.clone()).collect();
-            let r = self.systemd.remove_units(&names).await;
-            self.task("unload", &names.join(" "), r);
+            let r = self.systemd.remove_units(&removing).await;
+            if let Err(reason) = self.attempt("unload", &removing.join(" "), r) {
+                for name in &removing {
+                    if let Some(c) = self.current.get_mut(name) {
+                        // stopped, not yet removed
+                        c.state = TargetState::Loaded;
+                        let hash = c.hash;
+                        outcome.failed(name, Some(hash), reason.clone());
+                    }
+                    kept.insert(name.clone());
+                }
+            }
         }
         for (name, _) in &plan.unload {
+            if kept.contains(name) {
+                touched.push(name.clone());
+                continue;
+            }
             self.current.remove(name);
             self.watching.remove(name);
             self.systemd_states.remove(name);
+            self.faults.clear(name);
             self.publisher.withdraw(name, &self.lease).await;
         }
-        // 2. unit files to write: bodies read together, then written
-        let reads: Vec<_> = plan.load.iter().map(|(_, h)| self.store.body(h)).collect();
+        // 2. unit files to write: bodies read together, then written (not over a unit that
+        // is still there with another body)
+        let load: Vec<(String, UnitHash)> = plan
+            .load
+            .into_iter()
+            .filter(|(n, _)| !kept.contains(n))
+            .collect();
+        let reads: Vec<_> = load.iter().map(|(_, h)| self.store.body(h)).collect();
         let bodies: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
         let mut written: Vec<(String, bool)> = Vec::new();
-        for ((name, hash), body) in plan.load.iter().zip(bodies) {
+        for ((name, hash), body) in load.iter().zip(bodies) {
             let file = match body {
                 Ok(f) => f,
                 Err(e) => {
                     warn!(unit = %name, error = %e, "cannot read unit body; will retry");
-                    complete = false;
+                    if !e.is_unavailable() {
+                        outcome.failed(name, Some(*hash), format!("cannot read unit body: {e}"));
+                    } else {
+                        outcome.complete = false;
+                    }
                     continue;
                 }
             };
             let r = self.systemd.write_unit(name, &file.serialize()).await;
-            if self.task("load", name, r) {
-                self.watching.insert(name.clone());
-                self.current.insert(
-                    name.clone(),
-                    Current {
-                        hash: *hash,
-                        state: TargetState::Loaded,
-                    },
-                );
-                written.push((name.clone(), file.has_section("Install")));
-                touched.push(name.clone());
-            } else {
-                complete = false;
+            match self.attempt("load", name, r) {
+                Ok(()) => {
+                    self.watching.insert(name.clone());
+                    self.current.insert(
+                        name.clone(),
+                        Current {
+                            hash: *hash,
+                            state: TargetState::Loaded,
+                        },
+                    );
+                    written.push((name.clone(), file.has_section("Install")));
+                    touched.push(name.clone());
+                    outcome.succeeded(name);
+                }
+                Err(reason) => outcome.failed(name, Some(*hash), reason),
             }
         }
         let launched = |n: &str| {
@@ -83,7 +156,7 @@ impl Agent {
         };
         let reload = reload_rule(plan.unload.len(), &written, launched, self.reload_owed);
         if reload == Reload::Now && !self.reload().await {
-            complete = false;
+            outcome.complete = false;
         }
         for (name, install) in &written {
             if *install {
@@ -93,10 +166,11 @@ impl Agent {
         }
         // 3. start / stop to the desired state: the jobs of a batch are queued concurrently
         // (systemd runs them as they come; only the D-Bus round trips overlap); a unit whose
-        // file could not be written has no job
+        // file could not be written, or that is still there with its old body, has no job
         let moves: Vec<(String, TargetState, Current)> = plan
             .moves
             .into_iter()
+            .filter(|m| !kept.contains(&m.unit) && !outcome.failed.contains_key(&m.unit))
             .filter_map(|m| {
                 let cur = self.current.get(&m.unit).copied()?;
                 Some((m.unit, m.to, cur))
@@ -139,12 +213,36 @@ impl Agent {
             } else {
                 "stop"
             };
-            if self.task(what, &name, result) {
-                self.current
-                    .insert(name.clone(), Current { state: to, ..cur });
-                touched.push(name);
-            } else {
-                complete = false;
+            match self.attempt(what, &name, result) {
+                Ok(()) => {
+                    self.current
+                        .insert(name.clone(), Current { state: to, ..cur });
+                    outcome.succeeded(&name);
+                    touched.push(name);
+                }
+                Err(reason) => {
+                    outcome.failed(&name, Some(cur.hash), reason);
+                    touched.push(name);
+                }
+            }
+        }
+        // 4. what failed waits for its retry and says why; what succeeded is fine again
+        let now = Instant::now();
+        for (name, (hash, reason)) in &outcome.failed {
+            let Some(hash) = hash.or_else(|| self.current.get(name).map(|c| c.hash)) else {
+                continue;
+            };
+            if self.faults.record(name, hash, reason.clone(), now) {
+                warn!(unit = %name, %reason, "unit left as it is; will retry");
+                self.publisher.forget(name);
+            }
+            touched.push(name.clone());
+        }
+        for name in &outcome.ok {
+            if !outcome.failed.contains_key(name) && self.faults.clear(name) {
+                info!(unit = %name, "unit recovered from its failure");
+                self.publisher.forget(name);
+                touched.push(name.clone());
             }
         }
         if !touched.is_empty() {
@@ -152,7 +250,7 @@ impl Agent {
             touched.dedup();
             self.refresh_states(Some(&touched)).await;
         }
-        complete
+        outcome.complete && outcome.failed.is_empty()
     }
 
     /// One daemon-reload; false (logged, and owed to the next converge) when it failed.
@@ -181,17 +279,48 @@ impl Agent {
         unit: &str,
         result: Result<(), fleet_systemd::Error>,
     ) -> bool {
+        self.attempt(what, unit, result).is_ok()
+    }
+
+    /// As [`Agent::task`], with the failure as a reason users read (`stop failed: ...`).
+    pub(crate) fn attempt(
+        &self,
+        what: &str,
+        unit: &str,
+        result: Result<(), fleet_systemd::Error>,
+    ) -> Result<(), String> {
         self.metrics.agent_task(what);
         match result {
             Ok(()) => {
                 info!(unit, task = what, "agent task done");
-                true
+                Ok(())
             }
             Err(e) => {
                 self.metrics.agent_task_failure(what);
                 warn!(unit, task = what, error = %e, "agent task failed");
-                false
+                Err(format!("{what} failed: {e}"))
             }
         }
+    }
+}
+
+/// What one converge did, unit by unit.
+#[derive(Default)]
+struct Outcome {
+    /// Units a task failed for: the body concerned (when known) and why.
+    failed: BTreeMap<String, (Option<UnitHash>, String)>,
+    /// Units a task succeeded for.
+    ok: Vec<String>,
+    /// False when something was left undone for want of the registry (tried again later).
+    complete: bool,
+}
+
+impl Outcome {
+    fn failed(&mut self, unit: &str, hash: Option<UnitHash>, reason: String) {
+        self.failed.insert(unit.to_string(), (hash, reason));
+    }
+
+    fn succeeded(&mut self, unit: &str) {
+        self.ok.push(unit.to_string());
     }
 }

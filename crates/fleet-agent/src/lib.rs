@@ -8,7 +8,7 @@
 //!
 //! Where things are: the loop (`agent.rs`), what this machine must run (`desired.rs`, pure),
 //! the tasks that get it there (`plan.rs`, pure) and their execution (`executor.rs`), state
-//! publishing (`publish.rs`), adoption of a predecessor's units (`adopt.rs`). The agent talks
+//! publishing (`publish.rs`), failing units (`faults.rs`), adoption of a predecessor's units (`adopt.rs`). The agent talks
 //! to the registry through [`fleet_registry::AgentStore`] and to systemd through
 //! [`fleet_systemd::UnitManager`], so its loop tests run on in-memory twins of both.
 //!
@@ -21,11 +21,15 @@
 //! - An at-most-once unit (`[X-Fleet] AtMostOnce=true`) is stopped once this machine's lease
 //!   has gone unrenewed for `fleet_registry::AtMostOnce::stop_after` (`fence.rs`), and is
 //!   started again only once the lease is refreshed.
+//! - A unit the agent cannot bring where it should be (a file it cannot write, a failed stop)
+//!   is kept as it is, never forgotten while it runs; it is retried with a growing delay, and
+//!   its published state carries the reason (`faults.rs`).
 
 mod adopt;
 mod agent;
 mod desired;
 mod executor;
+mod faults;
 mod fence;
 mod plan;
 mod publish;

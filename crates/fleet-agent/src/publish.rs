@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use fleet_registry::{AgentStore, Lease, StateRecord};
+use fleet_unit::TargetState;
 use futures_util::StreamExt;
 use futures_util::stream;
 use tracing::{debug, warn};
@@ -119,7 +120,7 @@ impl Agent {
     pub(crate) async fn refresh_states(&mut self, only: Option<&[String]>) {
         let names: Vec<String> = match only {
             Some(n) => n.to_vec(),
-            None => self.current.keys().cloned().collect(),
+            None => self.reported_units(),
         };
         if names.is_empty() {
             return;
@@ -137,12 +138,42 @@ impl Agent {
         self.publish_all(&names).await;
     }
 
+    /// The units whose states this agent publishes: those it manages, and those it could not
+    /// write (their state says why).
+    pub(crate) fn reported_units(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.current.keys().cloned().collect();
+        names.extend(
+            self.faults
+                .names()
+                .filter(|n| !self.current.contains_key(*n))
+                .cloned(),
+        );
+        names
+    }
+
     /// Publishes the states of managed units that differ from what was published.
     pub(crate) async fn publish_all(&mut self, names: &[String]) {
         let records: Vec<StateRecord> = names
             .iter()
             .filter_map(|name| {
-                let (cur, sys) = (self.current.get(name)?, self.systemd_states.get(name)?);
+                let fault = self.faults.get(name);
+                let reason = fault.map(|f| f.reason.clone());
+                let Some(cur) = self.current.get(name) else {
+                    // never written here: what systemd would say of a unit without a file
+                    let f = fault?;
+                    return Some(StateRecord {
+                        version: 1,
+                        name: name.clone(),
+                        machine_id: self.cfg.machine_id.clone(),
+                        hash: f.hash.to_string(),
+                        load_state: "not-found".into(),
+                        active_state: "inactive".into(),
+                        sub_state: "dead".into(),
+                        agent_state: TargetState::Inactive,
+                        reason,
+                    });
+                };
+                let sys = self.systemd_states.get(name)?;
                 Some(StateRecord {
                     version: 1,
                     name: name.clone(),
@@ -152,6 +183,7 @@ impl Agent {
                     active_state: sys.active_state.clone(),
                     sub_state: sys.sub_state.clone(),
                     agent_state: cur.state,
+                    reason,
                 })
             })
             .collect();
@@ -161,9 +193,9 @@ impl Agent {
     /// Retries the state writes that failed: publish what is still managed, withdraw the rest.
     pub(crate) async fn retry_unsent(&mut self) {
         let names = self.publisher.take_unsent();
-        let (managed, gone): (Vec<String>, Vec<String>) = names
-            .into_iter()
-            .partition(|n| self.current.contains_key(n));
+        let reported = self.reported_units();
+        let (managed, gone): (Vec<String>, Vec<String>) =
+            names.into_iter().partition(|n| reported.contains(n));
         for name in &managed {
             self.publisher.forget(name);
         }

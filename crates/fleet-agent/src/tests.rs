@@ -476,3 +476,111 @@ async fn after_a_lost_lease_at_most_once_units_wait_before_starting_again() {
     assert!(!active(&systemd, "moved.service"));
     agent.stop(false).await;
 }
+
+fn new_agent() -> (MemoryStore, FakeUnitManager, tempfile::TempDir) {
+    (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    )
+}
+
+/// A StopUnit that fails used to orphan the unit: its file was removed and the agent forgot
+/// it while it kept running (a restarted fleetd then had nothing to adopt). Now it stays,
+/// file and all, its state says why, and the stop is tried again (here by the fleetd that
+/// follows, which adopts it).
+#[tokio::test(start_paused = true)]
+async fn a_failed_stop_keeps_the_unit_retries_and_says_why() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    systemd.inject_error(
+        "StopUnit",
+        "org.freedesktop.DBus.Error.TimedOut",
+        "stop timed out",
+    );
+    store.delete(&store.keys().schedule(M1, "a.service"));
+    eventually("the failure reported", || {
+        state_of(&store, "a.service")
+            .and_then(|s| s.reason)
+            .is_some_and(|r| r.starts_with("stop failed: ") && r.contains("stop timed out"))
+    })
+    .await;
+    assert!(active(&systemd, "a.service"), "still running");
+    assert!(systemd.file("a.service").is_some(), "its file is kept");
+    // fleetd restarts before the retry: its successor adopts the unit, and stops it
+    agent.stop(false).await;
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("stopped and removed by the successor", || {
+        !active(&systemd, "a.service") && systemd.file("a.service").is_none()
+    })
+    .await;
+    eventually("its state withdrawn", || {
+        state_of(&store, "a.service").is_none()
+    })
+    .await;
+    agent.stop(false).await;
+}
+
+/// A unit file the agent cannot write (/run full or read-only) is reported in that unit's
+/// state with the reason, the other units of the batch run, and the write is tried again.
+#[tokio::test(start_paused = true)]
+async fn a_unit_file_it_cannot_write_is_reported_and_retried() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    // the first file written (a.service, in name order) fails
+    systemd.inject_error(
+        "LinkUnitFiles",
+        "org.freedesktop.DBus.Error.Failed",
+        "no space left on device",
+    );
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Launched).await;
+    eventually("b started", || active(&systemd, "b.service")).await;
+    eventually("a's failure reported", || {
+        state_of(&store, "a.service").is_some_and(|s| {
+            s.agent_state == TargetState::Inactive
+                && s.hash == body(1).hash().to_string()
+                && s.reason.as_deref().is_some_and(|r| {
+                    r.starts_with("load failed: ") && r.contains("no space left on device")
+                })
+        })
+    })
+    .await;
+    assert!(state_of(&store, "b.service").is_some_and(|s| s.reason.is_none()));
+    eventually("a written and started at a retry", || {
+        active(&systemd, "a.service")
+    })
+    .await;
+    eventually("a's reason gone", || {
+        state_of(&store, "a.service")
+            .is_some_and(|s| s.reason.is_none() && s.agent_state == TargetState::Launched)
+    })
+    .await;
+    agent.stop(false).await;
+}
+
+/// One key etcd refuses for good (a permission, an oversized value) used to abort every
+/// reconcile of the agent, so no other unit of its machine started or stopped.
+#[tokio::test(start_paused = true)]
+async fn a_refused_key_does_not_stall_the_other_units() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    let refused = store.keys().body(&body(1).hash().to_string());
+    store.refuse_key(&refused, true);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Launched).await;
+    eventually("b started", || active(&systemd, "b.service")).await;
+    assert!(!active(&systemd, "a.service"));
+    store.refuse_key(&refused, false);
+    eventually("a started once its body can be read", || {
+        active(&systemd, "a.service")
+    })
+    .await;
+    agent.stop(false).await;
+}

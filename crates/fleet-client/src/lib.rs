@@ -714,6 +714,8 @@ fn state_record(s: wire::UnitState) -> StateRecord {
         active_state: s.systemd_active_state,
         sub_state: s.systemd_sub_state,
         agent_state,
+        // the API's unit states carry no reason (it reaches clients as the unit's)
+        reason: None,
     }
 }
 

@@ -9,7 +9,7 @@ use fleet_metrics::{EngineFailure, Metrics};
 use fleet_registry::{
     AtMostOnce, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent,
 };
-use fleet_unit::{Requirements, UnitHash, UnitName};
+use fleet_unit::{Requirements, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,9 @@ use crate::plan::{diff, to_scheduler_snapshot};
 
 /// After a burst of watch events the engine reconciles once, this long after the first.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long a unit whose decisions etcd refused is left alone before the engine tries again
+/// (each try of a refused batch costs one more write per unit).
+const REFUSED_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -70,6 +73,8 @@ pub(crate) struct Engine {
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
     requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
+    /// Units whose decisions etcd refused, until when they are left alone.
+    refused: HashMap<String, Instant>,
     /// Units whose record could not be read at the last reconcile (said once each).
     unreadable: std::collections::BTreeSet<String>,
     leader_key: String,
@@ -128,6 +133,7 @@ impl Engine {
             leader: None,
             requirements: HashMap::new(),
             unreadable: Default::default(),
+            refused: HashMap::new(),
             tick,
             deadline: None,
             absent_since: HashMap::new(),
@@ -311,7 +317,7 @@ impl Engine {
             .filter(|u| !u.global && !self.requirements.contains_key(&(u.name.clone(), u.hash)))
             .map(|u| u.hash)
             .collect();
-        let bodies = match self.store.unit_bodies(&bodies_needed).await {
+        let (bodies, refused_bodies) = match self.read_bodies(&bodies_needed).await {
             Ok(b) => b,
             Err(e) => {
                 // (not one of fleet's reconcile failure types, which count units: logged)
@@ -324,6 +330,12 @@ impl Engine {
             let key = (rec.name.clone(), rec.hash);
             if let Some(r) = requirements.get(&key) {
                 return r.clone();
+            }
+            if let Some(e) = refused_bodies.get(&rec.hash) {
+                return Err(format!(
+                    "unit file {} cannot be read: {e}",
+                    rec.hash.short()
+                ));
             }
             let Some(file) = bodies.get(&rec.hash) else {
                 return Err(format!(
@@ -371,6 +383,10 @@ impl Engine {
         self.unreadable.clone_from(&snap.unreadable);
         ops.retain(|op| !snap.unreadable.contains(op.unit()));
         ops.retain(|op| !waiting.contains(op.unit()));
+        // a unit whose keys etcd refused is tried again only after a while
+        let now = Instant::now();
+        self.refused.retain(|_, until| now < *until);
+        ops.retain(|op| !self.refused.contains_key(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
             self.metrics.engine_reconcile_success(started.elapsed());
@@ -380,13 +396,15 @@ impl Engine {
         match self.store.apply(&l.leadership, &ops).await {
             Ok(rev) => {
                 self.written_rev = self.written_rev.max(rev);
-                for op in &ops {
-                    info!(?op, "engine decision");
-                    if let Some(t) = op.task_type() {
-                        self.metrics.engine_task(t);
-                    }
-                }
+                self.count_done(&ops);
                 self.metrics.engine_reconcile_success(started.elapsed());
+            }
+            Err(e) if e.is_refused() => {
+                // etcd refuses one of the keys (a permission, a value too large): write unit
+                // by unit, so that one unit's keys do not hold up every other decision
+                warn!(error = %e, "engine write refused; writing unit by unit");
+                let written = apply_unit_by_unit(self.store.as_ref(), &l.leadership, &ops).await;
+                self.written_unit_by_unit(written);
             }
             Err(RegistryError::NotLeader) => {
                 warn!("engine write refused: no longer leader");
@@ -451,6 +469,76 @@ impl Engine {
         waiting
     }
 
+    /// Unit bodies by hash, and those etcd refuses to give (with why). A refused batch is read
+    /// again one body at a time, so one body that cannot be read (a permission on its key)
+    /// does not keep the engine from deciding about every other unit.
+    async fn read_bodies(
+        &self,
+        hashes: &[UnitHash],
+    ) -> Result<(HashMap<UnitHash, UnitFile>, HashMap<UnitHash, String>), RegistryError> {
+        match self.store.unit_bodies(hashes).await {
+            Ok(b) => return Ok((b, HashMap::new())),
+            Err(e) if e.is_refused() => {
+                warn!(error = %e, "reading unit bodies refused; reading them one by one");
+            }
+            Err(e) => return Err(e),
+        }
+        let (mut bodies, mut refused) = (HashMap::new(), HashMap::new());
+        for h in hashes {
+            match self.store.unit_bodies(std::slice::from_ref(h)).await {
+                Ok(b) => bodies.extend(b),
+                Err(e) if e.is_refused() => {
+                    refused.insert(*h, e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((bodies, refused))
+    }
+
+    /// What [`apply_unit_by_unit`] did: the units etcd refuses are logged, counted as failed
+    /// tasks and left alone for [`REFUSED_WAIT`]; a deposed leader steps down; an
+    /// unreachable etcd ends the round, which lists again.
+    fn written_unit_by_unit(&mut self, written: Vec<(Vec<EngineOp>, Result<i64, RegistryError>)>) {
+        for (group, result) in written {
+            match result {
+                Ok(rev) => {
+                    self.written_rev = self.written_rev.max(rev);
+                    self.count_done(&group);
+                }
+                Err(RegistryError::NotLeader) => {
+                    warn!("engine write refused: no longer leader");
+                    self.count_failed(&group);
+                    self.step_down();
+                }
+                Err(e) if e.is_refused() => {
+                    let unit = group
+                        .first()
+                        .map(|op| op.unit().to_string())
+                        .unwrap_or_default();
+                    warn!(%unit, error = %e, "etcd refuses this unit's decisions; trying again in {REFUSED_WAIT:?}");
+                    self.count_failed(&group);
+                    self.refused.insert(unit, Instant::now() + REFUSED_WAIT);
+                }
+                Err(e) => {
+                    warn!(error = %e, "engine write failed; listing again before deciding");
+                    self.count_failed(&group);
+                    self.rewatch();
+                }
+            }
+        }
+    }
+
+    /// Tasks written: logged and counted by type.
+    fn count_done(&self, ops: &[EngineOp]) {
+        for op in ops {
+            info!(?op, "engine decision");
+            if let Some(t) = op.task_type() {
+                self.metrics.engine_task(t);
+            }
+        }
+    }
+
     /// Tasks whose write failed: counted as tasks and as failures, as fleet's doTask did.
     fn count_failed(&self, ops: &[EngineOp]) {
         for t in ops.iter().filter_map(EngineOp::task_type) {
@@ -458,6 +546,33 @@ impl Engine {
             self.metrics.engine_task_failure(t);
         }
     }
+}
+
+/// Writes `ops` one unit's decisions at a time (each write fenced as always), up to the
+/// first answer that is not about one unit (a deposed leader, an unreachable etcd): the
+/// writes made, each with its outcome.
+async fn apply_unit_by_unit(
+    store: &dyn EngineStore,
+    leadership: &Leadership,
+    ops: &[EngineOp],
+) -> Vec<(Vec<EngineOp>, Result<i64, RegistryError>)> {
+    let mut by_unit: BTreeMap<&str, Vec<EngineOp>> = BTreeMap::new();
+    for op in ops {
+        by_unit.entry(op.unit()).or_default().push(op.clone());
+    }
+    let mut written = Vec::with_capacity(by_unit.len());
+    for group in by_unit.into_values() {
+        let result = store.apply(leadership, &group).await;
+        let go_on = match &result {
+            Ok(_) => true,
+            Err(e) => e.is_refused(),
+        };
+        written.push((group, result));
+        if !go_on {
+            break;
+        }
+    }
+    written
 }
 
 /// fleet's per-unit reconcile failures: a unit that cannot be placed (`schedule`), a unit

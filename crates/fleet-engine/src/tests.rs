@@ -493,3 +493,45 @@ async fn a_machine_back_within_the_wait_keeps_its_at_most_once_unit() {
     engine.handle(Event::Tick).await;
     assert_eq!(placement(&store, "once.service").as_deref(), Some("m1"));
 }
+
+/// Turns the engine a few times: what its watch delivered, then a reconcile.
+async fn turn(engine: &mut Engine, times: usize) {
+    for _ in 0..times {
+        drain(engine).await;
+        engine.handle(Event::Tick).await;
+    }
+    drain(engine).await;
+}
+
+/// One key etcd refuses for good (a permission on it, a value too large) used to fail every
+/// write of the engine, so no other unit was placed or moved; likewise one body it would not
+/// let the engine read stopped every reconcile.
+#[tokio::test(start_paused = true)]
+async fn a_refused_key_does_not_stall_the_other_units() {
+    let (store, mut engine, _metrics) = leading().await;
+    let refused_write = store.keys().schedule("m1", "b.service");
+    store.refuse_key(&refused_write, true);
+    create(&store, "b.service", 2).await;
+    create(&store, "c.service", 3).await;
+    turn(&mut engine, 3).await;
+    assert_eq!(placement(&store, "c.service").as_deref(), Some("m1"));
+    assert_eq!(placement(&store, "b.service"), None);
+    let refused_read = store.keys().body(&body(4).hash().to_string());
+    store.refuse_key(&refused_read, true);
+    create(&store, "d.service", 4).await;
+    create(&store, "e.service", 5).await;
+    turn(&mut engine, 3).await;
+    assert_eq!(placement(&store, "e.service").as_deref(), Some("m1"));
+    let reason = store
+        .get(&store.keys().reason("d.service"))
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+        .unwrap_or_default();
+    assert!(reason.contains("cannot be read"), "{reason:?}");
+    // once etcd lets them, both are placed (b after its wait)
+    store.refuse_key(&refused_write, false);
+    store.refuse_key(&refused_read, false);
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    turn(&mut engine, 3).await;
+    assert_eq!(placement(&store, "b.service").as_deref(), Some("m1"));
+    assert_eq!(placement(&store, "d.service").as_deref(), Some("m1"));
+}

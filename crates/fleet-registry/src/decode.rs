@@ -11,7 +11,7 @@ use tracing::warn;
 use crate::keys::{self, Keys};
 use crate::model::{
     MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView, current_state,
-    decode,
+    decode, reports_hash,
 };
 use crate::roles::EngineSnapshot;
 use crate::watch::KeyRange;
@@ -126,7 +126,12 @@ impl UnitContext {
             desired: u.desired_state,
             global: u.global,
             machine_id: machine,
-            reason: self.reasons.get(&name).cloned(),
+            // the engine's reason first; else the machine's, about this very body
+            reason: self.reasons.get(&name).cloned().or_else(|| {
+                state
+                    .filter(|s| reports_hash(s, &u.hash))
+                    .and_then(|s| s.reason.clone())
+            }),
         }
     }
 }

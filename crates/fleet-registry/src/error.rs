@@ -53,13 +53,37 @@ pub enum RegistryError {
 impl RegistryError {
     /// True for errors that say the registry could not be reached (as opposed to a refusal).
     pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
+        match self {
+            RegistryError::Etcd { source, .. } => !refusal(source),
             RegistryError::Connect(_)
-                | RegistryError::Etcd { .. }
-                | RegistryError::Timeout { .. }
-                | RegistryError::Unreachable { .. }
-                | RegistryError::Remote(_)
-        )
+            | RegistryError::Timeout { .. }
+            | RegistryError::Unreachable { .. }
+            | RegistryError::Remote(_) => true,
+            _ => false,
+        }
+    }
+
+    /// True when etcd answered and refused this request itself (permission denied on its key,
+    /// a value or a request too large, no space left): asking again fails again, while
+    /// requests about other keys may well succeed. A caller working through many keys skips
+    /// this one instead of giving up on all of them.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, RegistryError::Etcd { source, .. } if refusal(source))
+    }
+}
+
+/// Whether etcd's answer refuses the request (its keys, its size, the space it needs) rather
+/// than saying the member cannot serve now.
+fn refusal(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => match s.code() {
+            tonic::Code::PermissionDenied
+            | tonic::Code::InvalidArgument
+            | tonic::Code::OutOfRange => true,
+            // no space left, unless it is an overloaded member saying "too many requests"
+            tonic::Code::ResourceExhausted => !s.message().contains("too many requests"),
+            _ => false,
+        },
+        _ => false,
     }
 }

@@ -247,6 +247,7 @@ mod tests {
             active_state: "active".into(),
             sub_state: "running".into(),
             agent_state: TargetState::Launched,
+            reason: None,
         });
 
         let units = r.units().await.expect("units");

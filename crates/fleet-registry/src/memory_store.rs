@@ -66,6 +66,8 @@ struct Kv {
     unreachable: bool,
     /// Holders of leases that expired while the store was cut off: told once it is back.
     lost_unheard: Vec<watch::Sender<bool>>,
+    /// Keys etcd refuses every request about (see [`MemoryStore::refuse_key`]).
+    refused: std::collections::BTreeSet<String>,
     /// Bumped at every change of reachability, so a pending expiry knows it is stale.
     epoch: u64,
 }
@@ -103,7 +105,22 @@ impl MemoryStore {
                 key: key.to_string(),
             });
         }
+        if kv.refused.contains(key) {
+            return Err(refused(op, key));
+        }
         Ok(kv)
+    }
+
+    /// From now on (`true`) every request that reads or writes `key` fails as etcd refuses one
+    /// (permission denied), until `false`; a transaction touching it fails whole, as in etcd.
+    /// For a persistent error on one key among many (a permission, an oversized value).
+    pub fn refuse_key(&self, key: &str, refuse: bool) {
+        let mut kv = self.lock();
+        if refuse {
+            kv.refused.insert(key.to_string());
+        } else {
+            kv.refused.remove(key);
+        }
     }
 
     /// Cuts every client off (`false`) or lets them back (`true`). While cut off, requests
@@ -478,6 +495,14 @@ impl EngineStore for MemoryStore {
 
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
         let kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
+        // one transaction in etcd: one refused key fails it whole
+        if let Some(key) = hashes
+            .iter()
+            .map(|h| self.keys.body(&h.to_string()))
+            .find(|k| kv.refused.contains(k))
+        {
+            return Err(refused("reading unit bodies", &key));
+        }
         Ok(hashes
             .iter()
             .filter_map(|h| Some((*h, self.body_of(&kv, h).ok()?)))
@@ -494,10 +519,34 @@ impl EngineStore for MemoryStore {
         if writes.is_empty() {
             return Ok(0);
         }
+        if let Some(key) = writes
+            .iter()
+            .map(write_key)
+            .find(|k| kv.refused.contains(*k))
+        {
+            return Err(refused("writing engine decisions", key));
+        }
         if kv.create_revision(&leader) != leadership.create_revision {
             return Err(RegistryError::NotLeader);
         }
         Ok(kv.commit(writes, None))
+    }
+}
+
+/// What etcd answers a request it refuses (here: permission denied on `key`).
+fn refused(op: &'static str, key: &str) -> RegistryError {
+    RegistryError::Etcd {
+        op,
+        key: key.to_string(),
+        source: etcd_client::Error::GRpcStatus(tonic::Status::permission_denied(
+            "etcdserver: permission denied",
+        )),
+    }
+}
+
+fn write_key(w: &Write) -> &str {
+    match w {
+        Write::Put(k, _) | Write::Delete(k) => k,
     }
 }
 
@@ -667,6 +716,7 @@ mod tests {
             active_state: "active".into(),
             sub_state: "running".into(),
             agent_state: TargetState::Launched,
+            reason: None,
         };
         let expired = AgentStore::register_machine(&s, &machine("m1", "t"), ttl)
             .await
@@ -772,6 +822,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_key_fails_its_requests_only_and_is_not_an_outage() {
+        let s = MemoryStore::default();
+        let (a, b) = (
+            UnitFile::parse("[Service]\nExecStart=/bin/a\n").expect("unit"),
+            UnitFile::parse("[Service]\nExecStart=/bin/b\n").expect("unit"),
+        );
+        for (n, f) in [("a.service", &a), ("b.service", &b)] {
+            s.create_unit(&n.parse().expect("name"), f, TargetState::Launched)
+                .await
+                .expect("create");
+        }
+        let key = s.keys().body(&a.hash().to_string());
+        s.refuse_key(&key, true);
+        let e = AgentStore::body(&s, &a.hash()).await.expect_err("refused");
+        assert!(e.is_refused() && !e.is_unavailable(), "{e}");
+        assert!(e.to_string().contains(&key), "{e}");
+        AgentStore::body(&s, &b.hash()).await.expect("another key");
+        // a transaction touching it fails whole
+        let both = s.unit_bodies(&[a.hash(), b.hash()]).await;
+        assert!(both.is_err_and(|e| e.is_refused()));
+        s.refuse_key(&key, false);
+        AgentStore::body(&s, &a.hash())
+            .await
+            .expect("allowed again");
+    }
+
+    #[tokio::test]
     async fn errors_name_the_operation_and_the_key() {
         let s = MemoryStore::default();
         s.set_reachable(false);
@@ -828,6 +905,7 @@ mod tests {
             active_state: "active".into(),
             sub_state: "running".into(),
             agent_state: TargetState::Launched,
+            reason: None,
         };
         s.publish_state("a.service", "m1", Some(&state), &lease)
             .await

@@ -102,6 +102,11 @@ pub struct StateRecord {
     pub sub_state: String,
     /// What the agent has done with the unit: `loaded` or `launched`.
     pub agent_state: TargetState,
+    /// Why the agent cannot bring the unit to its desired state (a unit file it cannot
+    /// write, a stop that failed), while it keeps trying. Not in fleet v1.0's records, and
+    /// left out when there is none, so a record without a problem reads as fleet's did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A unit as clients see it.
@@ -116,7 +121,8 @@ pub struct UnitView {
     pub machine_id: Option<String>,
     /// What the unit's machine reports having done (fleet's `currentState`).
     pub current: TargetState,
-    /// Why the engine cannot place the unit now, if it cannot.
+    /// Why the engine cannot place the unit now, if it cannot; else why its machine cannot
+    /// bring it to its desired state, if that machine says so.
     pub reason: Option<String>,
 }
 
@@ -175,6 +181,7 @@ mod tests {
             active_state: "active".into(),
             sub_state: "running".into(),
             agent_state: agent,
+            reason: None,
         }
     }
 

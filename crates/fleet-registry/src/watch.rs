@@ -5,12 +5,16 @@
 //! [`WatchEvent::Disconnected`] and, once etcd answers again, a fresh snapshot. It never gets
 //! a made-up deletion: a consumer that keeps its last snapshot while disconnected keeps
 //! running what it ran (fleet stopped units on etcd hiccups; we do not).
+//!
+//! A watch on a member cut off from the others (or frozen) gets no events and no error: when
+//! the health monitor takes a member out of the balancer, every list-watch lists again (a
+//! fresh snapshot, no disconnection) and watches on the members left.
 
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
-use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tokio::sync::{mpsc, watch as signal};
+use tracing::{debug, info, warn};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent {
@@ -131,8 +135,20 @@ impl ListWatch {
         poll: Option<Duration>,
         timeout: Duration,
     ) -> mpsc::Receiver<WatchEvent> {
+        ListWatch::spawn_restarting(client, prefixes, poll, timeout, None)
+    }
+
+    /// Like [`ListWatch::spawn`]; each change of `restart` (a member taken out of the
+    /// balancer) makes the open watch end and the loop list and watch again.
+    pub(crate) fn spawn_restarting(
+        client: Client,
+        prefixes: Vec<KeyRange>,
+        poll: Option<Duration>,
+        timeout: Duration,
+        restart: Option<signal::Receiver<u64>>,
+    ) -> mpsc::Receiver<WatchEvent> {
         let (tx, rx) = mpsc::channel(1024);
-        tokio::spawn(run(client, prefixes, poll, timeout, tx));
+        tokio::spawn(run(client, prefixes, poll, timeout, tx, restart));
         rx
     }
 }
@@ -143,6 +159,7 @@ async fn run(
     poll: Option<Duration>,
     timeout: Duration,
     tx: mpsc::Sender<WatchEvent>,
+    mut restart: Option<signal::Receiver<u64>>,
 ) {
     let mut backoff = Backoff::new();
     let mut connected = true;
@@ -181,8 +198,32 @@ async fn run(
                 _ = tx.closed() => return,
             }
         }
-        match watch(&client, &prefixes, revision + 1, &tx, &mut backoff).await {
+        if let Some(r) = restart.as_mut() {
+            // members taken out before this list do not concern the watch that follows it
+            r.borrow_and_update();
+        }
+        let watched = watch(&client, &prefixes, revision + 1, &tx, &mut backoff);
+        let member_out = async {
+            let changed = match restart.as_mut() {
+                Some(r) => r.changed().await.is_ok(),
+                None => false,
+            };
+            if !changed {
+                // no monitor (or it ended): never
+                std::future::pending::<()>().await;
+            }
+        };
+        let end = tokio::select! {
+            end = watched => end,
+            _ = member_out => WatchEnd::MemberOut,
+        };
+        match end {
             WatchEnd::ReceiverGone => return,
+            WatchEnd::MemberOut => {
+                // the watch may sit on that member, which sends nothing more: list again (a
+                // fresh snapshot, no disconnection: nothing is known to be lost)
+                info!("an etcd member was taken out; listing and watching again");
+            }
             WatchEnd::Broken(reason) => {
                 warn!(%reason, "etcd watch broke; listing again");
                 if tx.send(WatchEvent::Disconnected).await.is_err() {
@@ -226,6 +267,8 @@ pub(crate) async fn list(
 enum WatchEnd {
     ReceiverGone,
     Broken(String),
+    /// The health monitor took a member out of the balancer.
+    MemberOut,
 }
 
 async fn watch(
@@ -308,6 +351,96 @@ mod tests {
         assert_eq!(delays, [200, 400, 800, 1600, 2000, 2000, 2000, 2000]);
         b.reset();
         assert_eq!(ms(&mut b), 200);
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<WatchEvent>) -> WatchEvent {
+        tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("an event in time")
+            .expect("the watch goes on")
+    }
+
+    /// etcd answers a watch from a compacted revision (a watch resumed after a break, with
+    /// compactions meanwhile) by cancelling it: that ends the watch as broken, saying so, and
+    /// the loop lists again instead of waiting for events that will never come.
+    #[tokio::test]
+    async fn a_watch_from_a_compacted_revision_ends_as_broken() {
+        let etcd = fleet_testutil::EtcdServer::start();
+        let client = Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("client");
+        let mut kv = client.kv_client();
+        let mut last = 0;
+        for i in 0..5 {
+            let put = kv.put("/x/a", format!("{i}"), None).await.expect("put");
+            last = put.header().map(|h| h.revision()).unwrap_or_default();
+        }
+        client
+            .kv_client()
+            .compact(last, None)
+            .await
+            .expect("compact");
+        let (tx, _rx) = mpsc::channel(16);
+        let ranges = [KeyRange::prefix("/x/")];
+        let end = tokio::time::timeout(
+            Duration::from_secs(10),
+            watch(&client, &ranges, 2, &tx, &mut Backoff::new()),
+        )
+        .await
+        .expect("the watch ends");
+        match end {
+            WatchEnd::Broken(reason) => {
+                assert!(reason.contains(&format!("compacted at {last}")), "{reason}")
+            }
+            _ => panic!("the watch did not end as broken"),
+        }
+        // and a list-watch from now on starts from a fresh snapshot and follows
+        let mut rx = ListWatch::spawn(
+            client.clone(),
+            ranges.to_vec(),
+            None,
+            Duration::from_secs(5),
+        );
+        match next(&mut rx).await {
+            WatchEvent::Snapshot { revision, kvs } => {
+                assert_eq!(revision, last);
+                assert_eq!(kvs, vec![("/x/a".to_string(), b"4".to_vec())]);
+            }
+            other => panic!("expected a snapshot, got {other:?}"),
+        }
+        kv.put("/x/b", "1", None).await.expect("put");
+        assert!(matches!(next(&mut rx).await, WatchEvent::Put { key, .. } if key == "/x/b"));
+    }
+
+    /// A member taken out of the balancer (cut off, frozen) may hold the open watch, which
+    /// then sees nothing: the signal makes the loop list again (a fresh snapshot, no
+    /// disconnection) and follow from there.
+    #[tokio::test]
+    async fn a_member_taken_out_makes_the_watch_list_again() {
+        let etcd = fleet_testutil::EtcdServer::start();
+        let client = Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("client");
+        let (out, out_rx) = signal::channel(0u64);
+        let mut rx = ListWatch::spawn_restarting(
+            client.clone(),
+            vec![KeyRange::prefix("/x/")],
+            None,
+            Duration::from_secs(5),
+            Some(out_rx),
+        );
+        assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { .. }));
+        out.send_modify(|n| *n += 1);
+        match next(&mut rx).await {
+            WatchEvent::Snapshot { kvs, .. } => assert!(kvs.is_empty()),
+            other => panic!("expected a fresh snapshot, got {other:?}"),
+        }
+        client
+            .kv_client()
+            .put("/x/a", "1", None)
+            .await
+            .expect("put");
+        assert!(matches!(next(&mut rx).await, WatchEvent::Put { key, .. } if key == "/x/a"));
     }
 
     /// Accepts connections on `listener` and never answers; records when each HTTP/2 HEADERS

@@ -47,6 +47,7 @@ pub fn state(unit: &str, machine: &str, hash: impl Display) -> StateRecord {
         active_state: "active".into(),
         sub_state: "running".into(),
         agent_state: TargetState::Launched,
+        reason: None,
     }
 }
 

@@ -60,7 +60,7 @@ fn dash(s: &str) -> String {
 }
 
 const UNIT_FILE_FIELDS: &[&str] = &[
-    "desc", "dstate", "global", "hash", "state", "target", "tmachine", "unit",
+    "desc", "dstate", "global", "hash", "reason", "state", "target", "tmachine", "unit",
 ];
 
 /// A unit in `list-unit-files -o json`.
@@ -120,6 +120,9 @@ pub async fn unit_files(ctx: &Ctx, args: &ListArgs, fields: &str) -> Outcome {
                 "hash" if args.full => u.hash.to_string(),
                 "hash" => u.hash.short(),
                 "desc" => dash(u.file.description().unwrap_or("")),
+                // not in fleet v1.0: why the unit is not placed, or not where it should be
+                // on its machine (a file it cannot write)
+                "reason" => dash(u.reason.as_deref().unwrap_or("")),
                 // target and tmachine
                 _ if u.global => "global".to_string(),
                 _ => match &u.machine_id {

@@ -51,6 +51,7 @@ async fn registry() -> Arc<MemoryRegistry> {
         active_state: "active".into(),
         sub_state: "running".into(),
         agent_state: TargetState::Launched,
+        reason: None,
     });
     Arc::new(r)
 }

@@ -159,11 +159,12 @@ impl EtcdRegistry {
         machine_id: &str,
         poll: Option<Duration>,
     ) -> mpsc::Receiver<WatchEvent> {
-        ListWatch::spawn(
+        ListWatch::spawn_restarting(
             self.client.clone(),
             records::agent_ranges(&self.keys, machine_id),
             poll,
             self.timeout.saturating_mul(5),
+            self.health.members_out(),
         )
     }
 

@@ -104,11 +104,12 @@ impl EtcdRegistry {
 
     /// Mirrors the engine's prefixes (see [`ListWatch`]).
     pub fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
-        ListWatch::spawn(
+        ListWatch::spawn_restarting(
             self.client.clone(),
             self.engine_ranges(),
             poll,
             self.timeout.saturating_mul(5),
+            self.health.members_out(),
         )
     }
 

@@ -10,6 +10,10 @@
 //! maintenance request each, to that member alone), takes out of the balancer those that do
 //! not answer in time or have no leader (never the last one), and puts each back once it
 //! answers with a leader again. It costs nothing while requests succeed.
+//!
+//! A watch already open on a member it takes out would stay there, and a member cut off from
+//! the others delivers no events (nor an error) until the watch breaks: the monitor tells the
+//! list-watches ([`Health::members_out`]), which list again and watch on the members left.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,22 +33,34 @@ const RECHECK: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub(crate) struct Health {
     wake: Option<Arc<watch::Sender<u64>>>,
+    /// Counts the members taken out; list-watches restart when it changes.
+    out: Option<watch::Receiver<u64>>,
 }
 
 impl Health {
     /// No monitor: one endpoint (nothing to choose from), or connections opened by a dialer
     /// (`--tunnel`: a TCP probe would not go where the requests go).
     pub(crate) fn none() -> Health {
-        Health { wake: None }
+        Health {
+            wake: None,
+            out: None,
+        }
     }
 
     /// Watches `endpoints` of `client` from now on.
     pub(crate) fn spawn(client: Client, endpoints: Vec<String>, opts: ConnectOptions) -> Health {
         let (tx, rx) = watch::channel(0u64);
-        tokio::spawn(monitor(client, endpoints, opts, rx));
+        let (out_tx, out_rx) = watch::channel(0u64);
+        tokio::spawn(monitor(client, endpoints, opts, rx, out_tx));
         Health {
             wake: Some(Arc::new(tx)),
+            out: Some(out_rx),
         }
+    }
+
+    /// Changes each time a member is taken out of the balancer (none without a monitor).
+    pub(crate) fn members_out(&self) -> Option<watch::Receiver<u64>> {
+        self.out.clone()
     }
 
     /// A request failed in a way a dead endpoint explains: probe the endpoints now.
@@ -60,6 +76,7 @@ async fn monitor(
     endpoints: Vec<String>,
     opts: ConnectOptions,
     mut wake: watch::Receiver<u64>,
+    out: watch::Sender<u64>,
 ) {
     let mut removed: HashSet<String> = HashSet::new();
     // rounds in a row each removed member has answered well: it comes back after two
@@ -128,6 +145,8 @@ async fn monitor(
                         "etcd member does not answer or has no leader; not using it until it does"
                     );
                     removed.insert(endpoint.clone());
+                    // watches open on it would see nothing more: they start again elsewhere
+                    out.send_modify(|n| *n = n.wrapping_add(1));
                 }
                 good.remove(endpoint);
             } else if serving && removed.contains(endpoint) {
