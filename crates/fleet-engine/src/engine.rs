@@ -1,12 +1,14 @@
 //! The engine: a struct that handles one [`Event`] at a time (campaign, reconcile and step
 //! down are its methods), and the loop that feeds it from one `select!`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_metrics::{EngineFailure, Metrics};
-use fleet_registry::{EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent};
+use fleet_registry::{
+    EngineModel, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent,
+};
 use fleet_unit::{Requirements, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -57,8 +59,9 @@ pub(crate) struct Engine {
     cfg: EngineConfig,
     metrics: Metrics,
     watch: mpsc::Receiver<WatchEvent>,
-    /// The engine's keys as the watch reported them, at `mirror_rev`.
-    mirror: BTreeMap<String, Vec<u8>>,
+    /// The engine's keys as the watch reported them, decoded, at `mirror_rev`: each watch
+    /// event decodes its one record, so a reconcile never decodes every unit again.
+    model: EngineModel,
     mirror_rev: i64,
     /// Whether the mirror is a fresh snapshot (the engine decides from nothing else).
     synced: bool,
@@ -70,7 +73,6 @@ pub(crate) struct Engine {
     requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
     /// Units whose record could not be read at the last reconcile (said once each).
     unreadable: std::collections::BTreeSet<String>,
-    leader_key: String,
     /// The interval of reconciles (zero would panic tokio; fleet-config refuses below 1 ms).
     tick: tokio::time::Interval,
     /// When the debounced reconcile after a burst of watch events is due.
@@ -110,11 +112,10 @@ impl Engine {
         let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
         Engine {
             watch: store.watch_engine(poll),
-            leader_key: store.keys().leader(),
+            model: EngineModel::new(store.keys()),
             store,
             cfg,
             metrics,
-            mirror: BTreeMap::new(),
             mirror_rev: 0,
             synced: false,
             written_rev: 0,
@@ -211,7 +212,7 @@ impl Engine {
     fn apply_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Snapshot { revision, kvs } => {
-                self.mirror = kvs.into_iter().collect();
+                self.model.reset(kvs.iter().map(|(k, v)| (k, v)));
                 self.mirror_rev = revision;
                 self.synced = true;
             }
@@ -220,14 +221,14 @@ impl Engine {
                 value,
                 revision,
             } => {
-                self.mirror.insert(key, value);
+                self.model.put(&key, &value);
                 self.mirror_rev = self.mirror_rev.max(revision);
             }
             WatchEvent::Delete { key, revision } => {
-                if key == self.leader_key && self.leader.is_none() {
+                if key == self.store.keys().leader() && self.leader.is_none() {
                     debug!("leader key deleted; campaigning");
                 }
-                self.mirror.remove(&key);
+                self.model.delete(&key);
                 self.mirror_rev = self.mirror_rev.max(revision);
             }
             WatchEvent::Disconnected => self.synced = false,
@@ -246,7 +247,7 @@ impl Engine {
 
     /// Tries to lead when nobody does.
     pub(crate) async fn campaign(&mut self) {
-        if self.mirror.contains_key(&self.leader_key) {
+        if self.model.has_leader() {
             return;
         }
         let ttl = self.cfg.reconcile_interval.saturating_mul(5);
@@ -282,8 +283,7 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let snap =
-            fleet_registry::engine_snapshot(self.store.keys(), self.mirror_rev, self.mirror.iter());
+        let snap = self.model.snapshot(self.mirror_rev);
         if snap.leader.as_deref() != Some(self.cfg.machine_id.as_str()) {
             // The mirror is past our election, so it holds our leader key unless that key is
             // gone (deleted by hand, or expired while we did not notice): we do not lead.
