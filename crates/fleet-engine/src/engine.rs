@@ -188,7 +188,7 @@ impl Engine {
             }
             Event::Watch(WatchEvent::Disconnected) => self.synced = false,
             Event::Watch(ev) => {
-                self.apply_watch(ev);
+                self.apply_watch(ev).await;
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
                 // events), never once per event
                 if self.synced && self.deadline.is_none() {
@@ -209,12 +209,27 @@ impl Engine {
         true
     }
 
-    fn apply_watch(&mut self, ev: WatchEvent) {
+    async fn apply_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Snapshot { revision, kvs } => {
-                self.model.reset(kvs.iter().map(|(k, v)| (k, v)));
-                self.mirror_rev = revision;
-                self.synced = true;
+                // decoding a whole listing grows with the cluster: off the runtime's workers
+                let mut model = self.model.clone_empty();
+                let decoded = off_runtime(move || {
+                    model.reset(kvs.iter().map(|(k, v)| (k, v)));
+                    model
+                })
+                .await;
+                match decoded {
+                    Ok(model) => {
+                        self.model = model;
+                        self.mirror_rev = revision;
+                        self.synced = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "decoding the engine's listing failed; listing again");
+                        self.rewatch();
+                    }
+                }
             }
             WatchEvent::Put {
                 key,

@@ -35,6 +35,8 @@ pub struct EngineModel {
     /// Each unit's strays (see [`EngineSnapshot::strays`]).
     strays: BTreeMap<String, Vec<String>>,
     snap: Arc<EngineSnapshot>,
+    /// While a fresh listing is decoded, machines are put together once, at its end.
+    loading: bool,
 }
 
 impl EngineModel {
@@ -50,15 +52,24 @@ impl EngineModel {
             schedule: BTreeMap::new(),
             strays: BTreeMap::new(),
             snap: Arc::new(EngineSnapshot::default()),
+            loading: false,
         }
+    }
+
+    /// An empty model of the same keys.
+    pub fn clone_empty(&self) -> EngineModel {
+        EngineModel::new(&self.keys)
     }
 
     /// Forgets everything and decodes a fresh listing.
     pub fn reset<'a>(&mut self, kvs: impl IntoIterator<Item = (&'a String, &'a Vec<u8>)>) {
         *self = EngineModel::new(&self.keys);
+        self.loading = true;
         for (k, v) in kvs {
             self.put(k, v);
         }
+        self.loading = false;
+        self.refresh_machines();
     }
 
     /// Whether any engine holds the leader key.
@@ -217,6 +228,9 @@ impl EngineModel {
     /// Machines as the engine sees them: every record with its API-set metadata over it
     /// (a few thousand at most: rebuilt whole).
     fn refresh_machines(&mut self) {
+        if self.loading {
+            return;
+        }
         let mut machines: Vec<MachineView> = self
             .machines
             .values()
