@@ -342,15 +342,18 @@ async fn list_once(
     let mut out: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); bounds.len()];
     let mut pending: Vec<(usize, Vec<u8>)> = Vec::new();
     for (i, op) in resp.op_responses().into_iter().enumerate() {
-        if let TxnOpResponse::Get(get) = op {
-            if let Some(next) = take_page(&get, &mut out[i]) {
-                pending.push((i, next));
-            }
+        if let TxnOpResponse::Get(get) = op
+            && let Some(into) = out.get_mut(i)
+            && let Some(next) = take_page(&get, into)
+        {
+            pending.push((i, next));
         }
     }
     let mut requests = 1;
     for (i, mut start) in pending {
-        let end = &bounds[i].1;
+        let (Some((_, end)), Some(into)) = (bounds.get(i), out.get_mut(i)) else {
+            continue;
+        };
         loop {
             between_pages(requests).await;
             requests += 1;
@@ -362,7 +365,7 @@ async fn list_once(
                 .await
                 .map_err(|_| ListError::Timeout)?
                 .map_err(ListError::Etcd)?;
-            match take_page(&get, &mut out[i]) {
+            match take_page(&get, into) {
                 Some(next) => start = next,
                 None => break,
             }
