@@ -70,7 +70,8 @@ pub(crate) struct Engine {
     written_rev: i64,
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
-    requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
+    /// One entry per unit (its body's hash beside it), looked up without copying the name.
+    requirements: HashMap<UnitName, (UnitHash, Result<Requirements, String>)>,
     /// Units whose record could not be read at the last reconcile (said once each).
     unreadable: std::collections::BTreeSet<String>,
     /// The interval of reconciles (zero would panic tokio; fleet-config refuses below 1 ms).
@@ -309,7 +310,13 @@ impl Engine {
         let bodies_needed: Vec<UnitHash> = snap
             .units
             .iter()
-            .filter(|u| !u.global && !self.requirements.contains_key(&(u.name.clone(), u.hash)))
+            .filter(|u| {
+                !u.global
+                    && self
+                        .requirements
+                        .get(&u.name)
+                        .is_none_or(|(h, _)| *h != u.hash)
+            })
             .map(|u| u.hash)
             .collect();
         let bodies = match self.store.unit_bodies(&bodies_needed).await {
@@ -322,8 +329,9 @@ impl Engine {
         };
         let requirements = &mut self.requirements;
         let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
-            let key = (rec.name.clone(), rec.hash);
-            if let Some(r) = requirements.get(&key) {
+            if let Some((h, r)) = requirements.get(&rec.name)
+                && *h == rec.hash
+            {
                 return r.clone();
             }
             let Some(file) = bodies.get(&rec.hash) else {
@@ -335,15 +343,16 @@ impl Engine {
             let r = Requirements::from_unit(&rec.name, file)
                 .map(|(r, _)| r)
                 .map_err(|e| e.to_string());
-            requirements.insert(key, r.clone());
+            requirements.insert(rec.name.clone(), (rec.hash, r.clone()));
             r
         };
         let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
         if self.requirements.len() > 2 * snap.units.len() + 64 {
             // forget destroyed units (the cache would otherwise grow with every unit ever seen)
-            let live: HashSet<(&UnitName, &UnitHash)> =
+            let live: HashMap<&UnitName, &UnitHash> =
                 snap.units.iter().map(|u| (&u.name, &u.hash)).collect();
-            self.requirements.retain(|(n, h), _| live.contains(&(n, h)));
+            self.requirements
+                .retain(|n, (h, _)| live.get(n).is_some_and(|l| *l == h));
         }
         let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
             Ok(plan) => plan,
