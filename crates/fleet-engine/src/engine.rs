@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use fleet_metrics::{EngineFailure, Metrics};
 use fleet_registry::{
-    AtMostOnce, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord, WatchEvent,
+    AtMostOnce, EngineModel, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord,
+    WatchEvent,
 };
 use fleet_unit::{Requirements, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
@@ -62,8 +63,9 @@ pub(crate) struct Engine {
     cfg: EngineConfig,
     metrics: Metrics,
     watch: mpsc::Receiver<WatchEvent>,
-    /// The engine's keys as the watch reported them, at `mirror_rev`.
-    mirror: BTreeMap<String, Vec<u8>>,
+    /// The engine's keys as the watch reported them, decoded, at `mirror_rev`: each watch
+    /// event decodes its one record, so a reconcile never decodes every unit again.
+    model: EngineModel,
     mirror_rev: i64,
     /// Whether the mirror is a fresh snapshot (the engine decides from nothing else).
     synced: bool,
@@ -72,12 +74,12 @@ pub(crate) struct Engine {
     written_rev: i64,
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
-    requirements: HashMap<(UnitName, UnitHash), Result<Requirements, String>>,
+    /// One entry per unit (its body's hash beside it), looked up without copying the name.
+    requirements: HashMap<UnitName, (UnitHash, Result<Requirements, String>)>,
     /// Units whose decisions etcd refused, until when they are left alone.
     refused: HashMap<String, Instant>,
     /// Units whose record could not be read at the last reconcile (said once each).
     unreadable: std::collections::BTreeSet<String>,
-    leader_key: String,
     /// The interval of reconciles (zero would panic tokio; fleet-config refuses below 1 ms).
     tick: tokio::time::Interval,
     /// When the debounced reconcile after a burst of watch events is due.
@@ -122,11 +124,10 @@ impl Engine {
         let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
         Engine {
             watch: store.watch_engine(poll),
-            leader_key: store.keys().leader(),
+            model: EngineModel::new(store.keys()),
             store,
             cfg,
             metrics,
-            mirror: BTreeMap::new(),
             mirror_rev: 0,
             synced: false,
             written_rev: 0,
@@ -201,7 +202,7 @@ impl Engine {
             }
             Event::Watch(WatchEvent::Disconnected) => self.synced = false,
             Event::Watch(ev) => {
-                self.apply_watch(ev);
+                self.apply_watch(ev).await;
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
                 // events), never once per event
                 if self.synced && self.deadline.is_none() {
@@ -222,13 +223,28 @@ impl Engine {
         true
     }
 
-    fn apply_watch(&mut self, ev: WatchEvent) {
+    async fn apply_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Snapshot { revision, kvs } => {
                 self.absent_since.clear();
-                self.mirror = kvs.into_iter().collect();
-                self.mirror_rev = revision;
-                self.synced = true;
+                // decoding a whole listing grows with the cluster: off the runtime's workers
+                let mut model = self.model.clone_empty();
+                let decoded = off_runtime(move || {
+                    model.reset(kvs.iter().map(|(k, v)| (k, v)));
+                    model
+                })
+                .await;
+                match decoded {
+                    Ok(model) => {
+                        self.model = model;
+                        self.mirror_rev = revision;
+                        self.synced = true;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "decoding the engine's listing failed; listing again");
+                        self.rewatch();
+                    }
+                }
             }
             WatchEvent::Put {
                 key,
@@ -239,14 +255,14 @@ impl Engine {
                     // a machine (re)registered: its absence, if any, is over
                     self.absent_since.remove(id);
                 }
-                self.mirror.insert(key, value);
+                self.model.put(&key, &value);
                 self.mirror_rev = self.mirror_rev.max(revision);
             }
             WatchEvent::Delete { key, revision } => {
-                if key == self.leader_key && self.leader.is_none() {
+                if key == self.store.keys().leader() && self.leader.is_none() {
                     debug!("leader key deleted; campaigning");
                 }
-                self.mirror.remove(&key);
+                self.model.delete(&key);
                 self.mirror_rev = self.mirror_rev.max(revision);
             }
             WatchEvent::Disconnected => self.synced = false,
@@ -265,7 +281,7 @@ impl Engine {
 
     /// Tries to lead when nobody does.
     pub(crate) async fn campaign(&mut self) {
-        if self.mirror.contains_key(&self.leader_key) {
+        if self.model.has_leader() {
             return;
         }
         let ttl = self.cfg.reconcile_interval.saturating_mul(5);
@@ -302,8 +318,7 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let snap =
-            fleet_registry::engine_snapshot(self.store.keys(), self.mirror_rev, self.mirror.iter());
+        let snap = self.model.snapshot(self.mirror_rev);
         if snap.leader.as_deref() != Some(self.cfg.machine_id.as_str()) {
             // The mirror is past our election, so it holds our leader key unless that key is
             // gone (deleted by hand, or expired while we did not notice): we do not lead.
@@ -314,7 +329,13 @@ impl Engine {
         let bodies_needed: Vec<UnitHash> = snap
             .units
             .iter()
-            .filter(|u| !u.global && !self.requirements.contains_key(&(u.name.clone(), u.hash)))
+            .filter(|u| {
+                !u.global
+                    && self
+                        .requirements
+                        .get(&u.name)
+                        .is_none_or(|(h, _)| *h != u.hash)
+            })
             .map(|u| u.hash)
             .collect();
         let (bodies, refused_bodies) = match self.read_bodies(&bodies_needed).await {
@@ -327,8 +348,9 @@ impl Engine {
         };
         let requirements = &mut self.requirements;
         let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
-            let key = (rec.name.clone(), rec.hash);
-            if let Some(r) = requirements.get(&key) {
+            if let Some((h, r)) = requirements.get(&rec.name)
+                && *h == rec.hash
+            {
                 return r.clone();
             }
             if let Some(e) = refused_bodies.get(&rec.hash) {
@@ -346,15 +368,16 @@ impl Engine {
             let r = Requirements::from_unit(&rec.name, file)
                 .map(|(r, _)| r)
                 .map_err(|e| e.to_string());
-            requirements.insert(key, r.clone());
+            requirements.insert(rec.name.clone(), (rec.hash, r.clone()));
             r
         };
         let (sched_snap, invalid) = to_scheduler_snapshot(&snap, &mut req_of);
         if self.requirements.len() > 2 * snap.units.len() + 64 {
             // forget destroyed units (the cache would otherwise grow with every unit ever seen)
-            let live: HashSet<(&UnitName, &UnitHash)> =
+            let live: HashMap<&UnitName, &UnitHash> =
                 snap.units.iter().map(|u| (&u.name, &u.hash)).collect();
-            self.requirements.retain(|(n, h), _| live.contains(&(n, h)));
+            self.requirements
+                .retain(|n, (h, _)| live.get(n).is_some_and(|l| *l == h));
         }
         let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
             Ok(plan) => plan,
@@ -442,8 +465,8 @@ impl Engine {
             }
             let at_most_once = self
                 .requirements
-                .get(&(u.name.clone(), u.hash))
-                .is_some_and(|r| r.as_ref().is_ok_and(|r| r.at_most_once));
+                .get(&u.name)
+                .is_some_and(|(h, r)| *h == u.hash && r.as_ref().is_ok_and(|r| r.at_most_once));
             if !at_most_once {
                 continue;
             }

@@ -91,7 +91,10 @@ impl ChangeFeed for EtcdRegistry {
             .with_prefix()
             .with_prev_key()
             .with_start_revision(after.saturating_add(1));
-        let mut wc = self.client().watch_client();
+        let mut wc = self
+            .client()
+            .watch_client()
+            .max_decoding_message_size(crate::watch::MAX_DECODED_BYTES);
         let mut stream = tokio::time::timeout(
             self.request_timeout(),
             wc.watch(prefix.as_str(), Some(opts)),

@@ -196,10 +196,7 @@ pub fn engine_snapshot<'a>(
         // one is meant; the other is a stray to remove.
         let keep_new = match schedules.get(unit) {
             None => true,
-            Some((m, _)) => {
-                placements.get(unit) == Some(&machine.to_string())
-                    && placements.get(unit) != Some(m)
-            }
+            Some((m, _)) => crate::engine_model::keep_later(placements.get(unit), m, machine),
         };
         if keep_new {
             if let Some((old, _)) = schedules.insert(unit.to_string(), (machine.to_string(), rec)) {
@@ -209,6 +206,7 @@ pub fn engine_snapshot<'a>(
             strays.push((unit.to_string(), machine.to_string()));
         }
     }
+    crate::engine_model::sort_strays(&mut strays);
     let leader_key = keys.leader();
     let units = units(keys, &owned);
     let read: std::collections::BTreeSet<&str> = units.iter().map(|u| u.name.as_str()).collect();

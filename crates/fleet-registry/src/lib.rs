@@ -18,6 +18,7 @@
 pub mod changes;
 mod decode;
 mod dial;
+mod engine_model;
 mod error;
 mod etcd;
 pub mod keys;
@@ -33,6 +34,7 @@ pub use changes::{
 };
 pub use decode::{agent_ranges, engine_ranges, engine_snapshot};
 pub use dial::{DialStream, Dialer, endpoint_host_port};
+pub use engine_model::EngineModel;
 pub use error::{RegistryError, Result};
 pub use etcd::{EtcdConfig, EtcdRegistry};
 /// fleet's default key prefix, defined with fleetd's other option defaults.

@@ -151,7 +151,7 @@ fn op_writes(keys: &Keys, op: &EngineOp) -> Vec<Write> {
 }
 
 /// What the engine decides from: units, machines, placements and reasons at one revision.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EngineSnapshot {
     pub revision: i64,
     pub units: Vec<UnitRecord>,

@@ -69,13 +69,6 @@ impl KeyRange {
         }
     }
 
-    fn get_options(&self) -> GetOptions {
-        match &self.end {
-            None => GetOptions::new().with_prefix(),
-            Some(e) => GetOptions::new().with_range(e.as_str()),
-        }
-    }
-
     fn watch_options(&self) -> WatchOptions {
         match &self.end {
             None => WatchOptions::new().with_prefix(),
@@ -164,14 +157,11 @@ async fn run(
     let mut backoff = Backoff::new();
     let mut connected = true;
     loop {
-        let listed = tokio::time::timeout(timeout, list(&client, &prefixes)).await;
+        let listed = list(&client, &prefixes, Paging::new(timeout)).await;
         let (revision, kvs) = match listed {
-            Ok(Ok(v)) => v,
-            failed => {
-                match failed {
-                    Ok(Err(e)) => debug!(error = %e, "list failed"),
-                    _ => debug!(?timeout, "list timed out"),
-                }
+            Ok(v) => v,
+            Err(e) => {
+                debug!(error = %e, ?timeout, "list failed");
                 if connected && tx.send(WatchEvent::Disconnected).await.is_err() {
                     return;
                 }
@@ -239,29 +229,207 @@ async fn run(
     }
 }
 
-/// Reads all prefixes in one transaction, so they share one revision.
+/// How many keys one page of a listing holds. A page of unit records is ~200 KiB, well under
+/// gRPC's 4 MiB default; the client's raised decode limit ([`MAX_DECODED_BYTES`]) is only a
+/// backstop for pages of unusually large values.
+pub(crate) const PAGE_KEYS: i64 = 1000;
+
+/// The most bytes one etcd response may decode to. Pages keep responses far below it; it is
+/// there for what cannot be paged by count alone (a page or a body batch of large values).
+pub(crate) const MAX_DECODED_BYTES: usize = 256 * 1024 * 1024;
+
+/// How many times a listing starts over because its revision was compacted between pages
+/// before it gives up (each start is a fresh revision, so this only trips when compaction
+/// runs faster than one page).
+const MAX_LIST_RESTARTS: usize = 8;
+
+/// Why a listing failed.
+#[derive(Debug)]
+pub(crate) enum ListError {
+    Etcd(etcd_client::Error),
+    /// One page took longer than the timeout.
+    Timeout,
+}
+
+impl std::fmt::Display for ListError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListError::Etcd(e) => write!(f, "{e}"),
+            ListError::Timeout => write!(f, "timed out"),
+        }
+    }
+}
+
+/// How a listing reads: pages of `page` keys, each request bounded by `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Paging {
+    pub(crate) page: i64,
+    pub(crate) timeout: Duration,
+}
+
+impl Paging {
+    pub(crate) fn new(timeout: Duration) -> Paging {
+        Paging {
+            page: PAGE_KEYS,
+            timeout,
+        }
+    }
+}
+
+/// Whether etcd refused a read because its revision was compacted.
+fn compacted(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => {
+            s.code() == tonic::Code::OutOfRange && s.message().contains("compacted")
+        }
+        _ => false,
+    }
+}
+
+/// The first key past every key starting with `prefix` (etcd's prefix range end); empty (the
+/// whole key space onward) when no such key exists.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// The kv client every registry read uses: gRPC's 4 MiB decode limit raised as a backstop.
+pub(crate) fn kv_client(client: &Client) -> etcd_client::KvClient {
+    client
+        .kv_client()
+        .max_decoding_message_size(MAX_DECODED_BYTES)
+}
+
+/// What runs before each page after the first (tests change etcd there).
+pub(crate) type BetweenPages<'a> = &'a mut (
+            dyn FnMut(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+                + Send
+        );
+
+/// Reads every range at one revision, in pages: one consistent snapshot however large. See
+/// [`list_paged`].
 pub(crate) async fn list(
     client: &Client,
-    prefixes: &[KeyRange],
-) -> Result<(i64, Vec<(String, Vec<u8>)>), etcd_client::Error> {
-    let ops: Vec<TxnOp> = prefixes
+    ranges: &[KeyRange],
+    paging: Paging,
+) -> Result<(i64, Vec<(String, Vec<u8>)>), ListError> {
+    list_paged(client, ranges, paging, &mut |_| Box::pin(async {})).await
+}
+
+/// Reads every range at one revision. The first request reads the first page of every range
+/// in one transaction (most listings end there, in one round trip) and fixes the revision;
+/// ranges with more keys go on page by page at that revision. When etcd compacted that
+/// revision meanwhile, the listing starts over at a new one. `between_pages` runs before
+/// every request after the first (tests use it to change etcd between pages).
+pub(crate) async fn list_paged(
+    client: &Client,
+    ranges: &[KeyRange],
+    paging: Paging,
+    between_pages: BetweenPages<'_>,
+) -> Result<(i64, Vec<(String, Vec<u8>)>), ListError> {
+    let mut restarts = 0;
+    loop {
+        match list_once(client, ranges, paging, &mut *between_pages).await {
+            Err(ListError::Etcd(e)) if compacted(&e) && restarts < MAX_LIST_RESTARTS => {
+                restarts += 1;
+                debug!(
+                    restarts,
+                    "listing's revision compacted between pages; listing again"
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn list_once(
+    client: &Client,
+    ranges: &[KeyRange],
+    paging: Paging,
+    between_pages: BetweenPages<'_>,
+) -> Result<(i64, Vec<(String, Vec<u8>)>), ListError> {
+    let mut kv = kv_client(client);
+    let page = paging.page.max(1);
+    let bounds: Vec<(Vec<u8>, Vec<u8>)> = ranges
         .iter()
-        .map(|r| TxnOp::get(r.start.as_str(), Some(r.get_options())))
+        .map(|r| {
+            let start = r.start.as_bytes().to_vec();
+            let end = match &r.end {
+                Some(e) => e.as_bytes().to_vec(),
+                None => prefix_end(&start),
+            };
+            (start, end)
+        })
         .collect();
-    let resp = client.kv_client().txn(Txn::new().and_then(ops)).await?;
+    let ops: Vec<TxnOp> = bounds
+        .iter()
+        .map(|(start, end)| {
+            let opts = GetOptions::new().with_range(end.clone()).with_limit(page);
+            TxnOp::get(start.clone(), Some(opts))
+        })
+        .collect();
+    let resp = tokio::time::timeout(paging.timeout, kv.txn(Txn::new().and_then(ops)))
+        .await
+        .map_err(|_| ListError::Timeout)?
+        .map_err(ListError::Etcd)?;
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    let mut kvs = Vec::new();
-    for op in resp.op_responses() {
-        if let TxnOpResponse::Get(get) = op {
-            for kv in get.kvs() {
-                kvs.push((
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                ));
+    // each range's pages in order; a range's pages follow one another, ranges stay in order
+    let mut out: Vec<Vec<(String, Vec<u8>)>> = vec![Vec::new(); bounds.len()];
+    let mut pending: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (i, op) in resp.op_responses().into_iter().enumerate() {
+        if let TxnOpResponse::Get(get) = op
+            && let Some(into) = out.get_mut(i)
+            && let Some(next) = take_page(&get, into)
+        {
+            pending.push((i, next));
+        }
+    }
+    let mut requests = 1;
+    for (i, mut start) in pending {
+        let (Some((_, end)), Some(into)) = (bounds.get(i), out.get_mut(i)) else {
+            continue;
+        };
+        loop {
+            between_pages(requests).await;
+            requests += 1;
+            let opts = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(page)
+                .with_revision(revision);
+            let get = tokio::time::timeout(paging.timeout, kv.get(start, Some(opts)))
+                .await
+                .map_err(|_| ListError::Timeout)?
+                .map_err(ListError::Etcd)?;
+            match take_page(&get, into) {
+                Some(next) => start = next,
+                None => break,
             }
         }
     }
-    Ok((revision, kvs))
+    Ok((revision, out.into_iter().flatten().collect()))
+}
+
+/// Moves one page's keys into `into`; the key the next page starts at when there is more.
+fn take_page(get: &etcd_client::GetResponse, into: &mut Vec<(String, Vec<u8>)>) -> Option<Vec<u8>> {
+    for kv in get.kvs() {
+        into.push((
+            String::from_utf8_lossy(kv.key()).into_owned(),
+            kv.value().to_vec(),
+        ));
+    }
+    let last = get.kvs().last()?;
+    get.more().then(|| {
+        // the smallest key after the last one read
+        let mut next = last.key().to_vec();
+        next.push(0);
+        next
+    })
 }
 
 enum WatchEnd {
@@ -283,7 +451,9 @@ async fn watch(
         tx.closed().await;
         return WatchEnd::ReceiverGone;
     };
-    let mut wc = client.watch_client();
+    let mut wc = client
+        .watch_client()
+        .max_decoding_message_size(MAX_DECODED_BYTES);
     let opts = |r: &KeyRange| r.watch_options().with_start_revision(start);
     let mut stream = match wc.watch(first.start.as_str(), Some(opts(first))).await {
         Ok(s) => s,
@@ -511,5 +681,134 @@ mod tests {
             "four lists within {spent:?}: no back-off after a timeout"
         );
         drop(rx);
+    }
+
+    async fn etcd_with(keys: &[(String, String)]) -> (fleet_testutil::EtcdServer, Client) {
+        let etcd = fleet_testutil::EtcdServer::start();
+        let client = Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("client");
+        let mut kv = client.kv_client();
+        for (k, v) in keys {
+            kv.put(k.as_str(), v.as_str(), None).await.expect("put");
+        }
+        (etcd, client)
+    }
+
+    fn paging(page: i64) -> Paging {
+        Paging {
+            page,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    fn text(kvs: &[(String, Vec<u8>)]) -> Vec<(String, String)> {
+        kvs.iter()
+            .map(|(k, v)| (k.clone(), String::from_utf8_lossy(v).into_owned()))
+            .collect()
+    }
+
+    /// Ten keys under a/ and three under b/, read in pages of three: every key once, in
+    /// order, ranges in the order asked, keys outside the ranges left out.
+    #[tokio::test]
+    async fn pages_read_every_key_once() {
+        let mut keys: Vec<(String, String)> = (0..10)
+            .map(|i| (format!("/p/a/{i}"), format!("v{i}")))
+            .collect();
+        keys.extend((0..3).map(|i| (format!("/p/b/{i}"), format!("w{i}"))));
+        keys.push(("/p/c".into(), "out".into()));
+        let (_etcd, client) = etcd_with(&keys).await;
+        let ranges = [
+            KeyRange::prefix("/p/a/"),
+            KeyRange::between("/p/b/", "/p/b0"),
+        ];
+        let mut pages = 0;
+        let (_, kvs) = list_paged(&client, &ranges, paging(3), &mut |_| {
+            pages += 1;
+            Box::pin(async {})
+        })
+        .await
+        .expect("list");
+        keys.pop();
+        assert_eq!(text(&kvs), keys);
+        // a/ in four pages, b/ in one (read with a/'s first, in the first request)
+        assert_eq!(pages, 3);
+    }
+
+    /// A write between two pages is not seen: the pages are one snapshot at the first
+    /// page's revision.
+    #[tokio::test]
+    async fn pages_form_one_snapshot() {
+        let keys: Vec<(String, String)> = (0..6)
+            .map(|i| (format!("/p/a/{i}"), "old".into()))
+            .collect();
+        let (_etcd, client) = etcd_with(&keys).await;
+        let before = client.kv_client().get("/p", None).await.expect("get");
+        let revision = before.header().map(|h| h.revision()).unwrap_or(0);
+        let writer = client.clone();
+        let (rev, kvs) = list_paged(
+            &client,
+            &[KeyRange::prefix("/p/a/")],
+            paging(2),
+            &mut move |n| {
+                let writer = writer.clone();
+                Box::pin(async move {
+                    if n == 1 {
+                        let mut kv = writer.kv_client();
+                        kv.put("/p/a/5", "new", None).await.expect("put");
+                        kv.put("/p/a/55", "new", None).await.expect("put");
+                        kv.delete("/p/a/4", None).await.expect("delete");
+                    }
+                })
+            },
+        )
+        .await
+        .expect("list");
+        assert_eq!(rev, revision);
+        assert_eq!(text(&kvs), keys);
+    }
+
+    /// The first page's revision is compacted before the second page: the listing starts
+    /// over and returns one snapshot at a newer revision.
+    #[tokio::test]
+    async fn compaction_between_pages_lists_again() {
+        let keys: Vec<(String, String)> = (0..6)
+            .map(|i| (format!("/p/a/{i}"), "old".into()))
+            .collect();
+        let (_etcd, client) = etcd_with(&keys).await;
+        let writer = client.clone();
+        let mut compacted = false;
+        let (rev, kvs) = list_paged(
+            &client,
+            &[KeyRange::prefix("/p/a/")],
+            paging(2),
+            &mut move |_| {
+                let writer = writer.clone();
+                let first = !compacted;
+                compacted = true;
+                Box::pin(async move {
+                    if first {
+                        let mut kv = writer.kv_client();
+                        let put = kv.put("/p/a/6", "new", None).await.expect("put");
+                        let now = put.header().map(|h| h.revision()).unwrap_or(0);
+                        kv.compact(now, None).await.expect("compact");
+                    }
+                })
+            },
+        )
+        .await
+        .expect("list");
+        let mut expected = keys;
+        expected.push(("/p/a/6".into(), "new".into()));
+        assert_eq!(text(&kvs), expected);
+        let now = client.kv_client().get("/p", None).await.expect("get");
+        assert_eq!(Some(rev), now.header().map(|h| h.revision()));
+    }
+
+    #[test]
+    fn prefix_ends() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
     }
 }

@@ -117,7 +117,7 @@ impl EtcdRegistry {
 
     /// Rewrites the machine record under the existing lease (e.g. after SIGHUP).
     pub async fn update_machine(&self, rec: &MachineRecord, lease: &LeaseKeeper) -> Result<()> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let key = self.keys.machine(&rec.id);
         self.timed(
             OpKind::Set,
@@ -141,7 +141,7 @@ impl EtcdRegistry {
 
     async fn delete_machine(&self, id: &str) {
         let key = self.keys.machine(id);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let _ = self
             .timed(
                 OpKind::Set,
@@ -203,7 +203,7 @@ impl EtcdRegistry {
         lease: i64,
     ) -> Result<()> {
         let key = self.keys.state(name, machine_id);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match state {
             Some(s) => {
                 self.timed(

@@ -175,7 +175,7 @@ impl Registry for EtcdRegistry {
     async fn set_desired_state(&self, name: &UnitName, desired: TargetState) -> Result<()> {
         let key = self.keys.unit(name.as_str());
         loop {
-            let mut kv = self.client.kv_client();
+            let mut kv = self.kv();
             let resp = self
                 .timed(
                     OpKind::Get,
@@ -269,7 +269,7 @@ impl Registry for EtcdRegistry {
         value: Option<&str>,
     ) -> Result<()> {
         let k = self.keys.metadata(machine, key);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match value {
             Some(v) => {
                 self.timed(

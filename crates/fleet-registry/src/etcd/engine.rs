@@ -13,7 +13,7 @@ use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys::Keys;
 use crate::lease::{Lease, LeaseKeeper};
 use crate::roles::{EngineOp, EngineSnapshot, EngineStore, Leadership, Write, engine_writes};
-use crate::watch::{KeyRange, ListWatch, list};
+use crate::watch::{KeyRange, ListWatch};
 use crate::{RegistryError, Result, WatchEvent, decode as records};
 
 impl EtcdRegistry {
@@ -50,7 +50,7 @@ impl EtcdRegistry {
     /// The current leader's machine ID, if any.
     pub async fn leader(&self) -> Result<Option<String>> {
         let key = self.keys.leader();
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self
             .timed(
                 OpKind::Get,
@@ -90,14 +90,8 @@ impl EtcdRegistry {
     /// Everything the engine decides from, read at one revision.
     pub async fn engine_snapshot(&self) -> Result<EngineSnapshot> {
         let ranges = self.engine_ranges();
-        let first = ranges[0].start.clone();
         let (revision, kvs) = self
-            .timed(
-                OpKind::GetAll,
-                "listing the engine's keys",
-                &first,
-                list(&self.client, &ranges),
-            )
+            .list_ranges("listing the engine's keys", &ranges)
             .await?;
         Ok(self.decode_engine_snapshot(revision, kvs.iter().map(|(k, v)| (k, v))))
     }

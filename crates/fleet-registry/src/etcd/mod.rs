@@ -14,14 +14,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Certificate, Client, ConnectOptions, Identity, TlsOptions, Txn, TxnOp, TxnOpResponse,
 };
 use fleet_unit::{UnitFile, UnitHash};
 use tracing::warn;
 
 use crate::keys::{self, Keys};
-use crate::watch::{KeyRange, list};
+use crate::watch::{KeyRange, ListError, Paging, kv_client, list};
 use crate::{RegistryError, Result};
 
 /// etcd accepts at most 128 operations in one transaction by default.
@@ -67,6 +66,8 @@ pub struct EtcdRegistry {
     metrics: fleet_metrics::Metrics,
     /// Takes dead members out of the balancer once a request failed.
     health: health::Health,
+    /// How many keys one page of a listing reads.
+    page: i64,
 }
 
 impl EtcdRegistry {
@@ -159,6 +160,7 @@ impl EtcdRegistry {
             bodies: Arc::new(Mutex::new(HashMap::new())),
             metrics: fleet_metrics::global().clone(),
             health,
+            page: crate::watch::PAGE_KEYS,
         })
     }
 
@@ -191,28 +193,34 @@ impl EtcdRegistry {
         let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => {
-                if unavailable(&source) {
-                    self.health.suspect();
-                }
-                Err(RegistryError::Etcd {
-                    op,
-                    key: key.to_string(),
-                    source,
-                })
-            }
-            Err(_) => {
-                self.health.suspect();
-                Err(RegistryError::Timeout {
-                    op,
-                    key: key.to_string(),
-                    after: self.timeout,
-                })
-            }
+            Ok(Err(source)) => Err(self.failed(op, key, source)),
+            Err(_) => Err(self.timed_out(op, key)),
         };
         self.metrics
             .registry_op(kind.metric(), started.elapsed(), result.is_ok());
         result
+    }
+
+    /// A failed request as an error naming `op` and `key`; a member that may not serve is
+    /// suspected.
+    fn failed(&self, op: &'static str, key: &str, source: etcd_client::Error) -> RegistryError {
+        if unavailable(&source) {
+            self.health.suspect();
+        }
+        RegistryError::Etcd {
+            op,
+            key: key.to_string(),
+            source,
+        }
+    }
+
+    fn timed_out(&self, op: &'static str, key: &str) -> RegistryError {
+        self.health.suspect();
+        RegistryError::Timeout {
+            op,
+            key: key.to_string(),
+            after: self.timeout,
+        }
     }
 
     /// A transaction; `op` and `key` (its first key) name it in errors.
@@ -223,30 +231,13 @@ impl EtcdRegistry {
         key: &str,
         txn: Txn,
     ) -> Result<etcd_client::TxnResponse> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         self.timed(kind, op, key, kv.txn(txn)).await
     }
 
     async fn get_prefix(&self, op: &'static str, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut kv = self.client.kv_client();
-        let resp = self
-            .timed(
-                OpKind::GetAll,
-                op,
-                prefix,
-                kv.get(prefix, Some(GetOptions::new().with_prefix())),
-            )
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect())
+        let (_, kvs) = self.list(op, &[prefix.to_string()]).await?;
+        Ok(kvs)
     }
 
     /// Reads several prefixes at one revision.
@@ -256,9 +247,45 @@ impl EtcdRegistry {
         prefixes: &[String],
     ) -> Result<(i64, Vec<(String, Vec<u8>)>)> {
         let ranges: Vec<KeyRange> = prefixes.iter().map(KeyRange::prefix).collect();
-        let first = prefixes.first().map(String::as_str).unwrap_or_default();
-        self.timed(OpKind::GetAll, op, first, list(&self.client, &ranges))
+        self.list_ranges(op, &ranges).await
+    }
+
+    /// Reads key ranges at one revision, in pages of [`EtcdRegistry::with_page_size`] keys
+    /// (each page bounded by the request timeout), so no response grows with the cluster.
+    async fn list_ranges(
+        &self,
+        op: &'static str,
+        ranges: &[KeyRange],
+    ) -> Result<(i64, Vec<(String, Vec<u8>)>)> {
+        let first = ranges.first().map(|r| r.start.as_str()).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let result = list(&self.client, ranges, self.paging())
             .await
+            .map_err(|e| match e {
+                ListError::Etcd(source) => self.failed(op, first, source),
+                ListError::Timeout => self.timed_out(op, first),
+            });
+        self.metrics
+            .registry_op(OpKind::GetAll.metric(), started.elapsed(), result.is_ok());
+        result
+    }
+
+    fn paging(&self) -> Paging {
+        Paging {
+            page: self.page,
+            timeout: self.timeout,
+        }
+    }
+
+    /// Lists in pages of `keys` keys instead of 1,000 (tests; tuning).
+    pub fn with_page_size(mut self, keys: usize) -> EtcdRegistry {
+        self.page = i64::try_from(keys.max(1)).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// A kv client whose decode limit is raised (see [`crate::watch::MAX_DECODED_BYTES`]).
+    fn kv(&self) -> etcd_client::KvClient {
+        kv_client(&self.client)
     }
 
     /// The unit file stored under `hash` (cached; bodies never change).
@@ -267,7 +294,7 @@ impl EtcdRegistry {
             return Ok(f);
         }
         let key = self.keys.body(&hash.to_string());
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let resp = self
             .timed(
                 OpKind::Get,
