@@ -85,6 +85,15 @@ impl Creator {
             Creator::Restart => None,
         }
     }
+
+    /// The desired state the command gives its units right after creating them, if any.
+    fn next_state(self) -> Option<TargetState> {
+        match self {
+            Creator::Load => Some(TargetState::Loaded),
+            Creator::Start => Some(TargetState::Launched),
+            Creator::Submit | Creator::Restart => None,
+        }
+    }
 }
 
 /// Reads and parses a local unit file.
@@ -229,6 +238,13 @@ pub const IN_FLIGHT: usize = 32;
 /// depends on an earlier creation (the same name again, an instance of a template created
 /// just before) waits for the creations first. At the first argument that cannot be
 /// created, the creations already under way are finished and reported, then the error.
+///
+/// `load` and `start` set the desired state of every unit right after this step. When no
+/// argument depends on another's creation, every argument is decided first, and when all
+/// can be created, each new unit is created with that state at once: one request instead of
+/// a create and then a change of state (the next step knows and sends nothing for it). When
+/// one cannot be created, the units before it are created inactive and the command stops, as
+/// fleet's did.
 pub async fn lazy_create(
     ctx: &Ctx,
     args: &[String],
@@ -245,6 +261,35 @@ pub async fn lazy_create(
         .collect()
         .await;
     let mut creations = Creations::default();
+    if let Some(state) = creator.next_state().filter(|_| independent(&names)) {
+        let mut planned = Vec::new();
+        let mut error = None;
+        for ((arg, name), found) in args.iter().zip(&names).zip(found) {
+            match decide(&reg, arg, name, found, replace, creator).await {
+                Ok(None) => {}
+                Ok(Some(p)) => planned.push(p),
+                Err(e) => {
+                    error = Some(fail(e));
+                    break;
+                }
+            }
+        }
+        let state = if error.is_some() {
+            TargetState::Inactive
+        } else {
+            state
+        };
+        for (unit_name, file, replacing) in planned {
+            creations.names.insert(unit_name.to_string());
+            creations
+                .running
+                .push_back(create_one(ctx, &reg, unit_name, file, replacing, state));
+            if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
+                return creations.end(Some(e)).await;
+            }
+        }
+        return creations.end(error).await;
+    }
     let mut seen = HashSet::new();
     for ((arg, name), found) in args.iter().zip(&names).zip(found) {
         let template = UnitName::parse(name)
@@ -268,7 +313,14 @@ pub async fn lazy_create(
                 creations.names.insert(unit_name.to_string());
                 creations
                     .running
-                    .push_back(create_one(ctx, &reg, unit_name, file, replacing));
+                    .push_back(create_one(
+                        ctx,
+                        &reg,
+                        unit_name,
+                        file,
+                        replacing,
+                        TargetState::Inactive,
+                    ));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                     return creations.end(Some(e)).await;
                 }
@@ -277,6 +329,20 @@ pub async fn lazy_create(
         }
     }
     creations.end(None).await
+}
+
+/// Whether no argument's unit depends on another's creation: no name twice, no instance of
+/// a template that is itself among the names.
+fn independent(names: &[String]) -> bool {
+    let all: HashSet<&str> = names.iter().map(String::as_str).collect();
+    all.len() == names.len()
+        && !names.iter().any(|n| {
+            UnitName::parse(n)
+                .ok()
+                .filter(UnitName::is_instance)
+                .and_then(|n| n.template())
+                .is_some_and(|t| all.contains(t.as_str()))
+        })
 }
 
 /// How one creation ended.
@@ -365,7 +431,8 @@ async fn decide(
     Ok(Some((unit_name, file, existing.map(|u| u.desired))))
 }
 
-/// Creates one unit, or replaces the old one when `replacing` (its desired state).
+/// Creates one unit with desired state `desired`, or replaces the old one when `replacing`
+/// (its desired state).
 ///
 /// fleet replaced a unit with a PUT of the new options alone, which made it inactive: the
 /// unit was stopped and unscheduled before the command set its state again, and could come
@@ -377,6 +444,7 @@ async fn create_one(
     unit_name: UnitName,
     file: UnitFile,
     replacing: Option<TargetState>,
+    desired: TargetState,
 ) -> Created {
     let fail = |e: &RegistryError| {
         Created::Failed(Failure::msg(format!(
@@ -394,19 +462,17 @@ async fn create_one(
             Err(e) => fail(&e),
         };
     }
-    match reg
-        .create_unit(&unit_name, &file, TargetState::Inactive)
-        .await
-    {
+    match reg.create_unit(&unit_name, &file, desired).await {
         Ok(()) => {
             tracing::debug!("Created Unit({unit_name}) in Registry");
-            // what fleet's wait would read back at once: inactive, on no machine
+            // what fleet's wait would read back at once: on no machine, inactive (unless
+            // created with the command's next state)
             let global = Requirements::is_global(&unit_name, &file);
             ctx.note_created(UnitView {
                 name: unit_name.clone(),
                 hash: file.hash(),
                 file,
-                desired: TargetState::Inactive,
+                desired,
                 global,
                 machine_id: None,
                 current: TargetState::Inactive,
@@ -485,16 +551,19 @@ pub async fn set_target_states(
     // a name given twice is set once (the second time fleet found it set already)
     let mut seen = HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
-    let found: Vec<Result<UnitView, String>> = stream::iter(&names)
+    // each unit, and whether this invocation created it with `state` already
+    let found: Vec<Result<(UnitView, bool), String>> = stream::iter(&names)
         .map(|name| {
             let reg = &reg;
             async move {
                 if let Some(u) = ctx.take_created(name) {
-                    return Ok(u);
+                    let set = u.desired == state;
+                    return Ok((u, set));
                 }
                 lookup(reg, name)
                     .await
                     .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
+                    .map(|u| (u, false))
                     .ok_or_else(|| format!("unable to find unit {name}"))
             }
         })
@@ -513,9 +582,10 @@ pub async fn set_target_states(
         }
     }
     let mut changes = stream::iter(units)
-        .map(|unit| {
-            let replaced = ctx.was_replaced(unit.name.as_str());
-            set_target_state(&reg, unit, state, replaced)
+        .map(|(unit, preset)| {
+            // a unit created in its new state was changed as much as one changed now
+            let changed = preset || ctx.was_replaced(unit.name.as_str());
+            set_target_state(&reg, unit, state, changed)
         })
         .buffered(IN_FLIGHT);
     let mut triggered = Vec::new();
@@ -525,15 +595,16 @@ pub async fn set_target_states(
     missing.map_or(Ok(triggered), Err)
 }
 
-/// Sets one unit's desired state; `None` when it had that state already (unless it was just
-/// `replaced`: the command waits for its new version as for a unit it changed).
+/// Sets one unit's desired state; `None` when it had that state already (unless it was
+/// `changed` just before, replaced or created in that state: the command waits for it as for
+/// a unit it changed now).
 async fn set_target_state(
     reg: &Arc<dyn Registry>,
     unit: UnitView,
     state: TargetState,
-    replaced: bool,
+    changed: bool,
 ) -> Result<Option<UnitView>, String> {
-    if unit.desired == state && replaced {
+    if unit.desired == state && changed {
         return Ok(Some(unit));
     }
     if unit.desired == state {

@@ -8,7 +8,9 @@
 //! - files: the newest unit file under `/run/fleet/units` in the nodes (its mtime);
 //! - active: systemd's `ActiveEnterTimestampMonotonic` of the last unit to become active;
 //!
-//! then units/s (N / active), and the CPU that fleetd and systemd (PID 1) of each node used
+//! then units/s (N / active), what the launch cost per unit in the whole cluster (fleetd's
+//! counters from `/metrics`: API requests, etcd operations, engine reconciles, agent tasks,
+//! D-Bus calls to systemd), and the CPU that fleetd and systemd (PID 1) of each node used
 //! while the cluster sat idle afterwards. Each run boots a fresh cluster; the last table is
 //! the median of the runs.
 //!
@@ -20,6 +22,7 @@
 //! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`). A directory holding fleet v1.0's
 //! fleetd and fleetctl (built by hand from its source, never part of this repository) works
 //! as well: fleet v1.0 speaks etcd's v2 API, so run with `LAUNCH_ETCD_ARGS=--enable-v2=true`.
+//! The cluster is called `launch` unless `LAUNCH_CLUSTER` names another (1-8 of `[a-z0-9]`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -85,15 +88,20 @@ struct Result_ {
     active: f64,
     /// Per node: (fleetd, systemd) CPU in percent of one core while idle.
     idle_cpu: Vec<(f64, f64)>,
+    /// fleetd's counters summed over the nodes, per launched unit (empty when the fleetd
+    /// serves no `/metrics`).
+    per_unit: BTreeMap<String, f64>,
 }
 
 fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Result_, Error> {
-    let spec = ClusterSpec::new("launch", nodes)
+    let name = std::env::var("LAUNCH_CLUSTER").unwrap_or_else(|_| "launch".into());
+    let spec = ClusterSpec::new(&name, nodes)
         .bin_dir(bin_dir)
         .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
     let c = Cluster::up(spec)?;
     c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
     let dir = write_units(&c, units)?;
+    let counted_before = counters(&c)?;
 
     // The fleetctl invocations run one after the other in a single shell inside node1 (no
     // harness overhead between them), which says when it started and ended (realtime: the
@@ -167,6 +175,15 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         }
     })?;
     let scheduled = placed.join().unwrap_or(None).map(|t| t - t0_real);
+    let counted_after = counters(&c)?;
+    let per_unit = counted_after
+        .iter()
+        .map(|(k, v)| {
+            let before = counted_before.get(k).copied().unwrap_or(0.0);
+            (k.clone(), (v - before) / units as f64)
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
 
     let mut files_at = 0.0f64;
     let mut active_at = 0.0f64;
@@ -202,7 +219,55 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         files: files_at,
         active: active_at,
         idle_cpu,
+        per_unit,
     })
+}
+
+/// What the counts per unit are made of: fleetd's counters (`/metrics`) that say where a
+/// launch goes, by the prefix of their line.
+const COUNTED: [&str; 5] = [
+    "fleet_api_requests_total{",
+    "fleet_registry_operation_count_total{",
+    "fleet_engine_reconcile_count_total",
+    "fleet_agent_task_count_total{",
+    "fleet_systemd_call_count_total{",
+];
+
+/// fleetd's counters of [`COUNTED`], summed over the nodes (the API's `code` label left out,
+/// and so each method's requests summed). A fleetd without `/metrics` counts nothing.
+fn counters(c: &Cluster) -> Result<BTreeMap<String, f64>, Error> {
+    let mut sums = BTreeMap::new();
+    for i in c.nodes() {
+        let out = c.exec(
+            i,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "--unix-socket",
+                "/var/run/fleet.sock",
+                "http://localhost/metrics",
+            ],
+        )?;
+        for line in out.stdout.lines() {
+            if !COUNTED.iter().any(|p| line.starts_with(p)) {
+                continue;
+            }
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let key = match key.split_once(",code=") {
+                Some((head, _)) => format!("{head}}}"),
+                None => key.to_string(),
+            };
+            *sums.entry(key).or_insert(0.0) += value;
+        }
+    }
+    Ok(sums)
 }
 
 /// Writes `bench-<i>.service` (a sleeper) into node1, returns their directory there.
@@ -308,6 +373,12 @@ fn print_result(title: &str, r: &Result_, nodes: usize) {
     for (i, s) in per_node {
         println!("  idle node{i}: {s}");
     }
+    if !r.per_unit.is_empty() {
+        println!("  per unit, whole cluster (fleetd's counters, from before submit to all active):");
+        for (k, v) in &r.per_unit {
+            println!("    {v:>8.3}  {k}");
+        }
+    }
 }
 
 fn median(rs: &[Result_]) -> Result_ {
@@ -326,6 +397,17 @@ fn median(rs: &[Result_]) -> Result_ {
             .map(med),
         files: med(rs.iter().map(|r| r.files).collect()),
         active: med(rs.iter().map(|r| r.active).collect()),
+        per_unit: rs[0]
+            .per_unit
+            .keys()
+            .map(|k| {
+                let v = rs
+                    .iter()
+                    .map(|r| r.per_unit.get(k).copied().unwrap_or(0.0))
+                    .collect();
+                (k.clone(), med(v))
+            })
+            .collect(),
         idle_cpu: (0..nodes)
             .map(|i| {
                 (

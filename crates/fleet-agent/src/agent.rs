@@ -332,6 +332,31 @@ impl Agent {
         }
     }
 
+    /// Learns the requirements of the units among `wanted` not seen before, their bodies read
+    /// in a few requests rather than one after the other (a burst brings hundreds at once).
+    /// What this cannot read is left to [`Self::requirements_of`], unit by unit.
+    async fn read_new_bodies(&mut self, wanted: &[crate::desired::Wanted]) {
+        let new: Vec<&crate::desired::Wanted> = wanted
+            .iter()
+            .filter(|w| !self.requirements.contains_key(&(w.name.clone(), w.hash)))
+            .collect();
+        if new.len() < 2 {
+            return;
+        }
+        let mut hashes: Vec<UnitHash> = new.iter().map(|w| w.hash).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let Ok(bodies) = self.store.bodies(&hashes).await else {
+            return;
+        };
+        for w in new {
+            if let Some(file) = bodies.get(&w.hash) {
+                let req = requirements(&w.name, file);
+                self.requirements.insert((w.name.clone(), w.hash), req);
+            }
+        }
+    }
+
     async fn requirements_of(
         &mut self,
         name: &UnitName,
@@ -341,13 +366,7 @@ impl Agent {
             return Ok(r.clone());
         }
         let file = self.store.body(&hash).await?;
-        let req = match Requirements::from_unit(name, &file) {
-            Ok((r, _)) => r,
-            Err(e) => {
-                warn!(unit = %name, error = %e, "invalid requirements; treating as none");
-                Requirements::default()
-            }
-        };
+        let req = requirements(name, &file);
         self.requirements.insert((name.clone(), hash), req.clone());
         Ok(req)
     }
@@ -373,6 +392,7 @@ impl Agent {
                 .collect();
             self.requirements.retain(|k, _| live.contains(k));
         }
+        self.read_new_bodies(&watched.wanted).await;
         for w in watched.wanted {
             let req = match self.requirements_of(&w.name, w.hash).await {
                 Ok(r) => r,
@@ -474,5 +494,16 @@ impl Agent {
         self.store
             .withdraw_machine(&self.cfg.machine_id, self.lease)
             .await;
+    }
+}
+
+/// A unit's `[X-Fleet]` requirements; invalid ones (logged) count as none.
+fn requirements(name: &UnitName, file: &fleet_unit::UnitFile) -> Requirements {
+    match Requirements::from_unit(name, file) {
+        Ok((r, _)) => r,
+        Err(e) => {
+            warn!(unit = %name, error = %e, "invalid requirements; treating as none");
+            Requirements::default()
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet_unit::{TargetState, UnitName};
+use fleet_unit::{TargetState, UnitHash, UnitName};
 use futures_util::StreamExt;
 use futures_util::stream;
 use tracing::{debug, info, warn};
@@ -47,13 +47,25 @@ impl Agent {
             self.systemd_states.remove(name);
             self.publisher.withdraw(name, &self.lease).await;
         }
-        // 2. unit files to write: bodies read together, then written
-        let reads: Vec<_> = plan.load.iter().map(|(_, h)| self.store.body(h)).collect();
-        let bodies: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
+        // 2. unit files to write: bodies read together (in as few requests as the store
+        // can), then written
+        let hashes: Vec<UnitHash> = plan.load.iter().map(|(_, h)| *h).collect();
+        let bodies = if hashes.is_empty() {
+            Ok(Default::default())
+        } else {
+            self.store.bodies(&hashes).await
+        };
         let mut written: Vec<(String, bool)> = Vec::new();
-        for ((name, hash), body) in plan.load.iter().zip(bodies) {
-            let file = match body {
-                Ok(f) => f,
+        for (name, hash) in &plan.load {
+            let file = match &bodies {
+                Ok(b) => match b.get(hash) {
+                    Some(f) => f.clone(),
+                    None => {
+                        warn!(unit = %name, %hash, "unit body missing or unreadable; will retry");
+                        complete = false;
+                        continue;
+                    }
+                },
                 Err(e) => {
                     warn!(unit = %name, error = %e, "cannot read unit body; will retry");
                     complete = false;

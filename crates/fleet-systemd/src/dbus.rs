@@ -144,6 +144,7 @@ impl Caller {
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
         let mut retried = false;
+        fleet_metrics::global().systemd_call(method);
         // Never closed, so acquiring cannot fail; a closed semaphore would just not limit.
         let _permit = self.in_flight.acquire().await.ok();
         loop {

@@ -64,6 +64,19 @@ fn many_units_are_reported_in_argument_order() {
             ),
             "{driver}: {out:?}"
         );
+        // as fleet left them: created, not started
+        let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+        let want: String = names[..40]
+            .iter()
+            .map(|n| format!("{n}\tinactive\n"))
+            .collect();
+        let ours: String = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("{driver}-")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ours, want, "{driver}: {out:?}");
 
         // again without it (and one unit named twice): the rest created, all started, in order
         let mut args = vec!["start", "--no-block"];
@@ -227,4 +240,77 @@ fn start_replace_keeps_the_unit_where_it_runs() {
         assert_eq!(view.desired, TargetState::Launched, "{driver}");
         assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");
     }
+}
+
+/// `start` and `load` create each new unit in its new desired state with one PUT (fleet's
+/// fleetctl, and this one before, created it inactive and then changed its state with a
+/// second): one lookup and one PUT per unit, the same lines as ever, and the units end up
+/// in the command's state. A unit that was there already is changed as before.
+#[test]
+fn a_new_unit_costs_one_lookup_and_one_put() {
+    let c = Cluster::start();
+    let metrics = fleet_api::Metrics::new();
+    let api = c.serve_api_counted(metrics.clone());
+    let requests = |method: &str| -> u64 {
+        let prefix = format!("fleet_api_requests_total{{method=\"{method}\",");
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let names: Vec<String> = (1..=20).map(|i| format!("one-{i:02}.service")).collect();
+    for n in &names {
+        c.write(n, SLEEP);
+    }
+    c.write("loaded.service", SLEEP);
+    let run = |args: &[&str]| -> Output {
+        let out = c
+            .bare_command()
+            .arg(format!("--endpoint={api}"))
+            .args(args)
+            .output()
+            .expect("run fleetctl");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let out = run(&["load", "--no-block", "loaded.service"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "Unit loaded.service inactive\nTriggered unit loaded.service load\n",
+            ""
+        )
+    );
+    assert_eq!((requests("GET"), requests("PUT")), (1, 1));
+
+    // 20 new units and one that is there (loaded): one PUT each, the old one's a change
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names.iter().map(String::as_str));
+    args.push("loaded.service");
+    let out = run(&args);
+    let created: String = names.iter().map(|n| format!("Unit {n} inactive\n")).collect();
+    let triggered: String = names
+        .iter()
+        .chain(std::iter::once(&"loaded.service".to_string()))
+        .map(|n| format!("Triggered unit {n} start\n"))
+        .collect();
+    assert_eq!(
+        (out.code, out.stdout.clone(), out.stderr.as_str()),
+        (0, created + &triggered, ""),
+        "{out:?}"
+    );
+    // the lookups of the 21, then loaded.service's again before its change of state
+    assert_eq!((requests("GET"), requests("PUT")), (1 + 22, 1 + 21));
+    let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+    let want: String = std::iter::once(&"loaded.service".to_string())
+        .chain(&names)
+        .map(|n| format!("{n}\tlaunched\n"))
+        .collect();
+    assert_eq!(out.stdout, want, "{out:?}");
 }
