@@ -18,6 +18,11 @@
 //! ./build && cargo run --release -p functional --example launch -- [NODES] [UNITS] [RUNS] [IDLE_SECS]
 //! ```
 //!
+//! With `single` first (`launch single [NODES] [UNITS]`), it measures single units instead:
+//! UNITS units (default 30) started one after the other into an idle cluster, each with its
+//! own `fleetctl start --no-block`, half a second apart; for each, the time from the start of
+//! its fleetctl to systemd's `ActiveEnterTimestampMonotonic`; it prints their median and max.
+//!
 //! Defaults: 3 nodes, 300 units, 1 run, 60 s idle. Root. The binaries come from
 //! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`). A directory holding fleet v1.0's
 //! fleetd and fleetctl (built by hand from its source, never part of this repository) works
@@ -39,7 +44,11 @@ const DEADLINE: Duration = Duration::from_secs(1800);
 const TICKS: f64 = 100.0;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let single = args.first().is_some_and(|a| a == "single");
+    if single {
+        args.remove(0);
+    }
     let arg = |i: usize, default: u64| -> u64 {
         args.get(i).map_or(default, |a| {
             a.parse().unwrap_or_else(|_| {
@@ -52,6 +61,18 @@ fn main() {
     let bin_dir = std::env::var_os("FLEET_BIN_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bin"));
+    if single {
+        let units = arg(1, 30) as usize;
+        println!(
+            "launch single: {units} units one by one on {nodes} nodes, binaries in {}",
+            bin_dir.display()
+        );
+        if let Err(e) = one_by_one(&bin_dir, nodes as usize, units) {
+            eprintln!("failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     println!(
         "launch: {units} units on {nodes} nodes, {runs} run(s), {idle}s idle, binaries in {}",
         bin_dir.display()
@@ -94,12 +115,7 @@ struct Result_ {
 }
 
 fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Result_, Error> {
-    let name = std::env::var("LAUNCH_CLUSTER").unwrap_or_else(|_| "launch".into());
-    let spec = ClusterSpec::new(&name, nodes)
-        .bin_dir(bin_dir)
-        .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
-    let c = Cluster::up(spec)?;
-    c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
+    let c = boot(bin_dir, nodes)?;
     let dir = write_units(&c, units)?;
     let counted_before = counters(&c)?;
 
@@ -268,6 +284,88 @@ fn counters(c: &Cluster) -> Result<BTreeMap<String, f64>, Error> {
         }
     }
     Ok(sums)
+}
+
+/// Boots a cluster of `nodes` and hands it over with its name.
+fn boot(bin_dir: &Path, nodes: usize) -> Result<Cluster, Error> {
+    let name = std::env::var("LAUNCH_CLUSTER").unwrap_or_else(|_| "launch".into());
+    let spec = ClusterSpec::new(&name, nodes)
+        .bin_dir(bin_dir)
+        .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
+    let c = Cluster::up(spec)?;
+    c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
+    Ok(c)
+}
+
+/// Starts `units` units one after the other (each into an idle cluster) and prints how long
+/// each took from the start of its fleetctl to systemd's ActiveEnterTimestamp: median, max.
+fn one_by_one(bin_dir: &Path, nodes: usize, units: usize) -> Result<(), Error> {
+    let c = boot(bin_dir, nodes)?;
+    let dir = write_units(&c, units)?;
+    let real = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let mono_offset = real() - now_us() as f64 / 1e6;
+    let script = "d=$1 n=$2; i=1; while [ $i -le $n ]; do \
+                  echo \"$i $(date +%s.%N)\"; fleetctl start --no-block $d/bench-$i.service >/dev/null || exit 1; \
+                  sleep 0.5; i=$((i + 1)); done";
+    let out = c
+        .exec(1, &["sh", "-c", script, "sh", &dir, &units.to_string()])?
+        .ok("fleetctl start --no-block, one by one, in node1")?;
+    let mut started = BTreeMap::new();
+    for line in out.stdout.lines() {
+        if let Some((i, t)) = line.split_once(' ')
+            && let (Ok(i), Ok(t)) = (i.parse::<usize>(), t.parse::<f64>())
+        {
+            started.insert(format!("bench-{i}.service"), t);
+        }
+    }
+    wait_for("every unit active", Duration::from_secs(60), || {
+        let mut active = 0;
+        for i in c.nodes() {
+            active += probe(&c, i).map_err(|e| e.to_string())?.active;
+        }
+        if active >= units {
+            Ok(())
+        } else {
+            Err(format!("{active}/{units} active"))
+        }
+    })?;
+    let mut took = Vec::new();
+    for i in c.nodes() {
+        let script = "u=$(systemctl list-units 'bench-*' --no-legend --plain | awk '{print $1}'); \
+                      [ -z \"$u\" ] || systemctl show -p Id -p ActiveEnterTimestampMonotonic $u";
+        let out = c.exec(i, &["sh", "-c", script])?.ok("ActiveEnterTimestampMonotonic")?;
+        let mut id = None;
+        for line in out.stdout.lines() {
+            if let Some(v) = line.strip_prefix("Id=") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("ActiveEnterTimestampMonotonic=")
+                && let (Some(name), Ok(us)) = (id.take(), v.parse::<u64>())
+                && let Some(t0) = started.get(&name)
+            {
+                took.push(us as f64 / 1e6 + mono_offset - t0);
+            }
+        }
+    }
+    c.down()?;
+    took.sort_by(f64::total_cmp);
+    let Some(max) = took.last() else {
+        return Err(Error::Harness {
+            what: "ActiveEnterTimestampMonotonic of the units".into(),
+            detail: "none found".into(),
+        });
+    };
+    println!(
+        "single: {} units one by one: start --no-block to active: median {:.3}s, max {max:.3}s, min {:.3}s",
+        took.len(),
+        took[took.len() / 2],
+        took[0]
+    );
+    Ok(())
 }
 
 /// Writes `bench-<i>.service` (a sleeper) into node1, returns their directory there.

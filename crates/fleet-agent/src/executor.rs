@@ -56,6 +56,7 @@ impl Agent {
             self.store.bodies(&hashes).await
         };
         let mut written: Vec<(String, bool)> = Vec::new();
+        let mut files = Vec::with_capacity(plan.load.len());
         for (name, hash) in &plan.load {
             let file = match &bodies {
                 Ok(b) => match b.get(hash) {
@@ -72,7 +73,15 @@ impl Agent {
                     continue;
                 }
             };
-            let r = self.systemd.write_unit(name, &file.serialize()).await;
+            files.push((name, hash, file));
+        }
+        // written and linked together (one LinkUnitFiles for the batch)
+        let contents: Vec<(String, String)> = files
+            .iter()
+            .map(|(name, _, file)| ((*name).clone(), file.serialize()))
+            .collect();
+        let results = self.systemd.write_units(&contents).await;
+        for ((name, hash, file), r) in files.into_iter().zip(results) {
             if self.task("load", name, r) {
                 self.watching.insert(name.clone());
                 self.current.insert(

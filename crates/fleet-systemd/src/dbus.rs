@@ -474,6 +474,21 @@ impl SystemdManager {
         }
     }
 
+    /// `LinkUnitFiles(paths, runtime=true, force=true)`; errors name `what` (a unit).
+    async fn link(&self, what: &str, paths: Vec<String>) -> Result<()> {
+        let reply = self
+            .inner
+            .caller
+            .manager("LinkUnitFiles", Some(what), &(paths, true, true))
+            .await?;
+        let changes: Vec<FileChange> = reply
+            .body()
+            .deserialize()
+            .map_err(|e| decode_error(what, "LinkUnitFiles", e))?;
+        tracing::debug!(unit = what, ?changes, "linked unit files");
+        Ok(())
+    }
+
     /// Runs a blocking file operation off the async workers.
     async fn blocking<T, F>(&self, action: &'static str, name: &str, f: F) -> Result<T>
     where
@@ -515,18 +530,61 @@ impl UnitManager for SystemdManager {
                 dir.write(&owned_name, &contents)
             })
             .await?;
-        let path = path.to_string_lossy().into_owned();
-        let reply = self
-            .inner
-            .caller
-            .manager("LinkUnitFiles", Some(name), &(vec![path], true, true))
-            .await?;
-        let changes: Vec<FileChange> = reply
-            .body()
-            .deserialize()
-            .map_err(|e| decode_error(name, "LinkUnitFiles", e))?;
-        tracing::debug!(unit = name, ?changes, "linked unit file");
-        Ok(())
+        self.link(name, vec![path.to_string_lossy().into_owned()])
+            .await
+    }
+
+    async fn write_units(&self, units: &[(String, String)]) -> Vec<Result<()>> {
+        if units.len() < 2 {
+            let mut results = Vec::new();
+            for (name, contents) in units {
+                results.push(self.write_unit(name, contents).await);
+            }
+            return results;
+        }
+        tracing::info!(units = units.len(), "writing systemd units");
+        let owned = units.to_vec();
+        let written = self
+            .blocking("writing unit files", &units[0].0, move |dir| {
+                Ok(owned
+                    .iter()
+                    .map(|(name, contents)| {
+                        validate_name(name)?;
+                        dir.write(name, contents)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "writing unit files together failed; one by one");
+                let mut results = Vec::new();
+                for (name, contents) in units {
+                    results.push(self.write_unit(name, contents).await);
+                }
+                return results;
+            }
+        };
+        let paths: Vec<String> = written
+            .iter()
+            .filter_map(|w| w.as_ref().ok())
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let all = self.link(&format!("{} units", paths.len()), paths).await;
+        let mut results = Vec::with_capacity(units.len());
+        for ((name, _), w) in units.iter().zip(written) {
+            results.push(match (w, &all) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Ok(())) => Ok(()),
+                // which unit the shared call failed on: each alone says
+                (Ok(path), Err(_)) => {
+                    self.link(name, vec![path.to_string_lossy().into_owned()])
+                        .await
+                }
+            });
+        }
+        results
     }
 
     async fn remove_unit(&self, name: &str) -> Result<()> {
