@@ -255,6 +255,13 @@ pub async fn lazy_create(
     let fail = |e: String| Failure::msg(format!("Error creating units: {e}"));
     let args: Vec<String> = args.iter().map(|a| default_unit_type(a)).collect();
     let names: Vec<String> = args.iter().map(|a| mangle(a)).collect();
+    if let Some(state) = creator
+        .next_state()
+        .filter(|_| !replace && independent(&names))
+        && let Some(files) = local_units(&args, &names)
+    {
+        return create_first(ctx, &reg, &args, &names, files, state, creator).await;
+    }
     let found: Vec<Result<Option<UnitView>, String>> = stream::iter(&names)
         .map(|name| lookup(&reg, name))
         .buffered(IN_FLIGHT)
@@ -283,7 +290,7 @@ pub async fn lazy_create(
             creations.names.insert(unit_name.to_string());
             creations
                 .running
-                .push_back(create_one(ctx, &reg, unit_name, file, replacing, state));
+                .push_back(create_one(ctx, &reg, unit_name, file, replacing, state, false));
             if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                 return creations.end(Some(e)).await;
             }
@@ -320,6 +327,7 @@ pub async fn lazy_create(
                         file,
                         replacing,
                         TargetState::Inactive,
+                        false,
                     ));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                     return creations.end(Some(e)).await;
@@ -331,17 +339,90 @@ pub async fn lazy_create(
     creations.end(None).await
 }
 
-/// Whether no argument's unit depends on another's creation: no name twice, no instance of
-/// a template that is itself among the names.
+/// The units of `args` when every argument is a local unit file that is valid and draws no
+/// warning (what a burst of `fleetctl start units/*.service` is); `None` otherwise.
+fn local_units(args: &[String], names: &[String]) -> Option<Vec<(UnitName, UnitFile)>> {
+    args.iter()
+        .zip(names)
+        .map(|(arg, name)| {
+            let path = Path::new(arg);
+            if !path.is_file() {
+                return None;
+            }
+            let file = read_unit_file(path).ok()?;
+            let name = UnitName::parse(name).ok()?;
+            let (_, warnings) = Requirements::from_unit(&name, &file).ok()?;
+            warnings.is_empty().then_some((name, file))
+        })
+        .collect()
+}
+
+/// [`lazy_create`] for units that are all local files ([`local_units`]), none depending on
+/// another, without `--replace`: nothing is looked up first. Each unit is created, create-only,
+/// in the command's next `state`, up to [`IN_FLIGHT`] at a time: one request per new unit. The
+/// units that turn out to be there already are then looked up and decided in argument order
+/// as in fleet (a warning when the local file differs; nothing else is done to them).
+async fn create_first(
+    ctx: &Ctx,
+    reg: &Arc<dyn Registry>,
+    args: &[String],
+    names: &[String],
+    files: Vec<(UnitName, UnitFile)>,
+    state: TargetState,
+    creator: Creator,
+) -> Result<(), Failure> {
+    let mut creations = Creations::default();
+    for (unit_name, file) in files {
+        creations
+            .running
+            .push_back(create_one(ctx, reg, unit_name, file, None, state, true));
+        if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
+            return creations.end(Some(e)).await;
+        }
+    }
+    if let Err(e) = creations.finish(0).await {
+        return creations.end(Some(e)).await;
+    }
+    let there = std::mem::take(&mut creations.there);
+    for (arg, name) in args.iter().zip(names) {
+        if !there.contains(name) {
+            continue;
+        }
+        let found = lookup(reg, name).await;
+        match decide(reg, arg, name, found, false, creator).await {
+            Ok(None) => {}
+            // destroyed again meanwhile: created now
+            Ok(Some((unit_name, file, replacing))) => {
+                creations.running.push_back(create_one(
+                    ctx, reg, unit_name, file, replacing, state, false,
+                ));
+                if let Err(e) = creations.finish(0).await {
+                    return creations.end(Some(e)).await;
+                }
+            }
+            Err(e) => {
+                let e = Failure::msg(format!("Error creating units: {e}"));
+                return creations.end(Some(e)).await;
+            }
+        }
+    }
+    creations.end(None).await
+}
+
+/// Whether every argument's unit may be created in the command's next state at once: no
+/// name twice, no instance of a template that is itself among the names, and no template
+/// (which may not be started or loaded: its error comes from the change of state, after
+/// it was created, as in fleet).
 fn independent(names: &[String]) -> bool {
     let all: HashSet<&str> = names.iter().map(String::as_str).collect();
     all.len() == names.len()
         && !names.iter().any(|n| {
-            UnitName::parse(n)
-                .ok()
-                .filter(UnitName::is_instance)
-                .and_then(|n| n.template())
-                .is_some_and(|t| all.contains(t.as_str()))
+            let Ok(n) = UnitName::parse(n) else {
+                return false;
+            };
+            n.is_template()
+                || n.is_instance()
+                    && n.template().is_some_and(|t| all.contains(t.as_str()))
         })
 }
 
@@ -351,6 +432,8 @@ enum Created {
     Shown(String),
     /// Another client created the same unit at the same moment: nothing to report.
     Existing,
+    /// The unit was there already (a creation sent without looking first): to be decided.
+    There(String),
     /// Not created: the command's error.
     Failed(Failure),
 }
@@ -363,6 +446,8 @@ struct Creations<F: Future<Output = Created>> {
     lines: Vec<String>,
     /// Names of every unit this command has created or is creating.
     names: HashSet<String>,
+    /// Units a creation found there already ([`Created::There`]).
+    there: HashSet<String>,
 }
 
 impl<F: Future<Output = Created>> Default for Creations<F> {
@@ -371,6 +456,7 @@ impl<F: Future<Output = Created>> Default for Creations<F> {
             running: FuturesOrdered::new(),
             lines: Vec::new(),
             names: HashSet::new(),
+            there: HashSet::new(),
         }
     }
 }
@@ -386,6 +472,9 @@ impl<F: Future<Output = Created>> Creations<F> {
             match self.running.next().await {
                 Some(Created::Shown(line)) => self.lines.push(line),
                 Some(Created::Existing) => {}
+                Some(Created::There(name)) => {
+                    self.there.insert(name);
+                }
                 Some(Created::Failed(f)) => {
                     failure.get_or_insert(f);
                 }
@@ -432,7 +521,8 @@ async fn decide(
 }
 
 /// Creates one unit with desired state `desired`, or replaces the old one when `replacing`
-/// (its desired state).
+/// (its desired state). With `unlooked`, the unit was not looked up first: when it is there
+/// already, that is all this says ([`Created::There`]).
 ///
 /// fleet replaced a unit with a PUT of the new options alone, which made it inactive: the
 /// unit was stopped and unscheduled before the command set its state again, and could come
@@ -445,6 +535,7 @@ async fn create_one(
     file: UnitFile,
     replacing: Option<TargetState>,
     desired: TargetState,
+    unlooked: bool,
 ) -> Created {
     let fail = |e: &RegistryError| {
         Created::Failed(Failure::msg(format!(
@@ -480,6 +571,7 @@ async fn create_one(
             });
             Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive))
         }
+        Err(RegistryError::AlreadyExists(_)) if unlooked => Created::There(unit_name.to_string()),
         // another client created it meanwhile: with the same contents that is what this
         // one wanted too, and it is left alone, as if the lookup had found it (no line, no
         // wait: the other client may have moved it on already)
