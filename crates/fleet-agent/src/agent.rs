@@ -27,6 +27,10 @@ pub(crate) const JOBS_IN_FLIGHT: usize = 32;
 const MAX_BATCH: usize = 512;
 /// How long after a watch event the agent reconciles (a burst of events makes one).
 const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long after a watch event that follows a quiet spell (no reconcile for [`DEBOUNCE`])
+/// the agent reconciles: a single unit scheduled here is not held for a burst that is not
+/// coming; a burst's later events are gathered for [`DEBOUNCE`] as ever.
+const PROMPT: Duration = Duration::from_millis(2);
 /// How often the agent compares what runs with what is wanted, and retries failed writes.
 const TICK: Duration = Duration::from_secs(5);
 
@@ -189,6 +193,7 @@ impl Agent {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut last_reconcile: Option<tokio::time::Instant> = None;
         loop {
             let event = {
                 let soon = async {
@@ -229,7 +234,9 @@ impl Agent {
                 }
                 Event::Watch(ev) => {
                     if self.apply_watch(ev) && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
+                        let quiet = last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
+                        let wait = if quiet { PROMPT } else { DEBOUNCE };
+                        deadline = Some(tokio::time::Instant::now() + wait);
                     }
                 }
                 Event::WatchClosed => {
@@ -258,6 +265,7 @@ impl Agent {
                     // (a reconcile that could not finish is simply tried at the next tick)
                     if self.synced {
                         self.reconcile().await;
+                        last_reconcile = Some(tokio::time::Instant::now());
                     }
                 }
             }

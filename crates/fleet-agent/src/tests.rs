@@ -487,3 +487,24 @@ async fn reads_the_bodies_of_a_burst_together() {
     shutdown.cancel();
     task.await.expect("agent task").expect("agent");
 }
+
+/// A unit scheduled on an idle machine (one `fleetctl start`) is started within a few
+/// milliseconds, not held for the burst debounce.
+#[tokio::test(start_paused = true)]
+async fn a_unit_scheduled_after_a_quiet_spell_starts_promptly() {
+    let (store, systemd, dir) = (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    idle(Duration::from_secs(1)).await;
+    schedule(&store, M1, "single.service", &body(1), TargetState::Launched).await;
+    idle(Duration::from_millis(5)).await;
+    assert!(active(&systemd, "single.service"), "{:?}", systemd.calls());
+    agent.stop(false).await;
+}

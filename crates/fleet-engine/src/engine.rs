@@ -17,6 +17,10 @@ use crate::plan::{diff, to_scheduler_snapshot};
 
 /// After a burst of watch events the engine reconciles once, this long after the first.
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// A change after a quiet spell (no reconcile for [`DEBOUNCE`]) is acted on this soon: one
+/// `fleetctl start` is not held for a burst that is not coming. A burst's later changes are
+/// gathered for [`DEBOUNCE`] as ever.
+const PROMPT: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -75,6 +79,8 @@ pub(crate) struct Engine {
     tick: tokio::time::Interval,
     /// When the debounced reconcile after a burst of watch events is due.
     deadline: Option<Instant>,
+    /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
+    last_reconcile: Option<Instant>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -123,6 +129,7 @@ impl Engine {
             unreadable: Default::default(),
             tick,
             deadline: None,
+            last_reconcile: None,
         }
     }
 
@@ -191,7 +198,9 @@ impl Engine {
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
                 // events), never once per event
                 if self.synced && self.deadline.is_none() {
-                    self.deadline = Some(Instant::now() + DEBOUNCE);
+                    let quiet = self.last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
+                    let wait = if quiet { PROMPT } else { DEBOUNCE };
+                    self.deadline = Some(Instant::now() + wait);
                 }
             }
             Event::Tick => {
@@ -201,6 +210,7 @@ impl Engine {
                     }
                     if self.leader.is_some() {
                         self.reconcile().await;
+                        self.last_reconcile = Some(Instant::now());
                     }
                 }
             }
