@@ -288,9 +288,9 @@ pub async fn lazy_create(
         };
         for (unit_name, file, replacing) in planned {
             creations.names.insert(unit_name.to_string());
-            creations
-                .running
-                .push_back(create_one(ctx, &reg, unit_name, file, replacing, state, false));
+            creations.running.push_back(create_one(
+                ctx, &reg, unit_name, file, replacing, state, false,
+            ));
             if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                 return creations.end(Some(e)).await;
             }
@@ -318,17 +318,15 @@ pub async fn lazy_create(
             Ok(None) => {}
             Ok(Some((unit_name, file, replacing))) => {
                 creations.names.insert(unit_name.to_string());
-                creations
-                    .running
-                    .push_back(create_one(
-                        ctx,
-                        &reg,
-                        unit_name,
-                        file,
-                        replacing,
-                        TargetState::Inactive,
-                        false,
-                    ));
+                creations.running.push_back(create_one(
+                    ctx,
+                    &reg,
+                    unit_name,
+                    file,
+                    replacing,
+                    TargetState::Inactive,
+                    false,
+                ));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                     return creations.end(Some(e)).await;
                 }
@@ -421,8 +419,7 @@ fn independent(names: &[String]) -> bool {
                 return false;
             };
             n.is_template()
-                || n.is_instance()
-                    && n.template().is_some_and(|t| all.contains(t.as_str()))
+                || n.is_instance() && n.template().is_some_and(|t| all.contains(t.as_str()))
         })
 }
 

@@ -54,7 +54,10 @@ fn concurrent_bursts_of_local_files_create_each_unit_once() {
     let mut paths = BTreeMap::new();
     for n in [1, 2] {
         for i in 1..=6 {
-            paths.insert((n, i), must(c.put_unit(n, &format!("cy-{i}.service"), body)));
+            paths.insert(
+                (n, i),
+                must(c.put_unit(n, &format!("cy-{i}.service"), body)),
+            );
         }
     }
     let args = |node: usize, units: std::ops::RangeInclusive<usize>| -> Vec<String> {
@@ -130,7 +133,11 @@ fn concurrent_bursts_of_local_files_create_each_unit_once() {
     assert!(files.iter().all(|f| f.dstate == "launched"), "{files:?}");
     let active = must(c.wait_for_active(1, 3, WAIT));
     let machines: BTreeSet<String> = active.keys().map(|u| machine_of(&active, u)).collect();
-    assert_eq!(machines.len(), 3, "one conflicting unit per machine: {active:?}");
+    assert_eq!(
+        machines.len(),
+        3,
+        "one conflicting unit per machine: {active:?}"
+    );
     let until = Instant::now() + SETTLE;
     while Instant::now() < until {
         assert_eq!(must(c.active_units(1)), active, "the active units changed");

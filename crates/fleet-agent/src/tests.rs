@@ -503,7 +503,14 @@ async fn a_unit_scheduled_after_a_quiet_spell_starts_promptly() {
     })
     .await;
     idle(Duration::from_secs(1)).await;
-    schedule(&store, M1, "single.service", &body(1), TargetState::Launched).await;
+    schedule(
+        &store,
+        M1,
+        "single.service",
+        &body(1),
+        TargetState::Launched,
+    )
+    .await;
     idle(Duration::from_millis(5)).await;
     assert!(active(&systemd, "single.service"), "{:?}", systemd.calls());
     agent.stop(false).await;

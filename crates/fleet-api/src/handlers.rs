@@ -329,7 +329,8 @@ impl Api {
         if create_only && has_options {
             // A creation that passes every check needs no read first: the transaction itself
             // refuses an existing unit (412). Anything else is answered as below.
-            if let (Ok((file, warnings)), Ok(desired)) = (&checked, desired_or_inactive(&desired_state))
+            if let (Ok((file, warnings)), Ok(desired)) =
+                (&checked, desired_or_inactive(&desired_state))
                 && check_template(&name, desired).is_ok()
             {
                 log_warnings(&name, warnings);

@@ -857,10 +857,16 @@ async fn create_only_put_is_one_etcd_transaction() {
     };
     let r = put_new(HELLO).await;
     assert_eq!(r.status, 201, "{r:?}");
-    assert_eq!((ops("set"), ops("get"), ops("get_all")), ("1".into(), "0".into(), "0".into()));
+    assert_eq!(
+        (ops("set"), ops("get"), ops("get_all")),
+        ("1".into(), "0".into(), "0".into())
+    );
     let r = put_new(&HELLO.replace("launched", "inactive")).await;
     assert_eq!(r.status, 412, "{r:?}");
-    assert_eq!((ops("set"), ops("get"), ops("get_all")), ("2".into(), "0".into(), "0".into()));
+    assert_eq!(
+        (ops("set"), ops("get"), ops("get_all")),
+        ("2".into(), "0".into(), "0".into())
+    );
     let unit = reg
         .unit(&"once.service".parse().expect("name"))
         .await

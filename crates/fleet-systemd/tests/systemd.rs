@@ -540,7 +540,10 @@ async fn a_batch_of_units_is_written_and_linked_together() {
         }
     }
     env.mgr.reload().await.expect("reload");
-    env.mgr.start(&names[0]).await.expect("start a unit of the batch");
+    env.mgr
+        .start(&names[0])
+        .await
+        .expect("start a unit of the batch");
     env.cleanup(&names).await;
 }
 

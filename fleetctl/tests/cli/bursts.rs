@@ -295,7 +295,10 @@ fn a_new_unit_costs_one_put() {
     args.push("loaded.service");
     args.extend(names[10..].iter().map(String::as_str));
     let out = run(&args);
-    let created: String = names.iter().map(|n| format!("Unit {n} inactive\n")).collect();
+    let created: String = names
+        .iter()
+        .map(|n| format!("Unit {n} inactive\n"))
+        .collect();
     let triggered: String = names[..10]
         .iter()
         .chain(std::iter::once(&"loaded.service".to_string()))
@@ -405,16 +408,17 @@ fn a_burst_with_units_already_there_or_templates_prints_what_fleet_did() {
                 ),
                 "{driver}: {out:?}"
             );
-            assert!(has(&listed.stdout, &tmpl, "inactive"), "{driver}: {listed:?}");
+            assert!(
+                has(&listed.stdout, &tmpl, "inactive"),
+                "{driver}: {listed:?}"
+            );
         } else {
             // etcd takes what it is given (as fleet's etcd driver did)
             assert_eq!(
                 (out.code, out.stdout.clone()),
                 (
                     0,
-                    format!(
-                        "{created}Triggered unit {c2} start\nTriggered unit {tmpl} start\n"
-                    )
+                    format!("{created}Triggered unit {c2} start\nTriggered unit {tmpl} start\n")
                 ),
                 "{driver}: {out:?}"
             );
