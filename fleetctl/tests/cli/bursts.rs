@@ -319,6 +319,25 @@ fn a_new_unit_costs_one_put() {
         .map(|n| format!("{n}\tlaunched\n"))
         .collect();
     assert_eq!(out.stdout, want, "{out:?}");
+
+    // instances of a template in the registry (no local files: looked up first, then each
+    // created in its state with one PUT)
+    c.write("tm@.service", SLEEP);
+    let out = run(&["submit", "tm@.service"]);
+    assert_eq!(out.stdout, "Unit tm@.service inactive\n", "{out:?}");
+    let (gets, puts) = (requests("GET"), requests("PUT"));
+    let out = run(&["start", "--no-block", "tm@1.service", "tm@2.service"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "Unit tm@1.service inactive\nUnit tm@2.service inactive\n\
+             Triggered unit tm@1.service start\nTriggered unit tm@2.service start\n",
+            ""
+        )
+    );
+    // each instance: its lookup, its template's, one PUT
+    assert_eq!((requests("GET") - gets, requests("PUT") - puts), (4, 2));
 }
 
 /// Whether `list-unit-files --fields=unit,dstate` lists `unit` in `state`.
