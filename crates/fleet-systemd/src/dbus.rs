@@ -104,6 +104,9 @@ impl BusKind {
 /// that, so callers beyond this many wait their turn instead.
 const MAX_CALLS_IN_FLIGHT: usize = 64;
 
+/// Most unit files linked by one `LinkUnitFiles` of [`UnitManager::write_units`].
+const LINK_CHUNK: usize = 256;
+
 /// The shared, self-healing connection for method calls.
 #[derive(Debug)]
 pub(crate) struct Caller {
@@ -566,19 +569,31 @@ impl UnitManager for SystemdManager {
                 return results;
             }
         };
-        let paths: Vec<String> = written
-            .iter()
-            .filter_map(|w| w.as_ref().ok())
-            .map(|p| p.to_string_lossy().into_owned())
-            .collect();
-        let all = self.link(&format!("{} units", paths.len()), paths).await;
+        // linked LINK_CHUNK at a time (a node may get thousands at once; each call stays
+        // well within the D-Bus call timeout)
+        let mut linked: Vec<Option<bool>> = vec![None; written.len()];
+        let ok: Vec<usize> = (0..written.len()).filter(|&i| written[i].is_ok()).collect();
+        for chunk in ok.chunks(LINK_CHUNK) {
+            let paths: Vec<String> = chunk
+                .iter()
+                .filter_map(|&i| written[i].as_ref().ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let together = self
+                .link(&format!("{} units", paths.len()), paths)
+                .await
+                .is_ok();
+            for &i in chunk {
+                linked[i] = Some(together);
+            }
+        }
         let mut results = Vec::with_capacity(units.len());
-        for ((name, _), w) in units.iter().zip(written) {
-            results.push(match (w, &all) {
+        for (((name, _), w), together) in units.iter().zip(written).zip(linked) {
+            results.push(match (w, together) {
                 (Err(e), _) => Err(e),
-                (Ok(_), Ok(())) => Ok(()),
+                (Ok(_), Some(true)) => Ok(()),
                 // which unit the shared call failed on: each alone says
-                (Ok(path), Err(_)) => {
+                (Ok(path), _) => {
                     self.link(name, vec![path.to_string_lossy().into_owned()])
                         .await
                 }
