@@ -85,6 +85,15 @@ impl Creator {
             Creator::Restart => None,
         }
     }
+
+    /// The desired state the command gives its units right after creating them, if any.
+    fn next_state(self) -> Option<TargetState> {
+        match self {
+            Creator::Load => Some(TargetState::Loaded),
+            Creator::Start => Some(TargetState::Launched),
+            Creator::Submit | Creator::Restart => None,
+        }
+    }
 }
 
 /// Reads and parses a local unit file.
@@ -229,6 +238,13 @@ pub const IN_FLIGHT: usize = 32;
 /// depends on an earlier creation (the same name again, an instance of a template created
 /// just before) waits for the creations first. At the first argument that cannot be
 /// created, the creations already under way are finished and reported, then the error.
+///
+/// `load` and `start` set the desired state of every unit right after this step. When no
+/// argument depends on another's creation, every argument is decided first, and when all
+/// can be created, each new unit is created with that state at once: one request instead of
+/// a create and then a change of state (the next step knows and sends nothing for it). When
+/// one cannot be created, the units before it are created inactive and the command stops, as
+/// fleet's did.
 pub async fn lazy_create(
     ctx: &Ctx,
     args: &[String],
@@ -239,12 +255,48 @@ pub async fn lazy_create(
     let fail = |e: String| Failure::msg(format!("Error creating units: {e}"));
     let args: Vec<String> = args.iter().map(|a| default_unit_type(a)).collect();
     let names: Vec<String> = args.iter().map(|a| mangle(a)).collect();
+    if let Some(state) = creator
+        .next_state()
+        .filter(|_| !replace && independent(&names))
+        && let Some(files) = local_units(&args, &names)
+    {
+        return create_first(ctx, &reg, &args, &names, files, state, creator).await;
+    }
     let found: Vec<Result<Option<UnitView>, String>> = stream::iter(&names)
         .map(|name| lookup(&reg, name))
         .buffered(IN_FLIGHT)
         .collect()
         .await;
     let mut creations = Creations::default();
+    if let Some(state) = creator.next_state().filter(|_| independent(&names)) {
+        let mut planned = Vec::new();
+        let mut error = None;
+        for ((arg, name), found) in args.iter().zip(&names).zip(found) {
+            match decide(&reg, arg, name, found, replace, creator).await {
+                Ok(None) => {}
+                Ok(Some(p)) => planned.push(p),
+                Err(e) => {
+                    error = Some(fail(e));
+                    break;
+                }
+            }
+        }
+        let state = if error.is_some() {
+            TargetState::Inactive
+        } else {
+            state
+        };
+        for (unit_name, file, replacing) in planned {
+            creations.names.insert(unit_name.to_string());
+            creations.running.push_back(create_one(
+                ctx, &reg, unit_name, file, replacing, state, false,
+            ));
+            if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
+                return creations.end(Some(e)).await;
+            }
+        }
+        return creations.end(error).await;
+    }
     let mut seen = HashSet::new();
     for ((arg, name), found) in args.iter().zip(&names).zip(found) {
         let template = UnitName::parse(name)
@@ -266,9 +318,15 @@ pub async fn lazy_create(
             Ok(None) => {}
             Ok(Some((unit_name, file, replacing))) => {
                 creations.names.insert(unit_name.to_string());
-                creations
-                    .running
-                    .push_back(create_one(ctx, &reg, unit_name, file, replacing));
+                creations.running.push_back(create_one(
+                    ctx,
+                    &reg,
+                    unit_name,
+                    file,
+                    replacing,
+                    TargetState::Inactive,
+                    false,
+                ));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
                     return creations.end(Some(e)).await;
                 }
@@ -279,12 +337,100 @@ pub async fn lazy_create(
     creations.end(None).await
 }
 
+/// The units of `args` when every argument is a local unit file that is valid and draws no
+/// warning (what a burst of `fleetctl start units/*.service` is); `None` otherwise.
+fn local_units(args: &[String], names: &[String]) -> Option<Vec<(UnitName, UnitFile)>> {
+    args.iter()
+        .zip(names)
+        .map(|(arg, name)| {
+            let path = Path::new(arg);
+            if !path.is_file() {
+                return None;
+            }
+            let file = read_unit_file(path).ok()?;
+            let name = UnitName::parse(name).ok()?;
+            let (_, warnings) = Requirements::from_unit(&name, &file).ok()?;
+            warnings.is_empty().then_some((name, file))
+        })
+        .collect()
+}
+
+/// [`lazy_create`] for units that are all local files ([`local_units`]), none depending on
+/// another, without `--replace`: nothing is looked up first. Each unit is created, create-only,
+/// in the command's next `state`, up to [`IN_FLIGHT`] at a time: one request per new unit. The
+/// units that turn out to be there already are then looked up and decided in argument order
+/// as in fleet (a warning when the local file differs; nothing else is done to them).
+async fn create_first(
+    ctx: &Ctx,
+    reg: &Arc<dyn Registry>,
+    args: &[String],
+    names: &[String],
+    files: Vec<(UnitName, UnitFile)>,
+    state: TargetState,
+    creator: Creator,
+) -> Result<(), Failure> {
+    let mut creations = Creations::default();
+    for (unit_name, file) in files {
+        creations
+            .running
+            .push_back(create_one(ctx, reg, unit_name, file, None, state, true));
+        if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
+            return creations.end(Some(e)).await;
+        }
+    }
+    if let Err(e) = creations.finish(0).await {
+        return creations.end(Some(e)).await;
+    }
+    let there = std::mem::take(&mut creations.there);
+    for (arg, name) in args.iter().zip(names) {
+        if !there.contains(name) {
+            continue;
+        }
+        let found = lookup(reg, name).await;
+        match decide(reg, arg, name, found, false, creator).await {
+            Ok(None) => {}
+            // destroyed again meanwhile: created now
+            Ok(Some((unit_name, file, replacing))) => {
+                creations.running.push_back(create_one(
+                    ctx, reg, unit_name, file, replacing, state, false,
+                ));
+                if let Err(e) = creations.finish(0).await {
+                    return creations.end(Some(e)).await;
+                }
+            }
+            Err(e) => {
+                let e = Failure::msg(format!("Error creating units: {e}"));
+                return creations.end(Some(e)).await;
+            }
+        }
+    }
+    creations.end(None).await
+}
+
+/// Whether every argument's unit may be created in the command's next state at once: no
+/// name twice, no instance of a template that is itself among the names, and no template
+/// (which may not be started or loaded: its error comes from the change of state, after
+/// it was created, as in fleet).
+fn independent(names: &[String]) -> bool {
+    let all: HashSet<&str> = names.iter().map(String::as_str).collect();
+    all.len() == names.len()
+        && !names.iter().any(|n| {
+            let Ok(n) = UnitName::parse(n) else {
+                return false;
+            };
+            n.is_template()
+                || n.is_instance() && n.template().is_some_and(|t| all.contains(t.as_str()))
+        })
+}
+
 /// How one creation ended.
 enum Created {
     /// The line reporting the new unit.
     Shown(String),
     /// Another client created the same unit at the same moment: nothing to report.
     Existing,
+    /// The unit was there already (a creation sent without looking first): to be decided.
+    There(String),
     /// Not created: the command's error.
     Failed(Failure),
 }
@@ -297,6 +443,8 @@ struct Creations<F: Future<Output = Created>> {
     lines: Vec<String>,
     /// Names of every unit this command has created or is creating.
     names: HashSet<String>,
+    /// Units a creation found there already ([`Created::There`]).
+    there: HashSet<String>,
 }
 
 impl<F: Future<Output = Created>> Default for Creations<F> {
@@ -305,6 +453,7 @@ impl<F: Future<Output = Created>> Default for Creations<F> {
             running: FuturesOrdered::new(),
             lines: Vec::new(),
             names: HashSet::new(),
+            there: HashSet::new(),
         }
     }
 }
@@ -320,6 +469,9 @@ impl<F: Future<Output = Created>> Creations<F> {
             match self.running.next().await {
                 Some(Created::Shown(line)) => self.lines.push(line),
                 Some(Created::Existing) => {}
+                Some(Created::There(name)) => {
+                    self.there.insert(name);
+                }
                 Some(Created::Failed(f)) => {
                     failure.get_or_insert(f);
                 }
@@ -365,7 +517,9 @@ async fn decide(
     Ok(Some((unit_name, file, existing.map(|u| u.desired))))
 }
 
-/// Creates one unit, or replaces the old one when `replacing` (its desired state).
+/// Creates one unit with desired state `desired`, or replaces the old one when `replacing`
+/// (its desired state). With `unlooked`, the unit was not looked up first: when it is there
+/// already, that is all this says ([`Created::There`]).
 ///
 /// fleet replaced a unit with a PUT of the new options alone, which made it inactive: the
 /// unit was stopped and unscheduled before the command set its state again, and could come
@@ -377,6 +531,8 @@ async fn create_one(
     unit_name: UnitName,
     file: UnitFile,
     replacing: Option<TargetState>,
+    desired: TargetState,
+    unlooked: bool,
 ) -> Created {
     let fail = |e: &RegistryError| {
         Created::Failed(Failure::msg(format!(
@@ -394,19 +550,17 @@ async fn create_one(
             Err(e) => fail(&e),
         };
     }
-    match reg
-        .create_unit(&unit_name, &file, TargetState::Inactive)
-        .await
-    {
+    match reg.create_unit(&unit_name, &file, desired).await {
         Ok(()) => {
             tracing::debug!("Created Unit({unit_name}) in Registry");
-            // what fleet's wait would read back at once: inactive, on no machine
+            // what fleet's wait would read back at once: on no machine, inactive (unless
+            // created with the command's next state)
             let global = Requirements::is_global(&unit_name, &file);
             ctx.note_created(UnitView {
                 name: unit_name.clone(),
                 hash: file.hash(),
                 file,
-                desired: TargetState::Inactive,
+                desired,
                 global,
                 machine_id: None,
                 current: TargetState::Inactive,
@@ -414,6 +568,7 @@ async fn create_one(
             });
             Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive))
         }
+        Err(RegistryError::AlreadyExists(_)) if unlooked => Created::There(unit_name.to_string()),
         // another client created it meanwhile: with the same contents that is what this
         // one wanted too, and it is left alone, as if the lookup had found it (no line, no
         // wait: the other client may have moved it on already)
@@ -485,16 +640,19 @@ pub async fn set_target_states(
     // a name given twice is set once (the second time fleet found it set already)
     let mut seen = HashSet::new();
     names.retain(|n| seen.insert(n.clone()));
-    let found: Vec<Result<UnitView, String>> = stream::iter(&names)
+    // each unit, and whether this invocation created it with `state` already
+    let found: Vec<Result<(UnitView, bool), String>> = stream::iter(&names)
         .map(|name| {
             let reg = &reg;
             async move {
                 if let Some(u) = ctx.take_created(name) {
-                    return Ok(u);
+                    let set = u.desired == state;
+                    return Ok((u, set));
                 }
                 lookup(reg, name)
                     .await
                     .map_err(|e| format!("error retrieving unit {name} from registry: {e}"))?
+                    .map(|u| (u, false))
                     .ok_or_else(|| format!("unable to find unit {name}"))
             }
         })
@@ -513,9 +671,10 @@ pub async fn set_target_states(
         }
     }
     let mut changes = stream::iter(units)
-        .map(|unit| {
-            let replaced = ctx.was_replaced(unit.name.as_str());
-            set_target_state(&reg, unit, state, replaced)
+        .map(|(unit, preset)| {
+            // a unit created in its new state was changed as much as one changed now
+            let changed = preset || ctx.was_replaced(unit.name.as_str());
+            set_target_state(&reg, unit, state, changed)
         })
         .buffered(IN_FLIGHT);
     let mut triggered = Vec::new();
@@ -525,15 +684,16 @@ pub async fn set_target_states(
     missing.map_or(Ok(triggered), Err)
 }
 
-/// Sets one unit's desired state; `None` when it had that state already (unless it was just
-/// `replaced`: the command waits for its new version as for a unit it changed).
+/// Sets one unit's desired state; `None` when it had that state already (unless it was
+/// `changed` just before, replaced or created in that state: the command waits for it as for
+/// a unit it changed now).
 async fn set_target_state(
     reg: &Arc<dyn Registry>,
     unit: UnitView,
     state: TargetState,
-    replaced: bool,
+    changed: bool,
 ) -> Result<Option<UnitView>, String> {
-    if unit.desired == state && replaced {
+    if unit.desired == state && changed {
         return Ok(Some(unit));
     }
     if unit.desired == state {

@@ -8,7 +8,9 @@
 //! - files: the newest unit file under `/run/fleet/units` in the nodes (its mtime);
 //! - active: systemd's `ActiveEnterTimestampMonotonic` of the last unit to become active;
 //!
-//! then units/s (N / active), and the CPU that fleetd and systemd (PID 1) of each node used
+//! then units/s (N / active), what the launch cost per unit in the whole cluster (fleetd's
+//! counters from `/metrics`: API requests, etcd operations, engine reconciles, agent tasks,
+//! D-Bus calls to systemd), and the CPU that fleetd and systemd (PID 1) of each node used
 //! while the cluster sat idle afterwards. Each run boots a fresh cluster; the last table is
 //! the median of the runs.
 //!
@@ -16,10 +18,16 @@
 //! ./build && cargo run --release -p functional --example launch -- [NODES] [UNITS] [RUNS] [IDLE_SECS]
 //! ```
 //!
+//! With `single` first (`launch single [NODES] [UNITS]`), it measures single units instead:
+//! UNITS units (default 30) started one after the other into an idle cluster, each with its
+//! own `fleetctl start --no-block`, half a second apart; for each, the time from the start of
+//! its fleetctl to systemd's `ActiveEnterTimestampMonotonic`; it prints their median and max.
+//!
 //! Defaults: 3 nodes, 300 units, 1 run, 60 s idle. Root. The binaries come from
 //! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`). A directory holding fleet v1.0's
 //! fleetd and fleetctl (built by hand from its source, never part of this repository) works
 //! as well: fleet v1.0 speaks etcd's v2 API, so run with `LAUNCH_ETCD_ARGS=--enable-v2=true`.
+//! The cluster is called `launch` unless `LAUNCH_CLUSTER` names another (1-8 of `[a-z0-9]`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,7 +44,11 @@ const DEADLINE: Duration = Duration::from_secs(1800);
 const TICKS: f64 = 100.0;
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let single = args.first().is_some_and(|a| a == "single");
+    if single {
+        args.remove(0);
+    }
     let arg = |i: usize, default: u64| -> u64 {
         args.get(i).map_or(default, |a| {
             a.parse().unwrap_or_else(|_| {
@@ -49,6 +61,18 @@ fn main() {
     let bin_dir = std::env::var_os("FLEET_BIN_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bin"));
+    if single {
+        let units = arg(1, 30) as usize;
+        println!(
+            "launch single: {units} units one by one on {nodes} nodes, binaries in {}",
+            bin_dir.display()
+        );
+        if let Err(e) = one_by_one(&bin_dir, nodes as usize, units) {
+            eprintln!("failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     println!(
         "launch: {units} units on {nodes} nodes, {runs} run(s), {idle}s idle, binaries in {}",
         bin_dir.display()
@@ -85,15 +109,15 @@ struct Result_ {
     active: f64,
     /// Per node: (fleetd, systemd) CPU in percent of one core while idle.
     idle_cpu: Vec<(f64, f64)>,
+    /// fleetd's counters summed over the nodes, per launched unit (empty when the fleetd
+    /// serves no `/metrics`).
+    per_unit: BTreeMap<String, f64>,
 }
 
 fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Result_, Error> {
-    let spec = ClusterSpec::new("launch", nodes)
-        .bin_dir(bin_dir)
-        .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
-    let c = Cluster::up(spec)?;
-    c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
+    let c = boot(bin_dir, nodes)?;
     let dir = write_units(&c, units)?;
+    let counted_before = counters(&c)?;
 
     // The fleetctl invocations run one after the other in a single shell inside node1 (no
     // harness overhead between them), which says when it started and ended (realtime: the
@@ -167,6 +191,15 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         }
     })?;
     let scheduled = placed.join().unwrap_or(None).map(|t| t - t0_real);
+    let counted_after = counters(&c)?;
+    let per_unit = counted_after
+        .iter()
+        .map(|(k, v)| {
+            let before = counted_before.get(k).copied().unwrap_or(0.0);
+            (k.clone(), (v - before) / units as f64)
+        })
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
 
     let mut files_at = 0.0f64;
     let mut active_at = 0.0f64;
@@ -194,7 +227,7 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         .zip(&after)
         .map(|(b, a)| (pct(a.0, b.0), pct(a.1, b.1)))
         .collect();
-    c.down()?;
+    teardown(c);
     Ok(Result_ {
         units,
         submit,
@@ -202,7 +235,146 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         files: files_at,
         active: active_at,
         idle_cpu,
+        per_unit,
     })
+}
+
+/// What the counts per unit are made of: fleetd's counters (`/metrics`) that say where a
+/// launch goes, by the prefix of their line.
+const COUNTED: [&str; 5] = [
+    "fleet_api_requests_total{",
+    "fleet_registry_operation_count_total{",
+    "fleet_engine_reconcile_count_total",
+    "fleet_agent_task_count_total{",
+    "fleet_systemd_call_count_total{",
+];
+
+/// fleetd's counters of [`COUNTED`], summed over the nodes (the API's `code` label left out,
+/// and so each method's requests summed). A fleetd without `/metrics` counts nothing.
+fn counters(c: &Cluster) -> Result<BTreeMap<String, f64>, Error> {
+    let mut sums = BTreeMap::new();
+    for i in c.nodes() {
+        let out = c.exec(
+            i,
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "10",
+                "--unix-socket",
+                "/var/run/fleet.sock",
+                "http://localhost/metrics",
+            ],
+        )?;
+        for line in out.stdout.lines() {
+            if !COUNTED.iter().any(|p| line.starts_with(p)) {
+                continue;
+            }
+            let Some((key, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let key = match key.split_once(",code=") {
+                Some((head, _)) => format!("{head}}}"),
+                None => key.to_string(),
+            };
+            *sums.entry(key).or_insert(0.0) += value;
+        }
+    }
+    Ok(sums)
+}
+
+/// Boots a cluster of `nodes` and hands it over with its name.
+fn boot(bin_dir: &Path, nodes: usize) -> Result<Cluster, Error> {
+    let name = std::env::var("LAUNCH_CLUSTER").unwrap_or_else(|_| "launch".into());
+    let spec = ClusterSpec::new(&name, nodes)
+        .bin_dir(bin_dir)
+        .etcd_args(&std::env::var("LAUNCH_ETCD_ARGS").unwrap_or_default());
+    let c = Cluster::up(spec)?;
+    c.wait_for_machines(1, nodes, Duration::from_secs(60))?;
+    Ok(c)
+}
+
+/// Starts `units` units one after the other (each into an idle cluster) and prints how long
+/// each took from the start of its fleetctl to systemd's ActiveEnterTimestamp: median, max.
+fn one_by_one(bin_dir: &Path, nodes: usize, units: usize) -> Result<(), Error> {
+    let c = boot(bin_dir, nodes)?;
+    let dir = write_units(&c, units)?;
+    let real = || {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    };
+    let mono_offset = real() - now_us() as f64 / 1e6;
+    let script = "d=$1 n=$2; i=1; while [ $i -le $n ]; do \
+                  echo \"$i $(date +%s.%N)\"; fleetctl start --no-block $d/bench-$i.service >/dev/null || exit 1; \
+                  sleep 0.5; i=$((i + 1)); done";
+    let out = c
+        .exec(1, &["sh", "-c", script, "sh", &dir, &units.to_string()])?
+        .ok("fleetctl start --no-block, one by one, in node1")?;
+    let mut started = BTreeMap::new();
+    for line in out.stdout.lines() {
+        if let Some((i, t)) = line.split_once(' ')
+            && let (Ok(i), Ok(t)) = (i.parse::<usize>(), t.parse::<f64>())
+        {
+            started.insert(format!("bench-{i}.service"), t);
+        }
+    }
+    wait_for("every unit active", Duration::from_secs(60), || {
+        let mut active = 0;
+        for i in c.nodes() {
+            active += probe(&c, i).map_err(|e| e.to_string())?.active;
+        }
+        if active >= units {
+            Ok(())
+        } else {
+            Err(format!("{active}/{units} active"))
+        }
+    })?;
+    let mut took = Vec::new();
+    for i in c.nodes() {
+        let script = "u=$(systemctl list-units 'bench-*' --no-legend --plain | awk '{print $1}'); \
+                      [ -z \"$u\" ] || systemctl show -p Id -p ActiveEnterTimestampMonotonic $u";
+        let out = c
+            .exec(i, &["sh", "-c", script])?
+            .ok("ActiveEnterTimestampMonotonic")?;
+        let mut id = None;
+        for line in out.stdout.lines() {
+            if let Some(v) = line.strip_prefix("Id=") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("ActiveEnterTimestampMonotonic=")
+                && let (Some(name), Ok(us)) = (id.take(), v.parse::<u64>())
+                && let Some(t0) = started.get(&name)
+            {
+                took.push(us as f64 / 1e6 + mono_offset - t0);
+            }
+        }
+    }
+    teardown(c);
+    took.sort_by(f64::total_cmp);
+    let Some(max) = took.last() else {
+        return Err(Error::Harness {
+            what: "ActiveEnterTimestampMonotonic of the units".into(),
+            detail: "none found".into(),
+        });
+    };
+    println!(
+        "single: {} units one by one: start --no-block to active: median {:.3}s, max {max:.3}s, min {:.3}s",
+        took.len(),
+        took[took.len() / 2],
+        took[0]
+    );
+    Ok(())
+}
+
+/// Removes the cluster; a failure is said, and does not void what was measured.
+fn teardown(c: Cluster) {
+    if let Err(e) = c.down() {
+        eprintln!("warning: removing the cluster failed (what was measured stands): {e}");
+    }
 }
 
 /// Writes `bench-<i>.service` (a sleeper) into node1, returns their directory there.
@@ -308,6 +480,14 @@ fn print_result(title: &str, r: &Result_, nodes: usize) {
     for (i, s) in per_node {
         println!("  idle node{i}: {s}");
     }
+    if !r.per_unit.is_empty() {
+        println!(
+            "  per unit, whole cluster (fleetd's counters, from before submit to all active):"
+        );
+        for (k, v) in &r.per_unit {
+            println!("    {v:>8.3}  {k}");
+        }
+    }
 }
 
 fn median(rs: &[Result_]) -> Result_ {
@@ -326,6 +506,17 @@ fn median(rs: &[Result_]) -> Result_ {
             .map(med),
         files: med(rs.iter().map(|r| r.files).collect()),
         active: med(rs.iter().map(|r| r.active).collect()),
+        per_unit: rs[0]
+            .per_unit
+            .keys()
+            .map(|k| {
+                let v = rs
+                    .iter()
+                    .map(|r| r.per_unit.get(k).copied().unwrap_or(0.0))
+                    .collect();
+                (k.clone(), med(v))
+            })
+            .collect(),
         idle_cpu: (0..nodes)
             .map(|i| {
                 (

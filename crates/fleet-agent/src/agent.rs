@@ -29,6 +29,10 @@ pub(crate) const JOBS_IN_FLIGHT: usize = 32;
 const MAX_BATCH: usize = 512;
 /// How long after a watch event the agent reconciles (a burst of events makes one).
 const DEBOUNCE: Duration = Duration::from_millis(30);
+/// How long after a watch event that follows a quiet spell (no reconcile for [`DEBOUNCE`])
+/// the agent reconciles: a single unit scheduled here is not held for a burst that is not
+/// coming; a burst's later events are gathered for [`DEBOUNCE`] as ever.
+const PROMPT: Duration = Duration::from_millis(2);
 /// How often the agent compares what runs with what is wanted, and retries failed writes.
 const TICK: Duration = Duration::from_secs(5);
 
@@ -207,6 +211,7 @@ impl Agent {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut deadline: Option<tokio::time::Instant> = None;
+        let mut last_reconcile: Option<tokio::time::Instant> = None;
         loop {
             let event = {
                 let soon = async {
@@ -248,7 +253,9 @@ impl Agent {
                 }
                 Event::Watch(ev) => {
                     if self.apply_watch(ev) && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
+                        let quiet = last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
+                        let wait = if quiet { PROMPT } else { DEBOUNCE };
+                        deadline = Some(tokio::time::Instant::now() + wait);
                     }
                 }
                 Event::WatchClosed => {
@@ -285,6 +292,7 @@ impl Agent {
                     // (a reconcile that could not finish is simply tried at the next tick)
                     if self.synced {
                         self.reconcile().await;
+                        last_reconcile = Some(tokio::time::Instant::now());
                     }
                 }
             }
@@ -359,6 +367,31 @@ impl Agent {
         }
     }
 
+    /// Learns the requirements of the units among `wanted` not seen before, their bodies read
+    /// in a few requests rather than one after the other (a burst brings hundreds at once).
+    /// What this cannot read is left to [`Self::requirements_of`], unit by unit.
+    async fn read_new_bodies(&mut self, wanted: &[crate::desired::Wanted]) {
+        let new: Vec<&crate::desired::Wanted> = wanted
+            .iter()
+            .filter(|w| !self.requirements.contains_key(&(w.name.clone(), w.hash)))
+            .collect();
+        if new.len() < 2 {
+            return;
+        }
+        let mut hashes: Vec<UnitHash> = new.iter().map(|w| w.hash).collect();
+        hashes.sort_unstable();
+        hashes.dedup();
+        let Ok(bodies) = self.store.bodies(&hashes).await else {
+            return;
+        };
+        for w in new {
+            if let Some(file) = bodies.get(&w.hash) {
+                let req = requirements(&w.name, file);
+                self.requirements.insert((w.name.clone(), w.hash), req);
+            }
+        }
+    }
+
     async fn requirements_of(
         &mut self,
         name: &UnitName,
@@ -368,13 +401,7 @@ impl Agent {
             return Ok(r.clone());
         }
         let file = self.store.body(&hash).await?;
-        let req = match Requirements::from_unit(name, &file) {
-            Ok((r, _)) => r,
-            Err(e) => {
-                warn!(unit = %name, error = %e, "invalid requirements; treating as none");
-                Requirements::default()
-            }
-        };
+        let req = requirements(name, &file);
         self.requirements.insert((name.clone(), hash), req.clone());
         Ok(req)
     }
@@ -407,6 +434,7 @@ impl Agent {
                 .collect();
             self.requirements.retain(|k, _| live.contains(k));
         }
+        self.read_new_bodies(&watched.wanted).await;
         for w in watched.wanted {
             let req = match self.requirements_of(&w.name, w.hash).await {
                 Ok(r) => r,
@@ -563,5 +591,16 @@ impl Agent {
         self.store
             .withdraw_machine(&self.cfg.machine_id, self.lease)
             .await;
+    }
+}
+
+/// A unit's `[X-Fleet]` requirements; invalid ones (logged) count as none.
+fn requirements(name: &UnitName, file: &fleet_unit::UnitFile) -> Requirements {
+    match Requirements::from_unit(name, file) {
+        Ok((r, _)) => r,
+        Err(e) => {
+            warn!(unit = %name, error = %e, "invalid requirements; treating as none");
+            Requirements::default()
+        }
     }
 }

@@ -2,9 +2,9 @@
 //! what it touched. The decisions are `plan.rs`'s; this module only does them, in order,
 //! many at once where the order does not matter.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use fleet_unit::{TargetState, UnitHash, UnitName};
+use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use futures_util::StreamExt;
 use futures_util::stream;
 use tokio::time::Instant;
@@ -108,30 +108,37 @@ impl Agent {
             self.faults.clear(name);
             self.publisher.withdraw(name, &self.lease).await;
         }
-        // 2. unit files to write: bodies read together, then written (not over a unit that
-        // is still there with another body)
+        // 2. unit files to write (not over a unit that is still there with another body):
+        // bodies read together, in as few requests as the store can, then written and
+        // linked together (one LinkUnitFiles for the batch)
         let load: Vec<(String, UnitHash)> = plan
             .load
             .into_iter()
             .filter(|(n, _)| !kept.contains(n))
             .collect();
-        let reads: Vec<_> = load.iter().map(|(_, h)| self.store.body(h)).collect();
-        let bodies: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
+        let hashes: Vec<UnitHash> = load.iter().map(|(_, h)| *h).collect();
+        let (bodies, refused) = self.read_bodies(&hashes).await;
         let mut written: Vec<(String, bool)> = Vec::new();
-        for ((name, hash), body) in load.iter().zip(bodies) {
-            let file = match body {
-                Ok(f) => f,
-                Err(e) => {
-                    warn!(unit = %name, error = %e, "cannot read unit body; will retry");
-                    if !e.is_unavailable() {
-                        outcome.failed(name, Some(*hash), format!("cannot read unit body: {e}"));
-                    } else {
-                        outcome.complete = false;
-                    }
-                    continue;
-                }
+        let mut files = Vec::with_capacity(load.len());
+        for (name, hash) in &load {
+            if let Some(e) = refused.get(hash) {
+                warn!(unit = %name, error = %e, "cannot read unit body; will retry");
+                outcome.failed(name, Some(*hash), format!("cannot read unit body: {e}"));
+                continue;
+            }
+            let Some(file) = bodies.get(hash) else {
+                warn!(unit = %name, %hash, "unit body missing or unreadable; will retry");
+                outcome.complete = false;
+                continue;
             };
-            let r = self.systemd.write_unit(name, &file.serialize()).await;
+            files.push((name, hash, file));
+        }
+        let contents: Vec<(String, String)> = files
+            .iter()
+            .map(|(name, _, file)| ((*name).clone(), file.serialize()))
+            .collect();
+        let results = self.systemd.write_units(&contents).await;
+        for ((name, hash, file), r) in files.into_iter().zip(results) {
             match self.attempt("load", name, r) {
                 Ok(()) => {
                     self.watching.insert(name.clone());
@@ -283,6 +290,44 @@ impl Agent {
     }
 
     /// As [`Agent::task`], with the failure as a reason users read (`stop failed: ...`).
+    /// The bodies of a batch by hash, and those etcd refuses to give (with why). A refused
+    /// batch is read again body by body, so one body that cannot be read (a permission on
+    /// its key) keeps no other unit from being written. A store that cannot be reached
+    /// leaves both maps short: those units are tried at the next converge.
+    async fn read_bodies(
+        &self,
+        hashes: &[UnitHash],
+    ) -> (HashMap<UnitHash, UnitFile>, HashMap<UnitHash, String>) {
+        if hashes.is_empty() {
+            return Default::default();
+        }
+        match self.store.bodies(hashes).await {
+            Ok(b) => return (b, HashMap::new()),
+            Err(e) if e.is_refused() => {
+                warn!(error = %e, "reading unit bodies refused; reading them one by one");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read unit bodies; will retry");
+                return Default::default();
+            }
+        }
+        let reads: Vec<_> = hashes.iter().map(|h| self.store.body(h)).collect();
+        let results: Vec<_> = stream::iter(reads).buffered(JOBS_IN_FLIGHT).collect().await;
+        let (mut bodies, mut refused) = (HashMap::new(), HashMap::new());
+        for (h, r) in hashes.iter().zip(results) {
+            match r {
+                Ok(f) => {
+                    bodies.insert(*h, f);
+                }
+                Err(e) if !e.is_unavailable() => {
+                    refused.insert(*h, e.to_string());
+                }
+                Err(_) => {}
+            }
+        }
+        (bodies, refused)
+    }
+
     pub(crate) fn attempt(
         &self,
         what: &str,

@@ -584,3 +584,138 @@ async fn a_refused_key_does_not_stall_the_other_units() {
     .await;
     agent.stop(false).await;
 }
+
+/// An [`AgentStore`](fleet_registry::AgentStore) that counts how the agent reads unit bodies:
+/// one by one (`body`) or several at once (`bodies`).
+struct CountingStore {
+    inner: MemoryStore,
+    one_by_one: std::sync::atomic::AtomicUsize,
+    together: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl fleet_registry::AgentStore for CountingStore {
+    fn keys(&self) -> &fleet_registry::keys::Keys {
+        self.inner.keys()
+    }
+    async fn register_machine(
+        &self,
+        rec: &fleet_registry::MachineRecord,
+        ttl: Duration,
+    ) -> fleet_registry::Result<fleet_registry::Lease> {
+        self.inner.register_machine(rec, ttl).await
+    }
+    async fn withdraw_machine(&self, id: &str, lease: fleet_registry::Lease) {
+        self.inner.withdraw_machine(id, lease).await
+    }
+    fn watch_agent(
+        &self,
+        machine_id: &str,
+        poll: Option<Duration>,
+    ) -> tokio::sync::mpsc::Receiver<fleet_registry::WatchEvent> {
+        self.inner.watch_agent(machine_id, poll)
+    }
+    async fn body(&self, hash: &fleet_unit::UnitHash) -> fleet_registry::Result<UnitFile> {
+        self.one_by_one
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.body(hash).await
+    }
+    async fn bodies(
+        &self,
+        hashes: &[fleet_unit::UnitHash],
+    ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
+        self.together
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        fleet_registry::AgentStore::bodies(&self.inner, hashes).await
+    }
+    async fn publish_state(
+        &self,
+        name: &str,
+        machine_id: &str,
+        state: Option<&StateRecord>,
+        lease: &fleet_registry::Lease,
+    ) -> fleet_registry::Result<()> {
+        self.inner
+            .publish_state(name, machine_id, state, lease)
+            .await
+    }
+}
+
+/// A burst of units scheduled on the machine at once: the agent reads their bodies in one
+/// request, not one request per unit after the other.
+#[tokio::test(start_paused = true)]
+async fn reads_the_bodies_of_a_burst_together() {
+    let (store, systemd, dir) = (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let names: Vec<String> = (0..40).map(|i| format!("burst{i}.service")).collect();
+    for (i, name) in names.iter().enumerate() {
+        schedule(&store, M1, name, &body(i as u32), TargetState::Launched).await;
+    }
+    let counting = Arc::new(CountingStore {
+        inner: store.clone(),
+        one_by_one: Default::default(),
+        together: Default::default(),
+    });
+    let cfg = AgentConfig {
+        machine_id: M1.into(),
+        public_ip: "10.0.0.1".into(),
+        metadata: BTreeMap::new(),
+        agent_ttl: TTL,
+        units_directory: dir.path().join("units"),
+        disable_watches: false,
+        version: "1.0.0".into(),
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(run(
+        counting.clone(),
+        Arc::new(systemd.clone()),
+        cfg,
+        Metrics::new(),
+        shutdown.clone(),
+        Arc::new(AtomicBool::new(false)),
+    ));
+    eventually("every unit of the burst active", || {
+        names.iter().all(|n| active(&systemd, n))
+    })
+    .await;
+    let load = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+    // one read for their requirements, one for their files (a cache hit on etcd)
+    assert_eq!(
+        (load(&counting.one_by_one), load(&counting.together)),
+        (0, 2),
+        "body reads (one by one, together)"
+    );
+    shutdown.cancel();
+    task.await.expect("agent task").expect("agent");
+}
+
+/// A unit scheduled on an idle machine (one `fleetctl start`) is started within a few
+/// milliseconds, not held for the burst debounce.
+#[tokio::test(start_paused = true)]
+async fn a_unit_scheduled_after_a_quiet_spell_starts_promptly() {
+    let (store, systemd, dir) = (
+        MemoryStore::default(),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    idle(Duration::from_secs(1)).await;
+    schedule(
+        &store,
+        M1,
+        "single.service",
+        &body(1),
+        TargetState::Launched,
+    )
+    .await;
+    idle(Duration::from_millis(5)).await;
+    assert!(active(&systemd, "single.service"), "{:?}", systemd.calls());
+    agent.stop(false).await;
+}

@@ -326,6 +326,17 @@ impl Api {
             hash,
             checked,
         } = put;
+        if create_only && has_options {
+            // A creation that passes every check needs no read first: the transaction itself
+            // refuses an existing unit (412). Anything else is answered as below.
+            if let (Ok((file, warnings)), Ok(desired)) =
+                (&checked, desired_or_inactive(&desired_state))
+                && check_template(&name, desired).is_ok()
+            {
+                log_warnings(&name, warnings);
+                return self.create_new(&name, file, desired, true).await;
+            }
+        }
         let existing = self
             .registry
             .unit(&name)
@@ -348,18 +359,8 @@ impl Api {
         };
         if create {
             let (file, warnings) = checked?;
-            // a hostile unit may have thousands of unknown keys: log a few and the count
-            for w in warnings.iter().take(MAX_LOGGED_WARNINGS) {
-                warn!(unit = %name, "{w}");
-            }
-            if warnings.len() > MAX_LOGGED_WARNINGS {
-                warn!(unit = %name, "{} more warnings", warnings.len() - MAX_LOGGED_WARNINGS);
-            }
-            let desired = if desired_state.is_empty() {
-                TargetState::Inactive
-            } else {
-                parse_state(&desired_state)?
-            };
+            log_warnings(&name, &warnings);
+            let desired = desired_or_inactive(&desired_state)?;
             check_template(&name, desired)?;
             if existing.is_some() {
                 // fleet overwrote the unit in place: one transaction, the placement stays
@@ -371,20 +372,7 @@ impl Api {
                     Err(e) => Err(internal("failed creating unit", &e)),
                 };
             }
-            return match self.registry.create_unit(&name, &file, desired).await {
-                Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
-                Err(RegistryError::AlreadyExists(_)) if create_only => {
-                    Err(fail(StatusCode::PRECONDITION_FAILED, "unit already exists"))
-                }
-                Err(RegistryError::AlreadyExists(_)) => Err(fail(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "unit {} already exists with different options",
-                        go_quote(name.as_str())
-                    ),
-                )),
-                Err(e) => Err(internal("failed creating unit", &e)),
-            };
+            return self.create_new(&name, &file, desired, create_only).await;
         }
         if desired_state.is_empty() {
             return Err(fail(
@@ -400,6 +388,31 @@ impl Api {
                 Err(fail(StatusCode::NOT_FOUND, "unit does not exist"))
             }
             Err(e) => Err(internal("failed setting target state of unit", &e)),
+        }
+    }
+
+    /// Creates a unit that was not there; when it is there after all (created meanwhile),
+    /// 412 under `If-None-Match: *`, else 409.
+    async fn create_new(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+        create_only: bool,
+    ) -> Result<Reply> {
+        match self.registry.create_unit(name, file, desired).await {
+            Ok(()) => Ok(empty_reply(StatusCode::CREATED)),
+            Err(RegistryError::AlreadyExists(_)) if create_only => {
+                Err(fail(StatusCode::PRECONDITION_FAILED, "unit already exists"))
+            }
+            Err(RegistryError::AlreadyExists(_)) => Err(fail(
+                StatusCode::CONFLICT,
+                format!(
+                    "unit {} already exists with different options",
+                    go_quote(name.as_str())
+                ),
+            )),
+            Err(e) => Err(internal("failed creating unit", &e)),
         }
     }
 
@@ -556,6 +569,26 @@ fn check_content_type(headers: &HeaderMap) -> Result<()> {
 
 fn parse_state(s: &str) -> Result<TargetState> {
     TargetState::from_str(s).map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+/// The desired state of a new unit: inactive when the request names none.
+fn desired_or_inactive(s: &str) -> Result<TargetState> {
+    if s.is_empty() {
+        Ok(TargetState::Inactive)
+    } else {
+        parse_state(s)
+    }
+}
+
+/// Logs a new unit's warnings: a hostile unit may have thousands of unknown keys, so a few
+/// of them and the count.
+fn log_warnings(name: &UnitName, warnings: &[String]) {
+    for w in warnings.iter().take(MAX_LOGGED_WARNINGS) {
+        warn!(unit = %name, "{w}");
+    }
+    if warnings.len() > MAX_LOGGED_WARNINGS {
+        warn!(unit = %name, "{} more warnings", warnings.len() - MAX_LOGGED_WARNINGS);
+    }
 }
 
 fn check_template(name: &UnitName, desired: TargetState) -> Result<()> {

@@ -818,3 +818,54 @@ async fn create_only_put_leaves_an_existing_unit_alone() {
         "{r:?}"
     );
 }
+
+/// A create-only PUT of a new unit with its desired state (what our fleetctl sends for each
+/// unit it starts) costs fleetd one etcd transaction and no read; one refused because the
+/// unit exists costs the same, and leaves it as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_only_put_is_one_etcd_transaction() {
+    let etcd = fleet_testutil::EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let reg = fleet_testutil::fixture::connect(&etcd, "/test/", std::time::Duration::from_secs(3))
+        .await
+        .with_metrics(metrics.clone());
+    let h = Harness::with_registry(std::sync::Arc::new(reg.clone()), ApiConfig::default()).await;
+    let put_new = async |body: &str| {
+        let path = "/fleet/v1/units/once.service";
+        let mut raw = common::request("PUT", path, Some("application/json"), body);
+        let at = raw
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("request line")
+            + 2;
+        raw.splice(at..at, b"If-None-Match: *\r\n".iter().copied());
+        common::send(h.addr, &raw).await
+    };
+    let ops = |kind: &str| {
+        let line = format!("fleet_registry_operation_count_total{{type=\"{kind}\"}} ");
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "0".into())
+    };
+    let r = put_new(HELLO).await;
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(
+        (ops("set"), ops("get"), ops("get_all")),
+        ("1".into(), "0".into(), "0".into())
+    );
+    let r = put_new(&HELLO.replace("launched", "inactive")).await;
+    assert_eq!(r.status, 412, "{r:?}");
+    assert_eq!(
+        (ops("set"), ops("get"), ops("get_all")),
+        ("2".into(), "0".into(), "0".into())
+    );
+    let unit = reg
+        .unit(&"once.service".parse().expect("name"))
+        .await
+        .expect("read")
+        .expect("created");
+    assert_eq!(unit.desired, TargetState::Launched);
+    h.stop().await.expect("clean shutdown");
+}

@@ -23,6 +23,10 @@ const DEBOUNCE: Duration = Duration::from_millis(50);
 /// How long a unit whose decisions etcd refused is left alone before the engine tries again
 /// (each try of a refused batch costs one more write per unit).
 const REFUSED_WAIT: Duration = Duration::from_secs(30);
+/// A change after a quiet spell (no reconcile for [`DEBOUNCE`]) is acted on this soon: one
+/// `fleetctl start` is not held for a burst that is not coming. A burst's later changes are
+/// gathered for [`DEBOUNCE`] as ever.
+const PROMPT: Duration = Duration::from_millis(2);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -89,6 +93,8 @@ pub(crate) struct Engine {
     /// `AtMostOnce::start_after` later. Forgotten when a machine comes back, and wholly
     /// when the engine lists again or stops leading (it may have missed a return).
     absent_since: HashMap<String, Instant>,
+    /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
+    last_reconcile: Option<Instant>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -138,6 +144,7 @@ impl Engine {
             tick,
             deadline: None,
             absent_since: HashMap::new(),
+            last_reconcile: None,
         }
     }
 
@@ -206,7 +213,9 @@ impl Engine {
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
                 // events), never once per event
                 if self.synced && self.deadline.is_none() {
-                    self.deadline = Some(Instant::now() + DEBOUNCE);
+                    let quiet = self.last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
+                    let wait = if quiet { PROMPT } else { DEBOUNCE };
+                    self.deadline = Some(Instant::now() + wait);
                 }
             }
             Event::Tick => {
@@ -216,6 +225,7 @@ impl Engine {
                     }
                     if self.leader.is_some() {
                         self.reconcile().await;
+                        self.last_reconcile = Some(Instant::now());
                     }
                 }
             }

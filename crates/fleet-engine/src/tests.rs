@@ -312,11 +312,45 @@ async fn unplaceable_units_get_a_reason_and_count_as_schedule_failures() {
     );
 }
 
+/// A change after a quiet spell (one `fleetctl start` into an idle cluster) is reconciled
+/// within a few milliseconds, not held for the burst debounce: a single unit is placed as
+/// soon as it is created.
+#[tokio::test(start_paused = true)]
+async fn a_change_after_a_quiet_spell_is_placed_promptly() {
+    let (store, mut engine, _) = leading().await;
+    let never = tokio_util::sync::CancellationToken::new();
+    // whatever is pending runs, then nothing happens for a while
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(ev) = tokio::time::timeout_at(quiet_until, engine.next_event(&never)).await {
+        engine.handle(ev).await;
+    }
+    create(&store, "single.service", 7).await;
+    drain(&mut engine).await;
+    assert!(engine.reconcile_pending());
+    let started = tokio::time::Instant::now();
+    let ev = engine.next_event(&never).await;
+    assert!(matches!(ev, Event::Tick));
+    assert!(
+        started.elapsed() <= Duration::from_millis(5),
+        "reconciled {:?} after the change",
+        started.elapsed()
+    );
+    engine.handle(ev).await;
+    assert_eq!(placement(&store, "single.service").as_deref(), Some("m1"));
+}
+
 /// A burst of watch events makes one reconcile, shortly after, not one per event.
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_changes_makes_one_reconcile() {
     let (store, mut engine, metrics) = leading().await;
     settle(&mut engine).await;
+    // the engine is busy (a reconcile just ran): what comes now is gathered for DEBOUNCE
+    let never = tokio_util::sync::CancellationToken::new();
+    while engine.reconcile_pending() {
+        let ev = engine.next_event(&never).await;
+        engine.handle(ev).await;
+        drain(&mut engine).await;
+    }
     let reconciles = |m: &Metrics| {
         m.encode()
             .lines()
@@ -337,7 +371,6 @@ async fn a_burst_of_changes_makes_one_reconcile() {
     assert_eq!(store.revision(), written, "a watch event made a reconcile");
     assert_eq!(reconciles(&metrics), before);
     // the debounce deadline comes before the interval's next tick
-    let never = tokio_util::sync::CancellationToken::new();
     let started = tokio::time::Instant::now();
     let ev = engine.next_event(&never).await;
     assert!(matches!(ev, Event::Tick));

@@ -67,6 +67,11 @@ struct OpsLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabel {
+    method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: String,
     code: String,
@@ -85,6 +90,7 @@ struct Inner {
     registry_op_failures: Family<TypeLabel, Counter>,
     agent_tasks: Family<TypeLabel, Counter>,
     agent_task_failures: Family<TypeLabel, Counter>,
+    systemd_calls: Family<CallLabel, Counter>,
     api_requests: Family<RequestLabels, Counter>,
     api_request_duration: Histogram,
 }
@@ -134,6 +140,7 @@ impl Metrics {
         let registry_op_failures = Family::<TypeLabel, Counter>::default();
         let agent_tasks = Family::<TypeLabel, Counter>::default();
         let agent_task_failures = Family::<TypeLabel, Counter>::default();
+        let systemd_calls = Family::<CallLabel, Counter>::default();
         let api_requests = Family::<RequestLabels, Counter>::default();
         let api_request_duration = Histogram::new(duration_buckets());
 
@@ -196,6 +203,11 @@ impl Metrics {
             "Agent tasks that failed, by type",
             agent_task_failures.clone(),
         );
+        registry.sub_registry_with_prefix("systemd").register(
+            "call_count",
+            "D-Bus method calls to systemd, by method",
+            systemd_calls.clone(),
+        );
         let api = registry.sub_registry_with_prefix("api");
         api.register(
             "requests",
@@ -221,6 +233,7 @@ impl Metrics {
                 registry_op_failures,
                 agent_tasks,
                 agent_task_failures,
+                systemd_calls,
                 api_requests,
                 api_request_duration,
             }),
@@ -308,6 +321,16 @@ impl Metrics {
             .inc();
     }
 
+    /// A D-Bus method call to systemd (`StartUnit`, `Reload`, `ListUnitsByNames`, ...).
+    pub fn systemd_call(&self, method: &str) {
+        self.inner
+            .systemd_calls
+            .get_or_create(&CallLabel {
+                method: method.to_string(),
+            })
+            .inc();
+    }
+
     /// The API answered one request.
     pub fn api_request(&self, method: MethodLabel, code: u16, took: Duration) {
         let labels = RequestLabels {
@@ -374,6 +397,7 @@ mod tests {
         m.registry_op_success(RegistryOp::GetAll, Duration::from_millis(1));
         m.registry_op_failure(RegistryOp::Set);
         m.agent_task("start");
+        m.systemd_call("StartUnit");
         m.api_request(
             MethodLabel::of(&http::Method::GET),
             200,
@@ -391,6 +415,7 @@ mod tests {
             "fleet_registry_operation_duration_second_count{ops=\"get_all\"} 1",
             "fleet_registry_operation_failed_count_total{type=\"set\"} 1",
             "fleet_agent_task_count_total{type=\"start\"} 1",
+            "fleet_systemd_call_count_total{method=\"StartUnit\"} 1",
             "fleet_api_requests_total{method=\"GET\",code=\"200\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");

@@ -208,6 +208,22 @@ pub trait AgentStore: Send + Sync {
     fn watch_agent(&self, machine_id: &str, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent>;
     /// The unit file stored under `hash`.
     async fn body(&self, hash: &UnitHash) -> Result<UnitFile>;
+    /// The unit files stored under `hashes`, in as few requests as the store can (a burst
+    /// schedules hundreds of new units on a machine at once). Bodies that are missing or
+    /// unreadable are left out of the map (`body` says why); fails only as a whole.
+    async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        let mut out = HashMap::new();
+        for h in hashes {
+            match self.body(h).await {
+                Ok(f) => {
+                    out.insert(*h, f);
+                }
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(_) => {}
+            }
+        }
+        Ok(out)
+    }
     /// Publishes (Some) or withdraws (None) one unit state of this machine.
     async fn publish_state(
         &self,

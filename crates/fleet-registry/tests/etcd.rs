@@ -491,7 +491,8 @@ async fn replacing_a_unit_keeps_its_placement() {
 }
 
 /// A failed request says which operation on which key failed, and is counted in the
-/// registry operation metrics (fleet's `fleet_registry_operation_*`).
+/// registry operation metrics (fleet's `fleet_registry_operation_*`). A creation is one
+/// transaction (body and records together), so one `set`.
 #[tokio::test]
 async fn failures_name_the_operation_and_the_key_and_are_counted() {
     let etcd = EtcdServer::start();
@@ -515,7 +516,7 @@ async fn failures_name_the_operation_and_the_key_and_are_counted() {
     let text = metrics.encode();
     for line in [
         "fleet_registry_operation_count_total{type=\"get_all\"} 1",
-        "fleet_registry_operation_count_total{type=\"set\"} 2",
+        "fleet_registry_operation_count_total{type=\"set\"} 1",
         "fleet_registry_operation_failed_count_total{type=\"get_all\"} 1",
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");

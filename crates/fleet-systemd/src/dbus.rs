@@ -104,6 +104,9 @@ impl BusKind {
 /// that, so callers beyond this many wait their turn instead.
 const MAX_CALLS_IN_FLIGHT: usize = 64;
 
+/// Most unit files linked by one `LinkUnitFiles` of [`UnitManager::write_units`].
+const LINK_CHUNK: usize = 256;
+
 /// The shared, self-healing connection for method calls.
 #[derive(Debug)]
 pub(crate) struct Caller {
@@ -144,6 +147,7 @@ impl Caller {
         B: serde::Serialize + zbus::zvariant::DynamicType,
     {
         let mut retried = false;
+        fleet_metrics::global().systemd_call(method);
         // Never closed, so acquiring cannot fail; a closed semaphore would just not limit.
         let _permit = self.in_flight.acquire().await.ok();
         loop {
@@ -473,6 +477,21 @@ impl SystemdManager {
         }
     }
 
+    /// `LinkUnitFiles(paths, runtime=true, force=true)`; errors name `what` (a unit).
+    async fn link(&self, what: &str, paths: Vec<String>) -> Result<()> {
+        let reply = self
+            .inner
+            .caller
+            .manager("LinkUnitFiles", Some(what), &(paths, true, true))
+            .await?;
+        let changes: Vec<FileChange> = reply
+            .body()
+            .deserialize()
+            .map_err(|e| decode_error(what, "LinkUnitFiles", e))?;
+        tracing::debug!(unit = what, ?changes, "linked unit files");
+        Ok(())
+    }
+
     /// Runs a blocking file operation off the async workers.
     async fn blocking<T, F>(&self, action: &'static str, name: &str, f: F) -> Result<T>
     where
@@ -514,18 +533,73 @@ impl UnitManager for SystemdManager {
                 dir.write(&owned_name, &contents)
             })
             .await?;
-        let path = path.to_string_lossy().into_owned();
-        let reply = self
-            .inner
-            .caller
-            .manager("LinkUnitFiles", Some(name), &(vec![path], true, true))
-            .await?;
-        let changes: Vec<FileChange> = reply
-            .body()
-            .deserialize()
-            .map_err(|e| decode_error(name, "LinkUnitFiles", e))?;
-        tracing::debug!(unit = name, ?changes, "linked unit file");
-        Ok(())
+        self.link(name, vec![path.to_string_lossy().into_owned()])
+            .await
+    }
+
+    async fn write_units(&self, units: &[(String, String)]) -> Vec<Result<()>> {
+        if units.len() < 2 {
+            let mut results = Vec::new();
+            for (name, contents) in units {
+                results.push(self.write_unit(name, contents).await);
+            }
+            return results;
+        }
+        tracing::info!(units = units.len(), "writing systemd units");
+        let owned = units.to_vec();
+        let written = self
+            .blocking("writing unit files", &units[0].0, move |dir| {
+                Ok(owned
+                    .iter()
+                    .map(|(name, contents)| {
+                        validate_name(name)?;
+                        dir.write(name, contents)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        let written = match written {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::debug!(error = %e, "writing unit files together failed; one by one");
+                let mut results = Vec::new();
+                for (name, contents) in units {
+                    results.push(self.write_unit(name, contents).await);
+                }
+                return results;
+            }
+        };
+        // linked LINK_CHUNK at a time (a node may get thousands at once; each call stays
+        // well within the D-Bus call timeout)
+        let mut linked: Vec<Option<bool>> = vec![None; written.len()];
+        let ok: Vec<usize> = (0..written.len()).filter(|&i| written[i].is_ok()).collect();
+        for chunk in ok.chunks(LINK_CHUNK) {
+            let paths: Vec<String> = chunk
+                .iter()
+                .filter_map(|&i| written[i].as_ref().ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            let together = self
+                .link(&format!("{} units", paths.len()), paths)
+                .await
+                .is_ok();
+            for &i in chunk {
+                linked[i] = Some(together);
+            }
+        }
+        let mut results = Vec::with_capacity(units.len());
+        for (((name, _), w), together) in units.iter().zip(written).zip(linked) {
+            results.push(match (w, together) {
+                (Err(e), _) => Err(e),
+                (Ok(_), Some(true)) => Ok(()),
+                // which unit the shared call failed on: each alone says
+                (Ok(path), _) => {
+                    self.link(name, vec![path.to_string_lossy().into_owned()])
+                        .await
+                }
+            });
+        }
+        results
     }
 
     async fn remove_unit(&self, name: &str) -> Result<()> {

@@ -198,6 +198,19 @@ pub trait UnitManager: Send + Sync {
     /// [`reload`](Self::reload) once after a batch.
     async fn write_unit(&self, name: &str, contents: &str) -> Result<()>;
 
+    /// [`write_unit`](Self::write_unit) for a batch of `(name, contents)`: the real manager
+    /// writes every file, then links them all in one `LinkUnitFiles` (one D-Bus round trip
+    /// and one walk of systemd's unit directories instead of one per unit). One result per
+    /// unit, in order; when the shared call fails, the units are linked one by one so that
+    /// each error names its unit.
+    async fn write_units(&self, units: &[(String, String)]) -> Vec<Result<()>> {
+        let mut results = Vec::with_capacity(units.len());
+        for (name, contents) in units {
+            results.push(self.write_unit(name, contents).await);
+        }
+        results
+    }
+
     /// Unlinks and disables the unit in the runtime directory (`DisableUnitFiles([name],
     /// runtime=true)`), clears a failed state (`ResetFailedUnit`), and removes its file. The
     /// file is removed even if a D-Bus call failed (the first error is returned). Does not stop

@@ -517,6 +517,36 @@ async fn names_that_escape_the_units_directory_are_refused() {
     assert!(env.mgr.unit_file_names().await.expect("names").is_empty());
 }
 
+/// A batch of units is written and linked together (one `LinkUnitFiles`); a unit of the
+/// batch that cannot be written fails alone, named, and the others are linked all the same.
+#[tokio::test]
+#[ignore = "needs systemd as PID 1: ./test runs these inside a harness node"]
+async fn a_batch_of_units_is_written_and_linked_together() {
+    require_systemd();
+    let env = env("batch").await;
+    let names: Vec<String> = (0..5)
+        .map(|i| format!("fleet-systemd-test-batch{i}.service"))
+        .collect();
+    let mut units: Vec<(String, String)> = names.iter().map(|n| (n.clone(), sleeper())).collect();
+    units.insert(2, ("../escape.service".to_owned(), sleeper()));
+    let results = env.mgr.write_units(&units).await;
+    assert_eq!(results.len(), units.len());
+    for ((name, _), r) in units.iter().zip(&results) {
+        if name.starts_with("..") {
+            assert!(matches!(r, Err(Error::InvalidName { .. })), "{name}: {r:?}");
+        } else {
+            assert!(r.is_ok(), "{name}: {r:?}");
+            assert_eq!(link_target(name), Some(env.dir.join(name)), "{name}");
+        }
+    }
+    env.mgr.reload().await.expect("reload");
+    env.mgr
+        .start(&names[0])
+        .await
+        .expect("start a unit of the batch");
+    env.cleanup(&names).await;
+}
+
 /// CPU time (user + system) this process has used; /proc/<pid>/stat counts in clock ticks,
 /// 100 per second on Linux.
 fn cpu_time(pid: &str) -> Duration {

@@ -44,6 +44,19 @@ fn many_units_are_reported_in_argument_order() {
             ),
             "{driver}: {out:?}"
         );
+        // as fleet left them: created, not started
+        let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+        let want: String = names[..40]
+            .iter()
+            .map(|n| format!("{n}\tinactive\n"))
+            .collect();
+        let ours: String = out
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("{driver}-")))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(ours, want, "{driver}: {out:?}");
 
         // again without it (and one unit named twice): the rest created, all started, in order
         let mut args = vec!["start", "--no-block"];
@@ -172,5 +185,209 @@ fn start_replace_keeps_the_unit_where_it_runs() {
         assert_eq!(view.hash, hash_of(HELLO), "{driver}");
         assert_eq!(view.desired, TargetState::Launched, "{driver}");
         assert_eq!(view.machine_id.as_deref(), Some(M1), "{driver}");
+    }
+}
+
+/// `start` and `load` of local unit files create each new unit in the command's desired state
+/// with one PUT and nothing else (fleet's fleetctl, and this one before, looked it up, created
+/// it inactive, then changed its state: three requests). A unit that was there already is
+/// then looked up and changed as before. The lines are fleet's, in argument order.
+#[test]
+fn a_new_unit_costs_one_put() {
+    let c = Cluster::start();
+    let metrics = fleet_api::Metrics::new();
+    let api = c.serve_api_counted(metrics.clone());
+    let requests = |method: &str| -> u64 {
+        let prefix = format!("fleet_api_requests_total{{method=\"{method}\",");
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with(&prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+            .sum()
+    };
+    let names: Vec<String> = (1..=20).map(|i| format!("one-{i:02}.service")).collect();
+    for n in &names {
+        c.write(n, SLEEP);
+    }
+    c.write("loaded.service", SLEEP);
+    let run = |args: &[&str]| -> Output {
+        let out = c
+            .bare_command()
+            .arg(format!("--endpoint={api}"))
+            .args(args)
+            .output()
+            .expect("run fleetctl");
+        Output {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let out = run(&["load", "--no-block", "loaded.service"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "Unit loaded.service inactive\nTriggered unit loaded.service load\n",
+            ""
+        )
+    );
+    assert_eq!((requests("GET"), requests("PUT")), (0, 1));
+
+    // 20 new units and one that is there (loaded), in the middle
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names[..10].iter().map(String::as_str));
+    args.push("loaded.service");
+    args.extend(names[10..].iter().map(String::as_str));
+    let out = run(&args);
+    let created: String = names
+        .iter()
+        .map(|n| format!("Unit {n} inactive\n"))
+        .collect();
+    let triggered: String = names[..10]
+        .iter()
+        .chain(std::iter::once(&"loaded.service".to_string()))
+        .chain(&names[10..])
+        .map(|n| format!("Triggered unit {n} start\n"))
+        .collect();
+    assert_eq!(
+        (out.code, out.stdout.clone(), out.stderr.as_str()),
+        (0, created + &triggered, ""),
+        "{out:?}"
+    );
+    // one PUT per new unit; loaded.service: a refused create, two lookups (what to do with
+    // it, then its state) and the change of its state
+    assert_eq!((requests("GET"), requests("PUT")), (2, 1 + 22));
+    let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+    let want: String = std::iter::once(&"loaded.service".to_string())
+        .chain(&names)
+        .map(|n| format!("{n}\tlaunched\n"))
+        .collect();
+    assert_eq!(out.stdout, want, "{out:?}");
+
+    // instances of a template in the registry (no local files: looked up first, then each
+    // created in its state with one PUT)
+    c.write("tm@.service", SLEEP);
+    let out = run(&["submit", "tm@.service"]);
+    assert_eq!(out.stdout, "Unit tm@.service inactive\n", "{out:?}");
+    let (gets, puts) = (requests("GET"), requests("PUT"));
+    let out = run(&["start", "--no-block", "tm@1.service", "tm@2.service"]);
+    assert_eq!(
+        (out.code, out.stdout.as_str(), out.stderr.as_str()),
+        (
+            0,
+            "Unit tm@1.service inactive\nUnit tm@2.service inactive\n\
+             Triggered unit tm@1.service start\nTriggered unit tm@2.service start\n",
+            ""
+        )
+    );
+    // each instance: its lookup, its template's, one PUT
+    assert_eq!((requests("GET") - gets, requests("PUT") - puts), (4, 2));
+}
+
+/// Whether `list-unit-files --fields=unit,dstate` lists `unit` in `state`.
+fn has(listed: &str, unit: &str, state: &str) -> bool {
+    listed
+        .lines()
+        .any(|l| l.split_whitespace().eq([unit, state]))
+}
+
+/// What fleet printed for a burst mixing new units with a unit already there whose local file
+/// differs (a warning, the registry's copy kept) and, in another command, a template (created,
+/// then refused a start): the same through the API and through etcd.
+#[test]
+fn a_burst_with_units_already_there_or_templates_prints_what_fleet_did() {
+    let c = Cluster::start();
+    let api = c.serve_api();
+    for driver in ["etcd", "api"] {
+        let flags = if driver == "etcd" {
+            vec![
+                "--driver=etcd".to_string(),
+                format!("--endpoint={}", c.etcd.endpoint()),
+            ]
+        } else {
+            vec![format!("--endpoint={api}")]
+        };
+        let run = |args: &[&str]| -> Output {
+            let out = c
+                .bare_command()
+                .args(&flags)
+                .args(args)
+                .output()
+                .expect("run fleetctl");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        let (a, b, old) = (
+            format!("{driver}-a.service"),
+            format!("{driver}-b.service"),
+            format!("{driver}-old.service"),
+        );
+        c.write(&old, SLEEP);
+        let out = run(&["submit", &old]);
+        assert_eq!(out.stdout, format!("Unit {old} inactive\n"), "{out:?}");
+        c.write(&old, HELLO);
+        c.write(&a, SLEEP);
+        c.write(&b, SLEEP);
+        let out = run(&["start", "--no-block", &a, &old, &b]);
+        assert_eq!(
+            (out.code, out.stdout.clone(), out.stderr.clone()),
+            (
+                0,
+                format!(
+                    "Unit {a} inactive\nUnit {b} inactive\nTriggered unit {a} start\n\
+                     Triggered unit {old} start\nTriggered unit {b} start\n"
+                ),
+                format!(
+                    "WARNING: Unit {old} in registry differs from local unit file {old}. \
+                     Add --replace to override.\n"
+                )
+            ),
+            "{driver}"
+        );
+        let out = run(&["cat", &old]);
+        assert_eq!(out.stdout, SLEEP, "{driver}: the registry keeps its copy");
+
+        let tmpl = format!("{driver}-t@.service");
+        let c2 = format!("{driver}-c.service");
+        c.write(&tmpl, SLEEP);
+        c.write(&c2, SLEEP);
+        let out = run(&["start", "--no-block", &c2, &tmpl]);
+        let created = format!("Unit {c2} inactive\nUnit {tmpl} inactive\n");
+        let listed = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
+        if driver == "api" {
+            // the API refuses to start a template, once it was created inactive
+            assert_eq!(
+                (out.code, out.stdout.as_str(), out.stderr.as_str()),
+                (
+                    1,
+                    created.as_str(),
+                    format!(
+                        "Error starting units: googleapi: Error 400: cannot activate template \"{tmpl}\"\n"
+                    )
+                    .as_str()
+                ),
+                "{driver}: {out:?}"
+            );
+            assert!(
+                has(&listed.stdout, &tmpl, "inactive"),
+                "{driver}: {listed:?}"
+            );
+        } else {
+            // etcd takes what it is given (as fleet's etcd driver did)
+            assert_eq!(
+                (out.code, out.stdout.clone()),
+                (
+                    0,
+                    format!("{created}Triggered unit {c2} start\nTriggered unit {tmpl} start\n")
+                ),
+                "{driver}: {out:?}"
+            );
+            assert!(has(&listed.stdout, &c2, "launched"), "{driver}: {listed:?}");
+        }
     }
 }

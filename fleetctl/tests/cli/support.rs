@@ -93,6 +93,11 @@ impl Cluster {
 
     /// Serves fleet's HTTP API (backed by this etcd) on a unix socket; returns its endpoint.
     pub fn serve_api(&self) -> String {
+        self.serve_api_counted(fleet_api::Metrics::new())
+    }
+
+    /// [`Cluster::serve_api`], counting the requests it answers in `metrics`.
+    pub fn serve_api_counted(&self, metrics: fleet_api::Metrics) -> String {
         let path = self.dir.path().join("fleet.sock");
         let registry: Arc<dyn fleet_registry::Registry> = Arc::new(self.registry());
         self.rt.block_on(async {
@@ -100,7 +105,10 @@ impl Cluster {
             tokio::spawn(fleet_api::serve(
                 vec![listener],
                 registry,
-                fleet_api::ApiConfig::default(),
+                fleet_api::ApiConfig {
+                    metrics,
+                    ..fleet_api::ApiConfig::default()
+                },
                 std::future::pending::<()>(),
             ));
         });

@@ -1,7 +1,7 @@
 //! The agent role on etcd: machine presence under a lease, the agent's scoped watch, unit
 //! bodies and unit states under the lease ([`AgentStore`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -257,6 +257,10 @@ impl AgentStore for EtcdRegistry {
 
     async fn body(&self, hash: &UnitHash) -> Result<UnitFile> {
         EtcdRegistry::body(self, hash).await
+    }
+
+    async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        EtcdRegistry::bodies(self, hashes).await
     }
 
     async fn publish_state(

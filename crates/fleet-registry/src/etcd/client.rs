@@ -19,7 +19,6 @@ struct UnitWrite {
     unit_put: TxnOp,
     /// `global/<name>` for a global unit.
     global_put: Option<TxnOp>,
-    body_key: String,
     /// The body, create-only (identical bodies share one key).
     body_txn: Txn,
 }
@@ -43,7 +42,6 @@ impl EtcdRegistry {
             unit_put: TxnOp::put(unit_key.as_str(), encode(&rec), None),
             unit_key,
             global_put,
-            body_key,
             body_txn,
         }
     }
@@ -122,13 +120,13 @@ impl Registry for EtcdRegistry {
         desired: TargetState,
     ) -> Result<()> {
         let w = self.unit_write(name, file, desired);
-        let mut ops = vec![w.unit_put];
+        // One transaction: the body (create-only in a nested transaction: identical bodies
+        // share one key), then the unit record and its global record, all only if the unit
+        // is not there yet. A refused creation writes nothing, not even the body.
+        let mut ops = vec![TxnOp::txn(w.body_txn), w.unit_put];
         if let Some(g) = w.global_put {
             ops.push(g);
         }
-        // the body first (create-only: identical bodies share one key)
-        self.txn(OpKind::Set, "writing unit body", &w.body_key, w.body_txn)
-            .await?;
         let txn = Txn::new()
             .when([Compare::create_revision(
                 w.unit_key.as_str(),
