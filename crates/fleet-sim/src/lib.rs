@@ -573,10 +573,10 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
 
     // what the API shows at the end, then the invariants
     let mut violations = sim.ground_violations();
-    if violations.is_empty() {
-        if let Err(e) = sim.api_settle(opts.settle_timeout).await {
-            violations.push(format!("{e:#}"));
-        }
+    if violations.is_empty()
+        && let Err(e) = sim.api_settle(opts.settle_timeout).await
+    {
+        violations.push(format!("{e:#}"));
     }
     details.push((
         "failed_units".into(),
