@@ -161,8 +161,12 @@ async fn sim(args: Args) -> Result<bool> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
     eprintln!("fleet-sim: {}", details.join(" "));
-    let ok = report.violations.is_empty();
-    if ok {
+    let ok = report.violations.is_empty() && report.unverified.is_none();
+    if let Some(why) = &report.unverified {
+        eprintln!(
+            "fleet-sim: invariants held on the machines; what the API shows is unverified: {why}"
+        );
+    } else if ok {
         eprintln!("fleet-sim: invariants held");
     } else {
         eprintln!("fleet-sim: {} invariants broken:", report.violations.len());

@@ -45,7 +45,11 @@ const SSD_TEMPLATE: &str = "[Unit]\nDescription=sim ssd %i\n\n[Service]\nExecSta
 
 /// The metadata of simulated machine `index`: half of them have `disk=ssd`.
 pub fn machine_metadata(index: usize) -> BTreeMap<String, String> {
-    let disk = if index.is_multiple_of(2) { "ssd" } else { "hdd" };
+    let disk = if index.is_multiple_of(2) {
+        "ssd"
+    } else {
+        "hdd"
+    };
     BTreeMap::from([
         ("disk".to_string(), disk.to_string()),
         ("rack".to_string(), format!("r{}", index % 10)),
