@@ -26,6 +26,9 @@ pub struct ClusterOptions {
     pub machines_per_channel: usize,
     /// How many machines serve the API (at least one; the first ones).
     pub api_hosts: usize,
+    /// How many machines run an engine candidate (the first ones; `None`: every machine, as
+    /// in a real cluster). Each candidate mirrors the engine's keys whether it leads or not.
+    pub engine_candidates: Option<usize>,
     /// fleetd's configuration every machine starts from (its etcd_servers are replaced).
     pub config: Config,
     pub knobs: Knobs,
@@ -112,6 +115,9 @@ impl Cluster {
                 index % 256
             );
             cfg.units_directory = dir.path().join(&id).join("units");
+            if opts.engine_candidates.is_some_and(|n| index >= n) {
+                cfg.disable_engine = true;
+            }
             let systemd = FakeUnitManager::with_knobs(opts.knobs.clone());
             let api = if index < opts.api_hosts.max(1) {
                 Some(serve_api(&cfg, &registry, &id, metrics.clone()).await?)

@@ -52,6 +52,10 @@ struct Args {
     /// Machines serving the API (the first ones; each on a loopback port).
     #[arg(long, default_value_t = 2)]
     api_hosts: usize,
+    /// Machines running an engine candidate (the first ones); default: every machine, as
+    /// in a real cluster (each candidate mirrors the engine's keys, leader or not).
+    #[arg(long, value_name = "N")]
+    engine_candidates: Option<usize>,
     /// The fleetctl binary timing the listings (default: beside this one in the target
     /// directory).
     #[arg(long, value_name = "PATH")]
@@ -107,6 +111,9 @@ async fn sim(args: Args) -> Result<bool> {
     if !(0.0..=1.0).contains(&args.start_failure_rate) {
         bail!("--start-failure-rate must be between 0 and 1");
     }
+    if args.engine_candidates == Some(0) {
+        bail!("--engine-candidates must be at least 1");
+    }
     if args.agent_ttl_secs == 0 {
         bail!("--agent-ttl-secs must be at least 1");
     }
@@ -140,6 +147,7 @@ async fn sim(args: Args) -> Result<bool> {
             machines: args.machines,
             machines_per_channel: args.machines_per_channel,
             api_hosts: args.api_hosts,
+            engine_candidates: args.engine_candidates,
             config,
             knobs: Knobs {
                 start_latency: Duration::from_millis(args.start_latency_ms),

@@ -22,6 +22,7 @@ fn fifty_machines_two_thousand_units_survive_kills_and_a_failover() {
             machines: 50,
             machines_per_channel: 25,
             api_hosts: 2,
+            engine_candidates: None,
             // short leases so that the kills and the failover take seconds, not minutes
             config: fleet_config::Config {
                 agent_ttl: Duration::from_secs(4),
