@@ -189,64 +189,12 @@ impl Sim {
     /// matches), Conflicts and MachineMetadata held, nothing unknown running.
     pub fn ground_violations(&self) -> Vec<String> {
         let placed = self.cluster.placed(self.failures);
-        let machines: BTreeMap<&str, &cluster::SimMachine> =
-            self.cluster.live().map(|m| (m.id.as_str(), m)).collect();
-        let is_ssd = |id: &str| {
-            machines
-                .get(id)
-                .is_some_and(|m| m.metadata.get("disk").map(String::as_str) == Some("ssd"))
-        };
-        let mut out = Vec::new();
-        let mut groups: BTreeSet<(usize, &str)> = BTreeSet::new();
-        let none = Vec::new();
-        for p in &self.workload.units {
-            let on = placed.get(p.name.as_str()).unwrap_or(&none);
-            match p.kind {
-                Kind::Global { ssd_only } => {
-                    let want: BTreeSet<&str> = machines
-                        .keys()
-                        .copied()
-                        .filter(|id| !ssd_only || is_ssd(id))
-                        .collect();
-                    let got: BTreeSet<&str> = on.iter().map(String::as_str).collect();
-                    if want != got {
-                        out.push(format!(
-                            "global {} on {} machines, expected {}",
-                            p.name,
-                            got.len(),
-                            want.len()
-                        ));
-                    }
-                    continue;
-                }
-                _ if on.len() != 1 => {
-                    out.push(format!("{} on {} machines: {on:?}", p.name, on.len()));
-                    continue;
-                }
-                Kind::Ssd if !is_ssd(&on[0]) => {
-                    out.push(format!("{} on {} without disk=ssd", p.name, on[0]));
-                }
-                Kind::Spread { group } if !groups.insert((group, on[0].as_str())) => {
-                    out.push(format!(
-                        "{} shares {} with its conflict group",
-                        p.name, on[0]
-                    ));
-                }
-                _ => {}
-            }
-        }
-        let known: BTreeSet<&str> = self
-            .workload
-            .units
-            .iter()
-            .map(|p| p.name.as_str())
+        let machines: BTreeMap<&str, &BTreeMap<String, String>> = self
+            .cluster
+            .live()
+            .map(|m| (m.id.as_str(), &m.metadata))
             .collect();
-        for unit in placed.keys() {
-            if !known.contains(unit.as_str()) {
-                out.push(format!("{unit} runs but was never submitted"));
-            }
-        }
-        out
+        violations(&self.workload, &placed, &machines)
     }
 
     /// Broken invariants as the API shows them (`list-unit-files`, `list-units`): every
@@ -358,6 +306,68 @@ impl Sim {
             .filter_map(|(u, on)| (on.len() == 1).then(|| (u, on[0].clone())))
             .collect()
     }
+}
+
+/// Broken invariants of `placed` (live machine IDs by unit) on the live `machines` (ID →
+/// metadata) for `workload`: every planned unit on exactly one machine (a global one on every
+/// machine that matches), `disk=ssd` units on `disk=ssd` machines, no two of a conflict group
+/// on one machine, nothing placed that was not planned.
+pub fn violations(
+    workload: &Workload,
+    placed: &BTreeMap<String, Vec<String>>,
+    machines: &BTreeMap<&str, &BTreeMap<String, String>>,
+) -> Vec<String> {
+    let is_ssd = |id: &str| {
+        machines
+            .get(id)
+            .is_some_and(|m| m.get("disk").map(String::as_str) == Some("ssd"))
+    };
+    let mut out = Vec::new();
+    let mut groups: BTreeSet<(usize, &str)> = BTreeSet::new();
+    let none = Vec::new();
+    for p in &workload.units {
+        let on = placed.get(p.name.as_str()).unwrap_or(&none);
+        match p.kind {
+            Kind::Global { ssd_only } => {
+                let want: BTreeSet<&str> = machines
+                    .keys()
+                    .copied()
+                    .filter(|id| !ssd_only || is_ssd(id))
+                    .collect();
+                let got: BTreeSet<&str> = on.iter().map(String::as_str).collect();
+                if want != got {
+                    out.push(format!(
+                        "global {} on {} machines, expected {}",
+                        p.name,
+                        got.len(),
+                        want.len()
+                    ));
+                }
+                continue;
+            }
+            _ if on.len() != 1 => {
+                out.push(format!("{} on {} machines: {on:?}", p.name, on.len()));
+                continue;
+            }
+            Kind::Ssd if !is_ssd(&on[0]) => {
+                out.push(format!("{} on {} without disk=ssd", p.name, on[0]));
+            }
+            Kind::Spread { group } if !groups.insert((group, on[0].as_str())) => {
+                out.push(format!(
+                    "{} shares {} with its conflict group",
+                    p.name, on[0]
+                ));
+            }
+            _ => {}
+        }
+    }
+    let known: BTreeSet<&str> = workload.units.iter().map(|p| p.name.as_str()).collect();
+    for unit in placed.keys() {
+        if !known.contains(unit.as_str()) {
+            out.push(format!("{unit} runs but was never submitted"));
+        }
+    }
+    out
 }
 
 /// The API answered a listing with an error: what it shows cannot be checked.
@@ -653,4 +663,109 @@ fn pick_victims(cluster: &Cluster, leader: Option<&str>, n: usize) -> Vec<usize>
     }
     let step = (candidates.len() / n).max(1);
     candidates.into_iter().step_by(step).take(n).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each invariant, broken once, is reported; the placement that holds them is not.
+    #[test]
+    fn every_broken_invariant_is_reported() {
+        // 4 machines (0 and 2 with disk=ssd), 100 units: 3 global, 4 spread in groups of 2,
+        // 9 ssd, 38 instances, 46 plain
+        let workload = workload::plan(100, 4).expect("plan");
+        let ids: Vec<String> = (0..4).map(cluster::machine_id).collect();
+        let metadata: Vec<BTreeMap<String, String>> =
+            (0..4).map(workload::machine_metadata).collect();
+        let machines: BTreeMap<&str, &BTreeMap<String, String>> = ids
+            .iter()
+            .map(String::as_str)
+            .zip(metadata.iter())
+            .collect();
+        let fixed: BTreeMap<String, Vec<String>> = workload
+            .units
+            .iter()
+            .enumerate()
+            .map(|(n, u)| {
+                let on = match u.kind {
+                    Kind::Global { ssd_only: false } => ids.clone(),
+                    Kind::Global { ssd_only: true } => vec![ids[0].clone(), ids[2].clone()],
+                    Kind::Ssd => vec![ids[0].clone()],
+                    // neighbours in the plan, so one of each group on machine 1, one on 2
+                    Kind::Spread { .. } => vec![ids[1 + n % 2].clone()],
+                    _ => vec![ids[1].clone()],
+                };
+                (u.name.to_string(), on)
+            })
+            .collect();
+        assert_eq!(
+            violations(&workload, &fixed, &machines),
+            Vec::<String>::new()
+        );
+
+        type Placed = BTreeMap<String, Vec<String>>;
+        let check = |change: &dyn Fn(&mut Placed), want: &str| {
+            let mut p = fixed.clone();
+            change(&mut p);
+            let got = violations(&workload, &p, &machines);
+            assert!(
+                got.len() == 1 && got[0].contains(want),
+                "expected one violation with {want:?}, got {got:?}"
+            );
+        };
+        let plain = workload
+            .units
+            .iter()
+            .find(|u| u.kind == Kind::Plain)
+            .expect("a plain unit")
+            .name
+            .to_string();
+        let ssd = workload
+            .units
+            .iter()
+            .find(|u| u.kind == Kind::Ssd)
+            .expect("an ssd unit")
+            .name
+            .to_string();
+        let spread: Vec<String> = workload
+            .units
+            .iter()
+            .filter(|u| matches!(u.kind, Kind::Spread { group: 0 }))
+            .map(|u| u.name.to_string())
+            .collect();
+        assert_eq!(spread.len(), 2, "{:?}", workload.units);
+        let (i0, i1, i3) = (ids[0].clone(), ids[1].clone(), ids[3].clone());
+        check(&|p| drop(p.remove(&plain)), "on 0 machines");
+        check(
+            &|p| {
+                p.insert(plain.clone(), vec![i0.clone(), i1.clone()])
+                    .map_or((), drop)
+            },
+            "on 2 machines",
+        );
+        check(
+            &|p| p.insert(ssd.clone(), vec![i3.clone()]).map_or((), drop),
+            "without disk=ssd",
+        );
+        check(
+            &|p| {
+                p.insert("sim-global-0.service".into(), vec![i0.clone()])
+                    .map_or((), drop)
+            },
+            "global sim-global-0.service",
+        );
+        check(
+            &|p| {
+                p.insert("stray.service".into(), vec![i0.clone()])
+                    .map_or((), drop)
+            },
+            "never submitted",
+        );
+        let first = fixed[&spread[0]].clone();
+        check(
+            &|p| p.insert(spread[1].clone(), first.clone()).map_or((), drop),
+            "conflict group",
+        );
+    }
 }
