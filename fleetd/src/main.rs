@@ -10,7 +10,6 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -22,12 +21,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-mod api_host;
 mod dump;
-mod limits;
 mod public_ip;
 
+use fleetd::api_host;
 use fleetd::cli::Args;
+use fleetd::limits;
+use fleetd::machine::{self, Machine};
 
 /// What `fleetd --version` prints: fleet's wording, which scripts parse.
 fn version_line() -> String {
@@ -398,23 +398,19 @@ async fn connect_registry(cfg: &Config) -> Result<EtcdRegistry> {
 }
 
 struct Components {
-    agent: tokio::task::JoinHandle<Result<(), fleet_registry::RegistryError>>,
-    engine: Option<tokio::task::JoinHandle<()>>,
+    /// Agent and engine, as fleetd's library starts them.
+    machine: Machine,
     /// Makes the API available once this machine shows as registered.
     registered: tokio::task::JoinHandle<()>,
     /// Looks at this machine's address every minute (when `public_ip` is not set).
     refresher: Option<tokio::task::JoinHandle<()>>,
     /// The API answers 503 from the moment these components stop.
     available: Arc<tokio::sync::watch::Sender<bool>>,
-    /// Stops agent and engine.
-    shutdown: CancellationToken,
-    /// Whether the agent purges this machine's units when it stops.
-    purge: Arc<AtomicBool>,
 }
 
 impl Running for Components {
     async fn failed(&self) -> anyhow::Error {
-        while !self.agent.is_finished() {
+        while !self.machine.agent_finished() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         anyhow::anyhow!("agent stopped")
@@ -426,15 +422,7 @@ impl Running for Components {
         if let Some(r) = &self.refresher {
             r.abort();
         }
-        self.purge.store(purge, Ordering::SeqCst);
-        self.shutdown.cancel();
-        if let Some(engine) = self.engine {
-            let _ = engine.await;
-        }
-        match self.agent.await {
-            Ok(r) => r.map_err(anyhow::Error::from),
-            Err(e) => Err(anyhow::anyhow!("agent task: {e}")),
-        }
+        self.machine.stop(purge).await
     }
 }
 
@@ -443,9 +431,6 @@ impl Running for Components {
 /// listeners, with each configuration). The API answers 503 until this machine registers.
 async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
     let machine_id = daemon.machine_id.as_str();
-    let metrics = daemon.metrics.clone();
-    let shutdown = CancellationToken::new();
-    let purge = Arc::new(AtomicBool::new(true));
     let registry = connect_registry(cfg).await?;
     let systemd = fleet_systemd::SystemdManager::connect(fleet_systemd::ManagerConfig {
         units_directory: cfg.units_directory.clone(),
@@ -454,13 +439,7 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
     .await
     .context("connecting to systemd over D-Bus")?;
     let tls = api_tls(cfg)?;
-    let api_cfg = fleet_api::ApiConfig {
-        token_limit: u16::try_from(cfg.token_limit).unwrap_or(u16::MAX),
-        metrics: daemon.metrics.clone(),
-        events: Some(fleet_api::EventFeed(Arc::new(registry.clone()))),
-        dashboard: cfg.enable_dashboard,
-        ..Default::default()
-    };
+    let api_cfg = machine::api_config(cfg, &registry, daemon.metrics.clone());
     let api_registry: Arc<dyn fleet_registry::Registry> = Arc::new(registry.clone());
     daemon.available.send_replace(false);
     daemon
@@ -487,50 +466,27 @@ async fn start(cfg: &Config, daemon: &Daemon) -> Result<Components> {
         ))
     });
     info!(machine = machine_id, %public_ip, "starting fleetd {}", env!("CARGO_PKG_VERSION"));
-    let agent_cfg = fleet_agent::AgentConfig {
-        machine_id: machine_id.to_string(),
-        public_ip,
-        metadata: cfg.metadata.clone(),
-        agent_ttl: cfg.agent_ttl,
-        units_directory: cfg.units_directory.clone(),
-        disable_watches: cfg.disable_watches,
-        version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let agent = tokio::spawn(fleet_agent::run(
-        Arc::new(registry.clone()),
-        Arc::new(systemd),
-        agent_cfg,
-        metrics.clone(),
-        shutdown.clone(),
-        purge.clone(),
-    ));
-    let engine = (!cfg.disable_engine).then(|| {
-        let engine_cfg = fleet_engine::EngineConfig {
+    let machine = machine::spawn(
+        cfg,
+        machine::Wiring {
             machine_id: machine_id.to_string(),
-            reconcile_interval: cfg.engine_reconcile_interval,
-            agent_ttl: cfg.agent_ttl,
-            disable_watches: cfg.disable_watches,
-        };
-        tokio::spawn(fleet_engine::run(
-            Arc::new(registry.clone()),
-            engine_cfg,
-            metrics.clone(),
-            shutdown.clone(),
-        ))
-    });
+            public_ip,
+            registry,
+            systemd: Arc::new(systemd),
+            metrics: daemon.metrics.clone(),
+        },
+        CancellationToken::new(),
+    );
     let registered = tokio::spawn(api_host::available_once_registered(
         api_registry,
         machine_id.to_string(),
         daemon.available.clone(),
     ));
     Ok(Components {
-        agent,
-        engine,
+        machine,
         registered,
         refresher,
         available: daemon.available.clone(),
-        shutdown,
-        purge,
     })
 }
 

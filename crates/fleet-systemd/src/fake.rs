@@ -9,6 +9,11 @@
 //! [`UnitEvent`]s the real one sends. Every mutating call is logged ([`FakeUnitManager::calls`])
 //! so a test can check order and batching (one reload per batch).
 //!
+//! Knobs ([`Knobs`], [`FakeUnitManager::with_knobs`]) make it a simulated machine's systemd
+//! (`fleet-sim`): starts and stops that take time (the job is queued at once, as systemd's
+//! `StartUnit` returns a job, and the unit passes through `activating`/`deactivating`), a
+//! share of starts that fail, and no call log (it grows with every call).
+//!
 //! Not modelled unless a test asks: garbage collection of stopped units (the real manager
 //! then sends `state: None`; simulate it with [`FakeUnitManager::collect`]), crashes
 //! ([`FakeUnitManager::set_state`]), reconnects and reexecs ([`FakeUnitManager::resync`]),
@@ -16,7 +21,9 @@
 //! without a reload uses the new file, where systemd would keep the old definition.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -43,8 +50,40 @@ pub enum Call {
     Stop(String),
 }
 
+/// How a simulated systemd behaves: latencies and failures of its jobs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Knobs {
+    /// How long a start takes: `activating` until then, then `active` (or `failed`).
+    /// Zero: the state changes before `start` returns.
+    pub start_latency: Duration,
+    /// How long a stop takes: `deactivating` until then, then `inactive`.
+    pub stop_latency: Duration,
+    /// The share of starts (0 to 1) that end `failed`, chosen by a hash of the unit name, the
+    /// attempt and `seed`, so a run is repeatable.
+    pub start_failure_rate: f64,
+    pub seed: u64,
+    /// Whether every mutating call is kept for [`FakeUnitManager::calls`]; off, memory does
+    /// not grow with the number of calls.
+    pub keep_call_log: bool,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            start_latency: Duration::ZERO,
+            stop_latency: Duration::ZERO,
+            start_failure_rate: 0.0,
+            seed: 0,
+            keep_call_log: true,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
+    knobs: Knobs,
+    /// Starts so far, an input of the failure draw.
+    starts: u64,
     /// The units directory: name → contents.
     files: BTreeMap<String, String>,
     enabled: BTreeSet<String>,
@@ -62,6 +101,26 @@ struct State {
 type Outbox = Vec<(mpsc::Sender<UnitEvent>, UnitEvent)>;
 
 impl State {
+    fn log(&mut self, call: Call) {
+        if self.knobs.keep_call_log {
+            self.calls.push(call);
+        }
+    }
+
+    /// Whether this start of `name` fails by the failure rate.
+    fn draw_failure(&mut self, name: &str) -> bool {
+        self.starts += 1;
+        let rate = self.knobs.start_failure_rate;
+        if rate <= 0.0 {
+            return false;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (name, self.starts, self.knobs.seed).hash(&mut h);
+        // the top 53 bits as a number in [0, 1)
+        let draw = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+        draw < rate
+    }
+
     /// Queues `event` for every live subscriber that watches `name` (all of them if None).
     fn notify(&mut self, name: Option<&str>, event: UnitEvent, out: &mut Outbox) {
         self.subscribers.retain(|(_, tx)| !tx.is_closed());
@@ -133,7 +192,51 @@ pub struct FakeUnitManager {
 impl FakeUnitManager {
     /// An empty manager: no files, no units.
     pub fn new() -> Self {
-        FakeUnitManager::default()
+        FakeUnitManager::with_knobs(Knobs::default())
+    }
+
+    /// An empty manager behaving as `knobs` say.
+    pub fn with_knobs(knobs: Knobs) -> Self {
+        let state = State {
+            knobs,
+            ..State::default()
+        };
+        FakeUnitManager {
+            state: Arc::new(Mutex::new(state)),
+        }
+    }
+
+    /// Units in `active_state` "active" now.
+    pub fn active_units(&self) -> Vec<String> {
+        self.units_in("active")
+    }
+
+    /// Units whose `active_state` is `active_state` now.
+    pub fn units_in(&self, active_state: &str) -> Vec<String> {
+        self.lock()
+            .units
+            .iter()
+            .filter(|(_, s)| s.active_state == active_state)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// After `after`, moves `name` from `from` (an `activating`/`deactivating` state set by
+    /// a slow job) to `to`, unless something else changed it meanwhile.
+    fn finish_later(&self, name: &str, after: Duration, from: SystemdState, to: SystemdState) {
+        let this = self.clone();
+        let name = name.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = this
+                .with(|s, out| {
+                    if s.units.get(&name) == Some(&from) {
+                        s.set_state(&name, Some(to), out);
+                    }
+                    Ok(())
+                })
+                .await;
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -240,7 +343,7 @@ impl UnitManager for FakeUnitManager {
     async fn write_unit(&self, name: &str, contents: &str) -> Result<()> {
         validate_name(name)?;
         self.with(|s, _| {
-            s.calls.push(Call::WriteUnit(name.to_owned()));
+            s.log(Call::WriteUnit(name.to_owned()));
             s.take_injected("LinkUnitFiles", Some(name))?;
             s.files.insert(name.to_owned(), contents.to_owned());
             Ok(())
@@ -251,7 +354,7 @@ impl UnitManager for FakeUnitManager {
     async fn remove_unit(&self, name: &str) -> Result<()> {
         validate_name(name)?;
         self.with(|s, out| {
-            s.calls.push(Call::RemoveUnit(name.to_owned()));
+            s.log(Call::RemoveUnit(name.to_owned()));
             let result = s.take_injected("DisableUnitFiles", Some(name));
             s.enabled.remove(name);
             if s.units
@@ -273,7 +376,7 @@ impl UnitManager for FakeUnitManager {
 
     async fn reload(&self) -> Result<()> {
         self.with(|s, out| {
-            s.calls.push(Call::Reload);
+            s.log(Call::Reload);
             s.take_injected("Reload", None)?;
             s.reloads += 1;
             let orphans: Vec<(String, SystemdState)> = s
@@ -301,7 +404,7 @@ impl UnitManager for FakeUnitManager {
     async fn enable(&self, name: &str) -> Result<()> {
         validate_name(name)?;
         self.with(|s, _| {
-            s.calls.push(Call::Enable(name.to_owned()));
+            s.log(Call::Enable(name.to_owned()));
             s.take_injected("EnableUnitFiles", Some(name))?;
             let Some(contents) = s.files.get(name) else {
                 return Err(Error::Unit {
@@ -327,54 +430,78 @@ impl UnitManager for FakeUnitManager {
 
     async fn start(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        self.with(|s, out| {
-            s.calls.push(Call::Start(name.to_owned()));
-            s.take_injected("StartUnit", Some(name))?;
-            if !s.files.contains_key(name) && !s.units.contains_key(name) {
-                return Err(no_such_unit(
-                    name,
-                    "StartUnit",
-                    format!("Unit {name} not found."),
-                ));
-            }
-            let state = if s.fail_on_start.contains(name) {
-                SystemdState::new("loaded", "failed", "failed")
-            } else {
-                SystemdState::new("loaded", "active", "running")
-            };
-            s.set_state(name, Some(state), out);
-            Ok(())
-        })
-        .await
+        let slow = self
+            .with(|s, out| {
+                s.log(Call::Start(name.to_owned()));
+                s.take_injected("StartUnit", Some(name))?;
+                if !s.files.contains_key(name) && !s.units.contains_key(name) {
+                    return Err(no_such_unit(
+                        name,
+                        "StartUnit",
+                        format!("Unit {name} not found."),
+                    ));
+                }
+                let fails = s.fail_on_start.contains(name) || s.draw_failure(name);
+                let state = if fails {
+                    SystemdState::new("loaded", "failed", "failed")
+                } else {
+                    SystemdState::new("loaded", "active", "running")
+                };
+                let latency = s.knobs.start_latency;
+                if latency.is_zero()
+                    || s.units
+                        .get(name)
+                        .is_some_and(|u| u.active_state == "active")
+                {
+                    s.set_state(name, Some(state), out);
+                    return Ok(None);
+                }
+                let activating = SystemdState::new("loaded", "activating", "start");
+                s.set_state(name, Some(activating.clone()), out);
+                Ok(Some((latency, activating, state)))
+            })
+            .await?;
+        if let Some((latency, from, to)) = slow {
+            self.finish_later(name, latency, from, to);
+        }
+        Ok(())
     }
 
     async fn stop(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        self.with(|s, out| {
-            s.calls.push(Call::Stop(name.to_owned()));
-            s.take_injected("StopUnit", Some(name))?;
-            let Some(current) = s.units.get(name) else {
-                if s.files.contains_key(name) {
-                    return Ok(());
+        let slow = self
+            .with(|s, out| {
+                s.log(Call::Stop(name.to_owned()));
+                s.take_injected("StopUnit", Some(name))?;
+                let Some(current) = s.units.get(name) else {
+                    if s.files.contains_key(name) {
+                        return Ok(None);
+                    }
+                    return Err(no_such_unit(
+                        name,
+                        "StopUnit",
+                        format!("Unit {name} not loaded."),
+                    ));
+                };
+                if current.active_state == "failed" {
+                    return Ok(None);
                 }
-                return Err(no_such_unit(
-                    name,
-                    "StopUnit",
-                    format!("Unit {name} not loaded."),
-                ));
-            };
-            if current.active_state == "failed" {
-                return Ok(());
-            }
-            let load = current.load_state.clone();
-            s.set_state(
-                name,
-                Some(SystemdState::new(&load, "inactive", "dead")),
-                out,
-            );
-            Ok(())
-        })
-        .await
+                let load = current.load_state.clone();
+                let stopped = SystemdState::new(&load, "inactive", "dead");
+                let latency = s.knobs.stop_latency;
+                if latency.is_zero() || current.active_state == "inactive" {
+                    s.set_state(name, Some(stopped), out);
+                    return Ok(None);
+                }
+                let deactivating = SystemdState::new(&load, "deactivating", "stop");
+                s.set_state(name, Some(deactivating.clone()), out);
+                Ok(Some((latency, deactivating, stopped)))
+            })
+            .await?;
+        if let Some((latency, from, to)) = slow {
+            self.finish_later(name, latency, from, to);
+        }
+        Ok(())
     }
 
     async fn states(&self, names: &[String]) -> Result<BTreeMap<String, SystemdState>> {
@@ -585,5 +712,77 @@ mod tests {
                 changed("a.service", Some(st("not-found", "active", "running"))),
             ]
         );
+    }
+
+    /// Knobs: a slow start passes through `activating`, a slow stop through
+    /// `deactivating`, each reaching its end state after its latency; no call is logged.
+    #[tokio::test(start_paused = true)]
+    async fn latencies_pass_through_transitional_states() {
+        let fake = FakeUnitManager::with_knobs(Knobs {
+            start_latency: Duration::from_secs(2),
+            stop_latency: Duration::from_secs(1),
+            keep_call_log: false,
+            ..Knobs::default()
+        });
+        let mut rx = fake
+            .subscribe(WatchSet::from_iter(["a.service"]))
+            .await
+            .expect("subscribe");
+        fake.write_unit("a.service", BODY).await.expect("write");
+        fake.start("a.service").await.expect("start");
+        assert_eq!(
+            drain(&mut rx),
+            vec![changed(
+                "a.service",
+                Some(st("loaded", "activating", "start"))
+            )]
+        );
+        assert!(fake.active_units().is_empty());
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(
+            drain(&mut rx),
+            vec![changed(
+                "a.service",
+                Some(st("loaded", "active", "running"))
+            )]
+        );
+        assert_eq!(fake.active_units(), vec!["a.service"]);
+        fake.stop("a.service").await.expect("stop");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(
+            drain(&mut rx),
+            vec![
+                changed("a.service", Some(st("loaded", "deactivating", "stop"))),
+                changed("a.service", Some(st("loaded", "inactive", "dead"))),
+            ]
+        );
+        assert!(fake.calls().is_empty(), "the call log was kept");
+    }
+
+    /// Knobs: the failure rate decides the share of failed starts, the same way each run.
+    #[tokio::test]
+    async fn the_failure_rate_fails_that_share_of_starts() {
+        async fn failed(rate: f64) -> usize {
+            let fake = FakeUnitManager::with_knobs(Knobs {
+                start_failure_rate: rate,
+                seed: 7,
+                ..Knobs::default()
+            });
+            let names: Vec<String> = (0..1000).map(|i| format!("u{i}.service")).collect();
+            for n in &names {
+                fake.write_unit(n, BODY).await.expect("write");
+                fake.start(n).await.expect("start");
+            }
+            let states = fake.states(&names).await.expect("states");
+            states
+                .values()
+                .filter(|s| s.active_state == "failed")
+                .count()
+        }
+        assert_eq!(failed(0.0).await, 0);
+        assert_eq!(failed(1.0).await, 1000);
+        let half = failed(0.5).await;
+        assert!((400..600).contains(&half), "{half} of 1000 failed at 0.5");
+        assert_eq!(failed(0.5).await, half, "not repeatable");
     }
 }

@@ -1,0 +1,173 @@
+//! The simulation's etcd: one started here on free loopback ports (killed by its PID when
+//! dropped), or one given by URL; and what is read from it besides fleet's own requests:
+//! its request counters (`/metrics`) and the engine leader key.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where the etcd binary may be, as fleet-testutil and the functional harness look.
+const ETCD_PATHS: &[&str] = &["/usr/bin/etcd", "/usr/local/bin/etcd"];
+
+/// An etcd process of our own.
+pub struct OwnEtcd {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()
+        .context("finding a free loopback port")?
+        .port())
+}
+
+impl OwnEtcd {
+    /// Starts etcd with its data in a temporary directory and waits (up to 20 s) until it
+    /// accepts connections.
+    pub fn start() -> Result<OwnEtcd> {
+        let bin = ETCD_PATHS
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .context("etcd is not installed (apt-get install etcd-server), or pass --etcd URL")?;
+        let dir = tempfile::tempdir().context("creating etcd's data directory")?;
+        let (client, peer) = (free_port()?, free_port()?);
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let log = std::fs::File::create(dir.path().join("etcd.log")).context("etcd's log file")?;
+        let child = Command::new(bin)
+            .arg("--name=sim")
+            .arg(format!("--data-dir={}", dir.path().join("data").display()))
+            .arg(format!("--listen-client-urls={endpoint}"))
+            .arg(format!("--advertise-client-urls={endpoint}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+            .arg(format!(
+                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
+            ))
+            .arg(format!("--initial-cluster=sim=http://127.0.0.1:{peer}"))
+            .arg("--log-level=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let etcd = OwnEtcd {
+            child,
+            endpoint,
+            _dir: dir,
+        };
+        let until = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if Instant::now() > until {
+                bail!("etcd did not come up on port {client}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(etcd)
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of process `pid` in MiB (`self` for this one), from /proc.
+pub fn rss_mib(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
+}
+
+/// etcd's count of gRPC requests started (every method, unary and streams), summed from
+/// its `/metrics`.
+pub async fn requests_started(endpoint: &str) -> Result<f64> {
+    let text = get_metrics(endpoint).await?;
+    Ok(sum_metric(&text, "grpc_server_started_total"))
+}
+
+/// The sum of every sample of `name` (all label sets) in Prometheus text.
+pub fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get_metrics(endpoint: &str) -> Result<String> {
+    let hostport = endpoint
+        .strip_prefix("http://")
+        .with_context(|| format!("{endpoint}: only http:// endpoints are scraped"))?
+        .trim_end_matches('/');
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        let req = format!("GET /metrics HTTP/1.0\r\nHost: {hostport}\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .with_context(|| format!("{endpoint}/metrics timed out"))?
+        .with_context(|| format!("reading {endpoint}/metrics"))?;
+    let text = String::from_utf8_lossy(&out);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .with_context(|| format!("{endpoint}/metrics: no HTTP answer"))?;
+    Ok(body.to_string())
+}
+
+/// The machine ID in the engine leader key, if there is a leader.
+pub async fn leader(client: &mut etcd_client::Client, key_prefix: &str) -> Result<Option<String>> {
+    let key = fleet_registry::keys::Keys::new(key_prefix).leader();
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.get(key.as_str(), None))
+        .await
+        .context("reading the leader key timed out")?
+        .context("reading the leader key")?;
+    Ok(resp
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_every_label_set_of_one_metric_only() {
+        let text = "# HELP grpc_server_started_total x\n\
+                    grpc_server_started_total{grpc_method=\"Range\"} 10\n\
+                    grpc_server_started_total{grpc_method=\"Put\"} 2.5\n\
+                    grpc_server_started_total_other 100\n\
+                    grpc_server_handled_total{grpc_code=\"OK\"} 7\n";
+        assert_eq!(sum_metric(text, "grpc_server_started_total"), 12.5);
+        assert_eq!(sum_metric(text, "missing"), 0.0);
+    }
+}
