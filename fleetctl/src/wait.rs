@@ -30,6 +30,10 @@ const POLL: Duration = Duration::from_millis(200);
 const RETRY: Duration = Duration::from_millis(250);
 /// How long systemd may report a started unit failed or inactive before we believe it.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long a unit waits before its reason is shown: in a burst the engine may see a unit
+/// before the one it must join (`MachineOf=`) and say so for a moment; such passing reasons
+/// are not worth a line.
+const REASON_GRACE: Duration = Duration::from_secs(1);
 
 /// fleet's `getBlockAttempts`: -1 with `--no-block`, else `--block-attempts` (0 = no limit).
 pub fn block_attempts(no_block: bool, attempts: i64) -> i64 {
@@ -144,6 +148,7 @@ pub async fn wait_for_unit_states(
     let mut pending: Vec<&UnitName> = names.iter().collect();
     let mut reasons_shown: HashSet<(UnitName, String)> = HashSet::new();
     let mut errors_shown: HashSet<String> = HashSet::new();
+    let started = Instant::now();
     loop {
         match views(&reg, &pending).await {
             Ok(views) => {
@@ -155,10 +160,10 @@ pub async fn wait_for_unit_states(
                     match reached(ctx, u, want).await {
                         Some(line) => ui::out(line),
                         None => {
-                            if let Some(reason) = u
-                                .reason
-                                .as_ref()
-                                .filter(|r| reasons_shown.insert((name.clone(), r.to_string())))
+                            if let Some(reason) = u.reason.as_ref().filter(|r| {
+                                started.elapsed() >= REASON_GRACE
+                                    && reasons_shown.insert((name.clone(), r.to_string()))
+                            })
                             {
                                 ui::err(match &u.machine_id {
                                     None => format!("Unit {name} cannot be placed yet: {reason}"),
