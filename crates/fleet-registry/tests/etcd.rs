@@ -714,3 +714,38 @@ async fn listings_larger_than_a_grpc_message_are_read_in_pages() {
         other => panic!("no snapshot from the engine's watch: {other:?}"),
     }
 }
+
+/// An agent publishes a batch of states in transactions of up to 120 puts, each state
+/// under its lease: 250 states are three `set`s, and they vanish with the lease.
+#[tokio::test]
+async fn a_batch_of_states_is_published_in_few_transactions_under_the_lease() {
+    let etcd = EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let r = registry(&etcd).await.with_metrics(metrics.clone());
+    let lease = r
+        .register_machine(&machine("m1", "tok"), Duration::from_secs(5))
+        .await
+        .expect("register");
+    let sets = |m: &fleet_metrics::Metrics| {
+        m.encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("fleet_registry_operation_count_total{type=\"set\"} ")
+                    .and_then(|n| n.parse::<u64>().ok())
+            })
+            .unwrap_or(0)
+    };
+    let before = sets(&metrics);
+    let states: Vec<_> = (0..250)
+        .map(|i| records::state(&format!("u{i:03}.service"), "m1", "x"))
+        .collect();
+    r.publish_states("m1", &states, &lease)
+        .await
+        .expect("publish");
+    assert_eq!(sets(&metrics) - before, 3, "set operations");
+    let mut published = r.unit_states().await.expect("states");
+    published.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(published, states);
+    r.withdraw_machine("m1", lease).await;
+    assert!(r.unit_states().await.expect("states").is_empty());
+}
