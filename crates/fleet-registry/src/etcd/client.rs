@@ -199,6 +199,7 @@ impl EtcdRegistry {
                 }
             }
             Err(e) if !e.is_refused() => {
+                warn!(error = %e, units = group.len(), "creating a group of units failed");
                 for c in group {
                     let key = self.keys.unit(c.name.as_str());
                     let _ = c.done.send(Err(as_each(&e, key)));
