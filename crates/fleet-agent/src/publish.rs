@@ -12,6 +12,9 @@ use tracing::{debug, warn};
 
 use crate::agent::{Agent, JOBS_IN_FLIGHT};
 
+/// The most states one transaction publishes (etcd takes at most 128 operations in one).
+pub(crate) const STATES_PER_TXN: usize = 100;
+
 /// What was published, and what could not be.
 pub(crate) struct Publisher {
     store: Arc<dyn AgentStore>,
@@ -32,13 +35,52 @@ impl Publisher {
         }
     }
 
-    /// Writes the records that differ from what was published, up to [`JOBS_IN_FLIGHT`] at
-    /// a time (a burst of starts reports hundreds at once).
+    /// Writes the records that differ from what was published: in transactions of up to
+    /// [`STATES_PER_TXN`] states (a burst of starts reports hundreds at once), so a batch
+    /// costs one etcd write, not one per unit. A transaction etcd refuses (one key it will
+    /// not take: a permission, a value too large) is written again state by state, so that
+    /// key alone stays unsent and retried, and the others are published.
     pub(crate) async fn publish(&mut self, records: Vec<StateRecord>, lease: &Lease) {
         let records: Vec<StateRecord> = records
             .into_iter()
             .filter(|rec| self.published.get(&rec.name) != Some(rec))
             .collect();
+        let mut chunks = records.chunks(STATES_PER_TXN);
+        while let Some(chunk) = chunks.next() {
+            let result = self
+                .store
+                .publish_states(&self.machine_id, chunk, lease)
+                .await;
+            let reachable = match result {
+                Ok(()) => {
+                    for rec in chunk {
+                        self.published.insert(rec.name.clone(), rec.clone());
+                    }
+                    true
+                }
+                Err(e) if e.is_refused() => {
+                    debug!(error = %e, "publishing states refused; writing them one by one");
+                    self.publish_one_by_one(chunk, lease).await
+                }
+                Err(e) => {
+                    debug!(error = %e, "publishing states failed; will retry");
+                    self.unsent.extend(chunk.iter().map(|r| r.name.clone()));
+                    false
+                }
+            };
+            if !reachable {
+                // the registry out of reach: the rest would each wait for its own timeout;
+                // what was not written is retried at a later tick
+                for rec in chunks.by_ref().flatten() {
+                    self.unsent.insert(rec.name.clone());
+                }
+            }
+        }
+    }
+
+    /// Writes records one by one, up to [`JOBS_IN_FLIGHT`] at a time; false when the registry
+    /// turned out to be out of reach (the first write that says so ends the batch).
+    async fn publish_one_by_one(&mut self, records: &[StateRecord], lease: &Lease) -> bool {
         let writes: Vec<_> = records
             .iter()
             .map(|rec| {
@@ -46,14 +88,14 @@ impl Publisher {
                     .publish_state(&rec.name, &self.machine_id, Some(rec), lease)
             })
             .collect();
-        // the registry out of reach: the first write that says so ends the batch (the rest
-        // would each wait for its own timeout); what was not written is retried at a later tick
         let mut results = Vec::with_capacity(writes.len());
+        let mut reachable = true;
         let mut writing = stream::iter(writes).buffered(JOBS_IN_FLIGHT);
         while let Some(r) = writing.next().await {
             let unreachable = r.as_ref().is_err_and(|e| e.is_unavailable());
             results.push(r);
             if unreachable {
+                reachable = false;
                 break;
             }
         }
@@ -62,17 +104,18 @@ impl Publisher {
         for rec in records {
             match results.next() {
                 Some(Ok(())) => {
-                    self.published.insert(rec.name.clone(), rec);
+                    self.published.insert(rec.name.clone(), rec.clone());
                 }
                 Some(Err(e)) => {
                     debug!(unit = %rec.name, error = %e, "publishing state failed; will retry");
-                    self.unsent.insert(rec.name);
+                    self.unsent.insert(rec.name.clone());
                 }
                 None => {
-                    self.unsent.insert(rec.name);
+                    self.unsent.insert(rec.name.clone());
                 }
             }
         }
+        reachable
     }
 
     /// Withdraws the state of a unit no longer managed here (if it was ever published).

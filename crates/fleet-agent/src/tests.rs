@@ -585,12 +585,16 @@ async fn a_refused_key_does_not_stall_the_other_units() {
     agent.stop(false).await;
 }
 
-/// An [`AgentStore`](fleet_registry::AgentStore) that counts how the agent reads unit bodies:
-/// one by one (`body`) or several at once (`bodies`).
+/// An [`AgentStore`](fleet_registry::AgentStore) that counts how the agent reads unit bodies
+/// (one by one: `body`, or several at once: `bodies`) and how it publishes unit states (one
+/// by one: `publish_state`, or in a transaction: `publish_states`).
+#[derive(Default)]
 struct CountingStore {
     inner: MemoryStore,
     one_by_one: std::sync::atomic::AtomicUsize,
     together: std::sync::atomic::AtomicUsize,
+    states_one_by_one: std::sync::atomic::AtomicUsize,
+    states_together: std::sync::atomic::AtomicUsize,
 }
 
 #[async_trait::async_trait]
@@ -635,9 +639,56 @@ impl fleet_registry::AgentStore for CountingStore {
         state: Option<&StateRecord>,
         lease: &fleet_registry::Lease,
     ) -> fleet_registry::Result<()> {
+        if state.is_some() {
+            self.states_one_by_one
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.inner
             .publish_state(name, machine_id, state, lease)
             .await
+    }
+    async fn publish_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: &fleet_registry::Lease,
+    ) -> fleet_registry::Result<()> {
+        self.states_together
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.publish_states(machine_id, states, lease).await
+    }
+}
+
+impl CountingStore {
+    fn count(c: &std::sync::atomic::AtomicUsize) -> usize {
+        c.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Runs an agent on `M1` over this store; cancel the token to stop it.
+    fn run_agent(
+        self: &Arc<Self>,
+        systemd: &FakeUnitManager,
+        dir: &tempfile::TempDir,
+    ) -> (CancellationToken, JoinHandle<Result<(), RegistryError>>) {
+        let cfg = AgentConfig {
+            machine_id: M1.into(),
+            public_ip: "10.0.0.1".into(),
+            metadata: BTreeMap::new(),
+            agent_ttl: TTL,
+            units_directory: dir.path().join("units"),
+            disable_watches: false,
+            version: "1.0.0".into(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(
+            self.clone(),
+            Arc::new(systemd.clone()),
+            cfg,
+            Metrics::new(),
+            shutdown.clone(),
+            Arc::new(AtomicBool::new(false)),
+        ));
+        (shutdown, task)
     }
 }
 
@@ -656,8 +707,7 @@ async fn reads_the_bodies_of_a_burst_together() {
     }
     let counting = Arc::new(CountingStore {
         inner: store.clone(),
-        one_by_one: Default::default(),
-        together: Default::default(),
+        ..Default::default()
     });
     let cfg = AgentConfig {
         machine_id: M1.into(),
@@ -717,5 +767,69 @@ async fn a_unit_scheduled_after_a_quiet_spell_starts_promptly() {
     .await;
     idle(Duration::from_millis(5)).await;
     assert!(active(&systemd, "single.service"), "{:?}", systemd.calls());
+    agent.stop(false).await;
+}
+
+/// A burst of units started on the machine publishes its states in a few transactions (one
+/// per batch of signals), not one etcd write per unit.
+#[tokio::test(start_paused = true)]
+async fn publishes_the_states_of_a_burst_together() {
+    let (systemd, dir) = (FakeUnitManager::new(), tempfile::tempdir().expect("dir"));
+    let counting = Arc::new(CountingStore::default());
+    let store = counting.inner.clone();
+    let (shutdown, task) = counting.run_agent(&systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    let names: Vec<String> = (0..60).map(|i| format!("burst{i}.service")).collect();
+    for (i, name) in names.iter().enumerate() {
+        schedule(&store, M1, name, &body(i as u32), TargetState::Launched).await;
+    }
+    eventually("every state of the burst published active", || {
+        names.iter().all(|n| {
+            state_of(&store, n).is_some_and(|s| {
+                s.active_state == "active" && s.agent_state == TargetState::Launched
+            })
+        })
+    })
+    .await;
+    let (one_by_one, together) = (
+        CountingStore::count(&counting.states_one_by_one),
+        CountingStore::count(&counting.states_together),
+    );
+    assert_eq!(one_by_one, 0, "states written one by one");
+    assert!(
+        (1..=6).contains(&together),
+        "{together} state transactions for 60 units"
+    );
+    shutdown.cancel();
+    task.await.expect("agent task").expect("agent");
+}
+
+/// A state key etcd refuses fails its batch's transaction; the batch is then written state
+/// by state, so the other units' states are published and the refused one is retried.
+#[tokio::test(start_paused = true)]
+async fn a_refused_state_key_does_not_keep_the_others_unpublished() {
+    let (store, systemd, dir) = new_agent();
+    let refused = store.keys().state("a.service", M1);
+    store.refuse_key(&refused, true);
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Launched).await;
+    schedule(&store, M1, "c.service", &body(3), TargetState::Launched).await;
+    eventually("b's and c's states published", || {
+        ["b.service", "c.service"]
+            .iter()
+            .all(|n| state_of(&store, n).is_some_and(|s| s.active_state == "active"))
+    })
+    .await;
+    assert!(active(&systemd, "a.service"));
+    assert!(state_of(&store, "a.service").is_none());
+    store.refuse_key(&refused, false);
+    eventually("a's state published once its key is writable", || {
+        state_of(&store, "a.service").is_some_and(|s| s.active_state == "active")
+    })
+    .await;
     agent.stop(false).await;
 }

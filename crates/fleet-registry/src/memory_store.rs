@@ -457,6 +457,39 @@ impl AgentStore for MemoryStore {
         };
         Ok(())
     }
+
+    async fn publish_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: &Lease,
+    ) -> Result<()> {
+        const OP: &str = "publishing unit states";
+        let Some(first) = states.first() else {
+            return Ok(());
+        };
+        let mut kv = self.request(OP, &self.keys.state(&first.name, machine_id))?;
+        let writes: Vec<Write> = states
+            .iter()
+            .map(|s| Write::Put(self.keys.state(&s.name, machine_id), encode(s)))
+            .collect();
+        // one transaction in etcd: one refused key fails it whole, and writes nothing
+        if let Some(key) = writes
+            .iter()
+            .map(write_key)
+            .find(|k| kv.refused.contains(*k))
+        {
+            return Err(refused(OP, key));
+        }
+        if !kv.leases.contains_key(&lease.id()) {
+            return Err(lease_not_found(
+                OP,
+                self.keys.state(&first.name, machine_id),
+            ));
+        }
+        kv.commit(writes, Some(lease.id()));
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -745,10 +778,35 @@ mod tests {
                 .await
                 .is_err()
         );
+        let batch = [st("c.service"), st("d.service")];
+        assert!(s.publish_states("m1", &batch, &expired).await.is_err());
         assert!(
             s.list(&s.keys().dir(keys::STATES)).is_empty(),
             "half written"
         );
+        // a batch with one refused key fails whole and writes nothing; then all of it
+        let live = AgentStore::register_machine(&s, &machine("m2", "t"), ttl)
+            .await
+            .expect("register");
+        let refused_key = s.keys().state("d.service", "m1");
+        s.refuse_key(&refused_key, true);
+        let e = s
+            .publish_states("m1", &batch, &live)
+            .await
+            .expect_err("refused key");
+        assert!(
+            e.is_refused() && e.to_string().contains(&refused_key),
+            "{e}"
+        );
+        assert!(
+            s.list(&s.keys().dir(keys::STATES)).is_empty(),
+            "half written"
+        );
+        s.refuse_key(&refused_key, false);
+        s.publish_states("m1", &batch, &live)
+            .await
+            .expect("publish");
+        assert_eq!(s.list(&s.keys().dir(keys::STATES)).len(), 2);
         // withdrawing needs no lease
         s.publish_state("a.service", "m1", None, &expired)
             .await

@@ -232,6 +232,23 @@ pub trait AgentStore: Send + Sync {
         state: Option<&StateRecord>,
         lease: &Lease,
     ) -> Result<()>;
+    /// Publishes the states of several units of this machine (each `states/<unit>/<machine>`
+    /// under `lease`) in as few requests as the store can: a burst of starts reports hundreds
+    /// at once. All or nothing per request: when it fails, some of the states may have been
+    /// written (an earlier request) and none of the failed request's were; a caller that
+    /// needs to know which writes them one by one ([`AgentStore::publish_state`]).
+    async fn publish_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: &Lease,
+    ) -> Result<()> {
+        for s in states {
+            self.publish_state(&s.name, machine_id, Some(s), lease)
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// What the engine does with the registry: leader election, a mirror of its keys, unit

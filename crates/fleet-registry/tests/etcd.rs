@@ -714,3 +714,138 @@ async fn listings_larger_than_a_grpc_message_are_read_in_pages() {
         other => panic!("no snapshot from the engine's watch: {other:?}"),
     }
 }
+
+/// An agent publishes a batch of states in transactions of up to 120 puts, each state
+/// under its lease: 250 states are three `set`s, and they vanish with the lease.
+#[tokio::test]
+async fn a_batch_of_states_is_published_in_few_transactions_under_the_lease() {
+    let etcd = EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let r = registry(&etcd).await.with_metrics(metrics.clone());
+    let lease = r
+        .register_machine(&machine("m1", "tok"), Duration::from_secs(5))
+        .await
+        .expect("register");
+    let before = sets(&metrics);
+    let states: Vec<_> = (0..250)
+        .map(|i| records::state(&format!("u{i:03}.service"), "m1", "x"))
+        .collect();
+    r.publish_states("m1", &states, &lease)
+        .await
+        .expect("publish");
+    assert_eq!(sets(&metrics) - before, 3, "set operations");
+    let mut published = r.unit_states().await.expect("states");
+    published.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(published, states);
+    r.withdraw_machine("m1", lease).await;
+    assert!(r.unit_states().await.expect("states").is_empty());
+}
+
+/// The `set` operations counted in `metrics` so far.
+fn sets(metrics: &fleet_metrics::Metrics) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fleet_registry_operation_count_total{type=\"set\"} ")
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Concurrent creations (the API serving a burst of PUTs) are written together: those that
+/// arrive while one is in flight go in one transaction. Each unit is created once, in its
+/// desired state, with its body (instances share theirs).
+#[tokio::test]
+async fn concurrent_creations_are_grouped_into_few_transactions() {
+    let etcd = EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let r = registry(&etcd).await.with_metrics(metrics.clone());
+    let shared = file("[Service]\nExecStart=/bin/sleep 1\n");
+    let before = sets(&metrics);
+    let creations: Vec<_> = (0..60)
+        .map(|i| {
+            let r = r.clone();
+            let f = if i % 2 == 0 {
+                shared.clone()
+            } else {
+                file(&format!("[Service]\nExecStart=/bin/sleep 100{i}\n"))
+            };
+            tokio::spawn(async move {
+                r.create_unit(
+                    &name(&format!("u{i:02}.service")),
+                    &f,
+                    TargetState::Launched,
+                )
+                .await
+            })
+        })
+        .collect();
+    for c in creations {
+        c.await.expect("task").expect("created");
+    }
+    let writes = sets(&metrics) - before;
+    eprintln!("{writes} transactions for 60 creations");
+    assert!(writes <= 10, "{writes} transactions for 60 creations");
+    let units = r.units().await.expect("units");
+    assert_eq!(units.len(), 60);
+    assert!(
+        units
+            .iter()
+            .all(|u| u.desired == TargetState::Launched && u.file.hash() == u.hash)
+    );
+    let distinct: std::collections::BTreeSet<_> = units.iter().map(|u| u.hash).collect();
+    assert_eq!(distinct.len(), 31, "one body per distinct file");
+}
+
+/// In a group, each creation still gets its own answer: a unit already there is refused
+/// (and left as it was), a unit asked for twice at once is created once, and the others
+/// are created.
+#[tokio::test]
+async fn grouped_creations_answer_each_unit_exactly() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let old = file("[Service]\nExecStart=/bin/old\n");
+    r.create_unit(&name("there.service"), &old, TargetState::Inactive)
+        .await
+        .expect("create");
+    let mut asked = vec!["there.service".to_string(), "twice.service".to_string()];
+    asked.extend((0..30).map(|i| format!("new{i}.service")));
+    asked.push("twice.service".into());
+    let creations: Vec<_> = asked
+        .iter()
+        .map(|n| {
+            let (r, n) = (r.clone(), n.clone());
+            tokio::spawn(async move {
+                let f = file(&format!("[Service]\nExecStart=/bin/{n}\n"));
+                r.create_unit(&name(&n), &f, TargetState::Launched).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for c in creations {
+        answers.push(c.await.expect("task"));
+    }
+    let exists = |r: &Result<(), RegistryError>| matches!(r, Err(RegistryError::AlreadyExists(_)));
+    assert!(exists(&answers[0]), "{:?}", answers[0]);
+    let last = answers.len() - 1;
+    assert!(
+        exists(&answers[1]) != exists(&answers[last]),
+        "twice: {:?} {:?}",
+        answers[1],
+        answers[last]
+    );
+    for (n, a) in asked.iter().zip(&answers).skip(2).take(30) {
+        assert!(a.is_ok(), "{n}: {a:?}");
+    }
+    let there = r
+        .unit(&name("there.service"))
+        .await
+        .expect("read")
+        .expect("there");
+    assert_eq!(
+        (there.hash, there.desired),
+        (old.hash(), TargetState::Inactive)
+    );
+    assert_eq!(r.units().await.expect("units").len(), 32);
+}

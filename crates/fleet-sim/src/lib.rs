@@ -161,22 +161,17 @@ impl Sim {
         }
     }
 
-    /// Submits the templates, then creates and starts every unit, 32 at a time, as
-    /// `fleetctl start` does (create inactive, then set launched).
+    /// Submits the templates, then every unit, 32 at a time, as `fleetctl start` of local
+    /// unit files does: one create-only PUT per unit, in its desired state (launched).
     pub async fn submit(&self) -> Result<()> {
         let api = Arc::new(self.api()?);
         for (name, file) in &self.workload.templates {
-            create(&api, name, file).await?;
+            create(&api, name, file, TargetState::Inactive).await?;
         }
         let results: Vec<Result<()>> = futures_util::stream::iter(self.workload.units.iter())
             .map(|p| {
                 let api = api.clone();
-                async move {
-                    create(&api, &p.name, &p.file).await?;
-                    retry(|| api.set_desired_state(&p.name, TargetState::Launched))
-                        .await
-                        .with_context(|| format!("starting {}", p.name))
-                }
+                async move { create(&api, &p.name, &p.file, TargetState::Launched).await }
             })
             .buffer_unordered(SUBMIT_CONCURRENCY)
             .collect()
@@ -382,11 +377,21 @@ impl std::fmt::Display for ApiUnreadable {
 
 impl std::error::Error for ApiUnreadable {}
 
-/// Creates `name` inactive; a unit already there (an earlier attempt that got through)
-/// counts as created.
-async fn create(api: &HttpRegistry, name: &UnitName, file: &UnitFile) -> Result<()> {
-    match retry(|| api.create_unit(name, file, TargetState::Inactive)).await {
-        Ok(()) | Err(RegistryError::AlreadyExists(_)) => Ok(()),
+/// Creates `name` in `state` with one create-only PUT. A unit already there (an earlier
+/// attempt that got through) counts as created, and is then set to `state`, as fleetctl
+/// does with a unit it finds.
+async fn create(
+    api: &HttpRegistry,
+    name: &UnitName,
+    file: &UnitFile,
+    state: TargetState,
+) -> Result<()> {
+    match retry(|| api.create_unit(name, file, state)).await {
+        Ok(()) => Ok(()),
+        Err(RegistryError::AlreadyExists(_)) if state == TargetState::Inactive => Ok(()),
+        Err(RegistryError::AlreadyExists(_)) => retry(|| api.set_desired_state(name, state))
+            .await
+            .with_context(|| format!("starting {name}")),
         Err(e) => Err(anyhow::Error::from(e).context(format!("creating {name}"))),
     }
 }

@@ -9,7 +9,7 @@ use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use fleet_unit::{UnitFile, UnitHash};
 use tokio::sync::mpsc;
 
-use super::{EtcdRegistry, OpKind};
+use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys::Keys;
 use crate::lease::{Lease, LeaseKeeper};
 use crate::model::{MachineRecord, StateRecord, decode, encode};
@@ -195,6 +195,55 @@ impl EtcdRegistry {
         self.write_state(name, machine_id, state, lease.id()).await
     }
 
+    /// Publishes several unit states of this machine under `lease`, in transactions of at
+    /// most [`MAX_TXN_OPS`] puts (one for a batch of that size); a failed transaction writes
+    /// none of its states and ends the call.
+    pub async fn publish_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: &LeaseKeeper,
+    ) -> Result<()> {
+        self.write_states(machine_id, states, lease.id()).await
+    }
+
+    async fn write_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: i64,
+    ) -> Result<()> {
+        if let [one] = states {
+            return self
+                .write_state(&one.name, machine_id, Some(one), lease)
+                .await;
+        }
+        for chunk in states.chunks(MAX_TXN_OPS) {
+            let Some(first) = chunk.first() else {
+                continue;
+            };
+            let puts: Vec<TxnOp> = chunk
+                .iter()
+                .map(|s| {
+                    TxnOp::put(
+                        self.keys.state(&s.name, machine_id),
+                        encode(s),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            let key = self.keys.state(&first.name, machine_id);
+            self.txn(
+                OpKind::Set,
+                "publishing unit states",
+                &key,
+                Txn::new().and_then(puts),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn write_state(
         &self,
         name: &str,
@@ -271,5 +320,14 @@ impl AgentStore for EtcdRegistry {
         lease: &Lease,
     ) -> Result<()> {
         self.write_state(name, machine_id, state, lease.id()).await
+    }
+
+    async fn publish_states(
+        &self,
+        machine_id: &str,
+        states: &[StateRecord],
+        lease: &Lease,
+    ) -> Result<()> {
+        self.write_states(machine_id, states, lease.id()).await
     }
 }

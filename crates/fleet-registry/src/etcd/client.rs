@@ -5,9 +5,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
 use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
+use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::{EtcdRegistry, OpKind};
+use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
 use crate::watch::{KeyRange, ListWatch};
@@ -111,9 +112,115 @@ impl EtcdRegistry {
     }
 }
 
-#[async_trait]
-impl Registry for EtcdRegistry {
-    async fn create_unit(
+/// The most units one grouped creation writes: each is up to three operations (body, unit
+/// record, global record), and etcd takes at most 128 in one transaction.
+const CREATIONS_PER_TXN: usize = MAX_TXN_OPS / 3;
+
+/// Creations asked for while another is being written (group commit): when it is done, they
+/// are written together in one transaction, so a burst of concurrent PUTs costs a few etcd
+/// writes, and a creation alone waits for nothing.
+#[derive(Default)]
+pub(super) struct Creations {
+    /// Whether a writer task is running (it takes what waits until nothing does).
+    writing: bool,
+    waiting: Vec<Creation>,
+}
+
+struct Creation {
+    name: UnitName,
+    file: UnitFile,
+    desired: TargetState,
+    done: oneshot::Sender<Result<()>>,
+}
+
+impl EtcdRegistry {
+    fn creations(&self) -> std::sync::MutexGuard<'_, Creations> {
+        // nothing panics while holding it; a poisoned lock still holds a consistent queue
+        self.creations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes what waits, a group at a time, until nothing does. Runs in a task of its own,
+    /// so a request that goes away (its client hung up) never leaves the others waiting.
+    async fn write_creations(self) {
+        loop {
+            let group = {
+                let mut q = self.creations();
+                let group = take_group(&mut q.waiting);
+                if group.is_empty() {
+                    q.writing = false;
+                    return;
+                }
+                group
+            };
+            self.create_group(group).await;
+        }
+    }
+
+    /// Creates a group of distinct units in one transaction: each only if it is not there
+    /// yet. When a unit is there after all (its compare fails the whole transaction) or etcd
+    /// refuses the transaction (its size), each unit is created alone, so each gets its own
+    /// exact answer; an etcd out of reach answers each with the error.
+    async fn create_group(&self, group: Vec<Creation>) {
+        if let [_] = group.as_slice() {
+            for c in group {
+                let r = self.create_one(&c.name, &c.file, c.desired).await;
+                let _ = c.done.send(r);
+            }
+            return;
+        }
+        let mut compares = Vec::with_capacity(group.len());
+        let mut ops = Vec::with_capacity(group.len() * 3);
+        let mut bodies = std::collections::HashSet::new();
+        for c in &group {
+            let w = self.unit_write(&c.name, &c.file, c.desired);
+            compares.push(Compare::create_revision(
+                w.unit_key.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+            // etcd refuses a transaction that writes one key twice: one body per hash
+            if bodies.insert(c.file.hash()) {
+                ops.push(TxnOp::txn(w.body_txn));
+            }
+            ops.push(w.unit_put);
+            ops.extend(w.global_put);
+        }
+        let Some(first) = group.first().map(|c| self.keys.unit(c.name.as_str())) else {
+            return;
+        };
+        let txn = Txn::new().when(compares).and_then(ops);
+        match self.txn(OpKind::Set, "creating units", &first, txn).await {
+            Ok(r) if r.succeeded() => {
+                for c in group {
+                    self.cache_body(c.file.hash(), c.file);
+                    let _ = c.done.send(Ok(()));
+                }
+            }
+            Err(e) if !e.is_refused() => {
+                warn!(error = %e, units = group.len(), "creating a group of units failed");
+                for c in group {
+                    let key = self.keys.unit(c.name.as_str());
+                    let _ = c.done.send(Err(as_each(&e, key)));
+                }
+            }
+            Ok(_) | Err(_) => {
+                let mut each = tokio::task::JoinSet::new();
+                for c in group {
+                    let reg = self.clone();
+                    each.spawn(async move {
+                        let r = reg.create_one(&c.name, &c.file, c.desired).await;
+                        let _ = c.done.send(r);
+                    });
+                }
+                while each.join_next().await.is_some() {}
+            }
+        }
+    }
+
+    /// Creates one unit in one transaction, only if it is not there yet.
+    async fn create_one(
         &self,
         name: &UnitName,
         file: &UnitFile,
@@ -143,6 +250,72 @@ impl Registry for EtcdRegistry {
         }
         self.cache_body(file.hash(), file.clone());
         Ok(())
+    }
+}
+
+/// Takes the next group from `waiting`: up to [`CREATIONS_PER_TXN`] creations of distinct
+/// units, in the order they came; a second creation of a unit in the group waits for the
+/// next one (it is then refused as existing, or created if the first failed).
+fn take_group(waiting: &mut Vec<Creation>) -> Vec<Creation> {
+    let mut group: Vec<Creation> = Vec::new();
+    let mut rest = Vec::new();
+    for c in waiting.drain(..) {
+        if group.len() < CREATIONS_PER_TXN && !group.iter().any(|g| g.name == c.name) {
+            group.push(c);
+        } else {
+            rest.push(c);
+        }
+    }
+    *waiting = rest;
+    group
+}
+
+/// The failure of a group's transaction, as the answer to one of its units (an error
+/// cannot be copied; this one says the same about that unit's key).
+fn as_each(e: &RegistryError, key: String) -> RegistryError {
+    match e {
+        RegistryError::Timeout { op, after, .. } => RegistryError::Timeout {
+            op,
+            key,
+            after: *after,
+        },
+        _ => RegistryError::Unreachable {
+            op: "creating unit",
+            key,
+        },
+    }
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    /// Queued for the writer task (started if none runs), which writes the creations that
+    /// gather while one is in flight as one transaction.
+    async fn create_unit(
+        &self,
+        name: &UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> Result<()> {
+        let (done, answer) = oneshot::channel();
+        let start = {
+            let mut q = self.creations();
+            q.waiting.push(Creation {
+                name: name.clone(),
+                file: file.clone(),
+                desired,
+                done,
+            });
+            !std::mem::replace(&mut q.writing, true)
+        };
+        if start {
+            tokio::spawn(self.clone().write_creations());
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(RegistryError::Unreachable {
+                op: "creating unit",
+                key: self.keys.unit(name.as_str()),
+            })
+        })
     }
 
     async fn replace_unit(

@@ -66,6 +66,8 @@ pub struct EtcdRegistry {
     metrics: fleet_metrics::Metrics,
     /// Takes dead members out of the balancer once a request failed.
     health: health::Health,
+    /// Creations waiting for the one in flight: written together next (group commit).
+    creations: Arc<Mutex<client::Creations>>,
     /// How many keys one page of a listing reads.
     page: i64,
 }
@@ -160,6 +162,7 @@ impl EtcdRegistry {
             bodies: Arc::new(Mutex::new(HashMap::new())),
             metrics: fleet_metrics::global().clone(),
             health,
+            creations: Arc::default(),
             page: crate::watch::PAGE_KEYS,
         })
     }
