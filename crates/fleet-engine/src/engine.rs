@@ -497,7 +497,7 @@ impl Engine {
         for (batch, result) in batches.into_iter().zip(results) {
             match result {
                 Err(e) if e.is_refused() => {
-                    warn!(error = %e, units = batch.len(), "engine write refused; writing its units one by one");
+                    warn!(error = %e, ops = batch.len(), "engine write refused; writing its units one by one");
                     refused.extend(batch);
                 }
                 r => written.push((batch, r)),
