@@ -1,5 +1,10 @@
 //! The engine: a struct that handles one [`Event`] at a time (campaign, reconcile and step
 //! down are its methods), and the loop that feeds it from one `select!`.
+//!
+//! A candidate that does not lead follows the leader key alone; only a leader lists and
+//! mirrors the engine's keys, and it drops that mirror when it stops leading. Every fleetd
+//! is a candidate, so the mirror's memory and decoding are paid once per cluster, not once
+//! per machine.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -7,8 +12,8 @@ use std::time::Duration;
 
 use fleet_metrics::{EngineFailure, Metrics};
 use fleet_registry::{
-    AtMostOnce, EngineModel, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord,
-    WatchEvent,
+    AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, Leadership, RegistryError,
+    UnitRecord, WatchEvent,
 };
 use fleet_unit::{Requirements, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
@@ -42,7 +47,8 @@ pub struct EngineConfig {
 /// What the engine reacts to.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// A change of the mirrored keys (or a fresh snapshot, or a disconnection).
+    /// A change of the watched keys: the leader key while not leading, the mirrored keys
+    /// while leading (or a fresh snapshot, or a disconnection).
     Watch(WatchEvent),
     /// The watch ended; the engine watches again.
     WatchClosed,
@@ -66,13 +72,17 @@ pub(crate) struct Engine {
     store: Arc<dyn EngineStore>,
     cfg: EngineConfig,
     metrics: Metrics,
+    /// The leader key's watch while not leading, the mirror's while leading.
     watch: mpsc::Receiver<WatchEvent>,
-    /// The engine's keys as the watch reported them, decoded, at `mirror_rev`: each watch
-    /// event decodes its one record, so a reconcile never decodes every unit again.
-    model: EngineModel,
+    /// While leading, the engine's keys as the watch reported them, decoded, at
+    /// `mirror_rev`: each watch event decodes its one record, so a reconcile never decodes
+    /// every unit again. `None` while not leading (and until a new leader's listing came).
+    model: Option<EngineModel>,
     mirror_rev: i64,
-    /// Whether the mirror is a fresh snapshot (the engine decides from nothing else).
+    /// Whether what is watched is a fresh snapshot (the engine decides from nothing else).
     synced: bool,
+    /// Whether the leader key exists, as the leader watch last said (while not leading).
+    leader_present: bool,
     /// The revision of this engine's last write (or of its election): it never decides from
     /// a mirror older than that.
     written_rev: i64,
@@ -129,13 +139,14 @@ impl Engine {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let poll = cfg.disable_watches.then_some(cfg.reconcile_interval);
         Engine {
-            watch: store.watch_engine(poll),
-            model: EngineModel::new(store.keys()),
+            watch: store.watch_leader(poll),
+            model: None,
             store,
             cfg,
             metrics,
             mirror_rev: 0,
             synced: false,
+            leader_present: false,
             written_rev: 0,
             leader: None,
             requirements: HashMap::new(),
@@ -151,6 +162,12 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn is_leader(&self) -> bool {
         self.leader.is_some()
+    }
+
+    /// Whether the engine holds a mirror of the engine's keys (only a leader does).
+    #[cfg(test)]
+    pub(crate) fn has_model(&self) -> bool {
+        self.model.is_some()
     }
 
     /// A watch event already delivered, if any (tests feed them one by one).
@@ -208,6 +225,13 @@ impl Engine {
                 self.step_down();
             }
             Event::Watch(WatchEvent::Disconnected) => self.synced = false,
+            Event::Watch(ev) if self.leader.is_none() => {
+                self.follow_leader_key(ev);
+                // nobody leads: campaign at once rather than at the next tick
+                if self.synced && !self.leader_present && self.deadline.is_none() {
+                    self.deadline = Some(Instant::now() + PROMPT);
+                }
+            }
             Event::Watch(ev) => {
                 self.apply_watch(ev).await;
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
@@ -219,18 +243,35 @@ impl Engine {
                 }
             }
             Event::Tick => {
-                if self.synced {
-                    if self.leader.is_none() {
-                        self.campaign().await;
-                    }
-                    if self.leader.is_some() {
-                        self.reconcile().await;
-                        self.last_reconcile = Some(Instant::now());
-                    }
+                if self.synced && self.leader.is_none() {
+                    // (winning switches to the mirror's watch: decisions wait for its listing)
+                    self.campaign().await;
+                }
+                if self.synced && self.leader.is_some() {
+                    self.reconcile().await;
+                    self.last_reconcile = Some(Instant::now());
                 }
             }
         }
         true
+    }
+
+    /// What the leader key's watch says (while not leading): whether somebody leads.
+    fn follow_leader_key(&mut self, ev: WatchEvent) {
+        let key = self.store.keys().leader();
+        match ev {
+            WatchEvent::Snapshot { kvs, .. } => {
+                self.leader_present = kvs.iter().any(|(k, _)| *k == key);
+                self.synced = true;
+            }
+            WatchEvent::Put { key: k, .. } if k == key => self.leader_present = true,
+            WatchEvent::Delete { key: k, .. } if k == key => {
+                debug!("leader key deleted; campaigning");
+                self.leader_present = false;
+            }
+            WatchEvent::Put { .. } | WatchEvent::Delete { .. } => {}
+            WatchEvent::Disconnected => self.synced = false,
+        }
     }
 
     async fn apply_watch(&mut self, ev: WatchEvent) {
@@ -238,7 +279,7 @@ impl Engine {
             WatchEvent::Snapshot { revision, kvs } => {
                 self.absent_since.clear();
                 // decoding a whole listing grows with the cluster: off the runtime's workers
-                let mut model = self.model.clone_empty();
+                let mut model = EngineModel::new(self.store.keys());
                 let decoded = off_runtime(move || {
                     model.reset(kvs.iter().map(|(k, v)| (k, v)));
                     model
@@ -246,7 +287,7 @@ impl Engine {
                 .await;
                 match decoded {
                     Ok(model) => {
-                        self.model = model;
+                        self.model = Some(model);
                         self.mirror_rev = revision;
                         self.synced = true;
                     }
@@ -265,33 +306,40 @@ impl Engine {
                     // a machine (re)registered: its absence, if any, is over
                     self.absent_since.remove(id);
                 }
-                self.model.put(&key, &value);
-                self.mirror_rev = self.mirror_rev.max(revision);
+                if let Some(model) = self.model.as_mut() {
+                    model.put(&key, &value);
+                    self.mirror_rev = self.mirror_rev.max(revision);
+                }
             }
             WatchEvent::Delete { key, revision } => {
-                if key == self.store.keys().leader() && self.leader.is_none() {
-                    debug!("leader key deleted; campaigning");
+                if let Some(model) = self.model.as_mut() {
+                    model.delete(&key);
+                    self.mirror_rev = self.mirror_rev.max(revision);
                 }
-                self.model.delete(&key);
-                self.mirror_rev = self.mirror_rev.max(revision);
             }
             WatchEvent::Disconnected => self.synced = false,
         }
     }
 
-    /// Lists again before deciding anything more.
+    /// Lists again before deciding anything more: the mirror while leading, the leader key
+    /// otherwise.
     fn rewatch(&mut self) {
         let poll = self
             .cfg
             .disable_watches
             .then_some(self.cfg.reconcile_interval);
-        self.watch = self.store.watch_engine(poll);
+        self.watch = if self.leader.is_some() {
+            self.store.watch_engine(poll)
+        } else {
+            self.store.watch_leader(poll)
+        };
         self.synced = false;
     }
 
-    /// Tries to lead when nobody does.
+    /// Tries to lead when nobody does; on winning, lists the engine's keys (the mirror) before
+    /// deciding anything.
     pub(crate) async fn campaign(&mut self) {
-        if self.model.has_leader() {
+        if self.leader_present {
             return;
         }
         let ttl = self.cfg.reconcile_interval.saturating_mul(5);
@@ -305,6 +353,8 @@ impl Engine {
                     since: Instant::now(),
                     seen: HashSet::new(),
                 });
+                self.model = None;
+                self.rewatch();
             }
             Ok(None) => {}
             Err(e) => debug!(error = %e, "campaign failed"),
@@ -312,13 +362,23 @@ impl Engine {
     }
 
     /// Gives up leadership: forgets it and revokes its lease in the background, so the
-    /// leader key goes at once and another engine can win.
+    /// leader key goes at once and another engine can win; drops the mirror and what was
+    /// derived from it, and follows the leader key alone again.
     pub(crate) fn step_down(&mut self) {
         self.absent_since.clear();
-        if let Some(l) = self.leader.take() {
-            let store = self.store.clone();
-            tokio::spawn(async move { store.resign(l.leadership).await });
-        }
+        let Some(l) = self.leader.take() else {
+            return;
+        };
+        let store = self.store.clone();
+        tokio::spawn(async move { store.resign(l.leadership).await });
+        self.model = None;
+        self.mirror_rev = 0;
+        self.requirements = HashMap::new();
+        self.unreadable = Default::default();
+        self.refused = HashMap::new();
+        // our own key may still be there until the resignation lands: the watch says when
+        self.leader_present = true;
+        self.rewatch();
     }
 
     /// One reconcile of a leader: decide from the mirror, write the difference.
@@ -328,7 +388,10 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        let snap = self.model.snapshot(self.mirror_rev);
+        let Some(model) = self.model.as_mut() else {
+            return;
+        };
+        let snap = model.snapshot(self.mirror_rev);
         if snap.leader.as_deref() != Some(self.cfg.machine_id.as_str()) {
             // The mirror is past our election, so it holds our leader key unless that key is
             // gone (deleted by hand, or expired while we did not notice): we do not lead.
@@ -426,31 +489,30 @@ impl Engine {
             return;
         }
         debug!(ops = ops.len(), "engine writing decisions");
-        match self.store.apply(&l.leadership, &ops).await {
-            Ok(rev) => {
-                self.written_rev = self.written_rev.max(rev);
-                self.count_done(&ops);
-                self.metrics.engine_reconcile_success(started.elapsed());
+        // several units' decisions per fenced transaction, several transactions in flight
+        let batches = batches_by_unit(&ops);
+        let results = self.store.apply_batches(&l.leadership, &batches).await;
+        let mut written = Vec::with_capacity(batches.len());
+        let mut refused = Vec::new();
+        for (batch, result) in batches.into_iter().zip(results) {
+            match result {
+                Err(e) if e.is_refused() => {
+                    warn!(error = %e, ops = batch.len(), "engine write refused; writing its units one by one");
+                    refused.extend(batch);
+                }
+                r => written.push((batch, r)),
             }
-            Err(e) if e.is_refused() => {
-                // etcd refuses one of the keys (a permission, a value too large): write unit
-                // by unit, so that one unit's keys do not hold up every other decision
-                warn!(error = %e, "engine write refused; writing unit by unit");
-                let written = apply_unit_by_unit(self.store.as_ref(), &l.leadership, &ops).await;
-                self.written_unit_by_unit(written);
-            }
-            Err(RegistryError::NotLeader) => {
-                warn!("engine write refused: no longer leader");
-                self.count_failed(&ops);
-                self.step_down();
-            }
-            Err(e) => {
-                // The write may have landed anyway (a timeout after commit): decide again only
-                // from a fresh listing, never from a mirror that may lack our own write.
-                warn!(error = %e, "engine write failed; listing again before deciding");
-                self.count_failed(&ops);
-                self.rewatch();
-            }
+        }
+        if !refused.is_empty() && written.iter().all(|(_, r)| r.is_ok()) {
+            // etcd refuses one of the keys (a permission, a value too large): write that
+            // batch unit by unit, so that one unit's keys do not hold up the others
+            written.extend(apply_unit_by_unit(self.store.as_ref(), &l.leadership, &refused).await);
+        } else if !refused.is_empty() {
+            // a deposed leader or an unreachable etcd: the next leader or listing decides
+            self.count_failed(&refused);
+        }
+        if self.written(written) {
+            self.metrics.engine_reconcile_success(started.elapsed());
         }
     }
 
@@ -529,20 +591,23 @@ impl Engine {
         Ok((bodies, refused))
     }
 
-    /// What [`apply_unit_by_unit`] did: the units etcd refuses are logged, counted as failed
-    /// tasks and left alone for [`REFUSED_WAIT`]; a deposed leader steps down; an
-    /// unreachable etcd ends the round, which lists again.
-    fn written_unit_by_unit(&mut self, written: Vec<(Vec<EngineOp>, Result<i64, RegistryError>)>) {
+    /// What the writes of a reconcile did, batch by batch (or unit by unit): the units etcd
+    /// refuses are logged, counted as failed tasks and left alone for [`REFUSED_WAIT`]; a
+    /// deposed leader steps down; a write that failed otherwise (it may have landed anyway,
+    /// a timeout after commit) ends the round, which decides again only from a fresh
+    /// listing, never from a mirror that may lack its own write. True when all was written.
+    fn written(&mut self, written: Vec<(Vec<EngineOp>, Result<i64, RegistryError>)>) -> bool {
+        let (mut deposed, mut failed, mut all) = (false, false, true);
         for (group, result) in written {
+            all &= result.is_ok();
             match result {
                 Ok(rev) => {
                     self.written_rev = self.written_rev.max(rev);
                     self.count_done(&group);
                 }
                 Err(RegistryError::NotLeader) => {
-                    warn!("engine write refused: no longer leader");
                     self.count_failed(&group);
-                    self.step_down();
+                    deposed = true;
                 }
                 Err(e) if e.is_refused() => {
                     let unit = group
@@ -556,10 +621,17 @@ impl Engine {
                 Err(e) => {
                     warn!(error = %e, "engine write failed; listing again before deciding");
                     self.count_failed(&group);
-                    self.rewatch();
+                    failed = true;
                 }
             }
         }
+        if deposed {
+            warn!("engine write refused: no longer leader");
+            self.step_down();
+        } else if failed {
+            self.rewatch();
+        }
+        all
     }
 
     /// Tasks written: logged and counted by type.
@@ -579,6 +651,24 @@ impl Engine {
             self.metrics.engine_task_failure(t);
         }
     }
+}
+
+/// `ops` in batches of at most [`ENGINE_OPS_PER_TXN`] decisions (one fenced transaction
+/// each), a unit's decisions never split between batches (a unit that moves is unscheduled
+/// and scheduled in one transaction).
+fn batches_by_unit(ops: &[EngineOp]) -> Vec<Vec<EngineOp>> {
+    let mut by_unit: BTreeMap<&str, Vec<EngineOp>> = BTreeMap::new();
+    for op in ops {
+        by_unit.entry(op.unit()).or_default().push(op.clone());
+    }
+    let mut batches: Vec<Vec<EngineOp>> = Vec::new();
+    for group in by_unit.into_values() {
+        match batches.last_mut() {
+            Some(b) if b.len() + group.len() <= ENGINE_OPS_PER_TXN => b.extend(group),
+            _ => batches.push(group),
+        }
+    }
+    batches
 }
 
 /// Writes `ops` one unit's decisions at a time (each write fenced as always), up to the

@@ -568,3 +568,96 @@ async fn a_refused_key_does_not_stall_the_other_units() {
     assert_eq!(placement(&store, "b.service").as_deref(), Some("m1"));
     assert_eq!(placement(&store, "d.service").as_deref(), Some("m1"));
 }
+
+/// The ranges of the watches opened since the first `skip`.
+fn watches_since(store: &MemoryStore, skip: usize) -> Vec<Vec<fleet_registry::KeyRange>> {
+    store.watches_opened().into_iter().skip(skip).collect()
+}
+
+/// A candidate that does not lead follows the leader key and nothing else: no mirror, no
+/// body reads, no watch of the engine's keys, whatever changes in the cluster. It mirrors
+/// only once it wins, and drops the mirror when it steps down.
+#[tokio::test(start_paused = true)]
+async fn a_candidate_that_does_not_lead_mirrors_nothing() {
+    let (store, mut leader, _) = leading().await;
+    let leader_only = vec![fleet_registry::KeyRange::prefix(store.keys().leader())];
+    let engine_ranges = fleet_registry::engine_ranges(store.keys());
+    let opened = store.watches_opened().len();
+    let reads = store.body_reads();
+    let mut candidate = Engine::new(Arc::new(store.clone()), config("m2"), Metrics::new());
+    for n in 0..5 {
+        create(&store, &format!("c{n}.service"), n + 20).await;
+        settle(&mut leader).await;
+        turn(&mut candidate, 2).await;
+        assert!(!candidate.is_leader());
+        assert!(!candidate.has_model(), "a candidate holds a mirror");
+    }
+    assert_eq!(watches_since(&store, opened), vec![leader_only.clone()]);
+    // (the leader read the new units' bodies; the candidate read none)
+    let leader_reads = store.body_reads() - reads;
+    assert!(leader_reads >= 1);
+    // the leader goes: the candidate wins, then lists the engine's keys
+    leader.handle(Event::Shutdown).await;
+    let opened = store.watches_opened().len();
+    turn(&mut candidate, 1).await;
+    assert!(candidate.is_leader());
+    assert_eq!(watches_since(&store, opened), vec![engine_ranges]);
+    turn(&mut candidate, 1).await;
+    assert!(candidate.has_model());
+    // stepping down drops the mirror and follows the leader key alone again
+    let opened = store.watches_opened().len();
+    candidate.step_down();
+    assert!(!candidate.has_model());
+    assert_eq!(watches_since(&store, opened), vec![leader_only]);
+}
+
+/// A new leader decides only from a listing made after its election: what changed while it
+/// did not lead (and did not watch) is in it, and nothing is written before it came.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_lists_before_deciding() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    store.put(&store.keys().leader(), "m9");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    turn(&mut engine, 2).await;
+    assert!(!engine.is_leader());
+    // changes the candidate does not watch
+    create(&store, "a.service", 1).await;
+    schedule_on(&store, "a.service", "m1", 1);
+    create(&store, "b.service", 2).await;
+    store.delete(&store.keys().leader());
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(engine.is_leader());
+    assert!(!engine.has_model());
+    // ticks before its listing came decide nothing
+    let elected = store.revision();
+    for _ in 0..3 {
+        engine.handle(Event::Tick).await;
+    }
+    assert_eq!(store.revision(), elected, "a leader wrote before listing");
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service").as_deref(), Some("m1"));
+    assert_eq!(placement(&store, "b.service").as_deref(), Some("m1"));
+}
+
+/// A burst's decisions go to etcd several units per fenced transaction (within etcd's limit
+/// of operations per transaction), not one transaction per unit.
+#[tokio::test(start_paused = true)]
+async fn a_burst_is_written_in_a_few_transactions() {
+    let (store, mut engine, _) = leading().await;
+    settle(&mut engine).await;
+    let before = store.engine_txns();
+    for n in 0..100 {
+        create(&store, &format!("u{n}.service"), n + 10).await;
+    }
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let placed = (0..100)
+        .filter(|n| placement(&store, &format!("u{n}.service")).is_some())
+        .count();
+    assert_eq!(placed, 100);
+    let per_txn = fleet_registry::ENGINE_OPS_PER_TXN as u64;
+    assert_eq!(store.engine_txns() - before, 100u64.div_ceil(per_txn));
+}

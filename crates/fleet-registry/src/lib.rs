@@ -46,7 +46,9 @@ pub use model::{
     GlobalRecord, MachineRecord, MachineView, ScheduleRecord, StateRecord, UnitRecord, UnitView,
     current_state, reports_hash,
 };
-pub use roles::{AgentStore, EngineOp, EngineSnapshot, EngineStore, Leadership};
+pub use roles::{
+    AgentStore, ENGINE_OPS_PER_TXN, EngineOp, EngineSnapshot, EngineStore, Leadership,
+};
 pub use watch::{KeyRange, ListWatch, WatchEvent};
 
 use std::time::Duration;

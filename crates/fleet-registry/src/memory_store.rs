@@ -28,6 +28,8 @@ use crate::{RegistryError, Result, WatchEvent, decode as records};
 /// How many events a watcher may have unread before it is dropped (its receiver then ends,
 /// as a broken etcd watch does, and the consumer watches again).
 const WATCH_BUFFER: usize = 4096;
+/// etcd's default limit on the operations of one transaction (`--max-txn-ops`).
+const MAX_TXN_OPS: usize = 128;
 
 /// The store. Cheap to clone: clones share the data.
 #[derive(Clone)]
@@ -70,6 +72,11 @@ struct Kv {
     refused: std::collections::BTreeSet<String>,
     /// Bumped at every change of reachability, so a pending expiry knows it is stale.
     epoch: u64,
+    /// What the engine asked, for tests that count it: transactions of decisions committed,
+    /// the ranges of every watch opened, and body reads.
+    engine_txns: u64,
+    watches_opened: Vec<Vec<KeyRange>>,
+    body_reads: u64,
 }
 
 impl Default for MemoryStore {
@@ -109,6 +116,21 @@ impl MemoryStore {
             return Err(refused(op, key));
         }
         Ok(kv)
+    }
+
+    /// How many transactions of engine decisions were committed.
+    pub fn engine_txns(&self) -> u64 {
+        self.lock().engine_txns
+    }
+
+    /// The ranges of every watch opened so far, oldest first.
+    pub fn watches_opened(&self) -> Vec<Vec<KeyRange>> {
+        self.lock().watches_opened.clone()
+    }
+
+    /// How many reads of unit bodies were asked for.
+    pub fn body_reads(&self) -> u64 {
+        self.lock().body_reads
     }
 
     /// From now on (`true`) every request that reads or writes `key` fails as etcd refuses one
@@ -249,6 +271,7 @@ impl MemoryStore {
     fn watch(&self, ranges: Vec<KeyRange>) -> mpsc::Receiver<WatchEvent> {
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let mut kv = self.lock();
+        kv.watches_opened.push(ranges.clone());
         let first = if kv.unreachable {
             WatchEvent::Disconnected
         } else {
@@ -526,8 +549,13 @@ impl EngineStore for MemoryStore {
         self.watch(records::engine_ranges(&self.keys))
     }
 
+    fn watch_leader(&self, _poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        self.watch(vec![KeyRange::prefix(self.keys.leader())])
+    }
+
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
-        let kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
+        let mut kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
+        kv.body_reads += 1;
         // one transaction in etcd: one refused key fails it whole
         if let Some(key) = hashes
             .iter()
@@ -559,9 +587,20 @@ impl EngineStore for MemoryStore {
         {
             return Err(refused("writing engine decisions", key));
         }
+        if writes.len() > MAX_TXN_OPS {
+            // etcd's answer to a transaction over its limit (compares are counted apart)
+            return Err(RegistryError::Etcd {
+                op: "writing engine decisions",
+                key: leader,
+                source: etcd_client::Error::GRpcStatus(tonic::Status::invalid_argument(
+                    "etcdserver: too many operations in txn request",
+                )),
+            });
+        }
         if kv.create_revision(&leader) != leadership.create_revision {
             return Err(RegistryError::NotLeader);
         }
+        kv.engine_txns += 1;
         Ok(kv.commit(writes, None))
     }
 }

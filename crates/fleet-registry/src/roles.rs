@@ -261,12 +261,34 @@ pub trait EngineStore: Send + Sync {
     async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>>;
     /// Gives up leadership at once, so another engine takes over quickly.
     async fn resign(&self, leadership: Leadership);
-    /// List-watch of the engine's keys ([`crate::engine_ranges`]).
+    /// List-watch of the engine's keys ([`crate::engine_ranges`]): what a leader mirrors.
     fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent>;
+    /// List-watch of the leader key alone: all a candidate that does not lead follows.
+    fn watch_leader(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent>;
     /// The bodies of the given hashes (those it has; the rest are missing from the map).
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>>;
     /// Writes decisions, fenced on the leader key: a deposed leader's writes fail as a whole
     /// ([`crate::RegistryError::NotLeader`]). Returns the revision of the last write (0 when
     /// there was nothing to write).
     async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64>;
+    /// Writes each batch (at most [`ENGINE_OPS_PER_TXN`] decisions, a unit's decisions never
+    /// split between batches) as one fenced transaction, several in flight at once where the
+    /// store allows; the outcome of each batch, in order. A batch refused (one of its keys)
+    /// fails alone.
+    async fn apply_batches(
+        &self,
+        leadership: &Leadership,
+        batches: &[Vec<EngineOp>],
+    ) -> Vec<Result<i64>> {
+        let mut out = Vec::with_capacity(batches.len());
+        for b in batches {
+            out.push(self.apply(leadership, b).await);
+        }
+        out
+    }
 }
+
+/// How many decisions one engine transaction carries: a decision writes at most 3 keys, so
+/// a batch stays within the etcd transaction limit (128 operations by default) with room to
+/// spare.
+pub const ENGINE_OPS_PER_TXN: usize = 40;

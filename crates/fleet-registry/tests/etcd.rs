@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_registry::{
-    EngineOp, EtcdConfig, EtcdRegistry, MachineRecord, Registry, RegistryError, WatchEvent,
+    ENGINE_OPS_PER_TXN, EngineOp, EtcdConfig, EtcdRegistry, Leadership, Lease, MachineRecord,
+    Registry, RegistryError, WatchEvent,
 };
 use fleet_testutil::records::{self, file, name};
 use fleet_testutil::{EtcdServer, fixture};
@@ -235,6 +236,65 @@ async fn machines_leases_and_duplicates() {
     r.withdraw_machine("m1", lease2).await;
     assert!(r.machines().await.expect("machines").is_empty());
     assert!(r.unit_states().await.expect("states").is_empty());
+}
+
+/// A burst's decisions in batches: each batch one fenced transaction, several in flight,
+/// every outcome reported in order; a deposed leader's batches all fail and land nothing.
+#[tokio::test]
+async fn engine_batches_are_fenced_transactions() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let hello = file("[Service]\nExecStart=/bin/true\n");
+    let lead = r
+        .campaign("m1", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    let batches = |from: usize, count: usize| -> Vec<Vec<EngineOp>> {
+        (from..from + count)
+            .map(|b| {
+                (0..ENGINE_OPS_PER_TXN)
+                    .map(|i| EngineOp::Schedule {
+                        unit: format!("u{}.service", b * ENGINE_OPS_PER_TXN + i),
+                        machine: "m1".into(),
+                        hash: hello.hash(),
+                        desired: TargetState::Launched,
+                    })
+                    .collect()
+            })
+            .collect()
+    };
+    let before = r.engine_snapshot().await.expect("snapshot").revision;
+    let outcomes = r.apply_batches(&lead, &batches(0, 20)).await;
+    assert_eq!(outcomes.len(), 20);
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(snap.placements.len(), 20 * ENGINE_OPS_PER_TXN);
+    // one transaction (one revision) per batch
+    assert_eq!(snap.revision - before, 20);
+    // the leader key won by another engine: every batch of the old proof fails
+    let (_lost, lost) = tokio::sync::watch::channel(false);
+    let (_renewed, renewed) = tokio::sync::watch::channel(tokio::time::Instant::now());
+    let stale = Leadership {
+        lease: Lease::new(lead.lease.id(), lost, renewed),
+        create_revision: lead.create_revision,
+    };
+    r.resign(lead).await;
+    let _other = r
+        .campaign("m2", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    let outcomes = r.apply_batches(&stale, &batches(20, 5)).await;
+    assert_eq!(outcomes.len(), 5);
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(RegistryError::NotLeader))),
+        "{outcomes:?}"
+    );
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(snap.placements.len(), 20 * ENGINE_OPS_PER_TXN);
 }
 
 #[tokio::test]

@@ -107,6 +107,17 @@ impl EtcdRegistry {
         )
     }
 
+    /// List-watch of the leader key alone (what a candidate that does not lead follows).
+    pub fn watch_leader(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        ListWatch::spawn_restarting(
+            self.client.clone(),
+            vec![KeyRange::prefix(self.keys.leader())],
+            poll,
+            self.timeout.saturating_mul(5),
+            self.health.members_out(),
+        )
+    }
+
     /// The bodies of the given units (for their requirements).
     pub async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
         self.bodies(hashes).await
@@ -116,6 +127,60 @@ impl EtcdRegistry {
     /// fail as a whole ([`RegistryError::NotLeader`]). Returns the revision of the last write
     /// (0 when there was nothing to write).
     pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
+        self.apply_fenced(leadership.create_revision, ops).await
+    }
+
+    /// [`Self::apply`] of each batch, up to [`TXNS_IN_FLIGHT`] at once: each batch's outcome,
+    /// in order. Every transaction carries the fence, so a deposed leader's batches all fail,
+    /// in flight or not.
+    pub async fn apply_batches(
+        &self,
+        leadership: &Leadership,
+        batches: &[Vec<EngineOp>],
+    ) -> Vec<Result<i64>> {
+        let fence = leadership.create_revision;
+        let mut out: Vec<Option<Result<i64>>> = batches.iter().map(|_| None).collect();
+        let mut index = HashMap::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut next = 0;
+        loop {
+            while next < batches.len() && tasks.len() < TXNS_IN_FLIGHT {
+                let this = self.clone();
+                let ops = batches[next].clone();
+                let task = tasks.spawn(async move { this.apply_fenced(fence, &ops).await });
+                index.insert(task.id(), next);
+                next += 1;
+            }
+            let (id, result) = match tasks.join_next_with_id().await {
+                None => break,
+                Some(Ok((id, r))) => (id, r),
+                Some(Err(e)) => (
+                    e.id(),
+                    // a write task that did not finish: its write may or may not have landed
+                    Err(RegistryError::Unreachable {
+                        op: "writing engine decisions",
+                        key: self.keys.leader(),
+                    }),
+                ),
+            };
+            if let Some(slot) = index.get(&id).and_then(|i| out.get_mut(*i)) {
+                *slot = Some(result);
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(RegistryError::Unreachable {
+                        op: "writing engine decisions",
+                        key: self.keys.leader(),
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `ops` in transactions fenced on the leader key's create revision `fence`.
+    async fn apply_fenced(&self, fence: i64, ops: &[EngineOp]) -> Result<i64> {
         let leader = self.keys.leader();
         let mut revision = 0;
         for chunk in txn_chunks(&self.keys, ops) {
@@ -123,7 +188,7 @@ impl EtcdRegistry {
                 .when([Compare::create_revision(
                     leader.as_str(),
                     CompareOp::Equal,
-                    leadership.create_revision,
+                    fence,
                 )])
                 .and_then(chunk);
             let resp = self
@@ -137,6 +202,11 @@ impl EtcdRegistry {
         Ok(revision)
     }
 }
+
+/// How many transactions of decisions [`EtcdRegistry::apply_batches`] keeps in flight: etcd
+/// commits concurrent proposals together, so a burst's writes cost a few round trips, not
+/// one per batch.
+const TXNS_IN_FLIGHT: usize = 8;
 
 /// The etcd operations of `ops`, in transactions of at most [`MAX_TXN_OPS`]; a transaction
 /// never splits one decision's group.
@@ -182,11 +252,23 @@ impl EngineStore for EtcdRegistry {
         EtcdRegistry::watch_engine(self, poll)
     }
 
+    fn watch_leader(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
+        EtcdRegistry::watch_leader(self, poll)
+    }
+
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
         self.bodies(hashes).await
     }
 
     async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
         EtcdRegistry::apply(self, leadership, ops).await
+    }
+
+    async fn apply_batches(
+        &self,
+        leadership: &Leadership,
+        batches: &[Vec<EngineOp>],
+    ) -> Vec<Result<i64>> {
+        EtcdRegistry::apply_batches(self, leadership, batches).await
     }
 }
