@@ -172,6 +172,54 @@ async fn a_lease_says_when_its_last_accepted_refresh_was_sent() {
     assert!(!lease.is_lost());
 }
 
+/// etcd's count of `LeaseKeepAlive` streams opened so far, from its `/metrics`.
+async fn keep_alive_streams(etcd: &EtcdServer) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .expect("connect to etcd's metrics");
+    let req = format!("GET /metrics HTTP/1.0\r\nHost: {hostport}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("request metrics");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read metrics");
+    text.lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_started_total{") && l.contains("\"LeaseKeepAlive\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Refreshes go out on one kept-open keep-alive stream: etcd counts each stream opened as a
+/// request, so a stream per refresh cost every machine a request per ttl/3.
+#[tokio::test]
+async fn lease_refreshes_share_one_keep_alive_stream() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let before = keep_alive_streams(&etcd).await;
+    let lease = fleet_registry::Lease::from(
+        r.register_machine(&machine("m1", "tok-a"), Duration::from_secs(3))
+            .await
+            .expect("register"),
+    );
+    let mut renewed = lease.renewed();
+    let mut refreshes = 0;
+    while refreshes < 4 {
+        tokio::time::timeout(Duration::from_secs(5), renewed.changed())
+            .await
+            .expect("a refresh within 5 s at ttl 3 s")
+            .expect("keeper alive");
+        refreshes += 1;
+    }
+    let streams = keep_alive_streams(&etcd).await - before;
+    assert_eq!(streams, 1.0, "{refreshes} refreshes opened {streams} streams");
+    assert!(!lease.is_lost());
+}
+
 /// A lease that etcd no longer has (it expired, or was revoked) is lost, and said so
 /// within a refresh period or two.
 #[tokio::test]
