@@ -4,14 +4,18 @@
 //! `u16`s, in URL-safe base64 with padding. A token made under another `token_limit` is
 //! refused, so a client never mixes page sizes.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE;
+use fleet_registry::PageStart;
 
 /// fleet's default page size.
 pub const DEFAULT_TOKEN_LIMIT: u16 = 100;
 
 /// Which page of how many items.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageToken {
     pub limit: u16,
     pub page: u16,
@@ -92,6 +96,65 @@ impl PageToken {
         } else {
             (all[start..stop].to_vec(), Some(self.next()))
         }
+    }
+}
+
+/// How many next pages [`Cursors`] remembers where they start.
+pub const CURSORS_KEPT: usize = 1024;
+
+/// Where the pages this API handed out tokens for start: the key of the last item of the
+/// page before. A token only says which page (fleet's format, which fleetctl v1.0 passes
+/// back as it got it), so without this every page would be found by counting from the
+/// first item, which costs a whole listing per page. A token this API did not hand out, or
+/// has forgotten (the oldest go first), is counted from the first item as before.
+#[derive(Debug)]
+pub struct Cursors<K> {
+    starts: Mutex<(HashMap<PageToken, K>, VecDeque<PageToken>)>,
+}
+
+impl<K: Clone> Default for Cursors<K> {
+    fn default() -> Self {
+        Cursors {
+            starts: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+}
+
+impl<K: Clone> Cursors<K> {
+    /// Where the page of `token` starts.
+    pub fn start(&self, token: PageToken) -> PageStart<K> {
+        let known = self
+            .starts
+            .lock()
+            .ok()
+            .and_then(|s| s.0.get(&token).cloned());
+        match known {
+            Some(key) if token.page > 1 => PageStart::After(key),
+            _ => PageStart::Skip(
+                (usize::from(token.page).saturating_sub(1)).saturating_mul(usize::from(token.limit)),
+            ),
+        }
+    }
+
+    /// Remembers that the page of `token` starts after `key`.
+    pub fn remember(&self, token: PageToken, key: K) {
+        let Ok(mut s) = self.starts.lock() else {
+            return;
+        };
+        let (map, order) = &mut *s;
+        if map.insert(token, key).is_none() {
+            order.push_back(token);
+        }
+        while order.len() > CURSORS_KEPT {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// How many starts are remembered (for tests).
+    pub fn len(&self) -> usize {
+        self.starts.lock().map(|s| s.0.len()).unwrap_or(0)
     }
 }
 
