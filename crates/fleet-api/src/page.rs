@@ -131,7 +131,8 @@ impl<K: Clone> Cursors<K> {
         match known {
             Some(key) if token.page > 1 => PageStart::After(key),
             _ => PageStart::Skip(
-                (usize::from(token.page).saturating_sub(1)).saturating_mul(usize::from(token.limit)),
+                (usize::from(token.page).saturating_sub(1))
+                    .saturating_mul(usize::from(token.limit)),
             ),
         }
     }
@@ -152,7 +153,8 @@ impl<K: Clone> Cursors<K> {
         }
     }
 
-    /// How many starts are remembered (for tests).
+    /// How many starts are remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.starts.lock().map(|s| s.0.len()).unwrap_or(0)
     }
@@ -232,5 +234,31 @@ mod tests {
         // a full last page points at an empty one, as fleet did
         let (got, tok) = PageToken { limit: 5, page: 1 }.slice(&all);
         assert_eq!((got.len(), tok.map(|t| t.page)), (5, Some(2)));
+    }
+
+    #[test]
+    fn cursors_remember_page_starts_and_forget_the_oldest() {
+        let cursors: Cursors<String> = Cursors::default();
+        let tok = |page: u16| PageToken { limit: 2, page };
+        // unknown: counted from the first item
+        assert_eq!(cursors.start(tok(3)), PageStart::Skip(4));
+        assert_eq!(cursors.start(tok(1)), PageStart::Skip(0));
+        cursors.remember(tok(2), "b".into());
+        assert_eq!(cursors.start(tok(2)), PageStart::After("b".into()));
+        // another page size is another token
+        assert_eq!(
+            cursors.start(PageToken { limit: 3, page: 2 }),
+            PageStart::Skip(3)
+        );
+        for page in 3..(3 + CURSORS_KEPT as u16) {
+            cursors.remember(tok(page), format!("k{page}"));
+        }
+        assert_eq!(cursors.len(), CURSORS_KEPT);
+        assert_eq!(
+            cursors.start(tok(2)),
+            PageStart::Skip(2),
+            "the oldest went first"
+        );
+        assert_eq!(cursors.start(tok(3)), PageStart::After("k3".into()));
     }
 }

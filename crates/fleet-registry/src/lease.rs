@@ -133,9 +133,9 @@ async fn keep(client: Client, id: i64, ttl: Duration, signals: Signals, health: 
                     Ok(t) if t.ttl() < 0 => Ok(false),
                     _ => Err(match outcome {
                         Err(e) => e,
-                        Ok(_) => etcd_client::Error::LeaseKeepAliveError(
-                            "refresh not accepted".into(),
-                        ),
+                        Ok(_) => {
+                            etcd_client::Error::LeaseKeepAliveError("refresh not accepted".into())
+                        }
                     }),
                 },
             }

@@ -193,7 +193,13 @@ impl Registry for MemoryRegistry {
         let inner = self.lock();
         let from = match start {
             PageStart::Skip(n) => {
-                return Ok(inner.states.values().skip(*n).take(limit).cloned().collect());
+                return Ok(inner
+                    .states
+                    .values()
+                    .skip(*n)
+                    .take(limit)
+                    .cloned()
+                    .collect());
             }
             PageStart::After(k) => (Bound::Excluded(k.clone()), Bound::Unbounded),
         };

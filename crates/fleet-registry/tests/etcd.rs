@@ -187,9 +187,7 @@ async fn keep_alive_streams(etcd: &EtcdServer) -> f64 {
     let mut text = String::new();
     s.read_to_string(&mut text).await.expect("read metrics");
     text.lines()
-        .filter(|l| {
-            l.starts_with("grpc_server_started_total{") && l.contains("\"LeaseKeepAlive\"")
-        })
+        .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("\"LeaseKeepAlive\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -216,7 +214,10 @@ async fn lease_refreshes_share_one_keep_alive_stream() {
         refreshes += 1;
     }
     let streams = keep_alive_streams(&etcd).await - before;
-    assert_eq!(streams, 1.0, "{refreshes} refreshes opened {streams} streams");
+    assert_eq!(
+        streams, 1.0,
+        "{refreshes} refreshes opened {streams} streams"
+    );
     assert!(!lease.is_lost());
 }
 
@@ -917,14 +918,21 @@ async fn a_page_reads_only_its_units() {
         }
         let before = reads(&metrics);
         let page = r
-            .units_page(&fleet_registry::PageStart::After("u0009.service".into()), 10)
+            .units_page(
+                &fleet_registry::PageStart::After("u0009.service".into()),
+                10,
+            )
             .await
             .expect("page");
         let names: Vec<String> = page.iter().map(|u| u.name.to_string()).collect();
         let want: Vec<String> = (10..20).map(|i| format!("u{i:04}.service")).collect();
         assert_eq!(names, want);
         assert!(page.iter().all(|u| u.machine_id.as_deref() == Some("m1")));
-        assert_eq!(reads(&metrics) - before, 3, "reads of a page at {total} units");
+        assert_eq!(
+            reads(&metrics) - before,
+            3,
+            "reads of a page at {total} units"
+        );
         let before = reads(&metrics);
         let page = r
             .unit_states_page(
@@ -934,6 +942,10 @@ async fn a_page_reads_only_its_units() {
             .await
             .expect("page");
         assert_eq!(page.len(), 10);
-        assert_eq!(reads(&metrics) - before, 1, "reads of a state page at {total} units");
+        assert_eq!(
+            reads(&metrics) - before,
+            1,
+            "reads of a state page at {total} units"
+        );
     }
 }

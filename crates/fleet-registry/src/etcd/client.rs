@@ -193,7 +193,11 @@ impl EtcdRegistry {
     /// placement, reason, state and body, and nothing else: one range read of the unit
     /// records (more only where records cannot be read or bodies are missing), one of their
     /// placements and reasons, one of their machines' states, and the bodies not cached.
-    async fn units_page_once(&self, after_name: Option<&str>, limit: usize) -> Result<Vec<UnitView>> {
+    async fn units_page_once(
+        &self,
+        after_name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<UnitView>> {
         let dir = self.keys.dir(keys::UNITS);
         let end = prefix_end(dir.as_bytes());
         let mut from = match after_name {
@@ -550,9 +554,7 @@ impl Registry for EtcdRegistry {
             }
             PageStart::Skip(0) => self.page_read(|| self.units_page_once(None, limit)).await,
             // a position without the key before it: counted in a whole listing
-            PageStart::Skip(_) => Ok(start.cut(self.units().await?, limit, |u| {
-                u.name.to_string()
-            })),
+            PageStart::Skip(_) => Ok(start.cut(self.units().await?, limit, |u| u.name.to_string())),
         }
     }
 
@@ -566,10 +568,7 @@ impl Registry for EtcdRegistry {
                 self.page_read(|| self.states_page_once(Some(key), limit))
                     .await
             }
-            PageStart::Skip(0) => {
-                self.page_read(|| self.states_page_once(None, limit))
-                    .await
-            }
+            PageStart::Skip(0) => self.page_read(|| self.states_page_once(None, limit)).await,
             PageStart::Skip(_) => Ok(start.cut(self.unit_states().await?, limit, |s| {
                 (s.name.clone(), s.machine_id.clone())
             })),
