@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Body;
 use tracing::{debug, error, warn};
 
-use crate::page::PageToken;
+use crate::page::{Cursors, PageToken};
 use crate::wire;
 use crate::{ApiConfig, DISCOVERY_JSON};
 
@@ -26,6 +26,10 @@ pub(crate) struct Api {
     pub(crate) registry: Arc<dyn Registry>,
     pub(crate) config: ApiConfig,
     server: HeaderValue,
+    /// Where the next pages of the unit list start (the name each page ended with).
+    unit_cursors: Cursors<String>,
+    /// Where the next pages of the state list start (the unit and machine each ended with).
+    state_cursors: Cursors<(String, String)>,
 }
 
 type Reply = Response<Full<Bytes>>;
@@ -67,6 +71,8 @@ impl Api {
             registry,
             config,
             server,
+            unit_cursors: Cursors::default(),
+            state_cursors: Cursors::default(),
         }
     }
 
@@ -260,12 +266,18 @@ impl Api {
 
     async fn list_units(&self, query: &[(String, String)]) -> Result<Reply> {
         let token = self.page_token(query)?;
-        let units = self
+        let limit = usize::from(token.limit);
+        // only this page is read, from where the page before ended
+        let items = self
             .registry
-            .units()
+            .units_page(&self.unit_cursors.start(token), limit)
             .await
             .map_err(|e| internal("failed fetching page of units", &e))?;
-        let (items, next) = token.slice(&units);
+        // as in fleet, a full page gets a next token, even when nothing follows
+        let next = (items.len() == limit).then(|| token.next());
+        if let (Some(next), Some(last)) = (next, items.last()) {
+            self.unit_cursors.remember(next, last.name.to_string());
+        }
         let page = wire::UnitPage {
             next_page_token: next.map(PageToken::encode).unwrap_or_default(),
             units: items.iter().map(unit_to_wire).collect(),
@@ -422,17 +434,33 @@ impl Api {
         let token = self.page_token(query)?;
         let machine = first_value(query, "machineID");
         let unit = first_value(query, "unitName");
-        let states = self
-            .registry
-            .unit_states()
-            .await
-            .map_err(|e| internal("failed fetching page of unit states", &e))?;
-        let filtered: Vec<StateRecord> = states
-            .into_iter()
-            .filter(|s| machine.is_none_or(|m| m == s.machine_id))
-            .filter(|s| unit.is_none_or(|u| u == s.name))
-            .collect();
-        let (items, next) = token.slice(&filtered);
+        let (items, next) = if machine.is_none() && unit.is_none() {
+            // only this page is read, from where the page before ended
+            let limit = usize::from(token.limit);
+            let items = self
+                .registry
+                .unit_states_page(&self.state_cursors.start(token), limit)
+                .await
+                .map_err(|e| internal("failed fetching page of unit states", &e))?;
+            let next = (items.len() == limit).then(|| token.next());
+            if let (Some(next), Some(last)) = (next, items.last()) {
+                self.state_cursors
+                    .remember(next, (last.name.clone(), last.machine_id.clone()));
+            }
+            (items, next)
+        } else {
+            let states = self
+                .registry
+                .unit_states()
+                .await
+                .map_err(|e| internal("failed fetching page of unit states", &e))?;
+            let filtered: Vec<StateRecord> = states
+                .into_iter()
+                .filter(|s| machine.is_none_or(|m| m == s.machine_id))
+                .filter(|s| unit.is_none_or(|u| u == s.name))
+                .collect();
+            token.slice(&filtered)
+        };
         let page = wire::UnitStatePage {
             next_page_token: next.map(PageToken::encode).unwrap_or_default(),
             states: items.iter().map(state_to_wire).collect(),

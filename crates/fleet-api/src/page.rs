@@ -4,14 +4,18 @@
 //! `u16`s, in URL-safe base64 with padding. A token made under another `token_limit` is
 //! refused, so a client never mixes page sizes.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE;
+use fleet_registry::PageStart;
 
 /// fleet's default page size.
 pub const DEFAULT_TOKEN_LIMIT: u16 = 100;
 
 /// Which page of how many items.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PageToken {
     pub limit: u16,
     pub page: u16,
@@ -95,6 +99,67 @@ impl PageToken {
     }
 }
 
+/// How many next pages [`Cursors`] remembers where they start.
+pub const CURSORS_KEPT: usize = 1024;
+
+/// Where the pages this API handed out tokens for start: the key of the last item of the
+/// page before. A token only says which page (fleet's format, which fleetctl v1.0 passes
+/// back as it got it), so without this every page would be found by counting from the
+/// first item, which costs a whole listing per page. A token this API did not hand out, or
+/// has forgotten (the oldest go first), is counted from the first item as before.
+#[derive(Debug)]
+pub struct Cursors<K> {
+    starts: Mutex<(HashMap<PageToken, K>, VecDeque<PageToken>)>,
+}
+
+impl<K: Clone> Default for Cursors<K> {
+    fn default() -> Self {
+        Cursors {
+            starts: Mutex::new((HashMap::new(), VecDeque::new())),
+        }
+    }
+}
+
+impl<K: Clone> Cursors<K> {
+    /// Where the page of `token` starts.
+    pub fn start(&self, token: PageToken) -> PageStart<K> {
+        let known = self
+            .starts
+            .lock()
+            .ok()
+            .and_then(|s| s.0.get(&token).cloned());
+        match known {
+            Some(key) if token.page > 1 => PageStart::After(key),
+            _ => PageStart::Skip(
+                (usize::from(token.page).saturating_sub(1))
+                    .saturating_mul(usize::from(token.limit)),
+            ),
+        }
+    }
+
+    /// Remembers that the page of `token` starts after `key`.
+    pub fn remember(&self, token: PageToken, key: K) {
+        let Ok(mut s) = self.starts.lock() else {
+            return;
+        };
+        let (map, order) = &mut *s;
+        if map.insert(token, key).is_none() {
+            order.push_back(token);
+        }
+        while order.len() > CURSORS_KEPT {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    /// How many starts are remembered.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.starts.lock().map(|s| s.0.len()).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,5 +234,31 @@ mod tests {
         // a full last page points at an empty one, as fleet did
         let (got, tok) = PageToken { limit: 5, page: 1 }.slice(&all);
         assert_eq!((got.len(), tok.map(|t| t.page)), (5, Some(2)));
+    }
+
+    #[test]
+    fn cursors_remember_page_starts_and_forget_the_oldest() {
+        let cursors: Cursors<String> = Cursors::default();
+        let tok = |page: u16| PageToken { limit: 2, page };
+        // unknown: counted from the first item
+        assert_eq!(cursors.start(tok(3)), PageStart::Skip(4));
+        assert_eq!(cursors.start(tok(1)), PageStart::Skip(0));
+        cursors.remember(tok(2), "b".into());
+        assert_eq!(cursors.start(tok(2)), PageStart::After("b".into()));
+        // another page size is another token
+        assert_eq!(
+            cursors.start(PageToken { limit: 3, page: 2 }),
+            PageStart::Skip(3)
+        );
+        for page in 3..(3 + CURSORS_KEPT as u16) {
+            cursors.remember(tok(page), format!("k{page}"));
+        }
+        assert_eq!(cursors.len(), CURSORS_KEPT);
+        assert_eq!(
+            cursors.start(tok(2)),
+            PageStart::Skip(2),
+            "the oldest went first"
+        );
+        assert_eq!(cursors.start(tok(3)), PageStart::After("k3".into()));
     }
 }

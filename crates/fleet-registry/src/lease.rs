@@ -114,26 +114,40 @@ async fn keep(client: Client, id: i64, ttl: Duration, signals: Signals, health: 
     // pause back up to the period
     let first_retry = (period / 8).max(Duration::from_millis(100));
     let mut pause = period;
+    let mut stream: Option<KeepAlive> = None;
     loop {
         tokio::time::sleep(pause).await;
         // a refresh etcd accepts restarts the ttl at some moment after it was sent: the
         // send time is the safe one to count from (at-most-once units do)
         let sent = Instant::now();
-        // etcd-client's keep_alive sends one refresh and reads its answer; an answer of ttl
-        // 0 (the lease is gone) comes back as an error, told apart from a failed request
-        // by asking etcd for the lease's time to live
+        // refreshes go out on one kept-open stream (etcd counts a stream as one request,
+        // however many refreshes it carries); an answer of ttl 0 (the lease is gone) or a
+        // broken stream is told apart from a failed request by asking etcd for the
+        // lease's time to live
         let attempt = tokio::time::timeout(patience, async {
-            match client.lease_client().keep_alive(id).await {
-                Ok(_) => Ok(true),
+            match refresh(&client, id, &mut stream).await {
+                Ok(true) => Ok(true),
                 // (-1: the lease is gone; 0 is a live lease in its last second, etcd
                 // rounds down)
-                Err(e) => match client.lease_client().time_to_live(id, None).await {
+                outcome => match client.lease_client().time_to_live(id, None).await {
                     Ok(t) if t.ttl() < 0 => Ok(false),
-                    _ => Err(e),
+                    _ => Err(match outcome {
+                        Err(e) => e,
+                        Ok(_) => {
+                            etcd_client::Error::LeaseKeepAliveError("refresh not accepted".into())
+                        }
+                    }),
                 },
             }
         })
         .await;
+        if !matches!(attempt, Ok(Ok(true))) {
+            // a refresh that failed or timed out may still be answered later: that answer
+            // must never be taken for a later refresh's (the `renewed` clock would count
+            // from a send etcd did not answer), so the stream goes and the next refresh
+            // opens a new one
+            stream = None;
+        }
         match attempt {
             Ok(Ok(true)) => {
                 last_ok = Instant::now();
@@ -176,6 +190,42 @@ async fn keep(client: Client, id: i64, ttl: Duration, signals: Signals, health: 
             warned = false;
         }
     }
+}
+
+/// A lease's open keep-alive stream: where refreshes are sent, and where their answers come
+/// back, one per refresh and in order.
+type KeepAlive = (etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream);
+
+/// Sends one refresh and reads its answer, on `stream` if it is open, else on a new stream
+/// left open for the next refreshes. `Ok(false)`: etcd answered with a ttl of 0 or less
+/// (the lease may be gone); an error: the stream broke or could not be opened, and is
+/// closed.
+async fn refresh(
+    client: &Client,
+    id: i64,
+    stream: &mut Option<KeepAlive>,
+) -> Result<bool, etcd_client::Error> {
+    let Some((keeper, answers)) = stream else {
+        // opening the stream sends the first refresh and reads its answer; etcd-client
+        // reports an answer of ttl 0 as an error
+        let opened = client.lease_client().keep_alive(id).await?;
+        *stream = Some(opened);
+        return Ok(true);
+    };
+    let outcome = async {
+        keeper.keep_alive().await?;
+        match answers.message().await? {
+            Some(answer) => Ok(answer.ttl() > 0),
+            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                "keep-alive stream closed".into(),
+            )),
+        }
+    }
+    .await;
+    if outcome.is_err() {
+        *stream = None;
+    }
+    outcome
 }
 
 /// A lease as the agent and the engine see it, whatever store granted it: an ID to write

@@ -56,6 +56,30 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fleet_unit::{TargetState, UnitFile, UnitName};
 
+/// Where a page of a sorted listing starts: after so many items, or after the item with a
+/// given key (what the previous page ended with, which a range read can start from).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PageStart<K> {
+    /// After the first `n` items.
+    Skip(usize),
+    /// After the item whose key is this (and any item before it).
+    After(K),
+}
+
+impl<K: Ord> PageStart<K> {
+    /// The page of `all` (sorted by `key`) that starts here: at most `limit` items.
+    pub fn cut<T>(&self, all: Vec<T>, limit: usize, key: impl Fn(&T) -> K) -> Vec<T> {
+        match self {
+            PageStart::Skip(n) => all.into_iter().skip(*n).take(limit).collect(),
+            PageStart::After(after) => all
+                .into_iter()
+                .skip_while(|t| key(t) <= *after)
+                .take(limit)
+                .collect(),
+        }
+    }
+}
+
 /// What clients (the HTTP API and fleetctl's etcd driver) may do with the registry.
 #[async_trait]
 pub trait Registry: Send + Sync {
@@ -84,10 +108,27 @@ pub trait Registry: Send + Sync {
     async fn unit(&self, name: &UnitName) -> Result<Option<UnitView>>;
     /// All units, sorted by name.
     async fn units(&self) -> Result<Vec<UnitView>>;
+    /// One page of [`Registry::units`]: at most `limit` units, those that follow `start` in
+    /// name order. Drivers that can read a range read only the page (and what joins its
+    /// units); the default reads everything and cuts the page out.
+    async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
+        Ok(start.cut(self.units().await?, limit, |u| u.name.to_string()))
+    }
     /// All machines present now, sorted by ID, with API-set metadata merged in.
     async fn machines(&self) -> Result<Vec<MachineView>>;
     /// All unit states reported by agents, sorted by unit name then machine ID.
     async fn unit_states(&self) -> Result<Vec<StateRecord>>;
+    /// One page of [`Registry::unit_states`]: at most `limit` states, those that follow
+    /// `start` in (unit name, machine ID) order. The default reads everything.
+    async fn unit_states_page(
+        &self,
+        start: &PageStart<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StateRecord>> {
+        Ok(start.cut(self.unit_states().await?, limit, |s| {
+            (s.name.clone(), s.machine_id.clone())
+        }))
+    }
     /// Sets (Some) or removes (None) one metadata key of a machine; persists across restarts.
     async fn set_machine_metadata(
         &self,

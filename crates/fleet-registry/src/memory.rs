@@ -2,12 +2,15 @@
 //! fuzzing of what sits on top of a registry (the API). Never what fleetd runs.
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName};
 
-use crate::{MachineView, Registry, RegistryError, Result, StateRecord, UnitView, current_state};
+use crate::{
+    MachineView, PageStart, Registry, RegistryError, Result, StateRecord, UnitView, current_state,
+};
 
 /// Units, machines, placements, reasons and states held in memory. Placements, reasons,
 /// machines and states are what the engine and agents would write; tests set them directly.
@@ -94,6 +97,17 @@ impl MemoryRegistry {
     }
 }
 
+/// The page of units after the first `skip`.
+fn start_cut(inner: &Inner, skip: usize, limit: usize) -> Vec<UnitView> {
+    inner
+        .units
+        .keys()
+        .filter_map(|k| MemoryRegistry::view(inner, k))
+        .skip(skip)
+        .take(limit)
+        .collect()
+}
+
 #[async_trait]
 impl Registry for MemoryRegistry {
     async fn create_unit(
@@ -154,6 +168,46 @@ impl Registry for MemoryRegistry {
             .units
             .keys()
             .filter_map(|k| MemoryRegistry::view(&inner, k))
+            .collect())
+    }
+
+    async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
+        let inner = self.lock();
+        let from = match start {
+            PageStart::Skip(n) => return Ok(start_cut(&inner, *n, limit)),
+            PageStart::After(k) => (Bound::Excluded(k.clone()), Bound::Unbounded),
+        };
+        Ok(inner
+            .units
+            .range::<String, _>(from)
+            .filter_map(|(k, _)| MemoryRegistry::view(&inner, k))
+            .take(limit)
+            .collect())
+    }
+
+    async fn unit_states_page(
+        &self,
+        start: &PageStart<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StateRecord>> {
+        let inner = self.lock();
+        let from = match start {
+            PageStart::Skip(n) => {
+                return Ok(inner
+                    .states
+                    .values()
+                    .skip(*n)
+                    .take(limit)
+                    .cloned()
+                    .collect());
+            }
+            PageStart::After(k) => (Bound::Excluded(k.clone()), Bound::Unbounded),
+        };
+        Ok(inner
+            .states
+            .range::<(String, String), _>(from)
+            .map(|(_, s)| s.clone())
+            .take(limit)
             .collect())
     }
 

@@ -277,7 +277,7 @@ impl Paging {
 }
 
 /// Whether etcd refused a read because its revision was compacted.
-fn compacted(e: &etcd_client::Error) -> bool {
+pub(crate) fn compacted(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(s) => {
             s.code() == tonic::Code::OutOfRange && s.message().contains("compacted")
@@ -288,7 +288,7 @@ fn compacted(e: &etcd_client::Error) -> bool {
 
 /// The first key past every key starting with `prefix` (etcd's prefix range end); empty (the
 /// whole key space onward) when no such key exists.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

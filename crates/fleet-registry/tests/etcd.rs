@@ -173,6 +173,55 @@ async fn a_lease_says_when_its_last_accepted_refresh_was_sent() {
     assert!(!lease.is_lost());
 }
 
+/// etcd's count of `LeaseKeepAlive` streams opened so far, from its `/metrics`.
+async fn keep_alive_streams(etcd: &EtcdServer) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = etcd
+        .endpoint()
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let mut s = tokio::net::TcpStream::connect(hostport)
+        .await
+        .expect("connect to etcd's metrics");
+    let req = format!("GET /metrics HTTP/1.0\r\nHost: {hostport}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("request metrics");
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.expect("read metrics");
+    text.lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{") && l.contains("\"LeaseKeepAlive\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Refreshes go out on one kept-open keep-alive stream: etcd counts each stream opened as a
+/// request, so a stream per refresh cost every machine a request per ttl/3.
+#[tokio::test]
+async fn lease_refreshes_share_one_keep_alive_stream() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let before = keep_alive_streams(&etcd).await;
+    let lease = fleet_registry::Lease::from(
+        r.register_machine(&machine("m1", "tok-a"), Duration::from_secs(3))
+            .await
+            .expect("register"),
+    );
+    let mut renewed = lease.renewed();
+    let mut refreshes = 0;
+    while refreshes < 4 {
+        tokio::time::timeout(Duration::from_secs(5), renewed.changed())
+            .await
+            .expect("a refresh within 5 s at ttl 3 s")
+            .expect("keeper alive");
+        refreshes += 1;
+    }
+    let streams = keep_alive_streams(&etcd).await - before;
+    assert_eq!(
+        streams, 1.0,
+        "{refreshes} refreshes opened {streams} streams"
+    );
+    assert!(!lease.is_lost());
+}
+
 /// A lease that etcd no longer has (it expired, or was revoked) is lost, and said so
 /// within a refresh period or two.
 #[tokio::test]
@@ -908,4 +957,190 @@ async fn grouped_creations_answer_each_unit_exactly() {
         (old.hash(), TargetState::Inactive)
     );
     assert_eq!(r.units().await.expect("units").len(), 32);
+}
+
+/// Writes what the engine and the agents would: `placement/<unit>` and unit states.
+async fn place(etcd: &EtcdServer, unit: &str, machine: &str) {
+    let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("client");
+    let prefix = fixture::PREFIX;
+    c.put(format!("{prefix}placement/{unit}"), machine, None)
+        .await
+        .expect("placement");
+    report(&mut c, unit, machine).await;
+}
+
+async fn report(c: &mut etcd_client::Client, unit: &str, machine: &str) {
+    let prefix = fixture::PREFIX;
+    let state = serde_json::to_string(&records::state(unit, machine, "h")).expect("json");
+    c.put(format!("{prefix}states/{unit}/{machine}"), state, None)
+        .await
+        .expect("state");
+}
+
+/// Every page of a listing, each starting after the last item of the one before (as the
+/// API goes on from a page token).
+async fn all_pages<T, K>(
+    limit: usize,
+    key: impl Fn(&T) -> K,
+    mut page: impl AsyncFnMut(fleet_registry::PageStart<K>) -> Vec<T>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    let mut start = fleet_registry::PageStart::Skip(0);
+    loop {
+        let items = page(start).await;
+        let full = items.len() == limit;
+        let Some(last) = items.last() else {
+            break;
+        };
+        start = fleet_registry::PageStart::After(key(last));
+        out.extend(items);
+        if !full {
+            break;
+        }
+    }
+    out
+}
+
+/// Paging through units and unit states with any page size gives exactly the whole
+/// listing, in its order, with the same fields; names whose keys sort differently from
+/// the names themselves (`a.service` before `a.service-b.service`, whose states' keys come
+/// first) included; and a page found by position is the same as one found by key.
+#[tokio::test]
+async fn pages_add_up_to_the_whole_listing() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let mut names: Vec<String> = [
+        "a.service",
+        "a.service-b.service",
+        "a.service.service",
+        "a-b.service",
+        "a.service-b.service-c.service",
+        "b.service",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    names.extend((0..17).map(|i| format!("c{i:02}.service")));
+    for (i, n) in names.iter().enumerate() {
+        let body = if i % 2 == 0 {
+            "[Service]\nExecStart=/bin/true\n".to_string()
+        } else {
+            format!("[Service]\nExecStart=/bin/echo {i}\n")
+        };
+        r.create_unit(&name(n), &file(&body), TargetState::Launched)
+            .await
+            .expect("create");
+        if i % 3 != 1 {
+            place(&etcd, n, &format!("m{}", i % 4)).await;
+        }
+    }
+    // states the placements do not explain: a second machine, a unit without a record
+    let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("client");
+    for (unit, machine) in [
+        ("a.service", "m9"),
+        ("a.service-b.service", "m0"),
+        ("gone.service", "m1"),
+    ] {
+        report(&mut c, unit, machine).await;
+    }
+    let units = r.units().await.expect("units");
+    let states = r.unit_states().await.expect("states");
+    assert_eq!(units.len(), names.len());
+    assert!(states.len() > 15, "{}", states.len());
+    for limit in [1, 2, 3, 5, 7, 23, 24, 100] {
+        let paged = all_pages(
+            limit,
+            |u: &fleet_registry::UnitView| u.name.to_string(),
+            async |start| r.units_page(&start, limit).await.expect("page"),
+        )
+        .await;
+        assert_eq!(paged, units, "units in pages of {limit}");
+        let paged = all_pages(
+            limit,
+            |s: &fleet_registry::StateRecord| (s.name.clone(), s.machine_id.clone()),
+            async |start| r.unit_states_page(&start, limit).await.expect("page"),
+        )
+        .await;
+        assert_eq!(paged, states, "states in pages of {limit}");
+        for skip in [0, limit, 2 * limit] {
+            let by_position = r
+                .units_page(&fleet_registry::PageStart::Skip(skip), limit)
+                .await
+                .expect("page");
+            let want: Vec<_> = units.iter().skip(skip).take(limit).cloned().collect();
+            assert_eq!(by_position, want, "units from {skip}, {limit}");
+            let by_position = r
+                .unit_states_page(&fleet_registry::PageStart::Skip(skip), limit)
+                .await
+                .expect("page");
+            let want: Vec<_> = states.iter().skip(skip).take(limit).cloned().collect();
+            assert_eq!(by_position, want, "states from {skip}, {limit}");
+        }
+    }
+}
+
+/// How many reads the registry has sent (`get_all` in its operation metrics).
+fn reads(metrics: &fleet_metrics::Metrics) -> u64 {
+    let text = metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix("fleet_registry_operation_count_total{type=\"get_all\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A page costs the same few reads, each bounded by the page, however many units there
+/// are: the unit records of the page, their placements and reasons, their machines' states
+/// (bodies come from the cache). Before, every page read the whole registry.
+#[tokio::test]
+async fn a_page_reads_only_its_units() {
+    let etcd = EtcdServer::start();
+    let metrics = fleet_metrics::Metrics::new();
+    let r = registry(&etcd).await.with_metrics(metrics.clone());
+    let hello = file("[Service]\nExecStart=/bin/true\n");
+    let mut created = 0;
+    for total in [30, 300] {
+        while created < total {
+            let n = format!("u{created:04}.service");
+            r.create_unit(&name(&n), &hello, TargetState::Launched)
+                .await
+                .expect("create");
+            place(&etcd, &n, "m1").await;
+            created += 1;
+        }
+        let before = reads(&metrics);
+        let page = r
+            .units_page(
+                &fleet_registry::PageStart::After("u0009.service".into()),
+                10,
+            )
+            .await
+            .expect("page");
+        let names: Vec<String> = page.iter().map(|u| u.name.to_string()).collect();
+        let want: Vec<String> = (10..20).map(|i| format!("u{i:04}.service")).collect();
+        assert_eq!(names, want);
+        assert!(page.iter().all(|u| u.machine_id.as_deref() == Some("m1")));
+        assert_eq!(
+            reads(&metrics) - before,
+            3,
+            "reads of a page at {total} units"
+        );
+        let before = reads(&metrics);
+        let page = r
+            .unit_states_page(
+                &fleet_registry::PageStart::After(("u0009.service".into(), "m1".into())),
+                10,
+            )
+            .await
+            .expect("page");
+        assert_eq!(page.len(), 10);
+        assert_eq!(
+            reads(&metrics) - before,
+            1,
+            "reads of a state page at {total} units"
+        );
+    }
 }

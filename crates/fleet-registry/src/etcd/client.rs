@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, DeleteOptions, Txn, TxnOp, TxnOpResponse};
+use std::collections::{BTreeMap, BTreeSet};
+
+use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
 use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
 use tracing::warn;
@@ -11,8 +13,33 @@ use tracing::warn;
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
-use crate::watch::{KeyRange, ListWatch};
-use crate::{Registry, RegistryError, Result, decode as records};
+use crate::watch::{KeyRange, ListWatch, compacted, prefix_end};
+use crate::{PageStart, Registry, RegistryError, Result, decode as records};
+
+/// How many times a page is read again because its revision was compacted between its reads.
+const PAGE_RESTARTS: usize = 3;
+
+/// One range to read: from `start`, up to `end` (a single key without it), at most `limit`
+/// keys (0: no limit).
+struct RangeRead {
+    start: Vec<u8>,
+    end: Option<Vec<u8>>,
+    limit: i64,
+}
+
+/// What one range read found: its keys and values, and whether more keys followed.
+struct RangeFound {
+    kvs: Vec<(String, Vec<u8>)>,
+    /// The key the range goes on at, when more keys followed.
+    next: Option<Vec<u8>>,
+}
+
+/// The smallest key after `key`.
+fn after(key: impl Into<Vec<u8>>) -> Vec<u8> {
+    let mut k = key.into();
+    k.push(0);
+    k
+}
 
 /// The writes a unit's creation or replacement is made of.
 struct UnitWrite {
@@ -85,6 +112,280 @@ impl EtcdRegistry {
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+
+    /// Reads `ranges` at `revision` (the current one when none), in transactions of at most
+    /// [`MAX_TXN_OPS`] reads; the revision read at, and what each range found.
+    async fn read_ranges(
+        &self,
+        op: &'static str,
+        revision: Option<i64>,
+        ranges: Vec<RangeRead>,
+    ) -> Result<(i64, Vec<RangeFound>)> {
+        let mut rev = revision;
+        let mut found = Vec::with_capacity(ranges.len());
+        for chunk in ranges.chunks(MAX_TXN_OPS) {
+            let first = chunk
+                .first()
+                .map(|r| String::from_utf8_lossy(&r.start).into_owned())
+                .unwrap_or_default();
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|r| {
+                    let mut opts = GetOptions::new().with_limit(r.limit);
+                    if let Some(end) = &r.end {
+                        opts = opts.with_range(end.clone());
+                    }
+                    if let Some(rev) = rev {
+                        opts = opts.with_revision(rev);
+                    }
+                    TxnOp::get(r.start.clone(), Some(opts))
+                })
+                .collect();
+            let resp = self
+                .txn(OpKind::GetAll, op, &first, Txn::new().and_then(ops))
+                .await?;
+            rev = rev.or(resp.header().map(|h| h.revision()));
+            for answer in resp.op_responses() {
+                let TxnOpResponse::Get(get) = answer else {
+                    continue;
+                };
+                let kvs: Vec<(String, Vec<u8>)> = get
+                    .kvs()
+                    .iter()
+                    .map(|kv| {
+                        (
+                            String::from_utf8_lossy(kv.key()).into_owned(),
+                            kv.value().to_vec(),
+                        )
+                    })
+                    .collect();
+                let next = get
+                    .more()
+                    .then(|| get.kvs().last().map(|kv| after(kv.key())))
+                    .flatten();
+                found.push(RangeFound { kvs, next });
+            }
+        }
+        Ok((rev.unwrap_or(0), found))
+    }
+
+    /// Runs `read` again (a fresh page at a fresh revision) when etcd compacted the
+    /// revision it read at between its requests.
+    async fn page_read<T, F, Fut>(&self, read: F) -> Result<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let mut restarts = 0;
+        loop {
+            match read().await {
+                Err(RegistryError::Etcd { source, .. })
+                    if compacted(&source) && restarts < PAGE_RESTARTS =>
+                {
+                    restarts += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A page of units: at most `limit` of those named after `after`, each read with its
+    /// placement, reason, state and body, and nothing else: one range read of the unit
+    /// records (more only where records cannot be read or bodies are missing), one of their
+    /// placements and reasons, one of their machines' states, and the bodies not cached.
+    async fn units_page_once(
+        &self,
+        after_name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<UnitView>> {
+        let dir = self.keys.dir(keys::UNITS);
+        let end = prefix_end(dir.as_bytes());
+        let mut from = match after_name {
+            Some(n) => after(self.keys.unit(n)),
+            None => dir.into_bytes(),
+        };
+        let mut rev = None;
+        let mut out = Vec::with_capacity(limit);
+        while out.len() < limit {
+            let want = i64::try_from(limit - out.len()).unwrap_or(i64::MAX);
+            let read = RangeRead {
+                start: from.clone(),
+                end: Some(end.clone()),
+                limit: want,
+            };
+            let (r, found) = self
+                .read_ranges("listing a page of units", rev, vec![read])
+                .await?;
+            rev = Some(r);
+            let Some(found) = found.into_iter().next() else {
+                break;
+            };
+            let units = records::units(&self.keys, &found.kvs);
+            out.extend(self.join_units(r, units).await?);
+            match found.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Units (sorted by name, read at `rev`) as clients see them: with their placements,
+    /// reasons and states read at the same revision, and their bodies. A unit whose body is
+    /// missing is skipped, as in a whole listing.
+    async fn join_units(&self, rev: i64, units: Vec<UnitRecord>) -> Result<Vec<UnitView>> {
+        let (Some(first), Some(last)) = (units.first(), units.last()) else {
+            return Ok(Vec::new());
+        };
+        let span = |key: fn(&crate::keys::Keys, &str) -> String| RangeRead {
+            start: key(&self.keys, first.name.as_str()).into_bytes(),
+            end: Some(after(key(&self.keys, last.name.as_str()))),
+            limit: 0,
+        };
+        let (_, found) = self
+            .read_ranges(
+                "reading placements of a page of units",
+                Some(rev),
+                vec![
+                    span(crate::keys::Keys::placement),
+                    span(crate::keys::Keys::reason),
+                ],
+            )
+            .await?;
+        let mut kvs: Vec<(String, Vec<u8>)> = found.into_iter().flat_map(|f| f.kvs).collect();
+        let placed: BTreeMap<String, String> = kvs
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = self.keys.strip(keys::PLACEMENT, k)?;
+                Some((name.to_string(), String::from_utf8_lossy(v).into_owned()))
+            })
+            .collect();
+        // only the state the view shows: the one reported by the unit's machine
+        let states: Vec<RangeRead> = units
+            .iter()
+            .filter_map(|u| {
+                let machine = placed.get(u.name.as_str())?;
+                Some(RangeRead {
+                    start: self.keys.state(u.name.as_str(), machine).into_bytes(),
+                    end: None,
+                    limit: 0,
+                })
+            })
+            .collect();
+        if !states.is_empty() {
+            let (_, found) = self
+                .read_ranges("reading states of a page of units", Some(rev), states)
+                .await?;
+            kvs.extend(found.into_iter().flat_map(|f| f.kvs));
+        }
+        let context = records::UnitContext::read(&self.keys, &kvs);
+        let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
+        let bodies = self.bodies(&hashes).await?;
+        let mut out = Vec::with_capacity(units.len());
+        for u in units {
+            let Some(file) = bodies.get(&u.hash).cloned() else {
+                warn!(unit = %u.name, hash = %u.hash, "unit body missing; skipping unit");
+                continue;
+            };
+            out.push(context.view(u, file));
+        }
+        Ok(out)
+    }
+
+    /// A page of unit states: at most `limit` of those after `after_state` in (unit name,
+    /// machine ID) order. Keys (`states/<unit>/<machine>`) sort differently only where a
+    /// unit's name is another's followed by a character below `/` (`a.service` and
+    /// `a.service-b.service`): the shorter name's states come later in key order. So the
+    /// page reads `limit` states onward in key order, then the states of every name that
+    /// is such a prefix of one read, and keeps the first `limit` of them all. (A record
+    /// whose key names no valid unit is not looked for this way: such junk may come later
+    /// in a paged listing than in a whole one.)
+    async fn states_page_once(
+        &self,
+        after_state: Option<&(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StateRecord>> {
+        let dir = self.keys.dir(keys::STATES);
+        let end = prefix_end(dir.as_bytes());
+        // every state after (u, m) has a key from `states/u` on
+        let mut from = match after_state {
+            Some((unit, _)) => format!("{dir}{unit}").into_bytes(),
+            None => dir.into_bytes(),
+        };
+        let later = |s: &StateRecord| {
+            after_state.is_none_or(|(u, m)| {
+                (s.name.as_str(), s.machine_id.as_str()) > (u.as_str(), m.as_str())
+            })
+        };
+        let mut found: BTreeMap<(String, String), StateRecord> = BTreeMap::new();
+        let mut rev = None;
+        // the first read starts at the previous page's last state: one more for it
+        let mut extra = usize::from(after_state.is_some());
+        while found.len() < limit {
+            let want = i64::try_from(limit - found.len() + extra).unwrap_or(i64::MAX);
+            extra = 0;
+            let read = RangeRead {
+                start: from.clone(),
+                end: Some(end.clone()),
+                limit: want,
+            };
+            let (r, ranges) = self
+                .read_ranges("listing a page of unit states", rev, vec![read])
+                .await?;
+            rev = Some(r);
+            let Some(range) = ranges.into_iter().next() else {
+                break;
+            };
+            for s in records::states(&self.keys, &range.kvs) {
+                if later(&s) {
+                    found.insert((s.name.clone(), s.machine_id.clone()), s);
+                }
+            }
+            match range.next {
+                Some(next) => from = next,
+                None => break,
+            }
+        }
+        let mut prefixes = BTreeSet::new();
+        for (name, _) in found.keys() {
+            for (i, b) in name.bytes().enumerate() {
+                // (an ASCII byte: `i` is a character boundary)
+                let prefix = &name[..i];
+                // (only a unit's name can have states: `a` of `a.service` cannot)
+                if i > 0
+                    && b < b'/'
+                    && after_state.is_none_or(|(u, _)| prefix >= u.as_str())
+                    && UnitName::parse_stored(prefix).is_ok()
+                {
+                    prefixes.insert(prefix.to_string());
+                }
+            }
+        }
+        if let (Some(rev), false) = (rev, prefixes.is_empty()) {
+            let reads = prefixes
+                .iter()
+                .map(|p| {
+                    let start = self.keys.states_dir(p).into_bytes();
+                    RangeRead {
+                        end: Some(prefix_end(&start)),
+                        start,
+                        limit: 0,
+                    }
+                })
+                .collect();
+            let (_, ranges) = self
+                .read_ranges("listing a page of unit states", Some(rev), reads)
+                .await?;
+            for range in ranges {
+                for s in records::states(&self.keys, &range.kvs) {
+                    if later(&s) {
+                        found.insert((s.name.clone(), s.machine_id.clone()), s);
+                    }
+                }
+            }
+        }
+        Ok(found.into_values().take(limit).collect())
     }
 
     /// Resolves on the next change under any of the unit's keys, or after `max`.
@@ -416,6 +717,35 @@ impl Registry for EtcdRegistry {
 
     async fn units(&self) -> Result<Vec<UnitView>> {
         self.views(None).await
+    }
+
+    async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
+        match start {
+            PageStart::After(name) => {
+                self.page_read(|| self.units_page_once(Some(name), limit))
+                    .await
+            }
+            PageStart::Skip(0) => self.page_read(|| self.units_page_once(None, limit)).await,
+            // a position without the key before it: counted in a whole listing
+            PageStart::Skip(_) => Ok(start.cut(self.units().await?, limit, |u| u.name.to_string())),
+        }
+    }
+
+    async fn unit_states_page(
+        &self,
+        start: &PageStart<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<StateRecord>> {
+        match start {
+            PageStart::After(key) => {
+                self.page_read(|| self.states_page_once(Some(key), limit))
+                    .await
+            }
+            PageStart::Skip(0) => self.page_read(|| self.states_page_once(None, limit)).await,
+            PageStart::Skip(_) => Ok(start.cut(self.unit_states().await?, limit, |s| {
+                (s.name.clone(), s.machine_id.clone())
+            })),
+        }
     }
 
     async fn machines(&self) -> Result<Vec<MachineView>> {

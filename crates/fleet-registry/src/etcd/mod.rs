@@ -24,7 +24,7 @@ use crate::watch::{KeyRange, ListError, Paging, kv_client, list};
 use crate::{RegistryError, Result};
 
 /// etcd accepts at most 128 operations in one transaction by default.
-const MAX_TXN_OPS: usize = 120;
+pub(super) const MAX_TXN_OPS: usize = 120;
 
 /// How to reach etcd; fleet's `etcd_*` options.
 #[derive(Debug, Clone)]
