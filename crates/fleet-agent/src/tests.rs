@@ -833,3 +833,68 @@ async fn a_refused_state_key_does_not_keep_the_others_unpublished() {
     .await;
     agent.stop(false).await;
 }
+
+/// Regression: the lease was gone before the guard's deadline (the registry said so at the
+/// first refresh after a short cut), the guard's signal ended and it stopped guarding
+/// without fencing; the units were stopped only once registering again succeeded. Here that
+/// fails (another fleetd took the machine ID meanwhile) and the agent ends: its
+/// at-most-once unit must not run on while the engine moves it.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_stops_at_most_once_units_even_when_registering_again_fails() {
+    let (store, systemd, dir) = twins();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "plain.service", &body(1), TargetState::Launched).await;
+    let once = at_most_once_body(2);
+    schedule(&store, M1, "once.service", &once, TargetState::Launched).await;
+    eventually("both started", || {
+        active(&systemd, "plain.service") && active(&systemd, "once.service")
+    })
+    .await;
+    let lease = store.lease_of(&store.keys().machine(M1)).expect("lease");
+    store.expire_lease(lease);
+    let mut other = records::machine(M1);
+    other.token = "another fleetd".into();
+    store.put(
+        &store.keys().machine(M1),
+        serde_json::to_vec(&other).expect("json"),
+    );
+    eventually("the agent gave up", || agent.task.is_finished()).await;
+    assert!(
+        !active(&systemd, "once.service"),
+        "at-most-once unit runs on"
+    );
+    assert!(
+        active(&systemd, "plain.service"),
+        "plain units are left running"
+    );
+}
+
+/// Regression: a StopUnit that failed while fenced was forgotten (the unit recorded as
+/// stopped, never tried again) and the unit ran on. The guard tries again within the stop
+/// allowance S.
+#[tokio::test(start_paused = true)]
+async fn a_failed_fence_stop_is_tried_again_within_the_stop_allowance() {
+    let (store, systemd, dir) = twins();
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(
+        &store,
+        M1,
+        "once.service",
+        &at_most_once_body(2),
+        TargetState::Launched,
+    )
+    .await;
+    eventually("started", || active(&systemd, "once.service")).await;
+    // the guard's stop and the agent's both fail
+    systemd.fail_stops("once.service", 2);
+    store.set_reachable(false);
+    let cut = tokio::time::Instant::now();
+    eventually("stopped", || !active(&systemd, "once.service")).await;
+    let took = cut.elapsed();
+    assert!(
+        took <= timing.stop_after + timing.stop_allowance,
+        "stopped {took:?} after the cut"
+    );
+    agent.stop(false).await;
+}
