@@ -10,7 +10,7 @@ use fleet_registry::{
     AtMostOnce, EngineModel, EngineOp, EngineStore, Leadership, RegistryError, UnitRecord,
     WatchEvent,
 };
-use fleet_unit::{Requirements, UnitFile, UnitHash, UnitName};
+use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -419,7 +419,16 @@ impl Engine {
                 ));
             };
             let r = Requirements::from_unit(&rec.name, file)
-                .map(|(r, _)| r)
+                .map(|(r, warnings)| {
+                    // (a stored value fleet v1.0 took as an unknown key: false, as there)
+                    for w in warnings
+                        .iter()
+                        .filter(|w| w.starts_with(AT_MOST_ONCE_IGNORED))
+                    {
+                        warn!(unit = %rec.name, "{w}");
+                    }
+                    r
+                })
                 .map_err(|e| e.to_string());
             requirements.insert(rec.name.clone(), (rec.hash, r.clone()));
             r

@@ -677,3 +677,30 @@ async fn a_change_during_an_at_most_once_wait_is_placed_promptly() {
     assert_eq!(placement(&store, "single.service").as_deref(), Some("m1"));
     assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
 }
+
+/// Regression: a stored unit whose `AtMostOnce` is not a boolean (fleet v1.0 took it for an
+/// unknown key) was invalid to the engine after an upgrade, which took it off its machine.
+/// It stays placed, as an ordinary unit.
+#[tokio::test(start_paused = true)]
+async fn a_stored_non_boolean_at_most_once_keeps_the_unit_placed() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let unit: UnitName = "old.service".parse().expect("name");
+    let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nAtMostOnce=maybe\n")
+        .expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let rec = records::schedule(file.hash(), TargetState::Launched);
+    store.put(
+        &store.keys().schedule("m1", "old.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement("old.service"), "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    turn(&mut engine, 2).await;
+    assert_eq!(placement(&store, "old.service").as_deref(), Some("m1"));
+    assert!(store.get(&store.keys().reason("old.service")).is_none());
+}
