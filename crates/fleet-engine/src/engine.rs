@@ -722,31 +722,6 @@ fn held_machines(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::mpsc;
-
-    use super::*;
-
-    /// The work waits for a task of the same single-threaded runtime: it completes only if
-    /// it runs beside the runtime rather than on it.
-    #[tokio::test(flavor = "current_thread")]
-    async fn reconcile_work_leaves_the_runtime_free() {
-        let (tx, rx) = mpsc::channel();
-        let other = tokio::spawn(async move {
-            tokio::task::yield_now().await;
-            tx.send(()).map_err(|_| "the work is gone")
-        });
-        let work = off_runtime(move || rx.recv_timeout(Duration::from_secs(10)).is_ok());
-        assert_eq!(
-            work.await.ok(),
-            Some(true),
-            "the runtime's task never ran while the work did"
-        );
-        assert_eq!(other.await.ok(), Some(Ok(())));
-    }
-}
-
 /// Whether `unit` is an at-most-once unit, by the known requirements of its body.
 fn is_at_most_once(requirements: &RequirementsCache, unit: &UnitRecord) -> bool {
     requirements
@@ -817,4 +792,29 @@ fn move_at_most_once_in_two_steps(
 /// Whether a listing holds `key`.
 fn kvs_has(kvs: &[(String, Vec<u8>)], key: &str) -> bool {
     kvs.iter().any(|(k, _)| k == key)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// The work waits for a task of the same single-threaded runtime: it completes only if
+    /// it runs beside the runtime rather than on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn reconcile_work_leaves_the_runtime_free() {
+        let (tx, rx) = mpsc::channel();
+        let other = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            tx.send(()).map_err(|_| "the work is gone")
+        });
+        let work = off_runtime(move || rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        assert_eq!(
+            work.await.ok(),
+            Some(true),
+            "the runtime's task never ran while the work did"
+        );
+        assert_eq!(other.await.ok(), Some(Ok(())));
+    }
 }
