@@ -3,6 +3,9 @@
 //! busy agent loop nor an etcd out of reach delays the stop. The timing and why it is safe:
 //! [`fleet_registry::AtMostOnce`].
 //!
+//! A lease the store says is gone (its refreshes end) fences at once, for good. A stop that
+//! fails while fenced is tried again every S/4, not after the agent's fault backoff.
+//!
 //! While fenced, the agent starts none of them; once a refresh of the lease is accepted
 //! again (the lease never expired, so the engine never moved anything), they may run again.
 //! A machine that lost its lease and registered again stays fenced for
