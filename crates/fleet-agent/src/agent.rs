@@ -71,7 +71,10 @@ pub(crate) struct Agent {
     /// The lease the machine record and the unit states are held under.
     pub(crate) lease: Lease,
     /// Stops the at-most-once units when `lease` goes unrenewed (replaced with the lease).
-    fence: Fence,
+    pub(crate) fence: Fence,
+    /// The fence's [`Fence::raised`] when this agent last looked: when it has moved on, the
+    /// guard stopped the at-most-once units, even if the fence is down again by now.
+    fences_seen: u64,
     /// The watched keys and values: this machine's schedule, the global units, its metadata.
     mirror: BTreeMap<String, Vec<u8>>,
     /// Whether `mirror` is a fresh snapshot: only then does the agent act on it ("unknown is
@@ -142,6 +145,7 @@ pub async fn run(
         metrics,
         record,
         lease,
+        fences_seen: fence.raised(),
         fence,
         mirror: BTreeMap::new(),
         synced: false,
@@ -277,9 +281,16 @@ impl Agent {
                 }
                 Event::LeaseLost => self.reregister(&shutdown).await,
                 Event::Fence => {
+                    let raised = self.fence.raised();
+                    let missed = raised != self.fences_seen;
+                    self.fences_seen = raised;
                     if self.fence.is_fenced() {
                         self.fenced().await;
-                    } else if self.synced && deadline.is_none() {
+                    } else if missed {
+                        // raised and lifted since the last look: the guard stopped them
+                        self.mark_stopped_by_guard();
+                    }
+                    if !self.fence.is_fenced() && self.synced && deadline.is_none() {
                         // lifted: start again what must run
                         deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
@@ -516,8 +527,11 @@ impl Agent {
                 continue;
             }
             let r = self.systemd.stop(&name).await;
-            self.task("stop", &name, r);
-            if let Some(cur) = self.current.get_mut(&name) {
+            // a failed stop leaves it launched: a reconcile stops it again, and the guard
+            // retries its own stops meanwhile
+            if self.task("stop", &name, r)
+                && let Some(cur) = self.current.get_mut(&name)
+            {
                 cur.state = TargetState::Loaded;
             }
             stopped.push(name);
@@ -527,11 +541,27 @@ impl Agent {
         }
     }
 
+    /// The guard stopped the at-most-once units while this agent did not look: they are
+    /// loaded, not launched, so that a reconcile starts them again.
+    fn mark_stopped_by_guard(&mut self) {
+        for name in self.fence.units() {
+            if let Some(cur) = self.current.get_mut(&name)
+                && cur.state == TargetState::Launched
+            {
+                cur.state = TargetState::Loaded;
+            }
+        }
+    }
+
     /// The registry says the lease is gone (it expired while this machine could not reach
     /// etcd): register again and publish every state again under the new lease. Units keep
-    /// running meanwhile.
+    /// running meanwhile, except the at-most-once ones: the engine may be moving them, so
+    /// they stop first, whether or not registering again succeeds.
     async fn reregister(&mut self, shutdown: &CancellationToken) {
         warn!("machine lease lost; registering again");
+        self.fence.raise();
+        self.fences_seen = self.fence.raised();
+        self.fenced().await;
         let lease = tokio::select! {
             l = register(self.store.as_ref(), &self.record, self.cfg.agent_ttl) => l,
             _ = shutdown.cancelled() => return,
@@ -549,8 +579,8 @@ impl Agent {
                     Some(timing.hold_after_rejoin),
                 );
                 self.lease = l;
-                // (they were stopped when the fence went up, unless the lease was taken
-                // away sooner than that: stop them now)
+                self.fences_seen = self.fence.raised();
+                // (stopped above; one whose stop failed is tried again)
                 self.fenced().await;
                 self.publisher.forget_all();
                 let names: Vec<String> = self.reported_units();

@@ -183,6 +183,17 @@ impl Agent {
                 Some((m.unit, m.to, cur))
             })
             .collect();
+        // the fence may have gone up since the reconcile read it (body reads and D-Bus calls
+        // took time): no at-most-once unit starts while it is up
+        let moves = if self.fence.is_fenced() {
+            let guarded = self.fence.units();
+            moves
+                .into_iter()
+                .filter(|(name, to, _)| *to != TargetState::Launched || !guarded.contains(name))
+                .collect()
+        } else {
+            moves
+        };
         let jobs: Vec<_> = moves
             .iter()
             .map(|(name, to, _)| {

@@ -3,6 +3,9 @@
 //! busy agent loop nor an etcd out of reach delays the stop. The timing and why it is safe:
 //! [`fleet_registry::AtMostOnce`].
 //!
+//! A lease the store says is gone (its refreshes end) fences at once, for good. A stop that
+//! fails while fenced is tried again every S/4, not after the agent's fault backoff.
+//!
 //! While fenced, the agent starts none of them; once a refresh of the lease is accepted
 //! again (the lease never expired, so the engine never moved anything), they may run again.
 //! A machine that lost its lease and registered again stays fenced for
@@ -27,6 +30,9 @@ struct Shared {
     /// The at-most-once units this agent manages (it may have started them).
     units: BTreeSet<String>,
     fenced: bool,
+    /// How many times a fence went up: a fence raised and lifted between two turns of the
+    /// agent's loop leaves `fenced` as it was, and this tells the agent its units stopped.
+    raised: u64,
 }
 
 /// The guard of this machine's at-most-once units, for one lease.
@@ -47,7 +53,11 @@ impl Fence {
         hold: Option<std::time::Duration>,
     ) -> Fence {
         let fenced = hold.is_some();
-        let shared = Arc::new(Mutex::new(Shared { units, fenced }));
+        let shared = Arc::new(Mutex::new(Shared {
+            units,
+            fenced,
+            raised: u64::from(fenced),
+        }));
         let (tx, changes) = watch::channel(fenced);
         let state = match hold {
             Some(h) => State::Fenced {
@@ -92,6 +102,21 @@ impl Fence {
         self.lock().units.clone()
     }
 
+    /// How many times the fence went up (see [`Shared::raised`]).
+    pub(crate) fn raised(&self) -> u64 {
+        self.lock().raised
+    }
+
+    /// Fences now, for good: the agent learnt that the lease is gone (the guard, which may
+    /// not have run yet, fences too once it sees the lease's refreshes end).
+    pub(crate) fn raise(&self) {
+        let mut s = self.lock();
+        if !s.fenced {
+            s.fenced = true;
+            s.raised += 1;
+        }
+    }
+
     /// Resolves when the guard fences or lifts the fence (never, once its task is gone).
     pub(crate) async fn changed(&mut self) {
         if self.changes.changed().await.is_err() {
@@ -132,25 +157,38 @@ async fn guard(
     mut state: State,
 ) {
     let b = timing.stop_after;
+    // the refreshes ended: the lease is gone (its keeper learnt so), it is never lifted
+    let mut closed = false;
+    // units whose stop failed while fenced: tried again every `retry` until they stop
+    let mut unstopped: BTreeSet<String> = BTreeSet::new();
+    let retry = (timing.stop_allowance / 4).max(std::time::Duration::from_millis(100));
     loop {
         let last = *renewed.borrow_and_update();
         let now = Instant::now();
         match state {
-            State::Open if now >= last + b => {
+            State::Open if closed || now >= last + b => {
                 let units = {
                     let mut s = lock(&shared);
-                    s.fenced = true;
+                    if !s.fenced {
+                        s.fenced = true;
+                        s.raised += 1;
+                    }
                     s.units.clone()
                 };
                 let _ = tx.send(true);
+                let why = if closed {
+                    "machine lease gone"
+                } else {
+                    "machine lease not refreshed in time"
+                };
                 if units.is_empty() {
-                    debug!("machine lease not refreshed for {b:?}; no at-most-once unit here");
+                    debug!("{why}; no at-most-once unit here");
                 } else {
                     warn!(
                         units = units.len(),
-                        "machine lease not refreshed for {b:?}; stopping its at-most-once units"
+                        "{why}; stopping its at-most-once units"
                     );
-                    stop_all(&systemd, &units, timing).await;
+                    unstopped = stop_all(&systemd, &units, timing).await;
                 }
                 state = State::Fenced {
                     after: Some(last),
@@ -160,14 +198,14 @@ async fn guard(
             }
             State::Open => {
                 tokio::select! {
-                    r = renewed.changed() => if r.is_err() { return },
+                    r = renewed.changed() => closed = r.is_err(),
                     _ = tokio::time::sleep_until(last + b) => {}
                 }
             }
             State::Fenced { after, until } => {
                 let refreshed = after.is_none_or(|a| last > a) && now < last + b;
                 let held = until.is_some_and(|u| now < u);
-                if refreshed && !held {
+                if !closed && refreshed && !held {
                     let any = {
                         let mut s = lock(&shared);
                         s.fenced = false;
@@ -177,14 +215,27 @@ async fn guard(
                     if any {
                         info!("machine lease refreshed; at-most-once units may run again");
                     }
+                    unstopped.clear();
                     state = State::Open;
                     continue;
                 }
+                if closed && unstopped.is_empty() {
+                    // fenced for good, every unit stopped: nothing left to do
+                    return;
+                }
                 // during the hold, wake at its end; after it, only a refresh can lift it
                 let wake = until.unwrap_or(now);
+                let again = now + retry;
                 tokio::select! {
-                    r = renewed.changed() => if r.is_err() { return },
+                    r = renewed.changed(), if !closed => closed = r.is_err(),
                     _ = tokio::time::sleep_until(wake), if held => {}
+                    _ = tokio::time::sleep_until(again), if !unstopped.is_empty() => {
+                        // (not the agent's fault backoff: the stop is due within S)
+                        let units = lock(&shared).units.clone();
+                        let left: BTreeSet<String> =
+                            unstopped.intersection(&units).cloned().collect();
+                        unstopped = stop_all(&systemd, &left, timing).await;
+                    }
                 }
                 if !held && now >= last + b {
                     // the hold is over but the lease is stale: a refresh sent later is needed
@@ -198,21 +249,48 @@ async fn guard(
     }
 }
 
+/// systemd's answer about a unit it has not loaded.
+const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
+
 /// Stops `units` (StopUnit queues the job; systemd carries it out, within the unit's
 /// `TimeoutStopSec`), all at once (the D-Bus client bounds its calls in flight), each request
-/// bounded by the stop allowance.
-async fn stop_all(systemd: &Arc<dyn UnitManager>, units: &BTreeSet<String>, timing: AtMostOnce) {
+/// bounded by the stop allowance. Returns those whose stop failed.
+async fn stop_all(
+    systemd: &Arc<dyn UnitManager>,
+    units: &BTreeSet<String>,
+    timing: AtMostOnce,
+) -> BTreeSet<String> {
     let mut stops = tokio::task::JoinSet::new();
     for name in units.clone() {
         let systemd = systemd.clone();
         stops.spawn(async move {
             let r = tokio::time::timeout(timing.stop_allowance, systemd.stop(&name)).await;
             match r {
-                Ok(Ok(())) => info!(unit = %name, "at-most-once unit stopped"),
-                Ok(Err(e)) => warn!(unit = %name, error = %e, "cannot stop at-most-once unit"),
-                Err(_) => warn!(unit = %name, "stopping at-most-once unit timed out"),
+                Ok(Ok(())) => {
+                    info!(unit = %name, "at-most-once unit stopped");
+                    None
+                }
+                Ok(Err(e)) if e.dbus().is_some_and(|d| d.is(NO_SUCH_UNIT)) => {
+                    // not loaded (its file not written yet): nothing runs, nothing to retry
+                    debug!(unit = %name, "at-most-once unit not loaded; nothing to stop");
+                    None
+                }
+                Ok(Err(e)) => {
+                    warn!(unit = %name, error = %e, "cannot stop at-most-once unit; trying again");
+                    Some(name)
+                }
+                Err(_) => {
+                    warn!(unit = %name, "stopping at-most-once unit timed out; trying again");
+                    Some(name)
+                }
             }
         });
     }
-    while stops.join_next().await.is_some() {}
+    let mut failed = BTreeSet::new();
+    while let Some(r) = stops.join_next().await {
+        if let Ok(Some(name)) = r {
+            failed.insert(name);
+        }
+    }
+    failed
 }

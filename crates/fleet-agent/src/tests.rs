@@ -595,6 +595,10 @@ struct CountingStore {
     together: std::sync::atomic::AtomicUsize,
     states_one_by_one: std::sync::atomic::AtomicUsize,
     states_together: std::sync::atomic::AtomicUsize,
+    /// Held by a test, it stalls the agent in its next `bodies` request.
+    bodies_gate: tokio::sync::Mutex<()>,
+    /// Held by a test, it stalls the agent in its next state write.
+    states_gate: tokio::sync::Mutex<()>,
 }
 
 #[async_trait::async_trait]
@@ -630,6 +634,7 @@ impl fleet_registry::AgentStore for CountingStore {
     ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
         self.together
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(self.bodies_gate.lock().await);
         fleet_registry::AgentStore::bodies(&self.inner, hashes).await
     }
     async fn publish_state(
@@ -643,6 +648,7 @@ impl fleet_registry::AgentStore for CountingStore {
             self.states_one_by_one
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
+        drop(self.states_gate.lock().await);
         self.inner
             .publish_state(name, machine_id, state, lease)
             .await
@@ -655,6 +661,7 @@ impl fleet_registry::AgentStore for CountingStore {
     ) -> fleet_registry::Result<()> {
         self.states_together
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        drop(self.states_gate.lock().await);
         self.inner.publish_states(machine_id, states, lease).await
     }
 }
@@ -832,4 +839,162 @@ async fn a_refused_state_key_does_not_keep_the_others_unpublished() {
     })
     .await;
     agent.stop(false).await;
+}
+
+/// Regression: the lease was gone before the guard's deadline (the registry said so at the
+/// first refresh after a short cut), the guard's signal ended and it stopped guarding
+/// without fencing; the units were stopped only once registering again succeeded. Here that
+/// fails (another fleetd took the machine ID meanwhile) and the agent ends: its
+/// at-most-once unit must not run on while the engine moves it.
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_stops_at_most_once_units_even_when_registering_again_fails() {
+    let (store, systemd, dir) = twins();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "plain.service", &body(1), TargetState::Launched).await;
+    let once = at_most_once_body(2);
+    schedule(&store, M1, "once.service", &once, TargetState::Launched).await;
+    eventually("both started", || {
+        active(&systemd, "plain.service") && active(&systemd, "once.service")
+    })
+    .await;
+    let lease = store.lease_of(&store.keys().machine(M1)).expect("lease");
+    store.expire_lease(lease);
+    let mut other = records::machine(M1);
+    other.token = "another fleetd".into();
+    store.put(
+        &store.keys().machine(M1),
+        serde_json::to_vec(&other).expect("json"),
+    );
+    eventually("the agent gave up", || agent.task.is_finished()).await;
+    assert!(
+        !active(&systemd, "once.service"),
+        "at-most-once unit runs on"
+    );
+    assert!(
+        active(&systemd, "plain.service"),
+        "plain units are left running"
+    );
+}
+
+/// Regression: a StopUnit that failed while fenced was forgotten (the unit recorded as
+/// stopped, never tried again) and the unit ran on. The guard tries again within the stop
+/// allowance S.
+#[tokio::test(start_paused = true)]
+async fn a_failed_fence_stop_is_tried_again_within_the_stop_allowance() {
+    let (store, systemd, dir) = twins();
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(
+        &store,
+        M1,
+        "once.service",
+        &at_most_once_body(2),
+        TargetState::Launched,
+    )
+    .await;
+    eventually("started", || active(&systemd, "once.service")).await;
+    // the guard's stop and the agent's both fail
+    systemd.fail_stops("once.service", 2);
+    store.set_reachable(false);
+    let cut = tokio::time::Instant::now();
+    eventually("stopped", || !active(&systemd, "once.service")).await;
+    let took = cut.elapsed();
+    assert!(
+        took <= timing.stop_after + timing.stop_allowance,
+        "stopped {took:?} after the cut"
+    );
+    agent.stop(false).await;
+}
+
+/// Regression: a fence raised and lifted while the agent was busy (here stalled in a state
+/// write) looked like no fence at all: the guard had stopped the at-most-once unit, the
+/// agent still counted it as running and never started it again.
+#[tokio::test(start_paused = true)]
+async fn a_fence_raised_and_lifted_unseen_still_restarts_the_unit() {
+    let (store, systemd, dir) = (
+        Arc::new(CountingStore::default()),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let (shutdown, task) = store.run_agent(&systemd, &dir);
+    let once = at_most_once_body(2);
+    schedule(
+        &store.inner,
+        M1,
+        "once.service",
+        &once,
+        TargetState::Launched,
+    )
+    .await;
+    eventually("started", || active(&systemd, "once.service")).await;
+    idle(Duration::from_secs(1)).await;
+    // the agent stalls in the state write of a new unit
+    let gate = store.states_gate.lock().await;
+    schedule(
+        &store.inner,
+        M1,
+        "plain.service",
+        &body(1),
+        TargetState::Launched,
+    )
+    .await;
+    idle(Duration::from_millis(100)).await;
+    // meanwhile the lease goes unrenewed (the guard stops the unit), then is refreshed
+    store.inner.set_reachable(false);
+    idle(timing.stop_after + Duration::from_millis(100)).await;
+    assert!(!active(&systemd, "once.service"));
+    store.inner.set_reachable(true);
+    idle(TTL / 3 + Duration::from_millis(100)).await;
+    drop(gate);
+    eventually("started again", || active(&systemd, "once.service")).await;
+    shutdown.cancel();
+    task.await.expect("agent task").expect("agent");
+}
+
+/// Regression: the agent read the fence before its body reads and D-Bus calls, and started
+/// an at-most-once unit the guard had fenced meanwhile (stopping it only afterwards). The
+/// fence is read again just before the jobs.
+#[tokio::test(start_paused = true)]
+async fn no_at_most_once_unit_starts_once_fenced_during_a_converge() {
+    let (store, systemd, dir) = (
+        Arc::new(CountingStore::default()),
+        FakeUnitManager::new(),
+        tempfile::tempdir().expect("dir"),
+    );
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let (shutdown, task) = store.run_agent(&systemd, &dir);
+    idle(Duration::from_secs(1)).await;
+    // the agent stalls reading the body of a new at-most-once unit to write its file
+    let gate = store.bodies_gate.lock().await;
+    let once = at_most_once_body(2);
+    schedule(
+        &store.inner,
+        M1,
+        "once.service",
+        &once,
+        TargetState::Launched,
+    )
+    .await;
+    idle(Duration::from_millis(100)).await;
+    store.inner.set_reachable(false);
+    idle(timing.stop_after + Duration::from_millis(100)).await;
+    // back, but no refresh accepted yet: still fenced when the converge goes on
+    store.inner.set_reachable(true);
+    drop(gate);
+    idle(Duration::from_millis(10)).await;
+    assert_eq!(
+        count(
+            &systemd,
+            |c| matches!(c, Call::Start(n) if n == "once.service")
+        ),
+        0,
+        "started while fenced"
+    );
+    eventually("started once the fence is lifted", || {
+        active(&systemd, "once.service")
+    })
+    .await;
+    shutdown.cancel();
+    task.await.expect("agent task").expect("agent");
 }

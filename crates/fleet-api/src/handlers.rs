@@ -693,7 +693,7 @@ fn validate_options(name: &UnitName, file: &UnitFile) -> Result<(UnitFile, Vec<S
     let file = file
         .reread()
         .map_err(|e| fail(StatusCode::BAD_REQUEST, e.to_string()))?;
-    let (_, warnings) = Requirements::from_unit(name, &file)
+    let (_, warnings) = Requirements::from_submitted(name, &file)
         .map_err(|e| fail(StatusCode::BAD_REQUEST, e.fleet_message()))?;
     Ok((file, warnings))
 }

@@ -109,6 +109,10 @@ async fn units_create_modify_get_destroy() {
         (400, "PUT", format!("{u}/x.service"), json,
             r#"{"desiredState":"launched","options":[{"section":"X-Fleet","name":"AtMostOnce","value":"maybe"}]}"#.into(),
             Some(r#"[X-Fleet] AtMostOnce value "maybe" is not a boolean: use true or false"#)),
+        // a template's value may name its instance: checked per instance
+        (201, "PUT", format!("{u}/once@.service"), json,
+            r#"{"desiredState":"inactive","options":[{"section":"X-Fleet","name":"AtMostOnce","value":"%i"}]}"#.into(),
+            None),
         (400, "PUT", format!("{u}/x.service"), json,
             format!(r#"{{"desiredState":"launched","options":[{{"section":"Service","name":"ExecStart","value":"{}"}}]}}"#, "a".repeat(3000)),
             Some("line too long (max 2048 bytes)")),

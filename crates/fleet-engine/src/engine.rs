@@ -15,7 +15,7 @@ use fleet_registry::{
     AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, Leadership, RegistryError,
     UnitRecord, WatchEvent,
 };
-use fleet_unit::{Requirements, UnitFile, UnitHash, UnitName};
+use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -100,9 +100,17 @@ pub(crate) struct Engine {
     deadline: Option<Instant>,
     /// Machines holding at-most-once units, absent since this engine saw them leave (or,
     /// when it did not see that, since it first found them absent): such units move only
-    /// `AtMostOnce::start_after` later. Forgotten when a machine comes back, and wholly
-    /// when the engine lists again or stops leading (it may have missed a return).
+    /// `AtMostOnce::start_after` later. Forgotten when a machine comes back (a listing that
+    /// shows it, too), and wholly when the engine stops leading or lists again after a blind
+    /// spell long enough to have missed a return that mattered (see `apply_watch`).
     absent_since: HashMap<String, Instant>,
+    /// When the mirror stopped being a fresh view (a disconnection, a relist): a listing
+    /// that follows a short blind spell keeps `absent_since` for machines still absent.
+    unsynced_at: Option<Instant>,
+    /// At-most-once units this engine took off a machine that is still there, to place them
+    /// elsewhere: with that machine and when. They are placed again only once the old copy
+    /// has surely stopped (see [`Engine::move_at_most_once_in_two_steps`]).
+    moving: HashMap<String, (String, Instant)>,
     /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
     last_reconcile: Option<Instant>,
 }
@@ -155,6 +163,8 @@ impl Engine {
             tick,
             deadline: None,
             absent_since: HashMap::new(),
+            unsynced_at: None,
+            moving: HashMap::new(),
             last_reconcile: None,
         }
     }
@@ -224,7 +234,7 @@ impl Engine {
                 warn!("engine lost its leadership lease");
                 self.step_down();
             }
-            Event::Watch(WatchEvent::Disconnected) => self.synced = false,
+            Event::Watch(WatchEvent::Disconnected) => self.unsync(),
             Event::Watch(ev) if self.leader.is_none() => {
                 self.follow_leader_key(ev);
                 // nobody leads: campaign at once rather than at the next tick
@@ -236,10 +246,13 @@ impl Engine {
                 self.apply_watch(ev).await;
                 // reconcile on ticks (the interval, or a quiet moment after a burst of watch
                 // events), never once per event
-                if self.synced && self.deadline.is_none() {
+                // (a deadline already set may be the end of an at-most-once wait, far off: the
+                // earlier of the two)
+                if self.synced {
                     let quiet = self.last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
                     let wait = if quiet { PROMPT } else { DEBOUNCE };
-                    self.deadline = Some(Instant::now() + wait);
+                    let due = Instant::now() + wait;
+                    self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
                 }
             }
             Event::Tick => {
@@ -270,14 +283,36 @@ impl Engine {
                 self.leader_present = false;
             }
             WatchEvent::Put { .. } | WatchEvent::Delete { .. } => {}
-            WatchEvent::Disconnected => self.synced = false,
+            WatchEvent::Disconnected => self.unsync(),
         }
     }
 
     async fn apply_watch(&mut self, ev: WatchEvent) {
         match ev {
             WatchEvent::Snapshot { revision, kvs } => {
-                self.absent_since.clear();
+                // a machine may have come back and left again unseen while the mirror was
+                // stale: only a blind spell shorter than a rejoined machine's hold (during
+                // which it starts no at-most-once unit) keeps the absences known
+                let blind = match (self.synced, self.unsynced_at) {
+                    (true, _) => Duration::ZERO,
+                    (false, Some(t)) => t.elapsed(),
+                    (false, None) => Duration::MAX,
+                };
+                self.unsynced_at = None;
+                if blind >= AtMostOnce::for_ttl(self.cfg.agent_ttl).hold_after_rejoin {
+                    self.absent_since.clear();
+                }
+                // absences end for the machines the listing shows present
+                let keys = self.store.keys();
+                let back: Vec<String> = self
+                    .absent_since
+                    .keys()
+                    .filter(|id| kvs_has(&kvs, &keys.machine(id)))
+                    .cloned()
+                    .collect();
+                for id in back {
+                    self.absent_since.remove(&id);
+                }
                 // decoding a whole listing grows with the cluster: off the runtime's workers
                 let mut model = EngineModel::new(self.store.keys());
                 let decoded = off_runtime(move || {
@@ -317,7 +352,7 @@ impl Engine {
                     self.mirror_rev = self.mirror_rev.max(revision);
                 }
             }
-            WatchEvent::Disconnected => self.synced = false,
+            WatchEvent::Disconnected => self.unsync(),
         }
     }
 
@@ -333,6 +368,14 @@ impl Engine {
         } else {
             self.store.watch_leader(poll)
         };
+        self.unsync();
+    }
+
+    /// The mirror is no longer a fresh view.
+    fn unsync(&mut self) {
+        if self.synced || self.unsynced_at.is_none() {
+            self.unsynced_at = Some(Instant::now());
+        }
         self.synced = false;
     }
 
@@ -439,7 +482,16 @@ impl Engine {
                 ));
             };
             let r = Requirements::from_unit(&rec.name, file)
-                .map(|(r, _)| r)
+                .map(|(r, warnings)| {
+                    // (a stored value fleet v1.0 took as an unknown key: false, as there)
+                    for w in warnings
+                        .iter()
+                        .filter(|w| w.starts_with(AT_MOST_ONCE_IGNORED))
+                    {
+                        warn!(unit = %rec.name, "{w}");
+                    }
+                    r
+                })
                 .map_err(|e| e.to_string());
             requirements.insert(rec.name.clone(), (rec.hash, r.clone()));
             r
@@ -479,6 +531,16 @@ impl Engine {
         self.unreadable.clone_from(&snap.unreadable);
         ops.retain(|op| !snap.unreadable.contains(op.unit()));
         ops.retain(|op| !waiting.contains(op.unit()));
+        let parked = move_at_most_once_in_two_steps(
+            &mut self.moving,
+            &self.requirements,
+            AtMostOnce::for_ttl(self.cfg.agent_ttl),
+            &snap,
+            &mut ops,
+        );
+        if let Some(n) = parked {
+            self.deadline = Some(self.deadline.map_or(n, |d| d.min(n)));
+        }
         // a unit whose keys etcd refused is tried again only after a while
         let now = Instant::now();
         self.refused.retain(|_, until| now < *until);
@@ -748,6 +810,78 @@ fn held_machines(
         .map(|(m, _)| m.clone())
         .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m))
         .collect()
+}
+
+/// Whether `unit` is an at-most-once unit, by the known requirements of its body.
+fn is_at_most_once(requirements: &RequirementsCache, unit: &UnitRecord) -> bool {
+    requirements
+        .get(&unit.name)
+        .is_some_and(|(h, r)| *h == unit.hash && r.as_ref().is_ok_and(|r| r.at_most_once))
+}
+
+/// The engine's cache of requirements by unit, with the body each was read from.
+type RequirementsCache = HashMap<UnitName, (UnitHash, Result<Requirements, String>)>;
+
+/// An at-most-once unit moved off a machine that is still there (its metadata changed, a
+/// conflict) is taken off it first and placed elsewhere only once its old copy has surely
+/// stopped: written together, the new machine could start it before the old one saw its
+/// schedule go. "Surely" is a time: the old machine may lose etcd just then and never see
+/// the unschedule; its fence stops the unit by B + S after its last refresh, which
+/// `start_after + ttl` on the engine's clock covers (see [`fleet_registry::AtMostOnce`]).
+///
+/// Drops from `ops` the placements that must wait, remembering in `moving` the units taken
+/// off a machine; returns when the first wait ends.
+fn move_at_most_once_in_two_steps(
+    moving: &mut HashMap<String, (String, Instant)>,
+    requirements: &RequirementsCache,
+    timing: AtMostOnce,
+    snap: &fleet_registry::EngineSnapshot,
+    ops: &mut Vec<EngineOp>,
+) -> Option<Instant> {
+    let hold = timing.start_after + timing.ttl;
+    let now = Instant::now();
+    moving.retain(|_, (_, since)| now < *since + hold);
+    let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+    let records: HashMap<&str, &UnitRecord> =
+        snap.units.iter().map(|u| (u.name.as_str(), u)).collect();
+    for op in ops.iter() {
+        if let EngineOp::Unschedule { unit, machine } = op
+            && present.contains(machine.as_str())
+            && records
+                .get(unit.as_str())
+                .is_some_and(|u| is_at_most_once(requirements, u))
+        {
+            moving.insert(unit.clone(), (machine.clone(), now));
+        }
+    }
+    if moving.is_empty() {
+        return None;
+    }
+    let mut next: Option<Instant> = None;
+    ops.retain(|op| {
+        let EngineOp::Schedule { unit, machine, .. } = op else {
+            return true;
+        };
+        match moving.get(unit) {
+            // back where it was: that machine stops or keeps it, never two copies
+            Some((from, _)) if from == machine => true,
+            Some((_, since)) => {
+                let ends = *since + hold;
+                next = Some(next.map_or(ends, |n| n.min(ends)));
+                false
+            }
+            None => true,
+        }
+    });
+    if next.is_some() {
+        debug!("at-most-once units wait for their old copies to stop before moving");
+    }
+    next
+}
+
+/// Whether a listing holds `key`.
+fn kvs_has(kvs: &[(String, Vec<u8>)], key: &str) -> bool {
+    kvs.iter().any(|(k, _)| k == key)
 }
 
 #[cfg(test)]

@@ -661,3 +661,139 @@ async fn a_burst_is_written_in_a_few_transactions() {
     let per_txn = fleet_registry::ENGINE_OPS_PER_TXN as u64;
     assert_eq!(store.engine_txns() - before, 100u64.div_ceil(per_txn));
 }
+
+/// Regression: an at-most-once unit moved between two live machines (here its options now
+/// name another machine) was taken off one and placed on the other in one write, so the new
+/// machine could start it before the old one stopped it. It is taken off first, and placed
+/// elsewhere only once the old copy has surely stopped.
+#[tokio::test(start_paused = true)]
+async fn an_at_most_once_unit_moves_between_live_machines_in_two_steps() {
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let hold = timing.start_after + timing.ttl;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    let unit: UnitName = "once.service".parse().expect("name");
+    let file = UnitFile::parse(
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m2\nAtMostOnce=true\n",
+    )
+    .expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let rec = records::schedule(file.hash(), TargetState::Launched);
+    store.put(
+        &store.keys().schedule("m1", "once.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement("once.service"), "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let on = |m: &str| {
+        store
+            .get(&store.keys().schedule(m, "once.service"))
+            .is_some()
+    };
+    assert!(!on("m1"), "still scheduled on the machine it leaves");
+    assert!(!on("m2"), "placed on the new machine in the same write");
+    // reconciles during the wait place it nowhere
+    tokio::time::sleep(hold - Duration::from_millis(10)).await;
+    turn(&mut engine, 3).await;
+    assert!(!on("m2") && !on("m1"));
+    // the loop's next event is the end of the wait
+    let never = tokio_util::sync::CancellationToken::new();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    settle(&mut engine).await;
+    let ev = engine.next_event(&never).await;
+    engine.handle(ev).await;
+    assert!(on("m2"));
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+}
+
+/// Regression: every listing (each poll with `disable_watches`, every relist) restarted the
+/// wait of at-most-once units on a machine that left, so they never moved. A listing keeps
+/// the absences of machines still absent.
+#[tokio::test(start_paused = true)]
+async fn a_listing_does_not_restart_the_at_most_once_wait() {
+    let wait = fleet_registry::AtMostOnce::for_ttl(TTL).start_after;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    at_most_once_on(&store, "once.service", "m2", 2).await;
+    turn(&mut engine, 1).await;
+    store.delete(&store.keys().machine("m2"));
+    turn(&mut engine, 1).await;
+    tokio::time::sleep(wait / 2).await;
+    // a relist: the watch breaks and lists again
+    store.set_reachable(false);
+    store.set_reachable(true);
+    turn(&mut engine, 1).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    tokio::time::sleep(wait / 2 + Duration::from_millis(10)).await;
+    turn(&mut engine, 1).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m1"));
+}
+
+/// Regression: while an at-most-once unit waited, the end of its wait stood in for the
+/// prompt reconcile of every other change: a unit created meanwhile waited for a tick.
+#[tokio::test(start_paused = true)]
+async fn a_change_during_an_at_most_once_wait_is_placed_promptly() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    at_most_once_on(&store, "once.service", "m2", 2).await;
+    turn(&mut engine, 1).await;
+    store.delete(&store.keys().machine("m2"));
+    turn(&mut engine, 1).await;
+    let never = tokio_util::sync::CancellationToken::new();
+    let quiet_until = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(ev) = tokio::time::timeout_at(quiet_until, engine.next_event(&never)).await {
+        engine.handle(ev).await;
+    }
+    create(&store, "single.service", 7).await;
+    drain(&mut engine).await;
+    let started = tokio::time::Instant::now();
+    let ev = engine.next_event(&never).await;
+    assert!(matches!(ev, Event::Tick));
+    assert!(
+        started.elapsed() <= Duration::from_millis(5),
+        "reconciled {:?} after the change",
+        started.elapsed()
+    );
+    engine.handle(ev).await;
+    assert_eq!(placement(&store, "single.service").as_deref(), Some("m1"));
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+}
+
+/// Regression: a stored unit whose `AtMostOnce` is not a boolean (fleet v1.0 took it for an
+/// unknown key) was invalid to the engine after an upgrade, which took it off its machine.
+/// It stays placed, as an ordinary unit.
+#[tokio::test(start_paused = true)]
+async fn a_stored_non_boolean_at_most_once_keeps_the_unit_placed() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let unit: UnitName = "old.service".parse().expect("name");
+    let file = UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nAtMostOnce=maybe\n")
+        .expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let rec = records::schedule(file.hash(), TargetState::Launched);
+    store.put(
+        &store.keys().schedule("m1", "old.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement("old.service"), "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    turn(&mut engine, 2).await;
+    assert_eq!(placement(&store, "old.service").as_deref(), Some("m1"));
+    assert!(store.get(&store.keys().reason("old.service")).is_none());
+}

@@ -92,6 +92,8 @@ struct State {
     fail_on_start: BTreeSet<String>,
     /// One-shot errors: method name → error.
     injected: HashMap<&'static str, DBusError>,
+    /// Units whose next stops fail, with how many are left to fail.
+    failing_stops: HashMap<String, usize>,
     reloads: usize,
     calls: Vec<Call>,
     subscribers: Vec<(WatchSet, mpsc::Sender<UnitEvent>)>,
@@ -307,6 +309,12 @@ impl FakeUnitManager {
         );
     }
 
+    /// Makes the next `times` StopUnit calls for `name` fail (a job systemd refuses), whoever
+    /// makes them.
+    pub fn fail_stops(&self, name: &str, times: usize) {
+        self.lock().failing_stops.insert(name.to_owned(), times);
+    }
+
     /// A change systemd made on its own (a crash, a restart): sets the state and notifies.
     pub async fn set_state(&self, name: &str, state: SystemdState) {
         let _ = self
@@ -473,6 +481,20 @@ impl UnitManager for FakeUnitManager {
             .with(|s, out| {
                 s.log(Call::Stop(name.to_owned()));
                 s.take_injected("StopUnit", Some(name))?;
+                if let Some(left) = s.failing_stops.get_mut(name)
+                    && *left > 0
+                {
+                    *left -= 1;
+                    return Err(Error::Unit {
+                        unit: name.to_owned(),
+                        method: "StopUnit",
+                        error: DBusError {
+                            name: Some("org.freedesktop.DBus.Error.Failed".to_owned()),
+                            message: "stop refused".to_owned(),
+                            transport: false,
+                        },
+                    });
+                }
                 let Some(current) = s.units.get(name) else {
                     if s.files.contains_key(name) {
                         return Ok(None);

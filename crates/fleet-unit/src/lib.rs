@@ -37,7 +37,8 @@ pub use name::{
     UnitNameError, default_unit_type,
 };
 pub use requirements::{
-    FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_PATTERNS, MAX_SECTION_BYTES,
-    MAX_VALUE_BYTES, RequirementError, RequirementErrorKind, Requirements, X_FLEET,
+    AT_MOST_ONCE_IGNORED, FleetOption, KNOWN_KEYS, MAX_MATCH_PAIRS, MAX_MATCH_WORK, MAX_PATTERNS,
+    MAX_SECTION_BYTES, MAX_VALUE_BYTES, RequirementError, RequirementErrorKind, Requirements,
+    X_FLEET,
 };
 pub use state::{TargetState, TargetStateError};

@@ -78,6 +78,9 @@ pub struct Requirements {
     pub at_most_once: bool,
 }
 
+/// How the warning about an `AtMostOnce` value that is not a boolean starts.
+pub const AT_MOST_ONCE_IGNORED: &str = "ignoring AtMostOnce value";
+
 impl Requirements {
     /// Whether the unit runs on every machine (`Global=true`). A unit whose requirements do
     /// not parse is not global: every registry and client reads it so.
@@ -87,11 +90,32 @@ impl Requirements {
 
     /// Reads the `[X-Fleet]` section of `file` for the unit called `name`.
     ///
-    /// Returns the requirements and warnings (unknown keys, with fleet's text, and ignored
-    /// malformed `MachineMetadata` values), or an error for combinations fleet rejects.
+    /// Returns the requirements and warnings (unknown keys, with fleet's text, ignored
+    /// malformed `MachineMetadata` values, and an `AtMostOnce` that is not a boolean, read as
+    /// false), or an error for combinations fleet rejects. A stored unit is read so: one
+    /// written by fleet v1.0, to which `AtMostOnce` was an unknown key, stays valid.
     pub fn from_unit(
         name: &UnitName,
         file: &UnitFile,
+    ) -> Result<(Requirements, Vec<String>), RequirementError> {
+        Requirements::read(name, file, false)
+    }
+
+    /// As [`Requirements::from_unit`], for a unit being submitted: an `AtMostOnce` that is
+    /// not a boolean is refused (a typo must not silently allow two copies), except in a
+    /// template, whose value may name its instance (`AtMostOnce=%i`): each instance is
+    /// checked when it is submitted.
+    pub fn from_submitted(
+        name: &UnitName,
+        file: &UnitFile,
+    ) -> Result<(Requirements, Vec<String>), RequirementError> {
+        Requirements::read(name, file, !name.is_template())
+    }
+
+    fn read(
+        name: &UnitName,
+        file: &UnitFile,
+        strict: bool,
     ) -> Result<(Requirements, Vec<String>), RequirementError> {
         let err = |kind| RequirementError {
             unit: name.clone(),
@@ -194,16 +218,23 @@ impl Requirements {
         let global = get("Global").last().is_some_and(|v| is_truthy(v));
         let replaces = get("Replaces").to_vec();
         // read like Global, except that a value that is neither true nor false is refused
-        // rather than read as false: a typo must not silently allow two copies
+        // when submitted (strict), and otherwise read as false with a warning
         let at_most_once = match get("AtMostOnce").last() {
             None => false,
             Some(v) if is_truthy(v) => true,
             Some(v) if is_falsy(v) => false,
-            Some(v) => {
+            Some(v) if strict => {
                 return Err(err(RequirementErrorKind::NotABoolean {
                     key: "AtMostOnce".into(),
                     value: v.clone(),
                 }));
+            }
+            Some(v) => {
+                warnings.push(format!(
+                    "{AT_MOST_ONCE_IGNORED} {}: not a boolean, read as false",
+                    go_quote(v)
+                ));
+                false
             }
         };
 
@@ -493,11 +524,14 @@ mod tests {
 
     fn read(name: &str, xfleet: &str) -> Result<(Requirements, Vec<String>), RequirementError> {
         let name = UnitName::parse(name).expect("valid name");
-        let file = UnitFile::parse(&format!(
+        Requirements::from_unit(&name, &with_x_fleet(xfleet))
+    }
+
+    fn with_x_fleet(xfleet: &str) -> UnitFile {
+        UnitFile::parse(&format!(
             "[Service]\nExecStart=/bin/true\n\n[X-Fleet]\n{xfleet}"
         ))
-        .expect("valid unit");
-        Requirements::from_unit(&name, &file)
+        .expect("valid unit")
     }
 
     fn md(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
@@ -663,6 +697,11 @@ mod tests {
         }
         let (got, _) = read("a@true.service", "AtMostOnce=%i\n").expect("expanded");
         assert!(got.at_most_once);
+        // a template names its instance: checked per instance, not in the template
+        let template: UnitName = "a@.service".parse().expect("name");
+        let (got, _) = Requirements::from_submitted(&template, &with_x_fleet("AtMostOnce=%i\n"))
+            .expect("template accepted");
+        assert!(!got.at_most_once);
         // (x-fleet section, the API's message)
         let bad: &[(&str, &str)] = &[
             (
@@ -683,10 +722,31 @@ mod tests {
                 "Global cannot be used with AtMostOnce",
             ),
         ];
+        let name: UnitName = "a.service".parse().expect("name");
         for (xfleet, want) in bad {
-            let err = read("a.service", xfleet).expect_err(xfleet);
+            let err = Requirements::from_submitted(&name, &with_x_fleet(xfleet)).expect_err(xfleet);
             assert_eq!(err.fleet_message(), *want, "{xfleet:?}");
             assert_eq!(err.to_string(), format!("unit a.service: {want}"));
+        }
+    }
+
+    /// Regression: a stored unit whose `AtMostOnce` is not a boolean (written by fleet v1.0,
+    /// to which it was an unknown key, or imported from it) became invalid after an upgrade,
+    /// and the engine took it off its machine. Read from the store, such a value is false,
+    /// with a warning.
+    #[test]
+    fn a_stored_non_boolean_at_most_once_reads_as_false() {
+        for xfleet in [
+            "AtMostOnce=maybe\n",
+            "AtMostOnce=\n",
+            "Global=true\nAtMostOnce=x\n",
+        ] {
+            let (got, warnings) = read("a.service", xfleet).expect(xfleet);
+            assert!(!got.at_most_once, "{xfleet:?}");
+            assert!(
+                warnings.iter().any(|w| w.starts_with(AT_MOST_ONCE_IGNORED)),
+                "{xfleet:?}: {warnings:?}"
+            );
         }
     }
 
