@@ -163,8 +163,7 @@ pub async fn wait_for_unit_states(
                             if let Some(reason) = u.reason.as_ref().filter(|r| {
                                 started.elapsed() >= REASON_GRACE
                                     && reasons_shown.insert((name.clone(), r.to_string()))
-                            })
-                            {
+                            }) {
                                 ui::err(match &u.machine_id {
                                     None => format!("Unit {name} cannot be placed yet: {reason}"),
                                     // its machine says why it is not there yet (not in

@@ -286,6 +286,45 @@ fn a_new_unit_costs_one_put() {
     assert_eq!((requests("GET") - gets, requests("PUT") - puts), (4, 2));
 }
 
+/// A creation that fails for another reason than "already exists" (here the API's 500) ends
+/// the command as in fleet, and like fleet's (which created every unit inactive and set states
+/// afterwards) it leaves the units it did create inactive, though each was created launched.
+#[test]
+fn a_failed_creation_leaves_the_created_units_inactive() {
+    let c = Cluster::start();
+    let api = c.serve_api_failing_create("c.service");
+    let names = [
+        "a.service",
+        "b.service",
+        "c.service",
+        "d.service",
+        "e.service",
+    ];
+    for n in names {
+        c.write(n, SLEEP);
+    }
+    let flags = vec![format!("--endpoint={api}")];
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names);
+    let out = c.run_with(&flags, &args);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("Error creating units: failed creating unit c.service: "),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("Triggered"), "{out:?}");
+    let out = c.run_with(
+        &flags,
+        &["list-unit-files", "--no-legend", "--fields=unit,dstate"],
+    );
+    assert_eq!(
+        out.stdout,
+        "a.service\tinactive\nb.service\tinactive\nd.service\tinactive\ne.service\tinactive\n",
+        "{out:?}"
+    );
+}
+
 /// Whether `list-unit-files --fields=unit,dstate` lists `unit` in `state`.
 fn has(listed: &str, unit: &str, state: &str) -> bool {
     listed

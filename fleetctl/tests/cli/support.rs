@@ -98,8 +98,25 @@ impl Cluster {
 
     /// [`Cluster::serve_api`], counting the requests it answers in `metrics`.
     pub fn serve_api_counted(&self, metrics: fleet_api::Metrics) -> String {
+        self.serve_api_of(Arc::new(self.registry()), metrics)
+    }
+
+    /// [`Cluster::serve_api`] whose creation of the unit `name` fails (the API answers 500).
+    pub fn serve_api_failing_create(&self, name: &str) -> String {
+        let registry = FailingCreate {
+            inner: self.registry(),
+            name: name.to_string(),
+        };
+        self.serve_api_of(Arc::new(registry), fleet_api::Metrics::new())
+    }
+
+    /// Serves `registry` through fleet's HTTP API on a unix socket; returns its endpoint.
+    fn serve_api_of(
+        &self,
+        registry: Arc<dyn fleet_registry::Registry>,
+        metrics: fleet_api::Metrics,
+    ) -> String {
         let path = self.dir.path().join("fleet.sock");
-        let registry: Arc<dyn fleet_registry::Registry> = Arc::new(self.registry());
         self.rt.block_on(async {
             let listener = fleet_api::bind_unix(&path).expect("bind API socket");
             tokio::spawn(fleet_api::serve(
@@ -328,5 +345,70 @@ impl Running {
         };
         assert!(ok, "fleetctl did not finish within {limit:?}: {out:?}");
         out
+    }
+}
+
+/// The cluster's registry, but creating one unit fails as etcd failing would.
+struct FailingCreate {
+    inner: EtcdRegistry,
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl fleet_registry::Registry for FailingCreate {
+    async fn create_unit(
+        &self,
+        name: &fleet_unit::UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        if name.as_str() == self.name {
+            return Err(fleet_registry::RegistryError::Unreachable {
+                op: "create",
+                key: name.to_string(),
+            });
+        }
+        self.inner.create_unit(name, file, desired).await
+    }
+    async fn replace_unit(
+        &self,
+        name: &fleet_unit::UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        self.inner.replace_unit(name, file, desired).await
+    }
+    async fn set_desired_state(
+        &self,
+        name: &fleet_unit::UnitName,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        self.inner.set_desired_state(name, desired).await
+    }
+    async fn destroy_unit(&self, name: &fleet_unit::UnitName) -> fleet_registry::Result<bool> {
+        self.inner.destroy_unit(name).await
+    }
+    async fn unit(
+        &self,
+        name: &fleet_unit::UnitName,
+    ) -> fleet_registry::Result<Option<fleet_registry::UnitView>> {
+        self.inner.unit(name).await
+    }
+    async fn units(&self) -> fleet_registry::Result<Vec<fleet_registry::UnitView>> {
+        self.inner.units().await
+    }
+    async fn machines(&self) -> fleet_registry::Result<Vec<fleet_registry::MachineView>> {
+        self.inner.machines().await
+    }
+    async fn unit_states(&self) -> fleet_registry::Result<Vec<StateRecord>> {
+        self.inner.unit_states().await
+    }
+    async fn set_machine_metadata(
+        &self,
+        machine: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> fleet_registry::Result<()> {
+        self.inner.set_machine_metadata(machine, key, value).await
     }
 }
