@@ -98,7 +98,21 @@ impl Cluster {
 
     /// [`Cluster::serve_api`], counting the requests it answers in `metrics`.
     pub fn serve_api_counted(&self, metrics: fleet_api::Metrics) -> String {
-        self.serve_api_of(Arc::new(self.registry()), metrics)
+        let config = fleet_api::ApiConfig {
+            metrics,
+            ..fleet_api::ApiConfig::default()
+        };
+        self.serve_api_of(Arc::new(self.registry()), config)
+    }
+
+    /// [`Cluster::serve_api`] answering a unit's PUT as fleet v1.0's fleetd did: it ignores
+    /// `If-None-Match: *` and does not say that it honours it.
+    pub fn serve_api_like_fleet_v1(&self) -> String {
+        let config = fleet_api::ApiConfig {
+            ignore_create_only: true,
+            ..fleet_api::ApiConfig::default()
+        };
+        self.serve_api_of(Arc::new(self.registry()), config)
     }
 
     /// [`Cluster::serve_api`] whose creation of the unit `name` fails (the API answers 500).
@@ -107,14 +121,14 @@ impl Cluster {
             inner: self.registry(),
             name: name.to_string(),
         };
-        self.serve_api_of(Arc::new(registry), fleet_api::Metrics::new())
+        self.serve_api_of(Arc::new(registry), fleet_api::ApiConfig::default())
     }
 
     /// Serves `registry` through fleet's HTTP API on a unix socket; returns its endpoint.
     fn serve_api_of(
         &self,
         registry: Arc<dyn fleet_registry::Registry>,
-        metrics: fleet_api::Metrics,
+        config: fleet_api::ApiConfig,
     ) -> String {
         let path = self.dir.path().join("fleet.sock");
         self.rt.block_on(async {
@@ -122,10 +136,7 @@ impl Cluster {
             tokio::spawn(fleet_api::serve(
                 vec![listener],
                 registry,
-                fleet_api::ApiConfig {
-                    metrics,
-                    ..fleet_api::ApiConfig::default()
-                },
+                config,
                 std::future::pending::<()>(),
             ));
         });
@@ -217,6 +228,28 @@ impl Cluster {
         self.rt
             .block_on(reg.register_machine(rec, Duration::from_secs(60)))
             .expect("register")
+    }
+
+    /// Publishes that `unit` still runs (launched) on `machine`, which cannot change it:
+    /// `reason`, as an agent does.
+    pub fn publish_reason(&self, unit: &str, machine: &str, hash: &str, reason: &str) {
+        let reg = self.registry();
+        let rec = StateRecord {
+            active_state: "active".to_string(),
+            sub_state: "running".to_string(),
+            agent_state: TargetState::Launched,
+            reason: Some(reason.to_string()),
+            ..records::state(unit, machine, hash)
+        };
+        self.rt.block_on(async {
+            let lease = LeaseKeeper::grant(reg.client(), Duration::from_secs(60))
+                .await
+                .expect("lease");
+            reg.publish_state(unit, machine, Some(&rec), &lease)
+                .await
+                .expect("publish");
+            self.leases.lock().expect("lock").push(lease);
+        });
     }
 
     /// Publishes a unit state as the agent of `machine` does.
