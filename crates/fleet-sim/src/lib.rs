@@ -200,11 +200,11 @@ impl Sim {
         let units = api
             .units()
             .await
-            .map_err(|e| ApiUnreadable(format!("listing units through the API: {e}")))?;
+            .map_err(|e| listing_failed("listing units through the API", &e))?;
         let states = api
             .unit_states()
             .await
-            .map_err(|e| ApiUnreadable(format!("listing unit states through the API: {e}")))?;
+            .map_err(|e| listing_failed("listing unit states through the API", &e))?;
         let placed = self.cluster.placed(self.failures);
         let mut out = Vec::new();
         let listed: BTreeMap<&str, TargetState> =
@@ -363,6 +363,31 @@ pub fn violations(
         }
     }
     out
+}
+
+/// A listing through the API failed: [`ApiUnreadable`] when the answer was too large for
+/// gRPC (what the API shows cannot be checked at this size), a plain error otherwise (a
+/// broken API is a failure of the run, not an unverified figure).
+fn listing_failed(what: &str, e: &RegistryError) -> anyhow::Error {
+    let message = format!("{what}: {e}");
+    if is_message_size(&message) {
+        anyhow::Error::new(ApiUnreadable(message))
+    } else {
+        anyhow::anyhow!(message)
+    }
+}
+
+/// Whether an error says that a gRPC message exceeded the size limit (tonic's wording, and
+/// etcd's and grpc-go's).
+fn is_message_size(message: &str) -> bool {
+    [
+        "message length too large",
+        "larger than max",
+        "message too large",
+        "exceeds the limit",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
 }
 
 /// The API answered a listing with an error: what it shows cannot be checked.
@@ -772,5 +797,27 @@ mod tests {
             &|p| p.insert(spread[1].clone(), first.clone()).map_or((), drop),
             "conflict group",
         );
+    }
+}
+
+#[cfg(test)]
+mod listing_tests {
+    use super::is_message_size;
+
+    /// Only gRPC's message-size error leaves what the API shows unverified; any other
+    /// listing error fails the run.
+    #[test]
+    fn only_the_message_size_error_is_unreadable() {
+        assert!(is_message_size(
+            "listing units through the API: Internal Server Error: range: etcd: grpc request \
+             error: status: OutOfRange, message: \"decoded message length too large: found \
+             5000000 bytes, the limit is: 4194304 bytes\""
+        ));
+        assert!(!is_message_size(
+            "listing units through the API: error sending request: connection refused"
+        ));
+        assert!(!is_message_size(
+            "listing units through the API: 503 Service Unavailable"
+        ));
     }
 }
