@@ -214,7 +214,7 @@ async fn unit_file_for(
 /// requirements (errors name the unit and the options; unknown keys are warnings).
 pub fn validate(name: &str, file: &UnitFile) -> Result<UnitName, String> {
     let name = UnitName::parse(name).map_err(|e| e.to_string())?;
-    let (_, warnings) = Requirements::from_unit(&name, file).map_err(|e| e.to_string())?;
+    let (_, warnings) = Requirements::from_submitted(&name, file).map_err(|e| e.to_string())?;
     for w in warnings {
         tracing::warn!("Unit {name}: {w}");
     }
@@ -292,10 +292,10 @@ pub async fn lazy_create(
                 ctx, &reg, unit_name, file, replacing, state, false,
             ));
             if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
-                return creations.end(Some(e)).await;
+                return creations.end(&reg, Some(e)).await;
             }
         }
-        return creations.end(error).await;
+        return creations.end(&reg, error).await;
     }
     let mut seen = HashSet::new();
     for ((arg, name), found) in args.iter().zip(&names).zip(found) {
@@ -308,7 +308,7 @@ pub async fn lazy_create(
         let found = if depends {
             // what the registry holds now depends on the creations under way
             if let Err(e) = creations.finish(0).await {
-                return creations.end(Some(e)).await;
+                return creations.end(&reg, Some(e)).await;
             }
             lookup(&reg, name).await
         } else {
@@ -328,13 +328,13 @@ pub async fn lazy_create(
                     false,
                 ));
                 if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
-                    return creations.end(Some(e)).await;
+                    return creations.end(&reg, Some(e)).await;
                 }
             }
-            Err(e) => return creations.end(Some(fail(e))).await,
+            Err(e) => return creations.end(&reg, Some(fail(e))).await,
         }
     }
-    creations.end(None).await
+    creations.end(&reg, None).await
 }
 
 /// The units of `args` when every argument is a local unit file that is valid and draws no
@@ -349,7 +349,7 @@ fn local_units(args: &[String], names: &[String]) -> Option<Vec<(UnitName, UnitF
             }
             let file = read_unit_file(path).ok()?;
             let name = UnitName::parse(name).ok()?;
-            let (_, warnings) = Requirements::from_unit(&name, &file).ok()?;
+            let (_, warnings) = Requirements::from_submitted(&name, &file).ok()?;
             warnings.is_empty().then_some((name, file))
         })
         .collect()
@@ -375,11 +375,11 @@ async fn create_first(
             .running
             .push_back(create_one(ctx, reg, unit_name, file, None, state, true));
         if let Err(e) = creations.finish(IN_FLIGHT - 1).await {
-            return creations.end(Some(e)).await;
+            return creations.end(reg, Some(e)).await;
         }
     }
     if let Err(e) = creations.finish(0).await {
-        return creations.end(Some(e)).await;
+        return creations.end(reg, Some(e)).await;
     }
     let there = std::mem::take(&mut creations.there);
     for (arg, name) in args.iter().zip(names) {
@@ -395,16 +395,16 @@ async fn create_first(
                     ctx, reg, unit_name, file, replacing, state, false,
                 ));
                 if let Err(e) = creations.finish(0).await {
-                    return creations.end(Some(e)).await;
+                    return creations.end(reg, Some(e)).await;
                 }
             }
             Err(e) => {
                 let e = Failure::msg(format!("Error creating units: {e}"));
-                return creations.end(Some(e)).await;
+                return creations.end(reg, Some(e)).await;
             }
         }
     }
-    creations.end(None).await
+    creations.end(reg, None).await
 }
 
 /// Whether every argument's unit may be created in the command's next state at once: no
@@ -431,6 +431,9 @@ enum Created {
     Existing,
     /// The unit was there already (a creation sent without looking first): to be decided.
     There(String),
+    /// Created in a state other than inactive (the command's next state, at once): the line
+    /// reporting it, and its name, to set back to inactive if the command fails.
+    Launched(String, UnitName),
     /// Not created: the command's error.
     Failed(Failure),
 }
@@ -445,6 +448,8 @@ struct Creations<F: Future<Output = Created>> {
     names: HashSet<String>,
     /// Units a creation found there already ([`Created::There`]).
     there: HashSet<String>,
+    /// Units this command created in a state other than inactive ([`Created::Launched`]).
+    launched: Vec<UnitName>,
 }
 
 impl<F: Future<Output = Created>> Default for Creations<F> {
@@ -454,6 +459,7 @@ impl<F: Future<Output = Created>> Default for Creations<F> {
             lines: Vec::new(),
             names: HashSet::new(),
             there: HashSet::new(),
+            launched: Vec::new(),
         }
     }
 }
@@ -468,6 +474,10 @@ impl<F: Future<Output = Created>> Creations<F> {
         while self.running.len() > left || (failure.is_some() && !self.running.is_empty()) {
             match self.running.next().await {
                 Some(Created::Shown(line)) => self.lines.push(line),
+                Some(Created::Launched(line, name)) => {
+                    self.lines.push(line);
+                    self.launched.push(name);
+                }
                 Some(Created::Existing) => {}
                 Some(Created::There(name)) => {
                     self.there.insert(name);
@@ -482,8 +492,33 @@ impl<F: Future<Output = Created>> Creations<F> {
     }
 
     /// Finishes every creation, prints their lines, and says how the step ended.
-    async fn end(mut self, error: Option<Failure>) -> Result<(), Failure> {
+    ///
+    /// When the step fails, the units it created in the command's next state are set back to
+    /// inactive first: fleet created every unit inactive and set states only once all were
+    /// created, so a failed creation left the units before it inactive, and so does this.
+    async fn end(mut self, reg: &Arc<dyn Registry>, error: Option<Failure>) -> Result<(), Failure> {
         let finished = self.finish(0).await;
+        if finished.is_err() || error.is_some() {
+            let launched = std::mem::take(&mut self.launched);
+            let undone: Vec<_> = stream::iter(&launched)
+                .map(|name| async move {
+                    (
+                        name,
+                        reg.set_desired_state(name, TargetState::Inactive).await,
+                    )
+                })
+                .buffered(IN_FLIGHT)
+                .collect()
+                .await;
+            for (name, undone) in undone {
+                if let Err(e) = undone {
+                    ui::err(format!(
+                        "Error setting Unit({name}) back to inactive: {}",
+                        describe(&e)
+                    ));
+                }
+            }
+        }
         for line in self.lines.drain(..) {
             ui::out(line);
         }
@@ -566,7 +601,12 @@ async fn create_one(
                 current: TargetState::Inactive,
                 reason: None,
             });
-            Created::Shown(format!("Unit {unit_name} {}", TargetState::Inactive))
+            let line = format!("Unit {unit_name} {}", TargetState::Inactive);
+            if desired == TargetState::Inactive {
+                Created::Shown(line)
+            } else {
+                Created::Launched(line, unit_name)
+            }
         }
         Err(RegistryError::AlreadyExists(_)) if unlooked => Created::There(unit_name.to_string()),
         // another client created it meanwhile: with the same contents that is what this

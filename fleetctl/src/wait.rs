@@ -160,8 +160,13 @@ pub async fn wait_for_unit_states(
                     match reached(ctx, u, want).await {
                         Some(line) => ui::out(line),
                         None => {
+                            // its machine's reason says why it is not started or loaded
+                            // yet; `stop` and `unload` (and `restart`'s stop) wait for a
+                            // unit to come down, which that wording does not fit
+                            let coming_up = u.machine_id.is_none() || u.current < want;
                             if let Some(reason) = u.reason.as_ref().filter(|r| {
-                                started.elapsed() >= REASON_GRACE
+                                coming_up
+                                    && started.elapsed() >= REASON_GRACE
                                     && reasons_shown.insert((name.clone(), r.to_string()))
                             }) {
                                 ui::err(match &u.machine_id {

@@ -71,7 +71,7 @@ impl Agent {
             if *launched {
                 let r = self.systemd.stop(name).await;
                 if let Err(reason) = self.attempt("stop", name, r) {
-                    outcome.failed(name, self.current.get(name).map(|c| c.hash), reason);
+                    outcome.failed(name, fault_hash(desired, &self.current, name), reason);
                     kept.insert(name.clone());
                 }
             }
@@ -85,16 +85,29 @@ impl Agent {
         if !removing.is_empty() {
             // one DisableUnitFiles for the whole batch (systemd pays ~30 ms per call)
             let r = self.systemd.remove_units(&removing).await;
-            if let Err(reason) = self.attempt("unload", &removing.join(" "), r) {
+            let mut failures = Vec::new();
+            if let Err(e) = r {
+                // which units failed is unknown: each is removed on its own, and only those
+                // whose own removal fails are kept
+                warn!(error = %e, units = %removing.join(" "), "removing unit files failed; removing them one by one");
                 for name in &removing {
-                    if let Some(c) = self.current.get_mut(name) {
-                        // stopped, not yet removed
-                        c.state = TargetState::Loaded;
-                        let hash = c.hash;
-                        outcome.failed(name, Some(hash), reason.clone());
+                    let r = self.systemd.remove_unit(name).await;
+                    if let Err(reason) = self.attempt("unload", name, r) {
+                        failures.push((name.clone(), reason));
                     }
-                    kept.insert(name.clone());
                 }
+            } else {
+                self.attempt("unload", &removing.join(" "), Ok(()))
+                    .unwrap_or_default();
+            }
+            for (name, reason) in failures {
+                let hash = fault_hash(desired, &self.current, &name);
+                if let Some(c) = self.current.get_mut(&name) {
+                    // stopped, not yet removed
+                    c.state = TargetState::Loaded;
+                    outcome.failed(&name, hash, reason);
+                }
+                kept.insert(name);
             }
         }
         for (name, _) in &plan.unload {
@@ -300,7 +313,6 @@ impl Agent {
         self.attempt(what, unit, result).is_ok()
     }
 
-    /// As [`Agent::task`], with the failure as a reason users read (`stop failed: ...`).
     /// The bodies of a batch by hash, and those etcd refuses to give (with why). A refused
     /// batch is read again body by body, so one body that cannot be read (a permission on
     /// its key) keeps no other unit from being written. A store that cannot be reached
@@ -339,6 +351,7 @@ impl Agent {
         (bodies, refused)
     }
 
+    /// As [`Agent::task`], with the failure as a reason users read (`stop failed: ...`).
     pub(crate) fn attempt(
         &self,
         what: &str,
@@ -379,4 +392,18 @@ impl Outcome {
     fn succeeded(&mut self, unit: &str) {
         self.ok.push(unit.to_string());
     }
+}
+
+/// The body a stop's or removal's failure records: the one wanted (the new one when the body
+/// changed), else the one here. A fault is held, not retried before its backoff, while the
+/// body it records is the one wanted.
+fn fault_hash(
+    desired: &BTreeMap<String, Desired>,
+    current: &BTreeMap<String, Current>,
+    name: &str,
+) -> Option<UnitHash> {
+    desired
+        .get(name)
+        .map(|d| d.hash)
+        .or_else(|| current.get(name).map(|c| c.hash))
 }

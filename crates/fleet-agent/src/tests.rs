@@ -906,6 +906,46 @@ async fn a_failed_fence_stop_is_tried_again_within_the_stop_allowance() {
     agent.stop(false).await;
 }
 
+/// A failed stop of a unit whose body changed waits for its backoff like any other failure
+/// (its fault records the body wanted): another unit's change does not retry it at once.
+#[tokio::test(start_paused = true)]
+async fn a_failed_stop_for_a_new_body_waits_for_its_retry() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    systemd.inject_error(
+        "StopUnit",
+        "org.freedesktop.DBus.Error.TimedOut",
+        "stop timed out",
+    );
+    // the new body in the store (bodies are stored by hash)
+    let other: UnitName = "other.service".parse().expect("name");
+    store
+        .create_unit(&other, &body(2), TargetState::Inactive)
+        .await
+        .expect("create");
+    schedule(&store, M1, "a.service", &body(2), TargetState::Launched).await;
+    eventually("the failure reported", || {
+        state_of(&store, "a.service")
+            .and_then(|s| s.reason)
+            .is_some_and(|r| r.starts_with("stop failed: "))
+    })
+    .await;
+    let stops = |systemd: &FakeUnitManager| {
+        count(systemd, |c| matches!(c, Call::Stop(n) if n == "a.service"))
+    };
+    assert_eq!(stops(&systemd), 1);
+    schedule(&store, M1, "b.service", &body(3), TargetState::Launched).await;
+    eventually("b started", || active(&systemd, "b.service")).await;
+    assert_eq!(
+        stops(&systemd),
+        1,
+        "a's stop was retried before its backoff"
+    );
+    agent.stop(false).await;
+}
+
 /// Regression: a fence raised and lifted while the agent was busy (here stalled in a state
 /// write) looked like no fence at all: the guard had stopped the at-most-once unit, the
 /// agent still counted it as running and never started it again.
@@ -997,4 +1037,39 @@ async fn no_at_most_once_unit_starts_once_fenced_during_a_converge() {
     .await;
     shutdown.cancel();
     task.await.expect("agent task").expect("agent");
+}
+
+/// When removing a batch's unit files fails, each is removed on its own: only a unit whose
+/// own removal fails is kept (here none: the failure was a passing one).
+#[tokio::test(start_paused = true)]
+async fn a_failed_batch_removal_keeps_only_the_units_that_fail_alone() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Launched).await;
+    eventually("started", || {
+        active(&systemd, "a.service") && active(&systemd, "b.service")
+    })
+    .await;
+    systemd.inject_error(
+        "DisableUnitFiles",
+        "org.freedesktop.DBus.Error.Failed",
+        "passing failure",
+    );
+    store.delete(&store.keys().schedule(M1, "a.service"));
+    store.delete(&store.keys().schedule(M1, "b.service"));
+    eventually("both withdrawn, neither kept as failing", || {
+        for unit in ["a.service", "b.service"] {
+            let reason = state_of(&store, unit).and_then(|s| s.reason);
+            assert!(
+                !reason
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("unload failed")),
+                "{unit} kept: {reason:?}"
+            );
+        }
+        state_of(&store, "a.service").is_none() && state_of(&store, "b.service").is_none()
+    })
+    .await;
+    agent.stop(false).await;
 }

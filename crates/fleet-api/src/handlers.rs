@@ -89,8 +89,19 @@ impl Api {
             Err(_) => Err(fail(StatusCode::SERVICE_UNAVAILABLE, "request timed out")),
         };
         let mut reply = result.unwrap_or_else(|f| error_reply(f.code, &f.message));
-        reply.headers_mut().insert(SERVER, self.server.clone());
+        self.common_headers(&mut reply);
         reply
+    }
+
+    /// `Server`, and the advertisement that a unit's PUT honours `If-None-Match: *`.
+    fn common_headers(&self, reply: &mut Reply) {
+        reply.headers_mut().insert(SERVER, self.server.clone());
+        if !self.config.ignore_create_only {
+            reply.headers_mut().insert(
+                crate::wire::CREATE_ONLY_HEADER,
+                HeaderValue::from_static("1"),
+            );
+        }
     }
 
     /// `Server: fleetd/<version>`.
@@ -101,7 +112,7 @@ impl Api {
     /// A reply for a request whose handler panicked.
     pub(crate) fn panic_reply(&self) -> Reply {
         let mut reply = error_reply(StatusCode::INTERNAL_SERVER_ERROR, "");
-        reply.headers_mut().insert(SERVER, self.server.clone());
+        self.common_headers(&mut reply);
         reply
     }
 
@@ -168,10 +179,11 @@ impl Api {
                     Method::GET => self.get_unit(item).await,
                     Method::DELETE => self.destroy_unit(item).await,
                     Method::PUT => {
-                        let create_only = req
-                            .headers()
-                            .get(http::header::IF_NONE_MATCH)
-                            .is_some_and(|v| v.as_bytes() == b"*");
+                        let create_only = !self.config.ignore_create_only
+                            && req
+                                .headers()
+                                .get(http::header::IF_NONE_MATCH)
+                                .is_some_and(|v| v.as_bytes() == b"*");
                         let body = self.json_body(req, deadline).await?;
                         self.set_unit(item, body, create_only).await
                     }

@@ -76,6 +76,9 @@ pub struct ApiConfig {
     pub shutdown_grace: Duration,
     /// Sent as `Server: fleetd/<version>`.
     pub version: String,
+    /// Ignore `If-None-Match: *` on a unit's PUT and leave out [`wire::CREATE_ONLY_HEADER`],
+    /// as fleet v1.0's fleetd did: for tests of clients talking to such a fleetd.
+    pub ignore_create_only: bool,
     pub metrics: Metrics,
     /// While this says `false`, every request gets fleet's 503 ("fleet server unable to
     /// communicate with etcd"). `None`: always available.
@@ -119,6 +122,7 @@ impl Default for ApiConfig {
             min_write_rate: 1024,
             shutdown_grace: Duration::from_secs(5),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            ignore_create_only: false,
             metrics: Metrics::new(),
             available: None,
             events: None,

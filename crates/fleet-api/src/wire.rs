@@ -9,6 +9,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+/// Response header by which our fleetd says that a unit's PUT with `If-None-Match: *` only
+/// creates (412 when the unit exists). fleet v1.0's fleetd ignored that request header, and
+/// set the state of (or overwrote) a unit that was there: a client that creates without
+/// looking first does so only once it has seen this header.
+pub const CREATE_ONLY_HEADER: &str = "x-fleet-create-only";
+
 /// Reads `null` (and absence, with `#[serde(default)]`) as the type's empty value, as Go did.
 fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
 where

@@ -17,6 +17,7 @@ mod error;
 mod events;
 mod tls;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -101,6 +102,12 @@ pub struct HttpRegistry {
     timeout: Duration,
     /// Kept-alive connections with no request in flight (and since when), newest last.
     idle: Arc<Mutex<Vec<(Sender, std::time::Instant)>>>,
+    /// Whether an answer carried [`wire::CREATE_ONLY_HEADER`]: fleetd honours
+    /// `If-None-Match: *`, so a unit may be created in a state without looking first.
+    create_only: Arc<AtomicBool>,
+    /// The answer of the one request sent to learn [`HttpRegistry::create_only`] when
+    /// nothing had told it yet (fleet v1.0's fleetd never does).
+    probed: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl std::fmt::Debug for HttpRegistry {
@@ -161,6 +168,8 @@ impl HttpRegistry {
             tls,
             timeout: cfg.request_timeout,
             idle: Arc::default(),
+            create_only: Arc::default(),
+            probed: Arc::default(),
         })
     }
 
@@ -272,6 +281,9 @@ impl HttpRegistry {
             }
         };
         let status = resp.status();
+        if resp.headers().contains_key(wire::CREATE_ONLY_HEADER) {
+            self.create_only.store(true, Ordering::Relaxed);
+        }
         let mut stream = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES);
         let mut body = Vec::new();
         loop {
@@ -424,6 +436,23 @@ impl HttpRegistry {
         .await
     }
 
+    /// Whether fleetd honours `If-None-Match: *` (ours does and says so in every answer;
+    /// fleet v1.0's ignores it). Unless an answer said so already, the first caller asks
+    /// with a GET of `name`, and the others wait for that answer.
+    async fn honours_create_only(&self, name: &UnitName) -> Result<bool, ClientError> {
+        if self.create_only.load(Ordering::Relaxed) {
+            return Ok(true);
+        }
+        let path = format!("units/{}", encode_component(name.as_str()));
+        self.probed
+            .get_or_try_init(|| async {
+                self.exchange(Method::GET, &path, &[], None).await?;
+                Ok(self.create_only.load(Ordering::Relaxed))
+            })
+            .await
+            .copied()
+    }
+
     /// All units as the API sends them (fleet's wire form).
     pub async fn wire_units(&self) -> Result<Vec<wire::Unit>, ClientError> {
         self.list_all("units", |p: wire::UnitPage| (p.units, p.next_page_token))
@@ -480,7 +509,15 @@ impl Registry for HttpRegistry {
     ) -> fleet_registry::Result<()> {
         // `If-None-Match: *` makes our fleetd refuse any existing unit, atomically (412).
         // fleet v1.0's fleetd ignores the header; it refuses a PUT without desired state for
-        // an existing unit (409), which is what fleet's own fleetctl relied on.
+        // an existing unit (409), which is what fleet's own fleetctl relied on, but with a
+        // desired state it would set that state on the unit, or overwrite its options: to
+        // such a fleetd the unit is looked up first, as fleet's fleetctl did.
+        if desired != TargetState::Inactive
+            && !self.honours_create_only(name).await.map_err(to_registry)?
+            && self.unit(name).await?.is_some()
+        {
+            return Err(RegistryError::AlreadyExists(name.to_string()));
+        }
         let unit = wire::Unit {
             name: name.to_string(),
             // fleet's fleetctl sent no desired state to create (a new unit is inactive); with
@@ -499,6 +536,8 @@ impl Registry for HttpRegistry {
             .map_err(to_registry)?;
         match a.status {
             StatusCode::CREATED => Ok(()),
+            // 204: a fleetd that ignored `If-None-Match: *` found the unit there (and set its
+            // state): it was there already all the same
             StatusCode::NO_CONTENT | StatusCode::CONFLICT | StatusCode::PRECONDITION_FAILED => {
                 Err(RegistryError::AlreadyExists(name.to_string()))
             }

@@ -213,6 +213,12 @@ async fn run(
                 // the watch may sit on that member, which sends nothing more: list again (a
                 // fresh snapshot, no disconnection: nothing is known to be lost)
                 info!("an etcd member was taken out; listing and watching again");
+                // every list-watch of every fleetd learns of it at once: spread their
+                // listings over a second rather than all landing on etcd together
+                tokio::select! {
+                    _ = tokio::time::sleep(relist_jitter()) => {}
+                    _ = tx.closed() => return,
+                }
             }
             WatchEnd::Broken(reason) => {
                 warn!(%reason, "etcd watch broke; listing again");
@@ -227,6 +233,16 @@ async fn run(
             }
         }
     }
+}
+
+/// A random delay in [0, 1 s) before listing again after a member was taken out. Drawn from
+/// std's per-process random hash keys (no random-number crate for one jitter).
+fn relist_jitter() -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let draw = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    Duration::from_millis(draw % 1000)
 }
 
 /// How many keys one page of a listing holds. A page of unit records is ~200 KiB, well under
@@ -512,6 +528,18 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use tokio::io::AsyncReadExt;
     use tokio::time::Instant;
+
+    /// The relists after a member removal are spread over a second, not all at once.
+    #[test]
+    fn relists_after_a_member_removal_are_spread_over_a_second() {
+        let draws: Vec<Duration> = (0..50).map(|_| relist_jitter()).collect();
+        assert!(
+            draws.iter().all(|d| *d < Duration::from_secs(1)),
+            "{draws:?}"
+        );
+        let distinct: std::collections::HashSet<_> = draws.iter().collect();
+        assert!(distinct.len() > 10, "{draws:?}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_two_seconds_and_resets() {

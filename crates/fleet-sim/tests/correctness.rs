@@ -58,6 +58,11 @@ fn fifty_machines_two_thousand_units_survive_kills_and_a_failover() {
             50 - 5 - 1,
             "kills missing"
         );
+        assert!(
+            report.unverified.is_none(),
+            "what the API shows was not verified: {:?}",
+            report.unverified
+        );
         assert!(report.figures.kill_10pct_reschedule_s.is_some());
         assert_eq!(
             report.figures.leader_failover_moved,

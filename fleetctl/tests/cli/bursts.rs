@@ -233,7 +233,8 @@ fn a_new_unit_costs_one_put() {
             ""
         )
     );
-    assert_eq!((requests("GET"), requests("PUT")), (0, 1));
+    // and one GET, which tells that fleetd honours create-only PUTs (fleet v1.0's did not)
+    assert_eq!((requests("GET"), requests("PUT")), (1, 1));
 
     // 20 new units and one that is there (loaded), in the middle
     let mut args = vec!["start", "--no-block"];
@@ -256,9 +257,10 @@ fn a_new_unit_costs_one_put() {
         (0, created + &triggered, ""),
         "{out:?}"
     );
-    // one PUT per new unit; loaded.service: a refused create, two lookups (what to do with
-    // it, then its state) and the change of its state
-    assert_eq!((requests("GET"), requests("PUT")), (2, 1 + 22));
+    // one PUT per new unit and one GET of the command's to learn that it may; loaded.service:
+    // a refused create, two lookups (what to do with it, then its state) and the change of
+    // its state
+    assert_eq!((requests("GET"), requests("PUT")), (1 + 1 + 2, 1 + 22));
     let out = run(&["list-unit-files", "--no-legend", "--fields=unit,dstate"]);
     let want: String = std::iter::once(&"loaded.service".to_string())
         .chain(&names)
@@ -284,6 +286,76 @@ fn a_new_unit_costs_one_put() {
     );
     // each instance: its lookup, its template's, one PUT
     assert_eq!((requests("GET") - gets, requests("PUT") - puts), (4, 2));
+}
+
+/// fleet v1.0's fleetd ignores `If-None-Match: *`: a create-only PUT with a desired state
+/// would set the state of a unit that is there, or overwrite it with other options. To such a
+/// fleetd (one that does not say it honours create-only PUTs), every unit is looked up first.
+#[test]
+fn a_fleet_v1_fleetd_gets_lookups_first() {
+    let c = Cluster::start();
+    let api = c.serve_api_like_fleet_v1();
+    let flags = vec![format!("--endpoint={api}")];
+    c.write("there.service", HELLO);
+    let out = c.run_with(&flags, &["submit", "there.service"]);
+    assert_eq!(out.stdout, "Unit there.service inactive\n", "{out:?}");
+    // the local file now differs from the unit in the registry
+    c.write("there.service", SLEEP);
+    c.write("new.service", SLEEP);
+    let out = c.run_with(
+        &flags,
+        &["load", "--no-block", "there.service", "new.service"],
+    );
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (
+            0,
+            "Unit new.service inactive\n\
+             Triggered unit there.service load\nTriggered unit new.service load\n"
+        ),
+        "{out:?}"
+    );
+    let out = c.run_with(&flags, &["cat", "there.service"]);
+    assert_eq!(out.stdout.trim_end(), HELLO.trim_end(), "{out:?}");
+}
+
+/// A creation that fails for another reason than "already exists" (here the API's 500) ends
+/// the command as in fleet, and like fleet's (which created every unit inactive and set states
+/// afterwards) it leaves the units it did create inactive, though each was created launched.
+#[test]
+fn a_failed_creation_leaves_the_created_units_inactive() {
+    let c = Cluster::start();
+    let api = c.serve_api_failing_create("c.service");
+    let names = [
+        "a.service",
+        "b.service",
+        "c.service",
+        "d.service",
+        "e.service",
+    ];
+    for n in names {
+        c.write(n, SLEEP);
+    }
+    let flags = vec![format!("--endpoint={api}")];
+    let mut args = vec!["start", "--no-block"];
+    args.extend(names);
+    let out = c.run_with(&flags, &args);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr
+            .starts_with("Error creating units: failed creating unit c.service: "),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("Triggered"), "{out:?}");
+    let out = c.run_with(
+        &flags,
+        &["list-unit-files", "--no-legend", "--fields=unit,dstate"],
+    );
+    assert_eq!(
+        out.stdout,
+        "a.service\tinactive\nb.service\tinactive\nd.service\tinactive\ne.service\tinactive\n",
+        "{out:?}"
+    );
 }
 
 /// Whether `list-unit-files --fields=unit,dstate` lists `unit` in `state`.

@@ -183,6 +183,15 @@ fn blocking_start_reports_reasons_and_placement() {
         ),
         "stop did not set the desired state"
     );
+    // its machine's reason for a unit that does not stop yet is not worded as for a start
+    // ("cannot be loaded on ... yet"): fleetctl shows none while it waits for a stop
+    c.publish_reason(
+        "hello.service",
+        M1,
+        &hash.to_string(),
+        "stop failed: org.freedesktop.DBus.Error.Timeout",
+    );
+    std::thread::sleep(Duration::from_millis(2500));
     c.publish(
         "hello.service",
         M1,

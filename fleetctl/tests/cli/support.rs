@@ -98,17 +98,45 @@ impl Cluster {
 
     /// [`Cluster::serve_api`], counting the requests it answers in `metrics`.
     pub fn serve_api_counted(&self, metrics: fleet_api::Metrics) -> String {
+        let config = fleet_api::ApiConfig {
+            metrics,
+            ..fleet_api::ApiConfig::default()
+        };
+        self.serve_api_of(Arc::new(self.registry()), config)
+    }
+
+    /// [`Cluster::serve_api`] answering a unit's PUT as fleet v1.0's fleetd did: it ignores
+    /// `If-None-Match: *` and does not say that it honours it.
+    pub fn serve_api_like_fleet_v1(&self) -> String {
+        let config = fleet_api::ApiConfig {
+            ignore_create_only: true,
+            ..fleet_api::ApiConfig::default()
+        };
+        self.serve_api_of(Arc::new(self.registry()), config)
+    }
+
+    /// [`Cluster::serve_api`] whose creation of the unit `name` fails (the API answers 500).
+    pub fn serve_api_failing_create(&self, name: &str) -> String {
+        let registry = FailingCreate {
+            inner: self.registry(),
+            name: name.to_string(),
+        };
+        self.serve_api_of(Arc::new(registry), fleet_api::ApiConfig::default())
+    }
+
+    /// Serves `registry` through fleet's HTTP API on a unix socket; returns its endpoint.
+    fn serve_api_of(
+        &self,
+        registry: Arc<dyn fleet_registry::Registry>,
+        config: fleet_api::ApiConfig,
+    ) -> String {
         let path = self.dir.path().join("fleet.sock");
-        let registry: Arc<dyn fleet_registry::Registry> = Arc::new(self.registry());
         self.rt.block_on(async {
             let listener = fleet_api::bind_unix(&path).expect("bind API socket");
             tokio::spawn(fleet_api::serve(
                 vec![listener],
                 registry,
-                fleet_api::ApiConfig {
-                    metrics,
-                    ..fleet_api::ApiConfig::default()
-                },
+                config,
                 std::future::pending::<()>(),
             ));
         });
@@ -200,6 +228,28 @@ impl Cluster {
         self.rt
             .block_on(reg.register_machine(rec, Duration::from_secs(60)))
             .expect("register")
+    }
+
+    /// Publishes that `unit` still runs (launched) on `machine`, which cannot change it:
+    /// `reason`, as an agent does.
+    pub fn publish_reason(&self, unit: &str, machine: &str, hash: &str, reason: &str) {
+        let reg = self.registry();
+        let rec = StateRecord {
+            active_state: "active".to_string(),
+            sub_state: "running".to_string(),
+            agent_state: TargetState::Launched,
+            reason: Some(reason.to_string()),
+            ..records::state(unit, machine, hash)
+        };
+        self.rt.block_on(async {
+            let lease = LeaseKeeper::grant(reg.client(), Duration::from_secs(60))
+                .await
+                .expect("lease");
+            reg.publish_state(unit, machine, Some(&rec), &lease)
+                .await
+                .expect("publish");
+            self.leases.lock().expect("lock").push(lease);
+        });
     }
 
     /// Publishes a unit state as the agent of `machine` does.
@@ -328,5 +378,70 @@ impl Running {
         };
         assert!(ok, "fleetctl did not finish within {limit:?}: {out:?}");
         out
+    }
+}
+
+/// The cluster's registry, but creating one unit fails as etcd failing would.
+struct FailingCreate {
+    inner: EtcdRegistry,
+    name: String,
+}
+
+#[async_trait::async_trait]
+impl fleet_registry::Registry for FailingCreate {
+    async fn create_unit(
+        &self,
+        name: &fleet_unit::UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        if name.as_str() == self.name {
+            return Err(fleet_registry::RegistryError::Unreachable {
+                op: "create",
+                key: name.to_string(),
+            });
+        }
+        self.inner.create_unit(name, file, desired).await
+    }
+    async fn replace_unit(
+        &self,
+        name: &fleet_unit::UnitName,
+        file: &UnitFile,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        self.inner.replace_unit(name, file, desired).await
+    }
+    async fn set_desired_state(
+        &self,
+        name: &fleet_unit::UnitName,
+        desired: TargetState,
+    ) -> fleet_registry::Result<()> {
+        self.inner.set_desired_state(name, desired).await
+    }
+    async fn destroy_unit(&self, name: &fleet_unit::UnitName) -> fleet_registry::Result<bool> {
+        self.inner.destroy_unit(name).await
+    }
+    async fn unit(
+        &self,
+        name: &fleet_unit::UnitName,
+    ) -> fleet_registry::Result<Option<fleet_registry::UnitView>> {
+        self.inner.unit(name).await
+    }
+    async fn units(&self) -> fleet_registry::Result<Vec<fleet_registry::UnitView>> {
+        self.inner.units().await
+    }
+    async fn machines(&self) -> fleet_registry::Result<Vec<fleet_registry::MachineView>> {
+        self.inner.machines().await
+    }
+    async fn unit_states(&self) -> fleet_registry::Result<Vec<StateRecord>> {
+        self.inner.unit_states().await
+    }
+    async fn set_machine_metadata(
+        &self,
+        machine: &str,
+        key: &str,
+        value: Option<&str>,
+    ) -> fleet_registry::Result<()> {
+        self.inner.set_machine_metadata(machine, key, value).await
     }
 }
