@@ -36,6 +36,19 @@ impl EtcdServer {
     /// Like [`EtcdServer::start`], with extra arguments for etcd (`--enable-v2=true` for a
     /// test that reads or writes etcd's v2 API, as fleet v1.0 did).
     pub fn start_with(extra: &[&str]) -> EtcdServer {
+        // A free port can be taken by another test between our probe and etcd's bind (etcd
+        // then exits at once): try again on other ports before giving up.
+        let mut why = String::new();
+        for _ in 0..3 {
+            match EtcdServer::try_start(extra) {
+                Ok(server) => return server,
+                Err(e) => why = e,
+            }
+        }
+        panic!("{why}");
+    }
+
+    fn try_start(extra: &[&str]) -> Result<EtcdServer, String> {
         let bin = which_etcd().unwrap_or_else(|| {
             panic!("etcd is not installed: run ./test (it installs etcd-server) or apt-get install etcd-server")
         });
@@ -43,7 +56,8 @@ impl EtcdServer {
         let client = free_port();
         let peer = free_port();
         let endpoint = format!("http://127.0.0.1:{client}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).expect("etcd log");
+        let log_path = dir.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path).expect("etcd log");
         let child = Command::new(bin)
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
@@ -61,16 +75,21 @@ impl EtcdServer {
             .stderr(log)
             .spawn()
             .expect("spawn etcd");
-        let server = EtcdServer {
+        let mut server = EtcdServer {
             child,
             endpoint,
             _dir: dir,
         };
+        let mut exited = false;
         let ok = wait_for(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
+            exited = exited || server.child.try_wait().is_ok_and(|s| s.is_some());
+            exited || std::net::TcpStream::connect(("127.0.0.1", client)).is_ok()
         });
-        assert!(ok, "etcd did not come up on port {client}");
-        server
+        if ok && !exited {
+            return Ok(server);
+        }
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        Err(format!("etcd did not come up on port {client}: {log}"))
     }
 
     pub fn endpoint(&self) -> &str {
