@@ -10,7 +10,7 @@ use functional::fleet::{
     NODE_UNITS_DIR, UnitFileRow, UnitRow, WAIT, boot, fixture, fleetctl, fleetctl_ok, must, node,
     quick_spec, short_id, wait_systemd,
 };
-use functional::{Cluster, FleetCluster, wait_for};
+use functional::{Cluster, FleetCluster, Output, wait_for};
 /// How long "nothing else happens" is watched: several reconcile passes.
 const SETTLE: Duration = Duration::from_secs(4);
 
@@ -401,9 +401,9 @@ fn global_units_run_once_per_machine_and_conflicting_globals_do_not() {
 }
 
 /// Two fleetctl invocations at once, in two nodes (two API servers), start overlapping sets
-/// of units that all conflict with each other: each unit is created once (the one created by
-/// both is taken by the second as its own), no machine runs two of them, the rest say why
-/// they wait, and both commands print exactly their own lines and succeed.
+/// of template instances that all conflict with each other: each unit is created once (the
+/// one created by both is taken by the second as its own), no machine runs two of them, the
+/// rest say why they wait, and both commands print exactly their own lines and succeed.
 #[test]
 fn concurrent_starts_of_overlapping_conflicting_units() {
     let c = boot(quick_spec("concur", 3));
@@ -413,32 +413,90 @@ fn concurrent_starts_of_overlapping_conflicting_units() {
     for n in [1, 2] {
         must(c.put_unit(n, "cx@.service", template));
     }
-    let args = |units: std::ops::RangeInclusive<usize>| -> Vec<String> {
+    let (_, files, active) = overlapping_conflicting_starts(
+        &c,
+        "cx@*",
+        |i| format!("cx@{i}.service"),
+        |_, i| format!("{NODE_UNITS_DIR}/cx@{i}.service"),
+    );
+    let waiting: Vec<&UnitFileRow> = files
+        .iter()
+        .filter(|f| !active.contains_key(&f.unit))
+        .collect();
+    assert_eq!(waiting.len(), 3, "{files:?}");
+    for f in waiting {
+        assert_eq!(f.target, "-", "{f:?} should not be placed");
+    }
+}
+
+/// The same with local unit files, the path that creates each new unit in its desired state
+/// with one request: every unit is created once, with its start, and nothing is written to
+/// stderr.
+#[test]
+fn concurrent_bursts_of_local_files_create_each_unit_once() {
+    let c = boot(quick_spec("bursts", 3));
+    must(c.wait_for_machines(1, 3, WAIT));
+    let body = "[Service]\nExecStart=/bin/sleep infinity\n\n[X-Fleet]\nConflicts=cy-*.service\n";
+    let mut paths = BTreeMap::new();
+    for n in [1, 2] {
+        for i in 1..=6 {
+            paths.insert(
+                (n, i),
+                must(c.put_unit(n, &format!("cy-{i}.service"), body)),
+            );
+        }
+    }
+    let (outs, _, _) = overlapping_conflicting_starts(
+        &c,
+        "cy-*",
+        |i| format!("cy-{i}.service"),
+        |n, i| paths[&(n, i)].clone(),
+    );
+    for out in outs {
+        assert_eq!(out.stderr, "", "{out}");
+    }
+}
+
+/// `fleetctl start --no-block` of units 1..=4 in node1 and, at the same time, of units 3..=6
+/// in node2, six units that all conflict with each other; `unit(i)` is unit i's name,
+/// `file(node, i)` the argument naming it in `node` and `pattern` matches the six in systemd.
+/// Each fleetctl prints, in its order, the units it created (one the other created first is
+/// found, not created: no line) and then the units it started (one the other started first is
+/// "already launched": no line); between them every unit is created once and started, and
+/// the conflicts hold: one unit per machine, for good. Returns both outputs, the unit files
+/// and the active units.
+fn overlapping_conflicting_starts(
+    c: &Cluster,
+    pattern: &str,
+    unit: impl Fn(usize) -> String,
+    file: impl Fn(usize, usize) -> String,
+) -> (
+    [Output; 2],
+    Vec<UnitFileRow>,
+    BTreeMap<String, Vec<UnitRow>>,
+) {
+    let args = |node: usize, units: std::ops::RangeInclusive<usize>| -> Vec<String> {
         let mut a = vec!["start".to_string(), "--no-block".to_string()];
-        a.extend(units.map(|i| format!("{NODE_UNITS_DIR}/cx@{i}.service")));
+        a.extend(units.map(|i| file(node, i)));
         a
     };
-    let (a, b) = (args(1..=4), args(3..=6));
+    let (a, b) = (args(1, 1..=4), args(2, 3..=6));
     let run = |node: usize, args: &[String]| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        fleetctl(&c, node, &args)
+        fleetctl(c, node, &args)
     };
     let (out_a, out_b) = thread::scope(|s| {
         let ha = s.spawn(|| run(1, &a));
         let hb = s.spawn(|| run(2, &b));
         (ha.join(), hb.join())
     });
-    let (out_a, out_b) = (
+    let outs = [
         out_a.unwrap_or_else(|_| panic!("fleetctl in node1 panicked")),
         out_b.unwrap_or_else(|_| panic!("fleetctl in node2 panicked")),
-    );
-    // Each prints, in its order, the units it created (a unit the other one created first is
-    // found, not created: no line) and then the units it started (a unit the other one
-    // started first is "already launched": no line). Between them, every unit is created
-    // once and started.
+    ];
     let mut created = Vec::new();
     let mut triggered = BTreeSet::new();
-    for (out, units) in [(&out_a, 1..=4), (&out_b, 3..=6)] {
+    for (out, units) in [(&outs[0], 1..=4), (&outs[1], 3..=6)] {
         assert!(out.success(), "{out}");
         let lines: Vec<&str> = out.stdout.lines().collect();
         let split = lines
@@ -449,8 +507,8 @@ fn concurrent_starts_of_overlapping_conflicting_units() {
             let own: Vec<String> = units
                 .clone()
                 .map(|i| match what {
-                    "inactive" => format!("Unit cx@{i}.service inactive"),
-                    _ => format!("Triggered unit cx@{i}.service start"),
+                    "inactive" => format!("Unit {} inactive", unit(i)),
+                    _ => format!("Triggered unit {} start", unit(i)),
                 })
                 .collect();
             let at: Vec<Option<usize>> = part
@@ -467,20 +525,22 @@ fn concurrent_starts_of_overlapping_conflicting_units() {
     }
     created.sort();
     let want: Vec<String> = (1..=6)
-        .map(|i| format!("Unit cx@{i}.service inactive"))
+        .map(|i| format!("Unit {} inactive", unit(i)))
         .collect();
     assert_eq!(created, want, "each unit reported created once");
-    assert_eq!(triggered.len(), 6, "{triggered:?}");
+    let want: BTreeSet<String> = (1..=6)
+        .map(|i| format!("Triggered unit {} start", unit(i)))
+        .collect();
+    assert_eq!(triggered, want, "each unit reported started");
 
     let files = must(c.list_unit_files(1));
     let names: Vec<&str> = files.iter().map(|f| f.unit.as_str()).collect();
     assert_eq!(
         names,
-        (1..=6)
-            .map(|i| format!("cx@{i}.service"))
-            .collect::<Vec<_>>(),
+        (1..=6).map(&unit).collect::<Vec<_>>(),
         "each unit once: {files:?}"
     );
+    assert!(files.iter().all(|f| f.dstate == "launched"), "{files:?}");
     let active = must(c.wait_for_active(1, 3, WAIT));
     let machines: BTreeSet<String> = active.keys().map(|u| machine_of(&active, u)).collect();
     assert_eq!(
@@ -488,19 +548,12 @@ fn concurrent_starts_of_overlapping_conflicting_units() {
         3,
         "one conflicting unit per machine: {active:?}"
     );
-    stays_active(&c, 1, &active);
+    stays_active(c, 1, &active);
     for n in c.nodes() {
         assert!(
-            running_in(&c, n, "cx@*").len() <= 1,
+            running_in(c, n, pattern).len() <= 1,
             "node{n} runs two of them"
         );
     }
-    let waiting: Vec<&UnitFileRow> = files
-        .iter()
-        .filter(|f| !active.contains_key(&f.unit))
-        .collect();
-    assert_eq!(waiting.len(), 3, "{files:?}");
-    for f in waiting {
-        assert_eq!(f.target, "-", "{f:?} should not be placed");
-    }
+    (outs, files, active)
 }

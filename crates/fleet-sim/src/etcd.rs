@@ -2,87 +2,30 @@
 //! dropped), or one given by URL; and what is read from it besides fleet's own requests:
 //! its request counters (`/metrics`) and the engine leader key.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow};
+use fleet_testutil::EtcdServer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Where the etcd binary may be, as fleet-testutil and the functional harness look.
-const ETCD_PATHS: &[&str] = &["/usr/bin/etcd", "/usr/local/bin/etcd"];
-
-/// An etcd process of our own.
-pub struct OwnEtcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
-    Ok(l.local_addr()
-        .context("finding a free loopback port")?
-        .port())
-}
+/// An etcd process of our own: fleet-testutil's, killed by its PID when dropped.
+pub struct OwnEtcd(EtcdServer);
 
 impl OwnEtcd {
     /// Starts etcd with its data in a temporary directory and waits (up to 20 s) until it
     /// accepts connections.
     pub fn start() -> Result<OwnEtcd> {
-        let bin = ETCD_PATHS
-            .iter()
-            .find(|p| Path::new(p).exists())
-            .context("etcd is not installed (apt-get install etcd-server), or pass --etcd URL")?;
-        let dir = tempfile::tempdir().context("creating etcd's data directory")?;
-        let (client, peer) = (free_port()?, free_port()?);
-        let endpoint = format!("http://127.0.0.1:{client}");
-        let log = std::fs::File::create(dir.path().join("etcd.log")).context("etcd's log file")?;
-        let child = Command::new(bin)
-            .arg("--name=sim")
-            .arg(format!("--data-dir={}", dir.path().join("data").display()))
-            .arg(format!("--listen-client-urls={endpoint}"))
-            .arg(format!("--advertise-client-urls={endpoint}"))
-            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
-            .arg(format!(
-                "--initial-advertise-peer-urls=http://127.0.0.1:{peer}"
-            ))
-            .arg(format!("--initial-cluster=sim=http://127.0.0.1:{peer}"))
-            .arg("--log-level=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {bin}"))?;
-        let etcd = OwnEtcd {
-            child,
-            endpoint,
-            _dir: dir,
-        };
-        let until = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            if Instant::now() > until {
-                bail!("etcd did not come up on port {client}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(etcd)
+        EtcdServer::launch(&[])
+            .map(OwnEtcd)
+            .map_err(|e| anyhow!("{e}; or pass --etcd URL"))
     }
 
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        self.0.endpoint()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for OwnEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.pid()
     }
 }
 

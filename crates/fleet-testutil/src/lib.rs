@@ -36,29 +36,41 @@ impl EtcdServer {
     /// Like [`EtcdServer::start`], with extra arguments for etcd (`--enable-v2=true` for a
     /// test that reads or writes etcd's v2 API, as fleet v1.0 did).
     pub fn start_with(extra: &[&str]) -> EtcdServer {
-        // A free port can be taken by another test between our probe and etcd's bind (etcd
-        // then exits at once): try again on other ports before giving up.
+        EtcdServer::launch(extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Starts etcd with `extra` arguments and waits (up to 20 s) until it accepts
+    /// connections, or says why it could not: the fallible start, for programs (fleet-sim)
+    /// rather than tests.
+    pub fn launch(extra: &[&str]) -> Result<EtcdServer, String> {
+        // A free port can be taken by another process between our probe and etcd's bind
+        // (etcd then exits at once): try again on other ports before giving up.
         let mut why = String::new();
         for _ in 0..3 {
             match EtcdServer::try_start(extra) {
-                Ok(server) => return server,
+                Ok(server) => return Ok(server),
                 Err(e) => why = e,
             }
         }
-        panic!("{why}");
+        Err(why)
     }
 
     fn try_start(extra: &[&str]) -> Result<EtcdServer, String> {
-        let bin = which_etcd().unwrap_or_else(|| {
-            panic!("etcd is not installed: run ./test (it installs etcd-server) or apt-get install etcd-server")
-        });
-        let dir = tempfile::tempdir().expect("tempdir");
-        let client = free_port();
-        let peer = free_port();
+        let bin = which_etcd().ok_or(
+            "etcd is not installed: run ./test (it installs etcd-server) or apt-get install etcd-server",
+        )?;
+        let dir = tempfile::tempdir().map_err(|e| format!("etcd's data directory: {e}"))?;
+        let port = || {
+            TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .map_err(|e| format!("finding a free loopback port: {e}"))
+        };
+        let (client, peer) = (port()?, port()?);
         let endpoint = format!("http://127.0.0.1:{client}");
         let log_path = dir.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path).expect("etcd log");
-        let child = Command::new(bin)
+        let log = std::fs::File::create(&log_path).map_err(|e| format!("etcd's log: {e}"))?;
+        let child = Command::new(&bin)
             .arg("--name=test")
             .arg(format!("--data-dir={}", dir.path().join("data").display()))
             .arg(format!("--listen-client-urls={endpoint}"))
@@ -74,7 +86,7 @@ impl EtcdServer {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("spawn etcd");
+            .map_err(|e| format!("starting {bin}: {e}"))?;
         let mut server = EtcdServer {
             child,
             endpoint,
@@ -90,6 +102,11 @@ impl EtcdServer {
         }
         let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         Err(format!("etcd did not come up on port {client}: {log}"))
+    }
+
+    /// The etcd process's ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn endpoint(&self) -> &str {
