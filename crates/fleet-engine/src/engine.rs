@@ -15,7 +15,7 @@ use fleet_registry::{
     AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, Leadership, RegistryError,
     UnitRecord, WatchEvent,
 };
-use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, UnitFile, UnitHash, UnitName};
+use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +66,9 @@ struct Leader {
     /// Machines this leader has seen present. Only machines it never saw get the grace
     /// period: one that was here and left has really left.
     seen: HashSet<String>,
+    /// Whether this leader's first reconcile has taken over the two-step moves its
+    /// predecessor may have left half done (see [`adopt_half_done_moves`]).
+    adopted_moves: bool,
 }
 
 pub(crate) struct Engine {
@@ -395,6 +398,7 @@ impl Engine {
                     leadership: l,
                     since: Instant::now(),
                     seen: HashSet::new(),
+                    adopted_moves: false,
                 });
                 self.model = None;
                 self.rewatch();
@@ -531,6 +535,10 @@ impl Engine {
         self.unreadable.clone_from(&snap.unreadable);
         ops.retain(|op| !snap.unreadable.contains(op.unit()));
         ops.retain(|op| !waiting.contains(op.unit()));
+        if !l.adopted_moves {
+            l.adopted_moves = true;
+            adopt_half_done_moves(&mut self.moving, &self.requirements, &snap, l.since);
+        }
         let parked = move_at_most_once_in_two_steps(
             &mut self.moving,
             &self.requirements,
@@ -821,6 +829,30 @@ fn is_at_most_once(requirements: &RequirementsCache, unit: &UnitRecord) -> bool 
 
 /// The engine's cache of requirements by unit, with the body each was read from.
 type RequirementsCache = HashMap<UnitName, (UnitHash, Result<Requirements, String>)>;
+
+/// A leader that died between the two steps of an at-most-once move (see
+/// [`move_at_most_once_in_two_steps`]) left the unit unscheduled with its old copy perhaps
+/// still stopping, and nothing in etcd says where it was. So a new leader's first reconcile
+/// takes every at-most-once unit it finds unscheduled and wanted running as moving from an
+/// unknown machine since its election: it is placed once the old copy has surely stopped.
+/// Units that arrive after that first reconcile are placed at once.
+fn adopt_half_done_moves(
+    moving: &mut HashMap<String, (String, Instant)>,
+    requirements: &RequirementsCache,
+    snap: &fleet_registry::EngineSnapshot,
+    elected: Instant,
+) {
+    for u in &snap.units {
+        if u.desired_state != TargetState::Inactive
+            && !snap.schedules.contains_key(u.name.as_str())
+            && is_at_most_once(requirements, u)
+        {
+            moving
+                .entry(u.name.to_string())
+                .or_insert_with(|| (String::new(), elected));
+        }
+    }
+}
 
 /// An at-most-once unit moved off a machine that is still there (its metadata changed, a
 /// conflict) is taken off it first and placed elsewhere only once its old copy has surely

@@ -712,6 +712,52 @@ async fn an_at_most_once_unit_moves_between_live_machines_in_two_steps() {
     assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
 }
 
+/// Regression: a leader that died between the two steps of an at-most-once move left the unit
+/// unscheduled, and the next leader placed it at once, while the old copy might still be
+/// stopping. A new leader holds the at-most-once units it finds unscheduled as moving since its
+/// election; one created after its first reconcile is placed at once.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_finishes_a_half_done_at_most_once_move_only_after_the_wait() {
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let hold = timing.start_after + timing.ttl;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    // what the old leader left: taken off its machine, not yet placed elsewhere
+    let create_once = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            let unit: UnitName = name.parse().expect("name");
+            let file =
+                UnitFile::parse("[Service]\nExecStart=/bin/true\n[X-Fleet]\nAtMostOnce=true\n")
+                    .expect("unit");
+            store
+                .create_unit(&unit, &file, TargetState::Launched)
+                .await
+                .expect("create");
+        }
+    };
+    create_once("half.service").await;
+    create(&store, "plain.service", 3).await;
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(placement(&store, "plain.service").is_some());
+    assert_eq!(placement(&store, "half.service"), None, "placed at once");
+    create_once("new.service").await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(
+        placement(&store, "new.service").is_some(),
+        "a new unit waited"
+    );
+    assert_eq!(placement(&store, "half.service"), None);
+    tokio::time::sleep(hold).await;
+    settle(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(placement(&store, "half.service").is_some());
+}
+
 /// Regression: every listing (each poll with `disable_watches`, every relist) restarted the
 /// wait of at-most-once units on a machine that left, so they never moved. A listing keeps
 /// the absences of machines still absent.
