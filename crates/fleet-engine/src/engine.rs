@@ -591,7 +591,13 @@ impl Engine {
     /// placed as they are for now (and a reconcile is due when the first wait ends). The
     /// reasoning behind the wait: [`fleet_registry::AtMostOnce`].
     fn wait_for_at_most_once(&mut self, snap: &fleet_registry::EngineSnapshot) -> HashSet<String> {
-        let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
+        // a machine whose record cannot be read is not absent
+        let present: HashSet<&str> = snap
+            .machines
+            .iter()
+            .map(|m| m.id.as_str())
+            .chain(snap.unreadable_machines.iter().map(String::as_str))
+            .collect();
         // only absent machines that still hold at-most-once units are remembered
         let mut was = std::mem::take(&mut self.absent_since);
         let wait = AtMostOnce::for_ttl(self.cfg.agent_ttl).start_after;
@@ -802,22 +808,27 @@ fn report_failures(
     }
 }
 
-/// During a new leader's first `agent_ttl`, the machines absent from the snapshot that it has
-/// never seen but that hold units (re-registering after an etcd blip): their units stay.
+/// The machines absent from the snapshot whose units stay: those whose record cannot be read
+/// (they are there), and during a new leader's first `agent_ttl` those it has never seen but
+/// that hold units (re-registering after an etcd blip).
 fn held_machines(
     l: &Leader,
     snap: &fleet_registry::EngineSnapshot,
     agent_ttl: Duration,
 ) -> HashSet<String> {
+    // a machine whose record cannot be read is there: its units stay
+    let mut held: HashSet<String> = snap.unreadable_machines.iter().cloned().collect();
     if l.since.elapsed() >= agent_ttl {
-        return HashSet::new();
+        return held;
     }
     let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
-    snap.schedules
-        .values()
-        .map(|(m, _)| m.clone())
-        .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m))
-        .collect()
+    held.extend(
+        snap.schedules
+            .values()
+            .map(|(m, _)| m.clone())
+            .filter(|m| !present.contains(m.as_str()) && !l.seen.contains(m)),
+    );
+    held
 }
 
 /// Whether `unit` is an at-most-once unit, by the known requirements of its body.

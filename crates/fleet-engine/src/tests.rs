@@ -758,6 +758,34 @@ async fn a_new_leader_finishes_a_half_done_at_most_once_move_only_after_the_wait
     assert!(placement(&store, "half.service").is_some());
 }
 
+/// Regression: a machine whose record could not be read (a newer fleetd's format, damage)
+/// counted as gone, so its units, at-most-once ones included, moved while it ran them. Its
+/// record is there: the units stay, and nothing new is placed on it.
+#[tokio::test(start_paused = true)]
+async fn a_machine_whose_record_cannot_be_read_keeps_its_units() {
+    let wait = fleet_registry::AtMostOnce::for_ttl(TTL).start_after;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    add_machine(&store, "m2");
+    create(&store, "plain.service", 1).await;
+    schedule_on(&store, "plain.service", "m2", 1);
+    at_most_once_on(&store, "once.service", "m2", 2).await;
+    turn(&mut engine, 1).await;
+    store.put(&store.keys().machine("m2"), "{not a machine record");
+    turn(&mut engine, 1).await;
+    tokio::time::sleep(wait + TTL).await;
+    settle(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "plain.service").as_deref(), Some("m2"));
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+    // once it is really gone, they move
+    store.delete(&store.keys().machine("m2"));
+    turn(&mut engine, 1).await;
+    assert_eq!(placement(&store, "plain.service").as_deref(), Some("m1"));
+}
+
 /// Regression: every listing (each poll with `disable_watches`, every relist) restarted the
 /// wait of at-most-once units on a machine that left, so they never moved. A listing keeps
 /// the absences of machines still absent.

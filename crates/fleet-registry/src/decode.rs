@@ -216,10 +216,20 @@ pub fn engine_snapshot<'a>(
         .filter(|name| !read.contains(name))
         .map(str::to_string)
         .collect();
+    let machines = machines(keys, &owned);
+    let unreadable_machines = owned
+        .iter()
+        .filter_map(|(k, v)| {
+            let id = keys.strip(keys::MACHINES, k)?;
+            decode::<MachineRecord>(k, v)
+                .is_err()
+                .then(|| id.to_string())
+        })
+        .collect();
     EngineSnapshot {
         revision,
         units,
-        machines: machines(keys, &owned),
+        machines,
         schedules,
         strays,
         placements,
@@ -229,5 +239,6 @@ pub fn engine_snapshot<'a>(
             .find(|(k, _)| *k == leader_key)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
         unreadable,
+        unreadable_machines,
     }
 }

@@ -113,6 +113,12 @@ impl EngineModel {
                     .map_err(|e| warn!(error = %e, "skipping machine record"))
                     .ok()
             });
+            let unreadable = &mut Arc::make_mut(&mut self.snap).unreadable_machines;
+            if value.is_some() && rec.is_none() {
+                unreadable.insert(rest.to_string());
+            } else {
+                unreadable.remove(rest);
+            }
             match rec {
                 Some(m) => self.machines.insert(rest.to_string(), m),
                 None => self.machines.remove(rest),

@@ -168,6 +168,10 @@ pub struct EngineSnapshot {
     /// damage): they are not destroyed units, and the engine leaves their placement as it
     /// is until the record reads again.
     pub unreadable: std::collections::BTreeSet<String>,
+    /// Machines whose `machines/` record exists (its lease holds) but cannot be read: they
+    /// are not gone, so the units scheduled there stay (at-most-once ones too); nothing new
+    /// is placed there, as their metadata is unknown.
+    pub unreadable_machines: std::collections::BTreeSet<String>,
 }
 
 impl EngineOp {
