@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use etcd_client::{EventType, WatchOptions};
 use serde_json::{Map, Value, json};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::{EtcdRegistry, MachineRecord, RegistryError, Result, StateRecord, UnitRecord};
 
@@ -87,26 +87,41 @@ impl ChangeFeed for EtcdRegistry {
 
     async fn changes_after(&self, after: i64, capacity: usize) -> Result<mpsc::Receiver<FeedItem>> {
         let prefix = self.keys().prefix().to_string();
-        let opts = WatchOptions::new()
-            .with_prefix()
-            .with_prev_key()
-            .with_start_revision(after.saturating_add(1));
-        let mut wc = self
-            .client()
-            .watch_client()
-            .max_decoding_message_size(crate::watch::MAX_DECODED_BYTES);
-        let mut stream = tokio::time::timeout(
-            self.request_timeout(),
-            wc.watch(prefix.as_str(), Some(opts)),
-        )
-        .await
-        .map_err(|_| timed_out("watching", &prefix, self.request_timeout()))?
-        .map_err(|e| failed("watching", &prefix, e))?;
+        let mut members_out = self.members_out();
+        if let Some(r) = members_out.as_mut() {
+            r.borrow_and_update();
+        }
+        let mut stream = self.watch_changes(&prefix, after).await?;
+        let registry = self.clone();
         let (tx, rx) = mpsc::channel(capacity.max(1));
         tokio::spawn(async move {
+            // the last revision delivered whole: where a moved watch goes on from
+            let mut delivered = after;
             let end = loop {
+                let member_out = async {
+                    let changed = match members_out.as_mut() {
+                        Some(r) => r.changed().await.is_ok(),
+                        None => false,
+                    };
+                    if !changed {
+                        // no monitor (or it ended): never
+                        std::future::pending::<()>().await;
+                    }
+                };
                 let msg = tokio::select! {
                     m = stream.message() => m,
+                    () = member_out => {
+                        // the watch may sit on the member taken out, which sends nothing
+                        // more: go on from the same revision on the members left
+                        info!("an etcd member was taken out; the event stream watches on the others");
+                        match registry.watch_changes(&prefix, delivered).await {
+                            Ok(s) => {
+                                stream = s;
+                                continue;
+                            }
+                            Err(e) => break FeedItem::Broken(e.to_string()),
+                        }
+                    }
                     _ = tx.closed() => return,
                 };
                 let resp = match msg {
@@ -123,15 +138,35 @@ impl ChangeFeed for EtcdRegistry {
                     break FeedItem::Broken(format!("watch canceled: {}", resp.cancel_reason()));
                 }
                 for batch in group(&prefix, resp.events()) {
+                    let revision = batch.revision;
                     if tx.send(FeedItem::Batch(batch)).await.is_err() {
                         return;
                     }
+                    delivered = delivered.max(revision);
                 }
             };
             debug!(?end, "registry change feed ended");
             let _ = tx.send(end).await;
         });
         Ok(rx)
+    }
+}
+
+impl EtcdRegistry {
+    /// A watch of everything under `prefix` after revision `after`, with previous values.
+    async fn watch_changes(&self, prefix: &str, after: i64) -> Result<etcd_client::WatchStream> {
+        let opts = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(after.saturating_add(1));
+        let mut wc = self
+            .client()
+            .watch_client()
+            .max_decoding_message_size(crate::watch::MAX_DECODED_BYTES);
+        tokio::time::timeout(self.request_timeout(), wc.watch(prefix, Some(opts)))
+            .await
+            .map_err(|_| timed_out("watching", prefix, self.request_timeout()))?
+            .map_err(|e| failed("watching", prefix, e))
     }
 }
 

@@ -749,6 +749,59 @@ async fn a_watch_on_a_member_taken_out_moves_to_the_others() {
     }
 }
 
+/// The same for the API's event stream (`fleetctl events`, the live view): a stream open on a
+/// member taken out went quiet until it broke and ended. It now follows on from the same
+/// revision on the members left: every event comes, the stream does not end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_on_a_member_taken_out_moves_to_the_others() {
+    let members = etcd_cluster();
+    let cfg = EtcdConfig {
+        endpoints: members.iter().map(|m| m.endpoint().to_string()).collect(),
+        key_prefix: "/test/".into(),
+        request_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let r = EtcdRegistry::connect(&cfg).await.expect("connect");
+    let ready = fleet_testutil::eventually(Duration::from_secs(20), || async {
+        r.units().await.is_ok()
+    })
+    .await;
+    assert!(ready, "the etcd cluster did not come up");
+    let mut rx = r
+        .events(&fleet_registry::EventQuery::default())
+        .await
+        .expect("events");
+    for (i, member) in members.iter().enumerate() {
+        member.pause();
+        let unit = format!("u{i}.service");
+        put_elsewhere(&members, i, &r.keys().placement(&unit)).await;
+        let started = std::time::Instant::now();
+        let seen = loop {
+            // requests through the registry let its monitor find the frozen member
+            let poke = async {
+                let _ = r.units().await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            let item = tokio::select! {
+                item = rx.recv() => Some(item.expect("the stream goes on")),
+                _ = poke => None,
+            };
+            let seen = match item {
+                Some(Ok(msg)) => msg.event.is_some_and(|ev| ev["unit"] == unit.as_str()),
+                Some(Err(end)) => panic!("member {i} frozen: the stream ended: {end:?}"),
+                None => false,
+            };
+            if seen || started.elapsed() > Duration::from_secs(20) {
+                break seen;
+            }
+        };
+        member.resume();
+        assert!(seen, "member {i} frozen: the stream never told of {unit}");
+        // back in the balancer after two good probes
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
 /// Writes `count` unit records sharing one body straight to etcd, 120 to a transaction
 /// (far faster than `create_unit` one by one). Long names make each record ~0.5 KiB.
 async fn many_units(r: &EtcdRegistry, count: usize) {

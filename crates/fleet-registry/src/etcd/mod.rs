@@ -182,6 +182,12 @@ impl EtcdRegistry {
         &self.client
     }
 
+    /// Changes each time the health monitor takes a member out of the balancer (`None`
+    /// without a monitor): a watch open on that member may hear nothing more.
+    pub(crate) fn members_out(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.health.members_out()
+    }
+
     /// How long one etcd request may take (`etcd_request_timeout`).
     pub fn request_timeout(&self) -> Duration {
         self.timeout
