@@ -251,6 +251,12 @@ fh_ensure_host() {
   done
   [ -x /usr/sbin/sshd ] || fh_die "openssh-server is not installed on the host: nodes would have no sshd"
   fh_check_conflicts
+  # the host-wide pieces are set up and torn down under one host lock: a cluster coming up
+  # while another goes down must not lose the nspawn tmpfs between its mount and its nodes
+  local lockfd
+  mkdir -p "$(dirname "$FH_ROOT")"
+  exec {lockfd}>"$FH_ROOT.host.lock"
+  flock "$lockfd"
   mkdir -p "$FH_STATE"
   mountpoint -q "$FH_STATE" || mount -t tmpfs -o "size=$FH_STATE_SIZE,mode=0755" "fh-$FH_CLUSTER" "$FH_STATE"
   # ~7 inotify instances per node; the default 128 per user breaks the ~21st node.
@@ -265,6 +271,7 @@ fh_ensure_host() {
   # tmpfs it refuses to delete it ("can't allow that"), so give it a tmpfs (shared by all).
   mkdir -p "$FH_NSPAWN_RUN"
   mountpoint -q "$FH_NSPAWN_RUN" || mount -t tmpfs -o mode=0755,size=16m "$FH_NSPAWN_TMPFS" "$FH_NSPAWN_RUN"
+  exec {lockfd}>&-
   if ! ip link show "$FH_BRIDGE" >/dev/null 2>&1; then
     ip link add "$FH_BRIDGE" type bridge
   fi
@@ -760,15 +767,21 @@ fh_down() {
   if ip link show "$FH_BRIDGE" >/dev/null 2>&1 && fh_link_ours "$FH_BRIDGE"; then ip link del "$FH_BRIDGE"; fi
   # a lock file nobody holds any more (its test process died); a holder removes its own
   [ "${FH_LOCK_HELD:-0}" != 1 ] && [ -e "$FH_LOCK" ] && flock -n "$FH_LOCK" rm -f "$FH_LOCK"
-  # host-wide pieces: only when no other nspawn (of any cluster or harness) runs
-  if ! fh_any_nspawn; then
-    if [ -f "$FH_ROOT/sysctl.orig" ] && ! ls -d "$FH_ROOT"/*/ >/dev/null 2>&1; then
+  # host-wide pieces: only when no other nspawn (of any cluster or harness) runs and no
+  # other cluster of ours is there (one coming up has its state dir before its nodes run);
+  # under the host lock fh_ensure_host takes
+  local lockfd
+  exec {lockfd}>"$FH_ROOT.host.lock"
+  flock "$lockfd"
+  if ! fh_any_nspawn && ! ls -d "$FH_ROOT"/*/ >/dev/null 2>&1; then
+    if [ -f "$FH_ROOT/sysctl.orig" ]; then
       while read -r kv; do sysctl -qw "$kv"; done <"$FH_ROOT/sysctl.orig"
       rm -f "$FH_ROOT/sysctl.orig"
     fi
     if [ "$(findmnt -rn -o SOURCE "$FH_NSPAWN_RUN")" = "$FH_NSPAWN_TMPFS" ]; then umount "$FH_NSPAWN_RUN"; fi
     rmdir "$FH_NSPAWN_RUN/propagate" "$FH_NSPAWN_RUN/locks" "$FH_NSPAWN_RUN" 2>/dev/null
   fi
+  exec {lockfd}>&-
   rmdir "$FH_ROOT" 2>/dev/null
   return 0
 }
