@@ -585,6 +585,36 @@ async fn a_refused_key_does_not_stall_the_other_units() {
     agent.stop(false).await;
 }
 
+/// A body refused only when its file is to be written (its requirements were read before):
+/// the batch read of the bodies fails whole, as in etcd, and the bodies are read again one by
+/// one, so the other unit of the batch still starts and the refused one says why.
+#[tokio::test(start_paused = true)]
+async fn a_body_refused_in_a_batch_does_not_stall_the_others() {
+    let (store, systemd, dir) = new_agent();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Inactive).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Inactive).await;
+    idle(Duration::from_secs(2)).await;
+    let refused = store.keys().body(&body(1).hash().to_string());
+    store.refuse_key(&refused, true);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    schedule(&store, M1, "b.service", &body(2), TargetState::Launched).await;
+    eventually("b started", || active(&systemd, "b.service")).await;
+    assert!(!active(&systemd, "a.service"));
+    eventually("a says why", || {
+        state_of(&store, "a.service")
+            .and_then(|s| s.reason)
+            .is_some_and(|r| r.contains("cannot read unit body"))
+    })
+    .await;
+    store.refuse_key(&refused, false);
+    eventually("a started once its body can be read", || {
+        active(&systemd, "a.service")
+    })
+    .await;
+    agent.stop(false).await;
+}
+
 /// An [`AgentStore`](fleet_registry::AgentStore) that counts how the agent reads unit bodies
 /// (one by one: `body`, or several at once: `bodies`) and how it publishes unit states (one
 /// by one: `publish_state`, or in a transaction: `publish_states`).

@@ -291,6 +291,24 @@ impl MemoryStore {
         rx
     }
 
+    /// Several bodies in one request, as etcd reads them (one transaction): one refused key
+    /// fails it whole; missing or unreadable bodies are left out.
+    fn bodies_together(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        let mut kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
+        kv.body_reads += 1;
+        if let Some(key) = hashes
+            .iter()
+            .map(|h| self.keys.body(&h.to_string()))
+            .find(|k| kv.refused.contains(k))
+        {
+            return Err(refused("reading unit bodies", &key));
+        }
+        Ok(hashes
+            .iter()
+            .filter_map(|h| Some((*h, self.body_of(&kv, h).ok()?)))
+            .collect())
+    }
+
     fn body_of(&self, kv: &Kv, hash: &UnitHash) -> Result<UnitFile> {
         let key = self.keys.body(&hash.to_string());
         let Some(e) = kv.data.get(&key) else {
@@ -462,6 +480,10 @@ impl AgentStore for MemoryStore {
         self.body_of(&kv, hash)
     }
 
+    async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        self.bodies_together(hashes)
+    }
+
     async fn publish_state(
         &self,
         name: &str,
@@ -554,20 +576,7 @@ impl EngineStore for MemoryStore {
     }
 
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
-        let mut kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
-        kv.body_reads += 1;
-        // one transaction in etcd: one refused key fails it whole
-        if let Some(key) = hashes
-            .iter()
-            .map(|h| self.keys.body(&h.to_string()))
-            .find(|k| kv.refused.contains(k))
-        {
-            return Err(refused("reading unit bodies", &key));
-        }
-        Ok(hashes
-            .iter()
-            .filter_map(|h| Some((*h, self.body_of(&kv, h).ok()?)))
-            .collect())
+        self.bodies_together(hashes)
     }
 
     async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
