@@ -33,6 +33,22 @@ const REFUSED_WAIT: Duration = Duration::from_secs(30);
 /// gathered for [`DEBOUNCE`] as ever.
 const PROMPT: Duration = Duration::from_millis(2);
 
+/// How long after a watch event the leader reconciles, `since` the end of its last
+/// reconcile, which took `took`. After a quiet spell at least as long as that reconcile (and
+/// [`DEBOUNCE`]), [`PROMPT`]ly; during a burst, once it has rested as long as it last worked
+/// (and at least [`DEBOUNCE`] later). A reconcile reads every unit, so at 100,000 units one
+/// takes a second or more: back to back, through a burst of creations, they would hold a
+/// core the API and etcd need to take those creations, while each decided little more than
+/// the one before. Resting as long as it worked keeps the engine to half a core at most, and
+/// places a burst's last unit within two reconciles of its arrival.
+fn reconcile_delay(since: Option<Duration>, took: Duration) -> Duration {
+    let rest = took.max(DEBOUNCE);
+    match since {
+        Some(s) if s < rest => took.saturating_sub(s).max(DEBOUNCE),
+        _ => PROMPT,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub machine_id: String,
@@ -116,6 +132,9 @@ pub(crate) struct Engine {
     moving: HashMap<String, (String, Instant)>,
     /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
     last_reconcile: Option<Instant>,
+    /// How long the last reconcile took: the engine rests as long before the next one
+    /// (see [`reconcile_delay`]).
+    last_took: Duration,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -169,6 +188,7 @@ impl Engine {
             unsynced_at: None,
             moving: HashMap::new(),
             last_reconcile: None,
+            last_took: Duration::ZERO,
         }
     }
 
@@ -252,9 +272,8 @@ impl Engine {
                 // (a deadline already set may be the end of an at-most-once wait, far off: the
                 // earlier of the two)
                 if self.synced {
-                    let quiet = self.last_reconcile.is_none_or(|t| t.elapsed() >= DEBOUNCE);
-                    let wait = if quiet { PROMPT } else { DEBOUNCE };
-                    let due = Instant::now() + wait;
+                    let since = self.last_reconcile.map(|t| t.elapsed());
+                    let due = Instant::now() + reconcile_delay(since, self.last_took);
                     self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
                 }
             }
@@ -264,8 +283,26 @@ impl Engine {
                     self.campaign().await;
                 }
                 if self.synced && self.leader.is_some() {
-                    self.reconcile().await;
-                    self.last_reconcile = Some(Instant::now());
+                    // (an interval tick, too, waits until the engine has rested as long as
+                    // its last reconcile took: a reconcile longer than the interval would
+                    // otherwise start the next at once)
+                    let now = Instant::now();
+                    let rested = self
+                        .last_reconcile
+                        .map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+                    if rested < self.last_took {
+                        let due = now + (self.last_took - rested);
+                        self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
+                    } else {
+                        self.reconcile().await;
+                        let end = Instant::now();
+                        // (bounded by the interval: a write that waited out a timeout does
+                        // not hold the next reconcile longer than the interval would)
+                        self.last_took = end
+                            .saturating_duration_since(now)
+                            .min(self.cfg.reconcile_interval);
+                        self.last_reconcile = Some(end);
+                    }
                 }
             }
         }
@@ -885,16 +922,27 @@ fn move_at_most_once_in_two_steps(
     let now = Instant::now();
     moving.retain(|_, (_, since)| now < *since + hold);
     let present: HashSet<&str> = snap.machines.iter().map(|m| m.id.as_str()).collect();
-    let records: HashMap<&str, &UnitRecord> =
-        snap.units.iter().map(|u| (u.name.as_str(), u)).collect();
-    for op in ops.iter() {
-        if let EngineOp::Unschedule { unit, machine } = op
-            && present.contains(machine.as_str())
-            && records
+    let taken_off: Vec<(&String, &String)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            EngineOp::Unschedule { unit, machine } if present.contains(machine.as_str()) => {
+                Some((unit, machine))
+            }
+            _ => None,
+        })
+        .collect();
+    if !taken_off.is_empty() {
+        // (indexed only when some unit leaves a live machine: rarely, and never in a burst
+        // of placements, where every reconcile would otherwise index every unit for nothing)
+        let records: HashMap<&str, &UnitRecord> =
+            snap.units.iter().map(|u| (u.name.as_str(), u)).collect();
+        for (unit, machine) in taken_off {
+            if records
                 .get(unit.as_str())
                 .is_some_and(|u| is_at_most_once(requirements, u))
-        {
-            moving.insert(unit.clone(), (machine.clone(), now));
+            {
+                moving.insert(unit.clone(), (machine.clone(), now));
+            }
         }
     }
     if moving.is_empty() {
@@ -932,6 +980,34 @@ mod tests {
     use std::sync::mpsc;
 
     use super::*;
+
+    #[test]
+    fn a_burst_waits_as_long_as_the_last_reconcile_took() {
+        let ms = Duration::from_millis;
+        // (since the last reconcile, how long it took) → delay
+        let table = [
+            // never reconciled, or quiet for longer than the debounce: promptly
+            (None, ms(0), PROMPT),
+            (Some(ms(60)), ms(5), PROMPT),
+            // a short reconcile a moment ago: the debounce, as ever
+            (Some(ms(10)), ms(5), DEBOUNCE),
+            (Some(ms(0)), ms(40), DEBOUNCE),
+            // a long reconcile: rest as long as it took
+            (Some(ms(0)), ms(1500), ms(1500)),
+            (Some(ms(1000)), ms(1500), ms(500)),
+            (Some(ms(1480)), ms(1500), DEBOUNCE),
+            // rested as long as it took: promptly again
+            (Some(ms(1500)), ms(1500), PROMPT),
+            (Some(ms(9000)), ms(1500), PROMPT),
+        ];
+        for (since, took, want) in table {
+            assert_eq!(
+                reconcile_delay(since, took),
+                want,
+                "since {since:?}, took {took:?}"
+            );
+        }
+    }
 
     /// The work waits for a task of the same single-threaded runtime: it completes only if
     /// it runs beside the runtime rather than on it.

@@ -1,7 +1,7 @@
 //! From the registry's view to the scheduler's snapshot, and from the scheduler's plan back to
 //! registry writes. Pure functions: all of the engine's decisions are testable without etcd.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use fleet_registry::{EngineOp, EngineSnapshot, UnitRecord};
 use fleet_scheduler::{Decision, Machine, Plan, Snapshot, Unit};
@@ -60,10 +60,12 @@ pub fn diff(
     invalid: &BTreeMap<String, String>,
     held: &HashSet<String>,
 ) -> Vec<EngineOp> {
-    let records: BTreeMap<&str, &UnitRecord> =
+    // (hashed, not ordered: these are only looked up, and a reconcile at 100,000 units
+    // builds and probes them for every unit)
+    let records: HashMap<&str, &UnitRecord> =
         snap.units.iter().map(|u| (u.name.as_str(), u)).collect();
     let mut ops = Vec::new();
-    let mut frozen: BTreeSet<&str> = BTreeSet::new();
+    let mut frozen: HashSet<&str> = HashSet::new();
     for d in &plan.decisions {
         if let Decision::Unschedule { unit, machine } = d
             && held.contains(machine)
@@ -71,14 +73,14 @@ pub fn diff(
             frozen.insert(unit.as_str());
         }
     }
-    let mut touched: BTreeSet<String> = BTreeSet::new();
+    let mut touched: HashSet<&str> = HashSet::with_capacity(plan.decisions.len());
     for d in &plan.decisions {
         match d {
             Decision::Unschedule { unit, machine } => {
                 if frozen.contains(unit.as_str()) {
                     continue;
                 }
-                touched.insert(unit.to_string());
+                touched.insert(unit.as_str());
                 ops.push(EngineOp::Unschedule {
                     unit: unit.to_string(),
                     machine: machine.clone(),
@@ -91,7 +93,7 @@ pub fn diff(
                 let Some(rec) = records.get(unit.as_str()) else {
                     continue;
                 };
-                touched.insert(unit.to_string());
+                touched.insert(unit.as_str());
                 ops.push(EngineOp::Schedule {
                     unit: unit.to_string(),
                     machine: machine.clone(),
@@ -103,7 +105,7 @@ pub fn diff(
     }
     // Units that stay where they are but whose desired state changed: tell their machine.
     for (name, (machine, sched)) in &snap.schedules {
-        if touched.contains(name) {
+        if touched.contains(name.as_str()) {
             continue;
         }
         match records.get(name.as_str()) {
@@ -123,7 +125,7 @@ pub fn diff(
                 machine: machine.clone(),
             }),
         }
-        touched.insert(name.clone());
+        touched.insert(name.as_str());
     }
     // Schedule keys beside the real one, or unreadable ones.
     for (unit, machine) in &snap.strays {
@@ -134,7 +136,7 @@ pub fn diff(
     }
     // Placements without a schedule record (left over by an interrupted write).
     for (name, machine) in &snap.placements {
-        if !snap.schedules.contains_key(name) && !touched.contains(name) {
+        if !snap.schedules.contains_key(name) && !touched.contains(name.as_str()) {
             ops.push(EngineOp::Unschedule {
                 unit: name.clone(),
                 machine: machine.clone(),
@@ -156,18 +158,20 @@ pub fn diff(
             });
         }
     }
-    let scheduled_now: HashSet<String> = ops
+    let scheduled_now: HashSet<&str> = ops
         .iter()
         .filter_map(|op| match op {
-            EngineOp::Schedule { unit, .. } => Some(unit.clone()),
+            EngineOp::Schedule { unit, .. } => Some(unit.as_str()),
             _ => None,
         })
         .collect();
-    for unit in snap.reasons.keys() {
-        if !wanted.contains_key(unit) && !scheduled_now.contains(unit) {
-            ops.push(EngineOp::ClearReason { unit: unit.clone() });
-        }
-    }
+    let clear: Vec<EngineOp> = snap
+        .reasons
+        .keys()
+        .filter(|u| !wanted.contains_key(*u) && !scheduled_now.contains(u.as_str()))
+        .map(|u| EngineOp::ClearReason { unit: u.clone() })
+        .collect();
+    ops.extend(clear);
     ops
 }
 

@@ -21,8 +21,10 @@ pub struct EngineModel {
     leader_key: String,
     /// `units/<name>` by the rest of its key; `None`: present but unreadable.
     units: BTreeMap<String, Option<UnitRecord>>,
-    /// The keys (rest) of the readable records in `snap.units`, in the same order.
-    unit_keys: Vec<String>,
+    /// Whether `snap.units` lags `units`: it is rebuilt from them once, at the next
+    /// [`EngineModel::snapshot`]. Kept in place, each new unit shifted every unit after it
+    /// in the vector (O(units) a change: a burst of U creations cost O(U²) moves).
+    units_stale: bool,
     /// How many readable records carry each name (a record may name another key's unit).
     named: HashMap<String, usize>,
     /// `machines/<…>` by the rest of its key (readable ones only).
@@ -45,7 +47,7 @@ impl EngineModel {
             keys: keys.clone(),
             leader_key: keys.leader(),
             units: BTreeMap::new(),
-            unit_keys: Vec::new(),
+            units_stale: false,
             named: HashMap::new(),
             machines: BTreeMap::new(),
             metadata: BTreeMap::new(),
@@ -82,6 +84,11 @@ impl EngineModel {
     pub fn snapshot(&mut self, revision: i64) -> Arc<EngineSnapshot> {
         if self.snap.revision != revision {
             Arc::make_mut(&mut self.snap).revision = revision;
+        }
+        if self.units_stale {
+            // readable records in key order, as a full decode lists them
+            Arc::make_mut(&mut self.snap).units = self.units.values().flatten().cloned().collect();
+            self.units_stale = false;
         }
         self.snap.clone()
     }
@@ -191,12 +198,8 @@ impl EngineModel {
 
     /// `units/<key>` now holds `rec` (`Some(None)`: unreadable; `None`: deleted).
     fn set_unit(&mut self, key: &str, rec: Option<Option<UnitRecord>>) {
-        let snap = Arc::make_mut(&mut self.snap);
-        let at = self.unit_keys.binary_search_by(|k| k.as_str().cmp(key));
         let mut touched = vec![key.to_string()];
-        if let Ok(i) = at {
-            let old = snap.units.remove(i);
-            self.unit_keys.remove(i);
+        if let Some(Some(old)) = self.units.get(key) {
             let name = old.name.to_string();
             if let Some(n) = self.named.get_mut(&name) {
                 *n -= 1;
@@ -212,15 +215,14 @@ impl EngineModel {
             }
             Some(rec) => {
                 if let Some(r) = &rec {
-                    let i = at.unwrap_or_else(|i| i);
-                    snap.units.insert(i, r.clone());
-                    self.unit_keys.insert(i, key.to_string());
                     *self.named.entry(r.name.to_string()).or_default() += 1;
                     touched.push(r.name.to_string());
                 }
                 self.units.insert(key.to_string(), rec);
             }
         }
+        self.units_stale = true;
+        let snap = Arc::make_mut(&mut self.snap);
         // a key is unreadable while no readable record carries its name
         for name in touched {
             if self.units.contains_key(&name) && !self.named.contains_key(&name) {
