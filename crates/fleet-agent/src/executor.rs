@@ -229,17 +229,30 @@ impl Agent {
         let t_reloaded = begun.elapsed();
         // queued, not awaited: the loop goes on (the next batch's files, signals, states)
         // while systemd answers; a unit with a job in flight is held as it is by every
-        // converge until its answer is in (`jobs_done`)
+        // converge until its answer is in (`jobs_done`). Each call is a task of its own, so
+        // that it finishes (and gives its place among the manager's calls in flight back)
+        // while the loop is busy elsewhere.
         let skipped = reload == Reload::Skipped;
         for (name, to, cur) in moves {
             let systemd = self.systemd.clone();
             self.pending.insert(name.clone());
-            jobs_mut(&mut self.jobs).push(Box::pin(async move {
-                let result = if to == TargetState::Launched {
-                    systemd.start(&name).await
+            let unit = name.clone();
+            let call = tokio::spawn(async move {
+                if to == TargetState::Launched {
+                    systemd.start(&unit).await
                 } else {
-                    systemd.stop(&name).await
-                };
+                    systemd.stop(&unit).await
+                }
+            });
+            jobs_mut(&mut self.jobs).push(Box::pin(async move {
+                let result = call.await.unwrap_or_else(|e| {
+                    // the task died: said as this unit's failure, retried like one
+                    Err(fleet_systemd::Error::Io {
+                        action: "queueing a systemd job for",
+                        path: name.clone().into(),
+                        source: std::io::Error::other(e),
+                    })
+                });
                 JobDone {
                     name,
                     to,
