@@ -185,6 +185,92 @@ async fn runs_its_schedule_with_one_reload_per_batch() {
 /// Unknown is not empty: while the registry is out of reach (even past the lease), nothing
 /// is stopped; once it answers again with the same schedule, nothing is restarted.
 #[tokio::test(start_paused = true)]
+async fn a_new_batch_is_written_while_systemd_has_not_answered_the_last() {
+    let (store, systemd, dir) = twins();
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    // systemd busy: the first batch's StartUnits go unanswered
+    let busy = systemd.hold_start_replies().await;
+    for n in 1..=3 {
+        let name = format!("u{n}.service");
+        schedule(&store, M1, &name, &body(n), TargetState::Launched).await;
+    }
+    eventually("the first batch's files", || {
+        (1..=3).all(|n| systemd.file(&format!("u{n}.service")).is_some())
+    })
+    .await;
+    idle(Duration::from_millis(200)).await;
+    schedule(&store, M1, "u4.service", &body(4), TargetState::Launched).await;
+    eventually(
+        "the next unit's file, while the starts before it wait",
+        || systemd.file("u4.service").is_some(),
+    )
+    .await;
+    assert!(systemd.active_units().is_empty(), "{:?}", systemd.calls());
+    drop(busy);
+    eventually("all four active and published so", || {
+        (1..=4).all(|n| {
+            let name = format!("u{n}.service");
+            active(&systemd, &name)
+                && state_of(&store, &name).is_some_and(|s| {
+                    s.active_state == "active" && s.agent_state == TargetState::Launched
+                })
+        })
+    })
+    .await;
+    for n in 1..=4 {
+        let name = format!("u{n}.service");
+        assert_eq!(
+            count(&systemd, |c| *c == Call::Start(name.clone())),
+            1,
+            "{name} started once: {:?}",
+            systemd.calls()
+        );
+    }
+    agent.stop(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_unit_unscheduled_while_its_start_waits_is_stopped_once_answered() {
+    let (store, systemd, dir) = twins();
+    let agent = Agent::start(&store, &systemd, &dir);
+    eventually("registered", || {
+        store.get(&store.keys().machine(M1)).is_some()
+    })
+    .await;
+    let busy = systemd.hold_start_replies().await;
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("its file", || systemd.file("a.service").is_some()).await;
+    idle(Duration::from_millis(200)).await;
+    store.delete(&store.keys().schedule(M1, "a.service"));
+    // the start is not answered yet: the unit keeps its file, gets no stop before it
+    idle(Duration::from_secs(6)).await;
+    assert!(systemd.file("a.service").is_some());
+    assert_eq!(count(&systemd, |c| matches!(c, Call::Stop(_))), 0);
+    drop(busy);
+    eventually("stopped and removed once answered", || {
+        !active(&systemd, "a.service") && systemd.file("a.service").is_none()
+    })
+    .await;
+    let calls = systemd.calls();
+    let start = calls
+        .iter()
+        .position(|c| *c == Call::Start("a.service".into()));
+    let stop = calls
+        .iter()
+        .position(|c| *c == Call::Stop("a.service".into()));
+    assert!(start.is_some() && stop > start, "{calls:?}");
+    eventually("its state withdrawn", || {
+        state_of(&store, "a.service").is_none()
+    })
+    .await;
+    agent.stop(false).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn unknown_is_not_empty() {
     let (store, systemd, dir) = twins();
     let agent = Agent::start(&store, &systemd, &dir);
