@@ -315,6 +315,7 @@ impl Engine {
                 }
                 // decoding a whole listing grows with the cluster: off the runtime's workers
                 let mut model = EngineModel::new(self.store.keys());
+                let (keys_listed, decode_started) = (kvs.len(), Instant::now());
                 let decoded = off_runtime(move || {
                     model.reset(kvs.iter().map(|(k, v)| (k, v)));
                     model
@@ -322,6 +323,11 @@ impl Engine {
                 .await;
                 match decoded {
                     Ok(model) => {
+                        debug!(
+                            keys = keys_listed,
+                            decode_ms = decode_started.elapsed().as_millis() as u64,
+                            "engine listing decoded"
+                        );
                         self.model = Some(model);
                         self.mirror_rev = revision;
                         self.synced = true;
@@ -347,6 +353,9 @@ impl Engine {
                 }
             }
             WatchEvent::Delete { key, revision } => {
+                if let Some(id) = key.strip_prefix(&self.store.keys().machine("")) {
+                    debug!(machine = %id, "machine left");
+                }
                 if let Some(model) = self.model.as_mut() {
                     model.delete(&key);
                     self.mirror_rev = self.mirror_rev.max(revision);
@@ -454,6 +463,7 @@ impl Engine {
             })
             .map(|u| u.hash)
             .collect();
+        let snapshot_ms = started.elapsed().as_millis() as u64;
         let (bodies, refused_bodies) = match self.read_bodies(&bodies_needed).await {
             Ok(b) => b,
             Err(e) => {
@@ -504,6 +514,7 @@ impl Engine {
             self.requirements
                 .retain(|n, (h, _)| live.get(n).is_some_and(|l| *l == h));
         }
+        let bodies_ms = started.elapsed().as_millis() as u64;
         let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
             Ok(plan) => plan,
             Err(e) => {
@@ -547,10 +558,27 @@ impl Engine {
         ops.retain(|op| !self.refused.contains_key(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
+            debug!(
+                units = snap.units.len(),
+                bodies = bodies_needed.len(),
+                snapshot_ms,
+                bodies_ms,
+                took_ms = started.elapsed().as_millis() as u64,
+                "engine reconciled: nothing to write"
+            );
             self.metrics.engine_reconcile_success(started.elapsed());
             return;
         }
-        debug!(ops = ops.len(), "engine writing decisions");
+        let decided_ms = started.elapsed().as_millis() as u64;
+        debug!(
+            ops = ops.len(),
+            units = snap.units.len(),
+            bodies = bodies_needed.len(),
+            snapshot_ms,
+            bodies_ms,
+            decided_ms,
+            "engine writing decisions"
+        );
         // several units' decisions per fenced transaction, several transactions in flight
         let batches = batches_by_unit(&ops);
         let results = self.store.apply_batches(&l.leadership, &batches).await;
@@ -573,6 +601,10 @@ impl Engine {
             // a deposed leader or an unreachable etcd: the next leader or listing decides
             self.count_failed(&refused);
         }
+        debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "engine decisions written"
+        );
         if self.written(written) {
             self.metrics.engine_reconcile_success(started.elapsed());
         }
