@@ -32,6 +32,9 @@ const REFUSED_WAIT: Duration = Duration::from_secs(30);
 /// `fleetctl start` is not held for a burst that is not coming. A burst's later changes are
 /// gathered for [`DEBOUNCE`] as ever.
 const PROMPT: Duration = Duration::from_millis(2);
+/// What fleetd spreads its candidates' campaigns over once the leader key is gone (see
+/// [`EngineConfig::campaign_spread`]); never more than the reconcile interval.
+pub const CAMPAIGN_SPREAD: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -42,6 +45,13 @@ pub struct EngineConfig {
     pub agent_ttl: Duration,
     /// fleet's `disable_watches`: re-list every interval instead of watching.
     pub disable_watches: bool,
+    /// Once a candidate sees that nobody leads, it waits a delay in `[0, campaign_spread)`
+    /// before campaigning (its own, drawn from its machine ID and the revision that showed
+    /// the leader key gone): the first winner's key reaches the others before most of them
+    /// campaign, so a thousand candidates do not grant a thousand leases in one burst when
+    /// the leader dies. With N candidates the first campaigns about `spread / (N + 1)` after
+    /// the key went. Zero: at once (tests).
+    pub campaign_spread: Duration,
 }
 
 /// What the engine reacts to.
@@ -83,6 +93,9 @@ pub(crate) struct Engine {
     synced: bool,
     /// Whether the leader key exists, as the leader watch last said (while not leading).
     leader_present: bool,
+    /// When this candidate campaigns, having seen nobody lead (see
+    /// [`EngineConfig::campaign_spread`]); `None` while somebody leads.
+    campaign_at: Option<Instant>,
     /// The revision of this engine's last write (or of its election): it never decides from
     /// a mirror older than that.
     written_rev: i64,
@@ -113,6 +126,12 @@ pub(crate) struct Engine {
     moving: HashMap<String, (String, Instant)>,
     /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
     last_reconcile: Option<Instant>,
+    /// The mirror's revision at the last reconcile that left nothing to do later: it wrote
+    /// nothing, and nothing in it waited on time (no hold of a new leader, no at-most-once
+    /// wait or move, no refused unit). A reconcile from the same view would decide the same,
+    /// so the interval's ticks skip it: at 100,000 units a reconcile costs a second or more of
+    /// CPU, and a machine leaving waited behind one that could not change anything.
+    settled_rev: Option<i64>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -155,6 +174,7 @@ impl Engine {
             mirror_rev: 0,
             synced: false,
             leader_present: false,
+            campaign_at: None,
             written_rev: 0,
             leader: None,
             requirements: HashMap::new(),
@@ -166,6 +186,7 @@ impl Engine {
             unsynced_at: None,
             moving: HashMap::new(),
             last_reconcile: None,
+            settled_rev: None,
         }
     }
 
@@ -237,9 +258,11 @@ impl Engine {
             Event::Watch(WatchEvent::Disconnected) => self.unsync(),
             Event::Watch(ev) if self.leader.is_none() => {
                 self.follow_leader_key(ev);
-                // nobody leads: campaign at once rather than at the next tick
+                // nobody leads: campaign at this candidate's moment rather than at the next
+                // tick
                 if self.synced && !self.leader_present && self.deadline.is_none() {
-                    self.deadline = Some(Instant::now() + PROMPT);
+                    let at = self.campaign_at.unwrap_or_else(|| Instant::now() + PROMPT);
+                    self.deadline = Some(at);
                 }
             }
             Event::Watch(ev) => {
@@ -257,8 +280,15 @@ impl Engine {
             }
             Event::Tick => {
                 if self.synced && self.leader.is_none() {
-                    // (winning switches to the mirror's watch: decisions wait for its listing)
-                    self.campaign().await;
+                    match self.campaign_at {
+                        // not this candidate's moment yet (a tick of the interval): wait
+                        Some(at) if Instant::now() < at => {
+                            self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
+                        }
+                        // (winning switches to the mirror's watch: decisions wait for its
+                        // listing)
+                        _ => self.campaign().await,
+                    }
                 }
                 if self.synced && self.leader.is_some() {
                     self.reconcile().await;
@@ -269,18 +299,36 @@ impl Engine {
         true
     }
 
+    /// When this candidate campaigns, having seen at `revision` that nobody leads: a delay in
+    /// `[0, campaign_spread)` (capped by the reconcile interval) from now, drawn from its
+    /// machine ID and that revision. Every candidate sees the same revision, so the draws
+    /// differ by machine, and by failover for one machine: no candidate always goes first.
+    fn campaign_moment(&self, revision: i64) -> Instant {
+        let spread = self.cfg.campaign_spread.min(self.cfg.reconcile_interval);
+        Instant::now() + campaign_delay(&self.cfg.machine_id, revision, spread)
+    }
+
     /// What the leader key's watch says (while not leading): whether somebody leads.
     fn follow_leader_key(&mut self, ev: WatchEvent) {
         let key = self.store.keys().leader();
         match ev {
-            WatchEvent::Snapshot { kvs, .. } => {
+            WatchEvent::Snapshot { kvs, revision } => {
                 self.leader_present = kvs.iter().any(|(k, _)| *k == key);
+                self.campaign_at = (!self.leader_present).then(|| self.campaign_moment(revision));
                 self.synced = true;
             }
-            WatchEvent::Put { key: k, .. } if k == key => self.leader_present = true,
-            WatchEvent::Delete { key: k, .. } if k == key => {
-                debug!("leader key deleted; campaigning");
+            WatchEvent::Put { key: k, .. } if k == key => {
+                self.leader_present = true;
+                self.campaign_at = None;
+            }
+            WatchEvent::Delete { key: k, revision } if k == key => {
+                let at = self.campaign_moment(revision);
+                debug!(
+                    in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    "leader key deleted; campaigning"
+                );
                 self.leader_present = false;
+                self.campaign_at = Some(at);
             }
             WatchEvent::Put { .. } | WatchEvent::Delete { .. } => {}
             WatchEvent::Disconnected => self.unsync(),
@@ -418,6 +466,7 @@ impl Engine {
     /// derived from it, and follows the leader key alone again.
     pub(crate) fn step_down(&mut self) {
         self.absent_since.clear();
+        self.settled_rev = None;
         let Some(l) = self.leader.take() else {
             return;
         };
@@ -430,6 +479,7 @@ impl Engine {
         self.refused = HashMap::new();
         // our own key may still be there until the resignation lands: the watch says when
         self.leader_present = true;
+        self.campaign_at = None;
         self.rewatch();
     }
 
@@ -439,6 +489,11 @@ impl Engine {
             // our own last write has not come back through the watch yet
             return;
         }
+        if self.settled_rev == Some(self.mirror_rev) {
+            // nothing changed since a reconcile that left nothing to do
+            return;
+        }
+        self.settled_rev = None;
         let started = Instant::now();
         let Some(model) = self.model.as_mut() else {
             return;
@@ -451,6 +506,8 @@ impl Engine {
             self.step_down();
             return;
         }
+        // each body once: a new leader needs every unit's, and many units share one (a
+        // template's instances)
         let bodies_needed: Vec<UnitHash> = snap
             .units
             .iter()
@@ -462,6 +519,8 @@ impl Engine {
                         .is_none_or(|(h, _)| *h != u.hash)
             })
             .map(|u| u.hash)
+            .collect::<HashSet<UnitHash>>()
+            .into_iter()
             .collect();
         let snapshot_ms = started.elapsed().as_millis() as u64;
         let (bodies, refused_bodies) = match self.read_bodies(&bodies_needed).await {
@@ -532,6 +591,7 @@ impl Engine {
         } else if !l.seen.is_empty() {
             l.seen = HashSet::new();
         }
+        let in_hold = l.since.elapsed() < self.cfg.agent_ttl;
         let held = held_machines(l, &snap, self.cfg.agent_ttl);
         let mut ops = diff(&snap, &plan, &invalid, &held);
         // a unit whose record cannot be read is not a destroyed one: its placement stays
@@ -552,12 +612,16 @@ impl Engine {
         if let Some(n) = parked {
             self.deadline = Some(self.deadline.map_or(n, |d| d.min(n)));
         }
+        let timeless = !in_hold && waiting.is_empty() && parked.is_none() && self.moving.is_empty();
         // a unit whose keys etcd refused is tried again only after a while
         let now = Instant::now();
         self.refused.retain(|_, until| now < *until);
         ops.retain(|op| !self.refused.contains_key(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
+            if timeless && self.refused.is_empty() {
+                self.settled_rev = Some(self.mirror_rev);
+            }
             debug!(
                 units = snap.units.len(),
                 bodies = bodies_needed.len(),
@@ -909,6 +973,20 @@ fn move_at_most_once_in_two_steps(
         debug!("at-most-once units wait for their old copies to stop before moving");
     }
     next
+}
+
+/// A delay in `[0, spread)` for candidate `machine_id` once the leader key went at
+/// `revision`: a hash of both (std's SipHash with fixed keys: the same inputs give the same
+/// delay, so the engine's tests can replay it; different machines spread evenly).
+fn campaign_delay(machine_id: &str, revision: i64, spread: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let micros = u64::try_from(spread.as_micros()).unwrap_or(u64::MAX);
+    if micros == 0 {
+        return Duration::ZERO;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    (machine_id, revision).hash(&mut h);
+    Duration::from_micros(h.finish() % micros)
 }
 
 /// Whether a listing holds `key`.
