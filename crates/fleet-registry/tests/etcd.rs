@@ -1161,19 +1161,33 @@ async fn many_bodies_are_read_once_each_in_batches() {
     for chunk in bodies.chunks(120) {
         let ops: Vec<TxnOp> = chunk
             .iter()
-            .map(|b| TxnOp::put(writer.keys().body(&b.hash().to_string()), b.serialize(), None))
+            .map(|b| {
+                TxnOp::put(
+                    writer.keys().body(&b.hash().to_string()),
+                    b.serialize(),
+                    None,
+                )
+            })
             .collect();
-        kv.txn(Txn::new().and_then(ops)).await.expect("write bodies");
+        kv.txn(Txn::new().and_then(ops))
+            .await
+            .expect("write bodies");
     }
     // a registry with nothing cached, asked for each hash three times
     let metrics = fleet_metrics::Metrics::new();
     let reader = registry(&etcd).await.with_metrics(metrics.clone());
-    let hashes: Vec<_> = (0..3).flat_map(|_| bodies.iter().map(|b| b.hash())).collect();
+    let hashes: Vec<_> = (0..3)
+        .flat_map(|_| bodies.iter().map(|b| b.hash()))
+        .collect();
     let before = reads(&metrics);
     let got = fleet_registry::EngineStore::unit_bodies(&reader, &hashes)
         .await
         .expect("bodies");
     assert_eq!(got.len(), bodies.len());
     assert!(bodies.iter().all(|b| got.get(&b.hash()) == Some(b)));
-    assert_eq!(reads(&metrics) - before, 1000u64.div_ceil(120), "transactions");
+    assert_eq!(
+        reads(&metrics) - before,
+        1000u64.div_ceil(120),
+        "transactions"
+    );
 }

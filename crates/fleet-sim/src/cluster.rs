@@ -221,12 +221,9 @@ impl Cluster {
 
     /// The reconcile rounds so far of machine `id`'s engine (0 for an unknown machine).
     pub fn reconciles_of(&self, id: &str) -> f64 {
-        self.machines
-            .iter()
-            .find(|m| m.id == id)
-            .map_or(0.0, |m| {
-                crate::etcd::sum_metric(&m.metrics.encode(), "fleet_engine_reconcile_count_total")
-            })
+        self.machines.iter().find(|m| m.id == id).map_or(0.0, |m| {
+            crate::etcd::sum_metric(&m.metrics.encode(), "fleet_engine_reconcile_count_total")
+        })
     }
 
     /// The reconcile rounds so far of every machine's engine, by machine ID.

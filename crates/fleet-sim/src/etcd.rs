@@ -164,7 +164,9 @@ pub async fn machines_present(
 ) -> Result<usize> {
     let keys = fleet_registry::keys::Keys::new(key_prefix);
     let prefix = keys.machine("");
-    let opts = etcd_client::GetOptions::new().with_prefix().with_keys_only();
+    let opts = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
     let resp = tokio::time::timeout(
         Duration::from_secs(5),
         client.get(prefix.as_str(), Some(opts)),
