@@ -552,6 +552,9 @@ impl Engine {
             }
         };
         let requirements = &mut self.requirements;
+        // a body etcd refused or did not have is read again next time (not cached): such a
+        // reconcile is not settled, or no tick would try again until the mirror changed
+        let mut body_unread = false;
         let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
             if let Some((h, r)) = requirements.get(&rec.name)
                 && *h == rec.hash
@@ -559,12 +562,14 @@ impl Engine {
                 return r.clone();
             }
             if let Some(e) = refused_bodies.get(&rec.hash) {
+                body_unread = true;
                 return Err(format!(
                     "unit file {} cannot be read: {e}",
                     rec.hash.short()
                 ));
             }
             let Some(file) = bodies.get(&rec.hash) else {
+                body_unread = true;
                 return Err(format!(
                     "unit file {} missing from the registry",
                     rec.hash.short()
@@ -632,7 +637,11 @@ impl Engine {
         if let Some(n) = parked {
             self.deadline = Some(self.deadline.map_or(n, |d| d.min(n)));
         }
-        let timeless = !in_hold && waiting.is_empty() && parked.is_none() && self.moving.is_empty();
+        let timeless = !in_hold
+            && !body_unread
+            && waiting.is_empty()
+            && parked.is_none()
+            && self.moving.is_empty();
         // a unit whose keys etcd refused is tried again only after a while
         let now = Instant::now();
         self.refused.retain(|_, until| now < *until);
