@@ -58,6 +58,7 @@ pub fn engine_config(cfg: &Config, machine_id: &str) -> fleet_engine::EngineConf
         reconcile_interval: cfg.engine_reconcile_interval,
         agent_ttl: cfg.agent_ttl,
         disable_watches: cfg.disable_watches,
+        campaign_spread: fleet_engine::CAMPAIGN_SPREAD,
     }
 }
 

@@ -72,6 +72,7 @@ async fn main() {
             reconcile_interval: Duration::from_secs(2),
             agent_ttl: Duration::from_secs(30),
             disable_watches: false,
+            campaign_spread: Duration::ZERO,
         },
         metrics.clone(),
         shutdown.clone(),

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use fleet_metrics::{EngineFailure, Metrics};
 use fleet_registry::{
-    AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, Leadership, RegistryError,
-    UnitRecord, WatchEvent,
+    AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, KeyRange, Leadership,
+    RegistryError, UnitRecord, WatchEvent,
 };
 use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
@@ -32,6 +32,9 @@ const REFUSED_WAIT: Duration = Duration::from_secs(30);
 /// `fleetctl start` is not held for a burst that is not coming. A burst's later changes are
 /// gathered for [`DEBOUNCE`] as ever.
 const PROMPT: Duration = Duration::from_millis(2);
+/// What fleetd spreads its candidates' campaigns over once the leader key is gone (see
+/// [`EngineConfig::campaign_spread`]); never more than the reconcile interval.
+pub const CAMPAIGN_SPREAD: Duration = Duration::from_secs(1);
 
 /// How long after a watch event the leader reconciles, `since` the end of its last
 /// reconcile, which took `took`. After a quiet spell at least as long as that reconcile (and
@@ -58,6 +61,13 @@ pub struct EngineConfig {
     pub agent_ttl: Duration,
     /// fleet's `disable_watches`: re-list every interval instead of watching.
     pub disable_watches: bool,
+    /// Once a candidate sees that nobody leads, it waits a delay in `[0, campaign_spread)`
+    /// before campaigning (its own, drawn from its machine ID and the revision that showed
+    /// the leader key gone): the first winner's key reaches the others before most of them
+    /// campaign, so a thousand candidates do not grant a thousand leases in one burst when
+    /// the leader dies. With N candidates the first campaigns about `spread / (N + 1)` after
+    /// the key went. Zero: at once (tests).
+    pub campaign_spread: Duration,
 }
 
 /// What the engine reacts to.
@@ -98,10 +108,23 @@ pub(crate) struct Engine {
     /// every unit again. `None` while not leading (and until a new leader's listing came).
     model: Option<EngineModel>,
     mirror_rev: i64,
+    /// The revision up to which the mirror holds the range of the engine's own writes
+    /// (placement/, reasons/, schedule/): the listing's, then that range's last watch event.
+    /// The mirror watches its ranges with one etcd watcher each, and etcd orders events
+    /// within a watcher, not across them: under load a busy watcher falls behind while
+    /// another (machines leaving) runs ahead, so `mirror_rev` alone may pass the engine's
+    /// last write before that write is in the mirror. Seen in fleet-sim (300 x 30,000, 10 %
+    /// killed): a second reconcile moved the same units again, and they ran on two machines.
+    decisions_rev: i64,
+    /// That range: every key the engine writes is in it.
+    decisions_range: KeyRange,
     /// Whether what is watched is a fresh snapshot (the engine decides from nothing else).
     synced: bool,
     /// Whether the leader key exists, as the leader watch last said (while not leading).
     leader_present: bool,
+    /// When this candidate campaigns, having seen nobody lead (see
+    /// [`EngineConfig::campaign_spread`]); `None` while somebody leads.
+    campaign_at: Option<Instant>,
     /// The revision of this engine's last write (or of its election): it never decides from
     /// a mirror older than that.
     written_rev: i64,
@@ -135,6 +158,12 @@ pub(crate) struct Engine {
     /// How long the last reconcile took: the engine rests as long before the next one
     /// (see [`reconcile_delay`]).
     last_took: Duration,
+    /// The mirror's revision at the last reconcile that left nothing to do later: it wrote
+    /// nothing, and nothing in it waited on time (no hold of a new leader, no at-most-once
+    /// wait or move, no refused unit). A reconcile from the same view would decide the same,
+    /// so the interval's ticks skip it: at 100,000 units a reconcile costs a second or more of
+    /// CPU, and a machine leaving waited behind one that could not change anything.
+    settled_rev: Option<i64>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -171,12 +200,15 @@ impl Engine {
         Engine {
             watch: store.watch_leader(poll),
             model: None,
+            decisions_rev: 0,
+            decisions_range: decisions_range(store.keys()),
             store,
             cfg,
             metrics,
             mirror_rev: 0,
             synced: false,
             leader_present: false,
+            campaign_at: None,
             written_rev: 0,
             leader: None,
             requirements: HashMap::new(),
@@ -189,6 +221,7 @@ impl Engine {
             moving: HashMap::new(),
             last_reconcile: None,
             last_took: Duration::ZERO,
+            settled_rev: None,
         }
     }
 
@@ -260,9 +293,11 @@ impl Engine {
             Event::Watch(WatchEvent::Disconnected) => self.unsync(),
             Event::Watch(ev) if self.leader.is_none() => {
                 self.follow_leader_key(ev);
-                // nobody leads: campaign at once rather than at the next tick
+                // nobody leads: campaign at this candidate's moment rather than at the next
+                // tick
                 if self.synced && !self.leader_present && self.deadline.is_none() {
-                    self.deadline = Some(Instant::now() + PROMPT);
+                    let at = self.campaign_at.unwrap_or_else(|| Instant::now() + PROMPT);
+                    self.deadline = Some(at);
                 }
             }
             Event::Watch(ev) => {
@@ -279,8 +314,15 @@ impl Engine {
             }
             Event::Tick => {
                 if self.synced && self.leader.is_none() {
-                    // (winning switches to the mirror's watch: decisions wait for its listing)
-                    self.campaign().await;
+                    match self.campaign_at {
+                        // not this candidate's moment yet (a tick of the interval): wait
+                        Some(at) if Instant::now() < at => {
+                            self.deadline = Some(self.deadline.map_or(at, |d| d.min(at)));
+                        }
+                        // (winning switches to the mirror's watch: decisions wait for its
+                        // listing)
+                        _ => self.campaign().await,
+                    }
                 }
                 if self.synced && self.leader.is_some() {
                     // (an interval tick, too, waits until the engine has rested as long as
@@ -309,18 +351,36 @@ impl Engine {
         true
     }
 
+    /// When this candidate campaigns, having seen at `revision` that nobody leads: a delay in
+    /// `[0, campaign_spread)` (capped by the reconcile interval) from now, drawn from its
+    /// machine ID and that revision. Every candidate sees the same revision, so the draws
+    /// differ by machine, and by failover for one machine: no candidate always goes first.
+    fn campaign_moment(&self, revision: i64) -> Instant {
+        let spread = self.cfg.campaign_spread.min(self.cfg.reconcile_interval);
+        Instant::now() + campaign_delay(&self.cfg.machine_id, revision, spread)
+    }
+
     /// What the leader key's watch says (while not leading): whether somebody leads.
     fn follow_leader_key(&mut self, ev: WatchEvent) {
         let key = self.store.keys().leader();
         match ev {
-            WatchEvent::Snapshot { kvs, .. } => {
+            WatchEvent::Snapshot { kvs, revision } => {
                 self.leader_present = kvs.iter().any(|(k, _)| *k == key);
+                self.campaign_at = (!self.leader_present).then(|| self.campaign_moment(revision));
                 self.synced = true;
             }
-            WatchEvent::Put { key: k, .. } if k == key => self.leader_present = true,
-            WatchEvent::Delete { key: k, .. } if k == key => {
-                debug!("leader key deleted; campaigning");
+            WatchEvent::Put { key: k, .. } if k == key => {
+                self.leader_present = true;
+                self.campaign_at = None;
+            }
+            WatchEvent::Delete { key: k, revision } if k == key => {
+                let at = self.campaign_moment(revision);
+                debug!(
+                    in_ms = at.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    "leader key deleted; campaigning"
+                );
                 self.leader_present = false;
+                self.campaign_at = Some(at);
             }
             WatchEvent::Put { .. } | WatchEvent::Delete { .. } => {}
             WatchEvent::Disconnected => self.unsync(),
@@ -355,6 +415,7 @@ impl Engine {
                 }
                 // decoding a whole listing grows with the cluster: off the runtime's workers
                 let mut model = EngineModel::new(self.store.keys());
+                let (keys_listed, decode_started) = (kvs.len(), Instant::now());
                 let decoded = off_runtime(move || {
                     model.reset(kvs.iter().map(|(k, v)| (k, v)));
                     model
@@ -362,6 +423,12 @@ impl Engine {
                 .await;
                 match decoded {
                     Ok(model) => {
+                        self.decisions_rev = revision;
+                        debug!(
+                            keys = keys_listed,
+                            decode_ms = decode_started.elapsed().as_millis() as u64,
+                            "engine listing decoded"
+                        );
                         self.model = Some(model);
                         self.mirror_rev = revision;
                         self.synced = true;
@@ -381,12 +448,21 @@ impl Engine {
                     // a machine (re)registered: its absence, if any, is over
                     self.absent_since.remove(id);
                 }
+                if self.decisions_range.contains(&key) {
+                    self.decisions_rev = self.decisions_rev.max(revision);
+                }
                 if let Some(model) = self.model.as_mut() {
                     model.put(&key, &value);
                     self.mirror_rev = self.mirror_rev.max(revision);
                 }
             }
             WatchEvent::Delete { key, revision } => {
+                if let Some(id) = key.strip_prefix(&self.store.keys().machine("")) {
+                    debug!(machine = %id, "machine left");
+                }
+                if self.decisions_range.contains(&key) {
+                    self.decisions_rev = self.decisions_rev.max(revision);
+                }
                 if let Some(model) = self.model.as_mut() {
                     model.delete(&key);
                     self.mirror_rev = self.mirror_rev.max(revision);
@@ -450,6 +526,7 @@ impl Engine {
     /// derived from it, and follows the leader key alone again.
     pub(crate) fn step_down(&mut self) {
         self.absent_since.clear();
+        self.settled_rev = None;
         let Some(l) = self.leader.take() else {
             return;
         };
@@ -457,20 +534,27 @@ impl Engine {
         tokio::spawn(async move { store.resign(l.leadership).await });
         self.model = None;
         self.mirror_rev = 0;
+        self.decisions_rev = 0;
         self.requirements = HashMap::new();
         self.unreadable = Default::default();
         self.refused = HashMap::new();
         // our own key may still be there until the resignation lands: the watch says when
         self.leader_present = true;
+        self.campaign_at = None;
         self.rewatch();
     }
 
     /// One reconcile of a leader: decide from the mirror, write the difference.
     pub(crate) async fn reconcile(&mut self) {
-        if self.mirror_rev < self.written_rev {
+        if self.mirror_rev < self.written_rev || self.decisions_rev < self.written_rev {
             // our own last write has not come back through the watch yet
             return;
         }
+        if self.settled_rev == Some(self.mirror_rev) {
+            // nothing changed since a reconcile that left nothing to do
+            return;
+        }
+        self.settled_rev = None;
         let started = Instant::now();
         let Some(model) = self.model.as_mut() else {
             return;
@@ -483,6 +567,8 @@ impl Engine {
             self.step_down();
             return;
         }
+        // each body once: a new leader needs every unit's, and many units share one (a
+        // template's instances)
         let bodies_needed: Vec<UnitHash> = snap
             .units
             .iter()
@@ -494,7 +580,10 @@ impl Engine {
                         .is_none_or(|(h, _)| *h != u.hash)
             })
             .map(|u| u.hash)
+            .collect::<HashSet<UnitHash>>()
+            .into_iter()
             .collect();
+        let snapshot_ms = started.elapsed().as_millis() as u64;
         let (bodies, refused_bodies) = match self.read_bodies(&bodies_needed).await {
             Ok(b) => b,
             Err(e) => {
@@ -504,6 +593,9 @@ impl Engine {
             }
         };
         let requirements = &mut self.requirements;
+        // a body etcd refused or did not have is read again next time (not cached): such a
+        // reconcile is not settled, or no tick would try again until the mirror changed
+        let mut body_unread = false;
         let mut req_of = |rec: &UnitRecord| -> Result<Requirements, String> {
             if let Some((h, r)) = requirements.get(&rec.name)
                 && *h == rec.hash
@@ -511,12 +603,14 @@ impl Engine {
                 return r.clone();
             }
             if let Some(e) = refused_bodies.get(&rec.hash) {
+                body_unread = true;
                 return Err(format!(
                     "unit file {} cannot be read: {e}",
                     rec.hash.short()
                 ));
             }
             let Some(file) = bodies.get(&rec.hash) else {
+                body_unread = true;
                 return Err(format!(
                     "unit file {} missing from the registry",
                     rec.hash.short()
@@ -545,6 +639,7 @@ impl Engine {
             self.requirements
                 .retain(|n, (h, _)| live.get(n).is_some_and(|l| *l == h));
         }
+        let bodies_ms = started.elapsed().as_millis() as u64;
         let plan = match off_runtime(move || fleet_scheduler::reconcile(&sched_snap)).await {
             Ok(plan) => plan,
             Err(e) => {
@@ -562,6 +657,7 @@ impl Engine {
         } else if !l.seen.is_empty() {
             l.seen = HashSet::new();
         }
+        let in_hold = l.since.elapsed() < self.cfg.agent_ttl;
         let held = held_machines(l, &snap, self.cfg.agent_ttl);
         let mut ops = diff(&snap, &plan, &invalid, &held);
         // a unit whose record cannot be read is not a destroyed one: its placement stays
@@ -586,16 +682,41 @@ impl Engine {
         if let Some(n) = parked {
             self.deadline = Some(self.deadline.map_or(n, |d| d.min(n)));
         }
+        let timeless = !in_hold
+            && !body_unread
+            && waiting.is_empty()
+            && parked.is_none()
+            && self.moving.is_empty();
         // a unit whose keys etcd refused is tried again only after a while
         let now = Instant::now();
         self.refused.retain(|_, until| now < *until);
         ops.retain(|op| !self.refused.contains_key(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
+            if timeless && self.refused.is_empty() {
+                self.settled_rev = Some(self.mirror_rev);
+            }
+            debug!(
+                units = snap.units.len(),
+                bodies = bodies_needed.len(),
+                snapshot_ms,
+                bodies_ms,
+                took_ms = started.elapsed().as_millis() as u64,
+                "engine reconciled: nothing to write"
+            );
             self.metrics.engine_reconcile_success(started.elapsed());
             return;
         }
-        debug!(ops = ops.len(), "engine writing decisions");
+        let decided_ms = started.elapsed().as_millis() as u64;
+        debug!(
+            ops = ops.len(),
+            units = snap.units.len(),
+            bodies = bodies_needed.len(),
+            snapshot_ms,
+            bodies_ms,
+            decided_ms,
+            "engine writing decisions"
+        );
         // several units' decisions per fenced transaction, several transactions in flight
         let batches = batches_by_unit(&ops);
         let results = self.store.apply_batches(&l.leadership, &batches).await;
@@ -618,6 +739,10 @@ impl Engine {
             // a deposed leader or an unreachable etcd: the next leader or listing decides
             self.count_failed(&refused);
         }
+        debug!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "engine decisions written"
+        );
         if self.written(written) {
             self.metrics.engine_reconcile_success(started.elapsed());
         }
@@ -968,6 +1093,30 @@ fn move_at_most_once_in_two_steps(
         debug!("at-most-once units wait for their old copies to stop before moving");
     }
     next
+}
+
+/// A delay in `[0, spread)` for candidate `machine_id` once the leader key went at
+/// `revision`: a hash of both (std's SipHash with fixed keys: the same inputs give the same
+/// delay, so the engine's tests can replay it; different machines spread evenly).
+fn campaign_delay(machine_id: &str, revision: i64, spread: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let micros = u64::try_from(spread.as_micros()).unwrap_or(u64::MAX);
+    if micros == 0 {
+        return Duration::ZERO;
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    (machine_id, revision).hash(&mut h);
+    Duration::from_micros(h.finish() % micros)
+}
+
+/// The watched range that holds every key the engine writes (schedule/, placement/,
+/// reasons/): the one of the engine's ranges that holds a schedule key.
+fn decisions_range(keys: &fleet_registry::keys::Keys) -> KeyRange {
+    let probe = keys.schedule("m", "u.service");
+    fleet_registry::engine_ranges(keys)
+        .into_iter()
+        .find(|r| r.contains(&probe))
+        .unwrap_or_else(|| KeyRange::prefix(keys.prefix()))
 }
 
 /// Whether a listing holds `key`.

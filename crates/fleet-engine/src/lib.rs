@@ -23,5 +23,5 @@ mod plan;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{EngineConfig, run};
+pub use engine::{CAMPAIGN_SPREAD, EngineConfig, run};
 pub use plan::{diff, to_scheduler_snapshot};

@@ -22,6 +22,7 @@ fn config(id: &str) -> EngineConfig {
         reconcile_interval: Duration::from_secs(2),
         agent_ttl: TTL,
         disable_watches: false,
+        campaign_spread: Duration::ZERO,
     }
 }
 
@@ -870,4 +871,183 @@ async fn a_stored_non_boolean_at_most_once_keeps_the_unit_placed() {
     turn(&mut engine, 2).await;
     assert_eq!(placement(&store, "old.service").as_deref(), Some("m1"));
     assert!(store.get(&store.keys().reason("old.service")).is_none());
+}
+
+/// How many engines campaign after the leader died, with the candidates' `campaign_spread`.
+async fn campaigns_after_the_leader_dies(spread: Duration) -> u64 {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    let mut engines = Vec::new();
+    for n in 0..20 {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let cfg = EngineConfig {
+            campaign_spread: spread,
+            ..config(&format!("e{n}"))
+        };
+        let task = tokio::spawn(crate::run(
+            Arc::new(store.clone()),
+            cfg,
+            Metrics::new(),
+            shutdown.clone(),
+        ));
+        engines.push((shutdown, task));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let key = store.keys().leader();
+    let first = store.get(&key).expect("a leader");
+    // the leader's machine dies: its engine ends where it is, its lease expires
+    let index: usize = String::from_utf8_lossy(&first[1..])
+        .parse()
+        .expect("engine index");
+    engines[index].1.abort();
+    let lease = store.lease_of(&key).expect("the leader key's lease");
+    let before = store.campaigns();
+    store.expire_lease(lease);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let campaigns = store.campaigns() - before;
+    let second = store.get(&key).expect("a new leader");
+    assert_ne!(second, first, "no other engine took over");
+    for (shutdown, task) in engines {
+        shutdown.cancel();
+        let _ = task.await;
+    }
+    campaigns
+}
+
+/// Regression (1,000 x 100,000 in fleet-sim): when the leader died, every candidate
+/// campaigned the moment its key went, a thousand lease grants and transactions in one
+/// burst on etcd. Each candidate now waits its own delay within the spread, and the first
+/// winner's key reaches the others before their turn: one campaign.
+#[tokio::test(start_paused = true)]
+async fn candidates_spread_their_campaigns_when_the_leader_dies() {
+    assert_eq!(
+        campaigns_after_the_leader_dies(Duration::from_secs(1)).await,
+        1
+    );
+}
+
+/// Regression (fleet-sim, 1,000 x 100,000): a new leader asked for a body once per unit,
+/// though many units share one (a template's instances), and the registry searched a list
+/// for each: seconds at 100,000 units. It asks for each body once.
+#[tokio::test(start_paused = true)]
+async fn a_new_leader_asks_for_each_body_once() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    for n in 0..50 {
+        create(&store, &format!("u{n}.service"), n % 5).await;
+    }
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    let before = store.bodies_asked();
+    engine.handle(Event::Tick).await;
+    assert_eq!(store.bodies_asked() - before, 5, "bodies asked for");
+    let placed = (0..50)
+        .filter(|n| placement(&store, &format!("u{n}.service")).is_some())
+        .count();
+    assert_eq!(placed, 50);
+}
+
+/// Regression (fleet-sim, 100,000 units): the leader reconciled its whole mirror at every
+/// tick of the interval though nothing had changed, a second or more of CPU each time, and
+/// a machine that left waited behind such a reconcile. A tick with nothing new since a
+/// reconcile that left nothing to do reconciles nothing; a change is reconciled as ever.
+#[tokio::test(start_paused = true)]
+async fn a_tick_with_nothing_new_does_not_reconcile_again() {
+    let (store, mut engine, metrics) = leading().await;
+    let reconciles = || {
+        metrics
+            .encode()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("fleet_engine_reconcile_count_total ")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    // past the new leader's hold (a reconcile during it always runs)
+    tokio::time::sleep(TTL).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let before = reconciles();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        engine.handle(Event::Tick).await;
+    }
+    assert_eq!(reconciles(), before, "ticks without a change reconciled");
+    create(&store, "b.service", 2).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "b.service").as_deref(), Some("m1"));
+    assert_eq!(reconciles(), before + 1);
+    // a machine leaving is a change too
+    add_machine(&store, "m2");
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(reconciles(), before + 2);
+}
+
+/// Regression (fleet-sim, 300 x 30,000, 10 % killed): the mirror watches its ranges with one
+/// etcd watcher each, ordered within a watcher only. A later event of another range (a
+/// machine leaving) came before the engine's own write came back through its range; the
+/// engine took its mirror for one holding that write and moved the same units again, to
+/// other machines: they ran on two. It waits for its write in the range it wrote to.
+#[tokio::test(start_paused = true)]
+async fn a_later_event_of_another_range_does_not_stand_for_its_own_write() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    create(&store, "a.service", 1).await;
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let placed = placement(&store, "a.service").expect("placed");
+    // a machine registers after the write; its event comes before the write's
+    add_machine(&store, "m3");
+    let written = store.revision();
+    let key = store.keys().machine("m3");
+    let value = store.get(&key).expect("machine record");
+    engine
+        .handle(Event::Watch(WatchEvent::Put {
+            key,
+            value,
+            revision: written,
+        }))
+        .await;
+    for _ in 0..3 {
+        engine.handle(Event::Tick).await;
+    }
+    assert_eq!(store.revision(), written, "decided without its own write");
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "a.service"), Some(placed));
+}
+
+/// Bodies are not mirrored: a unit whose body is not in etcd yet (a client that writes the
+/// record first) cannot be placed, and its body is read again at the next tick, not only
+/// once the mirror changes (a reconcile that could not read a body is not a settled one).
+#[tokio::test(start_paused = true)]
+async fn a_body_written_after_its_unit_is_read_at_a_later_tick() {
+    let (store, mut engine, _) = leading().await;
+    tokio::time::sleep(TTL).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    let file = body(7);
+    let rec = records::unit("late.service", file.hash(), TargetState::Launched);
+    store.put(
+        &store.keys().unit("late.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "late.service"), None);
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    store.put(
+        &store.keys().body(&file.hash().to_string()),
+        file.serialize(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "late.service").as_deref(), Some("m1"));
 }

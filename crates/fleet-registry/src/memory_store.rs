@@ -73,10 +73,13 @@ struct Kv {
     /// Bumped at every change of reachability, so a pending expiry knows it is stale.
     epoch: u64,
     /// What the engine asked, for tests that count it: transactions of decisions committed,
-    /// the ranges of every watch opened, and body reads.
+    /// the ranges of every watch opened, body reads and the hashes they asked for, and
+    /// campaigns.
     engine_txns: u64,
     watches_opened: Vec<Vec<KeyRange>>,
     body_reads: u64,
+    bodies_asked: u64,
+    campaigns: u64,
 }
 
 impl Default for MemoryStore {
@@ -131,6 +134,17 @@ impl MemoryStore {
     /// How many reads of unit bodies were asked for.
     pub fn body_reads(&self) -> u64 {
         self.lock().body_reads
+    }
+
+    /// How many hashes the reads of unit bodies asked for, over all reads (a hash asked
+    /// twice counts twice).
+    pub fn bodies_asked(&self) -> u64 {
+        self.lock().bodies_asked
+    }
+
+    /// How many campaigns engines made (won or lost).
+    pub fn campaigns(&self) -> u64 {
+        self.lock().campaigns
     }
 
     /// From now on (`true`) every request that reads or writes `key` fails as etcd refuses one
@@ -296,6 +310,7 @@ impl MemoryStore {
     fn bodies_together(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
         let mut kv = self.request("reading unit bodies", &self.keys.dir(keys::BODIES))?;
         kv.body_reads += 1;
+        kv.bodies_asked += hashes.len() as u64;
         if let Some(key) = hashes
             .iter()
             .map(|h| self.keys.body(&h.to_string()))
@@ -546,6 +561,7 @@ impl EngineStore for MemoryStore {
     async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>> {
         let key = self.keys.leader();
         let mut kv = self.request("campaigning", &key)?;
+        kv.campaigns += 1;
         if kv.data.contains_key(&key) {
             return Ok(None);
         }

@@ -40,6 +40,9 @@ pub struct SimMachine {
     pub metadata: BTreeMap<String, String>,
     /// Its systemd: what it runs is the ground truth of the invariant checks.
     pub systemd: FakeUnitManager,
+    /// Its agent's and engine's metrics, its own as in a real fleetd: the reconciles of one
+    /// engine (a new leader's) are told apart from the others'.
+    pub metrics: fleet_metrics::Metrics,
     running: Option<Machine>,
     api: Option<ApiServing>,
 }
@@ -65,8 +68,8 @@ impl SimMachine {
 /// The simulated cluster.
 pub struct Cluster {
     pub machines: Vec<SimMachine>,
-    /// Shared by every machine, as one process's metrics (the reconcile count tells when a
-    /// new engine leader has reconciled).
+    /// The APIs' metrics, shared by the machines serving one (each machine's agent and
+    /// engine have their own: [`SimMachine::metrics`]).
     pub metrics: fleet_metrics::Metrics,
     pub channels: usize,
     /// The machines' units directories (the agent keeps its token beside them).
@@ -120,6 +123,7 @@ impl Cluster {
                 cfg.disable_engine = true;
             }
             let systemd = FakeUnitManager::with_knobs(opts.knobs.clone());
+            let own_metrics = fleet_metrics::Metrics::new();
             let api = if index < opts.api_hosts.max(1) {
                 Some(serve_api(&cfg, &registry, &id, metrics.clone()).await?)
             } else {
@@ -132,7 +136,7 @@ impl Cluster {
                     public_ip: cfg.public_ip.clone(),
                     registry,
                     systemd: Arc::new(systemd.clone()),
-                    metrics: metrics.clone(),
+                    metrics: own_metrics.clone(),
                 },
                 CancellationToken::new(),
             );
@@ -140,6 +144,7 @@ impl Cluster {
                 id,
                 metadata,
                 systemd,
+                metrics: own_metrics,
                 running: Some(running),
                 api,
             });
@@ -214,9 +219,23 @@ impl Cluster {
         self.live().map(|m| m.id.clone()).collect()
     }
 
-    /// The engine's reconcile rounds so far, over every machine.
-    pub fn reconciles(&self) -> f64 {
-        crate::etcd::sum_metric(&self.metrics.encode(), "fleet_engine_reconcile_count_total")
+    /// The reconcile rounds so far of machine `id`'s engine (0 for an unknown machine).
+    pub fn reconciles_of(&self, id: &str) -> f64 {
+        self.machines.iter().find(|m| m.id == id).map_or(0.0, |m| {
+            crate::etcd::sum_metric(&m.metrics.encode(), "fleet_engine_reconcile_count_total")
+        })
+    }
+
+    /// The reconcile rounds so far of every machine's engine, by machine ID.
+    pub fn reconciles(&self) -> BTreeMap<String, f64> {
+        self.machines
+            .iter()
+            .map(|m| {
+                let text = m.metrics.encode();
+                let n = crate::etcd::sum_metric(&text, "fleet_engine_reconcile_count_total");
+                (m.id.clone(), n)
+            })
+            .collect()
     }
 
     /// Stops every live machine without purging (its units keep "running", its leases

@@ -99,6 +99,31 @@ pub async fn leader(client: &mut etcd_client::Client, key_prefix: &str) -> Resul
         .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
 }
 
+/// How many of `ids` still have a machine record in etcd.
+pub async fn machines_present(
+    client: &mut etcd_client::Client,
+    key_prefix: &str,
+    ids: &[String],
+) -> Result<usize> {
+    let keys = fleet_registry::keys::Keys::new(key_prefix);
+    let prefix = keys.machine("");
+    let opts = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get(prefix.as_str(), Some(opts)),
+    )
+    .await
+    .context("listing the machine records timed out")?
+    .context("listing the machine records")?;
+    let present: std::collections::BTreeSet<&[u8]> = resp.kvs().iter().map(|kv| kv.key()).collect();
+    Ok(ids
+        .iter()
+        .filter(|id| present.contains(keys.machine(id).as_bytes()))
+        .count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

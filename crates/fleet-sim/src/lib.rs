@@ -611,11 +611,35 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
     let victims = pick_victims(&sim.cluster, leader.as_deref(), machines / 10);
     if !victims.is_empty() {
         let t = Instant::now();
+        let victim_ids: Vec<String> = victims
+            .iter()
+            .filter_map(|&v| sim.cluster.machines.get(v).map(|m| m.id.clone()))
+            .collect();
         for &v in &victims {
             sim.cluster.crash(v).await;
         }
-        sim.settle(opts.settle_timeout).await?;
+        // when etcd has let every victim's lease expire (its machine record gone), beside
+        // the wait for their units to run elsewhere: the detection phase of the figure
+        let mut watcher = sim.etcd_client().await?;
+        let gone = async {
+            let end = t + opts.settle_timeout;
+            while Instant::now() < end {
+                if etcd::machines_present(&mut watcher, &sim.key_prefix, &victim_ids)
+                    .await
+                    .is_ok_and(|n| n == 0)
+                {
+                    return Some(t.elapsed().as_secs_f64());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None
+        };
+        let (settled, gone) = tokio::join!(sim.settle(opts.settle_timeout), gone);
+        settled?;
         figures.kill_10pct_reschedule_s = Some(t.elapsed().as_secs_f64());
+        if let Some(gone) = gone {
+            details.push(("kill_machines_gone_s".into(), format!("{gone:.2}")));
+        }
         progress(&format!(
             "{} machines killed: their units active elsewhere after {:.1} s",
             victims.len(),
@@ -638,17 +662,25 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
                 .into_iter()
                 .filter(|(_, m)| *m != old)
                 .collect();
+            // each machine's own count: the figure ends at the new leader's first reconcile,
+            // not at any engine's (a reconcile the old leader finished as it was killed)
             let reconciles = sim.cluster.reconciles();
             let t = Instant::now();
             sim.cluster.crash(index).await;
             let end = t + opts.settle_timeout;
+            let mut new_leader_s = None;
             loop {
                 let new = etcd::leader(&mut etcd, &sim.key_prefix)
                     .await
                     .ok()
-                    .flatten();
-                if new.is_some_and(|n| n != old) && sim.cluster.reconciles() > reconciles {
-                    break;
+                    .flatten()
+                    .filter(|n| *n != old);
+                if let Some(new) = new {
+                    new_leader_s.get_or_insert(t.elapsed().as_secs_f64());
+                    let before = reconciles.get(&new).copied().unwrap_or(0.0);
+                    if sim.cluster.reconciles_of(&new) > before {
+                        break;
+                    }
                 }
                 if Instant::now() > end {
                     bail!(
@@ -659,6 +691,9 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             figures.leader_failover_s = Some(t.elapsed().as_secs_f64());
+            if let Some(s) = new_leader_s {
+                details.push(("failover_new_leader_s".into(), format!("{s:.2}")));
+            }
             sim.settle(opts.settle_timeout).await?;
             let after = sim.placement();
             let moved = before

@@ -8,7 +8,7 @@ mod client;
 mod engine;
 pub(crate) mod health;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -327,50 +327,86 @@ impl EtcdRegistry {
     /// Bodies of many hashes, fetched in batched transactions.
     async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
         let mut out = HashMap::new();
+        // (a set: a new leader asks for every unit's body at once, 100,000 hashes of which
+        // many repeat; a list searched for each one took seconds)
+        let mut asked = HashSet::with_capacity(hashes.len());
         let mut missing = Vec::new();
         for h in hashes {
+            if !asked.insert(*h) {
+                continue;
+            }
             match self.cached_body(h) {
                 Some(f) => {
                     out.insert(*h, f);
                 }
-                None if !missing.contains(h) => missing.push(*h),
-                None => {}
+                None => missing.push(*h),
             }
         }
-        for chunk in missing.chunks(MAX_TXN_OPS) {
-            let ops: Vec<TxnOp> = chunk
-                .iter()
-                .map(|h| TxnOp::get(self.keys.body(&h.to_string()), None))
-                .collect();
-            let first = self.keys.body(&chunk[0].to_string());
-            let resp = self
-                .txn(
-                    OpKind::GetAll,
-                    "reading unit bodies",
-                    &first,
-                    Txn::new().and_then(ops),
-                )
-                .await?;
-            for op in resp.op_responses() {
-                let TxnOpResponse::Get(get) = op else {
+        // batches of one transaction each, several in flight: etcd serves concurrent reads
+        // together, so 50,000 bodies cost tens of round trips, not hundreds
+        let mut reads = tokio::task::JoinSet::new();
+        let mut chunks = missing.chunks(MAX_TXN_OPS);
+        loop {
+            while reads.len() < BODY_READS_IN_FLIGHT
+                && let Some(chunk) = chunks.next()
+            {
+                let this = self.clone();
+                let chunk = chunk.to_vec();
+                reads.spawn(async move { this.read_body_batch(&chunk).await });
+            }
+            match reads.join_next().await {
+                None => break,
+                Some(Ok(batch)) => out.extend(batch?),
+                Some(Err(_)) => {
+                    return Err(RegistryError::Unreachable {
+                        op: "reading unit bodies",
+                        key: self.keys.dir(keys::BODIES),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One transaction reading the bodies of `chunk` (at most [`MAX_TXN_OPS`]), parsed and
+    /// cached; a body that does not parse is logged and left out.
+    async fn read_body_batch(&self, chunk: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        let mut out = HashMap::new();
+        let Some(first) = chunk.first() else {
+            return Ok(out);
+        };
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|h| TxnOp::get(self.keys.body(&h.to_string()), None))
+            .collect();
+        let first = self.keys.body(&first.to_string());
+        let resp = self
+            .txn(
+                OpKind::GetAll,
+                "reading unit bodies",
+                &first,
+                Txn::new().and_then(ops),
+            )
+            .await?;
+        for op in resp.op_responses() {
+            let TxnOpResponse::Get(get) = op else {
+                continue;
+            };
+            for kv in get.kvs() {
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let Some(hash) = self
+                    .keys
+                    .strip(keys::BODIES, &key)
+                    .and_then(|h| h.parse().ok())
+                else {
                     continue;
                 };
-                for kv in get.kvs() {
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    let Some(hash) = self
-                        .keys
-                        .strip(keys::BODIES, &key)
-                        .and_then(|h| h.parse().ok())
-                    else {
-                        continue;
-                    };
-                    match UnitFile::parse(&String::from_utf8_lossy(kv.value())) {
-                        Ok(f) => {
-                            self.cache_body(hash, f.clone());
-                            out.insert(hash, f);
-                        }
-                        Err(e) => warn!(%key, error = %e, "unparsable unit body"),
+                match UnitFile::parse(&String::from_utf8_lossy(kv.value())) {
+                    Ok(f) => {
+                        self.cache_body(hash, f.clone());
+                        out.insert(hash, f);
                     }
+                    Err(e) => warn!(%key, error = %e, "unparsable unit body"),
                 }
             }
         }
@@ -429,6 +465,9 @@ fn unavailable(e: &etcd_client::Error) -> bool {
 /// The most unit bodies the cache holds before it starts over (bodies are a few hundred
 /// bytes to a few KiB: tens of MiB at most).
 const MAX_CACHED_BODIES: usize = 131_072;
+
+/// How many transactions of body reads are in flight at once.
+const BODY_READS_IN_FLIGHT: usize = 8;
 
 /// What kind of registry operation a request is, as fleet's registry metrics count them.
 #[derive(Debug, Clone, Copy)]
