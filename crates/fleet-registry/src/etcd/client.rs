@@ -10,6 +10,7 @@ use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::chunks::{Chunk, Found};
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
@@ -150,6 +151,10 @@ impl EtcdRegistry {
                 let TxnOpResponse::Get(get) = answer else {
                     continue;
                 };
+                self.walked.fetch_add(
+                    u64::try_from(get.count()).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let kvs: Vec<(String, Vec<u8>)> = get
                     .kvs()
                     .iter()
@@ -183,11 +188,60 @@ impl EtcdRegistry {
                 Err(RegistryError::Etcd { source, .. })
                     if compacted(&source) && restarts < PAGE_RESTARTS =>
                 {
+                    // what was read ahead at that revision cannot be joined any more
+                    self.chunks.clear();
                     restarts += 1;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// At most `want` keys of the range from `from` to `end`, at `rev` (the current revision
+    /// when `None`), for a page of an API listing: served from a chunk read ahead when one
+    /// holds them (`chunks`), else read with a chunk's worth after them, kept for the pages
+    /// that follow. A chunk that ends where `from` starts is followed at its own revision,
+    /// so a listing stays at one revision. `fresh` (a listing's first page) reads afresh.
+    async fn page_range(
+        &self,
+        op: &'static str,
+        fresh: bool,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        want: usize,
+        rev: Option<i64>,
+    ) -> Result<(i64, RangeFound)> {
+        let mut at = rev;
+        if !fresh {
+            match self
+                .chunks
+                .find(&from, &end, rev, want, std::time::Instant::now())
+            {
+                Found::Held { rev, kvs, next } => return Ok((rev, RangeFound { kvs, next })),
+                Found::Follows { rev } => at = Some(rev),
+                Found::Unknown => {}
+            }
+        }
+        let read = RangeRead {
+            start: from.clone(),
+            end: Some(end.clone()),
+            limit: i64::try_from(self.chunks.keys().max(want)).unwrap_or(i64::MAX),
+        };
+        let (r, found) = self.read_ranges(op, at, vec![read]).await?;
+        let found = found.into_iter().next().unwrap_or(RangeFound {
+            kvs: Vec::new(),
+            next: None,
+        });
+        let chunk = Chunk {
+            start: from.clone(),
+            end,
+            rev: r,
+            kvs: std::sync::Arc::new(found.kvs),
+            next: found.next,
+        };
+        let (kvs, next) = chunk.slice(&from, want);
+        self.chunks.keep(chunk, std::time::Instant::now());
+        Ok((r, RangeFound { kvs, next }))
     }
 
     /// A page of units: at most `limit` of those named after `after`, each read with its
@@ -208,19 +262,17 @@ impl EtcdRegistry {
         let mut rev = None;
         let mut out = Vec::with_capacity(limit);
         while out.len() < limit {
-            let want = i64::try_from(limit - out.len()).unwrap_or(i64::MAX);
-            let read = RangeRead {
-                start: from.clone(),
-                end: Some(end.clone()),
-                limit: want,
-            };
             let (r, found) = self
-                .read_ranges("listing a page of units", rev, vec![read])
+                .page_range(
+                    "listing a page of units",
+                    after_name.is_none() && rev.is_none(),
+                    from.clone(),
+                    end.clone(),
+                    limit - out.len(),
+                    rev,
+                )
                 .await?;
             rev = Some(r);
-            let Some(found) = found.into_iter().next() else {
-                break;
-            };
             let units = records::units(&self.keys, &found.kvs);
             out.extend(self.join_units(r, units).await?);
             match found.next {
@@ -323,20 +375,19 @@ impl EtcdRegistry {
         // the first read starts at the previous page's last state: one more for it
         let mut extra = usize::from(after_state.is_some());
         while found.len() < limit {
-            let want = i64::try_from(limit - found.len() + extra).unwrap_or(i64::MAX);
+            let want = limit - found.len() + extra;
             extra = 0;
-            let read = RangeRead {
-                start: from.clone(),
-                end: Some(end.clone()),
-                limit: want,
-            };
-            let (r, ranges) = self
-                .read_ranges("listing a page of unit states", rev, vec![read])
+            let (r, range) = self
+                .page_range(
+                    "listing a page of unit states",
+                    after_state.is_none() && rev.is_none(),
+                    from.clone(),
+                    end.clone(),
+                    want,
+                    rev,
+                )
                 .await?;
             rev = Some(r);
-            let Some(range) = ranges.into_iter().next() else {
-                break;
-            };
             for s in records::states(&self.keys, &range.kvs) {
                 if later(&s) {
                     found.insert((s.name.clone(), s.machine_id.clone()), s);
