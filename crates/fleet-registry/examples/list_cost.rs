@@ -38,8 +38,7 @@ async fn main() {
                 let n = format!("u{i:07}.service");
                 let unit = serde_json::to_string(&records::unit(&n, hash, TargetState::Launched))
                     .expect("json");
-                let state =
-                    serde_json::to_string(&records::state(&n, "m1", hash)).expect("json");
+                let state = serde_json::to_string(&records::state(&n, "m1", hash)).expect("json");
                 ops.push(TxnOp::put(format!("{p}units/{n}"), unit, None));
                 ops.push(TxnOp::put(format!("{p}placement/{n}"), "m1", None));
                 ops.push(TxnOp::put(format!("{p}states/{n}/m1"), state, None));

@@ -1264,7 +1264,8 @@ async fn a_listing_walks_the_registry_once_per_chunk_not_once_per_page() {
 
 /// Units created and destroyed during a listing, before and after where it is: the listing
 /// shows the registry as it was when it began, every unit once, nothing lost or repeated,
-/// even across chunks (a chunk's successor is read at its revision).
+/// even across chunks (a chunk's successor is read at its revision), and the next listing
+/// shows the registry as it is then.
 #[tokio::test]
 async fn a_listing_loses_and_repeats_nothing_while_units_come_and_go() {
     let etcd = EtcdServer::start();
@@ -1274,7 +1275,17 @@ async fn a_listing_loses_and_repeats_nothing_while_units_come_and_go() {
     for i in (0..1000).step_by(2) {
         placed_units(&r, i, 1).await;
     }
-    for states in [false, true] {
+    // twice each: a listing's chunks outlive it, and must not serve the next listing
+    for states in [false, true, false, true] {
+        // the first units go: this listing's chunks end later than the last one's began
+        let mut c = r.client().kv_client();
+        for u in r.units().await.expect("units").iter().take(60) {
+            let n = u.name.as_str();
+            c.delete(r.keys().unit(n), None).await.expect("delete");
+            c.delete(r.keys().state(n, "m1"), None)
+                .await
+                .expect("delete");
+        }
         let mut want: Vec<String> = r
             .units()
             .await
@@ -1301,6 +1312,24 @@ async fn a_listing_loses_and_repeats_nothing_while_units_come_and_go() {
             fut
         };
         let (names, _) = list_in_pages(&r, states, 100, &mut between).await;
+        assert_eq!(names, want, "states: {states}");
+    }
+}
+
+/// A listing's last chunk holds everything after its start, at its revision; the next
+/// listing, which reads afresh and crosses into that range where its own chunk ends, goes on
+/// at its own revision and sees the units created since.
+#[tokio::test]
+async fn a_listing_is_not_served_from_an_older_listings_chunks() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await.with_listing_chunk(250);
+    placed_units(&r, 0, 500).await;
+    let (names, _) = list_in_pages(&r, false, 100, &mut |_| Box::pin(async {})).await;
+    assert_eq!(names.len(), 500);
+    placed_units(&r, 500, 100).await;
+    for states in [false, true] {
+        let (names, _) = list_in_pages(&r, states, 100, &mut |_| Box::pin(async {})).await;
+        let want: Vec<String> = (0..600).map(|i| format!("u{i:05}.service")).collect();
         assert_eq!(names, want, "states: {states}");
     }
 }

@@ -53,7 +53,11 @@ impl Chunk {
     pub(crate) fn slice(&self, from: &[u8], want: usize) -> (Kvs, Option<Vec<u8>>) {
         let at = self.kvs.partition_point(|(k, _)| k.as_bytes() < from);
         let stop = at.saturating_add(want).min(self.kvs.len());
-        let kvs: Kvs = self.kvs.get(at..stop).map(<[_]>::to_vec).unwrap_or_default();
+        let kvs: Kvs = self
+            .kvs
+            .get(at..stop)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
         let next = if stop < self.kvs.len() {
             // more keys of this chunk follow: the range goes on right after the last one taken
             kvs.last().map(|(k, _)| {
@@ -73,7 +77,11 @@ impl Chunk {
 pub(crate) enum Found {
     /// A chunk holds the page's start: the keys from there, their revision, and where the
     /// range goes on.
-    Held { rev: i64, kvs: Kvs, next: Option<Vec<u8>> },
+    Held {
+        rev: i64,
+        kvs: Kvs,
+        next: Option<Vec<u8>>,
+    },
     /// A chunk ends where the page starts: read its successor at its revision.
     Follows { rev: i64 },
     /// Nothing known: read afresh.
@@ -123,29 +131,33 @@ impl Chunks {
             return Found::Unknown;
         };
         kept.retain(|k| now.saturating_duration_since(k.read) < CHUNK_AGE);
+        // a listing whose chunk ended here goes on at its revision, unless a newer one holds
+        // the page: an older listing's chunk must not take over (it may end too soon)
+        let follows = kept
+            .iter()
+            .map(|k| &k.chunk)
+            .filter(|c| {
+                c.end == end && c.next.as_deref() == Some(from) && rev.is_none_or(|r| r == c.rev)
+            })
+            .map(|c| c.rev)
+            .max();
         let newest = kept
             .iter_mut()
             .filter(|k| k.chunk.holds(from, end, rev))
             .max_by_key(|k| k.chunk.rev);
-        if let Some(k) = newest {
-            k.used = now;
-            let (kvs, next) = k.chunk.slice(from, want);
-            return Found::Held {
-                rev: k.chunk.rev,
-                kvs,
-                next,
-            };
+        match (newest, follows) {
+            (Some(k), f) if f.is_none_or(|f| f <= k.chunk.rev) => {
+                k.used = now;
+                let (kvs, next) = k.chunk.slice(from, want);
+                Found::Held {
+                    rev: k.chunk.rev,
+                    kvs,
+                    next,
+                }
+            }
+            (_, Some(rev)) => Found::Follows { rev },
+            (_, None) => Found::Unknown,
         }
-        kept.iter()
-            .map(|k| &k.chunk)
-            .filter(|c| {
-                c.end == end
-                    && c.next.as_deref() == Some(from)
-                    && rev.is_none_or(|r| r == c.rev)
-            })
-            .map(|c| c.rev)
-            .max()
-            .map_or(Found::Unknown, |rev| Found::Follows { rev })
     }
 
     /// Keeps `chunk`, dropping the least recently used beyond [`CHUNKS_KEPT`].
@@ -221,11 +233,11 @@ mod tests {
         chunks.keep(chunk("a", &["b", "c", "d", "e"], Some("e\0"), 7), now);
         let find = |from: &str, want| chunks.find(from.as_bytes(), b"z", None, want, now);
         let s = |v: &[&str]| v.iter().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(held(find("a", 2)), (7, s(&["b", "c"]), Some("c\0".into())));
         assert_eq!(
-            held(find("a", 2)),
-            (7, s(&["b", "c"]), Some("c\0".into()))
+            held(find("c\0", 2)),
+            (7, s(&["d", "e"]), Some("e\0".into()))
         );
-        assert_eq!(held(find("c\0", 2)), (7, s(&["d", "e"]), Some("e\0".into())));
         // fewer than asked: the rest, and where the range goes on
         assert_eq!(held(find("d", 5)), (7, s(&["d", "e"]), Some("e\0".into())));
         // where the chunk ends, its successor is read at its revision
@@ -250,6 +262,9 @@ mod tests {
         );
         // the last chunk of a range holds everything after its start
         assert_eq!(held(find("x", 2)), (9, vec![], None));
+        // ... but where a newer listing's chunk ended, that listing goes on at its revision
+        chunks.keep(chunk("b", &["bb", "c"], Some("c\0"), 11), now);
+        assert!(matches!(find("c\0", 2), Found::Follows { rev: 11 }));
     }
 
     #[test]
