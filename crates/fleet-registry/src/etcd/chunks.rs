@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 /// How many keys a chunk reads.
 pub(crate) const CHUNK_KEYS: usize = 10_000;
-/// How many chunks are kept.
-pub(crate) const CHUNKS_KEPT: usize = 6;
+/// How many chunks are kept (with what units' pages join, ~4 MB each at most in practice).
+pub(crate) const CHUNKS_KEPT: usize = 4;
 /// How long a chunk is kept after it was read.
 pub(crate) const CHUNK_AGE: Duration = Duration::from_secs(30);
 
@@ -37,6 +37,9 @@ pub(crate) struct Chunk {
     pub(crate) kvs: Arc<Kvs>,
     /// Where the range goes on, when the chunk did not reach its end.
     pub(crate) next: Option<Vec<u8>>,
+    /// What pages join to these keys, read at the same revision and sorted by key (for unit
+    /// records: the placements, reasons and states of their span of names).
+    pub(crate) joined: Option<Arc<Kvs>>,
 }
 
 impl Chunk {
@@ -81,6 +84,7 @@ pub(crate) enum Found {
         rev: i64,
         kvs: Kvs,
         next: Option<Vec<u8>>,
+        joined: Option<Arc<Kvs>>,
     },
     /// A chunk ends where the page starts: read its successor at its revision.
     Follows { rev: i64 },
@@ -153,6 +157,7 @@ impl Chunks {
                     rev: k.chunk.rev,
                     kvs,
                     next,
+                    joined: k.chunk.joined.clone(),
                 }
             }
             (_, Some(rev)) => Found::Follows { rev },
@@ -212,12 +217,13 @@ mod tests {
                     .collect(),
             ),
             next: next.map(|n| n.as_bytes().to_vec()),
+            joined: None,
         }
     }
 
     fn held(found: Found) -> (i64, Vec<String>, Option<String>) {
         match found {
-            Found::Held { rev, kvs, next } => (
+            Found::Held { rev, kvs, next, .. } => (
                 rev,
                 kvs.into_iter().map(|(k, _)| k).collect(),
                 next.map(|n| String::from_utf8_lossy(&n).into_owned()),

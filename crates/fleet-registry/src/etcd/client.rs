@@ -1,5 +1,6 @@
 //! The client role on etcd: what the HTTP API and fleetctl's etcd driver do ([`Registry`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,7 +11,7 @@ use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::chunks::{Chunk, Found};
+use super::chunks::{Chunk, Found, Kvs};
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
@@ -202,22 +203,32 @@ impl EtcdRegistry {
     /// holds them (`chunks`), else read with a chunk's worth after them, kept for the pages
     /// that follow. A chunk that ends where `from` starts is followed at its own revision,
     /// so a listing stays at one revision. `fresh` (a listing's first page) reads afresh.
+    /// With `join` (unit records), a chunk read also reads, at its revision, the placements,
+    /// reasons and states of its span of names, so that its pages read nothing more; they
+    /// come back with the keys.
+    #[allow(clippy::too_many_arguments)]
     async fn page_range(
         &self,
         op: &'static str,
         fresh: bool,
+        join: bool,
         from: Vec<u8>,
         end: Vec<u8>,
         want: usize,
         rev: Option<i64>,
-    ) -> Result<(i64, RangeFound)> {
+    ) -> Result<(i64, RangeFound, Option<Arc<Kvs>>)> {
         let mut at = rev;
         if !fresh {
             match self
                 .chunks
                 .find(&from, &end, rev, want, std::time::Instant::now())
             {
-                Found::Held { rev, kvs, next } => return Ok((rev, RangeFound { kvs, next })),
+                Found::Held {
+                    rev,
+                    kvs,
+                    next,
+                    joined,
+                } => return Ok((rev, RangeFound { kvs, next }, joined)),
                 Found::Follows { rev } => at = Some(rev),
                 Found::Unknown => {}
             }
@@ -232,16 +243,43 @@ impl EtcdRegistry {
             kvs: Vec::new(),
             next: None,
         });
+        let joined = match (join, found.kvs.first(), found.kvs.last()) {
+            (true, Some((first, _)), Some((last, _))) => {
+                let first = self.keys.strip(keys::UNITS, first).unwrap_or_default();
+                let last = self.keys.strip(keys::UNITS, last).unwrap_or_default();
+                let span = |key: String, end: Vec<u8>| RangeRead {
+                    start: key.into_bytes(),
+                    end: Some(end),
+                    limit: 0,
+                };
+                let reads = vec![
+                    span(self.keys.placement(first), after(self.keys.placement(last))),
+                    span(self.keys.reason(first), after(self.keys.reason(last))),
+                    span(
+                        self.keys.states_dir(first),
+                        prefix_end(self.keys.states_dir(last).as_bytes()),
+                    ),
+                ];
+                let (_, ranges) = self
+                    .read_ranges("reading placements of listed units", Some(r), reads)
+                    .await?;
+                let mut kvs: Kvs = ranges.into_iter().flat_map(|f| f.kvs).collect();
+                kvs.sort_by(|a, b| a.0.cmp(&b.0));
+                Some(Arc::new(kvs))
+            }
+            _ => None,
+        };
         let chunk = Chunk {
             start: from.clone(),
             end,
             rev: r,
-            kvs: std::sync::Arc::new(found.kvs),
+            kvs: Arc::new(found.kvs),
             next: found.next,
+            joined: joined.clone(),
         };
         let (kvs, next) = chunk.slice(&from, want);
         self.chunks.keep(chunk, std::time::Instant::now());
-        Ok((r, RangeFound { kvs, next }))
+        Ok((r, RangeFound { kvs, next }, joined))
     }
 
     /// A page of units: at most `limit` of those named after `after`, each read with its
@@ -262,10 +300,11 @@ impl EtcdRegistry {
         let mut rev = None;
         let mut out = Vec::with_capacity(limit);
         while out.len() < limit {
-            let (r, found) = self
+            let (r, found, joined) = self
                 .page_range(
                     "listing a page of units",
                     after_name.is_none() && rev.is_none(),
+                    true,
                     from.clone(),
                     end.clone(),
                     limit - out.len(),
@@ -274,7 +313,7 @@ impl EtcdRegistry {
                 .await?;
             rev = Some(r);
             let units = records::units(&self.keys, &found.kvs);
-            out.extend(self.join_units(r, units).await?);
+            out.extend(self.join_units(r, units, joined.as_deref()).await?);
             match found.next {
                 Some(next) => from = next,
                 None => break,
@@ -285,11 +324,40 @@ impl EtcdRegistry {
 
     /// Units (sorted by name, read at `rev`) as clients see them: with their placements,
     /// reasons and states read at the same revision, and their bodies. A unit whose body is
-    /// missing is skipped, as in a whole listing.
-    async fn join_units(&self, rev: i64, units: Vec<UnitRecord>) -> Result<Vec<UnitView>> {
+    /// missing is skipped, as in a whole listing. `joined`: what the chunk the units came from
+    /// read of them at `rev`, where their placements, reasons and states are looked up
+    /// instead of read.
+    async fn join_units(
+        &self,
+        rev: i64,
+        units: Vec<UnitRecord>,
+        joined: Option<&Kvs>,
+    ) -> Result<Vec<UnitView>> {
         let (Some(first), Some(last)) = (units.first(), units.last()) else {
             return Ok(Vec::new());
         };
+        if let Some(joined) = joined {
+            let find = |key: String| {
+                joined
+                    .binary_search_by(|(k, _)| k.as_str().cmp(key.as_str()))
+                    .ok()
+                    .and_then(|i| joined.get(i))
+                    .cloned()
+            };
+            let mut kvs = Vec::new();
+            for u in &units {
+                let n = u.name.as_str();
+                let placed = find(self.keys.placement(n));
+                if let Some((_, machine)) = &placed {
+                    // only the state the view shows: the one reported by the unit's machine
+                    let machine = String::from_utf8_lossy(machine);
+                    kvs.extend(find(self.keys.state(n, &machine)));
+                }
+                kvs.extend(placed);
+                kvs.extend(find(self.keys.reason(n)));
+            }
+            return self.views_of(units, &kvs).await;
+        }
         let span = |key: fn(&crate::keys::Keys, &str) -> String| RangeRead {
             start: key(&self.keys, first.name.as_str()).into_bytes(),
             end: Some(after(key(&self.keys, last.name.as_str()))),
@@ -331,7 +399,12 @@ impl EtcdRegistry {
                 .await?;
             kvs.extend(found.into_iter().flat_map(|f| f.kvs));
         }
-        let context = records::UnitContext::read(&self.keys, &kvs);
+        self.views_of(units, &kvs).await
+    }
+
+    /// Units as clients see them, given their placements, reasons and states in `kvs`.
+    async fn views_of(&self, units: Vec<UnitRecord>, kvs: &Kvs) -> Result<Vec<UnitView>> {
+        let context = records::UnitContext::read(&self.keys, kvs);
         let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
         let bodies = self.bodies(&hashes).await?;
         let mut out = Vec::with_capacity(units.len());
@@ -377,10 +450,11 @@ impl EtcdRegistry {
         while found.len() < limit {
             let want = limit - found.len() + extra;
             extra = 0;
-            let (r, range) = self
+            let (r, range, _) = self
                 .page_range(
                     "listing a page of unit states",
                     after_state.is_none() && rev.is_none(),
+                    false,
                     from.clone(),
                     end.clone(),
                     want,
