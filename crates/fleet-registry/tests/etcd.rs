@@ -1302,7 +1302,7 @@ async fn a_listing_loses_and_repeats_nothing_while_units_come_and_go() {
                 Box::pin(async move {
                     // a unit before where the listing is, one after it, one destroyed after it
                     placed_units(&r, listed.saturating_sub(51) | 1, 1).await;
-                    placed_units(&r, (listed * 2 + 301) % 1000 | 1, 1).await;
+                    placed_units(&r, ((listed * 2 + 301) % 1000) | 1, 1).await;
                     let gone = format!("u{:05}.service", ((listed * 2 + 400) % 1000) & !1);
                     let mut c = r.client().kv_client();
                     c.delete(r.keys().unit(&gone), None).await.expect("delete");
