@@ -255,9 +255,10 @@ pub(crate) const PAGE_KEYS: i64 = 1000;
 /// of the range, not just the page (3.5 stops the walk at the limit), so a prefix of U keys
 /// read in pages of P costs U²/2P: 100 pages of 1,000 made a listing of 100,000 units walk
 /// 5 million index entries (9.7 s for the four prefixes of a unit listing). Later pages are
-/// therefore sized from the first one's keys to about this many bytes, half gRPC's default
-/// message limit: a few pages for 100,000 units.
-pub(crate) const PAGE_BYTES: usize = 2 * 1024 * 1024;
+/// therefore sized from the first one's keys to about this many bytes, a quarter of gRPC's
+/// default message limit, small enough to come back within fleet's 1 s request timeout on a
+/// busy etcd: some 17 pages for 100,000 unit records.
+pub(crate) const PAGE_BYTES: usize = 1024 * 1024;
 
 /// The most keys a later page holds, however small its values.
 pub(crate) const MAX_PAGE_KEYS: i64 = 50_000;

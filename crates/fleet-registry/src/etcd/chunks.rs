@@ -7,7 +7,10 @@
 //! whole listing in pages of 100 walked U²/200 entries: 28.6 s for `list-unit-files` at
 //! 100,000 units. Reading [`CHUNK_KEYS`] keys at once and serving the next pages from them
 //! makes that U²/2C, a few walks per listing, and keeps a listing at one revision: a chunk's
-//! successor is read at the chunk's revision.
+//! successor is read at the chunk's revision. A chunk of unit records (some 1 MB for 5,000)
+//! is read with their placements, reasons and states, in requests of some 1 MB each: one
+//! request for 10,000 units took more than fleet's 1 s request timeout on a busy etcd
+//! (`fleet-sim` at 1,000 x 100,000).
 //!
 //! Bounded: at most [`CHUNKS_KEPT`] chunks (the least recently used go first), each dropped
 //! [`CHUNK_AGE`] after it was read, so no page is served from a view older than that. A page
@@ -18,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// How many keys a chunk reads.
-pub(crate) const CHUNK_KEYS: usize = 10_000;
+pub(crate) const CHUNK_KEYS: usize = 5_000;
 /// How many chunks are kept (with what units' pages join, ~4 MB each at most in practice).
 pub(crate) const CHUNKS_KEPT: usize = 4;
 /// How long a chunk is kept after it was read.

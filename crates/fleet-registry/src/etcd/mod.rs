@@ -301,7 +301,7 @@ impl EtcdRegistry {
         self
     }
 
-    /// Reads API listings ahead in chunks of `keys` keys instead of 10,000 (tests; tuning).
+    /// Reads API listings ahead in chunks of `keys` keys instead of 5,000 (tests; tuning).
     pub fn with_listing_chunk(mut self, keys: usize) -> EtcdRegistry {
         self.chunks = Arc::new(chunks::Chunks::new(keys));
         self
