@@ -1,5 +1,6 @@
 //! The client role on etcd: what the HTTP API and fleetctl's etcd driver do ([`Registry`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,11 +11,17 @@ use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
 use tracing::warn;
 
+use super::chunks::{Chunk, Found, Kvs};
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
 use crate::watch::{KeyRange, ListWatch, compacted, prefix_end};
 use crate::{PageStart, Registry, RegistryError, Result, decode as records};
+
+/// How many units' placements, reasons and states one request of a chunk's joined read covers:
+/// some 1 MB, well within fleet's 1 s request timeout on a busy etcd (10,000 in one request,
+/// some 4 MB, took longer while 1,000 machines loaded etcd).
+const JOIN_KEYS: usize = 2_500;
 
 /// How many times a page is read again because its revision was compacted between its reads.
 const PAGE_RESTARTS: usize = 3;
@@ -150,6 +157,10 @@ impl EtcdRegistry {
                 let TxnOpResponse::Get(get) = answer else {
                     continue;
                 };
+                self.walked.fetch_add(
+                    u64::try_from(get.count()).unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 let kvs: Vec<(String, Vec<u8>)> = get
                     .kvs()
                     .iter()
@@ -183,11 +194,104 @@ impl EtcdRegistry {
                 Err(RegistryError::Etcd { source, .. })
                     if compacted(&source) && restarts < PAGE_RESTARTS =>
                 {
+                    // what was read ahead at that revision cannot be joined any more
+                    self.chunks.clear();
                     restarts += 1;
                 }
                 other => return other,
             }
         }
+    }
+
+    /// At most `want` keys of the range from `from` to `end`, at `rev` (the current revision
+    /// when `None`), for a page of an API listing: served from a chunk read ahead when one
+    /// holds them (`chunks`), else read with a chunk's worth after them, kept for the pages
+    /// that follow. A chunk that ends where `from` starts is followed at its own revision,
+    /// so a listing stays at one revision. `fresh` (a listing's first page) reads afresh.
+    /// With `join` (unit records), a chunk read also reads, at its revision, the placements,
+    /// reasons and states of its span of names, so that its pages read nothing more; they
+    /// come back with the keys.
+    #[allow(clippy::too_many_arguments)]
+    async fn page_range(
+        &self,
+        op: &'static str,
+        fresh: bool,
+        join: bool,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        want: usize,
+        rev: Option<i64>,
+    ) -> Result<(i64, RangeFound, Option<Arc<Kvs>>)> {
+        let mut at = rev;
+        if !fresh {
+            match self
+                .chunks
+                .find(&from, &end, rev, want, std::time::Instant::now())
+            {
+                Found::Held {
+                    rev,
+                    kvs,
+                    next,
+                    joined,
+                } => return Ok((rev, RangeFound { kvs, next }, joined)),
+                Found::Follows { rev } => at = Some(rev),
+                Found::Unknown => {}
+            }
+        }
+        let read = RangeRead {
+            start: from.clone(),
+            end: Some(end.clone()),
+            limit: i64::try_from(self.chunks.keys().max(want)).unwrap_or(i64::MAX),
+        };
+        let (r, found) = self.read_ranges(op, at, vec![read]).await?;
+        let found = found.into_iter().next().unwrap_or(RangeFound {
+            kvs: Vec::new(),
+            next: None,
+        });
+        let joined = if join && !found.kvs.is_empty() {
+            // in spans of JOIN_KEYS units, one request each, so each stays small
+            let mut kvs: Kvs = Vec::new();
+            for group in found.kvs.chunks(JOIN_KEYS) {
+                let (Some((first, _)), Some((last, _))) = (group.first(), group.last()) else {
+                    continue;
+                };
+                let first = self.keys.strip(keys::UNITS, first).unwrap_or_default();
+                let last = self.keys.strip(keys::UNITS, last).unwrap_or_default();
+                let span = |key: String, end: Vec<u8>| RangeRead {
+                    start: key.into_bytes(),
+                    end: Some(end),
+                    limit: 0,
+                };
+                let reads = vec![
+                    span(self.keys.placement(first), after(self.keys.placement(last))),
+                    span(self.keys.reason(first), after(self.keys.reason(last))),
+                    span(
+                        self.keys.states_dir(first),
+                        prefix_end(self.keys.states_dir(last).as_bytes()),
+                    ),
+                ];
+                let (_, ranges) = self
+                    .read_ranges("reading placements of listed units", Some(r), reads)
+                    .await?;
+                kvs.extend(ranges.into_iter().flat_map(|f| f.kvs));
+            }
+            kvs.sort_by(|a, b| a.0.cmp(&b.0));
+            kvs.dedup_by(|a, b| a.0 == b.0);
+            Some(Arc::new(kvs))
+        } else {
+            None
+        };
+        let chunk = Chunk {
+            start: from.clone(),
+            end,
+            rev: r,
+            kvs: Arc::new(found.kvs),
+            next: found.next,
+            joined: joined.clone(),
+        };
+        let (kvs, next) = chunk.slice(&from, want);
+        self.chunks.keep(chunk, std::time::Instant::now());
+        Ok((r, RangeFound { kvs, next }, joined))
     }
 
     /// A page of units: at most `limit` of those named after `after`, each read with its
@@ -208,21 +312,20 @@ impl EtcdRegistry {
         let mut rev = None;
         let mut out = Vec::with_capacity(limit);
         while out.len() < limit {
-            let want = i64::try_from(limit - out.len()).unwrap_or(i64::MAX);
-            let read = RangeRead {
-                start: from.clone(),
-                end: Some(end.clone()),
-                limit: want,
-            };
-            let (r, found) = self
-                .read_ranges("listing a page of units", rev, vec![read])
+            let (r, found, joined) = self
+                .page_range(
+                    "listing a page of units",
+                    after_name.is_none() && rev.is_none(),
+                    true,
+                    from.clone(),
+                    end.clone(),
+                    limit - out.len(),
+                    rev,
+                )
                 .await?;
             rev = Some(r);
-            let Some(found) = found.into_iter().next() else {
-                break;
-            };
             let units = records::units(&self.keys, &found.kvs);
-            out.extend(self.join_units(r, units).await?);
+            out.extend(self.join_units(r, units, joined.as_deref()).await?);
             match found.next {
                 Some(next) => from = next,
                 None => break,
@@ -233,11 +336,40 @@ impl EtcdRegistry {
 
     /// Units (sorted by name, read at `rev`) as clients see them: with their placements,
     /// reasons and states read at the same revision, and their bodies. A unit whose body is
-    /// missing is skipped, as in a whole listing.
-    async fn join_units(&self, rev: i64, units: Vec<UnitRecord>) -> Result<Vec<UnitView>> {
+    /// missing is skipped, as in a whole listing. `joined`: what the chunk the units came from
+    /// read of them at `rev`, where their placements, reasons and states are looked up
+    /// instead of read.
+    async fn join_units(
+        &self,
+        rev: i64,
+        units: Vec<UnitRecord>,
+        joined: Option<&Kvs>,
+    ) -> Result<Vec<UnitView>> {
         let (Some(first), Some(last)) = (units.first(), units.last()) else {
             return Ok(Vec::new());
         };
+        if let Some(joined) = joined {
+            let find = |key: String| {
+                joined
+                    .binary_search_by(|(k, _)| k.as_str().cmp(key.as_str()))
+                    .ok()
+                    .and_then(|i| joined.get(i))
+                    .cloned()
+            };
+            let mut kvs = Vec::new();
+            for u in &units {
+                let n = u.name.as_str();
+                let placed = find(self.keys.placement(n));
+                if let Some((_, machine)) = &placed {
+                    // only the state the view shows: the one reported by the unit's machine
+                    let machine = String::from_utf8_lossy(machine);
+                    kvs.extend(find(self.keys.state(n, &machine)));
+                }
+                kvs.extend(placed);
+                kvs.extend(find(self.keys.reason(n)));
+            }
+            return self.views_of(units, &kvs).await;
+        }
         let span = |key: fn(&crate::keys::Keys, &str) -> String| RangeRead {
             start: key(&self.keys, first.name.as_str()).into_bytes(),
             end: Some(after(key(&self.keys, last.name.as_str()))),
@@ -279,7 +411,12 @@ impl EtcdRegistry {
                 .await?;
             kvs.extend(found.into_iter().flat_map(|f| f.kvs));
         }
-        let context = records::UnitContext::read(&self.keys, &kvs);
+        self.views_of(units, &kvs).await
+    }
+
+    /// Units as clients see them, given their placements, reasons and states in `kvs`.
+    async fn views_of(&self, units: Vec<UnitRecord>, kvs: &Kvs) -> Result<Vec<UnitView>> {
+        let context = records::UnitContext::read(&self.keys, kvs);
         let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
         let bodies = self.bodies(&hashes).await?;
         let mut out = Vec::with_capacity(units.len());
@@ -323,20 +460,20 @@ impl EtcdRegistry {
         // the first read starts at the previous page's last state: one more for it
         let mut extra = usize::from(after_state.is_some());
         while found.len() < limit {
-            let want = i64::try_from(limit - found.len() + extra).unwrap_or(i64::MAX);
+            let want = limit - found.len() + extra;
             extra = 0;
-            let read = RangeRead {
-                start: from.clone(),
-                end: Some(end.clone()),
-                limit: want,
-            };
-            let (r, ranges) = self
-                .read_ranges("listing a page of unit states", rev, vec![read])
+            let (r, range, _) = self
+                .page_range(
+                    "listing a page of unit states",
+                    after_state.is_none() && rev.is_none(),
+                    false,
+                    from.clone(),
+                    end.clone(),
+                    want,
+                    rev,
+                )
                 .await?;
             rev = Some(r);
-            let Some(range) = ranges.into_iter().next() else {
-                break;
-            };
             for s in records::states(&self.keys, &range.kvs) {
                 if later(&s) {
                     found.insert((s.name.clone(), s.machine_id.clone()), s);

@@ -4,6 +4,7 @@
 //! and `agent` ([`crate::AgentStore`]).
 
 mod agent;
+mod chunks;
 mod client;
 mod engine;
 pub(crate) mod health;
@@ -70,6 +71,11 @@ pub struct EtcdRegistry {
     creations: Arc<Mutex<client::Creations>>,
     /// How many keys one page of a listing reads.
     page: i64,
+    /// What API listings read ahead, to serve their next pages from (`chunks`).
+    chunks: Arc<chunks::Chunks>,
+    /// How many keys etcd counted in the ranges page reads covered: what etcd 3.4 walks to
+    /// answer them.
+    walked: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EtcdRegistry {
@@ -164,6 +170,8 @@ impl EtcdRegistry {
             health,
             creations: Arc::default(),
             page: crate::watch::PAGE_KEYS,
+            chunks: Arc::new(chunks::Chunks::new(chunks::CHUNK_KEYS)),
+            walked: Arc::default(),
         })
     }
 
@@ -282,14 +290,34 @@ impl EtcdRegistry {
     fn paging(&self) -> Paging {
         Paging {
             page: self.page,
+            // pages of a size a test asked for stay that size
+            bytes: if self.page == crate::watch::PAGE_KEYS {
+                crate::watch::PAGE_BYTES
+            } else {
+                0
+            },
             timeout: self.timeout,
         }
     }
 
-    /// Lists in pages of `keys` keys instead of 1,000 (tests; tuning).
+    /// Lists in pages of `keys` keys instead of a first page of 1,000 and later pages of
+    /// about 2 MiB (tests; tuning).
     pub fn with_page_size(mut self, keys: usize) -> EtcdRegistry {
         self.page = i64::try_from(keys.max(1)).unwrap_or(i64::MAX);
         self
+    }
+
+    /// Reads API listings ahead in chunks of `keys` keys instead of 5,000 (tests; tuning).
+    pub fn with_listing_chunk(mut self, keys: usize) -> EtcdRegistry {
+        self.chunks = Arc::new(chunks::Chunks::new(keys));
+        self
+    }
+
+    /// How many keys etcd has counted in the ranges this registry's page reads (the API's
+    /// `units_page` and `unit_states_page`) covered. etcd 3.4 walks its index over every one
+    /// of them, so this is what those reads cost etcd, whatever their limit.
+    pub fn page_keys_walked(&self) -> u64 {
+        self.walked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A kv client whose decode limit is raised (see [`crate::watch::MAX_DECODED_BYTES`]).
