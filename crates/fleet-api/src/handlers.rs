@@ -277,7 +277,7 @@ impl Api {
     // ---- units ----
 
     async fn list_units(&self, query: &[(String, String)]) -> Result<Reply> {
-        let token = self.page_token(query)?;
+        let token = self.unit_cursors.listing(self.page_token(query)?);
         let limit = usize::from(token.limit);
         // only this page is read, from where the page before ended
         let items = self
@@ -448,6 +448,7 @@ impl Api {
         let unit = first_value(query, "unitName");
         let (items, next) = if machine.is_none() && unit.is_none() {
             // only this page is read, from where the page before ended
+            let token = self.state_cursors.listing(token);
             let limit = usize::from(token.limit);
             let items = self
                 .registry

@@ -542,13 +542,9 @@ async fn pagination_with_token_limit_2() {
     let by_machine = walk(&h, "/fleet/v1/state?machineID=m3", "states", "name").await;
     assert_eq!(by_machine, vec![s(&["a.service", "b.service"]), s(&[])]);
 
-    let other_limit = PageToken {
-        limit: 100,
-        page: 2,
-    }
-    .encode();
-    let zero = PageToken { limit: 2, page: 0 }.encode();
-    let good = PageToken { limit: 2, page: 2 }.encode();
+    let other_limit = PageToken::new(100, 2).encode();
+    let zero = PageToken::new(2, 0).encode();
+    let good = PageToken::new(2, 2).encode();
     for resource in ["units", "machines", "state"] {
         let cases = [
             (

@@ -197,7 +197,7 @@ async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
         },
     )
     .await;
-    let token = PageToken { limit: 3, page: 2 }.encode();
+    let token = PageToken::new(3, 2).encode();
     let r = h
         .get(&format!("/fleet/v1/units?nextPageToken={token}"))
         .await;
@@ -208,5 +208,52 @@ async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
         .map(|u| u["name"].as_str().unwrap_or_default().to_string())
         .collect();
     assert_eq!(names, ["u003.service", "u004.service", "u005.service"]);
+    h.stop().await.expect("clean shutdown");
+}
+
+/// Regression: two clients listing at once got the same token for their page 2, and the
+/// second one's page 1 replaced where the first one's page 2 starts: the first repeated a
+/// unit (or skipped one). Each listing now carries its own number in its tokens.
+#[tokio::test]
+async fn two_listings_at_once_each_go_on_from_their_own_page() {
+    let reg = registry(7).await;
+    let h = Harness::with_registry(
+        reg.clone(),
+        ApiConfig {
+            token_limit: 3,
+            ..ApiConfig::default()
+        },
+    )
+    .await;
+    let page = |v: serde_json::Value| -> (Vec<String>, String) {
+        let names = v["units"]
+            .as_array()
+            .expect("units")
+            .iter()
+            .map(|u| u["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (names, v["nextPageToken"].as_str().unwrap_or("").to_string())
+    };
+    let (a1, a_next) = page(h.get("/fleet/v1/units").await.json());
+    assert_eq!(a1, ["u000.service", "u001.service", "u002.service"]);
+    // a unit that sorts first, then another client's page 1
+    let file = records::file("[Service]\nExecStart=/bin/true\n");
+    reg.create_unit(&records::name("a.service"), &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let (b1, b_next) = page(h.get("/fleet/v1/units").await.json());
+    assert_eq!(b1, ["a.service", "u000.service", "u001.service"]);
+    let (a2, _) = page(
+        h.get(&format!("/fleet/v1/units?nextPageToken={a_next}"))
+            .await
+            .json(),
+    );
+    assert_eq!(a2, ["u003.service", "u004.service", "u005.service"]);
+    let (b2, _) = page(
+        h.get(&format!("/fleet/v1/units?nextPageToken={b_next}"))
+            .await
+            .json(),
+    );
+    assert_eq!(b2, ["u002.service", "u003.service", "u004.service"]);
     h.stop().await.expect("clean shutdown");
 }
