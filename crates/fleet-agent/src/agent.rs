@@ -13,14 +13,11 @@ use fleet_registry::{AgentStore, AtMostOnce, Lease, MachineRecord, RegistryError
 use fleet_scheduler::Machine;
 use fleet_systemd::{StateChange, SystemdState, UnitEvent, UnitManager, WatchSet};
 use fleet_unit::{Requirements, TargetState, UnitHash, UnitName};
-use futures_util::future::{BoxFuture, FutureExt};
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::desired::{Desired, desired_units, read_watched};
-use crate::executor::JobDone;
 use crate::faults::Faults;
 use crate::fence::Fence;
 use crate::plan::Current;
@@ -60,8 +57,6 @@ enum Event {
     LeaseLost,
     /// The guard of at-most-once units fenced them, or lifted the fence.
     Fence,
-    /// systemd answered a queued start or stop.
-    JobDone(JobDone),
     Tick,
     Shutdown,
 }
@@ -106,21 +101,6 @@ pub(crate) struct Agent {
     /// Units a task failed for: kept as they are until their retry is due, their reason
     /// published with their state.
     pub(crate) faults: Faults,
-    /// How long the current reconcile took before its converge (reading the mirror and new
-    /// bodies): logged with the batch.
-    pub(crate) batch_prep: Duration,
-    /// Starts and stops queued with systemd and not yet answered: the loop turns meanwhile
-    /// (the next batch's files, signals, states), so systemd always has jobs to run.
-    /// (In a mutex only to keep the agent `Sync`: it is always reached through `&mut self`.)
-    pub(crate) jobs: std::sync::Mutex<Jobs>,
-    /// The units of `jobs`: every converge holds them as they are until answered.
-    pub(crate) pending: HashSet<String>,
-    /// A converge held a unit of `pending` that it would have changed: once the answers are
-    /// in, the agent reconciles again.
-    pub(crate) held: bool,
-    /// Units whose job systemd answered before any signal said their state: asked about at
-    /// the next tick unless a signal comes first.
-    pub(crate) unconfirmed: BTreeSet<String>,
 }
 
 /// Runs the agent until `shutdown` is cancelled. Then, if `purge` is set, it stops and
@@ -177,31 +157,10 @@ pub async fn run(
         refused_globals: BTreeMap::new(),
         adopted: BTreeMap::new(),
         faults: Faults::default(),
-        batch_prep: Duration::ZERO,
-        jobs: std::sync::Mutex::new(Jobs::new()),
-        pending: HashSet::new(),
-        held: false,
-        unconfirmed: BTreeSet::new(),
     };
     agent.adopt().await;
     agent.run(shutdown, purge).await;
     Ok(())
-}
-
-/// systemd jobs queued and not yet answered.
-pub(crate) type Jobs = FuturesUnordered<BoxFuture<'static, JobDone>>;
-
-pub(crate) fn jobs_mut(jobs: &mut std::sync::Mutex<Jobs>) -> &mut Jobs {
-    jobs.get_mut()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// The next answer among `jobs`; never, while there are none.
-async fn next_job(jobs: &mut Jobs) -> JobDone {
-    match jobs.next().await {
-        Some(done) => done,
-        None => std::future::pending().await,
-    }
 }
 
 /// Registers the machine, retrying while the registry cannot be reached.
@@ -285,7 +244,6 @@ impl Agent {
                     ev = sys => ev,
                     _ = self.lease.lost() => Event::LeaseLost,
                     _ = self.fence.changed() => Event::Fence,
-                    done = next_job(jobs_mut(&mut self.jobs)) => Event::JobDone(done),
                     _ = tick.tick() => Event::Tick,
                     _ = soon => { deadline = None; Event::Tick }
                 }
@@ -293,12 +251,6 @@ impl Agent {
             match event {
                 Event::Shutdown => {
                     if purge.load(Ordering::SeqCst) {
-                        // the answers first: a purge stops what they started
-                        let mut done = Vec::new();
-                        while let Some(d) = jobs_mut(&mut self.jobs).next().await {
-                            done.push(d);
-                        }
-                        self.jobs_done(done).await;
                         self.purge().await;
                     }
                     return;
@@ -343,26 +295,9 @@ impl Agent {
                         deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
-                Event::JobDone(first) => {
-                    // with every other answer already in
-                    let mut done = vec![first];
-                    while let Some(Some(d)) = jobs_mut(&mut self.jobs).next().now_or_never() {
-                        done.push(d);
-                    }
-                    if self.jobs_done(done).await && deadline.is_none() {
-                        deadline = Some(tokio::time::Instant::now() + PROMPT);
-                    }
-                }
                 Event::Tick => {
                     if self.publisher.has_unsent() {
                         self.retry_unsent().await;
-                    }
-                    if !self.unconfirmed.is_empty() {
-                        let names: Vec<String> = std::mem::take(&mut self.unconfirmed)
-                            .into_iter()
-                            .filter(|n| self.current.contains_key(n))
-                            .collect();
-                        self.refresh_states(Some(&names)).await;
                     }
                     // after a change, and periodically: does what runs match what is wanted?
                     // (a reconcile that could not finish is simply tried at the next tick)
@@ -387,7 +322,6 @@ impl Agent {
         let mut next = Some(first);
         while let Some(change) = next.take() {
             if let Some(s) = change.state {
-                self.unconfirmed.remove(&change.name);
                 self.systemd_states.insert(change.name.clone(), s);
                 changed.push(change.name);
             }
@@ -486,7 +420,6 @@ impl Agent {
     /// Brings systemd in line with the mirror. Returns false when it could not finish (a
     /// registry error reading a body) and should be tried again.
     async fn reconcile(&mut self) -> bool {
-        let begun = tokio::time::Instant::now();
         let watched = read_watched(
             self.store.keys(),
             &self.cfg.machine_id,
@@ -572,7 +505,6 @@ impl Agent {
             }
             self.refused_globals = refused;
         }
-        self.batch_prep = begun.elapsed();
         let complete = self.converge(desired).await;
         if !fenced && self.fence.is_fenced() {
             // fenced while this converge ran: what it started after the guard's stops must
@@ -584,7 +516,7 @@ impl Agent {
 
     /// The guard fenced the at-most-once units (and stopped them): none of them runs, as far
     /// as this agent is concerned, until the fence is lifted and a reconcile starts them.
-    pub(crate) async fn fenced(&mut self) {
+    async fn fenced(&mut self) {
         let mut stopped = Vec::new();
         for name in self.fence.units() {
             let launched = self

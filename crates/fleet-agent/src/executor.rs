@@ -10,7 +10,7 @@ use futures_util::stream;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::agent::{Agent, JOBS_IN_FLIGHT, jobs_mut};
+use crate::agent::{Agent, JOBS_IN_FLIGHT};
 use crate::desired::Desired;
 use crate::faults::Fault;
 use crate::plan::{Current, Plan, Reload, plan, reload_rule};
@@ -53,27 +53,11 @@ impl Agent {
                 }
             }
         }
-        // a unit whose start or stop systemd has not answered yet stays as it is: it gets no
-        // second job, and its file stays, until the answer is in; then it is reconciled again
-        for name in &self.pending {
-            if let Some(c) = self.current.get(name) {
-                let held = Desired {
-                    hash: c.hash,
-                    state: c.state,
-                };
-                if desired.get(name) != Some(&held) {
-                    desired.insert(name.clone(), held);
-                    self.held = true;
-                }
-            }
-        }
         let plan = plan(&self.current, &desired);
         self.execute(plan, &desired).await
     }
 
     async fn execute(&mut self, plan: Plan, desired: &BTreeMap<String, Desired>) -> bool {
-        let begun = Instant::now();
-        let (n_unload, n_load, n_moves) = (plan.unload.len(), plan.load.len(), plan.moves.len());
         let mut outcome = Outcome {
             complete: true,
             ..Outcome::default()
@@ -145,7 +129,6 @@ impl Agent {
             .into_iter()
             .filter(|(n, _)| !kept.contains(n))
             .collect();
-        let t_unload = begun.elapsed();
         let hashes: Vec<UnitHash> = load.iter().map(|(_, h)| *h).collect();
         let (bodies, refused) = self.read_bodies(&hashes).await;
         let mut written: Vec<(String, bool)> = Vec::new();
@@ -167,9 +150,7 @@ impl Agent {
             .iter()
             .map(|(name, _, file)| ((*name).clone(), file.serialize()))
             .collect();
-        let t_bodies = begun.elapsed();
         let results = self.systemd.write_units(&contents).await;
-        let t_written = begun.elapsed();
         for ((name, hash, file), r) in files.into_iter().zip(results) {
             match self.attempt("load", name, r) {
                 Ok(()) => {
@@ -226,43 +207,56 @@ impl Agent {
         } else {
             moves
         };
-        let t_reloaded = begun.elapsed();
-        // queued, not awaited: the loop goes on (the next batch's files, signals, states)
-        // while systemd answers; a unit with a job in flight is held as it is by every
-        // converge until its answer is in (`jobs_done`). Each call is a task of its own, so
-        // that it finishes (and gives its place among the manager's calls in flight back)
-        // while the loop is busy elsewhere.
-        let skipped = reload == Reload::Skipped;
-        for (name, to, cur) in moves {
-            let systemd = self.systemd.clone();
-            self.pending.insert(name.clone());
-            let unit = name.clone();
-            let call = tokio::spawn(async move {
-                if to == TargetState::Launched {
-                    systemd.start(&unit).await
+        let jobs: Vec<_> = moves
+            .iter()
+            .map(|(name, to, _)| {
+                if *to == TargetState::Launched {
+                    self.systemd.start(name)
                 } else {
-                    systemd.stop(&unit).await
+                    self.systemd.stop(name)
                 }
-            });
-            jobs_mut(&mut self.jobs).push(Box::pin(async move {
-                let result = call.await.unwrap_or_else(|e| {
-                    // the task died: said as this unit's failure, retried like one
-                    Err(fleet_systemd::Error::Io {
-                        action: "queueing a systemd job for",
-                        path: name.clone().into(),
-                        source: std::io::Error::other(e),
-                    })
-                });
-                JobDone {
-                    name,
-                    to,
-                    cur,
-                    result,
-                    reload_skipped: skipped,
-                }
-            }));
+            })
+            .collect();
+        let mut results: Vec<Result<(), fleet_systemd::Error>> =
+            stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
+        if reload == Reload::Skipped && results.iter().any(Result::is_err) && self.reload().await {
+            let again: Vec<usize> = (0..moves.len())
+                .filter(|&i| results[i].is_err() && moves[i].1 == TargetState::Launched)
+                .collect();
+            let retries: Vec<_> = again
+                .iter()
+                .map(|&i| {
+                    debug!(unit = %moves[i].0, "start failed without a daemon-reload; trying again after one");
+                    self.systemd.start(&moves[i].0)
+                })
+                .collect();
+            let retried: Vec<_> = stream::iter(retries)
+                .buffered(JOBS_IN_FLIGHT)
+                .collect()
+                .await;
+            for (i, r) in again.into_iter().zip(retried) {
+                results[i] = r;
+            }
         }
-        let t_jobs = begun.elapsed();
+        for ((name, to, cur), result) in moves.into_iter().zip(results) {
+            let what = if to == TargetState::Launched {
+                "start"
+            } else {
+                "stop"
+            };
+            match self.attempt(what, &name, result) {
+                Ok(()) => {
+                    self.current
+                        .insert(name.clone(), Current { state: to, ..cur });
+                    outcome.succeeded(&name);
+                    touched.push(name);
+                }
+                Err(reason) => {
+                    outcome.failed(&name, Some(cur.hash), reason);
+                    touched.push(name);
+                }
+            }
+        }
         // 4. what failed waits for its retry and says why; what succeeded is fine again
         let now = Instant::now();
         for (name, (hash, reason)) in &outcome.failed {
@@ -276,129 +270,18 @@ impl Agent {
             touched.push(name.clone());
         }
         for name in &outcome.ok {
-            // a unit whose job is in flight recovers (or not) when its answer comes
-            if self.pending.contains(name) {
-                continue;
-            }
             if !outcome.failed.contains_key(name) && self.faults.clear(name) {
                 info!(unit = %name, "unit recovered from its failure");
                 self.publisher.forget(name);
                 touched.push(name.clone());
             }
         }
-        // the states of units with a job in flight are read once it is answered
-        touched.retain(|n| !self.pending.contains(n));
         if !touched.is_empty() {
             touched.sort();
             touched.dedup();
             self.refresh_states(Some(&touched)).await;
         }
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        if n_unload + n_load + n_moves == 0 {
-            return outcome.complete && outcome.failed.is_empty();
-        }
-        info!(
-            prep_ms = ms(self.batch_prep),
-            unload = n_unload,
-            load = n_load,
-            moves = n_moves,
-            unload_ms = ms(t_unload),
-            bodies_ms = ms(t_bodies - t_unload),
-            write_ms = ms(t_written - t_bodies),
-            reload_ms = ms(t_reloaded - t_written),
-            queue_ms = ms(t_jobs - t_reloaded),
-            in_flight = self.pending.len(),
-            states_ms = ms(begun.elapsed() - t_jobs),
-            "agent batch"
-        );
         outcome.complete && outcome.failed.is_empty()
-    }
-
-    /// Takes in the answers to queued starts and stops: the unit's new state, or its failure
-    /// (held until its retry, with why); a start that failed without a daemon-reload is tried
-    /// once more after one. Returns whether a converge held a unit meanwhile, so a reconcile
-    /// is due.
-    pub(crate) async fn jobs_done(&mut self, mut done: Vec<JobDone>) -> bool {
-        for d in &done {
-            self.pending.remove(&d.name);
-        }
-        let retry =
-            |d: &JobDone| d.reload_skipped && d.to == TargetState::Launched && d.result.is_err();
-        if done.iter().any(retry) && self.reload().await {
-            let again: Vec<usize> = (0..done.len()).filter(|&i| retry(&done[i])).collect();
-            let retries: Vec<_> = again
-                .iter()
-                .map(|&i| {
-                    debug!(unit = %done[i].name, "start failed without a daemon-reload; trying again after one");
-                    self.systemd.start(&done[i].name)
-                })
-                .collect();
-            let retried: Vec<_> = stream::iter(retries)
-                .buffered(JOBS_IN_FLIGHT)
-                .collect()
-                .await;
-            for (i, r) in again.into_iter().zip(retried) {
-                done[i].result = r;
-            }
-        }
-        let now = Instant::now();
-        let guarded = self.fence.units();
-        let mut started_guarded = false;
-        let mut touched = Vec::with_capacity(done.len());
-        for d in done {
-            let what = if d.to == TargetState::Launched {
-                "start"
-            } else {
-                "stop"
-            };
-            match self.attempt(what, &d.name, d.result) {
-                Ok(()) => {
-                    if self
-                        .current
-                        .get(&d.name)
-                        .is_some_and(|c| c.hash == d.cur.hash)
-                    {
-                        self.current.insert(
-                            d.name.clone(),
-                            Current {
-                                state: d.to,
-                                ..d.cur
-                            },
-                        );
-                    }
-                    started_guarded |= d.to == TargetState::Launched && guarded.contains(&d.name);
-                    if self.faults.clear(&d.name) {
-                        info!(unit = %d.name, "unit recovered from its failure");
-                        self.publisher.forget(&d.name);
-                    }
-                }
-                Err(reason) => {
-                    if self.faults.record(&d.name, d.cur.hash, reason.clone(), now) {
-                        warn!(unit = %d.name, %reason, "unit left as it is; will retry");
-                        self.publisher.forget(&d.name);
-                    }
-                }
-            }
-            touched.push(d.name);
-        }
-        touched.sort();
-        touched.dedup();
-        // What is known is published now; systemd is not asked: during a burst it answers a
-        // state query only after the jobs queued before it (seconds), and its signals bring
-        // each started unit's state anyway. A unit none has reported on yet is asked about at
-        // the next tick, if no signal came by then (a start of a unit already running sends
-        // none).
-        for name in &touched {
-            if !self.systemd_states.contains_key(name) {
-                self.unconfirmed.insert(name.clone());
-            }
-        }
-        self.publish_all(&touched).await;
-        if started_guarded && self.fence.is_fenced() {
-            // fenced while the start was in flight: it stops again
-            self.fenced().await;
-        }
-        std::mem::take(&mut self.held)
     }
 
     /// One daemon-reload; false (logged, and owed to the next converge) when it failed.
@@ -488,18 +371,6 @@ impl Agent {
             }
         }
     }
-}
-
-/// systemd's answer to a queued start or stop.
-pub(crate) struct JobDone {
-    name: String,
-    /// `Launched`: a start; `Loaded`: a stop.
-    to: TargetState,
-    /// What the unit was when the job was queued.
-    cur: Current,
-    result: Result<(), fleet_systemd::Error>,
-    /// The batch skipped its daemon-reload (a failed start gets one, and one more try).
-    reload_skipped: bool,
 }
 
 /// What one converge did, unit by unit.

@@ -189,9 +189,6 @@ fn no_such_unit(unit: &str, method: &'static str, message: String) -> Error {
 #[derive(Debug, Clone, Default)]
 pub struct FakeUnitManager {
     state: Arc<Mutex<State>>,
-    /// Held for writing by [`FakeUnitManager::hold_start_replies`]: `start` waits for it,
-    /// as a StartUnit waits for a systemd busy with the jobs queued before it.
-    start_gate: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl FakeUnitManager {
@@ -208,14 +205,7 @@ impl FakeUnitManager {
         };
         FakeUnitManager {
             state: Arc::new(Mutex::new(state)),
-            start_gate: Arc::default(),
         }
-    }
-
-    /// Keeps every `start` from reaching this manager (no call logged, no state changed)
-    /// until the guard is dropped: a systemd slow to answer StartUnit.
-    pub async fn hold_start_replies(&self) -> tokio::sync::OwnedRwLockWriteGuard<()> {
-        self.start_gate.clone().write_owned().await
     }
 
     /// Units in `active_state` "active" now.
@@ -448,7 +438,6 @@ impl UnitManager for FakeUnitManager {
 
     async fn start(&self, name: &str) -> Result<()> {
         validate_name(name)?;
-        drop(self.start_gate.read().await);
         let slow = self
             .with(|s, out| {
                 s.log(Call::Start(name.to_owned()));
