@@ -23,6 +23,17 @@
 //! own `fleetctl start --no-block`, half a second apart; for each, the time from the start of
 //! its fleetctl to systemd's `ActiveEnterTimestampMonotonic`; it prints their median and max.
 //!
+//! With `systemd` first (`launch systemd [NODES] [UNITS]`), it measures systemd's own floor
+//! without fleet in the path: every node writes its share of UNITS sleeper units into
+//! `/run/systemd/system` and starts them with one `systemctl start --no-block` (no
+//! daemon-reload: systemd loads each unit on its StartUnit, as the agent lets it), all nodes at
+//! once; it prints when the last unit became active and the CPU PID 1 used per unit. fleetd
+//! runs meanwhile (subscribed to systemd's signals, as in a launch), unless
+//! `LAUNCH_FLOOR_WITHOUT_FLEET=1` stops it first.
+//!
+//! `LAUNCH_JOURNAL=1` prints, before a run's cluster is removed, the agent's batch lines
+//! (`agent batch`) of every node's fleetd journal: how big each batch was and where its time went.
+//!
 //! Defaults: 3 nodes, 300 units, 1 run, 60 s idle. Root. The binaries come from
 //! `$FLEET_BIN_DIR`, else the project's `bin/` (`./build`). A directory holding fleet v1.0's
 //! fleetd and fleetctl (built by hand from its source, never part of this repository) works
@@ -46,7 +57,8 @@ const TICKS: f64 = 100.0;
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let single = args.first().is_some_and(|a| a == "single");
-    if single {
+    let floor = args.first().is_some_and(|a| a == "systemd");
+    if single || floor {
         args.remove(0);
     }
     let arg = |i: usize, default: u64| -> u64 {
@@ -61,6 +73,17 @@ fn main() {
     let bin_dir = std::env::var_os("FLEET_BIN_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../bin"));
+    if floor {
+        println!(
+            "launch systemd: {units} units started with systemctl on {nodes} nodes, binaries in {}",
+            bin_dir.display()
+        );
+        if let Err(e) = systemd_floor(&bin_dir, nodes as usize, units as usize) {
+            eprintln!("failed: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     if single {
         let units = arg(1, 30) as usize;
         println!(
@@ -227,6 +250,9 @@ fn one_run(bin_dir: &Path, nodes: usize, units: usize, idle: u64) -> Result<Resu
         .zip(&after)
         .map(|(b, a)| (pct(a.0, b.0), pct(a.1, b.1)))
         .collect();
+    if std::env::var_os("LAUNCH_JOURNAL").is_some() {
+        print_batches(&c);
+    }
     teardown(c);
     Ok(Result_ {
         units,
@@ -447,15 +473,20 @@ fn cpu_ticks(c: &Cluster, i: usize) -> Result<(u64, u64), Error> {
     let script =
         "cat /proc/$(systemctl show -p MainPID --value fleet.service)/stat; cat /proc/1/stat";
     let out = c.exec(i, &["sh", "-c", script])?.ok("/proc/PID/stat")?;
-    let ticks = |line: &str| -> u64 {
-        // the fields after "(comm)": state is the first, utime the 12th, stime the 13th
-        let rest = line.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let n = |k: usize| f.get(k).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
-        n(11) + n(12)
-    };
     let mut lines = out.stdout.lines();
-    Ok((lines.next().map_or(0, ticks), lines.next().map_or(0, ticks)))
+    Ok((
+        lines.next().map_or(0, stat_ticks),
+        lines.next().map_or(0, stat_ticks),
+    ))
+}
+
+/// User + system CPU ticks of a `/proc/<pid>/stat` line.
+fn stat_ticks(line: &str) -> u64 {
+    // the fields after "(comm)": state is the first, utime the 12th, stime the 13th
+    let rest = line.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |k: usize| f.get(k).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
 }
 
 fn print_result(title: &str, r: &Result_, nodes: usize) {
@@ -526,4 +557,118 @@ fn median(rs: &[Result_]) -> Result_ {
             })
             .collect(),
     }
+}
+
+/// Prints the agent's batch lines of every node's fleetd journal (`LAUNCH_JOURNAL`).
+fn print_batches(c: &Cluster) {
+    for i in c.nodes() {
+        match c.journal(
+            i,
+            &["-u", "fleet.service", "-o", "short-monotonic", "--no-pager"],
+        ) {
+            Ok(j) => {
+                for line in j.lines().filter(|l| l.contains("agent batch")) {
+                    println!("  node{i}: {line}");
+                }
+            }
+            Err(e) => eprintln!("  node{i}: no journal: {e}"),
+        }
+    }
+}
+
+/// systemd's floor: each node starts its share of `units` sleepers itself (one `systemctl
+/// start --no-block`, no daemon-reload), all nodes at once; prints when the last became
+/// active, counted from the start, and PID 1's CPU per unit.
+fn systemd_floor(bin_dir: &Path, nodes: usize, units: usize) -> Result<(), Error> {
+    let c = boot(bin_dir, nodes)?;
+    let without_fleet = std::env::var_os("LAUNCH_FLOOR_WITHOUT_FLEET").is_some();
+    if without_fleet {
+        // no subscriber: systemd then sends no unit signals at all
+        for i in c.nodes() {
+            c.exec(i, &["systemctl", "stop", "fleet.socket", "fleet.service"])?
+                .ok("stopping fleet")?;
+        }
+    }
+    let per_node = units.div_ceil(nodes);
+    let write = "i=1; while [ $i -le $1 ]; do \
+                 printf '[Service]\\nExecStart=/bin/sleep infinity\\n' > /run/systemd/system/floor-$i.service; \
+                 i=$((i + 1)); done";
+    for i in c.nodes() {
+        c.exec(i, &["sh", "-c", write, "sh", &per_node.to_string()])?
+            .ok("writing the floor's unit files")?;
+    }
+    let ticks = |i: usize| -> Result<u64, Error> {
+        let out = c.exec(i, &["cat", "/proc/1/stat"])?.ok("/proc/1/stat")?;
+        Ok(stat_ticks(out.trimmed()))
+    };
+    let before: Vec<u64> = c.nodes().map(ticks).collect::<Result<_, _>>()?;
+    let mono_start = now_us();
+    let start = "systemctl start --no-block $(seq 1 $1 | sed 's/.*/floor-&.service/')";
+    let per = per_node.to_string();
+    let results: Vec<Result<(), Error>> = std::thread::scope(|s| {
+        let handles: Vec<_> = c
+            .nodes()
+            .map(|i| {
+                let (c, per) = (&c, &per);
+                s.spawn(move || {
+                    c.exec(i, &["sh", "-c", start, "sh", per])?
+                        .ok("systemctl start")
+                        .map(|_| ())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Harness {
+                        what: "a node's systemctl thread".into(),
+                        detail: "panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    results.into_iter().collect::<Result<Vec<()>, Error>>()?;
+    let count = "systemctl list-units 'floor-*' --state=active --no-legend --plain | wc -l";
+    wait_for("every floor unit active", DEADLINE, || {
+        let mut active = 0;
+        for i in c.nodes() {
+            let out = c.exec(i, &["sh", "-c", count]).map_err(|e| e.to_string())?;
+            active += out.trimmed().parse::<usize>().unwrap_or(0);
+        }
+        if active >= per_node * nodes {
+            Ok(())
+        } else {
+            Err(format!("{active}/{} active", per_node * nodes))
+        }
+    })?;
+    let last = "systemctl show -p ActiveEnterTimestampMonotonic --value $(seq 1 $1 | sed 's/.*/floor-&.service/') | sort -n | tail -n 1";
+    let mut active_at = 0.0f64;
+    let mut cpu = Vec::new();
+    for (k, i) in c.nodes().enumerate() {
+        let out = c
+            .exec(i, &["sh", "-c", last, "sh", &per])?
+            .ok("ActiveEnterTimestampMonotonic")?;
+        let us: u64 = out.trimmed().parse().unwrap_or(0);
+        active_at = active_at.max(us.saturating_sub(mono_start) as f64 / 1e6);
+        let used = ticks(i)?.saturating_sub(before[k]) as f64 / TICKS;
+        cpu.push(used);
+    }
+    teardown(c);
+    println!(
+        "systemd floor: {} units on {nodes} nodes ({per_node} each, systemctl start --no-block, no reload, \
+         fleetd {}): last active after {active_at:.2}s: {:.1} units/s",
+        per_node * nodes,
+        if without_fleet { "stopped" } else { "running" },
+        (per_node * nodes) as f64 / active_at.max(1e-9)
+    );
+    for (k, used) in cpu.iter().enumerate() {
+        println!(
+            "  node{}: PID 1 used {used:.2} s of CPU: {:.2} ms per unit",
+            k + 1,
+            used * 1000.0 / per_node as f64
+        );
+    }
+    Ok(())
 }
