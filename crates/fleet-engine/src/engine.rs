@@ -92,8 +92,8 @@ struct Leader {
     /// Machines this leader has seen present. Only machines it never saw get the grace
     /// period: one that was here and left has really left.
     seen: HashSet<String>,
-    /// Whether this leader's first reconcile has taken over the two-step moves its
-    /// predecessor may have left half done (see [`adopt_half_done_moves`]).
+    /// Whether this leader has taken over the two-step moves its predecessor may have left
+    /// half done (see [`adopt_half_done_moves`]), in a reconcile that read every body.
     adopted_moves: bool,
 }
 
@@ -158,12 +158,16 @@ pub(crate) struct Engine {
     /// How long the last reconcile took: the engine rests as long before the next one
     /// (see [`reconcile_delay`]).
     last_took: Duration,
-    /// The mirror's revision at the last reconcile that left nothing to do later: it wrote
+    /// How many changes the mirror has taken in (listings and watch events). Not its
+    /// revision: the ranges' watchers deliver out of step, so an event of one range may come
+    /// after a later revision of another.
+    mirror_changes: u64,
+    /// `mirror_changes` at the last reconcile that left nothing to do later: it wrote
     /// nothing, and nothing in it waited on time (no hold of a new leader, no at-most-once
     /// wait or move, no refused unit). A reconcile from the same view would decide the same,
     /// so the interval's ticks skip it: at 100,000 units a reconcile costs a second or more of
     /// CPU, and a machine leaving waited behind one that could not change anything.
-    settled_rev: Option<i64>,
+    settled_at: Option<u64>,
 }
 
 /// Runs CPU-bound `work` (a reconcile, whose cost grows with what users stored) on tokio's
@@ -221,7 +225,8 @@ impl Engine {
             moving: HashMap::new(),
             last_reconcile: None,
             last_took: Duration::ZERO,
-            settled_rev: None,
+            mirror_changes: 0,
+            settled_at: None,
         }
     }
 
@@ -335,8 +340,7 @@ impl Engine {
                     if rested < self.last_took {
                         let due = now + (self.last_took - rested);
                         self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
-                    } else {
-                        self.reconcile().await;
+                    } else if self.reconcile().await {
                         let end = Instant::now();
                         // (bounded by the interval: a write that waited out a timeout does
                         // not hold the next reconcile longer than the interval would)
@@ -431,6 +435,7 @@ impl Engine {
                         );
                         self.model = Some(model);
                         self.mirror_rev = revision;
+                        self.mirror_changes += 1;
                         self.synced = true;
                     }
                     Err(e) => {
@@ -454,6 +459,7 @@ impl Engine {
                 if let Some(model) = self.model.as_mut() {
                     model.put(&key, &value);
                     self.mirror_rev = self.mirror_rev.max(revision);
+                    self.mirror_changes += 1;
                 }
             }
             WatchEvent::Delete { key, revision } => {
@@ -466,6 +472,7 @@ impl Engine {
                 if let Some(model) = self.model.as_mut() {
                     model.delete(&key);
                     self.mirror_rev = self.mirror_rev.max(revision);
+                    self.mirror_changes += 1;
                 }
             }
             WatchEvent::Disconnected => self.unsync(),
@@ -526,10 +533,17 @@ impl Engine {
     /// derived from it, and follows the leader key alone again.
     pub(crate) fn step_down(&mut self) {
         self.absent_since.clear();
-        self.settled_rev = None;
+        self.settled_at = None;
         let Some(l) = self.leader.take() else {
             return;
         };
+        // a move begun in this term is the next leader's to adopt (see
+        // [`adopt_half_done_moves`]); a deadline of this term (an at-most-once wait) must not
+        // hold back the campaign of the next
+        self.moving = HashMap::new();
+        self.deadline = None;
+        self.last_took = Duration::ZERO;
+        self.last_reconcile = None;
         let store = self.store.clone();
         tokio::spawn(async move { store.resign(l.leadership).await });
         self.model = None;
@@ -544,17 +558,25 @@ impl Engine {
         self.rewatch();
     }
 
-    /// One reconcile of a leader: decide from the mirror, write the difference.
-    pub(crate) async fn reconcile(&mut self) {
+    /// One reconcile of a leader: decide from the mirror, write the difference. False when
+    /// it did not run: its own last write has not come back yet, or nothing changed since a
+    /// reconcile that left nothing to do.
+    pub(crate) async fn reconcile(&mut self) -> bool {
         if self.mirror_rev < self.written_rev || self.decisions_rev < self.written_rev {
             // our own last write has not come back through the watch yet
-            return;
+            return false;
         }
-        if self.settled_rev == Some(self.mirror_rev) {
+        if self.settled_at == Some(self.mirror_changes) {
             // nothing changed since a reconcile that left nothing to do
-            return;
+            return false;
         }
-        self.settled_rev = None;
+        self.settled_at = None;
+        self.decide().await;
+        true
+    }
+
+    /// The body of [`Engine::reconcile`].
+    async fn decide(&mut self) {
         let started = Instant::now();
         let Some(model) = self.model.as_mut() else {
             return;
@@ -669,7 +691,9 @@ impl Engine {
         ops.retain(|op| !snap.unreadable.contains(op.unit()));
         ops.retain(|op| !waiting.contains(op.unit()));
         if !l.adopted_moves {
-            l.adopted_moves = true;
+            // (until a reconcile has read every body: a unit whose body could not be read is
+            // not known to be at-most-once yet)
+            l.adopted_moves = !body_unread;
             adopt_half_done_moves(&mut self.moving, &self.requirements, &snap, l.since);
         }
         let parked = move_at_most_once_in_two_steps(
@@ -694,7 +718,7 @@ impl Engine {
         report_failures(&self.metrics, &snap, &plan, &ops);
         if ops.is_empty() {
             if timeless && self.refused.is_empty() {
-                self.settled_rev = Some(self.mirror_rev);
+                self.settled_at = Some(self.mirror_changes);
             }
             debug!(
                 units = snap.units.len(),
@@ -1006,9 +1030,10 @@ type RequirementsCache = HashMap<UnitName, (UnitHash, Result<Requirements, Strin
 /// A leader that died between the two steps of an at-most-once move (see
 /// [`move_at_most_once_in_two_steps`]) left the unit unscheduled with its old copy perhaps
 /// still stopping, and nothing in etcd says where it was. So a new leader's first reconcile
-/// takes every at-most-once unit it finds unscheduled and wanted running as moving from an
-/// unknown machine since its election: it is placed once the old copy has surely stopped.
-/// Units that arrive after that first reconcile are placed at once.
+/// (the first that could read every body) takes every at-most-once unit it finds unscheduled
+/// and wanted running as moving from an unknown machine since its election: it is placed
+/// once the old copy has surely stopped. Units that arrive later are placed at once. A
+/// leader's moves end with its term ([`Engine::step_down`]).
 fn adopt_half_done_moves(
     moving: &mut HashMap<String, (String, Instant)>,
     requirements: &RequirementsCache,

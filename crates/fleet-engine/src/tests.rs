@@ -787,6 +787,55 @@ async fn a_machine_whose_record_cannot_be_read_keeps_its_units() {
     assert_eq!(placement(&store, "plain.service").as_deref(), Some("m1"));
 }
 
+/// Regression: the moves of a term outlived its step down, so an engine that led again kept
+/// its old start of a two-step move instead of adopting the move afresh at its new election,
+/// and placed the unit before the hold from that election was over.
+#[tokio::test(start_paused = true)]
+async fn a_leader_elected_again_waits_from_its_new_election() {
+    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
+    let hold = timing.start_after + timing.ttl;
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    add_machine(&store, "m2");
+    let unit: UnitName = "once.service".parse().expect("name");
+    let file = UnitFile::parse(
+        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m2\nAtMostOnce=true\n",
+    )
+    .expect("unit");
+    store
+        .create_unit(&unit, &file, TargetState::Launched)
+        .await
+        .expect("create");
+    let rec = records::schedule(file.hash(), TargetState::Launched);
+    store.put(
+        &store.keys().schedule("m1", "once.service"),
+        serde_json::to_vec(&rec).expect("json"),
+    );
+    store.put(&store.keys().placement("once.service"), "m1");
+    let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "once.service"), None, "step one");
+    tokio::time::sleep(hold / 2).await;
+    engine.step_down();
+    drain(&mut engine).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert!(engine.is_leader(), "elected again");
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    // past the first term's hold, within the second's
+    tokio::time::sleep(hold / 2).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "once.service"), None, "placed early");
+    tokio::time::sleep(hold / 2).await;
+    settle(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "once.service").as_deref(), Some("m2"));
+}
+
 /// Regression: every listing (each poll with `disable_watches`, every relist) restarted the
 /// wait of at-most-once units on a machine that left, so they never moved. A listing keeps
 /// the absences of machines still absent.
@@ -1021,6 +1070,44 @@ async fn a_later_event_of_another_range_does_not_stand_for_its_own_write() {
     drain(&mut engine).await;
     engine.handle(Event::Tick).await;
     assert_eq!(placement(&store, "a.service"), Some(placed));
+}
+
+/// Regression: a tick was skipped while the mirror's revision equalled that of the last
+/// settled reconcile, but the ranges' watchers deliver out of step: a unit's event with an
+/// earlier revision than a machine's already seen changed the mirror, not its revision, and
+/// the unit waited for some later change. A tick skips only when nothing came in at all.
+#[tokio::test(start_paused = true)]
+async fn an_event_behind_another_range_is_not_skipped() {
+    let (store, mut engine, _) = leading().await;
+    tokio::time::sleep(TTL).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    create(&store, "late.service", 7).await;
+    let unit_rev = store.revision();
+    add_machine(&store, "m3");
+    let machine = store.keys().machine("m3");
+    let put = |key: String, revision: i64| WatchEvent::Put {
+        value: store.get(&key).expect("value"),
+        key,
+        revision,
+    };
+    // the machines' watcher is ahead of the units'
+    engine
+        .handle(Event::Watch(put(machine, store.revision())))
+        .await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "late.service"), None);
+    engine
+        .handle(Event::Watch(put(
+            store.keys().unit("late.service"),
+            unit_rev,
+        )))
+        .await;
+    engine.handle(Event::Tick).await;
+    assert!(
+        placement(&store, "late.service").is_some(),
+        "the unit waited"
+    );
 }
 
 /// Bodies are not mirrored: a unit whose body is not in etcd yet (a client that writes the

@@ -1013,7 +1013,7 @@ async fn grouped_creations_answer_each_unit_exactly() {
 }
 
 /// Writes what the engine and the agents would: `placement/<unit>` and unit states.
-async fn place(etcd: &EtcdServer, unit: &str, machine: &str) {
+async fn place(etcd: &EtcdServer, unit: &str, machine: &str, hash: &str) {
     let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .expect("client");
@@ -1021,12 +1021,14 @@ async fn place(etcd: &EtcdServer, unit: &str, machine: &str) {
     c.put(format!("{prefix}placement/{unit}"), machine, None)
         .await
         .expect("placement");
-    report(&mut c, unit, machine).await;
+    report(&mut c, unit, machine, hash).await;
 }
 
-async fn report(c: &mut etcd_client::Client, unit: &str, machine: &str) {
+/// A state of `unit` from `machine`, about the body `hash` (a view shows it only when that is
+/// the unit's body).
+async fn report(c: &mut etcd_client::Client, unit: &str, machine: &str, hash: &str) {
     let prefix = fixture::PREFIX;
-    let state = serde_json::to_string(&records::state(unit, machine, "h")).expect("json");
+    let state = serde_json::to_string(&records::state(unit, machine, hash)).expect("json");
     c.put(format!("{prefix}states/{unit}/{machine}"), state, None)
         .await
         .expect("state");
@@ -1086,7 +1088,8 @@ async fn pages_add_up_to_the_whole_listing() {
             .await
             .expect("create");
         if i % 3 != 1 {
-            place(&etcd, n, &format!("m{}", i % 4)).await;
+            let hash = file(&body).hash().to_string();
+            place(&etcd, n, &format!("m{}", i % 4), &hash).await;
         }
     }
     // states the placements do not explain: a second machine, a unit without a record
@@ -1098,20 +1101,26 @@ async fn pages_add_up_to_the_whole_listing() {
         ("a.service-b.service", "m0"),
         ("gone.service", "m1"),
     ] {
-        report(&mut c, unit, machine).await;
+        report(&mut c, unit, machine, "h").await;
     }
     let units = r.units().await.expect("units");
     let states = r.unit_states().await.expect("states");
     assert_eq!(units.len(), names.len());
     assert!(states.len() > 15, "{}", states.len());
-    for limit in [1, 2, 3, 5, 7, 23, 24, 100] {
+    // read-ahead chunks of a few keys put chunk edges between every such pair of names
+    for (chunk, limit) in [1, 2, 3, 4]
+        .into_iter()
+        .flat_map(|c| [1, 2, 3].map(|l| (c, l)))
+        .chain([1, 2, 3, 5, 7, 23, 24, 100].map(|l| (5_000, l)))
+    {
+        let r = r.clone().with_listing_chunk(chunk);
         let paged = all_pages(
             limit,
             |u: &fleet_registry::UnitView| u.name.to_string(),
             async |start| r.units_page(&start, limit).await.expect("page"),
         )
         .await;
-        assert_eq!(paged, units, "units in pages of {limit}");
+        assert_eq!(paged, units, "units in pages of {limit}, chunks of {chunk}");
         let paged = all_pages(
             limit,
             |s: &fleet_registry::StateRecord| (s.name.clone(), s.machine_id.clone()),
@@ -1146,9 +1155,10 @@ fn reads(metrics: &fleet_metrics::Metrics) -> u64 {
 }
 
 /// A page costs the same few reads however many units there are: the unit records from the
-/// page on (a chunk's worth, which the next pages are served from), then the placements,
-/// reasons and states of those units in one transaction (bodies come from the cache).
-/// Before, every page read the whole registry.
+/// page on (a chunk's worth, which the next pages are served from; here a chunk is a page),
+/// then the placements and reasons of those units in one transaction and the states of the
+/// placed ones in another (bodies come from the cache). Before, every page read the whole
+/// registry.
 #[tokio::test]
 async fn a_page_reads_only_its_units() {
     let etcd = EtcdServer::start();
@@ -1162,11 +1172,11 @@ async fn a_page_reads_only_its_units() {
             r.create_unit(&name(&n), &hello, TargetState::Launched)
                 .await
                 .expect("create");
-            place(&etcd, &n, "m1").await;
+            place(&etcd, &n, "m1", "h").await;
             created += 1;
         }
         // a registry that has read nothing ahead (`a_listing_walks_...` shows what it saves)
-        let r = r.clone().with_listing_chunk(1000);
+        let r = r.clone().with_listing_chunk(10);
         let before = reads(&metrics);
         let page = r
             .units_page(
@@ -1181,7 +1191,7 @@ async fn a_page_reads_only_its_units() {
         assert!(page.iter().all(|u| u.machine_id.as_deref() == Some("m1")));
         assert_eq!(
             reads(&metrics) - before,
-            2,
+            3,
             "reads of a page at {total} units"
         );
         let before = reads(&metrics);

@@ -252,28 +252,14 @@ impl EtcdRegistry {
             // in spans of JOIN_KEYS units, one request each, so each stays small
             let mut kvs: Kvs = Vec::new();
             for group in found.kvs.chunks(JOIN_KEYS) {
-                let (Some((first, _)), Some((last, _))) = (group.first(), group.last()) else {
-                    continue;
-                };
-                let first = self.keys.strip(keys::UNITS, first).unwrap_or_default();
-                let last = self.keys.strip(keys::UNITS, last).unwrap_or_default();
-                let span = |key: String, end: Vec<u8>| RangeRead {
-                    start: key.into_bytes(),
-                    end: Some(end),
-                    limit: 0,
-                };
-                let reads = vec![
-                    span(self.keys.placement(first), after(self.keys.placement(last))),
-                    span(self.keys.reason(first), after(self.keys.reason(last))),
-                    span(
-                        self.keys.states_dir(first),
-                        prefix_end(self.keys.states_dir(last).as_bytes()),
-                    ),
-                ];
-                let (_, ranges) = self
-                    .read_ranges("reading placements of listed units", Some(r), reads)
-                    .await?;
-                kvs.extend(ranges.into_iter().flat_map(|f| f.kvs));
+                let names: Vec<&str> = group
+                    .iter()
+                    .filter_map(|(k, _)| self.keys.strip(keys::UNITS, k))
+                    .collect();
+                kvs.extend(
+                    self.unit_context("reading placements of listed units", r, &names)
+                        .await?,
+                );
             }
             kvs.sort_by(|a, b| a.0.cmp(&b.0));
             kvs.dedup_by(|a, b| a.0 == b.0);
@@ -345,9 +331,9 @@ impl EtcdRegistry {
         units: Vec<UnitRecord>,
         joined: Option<&Kvs>,
     ) -> Result<Vec<UnitView>> {
-        let (Some(first), Some(last)) = (units.first(), units.last()) else {
+        if units.is_empty() {
             return Ok(Vec::new());
-        };
+        }
         if let Some(joined) = joined {
             let find = |key: String| {
                 joined
@@ -370,14 +356,31 @@ impl EtcdRegistry {
             }
             return self.views_of(units, &kvs).await;
         }
+        let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
+        let kvs = self
+            .unit_context("reading placements of a page of units", rev, &names)
+            .await?;
+        self.views_of(units, &kvs).await
+    }
+
+    /// What the views of the units named `names` (sorted) show besides their records, read at
+    /// `rev`: their placements and reasons (two range reads over their names) and the state
+    /// the machine each is placed on reported (point reads: the states of a unit's other
+    /// machines, a global unit's on every machine, are not shown and not read; a range over
+    /// `states/` would also reach into other units', as `states/a.service-b.service/` sorts
+    /// between `states/a.service/` and its end).
+    async fn unit_context(&self, op: &'static str, rev: i64, names: &[&str]) -> Result<Kvs> {
+        let (Some(first), Some(last)) = (names.first(), names.last()) else {
+            return Ok(Vec::new());
+        };
         let span = |key: fn(&crate::keys::Keys, &str) -> String| RangeRead {
-            start: key(&self.keys, first.name.as_str()).into_bytes(),
-            end: Some(after(key(&self.keys, last.name.as_str()))),
+            start: key(&self.keys, first).into_bytes(),
+            end: Some(after(key(&self.keys, last))),
             limit: 0,
         };
         let (_, found) = self
             .read_ranges(
-                "reading placements of a page of units",
+                op,
                 Some(rev),
                 vec![
                     span(crate::keys::Keys::placement),
@@ -385,33 +388,26 @@ impl EtcdRegistry {
                 ],
             )
             .await?;
-        let mut kvs: Vec<(String, Vec<u8>)> = found.into_iter().flat_map(|f| f.kvs).collect();
-        let placed: BTreeMap<String, String> = kvs
+        let mut kvs: Kvs = found.into_iter().flat_map(|f| f.kvs).collect();
+        let states: Vec<RangeRead> = kvs
             .iter()
             .filter_map(|(k, v)| {
                 let name = self.keys.strip(keys::PLACEMENT, k)?;
-                Some((name.to_string(), String::from_utf8_lossy(v).into_owned()))
-            })
-            .collect();
-        // only the state the view shows: the one reported by the unit's machine
-        let states: Vec<RangeRead> = units
-            .iter()
-            .filter_map(|u| {
-                let machine = placed.get(u.name.as_str())?;
                 Some(RangeRead {
-                    start: self.keys.state(u.name.as_str(), machine).into_bytes(),
+                    start: self
+                        .keys
+                        .state(name, &String::from_utf8_lossy(v))
+                        .into_bytes(),
                     end: None,
                     limit: 0,
                 })
             })
             .collect();
         if !states.is_empty() {
-            let (_, found) = self
-                .read_ranges("reading states of a page of units", Some(rev), states)
-                .await?;
+            let (_, found) = self.read_ranges(op, Some(rev), states).await?;
             kvs.extend(found.into_iter().flat_map(|f| f.kvs));
         }
-        self.views_of(units, &kvs).await
+        Ok(kvs)
     }
 
     /// Units as clients see them, given their placements, reasons and states in `kvs`.

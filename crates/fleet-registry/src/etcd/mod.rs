@@ -301,7 +301,7 @@ impl EtcdRegistry {
     }
 
     /// Lists in pages of `keys` keys instead of a first page of 1,000 and later pages of
-    /// about 2 MiB (tests; tuning).
+    /// about 1 MiB (tests; tuning).
     pub fn with_page_size(mut self, keys: usize) -> EtcdRegistry {
         self.page = i64::try_from(keys.max(1)).unwrap_or(i64::MAX);
         self
