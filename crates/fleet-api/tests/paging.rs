@@ -184,10 +184,8 @@ proptest! {
     }
 }
 
-/// A token this server did not hand out (another fleetd's, or from before a restart) still
-/// gets its page, counted from the first unit.
-#[tokio::test]
-async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
+/// An API with pages of 3 over a registry of 7 units.
+async fn seven_units_in_pages_of_three() -> (Arc<Counting>, Harness) {
     let reg = registry(7).await;
     let h = Harness::with_registry(
         reg.clone(),
@@ -197,6 +195,14 @@ async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
         },
     )
     .await;
+    (reg, h)
+}
+
+/// A token this server did not hand out (another fleetd's, or from before a restart) still
+/// gets its page, counted from the first unit.
+#[tokio::test]
+async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
+    let (_, h) = seven_units_in_pages_of_three().await;
     let token = PageToken::new(3, 2).encode();
     let r = h
         .get(&format!("/fleet/v1/units?nextPageToken={token}"))
@@ -216,15 +222,7 @@ async fn a_token_from_elsewhere_is_counted_from_the_first_unit() {
 /// unit (or skipped one). Each listing now carries its own number in its tokens.
 #[tokio::test]
 async fn two_listings_at_once_each_go_on_from_their_own_page() {
-    let reg = registry(7).await;
-    let h = Harness::with_registry(
-        reg.clone(),
-        ApiConfig {
-            token_limit: 3,
-            ..ApiConfig::default()
-        },
-    )
-    .await;
+    let (reg, h) = seven_units_in_pages_of_three().await;
     let page = |v: serde_json::Value| -> (Vec<String>, String) {
         let names = v["units"]
             .as_array()

@@ -663,14 +663,10 @@ async fn a_burst_is_written_in_a_few_transactions() {
     assert_eq!(store.engine_txns() - before, 100u64.div_ceil(per_txn));
 }
 
-/// Regression: an at-most-once unit moved between two live machines (here its options now
-/// name another machine) was taken off one and placed on the other in one write, so the new
-/// machine could start it before the old one stopped it. It is taken off first, and placed
-/// elsewhere only once the old copy has surely stopped.
-#[tokio::test(start_paused = true)]
-async fn an_at_most_once_unit_moves_between_live_machines_in_two_steps() {
+/// Machines m1 and m2 and an at-most-once unit `once.service` running on m1 whose options now
+/// name m2; and how long a move of it between two live machines waits.
+async fn at_most_once_bound_elsewhere() -> (MemoryStore, Duration) {
     let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
-    let hold = timing.start_after + timing.ttl;
     let store = MemoryStore::default();
     add_machine(&store, "m1");
     add_machine(&store, "m2");
@@ -689,6 +685,16 @@ async fn an_at_most_once_unit_moves_between_live_machines_in_two_steps() {
         serde_json::to_vec(&rec).expect("json"),
     );
     store.put(&store.keys().placement("once.service"), "m1");
+    (store, timing.start_after + timing.ttl)
+}
+
+/// Regression: an at-most-once unit moved between two live machines (here its options now
+/// name another machine) was taken off one and placed on the other in one write, so the new
+/// machine could start it before the old one stopped it. It is taken off first, and placed
+/// elsewhere only once the old copy has surely stopped.
+#[tokio::test(start_paused = true)]
+async fn an_at_most_once_unit_moves_between_live_machines_in_two_steps() {
+    let (store, hold) = at_most_once_bound_elsewhere().await;
     let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
     elect(&mut engine).await;
     engine.handle(Event::Tick).await;
@@ -792,26 +798,7 @@ async fn a_machine_whose_record_cannot_be_read_keeps_its_units() {
 /// and placed the unit before the hold from that election was over.
 #[tokio::test(start_paused = true)]
 async fn a_leader_elected_again_waits_from_its_new_election() {
-    let timing = fleet_registry::AtMostOnce::for_ttl(TTL);
-    let hold = timing.start_after + timing.ttl;
-    let store = MemoryStore::default();
-    add_machine(&store, "m1");
-    add_machine(&store, "m2");
-    let unit: UnitName = "once.service".parse().expect("name");
-    let file = UnitFile::parse(
-        "[Service]\nExecStart=/bin/true\n[X-Fleet]\nMachineID=m2\nAtMostOnce=true\n",
-    )
-    .expect("unit");
-    store
-        .create_unit(&unit, &file, TargetState::Launched)
-        .await
-        .expect("create");
-    let rec = records::schedule(file.hash(), TargetState::Launched);
-    store.put(
-        &store.keys().schedule("m1", "once.service"),
-        serde_json::to_vec(&rec).expect("json"),
-    );
-    store.put(&store.keys().placement("once.service"), "m1");
+    let (store, hold) = at_most_once_bound_elsewhere().await;
     let mut engine = Engine::new(Arc::new(store.clone()), config("m1"), Metrics::new());
     elect(&mut engine).await;
     engine.handle(Event::Tick).await;

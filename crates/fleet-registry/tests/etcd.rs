@@ -682,15 +682,8 @@ async fn put_elsewhere(members: &[EtcdServer], frozen: usize, key: &str) {
     panic!("cannot write {key} through the members left");
 }
 
-/// A watch open on a member that is cut off from the others (here: frozen) sees no event and
-/// no error. Once the health monitor takes that member out, the agent's and the engine's
-/// list-watches list again and watch on the members left. Each member is frozen in turn, so
-/// one round freezes the member the watch sits on. Before, that round saw nothing until the
-/// stream broke on its own seconds later (4.8 s and 9.7 s in two runs), and the agent was
-/// told etcd was lost meanwhile; now the watch moves at once, with no disconnection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_watch_on_a_member_taken_out_moves_to_the_others() {
-    let members = etcd_cluster();
+/// A registry on every member of `members`, once the cluster answers.
+async fn cluster_registry(members: &[EtcdServer]) -> EtcdRegistry {
     let cfg = EtcdConfig {
         endpoints: members.iter().map(|m| m.endpoint().to_string()).collect(),
         key_prefix: "/test/".into(),
@@ -703,6 +696,19 @@ async fn a_watch_on_a_member_taken_out_moves_to_the_others() {
     })
     .await;
     assert!(ready, "the etcd cluster did not come up");
+    r
+}
+
+/// A watch open on a member that is cut off from the others (here: frozen) sees no event and
+/// no error. Once the health monitor takes that member out, the agent's and the engine's
+/// list-watches list again and watch on the members left. Each member is frozen in turn, so
+/// one round freezes the member the watch sits on. Before, that round saw nothing until the
+/// stream broke on its own seconds later (4.8 s and 9.7 s in two runs), and the agent was
+/// told etcd was lost meanwhile; now the watch moves at once, with no disconnection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_on_a_member_taken_out_moves_to_the_others() {
+    let members = etcd_cluster();
+    let r = cluster_registry(&members).await;
     let mut rx = r.watch_agent("m1", None);
     let first = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -755,18 +761,7 @@ async fn a_watch_on_a_member_taken_out_moves_to_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_stream_on_a_member_taken_out_moves_to_the_others() {
     let members = etcd_cluster();
-    let cfg = EtcdConfig {
-        endpoints: members.iter().map(|m| m.endpoint().to_string()).collect(),
-        key_prefix: "/test/".into(),
-        request_timeout: Duration::from_secs(1),
-        ..Default::default()
-    };
-    let r = EtcdRegistry::connect(&cfg).await.expect("connect");
-    let ready = fleet_testutil::eventually(Duration::from_secs(20), || async {
-        r.units().await.is_ok()
-    })
-    .await;
-    assert!(ready, "the etcd cluster did not come up");
+    let r = cluster_registry(&members).await;
     let mut rx = r
         .events(&fleet_registry::EventQuery::default())
         .await
