@@ -102,21 +102,12 @@ impl EtcdRegistry {
             // A prefix read of units/a.service also matches units/a.service2.
             units.retain(|u| &u.name == n);
         }
-        let context = records::UnitContext::read(&self.keys, &kvs);
-        let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
         if only.is_none() {
             // every live body is known here: forget those of units destroyed or replaced
+            let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
             self.prune_bodies(&hashes);
         }
-        let bodies = self.bodies(&hashes).await?;
-        let mut out = Vec::with_capacity(units.len());
-        for u in units {
-            let Some(file) = bodies.get(&u.hash).cloned() else {
-                warn!(unit = %u.name, hash = %u.hash, "unit body missing; skipping unit");
-                continue;
-            };
-            out.push(context.view(u, file));
-        }
+        let mut out = self.views_of(units, &kvs).await?;
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
     }
