@@ -155,9 +155,12 @@ pub(crate) struct Engine {
     moving: HashMap<String, (String, Instant)>,
     /// When the last reconcile ran (a change after a quiet spell is acted on promptly).
     last_reconcile: Option<Instant>,
-    /// How long the last reconcile took: the engine rests as long before the next one
-    /// (see [`reconcile_delay`]).
+    /// How long the last reconcile took to decide: the engine rests as long before the next
+    /// one (see [`reconcile_delay`]).
     last_took: Duration,
+    /// How long the last reconcile took to decide, its writes not counted (`None`: it ended
+    /// before it had decided, and its whole time counts).
+    deciding: Option<Duration>,
     /// How many changes the mirror has taken in (listings and watch events). Not its
     /// revision: the ranges' watchers deliver out of step, so an event of one range may come
     /// after a later revision of another.
@@ -225,9 +228,16 @@ impl Engine {
             moving: HashMap::new(),
             last_reconcile: None,
             last_took: Duration::ZERO,
+            deciding: None,
             mirror_changes: 0,
             settled_at: None,
         }
+    }
+
+    /// How long the engine rests after its last reconcile (see [`reconcile_delay`]).
+    #[cfg(test)]
+    pub(crate) fn rest(&self) -> Duration {
+        self.last_took
     }
 
     #[cfg(test)]
@@ -341,11 +351,15 @@ impl Engine {
                         let due = now + (self.last_took - rested);
                         self.deadline = Some(self.deadline.map_or(due, |d| d.min(due)));
                     } else if self.reconcile().await {
+                        // the rest is as long as the deciding took, not the writing: a mass
+                        // reschedule's writes wait seconds on etcd with the engine idle, and
+                        // the machines that left meanwhile waited that long again (bounded
+                        // by the interval)
                         let end = Instant::now();
-                        // (bounded by the interval: a write that waited out a timeout does
-                        // not hold the next reconcile longer than the interval would)
-                        self.last_took = end
-                            .saturating_duration_since(now)
+                        let took = end.saturating_duration_since(now);
+                        self.last_took = self
+                            .deciding
+                            .unwrap_or(took)
                             .min(self.cfg.reconcile_interval);
                         self.last_reconcile = Some(end);
                     }
@@ -571,6 +585,7 @@ impl Engine {
             return false;
         }
         self.settled_at = None;
+        self.deciding = None;
         self.decide().await;
         true
     }
@@ -716,6 +731,7 @@ impl Engine {
         self.refused.retain(|_, until| now < *until);
         ops.retain(|op| !self.refused.contains_key(op.unit()));
         report_failures(&self.metrics, &snap, &plan, &ops);
+        self.deciding = Some(started.elapsed());
         if ops.is_empty() {
             if timeless && self.refused.is_empty() {
                 self.settled_at = Some(self.mirror_changes);

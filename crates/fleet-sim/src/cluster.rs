@@ -207,6 +207,21 @@ impl Cluster {
         by_unit
     }
 
+    /// How many placements [`Self::placed`] would list (a unit on two machines counts
+    /// twice), counted without copying a name.
+    pub fn placed_count(&self, failed: bool) -> usize {
+        self.live()
+            .map(|m| {
+                m.systemd.count_in("active")
+                    + if failed {
+                        m.systemd.count_in("failed")
+                    } else {
+                        0
+                    }
+            })
+            .sum()
+    }
+
     /// How many units are failed on live machines.
     pub fn failed_count(&self) -> usize {
         self.live()

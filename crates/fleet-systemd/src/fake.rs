@@ -213,6 +213,16 @@ impl FakeUnitManager {
         self.units_in("active")
     }
 
+    /// How many units are in `active_state` (what [`Self::units_in`] would list, without
+    /// copying a name).
+    pub fn count_in(&self, active_state: &str) -> usize {
+        self.lock()
+            .units
+            .values()
+            .filter(|s| s.active_state == active_state)
+            .count()
+    }
+
     /// Units whose `active_state` is `active_state` now.
     pub fn units_in(&self, active_state: &str) -> Vec<String> {
         self.lock()

@@ -191,8 +191,15 @@ impl EtcdRegistry {
                     fence,
                 )])
                 .and_then(chunk);
+            let mut kv = self.kv();
             let resp = self
-                .txn(OpKind::Set, "writing engine decisions", &leader, txn)
+                .timed_within(
+                    self.timeout.saturating_mul(DECISION_TIMEOUT_FACTOR),
+                    OpKind::Set,
+                    "writing engine decisions",
+                    &leader,
+                    kv.txn(txn),
+                )
                 .await?;
             if !resp.succeeded() {
                 return Err(RegistryError::NotLeader);
@@ -203,10 +210,17 @@ impl EtcdRegistry {
     }
 }
 
+/// How many request timeouts a transaction of decisions may take. Under load (a mass
+/// reschedule beside a thousand agents starting what it wrote) one took more than the 1 s
+/// request timeout, and a write that times out costs the leader a new listing of every
+/// unit (its mirror may lack the write): seconds at 100,000 units. Waiting longer for the
+/// answer is the cheaper of the two; an etcd that does not answer at all still ends it.
+const DECISION_TIMEOUT_FACTOR: u32 = 5;
+
 /// How many transactions of decisions [`EtcdRegistry::apply_batches`] keeps in flight: etcd
 /// commits concurrent proposals together, so a burst's writes cost a few round trips, not
 /// one per batch.
-const TXNS_IN_FLIGHT: usize = 8;
+const TXNS_IN_FLIGHT: usize = 32;
 
 /// The etcd operations of `ops`, in transactions of at most [`MAX_TXN_OPS`]; a transaction
 /// never splits one decision's group.

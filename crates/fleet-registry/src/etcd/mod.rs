@@ -207,11 +207,26 @@ impl EtcdRegistry {
     where
         F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
     {
+        self.timed_within(self.timeout, kind, op, key, f).await
+    }
+
+    /// [`Self::timed`] with its own bound `limit` instead of the request timeout.
+    async fn timed_within<T, F>(
+        &self,
+        limit: Duration,
+        kind: OpKind,
+        op: &'static str,
+        key: &str,
+        f: F,
+    ) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         let started = std::time::Instant::now();
-        let result = match tokio::time::timeout(self.timeout, f).await {
+        let result = match tokio::time::timeout(limit, f).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(self.failed(op, key, source)),
-            Err(_) => Err(self.timed_out(op, key)),
+            Err(_) => Err(self.timed_out(op, key, limit)),
         };
         self.metrics
             .registry_op(kind.metric(), started.elapsed(), result.is_ok());
@@ -231,12 +246,12 @@ impl EtcdRegistry {
         }
     }
 
-    fn timed_out(&self, op: &'static str, key: &str) -> RegistryError {
+    fn timed_out(&self, op: &'static str, key: &str, after: Duration) -> RegistryError {
         self.health.suspect();
         RegistryError::Timeout {
             op,
             key: key.to_string(),
-            after: self.timeout,
+            after,
         }
     }
 
@@ -280,7 +295,7 @@ impl EtcdRegistry {
             .await
             .map_err(|e| match e {
                 ListError::Etcd(source) => self.failed(op, first, source),
-                ListError::Timeout => self.timed_out(op, first),
+                ListError::Timeout => self.timed_out(op, first, self.timeout),
             });
         self.metrics
             .registry_op(OpKind::GetAll.metric(), started.elapsed(), result.is_ok());
