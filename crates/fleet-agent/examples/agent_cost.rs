@@ -8,9 +8,9 @@
 //! One agent on the in-memory twins of etcd ([`MemoryStore`]) and systemd
 //! ([`FakeUnitManager`]), as the agent's own tests run it, in paused time (so the figures are
 //! CPU, never waiting): everything runs on this thread, and the CPU time is this thread's
-//! (`/proc/thread-self/schedstat`). The machine also runs 3 global units (one bound to
-//! metadata it has, one in conflict with a group of scheduled units) and 5 % of the units
-//! are in conflict groups, as fleet-sim submits them. The 5 s tick's full pass runs as it
+//! (`CLOCK_THREAD_CPUTIME_ID`). The machine also runs 3 global units (one bound to
+//! metadata it has, one in conflict with a unit that arrives half-way, and stops then) and
+//! 5 % of the units are in conflict groups, as fleet-sim submits them. The 5 s tick's full pass runs as it
 //! would, every 5 s of virtual time.
 
 use std::collections::BTreeMap;
@@ -29,10 +29,8 @@ const M1: &str = "m1";
 
 /// This thread's CPU time so far, in nanoseconds.
 fn cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 fn published_active(store: &MemoryStore, unit: &str) -> bool {
@@ -126,7 +124,10 @@ async fn one_run(n: usize, batch: usize) -> Figures {
     // the units: 5 % in conflict groups, the rest plain, each with a body of its own
     let units: Vec<(String, UnitFile)> = (0..n)
         .map(|i| {
-            if i % 20 == 7 {
+            if i == n / 2 {
+                // in conflict with a global unit: it stops there (a full pass, at once)
+                (format!("sim-lonely-{i}.service"), records::body(i as u32))
+            } else if i % 20 == 7 {
                 let name = format!("sim-spread-{i}.service");
                 let text =
                     format!("[Service]\nExecStart=/bin/sleep {i}\n[X-Fleet]\nConflicts=sim-spread-{i}-*.service\n");
@@ -159,6 +160,7 @@ async fn one_run(n: usize, batch: usize) -> Figures {
     let late_per_event_ns = late.iter().sum::<u64>() / late.len() as u64;
     shutdown.cancel();
     let _ = agent.await;
+    // every unit, and the globals but the one in conflict with sim-lonely
     assert_eq!(systemd.active_units().len(), n + 2, "every unit runs");
     Figures {
         events: per_event.len(),
