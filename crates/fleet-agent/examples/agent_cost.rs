@@ -54,7 +54,10 @@ async fn settled(store: &MemoryStore, names: &[String]) {
     while !names.iter().all(|n| published_active(store, n)) {
         tokio::time::sleep(Duration::from_millis(1)).await;
         waited += Duration::from_millis(1);
-        assert!(waited < Duration::from_secs(60), "units never settled: {names:?}");
+        assert!(
+            waited < Duration::from_secs(60),
+            "units never settled: {names:?}"
+        );
     }
 }
 
@@ -105,9 +108,7 @@ async fn one_run(n: usize, batch: usize) -> Figures {
     ];
     let mut global_names = Vec::new();
     for (name, x_fleet) in globals {
-        let file = records::file(&format!(
-            "[Service]\nExecStart=/bin/sleep 1d\n{x_fleet}"
-        ));
+        let file = records::file(&format!("[Service]\nExecStart=/bin/sleep 1d\n{x_fleet}"));
         create(&store, name, &file).await;
         let rec = GlobalRecord {
             version: 1,
