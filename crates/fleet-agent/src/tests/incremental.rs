@@ -191,14 +191,14 @@ async fn partial_reconciles_end_where_full_passes_do() {
             TargetState::Loaded,
             TargetState::Inactive,
         ];
-        for round in 0..40 {
+        for round in 0..150 {
             let events = 1 + rng.below(3);
             let mut log = Vec::new();
             for _ in 0..events {
                 let unit = units[rng.below(units.len())].as_str();
                 let global = globals[rng.below(globals.len())];
                 let state = states[rng.below(states.len())];
-                let what = rng.below(20);
+                let what = rng.below(22);
                 let p = rng.below(plain.len());
                 let s = rng.below(special.len());
                 let g = rng.below(global_bodies.len());
