@@ -510,6 +510,7 @@ impl Agent {
             || full
             || !self.incremental
             || !self.adopted.is_empty()
+            // (fenced: `fenced` asked for one already; this one is for good measure)
             || self.fence.is_fenced();
         let complete = if full {
             self.reconcile_all().await
@@ -545,7 +546,7 @@ impl Agent {
         };
         let mut unreadable: Vec<String> = Vec::new();
         let mut at_most_once_wanted = BTreeSet::new();
-        let (mut desired, refused) = {
+        let (desired, refused) = {
             let mut scheduled = Vec::with_capacity(self.mirror.schedule.len());
             let mut globals = Vec::with_capacity(self.mirror.globals.len());
             for (global, part) in [(true, &self.mirror.globals), (false, &self.mirror.schedule)] {
@@ -578,7 +579,7 @@ impl Agent {
             }
             desired_units(&machine, &scheduled, &globals)
         };
-        let mut desired: BTreeMap<String, Desired> = std::mem::take(&mut desired)
+        let mut desired: BTreeMap<String, Desired> = desired
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
