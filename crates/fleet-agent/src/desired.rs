@@ -232,5 +232,38 @@ mod tests {
         let (desired, refused) = desired_units(&machine, &scheduled, &globals);
         assert_eq!(desired.keys().collect::<Vec<_>>(), [&name("a.service")]);
         assert_eq!(refused.keys().collect::<Vec<_>>(), [&name("g.service")]);
+        assert_eq!(
+            refused.get("g.service").map(String::as_str),
+            Some("conflicts with a.service on machine m1")
+        );
+        // a conflict either way, with an admitted global unit too; the first by name is named
+        let (b, h, k) = (name("b.service"), name("h.service"), name("k.service"));
+        let shy = req("[X-Fleet]\nConflicts=h.service\n");
+        let (global, h_req) = (
+            req("[X-Fleet]\nGlobal=true\n"),
+            req("[X-Fleet]\nGlobal=true\nConflicts=k.service\n"),
+        );
+        let scheduled = [
+            c(&a, 1, TargetState::Launched, &plain),
+            c(&b, 2, TargetState::Launched, &shy),
+        ];
+        let globals = [
+            c(&h, 3, TargetState::Launched, &h_req),
+            c(&k, 4, TargetState::Launched, &global),
+        ];
+        let (desired, refused) = desired_units(&machine, &scheduled, &globals);
+        // h gave way to b, so k runs
+        assert_eq!(desired.keys().collect::<Vec<_>>(), [&a, &b, &k]);
+        assert_eq!(
+            refused.get("h.service").map(String::as_str),
+            Some("conflicts with b.service on machine m1")
+        );
+        // without b, h runs and k gives way to it
+        let (desired, refused) = desired_units(&machine, &scheduled[..1], &globals);
+        assert_eq!(desired.keys().collect::<Vec<_>>(), [&a, &h]);
+        assert_eq!(
+            refused.get("k.service").map(String::as_str),
+            Some("conflicts with h.service on machine m1")
+        );
     }
 }
