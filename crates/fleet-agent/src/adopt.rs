@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use fleet_unit::{TargetState, UnitFile, UnitName};
+use fleet_unit::{TargetState, UnitFile};
 use tracing::{info, warn};
 
 use crate::agent::Agent;
@@ -75,7 +75,7 @@ impl Agent {
     /// For units taken over at start: when the file on disk says exactly what the registry's
     /// body says, the unit is the one wanted, whatever its hash computed from disk (a file
     /// written from API options may hash differently once re-read).
-    pub(crate) async fn resolve_adopted(&mut self, desired: &BTreeMap<UnitName, Desired>) {
+    pub(crate) async fn resolve_adopted(&mut self, desired: &BTreeMap<String, Desired>) {
         if self.adopted.is_empty() {
             return;
         }

@@ -2,7 +2,7 @@
 //! `plan.rs`; carrying them out in `executor.rs`; states in `publish.rs`; taking over a
 //! predecessor's units in `adopt.rs`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,9 +17,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::desired::{Desired, desired_units, read_watched};
+use crate::desired::{Candidate, Desired, desired_units};
 use crate::faults::Faults;
 use crate::fence::Fence;
+use crate::mirror::{Change, Entry, Mirror};
 use crate::plan::Current;
 use crate::publish::Publisher;
 
@@ -33,7 +34,8 @@ const DEBOUNCE: Duration = Duration::from_millis(30);
 /// the agent reconciles: a single unit scheduled here is not held for a burst that is not
 /// coming; a burst's later events are gathered for [`DEBOUNCE`] as ever.
 const PROMPT: Duration = Duration::from_millis(2);
-/// How often the agent compares what runs with what is wanted, and retries failed writes.
+/// How often the agent compares what runs with what is wanted, unit by unit (the full pass),
+/// and retries failed writes.
 const TICK: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
@@ -57,7 +59,10 @@ enum Event {
     LeaseLost,
     /// The guard of at-most-once units fenced them, or lifted the fence.
     Fence,
+    /// The periodic tick: a full pass.
     Tick,
+    /// A reconcile is due after a watch event (or the fence lifted).
+    Due,
     Shutdown,
 }
 
@@ -75,16 +80,29 @@ pub(crate) struct Agent {
     /// The fence's [`Fence::raised`] when this agent last looked: when it has moved on, the
     /// guard stopped the at-most-once units, even if the fence is down again by now.
     fences_seen: u64,
-    /// The watched keys and values: this machine's schedule, the global units, its metadata.
-    mirror: BTreeMap<String, Vec<u8>>,
+    /// The watched keys, decoded: this machine's schedule, the global units, its metadata,
+    /// with the requirements of the bodies read so far.
+    mirror: Mirror,
+    /// Units whose schedule record changed since the last reconcile: unless something
+    /// touched every unit (`full_next`), a reconcile looks at these (and the failing ones)
+    /// only, so that a unit scheduled here costs the same with 10 or 1,000 units running.
+    changed: BTreeSet<UnitName>,
+    /// The next reconcile must look at every unit: a listing, a global unit or the metadata
+    /// changed, a change touched a global unit's eligibility (`Conflicts`), the fence moved,
+    /// or the last reconcile did not finish. The periodic tick always does.
+    full_next: bool,
+    /// Whether reconciles may look at the changed units only (false: every reconcile is a
+    /// full pass, the reference the tests compare with).
+    incremental: bool,
+    /// The scheduled units whose body says `AtMostOnce=true` (kept unit by unit, so that a
+    /// partial reconcile hands the fence the same set as a full pass).
+    at_most_once_wanted: BTreeSet<String>,
     /// Whether `mirror` is a fresh snapshot: only then does the agent act on it ("unknown is
     /// not empty": while disconnected, nothing is stopped).
     synced: bool,
     /// A daemon-reload failed (or a start failed after one was skipped): the next converge
     /// makes one, whatever its batch holds.
     pub(crate) reload_owed: bool,
-    /// Requirements of unit bodies already read (bodies never change under a hash).
-    requirements: HashMap<(UnitName, UnitHash), Requirements>,
     /// What this agent has done with each unit it manages.
     pub(crate) current: BTreeMap<String, Current>,
     /// systemd's last word on each managed unit.
@@ -116,6 +134,20 @@ pub async fn run(
     shutdown: CancellationToken,
     purge: Arc<AtomicBool>,
 ) -> Result<(), RegistryError> {
+    run_with(store, systemd, cfg, metrics, shutdown, purge, true).await
+}
+
+/// [`run`], choosing whether reconciles may look at the changed units only (`incremental`)
+/// or always at every unit (the tests' reference).
+pub(crate) async fn run_with(
+    store: Arc<dyn AgentStore>,
+    systemd: Arc<dyn UnitManager>,
+    cfg: AgentConfig,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    purge: Arc<AtomicBool>,
+    incremental: bool,
+) -> Result<(), RegistryError> {
     let token = agent_token(&cfg.units_directory);
     let record = MachineRecord {
         version: 1,
@@ -137,6 +169,7 @@ pub async fn run(
         BTreeSet::new(),
         None,
     );
+    let mirror = Mirror::new(store.keys(), &cfg.machine_id);
     let mut agent = Agent {
         publisher: Publisher::new(store.clone(), cfg.machine_id.clone()),
         store,
@@ -147,10 +180,13 @@ pub async fn run(
         lease,
         fences_seen: fence.raised(),
         fence,
-        mirror: BTreeMap::new(),
+        mirror,
+        changed: BTreeSet::new(),
+        full_next: true,
+        incremental,
+        at_most_once_wanted: BTreeSet::new(),
         synced: false,
         reload_owed: false,
-        requirements: HashMap::new(),
         current: BTreeMap::new(),
         systemd_states: BTreeMap::new(),
         watching: WatchSet::new(),
@@ -245,7 +281,7 @@ impl Agent {
                     _ = self.lease.lost() => Event::LeaseLost,
                     _ = self.fence.changed() => Event::Fence,
                     _ = tick.tick() => Event::Tick,
-                    _ = soon => { deadline = None; Event::Tick }
+                    _ = soon => { deadline = None; Event::Due }
                 }
             };
             match event {
@@ -281,6 +317,7 @@ impl Agent {
                 }
                 Event::LeaseLost => self.reregister(&shutdown).await,
                 Event::Fence => {
+                    self.full_next = true;
                     let raised = self.fence.raised();
                     let missed = raised != self.fences_seen;
                     self.fences_seen = raised;
@@ -295,14 +332,15 @@ impl Agent {
                         deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
-                Event::Tick => {
+                Event::Tick | Event::Due => {
                     if self.publisher.has_unsent() {
                         self.retry_unsent().await;
                     }
-                    // after a change, and periodically: does what runs match what is wanted?
-                    // (a reconcile that could not finish is simply tried at the next tick)
+                    // after a change, and periodically (every unit): does what runs match
+                    // what is wanted? (a reconcile that could not finish is simply tried at
+                    // the next tick)
                     if self.synced {
-                        self.reconcile().await;
+                        self.reconcile(matches!(event, Event::Tick)).await;
                         last_reconcile = Some(tokio::time::Instant::now());
                     }
                 }
@@ -357,16 +395,19 @@ impl Agent {
     fn apply_watch(&mut self, ev: WatchEvent) -> bool {
         match ev {
             WatchEvent::Snapshot { kvs, .. } => {
-                self.mirror = kvs.into_iter().collect();
+                self.mirror.replace(kvs);
                 self.synced = true;
+                self.full_next = true;
                 true
             }
             WatchEvent::Put { key, value, .. } => {
-                self.mirror.insert(key, value);
+                let change = self.mirror.put(&key, &value);
+                self.note(change);
                 true
             }
             WatchEvent::Delete { key, .. } => {
-                self.mirror.remove(&key);
+                let change = self.mirror.delete(&key);
+                self.note(change);
                 true
             }
             WatchEvent::Disconnected => {
@@ -378,117 +419,184 @@ impl Agent {
         }
     }
 
-    /// Learns the requirements of the units among `wanted` not seen before, their bodies read
-    /// in a few requests rather than one after the other (a burst brings hundreds at once).
-    /// What this cannot read is left to [`Self::requirements_of`], unit by unit.
-    async fn read_new_bodies(&mut self, wanted: &[crate::desired::Wanted]) {
-        let new: Vec<&crate::desired::Wanted> = wanted
-            .iter()
-            .filter(|w| !self.requirements.contains_key(&(w.name.clone(), w.hash)))
-            .collect();
-        if new.len() < 2 {
-            return;
-        }
-        let mut hashes: Vec<UnitHash> = new.iter().map(|w| w.hash).collect();
-        hashes.sort_unstable();
-        hashes.dedup();
-        let Ok(bodies) = self.store.bodies(&hashes).await else {
-            return;
-        };
-        for w in new {
-            if let Some(file) = bodies.get(&w.hash) {
-                let req = requirements(&w.name, file);
-                self.requirements.insert((w.name.clone(), w.hash), req);
+    /// Records what an event changed for the next reconcile.
+    fn note(&mut self, change: Change) {
+        match change {
+            Change::Scheduled { name, old } => {
+                // the version a global unit's eligibility was last decided with
+                if self.touches_globals(name.as_str(), old.as_ref().and_then(Entry::req)) {
+                    self.full_next = true;
+                }
+                self.changed.insert(name);
             }
+            Change::Global => self.full_next = true,
+            Change::Nothing => {}
         }
     }
 
-    async fn requirements_of(
+    /// Whether the scheduled unit `name` (with `req`) may bear on a global unit's eligibility
+    /// here: it is named as one, or it is in conflict with one either way (the rule's only
+    /// use of the other units). A global unit whose requirements are not known counts as
+    /// touched.
+    fn touches_globals(&self, name: &str, req: Option<&Requirements>) -> bool {
+        self.mirror.globals.iter().any(|(g, entry)| {
+            g.as_str() == name
+                || match entry {
+                    Entry::Readable {
+                        req: Some(greq), ..
+                    } => {
+                        greq.conflicts_with(name)
+                            || req.is_some_and(|r| r.conflicts_with(g.as_str()))
+                    }
+                    Entry::Readable { req: None, .. } => true,
+                    Entry::Unreadable => false,
+                }
+        })
+    }
+
+    /// Learns the requirements of `missing` (`(global, name, hash)`, in key order), their
+    /// bodies read in a few requests rather than one after the other (a burst brings
+    /// hundreds at once), then one by one what that did not bring. A body that cannot be used
+    /// leaves its entry without requirements (the unit is left as it is); an error when the
+    /// registry cannot be reached.
+    async fn learn_requirements(
         &mut self,
-        name: &UnitName,
-        hash: UnitHash,
-    ) -> Result<Requirements, RegistryError> {
-        if let Some(r) = self.requirements.get(&(name.clone(), hash)) {
-            return Ok(r.clone());
+        missing: Vec<(bool, UnitName, UnitHash)>,
+    ) -> Result<(), RegistryError> {
+        let mut bodies = HashMap::new();
+        if missing.len() >= 2 {
+            let mut hashes: Vec<UnitHash> = missing.iter().map(|(_, _, h)| *h).collect();
+            hashes.sort_unstable();
+            hashes.dedup();
+            if let Ok(b) = self.store.bodies(&hashes).await {
+                bodies = b;
+            }
         }
-        let file = self.store.body(&hash).await?;
-        let req = requirements(name, &file);
-        self.requirements.insert((name.clone(), hash), req.clone());
-        Ok(req)
+        for (global, name, hash) in missing {
+            let req = match bodies.get(&hash) {
+                Some(file) => requirements(&name, file),
+                None => match self.store.body(&hash).await {
+                    Ok(file) => requirements(&name, &file),
+                    Err(e) if e.is_unavailable() => {
+                        warn!(unit = %name, error = %e, "cannot read unit body; will retry");
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        // a body missing or damaged for good: this unit cannot be
+                        // (re)written, but it must not hold up every other unit of this machine
+                        warn!(unit = %name, error = %e, "unusable unit body; leaving the unit as it is");
+                        continue;
+                    }
+                },
+            };
+            if let Some(Entry::Readable { req: slot, .. }) =
+                self.mirror.entry_mut(global, name.as_str())
+            {
+                *slot = Some(Arc::new(req));
+            }
+        }
+        Ok(())
     }
 
-    /// Brings systemd in line with the mirror. Returns false when it could not finish (a
-    /// registry error reading a body) and should be tried again.
-    async fn reconcile(&mut self) -> bool {
-        let watched = read_watched(
-            self.store.keys(),
-            &self.cfg.machine_id,
-            &self.cfg.metadata,
-            &self.mirror,
-        );
-        let mut unreadable = watched.unreadable;
-        let mut scheduled = BTreeMap::new();
-        let mut globals = BTreeMap::new();
-        // at-most-once units wanted here, and those still here that were (unreadable now)
-        let mut at_most_once: BTreeSet<String> = self
-            .fence
-            .units()
-            .into_iter()
-            .filter(|n| self.current.contains_key(n))
+    /// Brings systemd in line with the mirror: with `full` (the periodic tick), or when a
+    /// change may bear on every unit (`full_next`), by a pass over every unit; otherwise over
+    /// the units whose records changed since the last reconcile, and the failing ones. Both
+    /// decide the same: after a reconcile that finished, every other unit already is where
+    /// its unchanged record wants it. Returns false when it could not finish (a registry
+    /// error reading a body) and should be tried again (then by a full pass).
+    async fn reconcile(&mut self, full: bool) -> bool {
+        let changed = std::mem::take(&mut self.changed);
+        let full = std::mem::take(&mut self.full_next)
+            || full
+            || !self.incremental
+            || !self.adopted.is_empty()
+            // (fenced: `fenced` asked for one already; this one is for good measure)
+            || self.fence.is_fenced();
+        let complete = if full {
+            self.reconcile_all().await
+        } else {
+            self.reconcile_changed(changed).await
+        };
+        if !complete {
+            self.full_next = true;
+        }
+        complete
+    }
+
+    /// The full pass: every unit of the mirror.
+    async fn reconcile_all(&mut self) -> bool {
+        let missing: Vec<(bool, UnitName, UnitHash)> = (self.mirror.globals.iter())
+            .map(|(n, e)| (true, n, e))
+            .chain(self.mirror.schedule.iter().map(|(n, e)| (false, n, e)))
+            .filter_map(|(global, name, entry)| match entry {
+                Entry::Readable {
+                    hash, req: None, ..
+                } => Some((global, name.clone(), *hash)),
+                _ => None,
+            })
             .collect();
-        // the requirements of units no longer watched (destroyed, replaced) are forgotten
-        if self.requirements.len() > 2 * watched.wanted.len() + 64 {
-            let live: HashSet<(UnitName, UnitHash)> = watched
-                .wanted
-                .iter()
-                .map(|w| (w.name.clone(), w.hash))
-                .collect();
-            self.requirements.retain(|k, _| live.contains(k));
+        if self.learn_requirements(missing).await.is_err() {
+            return false;
         }
-        self.read_new_bodies(&watched.wanted).await;
-        for w in watched.wanted {
-            let req = match self.requirements_of(&w.name, w.hash).await {
-                Ok(r) => r,
-                Err(e) if e.is_unavailable() => {
-                    warn!(unit = %w.name, error = %e, "cannot read unit body; will retry");
-                    return false;
-                }
-                Err(e) => {
-                    // a body missing or damaged for good: this unit cannot be (re)written,
-                    // but it must not hold up every other unit of this machine
-                    warn!(unit = %w.name, error = %e, "unusable unit body; leaving the unit as it is");
-                    unreadable.push(w.name);
-                    continue;
-                }
-            };
-            if req.at_most_once && !w.global {
-                at_most_once.insert(w.name.to_string());
-            }
-            let to = if w.global {
-                &mut globals
-            } else {
-                &mut scheduled
-            };
-            to.insert(w.name, (w.hash, w.state, req));
-        }
+        let mut metadata = self.cfg.metadata.clone();
+        metadata.extend((self.mirror.metadata.iter()).map(|(k, v)| (k.clone(), v.clone())));
         let machine = Machine {
             id: self.cfg.machine_id.clone(),
-            metadata: watched.metadata,
+            metadata,
         };
-        let (mut desired, refused) = desired_units(&machine, &scheduled, &globals);
+        let mut unreadable: Vec<String> = Vec::new();
+        let mut at_most_once_wanted = BTreeSet::new();
+        let (desired, refused) = {
+            let mut scheduled = Vec::with_capacity(self.mirror.schedule.len());
+            let mut globals = Vec::with_capacity(self.mirror.globals.len());
+            for (global, part) in [(true, &self.mirror.globals), (false, &self.mirror.schedule)] {
+                for (name, entry) in part {
+                    match entry {
+                        Entry::Readable {
+                            hash,
+                            state,
+                            req: Some(req),
+                        } => {
+                            if req.at_most_once && !global {
+                                at_most_once_wanted.insert(name.to_string());
+                            }
+                            let c = Candidate {
+                                name,
+                                hash: *hash,
+                                state: *state,
+                                requirements: req,
+                            };
+                            if global {
+                                globals.push(c);
+                            } else {
+                                scheduled.push(c);
+                            }
+                        }
+                        // a record not understood, or a body that cannot be used
+                        _ => unreadable.push(name.to_string()),
+                    }
+                }
+            }
+            desired_units(&machine, &scheduled, &globals)
+        };
+        let mut desired: BTreeMap<String, Desired> = desired
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         // what cannot be read stays as it is: never stopped because of a record we do not
         // understand
         for name in unreadable {
-            if let Some(cur) = self.current.get(name.as_str()) {
-                desired.insert(
-                    name,
-                    Desired {
-                        hash: cur.hash,
-                        state: cur.state,
-                    },
-                );
+            if let Some(cur) = self.current.get(&name) {
+                let keep = Desired {
+                    hash: cur.hash,
+                    state: cur.state,
+                };
+                desired.insert(name, keep);
             }
         }
+        // at-most-once units wanted here, and those still here that were (unreadable now)
+        self.at_most_once_wanted = at_most_once_wanted;
+        let at_most_once = self.at_most_once_units();
         // fenced: at-most-once units stay loaded, not running (recorded before any start)
         let fenced = self.fence.set_units(at_most_once.clone());
         if fenced {
@@ -505,7 +613,7 @@ impl Agent {
             }
             self.refused_globals = refused;
         }
-        let complete = self.converge(desired).await;
+        let complete = self.converge(desired, None).await;
         if !fenced && self.fence.is_fenced() {
             // fenced while this converge ran: what it started after the guard's stops must
             // stop too
@@ -514,9 +622,105 @@ impl Agent {
         complete
     }
 
+    /// The partial pass: the units in `changed` and the failing ones, the others being where
+    /// their unchanged records want them. Falls back to the full pass when one of them bears
+    /// on a global unit.
+    async fn reconcile_changed(&mut self, changed: BTreeSet<UnitName>) -> bool {
+        let mut scope: BTreeSet<String> = changed.iter().map(UnitName::to_string).collect();
+        scope.extend(self.faults.names().cloned());
+        if scope
+            .iter()
+            .any(|n| self.mirror.globals.contains_key(n.as_str()))
+        {
+            return self.reconcile_all().await;
+        }
+        let missing: Vec<(bool, UnitName, UnitHash)> = scope
+            .iter()
+            .filter_map(|n| match self.mirror.schedule.get_key_value(n.as_str()) {
+                Some((
+                    name,
+                    Entry::Readable {
+                        hash, req: None, ..
+                    },
+                )) => Some((false, name.clone(), *hash)),
+                _ => None,
+            })
+            .collect();
+        if self.learn_requirements(missing).await.is_err() {
+            return false;
+        }
+        let mut desired: BTreeMap<String, Desired> = BTreeMap::new();
+        for name in &scope {
+            self.at_most_once_wanted.remove(name);
+            match self.mirror.schedule.get(name.as_str()) {
+                Some(Entry::Readable {
+                    hash,
+                    state,
+                    req: Some(req),
+                }) => {
+                    if self.touches_globals(name, Some(req)) {
+                        return self.reconcile_all().await;
+                    }
+                    if req.at_most_once {
+                        self.at_most_once_wanted.insert(name.clone());
+                    }
+                    if *state != TargetState::Inactive {
+                        let d = Desired {
+                            hash: *hash,
+                            state: *state,
+                        };
+                        desired.insert(name.clone(), d);
+                    }
+                }
+                // a record not understood, or a body that cannot be used: left as it is
+                Some(_) => {
+                    if let Some(cur) = self.current.get(name) {
+                        let keep = Desired {
+                            hash: cur.hash,
+                            state: cur.state,
+                        };
+                        desired.insert(name.clone(), keep);
+                    }
+                }
+                None => {}
+            }
+        }
+        let at_most_once = self.at_most_once_units();
+        let fenced = self.fence.set_units(at_most_once.clone());
+        if fenced {
+            // raised since this reconcile began: the next one looks at every unit
+            self.full_next = true;
+            for (name, d) in desired.iter_mut() {
+                if d.state == TargetState::Launched && at_most_once.contains(name.as_str()) {
+                    d.state = TargetState::Loaded;
+                }
+            }
+        }
+        let complete = self.converge(desired, Some(&scope)).await;
+        if !fenced && self.fence.is_fenced() {
+            self.fenced().await;
+        }
+        complete
+    }
+
+    /// The at-most-once units wanted here, and those still here that were (their record or
+    /// body unreadable now, or replaced by one that is not at-most-once).
+    fn at_most_once_units(&self) -> BTreeSet<String> {
+        let mut units: BTreeSet<String> = self
+            .fence
+            .units()
+            .into_iter()
+            .filter(|n| self.current.contains_key(n))
+            .collect();
+        units.extend(self.at_most_once_wanted.iter().cloned());
+        units
+    }
+
     /// The guard fenced the at-most-once units (and stopped them): none of them runs, as far
     /// as this agent is concerned, until the fence is lifted and a reconcile starts them.
     async fn fenced(&mut self) {
+        // it changes what runs behind the reconciles' back
+        self.full_next = true;
         let mut stopped = Vec::new();
         for name in self.fence.units() {
             let launched = self
@@ -544,6 +748,7 @@ impl Agent {
     /// The guard stopped the at-most-once units while this agent did not look: they are
     /// loaded, not launched, so that a reconcile starts them again.
     fn mark_stopped_by_guard(&mut self) {
+        self.full_next = true;
         for name in self.fence.units() {
             if let Some(cur) = self.current.get_mut(&name)
                 && cur.state == TargetState::Launched

@@ -4,10 +4,11 @@
 
 use std::collections::BTreeMap;
 
-use fleet_registry::{GlobalRecord, ScheduleRecord, keys};
+use fleet_registry::keys;
 use fleet_scheduler::{Machine, Unit, global_unit_runs_here};
 use fleet_unit::{Requirements, TargetState, UnitHash, UnitName};
-use tracing::warn;
+
+use crate::mirror::{Entry, Mirror};
 
 /// One unit the watched records ask for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,50 +38,25 @@ pub fn read_watched(
     configured: &BTreeMap<String, String>,
     mirror: &BTreeMap<String, Vec<u8>>,
 ) -> Watched {
-    let sched_dir = keys.schedule_dir(machine_id);
-    let meta_dir = keys.metadata_dir(machine_id);
+    let mut decoded = Mirror::new(keys, machine_id);
+    decoded.replace(mirror.iter().map(|(k, v)| (k.clone(), v.clone())));
     let mut out = Watched {
         metadata: configured.clone(),
         ..Watched::default()
     };
-    for (k, v) in mirror {
-        if let Some(name) = k.strip_prefix(&sched_dir) {
-            let Ok(name) = UnitName::parse(name) else {
-                warn!(key = %k, "skipping schedule record with an invalid unit name");
-                continue;
-            };
-            match serde_json::from_slice::<ScheduleRecord>(v) {
-                Ok(rec) => out.wanted.push(Wanted {
-                    global: false,
+    out.metadata.extend(decoded.metadata);
+    // in key order: `global/` sorts before `schedule/`
+    for (global, part) in [(true, decoded.globals), (false, decoded.schedule)] {
+        for (name, entry) in part {
+            match entry {
+                Entry::Readable { hash, state, .. } => out.wanted.push(Wanted {
+                    global,
                     name,
-                    hash: rec.hash,
-                    state: rec.desired_state,
+                    hash,
+                    state,
                 }),
-                Err(_) => {
-                    warn!(key = %k, "schedule record not understood; leaving the unit as it is");
-                    out.unreadable.push(name);
-                }
+                Entry::Unreadable => out.unreadable.push(name),
             }
-        } else if let Some(name) = keys.strip(keys::GLOBAL, k) {
-            let Ok(name) = UnitName::parse(name) else {
-                warn!(key = %k, "skipping global record with an invalid unit name");
-                continue;
-            };
-            match serde_json::from_slice::<GlobalRecord>(v) {
-                Ok(rec) => out.wanted.push(Wanted {
-                    global: true,
-                    name,
-                    hash: rec.hash,
-                    state: rec.desired_state,
-                }),
-                Err(_) => {
-                    warn!(key = %k, "global record not understood; leaving the unit as it is");
-                    out.unreadable.push(name);
-                }
-            }
-        } else if let Some(key) = k.strip_prefix(&meta_dir) {
-            out.metadata
-                .insert(key.to_string(), String::from_utf8_lossy(v).into_owned());
         }
     }
     out
@@ -93,61 +69,79 @@ pub struct Desired {
     pub state: TargetState,
 }
 
-/// Units scheduled here (with their requirements) plus eligible global units. Units whose
-/// desired state is inactive are not desired. Returns the reasons global units do not run
-/// here, for the log.
+/// One unit a watched record asks for, with its requirements.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate<'a> {
+    pub name: &'a UnitName,
+    pub hash: UnitHash,
+    pub state: TargetState,
+    pub requirements: &'a Requirements,
+}
+
+/// Units scheduled here (with their requirements) plus eligible global units (`globals` in
+/// name order). Units whose desired state is inactive are not desired. Returns the reasons
+/// global units do not run here, for the log.
 pub fn desired_units(
     machine: &Machine,
-    scheduled: &BTreeMap<UnitName, (UnitHash, TargetState, Requirements)>,
-    globals: &BTreeMap<UnitName, (UnitHash, TargetState, Requirements)>,
+    scheduled: &[Candidate<'_>],
+    globals: &[Candidate<'_>],
 ) -> (BTreeMap<UnitName, Desired>, BTreeMap<UnitName, String>) {
     let mut out = BTreeMap::new();
     let mut refused = BTreeMap::new();
-    let as_unit = |name: &UnitName, state: TargetState, req: &Requirements| Unit {
-        name: name.clone(),
-        desired: state,
-        requirements: req.clone(),
+    let as_unit = |c: &Candidate<'_>| Unit {
+        name: c.name.clone(),
+        desired: c.state,
+        requirements: c.requirements.clone(),
         placement: Some(machine.id.clone()),
     };
-    let mut here: Vec<Unit> = Vec::new();
-    for (name, (hash, state, req)) in scheduled {
-        if *state == TargetState::Inactive {
+    let desired = |c: &Candidate<'_>| Desired {
+        hash: c.hash,
+        state: c.state,
+    };
+    let mut here: Vec<&Candidate<'_>> = Vec::new();
+    for c in scheduled {
+        if c.state == TargetState::Inactive {
             continue;
         }
-        out.insert(
-            name.clone(),
-            Desired {
-                hash: *hash,
-                state: *state,
-            },
-        );
-        here.push(as_unit(name, *state, req));
+        out.insert(c.name.clone(), desired(c));
+        here.push(c);
     }
     // Globals in name order; each one admitted is then an "other" for the next (so two
     // conflicting globals: the first by name runs).
-    for (name, (hash, state, req)) in globals {
-        if *state == TargetState::Inactive {
+    for g in globals {
+        if g.state == TargetState::Inactive {
             continue;
         }
-        let unit = as_unit(name, *state, req);
-        let others: Vec<&Unit> = here.iter().collect();
-        match global_unit_runs_here(machine, &unit, &others) {
+        // only the units in conflict with it either way can keep it off this machine (the
+        // rule's only use of the others): the rest are not copied into scheduler units
+        let others: Vec<Unit> = here
+            .iter()
+            .filter(|o| in_conflict(o.name, o.requirements, g.name, g.requirements))
+            .map(|o| as_unit(o))
+            .collect();
+        let others: Vec<&Unit> = others.iter().collect();
+        match global_unit_runs_here(machine, &as_unit(g), &others) {
             Ok(()) => {
-                out.insert(
-                    name.clone(),
-                    Desired {
-                        hash: *hash,
-                        state: *state,
-                    },
-                );
-                here.push(unit);
+                out.insert(g.name.clone(), desired(g));
+                here.push(g);
             }
             Err(reason) => {
-                refused.insert(name.clone(), reason);
+                refused.insert(g.name.clone(), reason);
             }
         }
     }
     (out, refused)
+}
+
+/// Whether two units may not share a machine (a `Conflicts` glob of either matches the
+/// other's name).
+pub(crate) fn in_conflict(
+    a: &UnitName,
+    ra: &Requirements,
+    b: &UnitName,
+    rb: &Requirements,
+) -> bool {
+    ra.conflicts_with(b.as_str()) || rb.conflicts_with(a.as_str())
 }
 
 #[cfg(test)]
@@ -219,23 +213,57 @@ mod tests {
                 .expect("requirements")
                 .0
         };
-        let scheduled = BTreeMap::from([
-            (name("a.service"), (hash(1), TargetState::Launched, req(""))),
-            (
-                name("off.service"),
-                (hash(2), TargetState::Inactive, req("")),
-            ),
-        ]);
-        let globals = BTreeMap::from([(
-            name("g.service"),
-            (
-                hash(3),
-                TargetState::Launched,
-                req("[X-Fleet]\nGlobal=true\nConflicts=a.service\n"),
-            ),
-        )]);
+        let (a, off, g) = (name("a.service"), name("off.service"), name("g.service"));
+        let (plain, spread) = (
+            req(""),
+            req("[X-Fleet]\nGlobal=true\nConflicts=a.service\n"),
+        );
+        let c = |name, n, state, requirements| Candidate {
+            name,
+            hash: hash(n),
+            state,
+            requirements,
+        };
+        let scheduled = [
+            c(&a, 1, TargetState::Launched, &plain),
+            c(&off, 2, TargetState::Inactive, &plain),
+        ];
+        let globals = [c(&g, 3, TargetState::Launched, &spread)];
         let (desired, refused) = desired_units(&machine, &scheduled, &globals);
         assert_eq!(desired.keys().collect::<Vec<_>>(), [&name("a.service")]);
         assert_eq!(refused.keys().collect::<Vec<_>>(), [&name("g.service")]);
+        assert_eq!(
+            refused.get("g.service").map(String::as_str),
+            Some("conflicts with a.service on machine m1")
+        );
+        // a conflict either way, with an admitted global unit too; the first by name is named
+        let (b, h, k) = (name("b.service"), name("h.service"), name("k.service"));
+        let shy = req("[X-Fleet]\nConflicts=h.service\n");
+        let (global, h_req) = (
+            req("[X-Fleet]\nGlobal=true\n"),
+            req("[X-Fleet]\nGlobal=true\nConflicts=k.service\n"),
+        );
+        let scheduled = [
+            c(&a, 1, TargetState::Launched, &plain),
+            c(&b, 2, TargetState::Launched, &shy),
+        ];
+        let globals = [
+            c(&h, 3, TargetState::Launched, &h_req),
+            c(&k, 4, TargetState::Launched, &global),
+        ];
+        let (desired, refused) = desired_units(&machine, &scheduled, &globals);
+        // h gave way to b, so k runs
+        assert_eq!(desired.keys().collect::<Vec<_>>(), [&a, &b, &k]);
+        assert_eq!(
+            refused.get("h.service").map(String::as_str),
+            Some("conflicts with b.service on machine m1")
+        );
+        // without b, h runs and k gives way to it
+        let (desired, refused) = desired_units(&machine, &scheduled[..1], &globals);
+        assert_eq!(desired.keys().collect::<Vec<_>>(), [&a, &h]);
+        assert_eq!(
+            refused.get("k.service").map(String::as_str),
+            Some("conflicts with h.service on machine m1")
+        );
     }
 }

@@ -2,9 +2,9 @@
 //! what it touched. The decisions are `plan.rs`'s; this module only does them, in order,
 //! many at once where the order does not matter.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
-use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
+use fleet_unit::{TargetState, UnitFile, UnitHash};
 use futures_util::StreamExt;
 use futures_util::stream;
 use tokio::time::Instant;
@@ -16,13 +16,15 @@ use crate::faults::Fault;
 use crate::plan::{Current, Plan, Reload, plan, reload_rule};
 
 impl Agent {
-    /// Runs the tasks that take systemd from `current` to `desired`. Returns false when it
-    /// could not finish (a body unreadable, a task failed) and should be tried again.
-    pub(crate) async fn converge(&mut self, desired: BTreeMap<UnitName, Desired>) -> bool {
-        let mut desired: BTreeMap<String, Desired> = desired
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+    /// Runs the tasks that take systemd from `current` to `desired`: for every unit, or for
+    /// the units in `scope` only (which must hold every failing unit; `desired` then says
+    /// what those units want). Returns false when it could not finish (a body unreadable, a
+    /// task failed) and should be tried again.
+    pub(crate) async fn converge(
+        &mut self,
+        mut desired: BTreeMap<String, Desired>,
+        scope: Option<&BTreeSet<String>>,
+    ) -> bool {
         let now = Instant::now();
         let failing: Vec<String> = self.faults.names().cloned().collect();
         for name in failing {
@@ -53,7 +55,16 @@ impl Agent {
                 }
             }
         }
-        let plan = plan(&self.current, &desired);
+        let plan = match scope {
+            None => plan(&self.current, &desired),
+            Some(scope) => {
+                let current: BTreeMap<String, Current> = scope
+                    .iter()
+                    .filter_map(|n| Some((n.clone(), *self.current.get(n)?)))
+                    .collect();
+                plan(&current, &desired)
+            }
+        };
         self.execute(plan, &desired).await
     }
 

@@ -7,7 +7,8 @@
 //! lease, written only when they change.
 //!
 //! Where things are: the loop (`agent.rs`), what this machine must run (`desired.rs`, pure),
-//! the tasks that get it there (`plan.rs`, pure) and their execution (`executor.rs`), state
+//! the watched records decoded as they change (`mirror.rs`), the tasks that get it there
+//! (`plan.rs`, pure) and their execution (`executor.rs`), state
 //! publishing (`publish.rs`), failing units (`faults.rs`), adoption of a predecessor's units (`adopt.rs`). The agent talks
 //! to the registry through [`fleet_registry::AgentStore`] and to systemd through
 //! [`fleet_systemd::UnitManager`], so its loop tests run on in-memory twins of both.
@@ -31,11 +32,12 @@ mod desired;
 mod executor;
 mod faults;
 mod fence;
+mod mirror;
 mod plan;
 mod publish;
 #[cfg(test)]
 mod tests;
 
 pub use agent::{AgentConfig, run};
-pub use desired::{Desired, Wanted, Watched, desired_units, read_watched};
+pub use desired::{Candidate, Desired, Wanted, Watched, desired_units, read_watched};
 pub use plan::{Current, Move, Plan, Reload, plan, reload_rule};

@@ -18,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{AgentConfig, run};
 
+mod incremental;
+
 const TTL: Duration = Duration::from_secs(10);
 const M1: &str = "m1";
 
