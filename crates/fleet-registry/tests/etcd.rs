@@ -911,7 +911,7 @@ fn sets(metrics: &fleet_metrics::Metrics) -> u64 {
 }
 
 /// Concurrent creations (the API serving a burst of PUTs) are written together: those that
-/// arrive while the writers are busy go in one transaction. Each unit is created once, in its
+/// arrive while one is in flight go in one transaction. Each unit is created once, in its
 /// desired state, with its body (instances share theirs).
 #[tokio::test]
 async fn concurrent_creations_are_grouped_into_few_transactions() {

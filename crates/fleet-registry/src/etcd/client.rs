@@ -541,20 +541,13 @@ impl EtcdRegistry {
 /// record, global record), and etcd takes at most 128 in one transaction.
 const CREATIONS_PER_TXN: usize = MAX_TXN_OPS / 3;
 
-/// How many groups of creations are written at once. One at a time, a burst's PUTs each
-/// waited for the group before theirs and then for their own (two transactions' time), and
-/// submission of 100,000 units through two APIs ran at the pace of those round trips, with
-/// CPU to spare (fleet-sim, 1,000 machines).
-const CREATION_WRITERS: usize = 4;
-
-/// Creations asked for while others are being written (group commit): when a writer is
-/// free, they are written together in one transaction, so a burst of concurrent PUTs costs
-/// a few etcd writes, and a creation alone waits for nothing.
+/// Creations asked for while another is being written (group commit): when it is done, they
+/// are written together in one transaction, so a burst of concurrent PUTs costs a few etcd
+/// writes, and a creation alone waits for nothing.
 #[derive(Default)]
 pub(super) struct Creations {
-    /// How many writer tasks are running (each takes what waits until nothing does), at most
-    /// [`CREATION_WRITERS`].
-    writers: usize,
+    /// Whether a writer task is running (it takes what waits until nothing does).
+    writing: bool,
     waiting: Vec<Creation>,
 }
 
@@ -581,7 +574,7 @@ impl EtcdRegistry {
                 let mut q = self.creations();
                 let group = take_group(&mut q.waiting);
                 if group.is_empty() {
-                    q.writers = q.writers.saturating_sub(1);
+                    q.writing = false;
                     return;
                 }
                 group
@@ -737,11 +730,7 @@ impl Registry for EtcdRegistry {
                 desired,
                 done,
             });
-            let start = q.writers < CREATION_WRITERS;
-            if start {
-                q.writers += 1;
-            }
-            start
+            !std::mem::replace(&mut q.writing, true)
         };
         if start {
             tokio::spawn(self.clone().write_creations());
