@@ -250,7 +250,12 @@ impl EtcdRegistry {
     ) -> Result<(i64, RangeFound, Option<Arc<Kvs>>)> {
         let mut at = rev;
         let mut waited = false;
-        while !fresh {
+        // (a fresh page reads; others look twice at most: again after waiting for a read
+        // ahead)
+        loop {
+            if fresh {
+                break;
+            }
             match self
                 .chunks
                 .find(&from, &end, rev, want, std::time::Instant::now())
