@@ -1368,6 +1368,50 @@ async fn a_listing_walks_the_registry_once_per_chunk_not_once_per_page() {
     }
 }
 
+/// Once a page is served from a chunk, the chunk after it is read in the background, so the
+/// page that reaches it does not wait for it; the listing is the same, and no chunk is read
+/// twice (a page reaching a chunk still being read waits for that read).
+#[tokio::test]
+async fn a_listings_next_chunk_is_read_ahead() {
+    let etcd = EtcdServer::start();
+    let count = 2000;
+    let chunk = 500;
+    let r = registry(&etcd).await.with_listing_chunk(chunk);
+    placed_units(&r, 0, count).await;
+    let want: Vec<String> = (0..count).map(|i| format!("u{i:05}.service")).collect();
+    for states in [false, true] {
+        let before = r.page_keys_walked();
+        // the first page reads the first chunk; the second, served from it, starts the next
+        let watched = r.clone();
+        let (names, _) = list_in_pages(&r, states, 100, &mut move |listed| {
+            let r = watched.clone();
+            Box::pin(async move {
+                if listed == 200 {
+                    let after = r.page_keys_walked();
+                    // the next chunk's read counts the rest of the range, 1,500 keys
+                    let read = fleet_testutil::eventually(Duration::from_secs(10), || {
+                        let r = r.clone();
+                        async move { r.page_keys_walked() >= after + 1500 }
+                    })
+                    .await;
+                    assert!(read, "no chunk read ahead after the second page");
+                }
+            })
+        })
+        .await;
+        assert_eq!(names, want, "states: {states}");
+        // each chunk's read walks the rest of the range once, and a unit chunk's join its
+        // units' placements and states: nothing read twice
+        let chunk_walks: usize = (0..count / chunk).map(|i| count - i * chunk).sum();
+        let joins = if states { 0 } else { 2 * count };
+        let total = r.page_keys_walked() - before;
+        assert!(
+            total <= (chunk_walks + joins) as u64,
+            "a listing of {count} walked {total} keys (states: {states})"
+        );
+    }
+}
+
 /// Units created and destroyed during a listing, before and after where it is: the listing
 /// shows the registry as it was when it began, every unit once, nothing lost or repeated,
 /// even across chunks (a chunk's successor is read at its revision), and the next listing

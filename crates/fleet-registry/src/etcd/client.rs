@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use etcd_client::{Compare, CompareOp, DeleteOptions, GetOptions, Txn, TxnOp, TxnOpResponse};
 use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::chunks::{Chunk, Found, Kvs};
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
@@ -22,6 +22,10 @@ use crate::{PageStart, Registry, RegistryError, Result, decode as records};
 /// some 1 MB, well within fleet's 1 s request timeout on a busy etcd (10,000 in one request,
 /// some 4 MB, took longer while 1,000 machines loaded etcd).
 const JOIN_KEYS: usize = 2_500;
+
+/// How many transactions of one [`EtcdRegistry::read_ranges`] are in flight at once (etcd
+/// serves concurrent reads together).
+const RANGE_TXNS_IN_FLIGHT: usize = 8;
 
 /// How many times a page is read again because its revision was compacted between its reads.
 const PAGE_RESTARTS: usize = 3;
@@ -113,63 +117,94 @@ impl EtcdRegistry {
     }
 
     /// Reads `ranges` at `revision` (the current one when none), in transactions of at most
-    /// [`MAX_TXN_OPS`] reads; the revision read at, and what each range found.
+    /// [`MAX_TXN_OPS`] reads, up to [`RANGE_TXNS_IN_FLIGHT`] at once (all at one revision:
+    /// without `revision`, the first transaction's); the revision read at, and what each
+    /// range found, in the order of `ranges`.
     async fn read_ranges(
         &self,
         op: &'static str,
         revision: Option<i64>,
         ranges: Vec<RangeRead>,
     ) -> Result<(i64, Vec<RangeFound>)> {
+        use futures_util::stream::{self, StreamExt, TryStreamExt};
+        let mut batches = ranges.chunks(MAX_TXN_OPS);
         let mut rev = revision;
         let mut found = Vec::with_capacity(ranges.len());
-        for chunk in ranges.chunks(MAX_TXN_OPS) {
-            let first = chunk
-                .first()
-                .map(|r| String::from_utf8_lossy(&r.start).into_owned())
-                .unwrap_or_default();
-            let ops: Vec<TxnOp> = chunk
+        if rev.is_none()
+            && let Some(first) = batches.next()
+        {
+            let (r, f) = self.read_range_txn(op, None, first).await?;
+            rev = r;
+            found.extend(f);
+        }
+        // (the point reads of a chunk's states: some 40 transactions, one after another
+        // took most of a chunk's time)
+        // (the futures made first: a closure in the stream trips the Send check of callers)
+        let reads: Vec<_> = batches
+            .map(|batch| self.read_range_txn(op, rev, batch))
+            .collect();
+        let rest: Vec<(Option<i64>, Vec<RangeFound>)> = stream::iter(reads)
+            .buffered(RANGE_TXNS_IN_FLIGHT)
+            .try_collect()
+            .await?;
+        found.extend(rest.into_iter().flat_map(|(_, f)| f));
+        Ok((rev.unwrap_or(0), found))
+    }
+
+    /// One transaction of [`EtcdRegistry::read_ranges`]: `batch` read at `rev`; the revision
+    /// etcd answered at, when it said.
+    async fn read_range_txn(
+        &self,
+        op: &'static str,
+        rev: Option<i64>,
+        batch: &[RangeRead],
+    ) -> Result<(Option<i64>, Vec<RangeFound>)> {
+        let first = batch
+            .first()
+            .map(|r| String::from_utf8_lossy(&r.start).into_owned())
+            .unwrap_or_default();
+        let ops: Vec<TxnOp> = batch
+            .iter()
+            .map(|r| {
+                let mut opts = GetOptions::new().with_limit(r.limit);
+                if let Some(end) = &r.end {
+                    opts = opts.with_range(end.clone());
+                }
+                if let Some(rev) = rev {
+                    opts = opts.with_revision(rev);
+                }
+                TxnOp::get(r.start.clone(), Some(opts))
+            })
+            .collect();
+        let resp = self
+            .txn(OpKind::GetAll, op, &first, Txn::new().and_then(ops))
+            .await?;
+        let mut found = Vec::with_capacity(batch.len());
+        for answer in resp.op_responses() {
+            let TxnOpResponse::Get(get) = answer else {
+                continue;
+            };
+            self.walked.fetch_add(
+                u64::try_from(get.count()).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let kvs: Vec<(String, Vec<u8>)> = get
+                .kvs()
                 .iter()
-                .map(|r| {
-                    let mut opts = GetOptions::new().with_limit(r.limit);
-                    if let Some(end) = &r.end {
-                        opts = opts.with_range(end.clone());
-                    }
-                    if let Some(rev) = rev {
-                        opts = opts.with_revision(rev);
-                    }
-                    TxnOp::get(r.start.clone(), Some(opts))
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        kv.value().to_vec(),
+                    )
                 })
                 .collect();
-            let resp = self
-                .txn(OpKind::GetAll, op, &first, Txn::new().and_then(ops))
-                .await?;
-            rev = rev.or(resp.header().map(|h| h.revision()));
-            for answer in resp.op_responses() {
-                let TxnOpResponse::Get(get) = answer else {
-                    continue;
-                };
-                self.walked.fetch_add(
-                    u64::try_from(get.count()).unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                let kvs: Vec<(String, Vec<u8>)> = get
-                    .kvs()
-                    .iter()
-                    .map(|kv| {
-                        (
-                            String::from_utf8_lossy(kv.key()).into_owned(),
-                            kv.value().to_vec(),
-                        )
-                    })
-                    .collect();
-                let next = get
-                    .more()
-                    .then(|| get.kvs().last().map(|kv| after(kv.key())))
-                    .flatten();
-                found.push(RangeFound { kvs, next });
-            }
+            let next = get
+                .more()
+                .then(|| get.kvs().last().map(|kv| after(kv.key())))
+                .flatten();
+            found.push(RangeFound { kvs, next });
         }
-        Ok((rev.unwrap_or(0), found))
+        Ok((resp.header().map(|h| h.revision()), found))
     }
 
     /// Runs `read` again (a fresh page at a fresh revision) when etcd compacted the
@@ -214,7 +249,13 @@ impl EtcdRegistry {
         rev: Option<i64>,
     ) -> Result<(i64, RangeFound, Option<Arc<Kvs>>)> {
         let mut at = rev;
-        if !fresh {
+        let mut waited = false;
+        // (a fresh page reads; others look twice at most: again after waiting for a read
+        // ahead)
+        loop {
+            if fresh {
+                break;
+            }
             match self
                 .chunks
                 .find(&from, &end, rev, want, std::time::Instant::now())
@@ -224,11 +265,47 @@ impl EtcdRegistry {
                     kvs,
                     next,
                     joined,
-                } => return Ok((rev, RangeFound { kvs, next }, joined)),
-                Found::Follows { rev } => at = Some(rev),
-                Found::Unknown => {}
+                    successor,
+                } => {
+                    if let Some(successor) = successor {
+                        self.read_ahead(op, join, successor, end, rev);
+                    }
+                    return Ok((rev, RangeFound { kvs, next }, joined));
+                }
+                Found::Follows { rev } => {
+                    // the chunk after is being read ahead: wait for it, then look again
+                    if !waited && let Some(reading) = self.chunks.reading(&from, &end, rev) {
+                        drop(reading.lock().await);
+                        waited = true;
+                        continue;
+                    }
+                    at = Some(rev);
+                    break;
+                }
+                Found::Unknown => break,
             }
         }
+        let chunk = self
+            .read_chunk(op, join, from.clone(), end, want, at)
+            .await?;
+        let (r, joined) = (chunk.rev, chunk.joined.clone());
+        let (kvs, next) = chunk.slice(&from, want);
+        self.chunks.keep(chunk, std::time::Instant::now());
+        Ok((r, RangeFound { kvs, next }, joined))
+    }
+
+    /// Reads the chunk of `end`'s range from `from` on (at least `want` keys) at `at` (the
+    /// current revision when `None`); with `join` (unit records), also the placements,
+    /// reasons and states of its span of names, at its revision.
+    async fn read_chunk(
+        &self,
+        op: &'static str,
+        join: bool,
+        from: Vec<u8>,
+        end: Vec<u8>,
+        want: usize,
+        at: Option<i64>,
+    ) -> Result<Chunk> {
         let read = RangeRead {
             start: from.clone(),
             end: Some(end.clone()),
@@ -258,17 +335,35 @@ impl EtcdRegistry {
         } else {
             None
         };
-        let chunk = Chunk {
-            start: from.clone(),
+        Ok(Chunk {
+            start: from,
             end,
             rev: r,
             kvs: Arc::new(found.kvs),
             next: found.next,
-            joined: joined.clone(),
+            joined,
+        })
+    }
+
+    /// Reads the chunk of `end`'s range from `from` on at `rev` in the background and keeps
+    /// it, unless it is kept or being read already (see [`super::chunks`]). A failed read
+    /// is only logged: the page reaching the chunk reads it itself.
+    fn read_ahead(&self, op: &'static str, join: bool, from: Vec<u8>, end: Vec<u8>, rev: i64) {
+        let Some(token) = self
+            .chunks
+            .read_ahead(&from, &end, rev, std::time::Instant::now())
+        else {
+            return;
         };
-        let (kvs, next) = chunk.slice(&from, want);
-        self.chunks.keep(chunk, std::time::Instant::now());
-        Ok((r, RangeFound { kvs, next }, joined))
+        let this = self.clone();
+        tokio::spawn(async move {
+            let want = this.chunks.keys();
+            match this.read_chunk(op, join, from, end, want, Some(rev)).await {
+                Ok(chunk) => this.chunks.keep(chunk, std::time::Instant::now()),
+                Err(e) => debug!(error = %e, "reading a listing's next chunk ahead"),
+            }
+            drop(token);
+        });
     }
 
     /// A page of units: at most `limit` of those named after `after`, each read with its
