@@ -29,12 +29,17 @@ use std::time::{Duration, Instant};
 
 /// How many keys a chunk reads.
 pub(crate) const CHUNK_KEYS: usize = 5_000;
-/// How many chunks are kept (with what units' pages join, ~4 MB each at most in practice).
-pub(crate) const CHUNKS_KEPT: usize = 4;
+/// How many chunks are kept (with what units' pages join, ~4 MB each at most in practice):
+/// a listing holds two (the one its pages come from and the one read ahead), so four
+/// listings at once keep theirs.
+pub(crate) const CHUNKS_KEPT: usize = 8;
 /// How long a chunk is kept after it was read.
 pub(crate) const CHUNK_AGE: Duration = Duration::from_secs(30);
-/// How many chunks are read ahead at once, at most.
-pub(crate) const READS_AHEAD: usize = CHUNKS_KEPT;
+/// How many chunks are read ahead at once, at most: half the chunks kept, so that reads
+/// ahead for some listings do not evict the chunks others are paging through (with as many
+/// reads ahead as chunks, three listings at once evicted each other's and read every chunk
+/// twice).
+pub(crate) const READS_AHEAD: usize = CHUNKS_KEPT / 2;
 
 /// Keys and values of a range, in key order.
 pub(crate) type Kvs = Vec<(String, Vec<u8>)>;
