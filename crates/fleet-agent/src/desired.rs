@@ -145,16 +145,18 @@ pub(crate) fn in_conflict(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn hash(n: u32) -> UnitHash {
+    /// The hash of a small body numbered `n` (shared with the mirror's tests).
+    pub(crate) fn hash(n: u32) -> UnitHash {
         fleet_unit::UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n"))
             .expect("unit")
             .hash()
     }
 
-    fn json(hash: UnitHash, state: &str) -> Vec<u8> {
+    /// A schedule or global record of `hash` in desired state `state`.
+    pub(crate) fn json(hash: UnitHash, state: &str) -> Vec<u8> {
         format!("{{\"version\":1,\"hash\":\"{hash}\",\"desiredState\":\"{state}\"}}").into_bytes()
     }
 

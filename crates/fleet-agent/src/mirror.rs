@@ -216,16 +216,7 @@ fn carry_requirements(prev: &Entry, next: &mut Entry) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hash(n: u32) -> UnitHash {
-        fleet_unit::UnitFile::parse(&format!("[Service]\nExecStart=/bin/sleep {n}\n"))
-            .expect("unit")
-            .hash()
-    }
-
-    fn json(hash: UnitHash, state: &str) -> Vec<u8> {
-        format!("{{\"version\":1,\"hash\":\"{hash}\",\"desiredState\":\"{state}\"}}").into_bytes()
-    }
+    use crate::desired::tests::{hash, json};
 
     fn readable_with_req(m: &Mirror, name: &str) -> bool {
         m.schedule.get(name).and_then(Entry::req).is_some()

@@ -143,10 +143,8 @@ impl EtcdRegistry {
         let mut index = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
         let mut next = 0;
-        // (whether the failure that ended the round was a deposition)
-        let mut stop: Option<bool> = None;
         loop {
-            while stop.is_none() && next < batches.len() && tasks.len() < TXNS_IN_FLIGHT {
+            while next < batches.len() && tasks.len() < TXNS_IN_FLIGHT {
                 let this = self.clone();
                 let ops = batches[next].clone();
                 let task = tasks.spawn(async move { this.apply_fenced(fence, &ops).await });
@@ -165,27 +163,17 @@ impl EtcdRegistry {
                     }),
                 ),
             };
-            // a failure that is not about one unit's keys (a deposed leader, an etcd out of
-            // reach or timing out) ends the round: the batches not sent yet are answered as
-            // unreachable at once instead of each waiting out its own timeout
-            if let Err(e) = &result
-                && !e.is_refused()
-                && stop.is_none()
-            {
-                stop = Some(matches!(e, RegistryError::NotLeader));
-            }
             if let Some(slot) = index.get(&id).and_then(|i| out.get_mut(*i)) {
                 *slot = Some(result);
             }
         }
         out.into_iter()
             .map(|r| {
-                r.unwrap_or_else(|| match stop {
-                    Some(true) => Err(RegistryError::NotLeader),
-                    _ => Err(RegistryError::Unreachable {
+                r.unwrap_or_else(|| {
+                    Err(RegistryError::Unreachable {
                         op: "writing engine decisions",
                         key: self.keys.leader(),
-                    }),
+                    })
                 })
             })
             .collect()
@@ -223,13 +211,15 @@ impl EtcdRegistry {
 }
 
 /// How many request timeouts a transaction of decisions may take. Under load (a mass
-/// reschedule beside a thousand agents starting what it wrote) some took just under or over
-/// the 1 s request timeout (at most 989 ms of 515 measured at 32 in flight), and a write
-/// that times out costs the leader a new listing of every unit (its mirror may lack the
-/// write): seconds at 100,000 units. Twice the timeout takes that tail; more would hold the
-/// engine longer on an etcd that does not answer, and stretch how long after deciding a
-/// decision may land (an at-most-once move's hold after a rejoin assumes it lands soon).
-const DECISION_TIMEOUT_FACTOR: u32 = 2;
+/// reschedule beside a thousand agents starting what it wrote) some took close to or more
+/// than the 1 s request timeout, and a write that times out costs the leader a new listing
+/// of every unit (its mirror may lack the write): seconds at 100,000 units. Worse, the
+/// timed-out transaction may still land after that listing's revision, and a reconcile
+/// from the listing then places its units a second time (a unit on two machines until the
+/// stray is seen; fleet-sim saw 4 once at 2x with a round ended early at the first
+/// failure). Waiting longer for the answer makes that rarer and is the cheaper of the two;
+/// an etcd that does not answer at all still ends it.
+const DECISION_TIMEOUT_FACTOR: u32 = 5;
 
 /// How many transactions of decisions [`EtcdRegistry::apply_batches`] keeps in flight: etcd
 /// commits concurrent proposals together, so a burst's writes cost a few round trips, not
