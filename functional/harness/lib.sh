@@ -272,9 +272,18 @@ fh_ensure_host() {
   mkdir -p "$FH_NSPAWN_RUN"
   mountpoint -q "$FH_NSPAWN_RUN" || mount -t tmpfs -o mode=0755,size=16m "$FH_NSPAWN_TMPFS" "$FH_NSPAWN_RUN"
   exec {lockfd}>&-
+  # A bridge without an address of its own takes its ports' lowest MAC and changes it when
+  # a port with a lower one joins; a node that learnt the old MAC for the bridge's IP (when
+  # it was another node's veth) then has its frames to the host dropped until its ARP entry
+  # ages out (CI: node2 lost etcd as node3 came up). So: a fixed, locally administered MAC
+  # from the subnet (02:66:68 + FH_NET's three octets), unique among the host's clusters.
+  local mac o1 o2 o3
+  IFS=. read -r o1 o2 o3 <<<"$FH_NET"
+  mac=$(printf '02:66:68:%02x:%02x:%02x' "$o1" "$o2" "$o3")
   if ! ip link show "$FH_BRIDGE" >/dev/null 2>&1; then
-    ip link add "$FH_BRIDGE" type bridge
+    ip link add "$FH_BRIDGE" address "$mac" type bridge
   fi
+  ip link set "$FH_BRIDGE" address "$mac"
   ip link set "$FH_BRIDGE" alias "$FH_ALIAS"
   # (no "| grep -q" with pipefail: grep's early exit can SIGPIPE ip -> false negative)
   [[ $(ip -o addr show dev "$FH_BRIDGE") == *" $FH_BRIDGE_IP/$FH_PREFIXLEN "* ]] ||
