@@ -128,6 +128,13 @@ pub(crate) struct Engine {
     /// The revision of this engine's last write (or of its election): it never decides from
     /// a mirror older than that.
     written_rev: i64,
+    /// A decision write failed in a way that may have landed anyway (a timeout after the
+    /// commit, or not yet committed: etcd may still apply it). Before deciding again the
+    /// leader moves its fence, so that such a write fails if it has not landed yet, and only
+    /// then lists again: the listing holds whatever did land. (Relisting alone left a
+    /// window: a write landing after the listing, and a reconcile from that listing placing
+    /// its units a second time; fleet-sim saw 4 units on two machines.)
+    refence_due: bool,
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
     /// One entry per unit (its body's hash beside it), looked up without copying the name.
@@ -217,6 +224,7 @@ impl Engine {
             leader_present: false,
             campaign_at: None,
             written_rev: 0,
+            refence_due: false,
             leader: None,
             requirements: HashMap::new(),
             unreadable: Default::default(),
@@ -528,6 +536,7 @@ impl Engine {
                 info!(machine = %self.cfg.machine_id, "engine became leader");
                 self.metrics.engine_leader();
                 self.written_rev = l.create_revision;
+                self.refence_due = false;
                 self.leader = Some(Leader {
                     leadership: l,
                     since: Instant::now(),
@@ -563,6 +572,7 @@ impl Engine {
         self.model = None;
         self.mirror_rev = 0;
         self.decisions_rev = 0;
+        self.refence_due = false;
         self.requirements = HashMap::new();
         self.unreadable = Default::default();
         self.refused = HashMap::new();
@@ -576,6 +586,10 @@ impl Engine {
     /// it did not run: its own last write has not come back yet, or nothing changed since a
     /// reconcile that left nothing to do.
     pub(crate) async fn reconcile(&mut self) -> bool {
+        if self.refence_due {
+            self.refence().await;
+            return false;
+        }
         if self.mirror_rev < self.written_rev || self.decisions_rev < self.written_rev {
             // our own last write has not come back through the watch yet
             return false;
@@ -588,6 +602,29 @@ impl Engine {
         self.deciding = None;
         self.decide().await;
         true
+    }
+
+    /// Moves the fence after a write of unknown outcome (see `refence_due`), then lists
+    /// again; tried again at the next tick while etcd does not answer.
+    async fn refence(&mut self) {
+        let Some(l) = self.leader.as_mut() else {
+            self.refence_due = false;
+            return;
+        };
+        match self.store.refence(&l.leadership).await {
+            Ok(rev) => {
+                debug!(fence = rev, "engine fence moved; listing again");
+                l.leadership.fence = rev;
+                self.written_rev = self.written_rev.max(rev);
+                self.refence_due = false;
+                self.rewatch();
+            }
+            Err(RegistryError::NotLeader) => {
+                warn!("the leader key is no longer this engine's; stepping down");
+                self.step_down();
+            }
+            Err(e) => debug!(error = %e, "moving the engine's fence failed; trying again"),
+        }
     }
 
     /// The body of [`Engine::reconcile`].
@@ -872,8 +909,9 @@ impl Engine {
     /// What the writes of a reconcile did, batch by batch (or unit by unit): the units etcd
     /// refuses are logged, counted as failed tasks and left alone for [`REFUSED_WAIT`]; a
     /// deposed leader steps down; a write that failed otherwise (it may have landed anyway,
-    /// a timeout after commit) ends the round, which decides again only from a fresh
-    /// listing, never from a mirror that may lack its own write. True when all was written.
+    /// a timeout after commit, or land later) ends the round: the leader moves its fence and
+    /// decides again only from a listing made after that, never from a mirror that may lack
+    /// its own write. True when all was written.
     fn written(&mut self, written: Vec<(Vec<EngineOp>, Result<i64, RegistryError>)>) -> bool {
         let (mut deposed, mut failed, mut all) = (false, false, true);
         for (group, result) in written {
@@ -907,7 +945,7 @@ impl Engine {
             warn!("engine write refused: no longer leader");
             self.step_down();
         } else if failed {
-            self.rewatch();
+            self.refence_due = true;
         }
         all
     }

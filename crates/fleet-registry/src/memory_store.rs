@@ -41,6 +41,7 @@ pub struct MemoryStore {
 struct Entry {
     value: Vec<u8>,
     create_revision: i64,
+    mod_revision: i64,
     lease: Option<i64>,
 }
 
@@ -379,6 +380,7 @@ impl Kv {
                         Entry {
                             value: value.clone(),
                             create_revision,
+                            mod_revision: revision,
                             lease,
                         },
                     );
@@ -430,8 +432,8 @@ impl Kv {
         self.commit(held, None);
     }
 
-    fn create_revision(&self, key: &str) -> i64 {
-        self.data.get(key).map_or(0, |e| e.create_revision)
+    fn mod_revision(&self, key: &str) -> i64 {
+        self.data.get(key).map_or(0, |e| e.mod_revision)
     }
 }
 
@@ -573,7 +575,22 @@ impl EngineStore for MemoryStore {
         Ok(Some(Leadership {
             lease,
             create_revision,
+            fence: create_revision,
         }))
+    }
+
+    async fn refence(&self, leadership: &Leadership) -> Result<i64> {
+        let key = self.keys.leader();
+        let mut kv = self.request("moving the engine's fence", &key)?;
+        let Some(e) = kv
+            .data
+            .get(&key)
+            .filter(|e| e.create_revision == leadership.create_revision)
+        else {
+            return Err(RegistryError::NotLeader);
+        };
+        let (value, lease) = (e.value.clone(), e.lease);
+        Ok(kv.commit(vec![Write::Put(key, value)], lease))
     }
 
     async fn resign(&self, leadership: Leadership) {
@@ -622,7 +639,7 @@ impl EngineStore for MemoryStore {
                 )),
             });
         }
-        if kv.create_revision(&leader) != leadership.create_revision {
+        if kv.mod_revision(&leader) != leadership.fence {
             return Err(RegistryError::NotLeader);
         }
         kv.engine_txns += 1;

@@ -187,12 +187,16 @@ impl EngineOp {
     }
 }
 
-/// Proof of engine leadership: the lease and the leader key's create revision, which fences
-/// every write of the engine.
+/// Proof of engine leadership: the lease, the leader key's create revision (whose key it is)
+/// and its current mod revision, the fence every decision write compares.
 #[derive(Debug)]
 pub struct Leadership {
     pub lease: Lease,
     pub create_revision: i64,
+    /// The leader key's mod revision that decision writes require. The leader moves it
+    /// ([`EngineStore::refence`]) after a write whose outcome it does not know, so that such
+    /// a write, should it land later, fails instead of undoing decisions made since.
+    pub fence: i64,
 }
 
 /// What the agent does with the registry: presence under a lease, a watch of its own schedule,
@@ -265,6 +269,11 @@ pub trait EngineStore: Send + Sync {
     async fn campaign(&self, machine_id: &str, ttl: Duration) -> Result<Option<Leadership>>;
     /// Gives up leadership at once, so another engine takes over quickly.
     async fn resign(&self, leadership: Leadership);
+    /// Writes the leader key again (same value, same lease) while it is still this
+    /// leadership's: its new mod revision, the fence of the writes to come. A decision write
+    /// still in flight with the old fence then fails whole, whenever it reaches the store.
+    /// [`crate::RegistryError::NotLeader`] when the key is no longer ours.
+    async fn refence(&self, leadership: &Leadership) -> Result<i64>;
     /// List-watch of the engine's keys ([`crate::engine_ranges`]): what a leader mirrors.
     fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent>;
     /// List-watch of the leader key alone: all a candidate that does not lead follows.

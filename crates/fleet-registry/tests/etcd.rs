@@ -321,20 +321,52 @@ async fn engine_batches_are_fenced_transactions() {
     assert_eq!(snap.placements.len(), 20 * ENGINE_OPS_PER_TXN);
     // one transaction (one revision) per batch
     assert_eq!(snap.revision - before, 20);
-    // the leader key won by another engine: every batch of the old proof fails
-    let (_lost, lost) = tokio::sync::watch::channel(false);
-    let (_renewed, renewed) = tokio::sync::watch::channel(tokio::time::Instant::now());
-    let stale = Leadership {
-        lease: Lease::new(lead.lease.id(), lost, renewed),
-        create_revision: lead.create_revision,
+    // the fence moved (after a write of unknown outcome): writes with the old one fail
+    // whole, the leader key keeps its value, lease and create revision
+    let proof = |l: &Leadership, fence: i64| {
+        let (_lost, lost) = tokio::sync::watch::channel(false);
+        let (_renewed, renewed) = tokio::sync::watch::channel(tokio::time::Instant::now());
+        Leadership {
+            lease: Lease::new(l.lease.id(), lost, renewed),
+            create_revision: l.create_revision,
+            fence,
+        }
     };
+    let mut lead = lead;
+    let old_fence = proof(&lead, lead.fence);
+    lead.fence = r.refence(&lead).await.expect("refence");
+    assert!(lead.fence > old_fence.fence);
+    let outcomes = r.apply_batches(&old_fence, &batches(20, 2)).await;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, Err(RegistryError::NotLeader))),
+        "{outcomes:?}"
+    );
+    let mut kv = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .expect("connect");
+    let key = r.keys().leader();
+    let got = kv.get(key.as_str(), None).await.expect("get");
+    let leader = &got.kvs()[0];
+    assert_eq!(leader.value(), b"m1");
+    assert_eq!(leader.lease(), lead.lease.id());
+    assert_eq!(leader.create_revision(), lead.create_revision);
+    assert_eq!(leader.mod_revision(), lead.fence);
+    let outcomes = r.apply_batches(&lead, &batches(20, 2)).await;
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let snap = r.engine_snapshot().await.expect("snapshot");
+    assert_eq!(snap.placements.len(), 22 * ENGINE_OPS_PER_TXN);
+    // the leader key won by another engine: every batch of the old proof fails, and its
+    // fence cannot be moved
+    let stale = proof(&lead, lead.fence);
     r.resign(lead).await;
     let _other = r
         .campaign("m2", Duration::from_secs(5))
         .await
         .expect("campaign")
         .expect("won");
-    let outcomes = r.apply_batches(&stale, &batches(20, 5)).await;
+    let outcomes = r.apply_batches(&stale, &batches(30, 5)).await;
     assert_eq!(outcomes.len(), 5);
     assert!(
         outcomes
@@ -342,8 +374,12 @@ async fn engine_batches_are_fenced_transactions() {
             .all(|o| matches!(o, Err(RegistryError::NotLeader))),
         "{outcomes:?}"
     );
+    assert!(matches!(
+        r.refence(&stale).await,
+        Err(RegistryError::NotLeader)
+    ));
     let snap = r.engine_snapshot().await.expect("snapshot");
-    assert_eq!(snap.placements.len(), 20 * ENGINE_OPS_PER_TXN);
+    assert_eq!(snap.placements.len(), 22 * ENGINE_OPS_PER_TXN);
 }
 
 #[tokio::test]

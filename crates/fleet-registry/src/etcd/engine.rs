@@ -44,7 +44,34 @@ impl EtcdRegistry {
         Ok(Some(Leadership {
             lease: Lease::from(lease),
             create_revision,
+            fence: create_revision,
         }))
+    }
+
+    /// See [`EngineStore::refence`].
+    pub async fn refence(&self, leadership: &Leadership) -> Result<i64> {
+        let key = self.keys.leader();
+        // the same value and lease: only the key's mod revision moves
+        let txn = Txn::new()
+            .when([Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                leadership.create_revision,
+            )])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                "",
+                Some(PutOptions::new().with_ignore_value().with_ignore_lease()),
+            )]);
+        let resp = self
+            .txn(OpKind::Set, "moving the engine's fence", &key, txn)
+            .await?;
+        if !resp.succeeded() {
+            return Err(RegistryError::NotLeader);
+        }
+        resp.header()
+            .map(|h| h.revision())
+            .ok_or(RegistryError::NotLeader)
     }
 
     /// The current leader's machine ID, if any.
@@ -127,7 +154,7 @@ impl EtcdRegistry {
     /// fail as a whole ([`RegistryError::NotLeader`]). Returns the revision of the last write
     /// (0 when there was nothing to write).
     pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
-        self.apply_fenced(leadership.create_revision, ops).await
+        self.apply_fenced(leadership.fence, ops).await
     }
 
     /// [`Self::apply`] of each batch, up to [`TXNS_IN_FLIGHT`] at once: each batch's outcome,
@@ -138,7 +165,7 @@ impl EtcdRegistry {
         leadership: &Leadership,
         batches: &[Vec<EngineOp>],
     ) -> Vec<Result<i64>> {
-        let fence = leadership.create_revision;
+        let fence = leadership.fence;
         let mut out: Vec<Option<Result<i64>>> = batches.iter().map(|_| None).collect();
         let mut index = HashMap::new();
         let mut tasks = tokio::task::JoinSet::new();
@@ -179,13 +206,13 @@ impl EtcdRegistry {
             .collect()
     }
 
-    /// Writes `ops` in transactions fenced on the leader key's create revision `fence`.
+    /// Writes `ops` in transactions fenced on the leader key's mod revision `fence`.
     async fn apply_fenced(&self, fence: i64, ops: &[EngineOp]) -> Result<i64> {
         let leader = self.keys.leader();
         let mut revision = 0;
         for chunk in txn_chunks(&self.keys, ops) {
             let txn = Txn::new()
-                .when([Compare::create_revision(
+                .when([Compare::mod_revision(
                     leader.as_str(),
                     CompareOp::Equal,
                     fence,
@@ -264,6 +291,10 @@ impl EngineStore for EtcdRegistry {
 
     async fn resign(&self, leadership: Leadership) {
         EtcdRegistry::resign(self, leadership).await
+    }
+
+    async fn refence(&self, leadership: &Leadership) -> Result<i64> {
+        EtcdRegistry::refence(self, leadership).await
     }
 
     fn watch_engine(&self, poll: Option<Duration>) -> mpsc::Receiver<WatchEvent> {
