@@ -63,6 +63,8 @@ enum Event {
     Tick,
     /// A reconcile is due after a watch event (or the fence lifted).
     Due,
+    /// A held passing state has lasted long enough to be written.
+    Flush,
     Shutdown,
 }
 
@@ -260,6 +262,13 @@ impl Agent {
                         None => std::future::pending().await,
                     }
                 };
+                let flush_at = self.publisher.next_flush();
+                let flush = async {
+                    match flush_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let sys = async {
                     match signals.as_mut() {
                         Some(rx) => rx
@@ -282,6 +291,7 @@ impl Agent {
                     _ = self.fence.changed() => Event::Fence,
                     _ = tick.tick() => Event::Tick,
                     _ = soon => { deadline = None; Event::Due }
+                    _ = flush => Event::Flush,
                 }
             };
             match event {
@@ -332,6 +342,7 @@ impl Agent {
                         deadline = Some(tokio::time::Instant::now() + DEBOUNCE);
                     }
                 }
+                Event::Flush => self.publisher.flush_held(&self.lease).await,
                 Event::Tick | Event::Due => {
                     if self.publisher.has_unsent() {
                         self.retry_unsent().await;

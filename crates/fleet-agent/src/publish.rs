@@ -1,8 +1,13 @@
 //! Publishing unit states: `states/<unit>/<machine>` under the agent's lease, written only
-//! when a state changed, many at once, and retried when a write failed.
+//! when a state changed, many at once, and retried when a write failed. A passing state
+//! (activating, deactivating, reloading) is written only once it has lasted [`HOLD`]: a
+//! start that completes sooner writes its unit's state once, not twice.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use fleet_registry::{AgentStore, Lease, StateRecord};
 use fleet_unit::TargetState;
@@ -15,6 +20,20 @@ use crate::agent::{Agent, JOBS_IN_FLIGHT};
 /// The most states one transaction publishes (etcd takes at most 128 operations in one).
 pub(crate) const STATES_PER_TXN: usize = 100;
 
+/// How long a passing state waits before it is written: what fleet v1.0 showed was at most a
+/// second old too (it read systemd's states once a second). At 100,000 units started in a
+/// burst the "activating" of every start was some 40 % of all state writes, each one a put
+/// that etcd applies alone (and checks against the machine's lease).
+pub(crate) const HOLD: Duration = Duration::from_secs(1);
+
+/// A state systemd passes through on the way to another (a job in progress).
+fn passing(rec: &StateRecord) -> bool {
+    matches!(
+        rec.active_state.as_str(),
+        "activating" | "deactivating" | "reloading"
+    )
+}
+
 /// What was published, and what could not be.
 pub(crate) struct Publisher {
     store: Arc<dyn AgentStore>,
@@ -23,6 +42,10 @@ pub(crate) struct Publisher {
     published: BTreeMap<String, StateRecord>,
     /// States whose last write (or withdrawal) failed: retried on every tick.
     unsent: BTreeSet<String>,
+    /// Passing states not written yet, with when each unit's first one came; written once
+    /// [`HOLD`] has passed since (by [`Publisher::flush_held`]) unless a later state
+    /// replaces them.
+    held: BTreeMap<String, (StateRecord, Instant)>,
 }
 
 impl Publisher {
@@ -32,7 +55,29 @@ impl Publisher {
             machine_id,
             published: BTreeMap::new(),
             unsent: BTreeSet::new(),
+            held: BTreeMap::new(),
         }
+    }
+
+    /// When the first held state is due ([`Publisher::flush_held`]).
+    pub(crate) fn next_flush(&self) -> Option<Instant> {
+        self.held.values().map(|(_, since)| *since + HOLD).min()
+    }
+
+    /// Writes the held states that have lasted [`HOLD`].
+    pub(crate) async fn flush_held(&mut self, lease: &Lease) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, (_, since))| *since + HOLD <= now)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let records: Vec<StateRecord> = due
+            .iter()
+            .filter_map(|name| self.held.remove(name).map(|(rec, _)| rec))
+            .collect();
+        self.write(records, lease).await;
     }
 
     /// Writes the records that differ from what was published: in transactions of up to
@@ -40,11 +85,30 @@ impl Publisher {
     /// costs one etcd write, not one per unit. A transaction etcd refuses (one key it will
     /// not take: a permission, a value too large) is written again state by state, so that
     /// key alone stays unsent and retried, and the others are published.
+    /// A passing state is held instead ([`HOLD`]), unless it is being retried.
     pub(crate) async fn publish(&mut self, records: Vec<StateRecord>, lease: &Lease) {
-        let records: Vec<StateRecord> = records
-            .into_iter()
-            .filter(|rec| self.published.get(&rec.name) != Some(rec))
-            .collect();
+        let now = Instant::now();
+        let mut now_due = Vec::with_capacity(records.len());
+        for rec in records {
+            // a new state replaces a held one; a held one's clock keeps running
+            let since = self.held.remove(&rec.name).map(|(_, since)| since);
+            if self.published.get(&rec.name) == Some(&rec) {
+                continue;
+            }
+            if passing(&rec) && !self.unsent.contains(&rec.name) {
+                let since = since.unwrap_or(now);
+                if since + HOLD > now {
+                    self.held.insert(rec.name.clone(), (rec, since));
+                    continue;
+                }
+            }
+            now_due.push(rec);
+        }
+        self.write(now_due, lease).await;
+    }
+
+    /// Writes `records` (that differ from what was published) in transactions.
+    async fn write(&mut self, records: Vec<StateRecord>, lease: &Lease) {
         let mut chunks = records.chunks(STATES_PER_TXN);
         while let Some(chunk) = chunks.next() {
             let result = self
@@ -120,6 +184,7 @@ impl Publisher {
 
     /// Withdraws the state of a unit no longer managed here (if it was ever published).
     pub(crate) async fn withdraw(&mut self, name: &str, lease: &Lease) {
+        self.held.remove(name);
         if !self.published.contains_key(name) && !self.unsent.contains(name) {
             return;
         }
