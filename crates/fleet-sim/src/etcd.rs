@@ -49,6 +49,17 @@ pub async fn requests_started(endpoint: &str) -> Result<f64> {
     Ok(sum_metric(&text, "grpc_server_started_total"))
 }
 
+/// etcd's counts of key-value operations applied so far: (puts, transactions, ranges), from
+/// its `/metrics` (`etcd_mvcc_*_total`; a put inside a transaction counts as a put too).
+pub async fn kv_operations(endpoint: &str) -> Result<(f64, f64, f64)> {
+    let text = get_metrics(endpoint).await?;
+    Ok((
+        sum_metric(&text, "etcd_mvcc_put_total"),
+        sum_metric(&text, "etcd_mvcc_txn_total"),
+        sum_metric(&text, "etcd_mvcc_range_total"),
+    ))
+}
+
 /// The sum of every sample of `name` (all label sets) in Prometheus text.
 pub fn sum_metric(text: &str, name: &str) -> f64 {
     text.lines()
