@@ -3,7 +3,7 @@
 //! (activating, deactivating, reloading) is written only once it has lasted [`HOLD`]: a
 //! start that completes sooner writes its unit's state once, not twice.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub(crate) struct Publisher {
     /// [`HOLD`] has passed since (by [`Publisher::flush_held`]) unless a later state
     /// replaces them.
     held: BTreeMap<String, (StateRecord, Instant)>,
+    /// The units held, in the order their hold began (so the earliest is first; an entry
+    /// whose unit is no longer held since that moment is skipped when it comes up).
+    held_order: VecDeque<(Instant, String)>,
 }
 
 impl Publisher {
@@ -56,27 +59,43 @@ impl Publisher {
             published: BTreeMap::new(),
             unsent: BTreeSet::new(),
             held: BTreeMap::new(),
+            held_order: VecDeque::new(),
         }
     }
 
+    /// Whether `name` is held since `since`.
+    fn held_since(&self, name: &str, since: Instant) -> bool {
+        self.held.get(name).is_some_and(|(_, s)| *s == since)
+    }
+
     /// When the first held state is due ([`Publisher::flush_held`]).
-    pub(crate) fn next_flush(&self) -> Option<Instant> {
-        self.held.values().map(|(_, since)| *since + HOLD).min()
+    pub(crate) fn next_flush(&mut self) -> Option<Instant> {
+        while let Some((since, name)) = self.held_order.front() {
+            if self.held_since(name, *since) {
+                return Some(*since + HOLD);
+            }
+            self.held_order.pop_front();
+        }
+        None
     }
 
     /// Writes the held states that have lasted [`HOLD`].
     pub(crate) async fn flush_held(&mut self, lease: &Lease) {
         let now = Instant::now();
-        let due: Vec<String> = self
-            .held
-            .iter()
-            .filter(|(_, (_, since))| *since + HOLD <= now)
-            .map(|(name, _)| name.clone())
-            .collect();
-        let records: Vec<StateRecord> = due
-            .iter()
-            .filter_map(|name| self.held.remove(name).map(|(rec, _)| rec))
-            .collect();
+        let mut records = Vec::new();
+        while let Some((since, _)) = self.held_order.front() {
+            if *since + HOLD > now {
+                break;
+            }
+            let Some((since, name)) = self.held_order.pop_front() else {
+                break;
+            };
+            if self.held_since(&name, since)
+                && let Some((rec, _)) = self.held.remove(&name)
+            {
+                records.push(rec);
+            }
+        }
         self.write(records, lease).await;
     }
 
@@ -96,7 +115,10 @@ impl Publisher {
                 continue;
             }
             if passing(&rec) && !self.unsent.contains(&rec.name) {
-                let since = since.unwrap_or(now);
+                let since = since.unwrap_or_else(|| {
+                    self.held_order.push_back((now, rec.name.clone()));
+                    now
+                });
                 if since + HOLD > now {
                     self.held.insert(rec.name.clone(), (rec, since));
                     continue;

@@ -1167,3 +1167,43 @@ async fn a_passing_state_is_written_only_once_it_has_lasted() {
         ["activating", "active"]
     );
 }
+
+/// The publisher's holds, each from its own moment: due in the order they began, a hold
+/// replaced by a lasting state never written, one replaced by another passing state
+/// written (the newer) when the first would have been due.
+#[tokio::test(start_paused = true)]
+async fn held_states_come_due_in_the_order_their_holds_began() {
+    use crate::publish::{HOLD, Publisher};
+    let counting = Arc::new(CountingStore::default());
+    let lease =
+        fleet_registry::AgentStore::register_machine(counting.as_ref(), &records::machine(M1), TTL)
+            .await
+            .expect("register");
+    let mut publisher = Publisher::new(counting.clone(), M1.into());
+    let rec = |unit: &str, active: &str| StateRecord {
+        active_state: active.into(),
+        ..records::state(unit, M1, body(1).hash())
+    };
+    assert_eq!(publisher.next_flush(), None);
+    let t0 = tokio::time::Instant::now();
+    publisher
+        .publish(vec![rec("a", "activating"), rec("b", "activating")], &lease)
+        .await;
+    tokio::time::advance(HOLD / 2).await;
+    publisher
+        .publish(vec![rec("c", "deactivating"), rec("b", "active")], &lease)
+        .await;
+    publisher.publish(vec![rec("a", "reloading")], &lease).await;
+    assert_eq!(counting.written_for("b"), ["active"]);
+    assert_eq!(publisher.next_flush(), Some(t0 + HOLD));
+    tokio::time::advance(HOLD / 2).await;
+    publisher.flush_held(&lease).await;
+    assert_eq!(counting.written_for("a"), ["reloading"]);
+    assert!(counting.written_for("c").is_empty());
+    assert_eq!(publisher.next_flush(), Some(t0 + HOLD + HOLD / 2));
+    tokio::time::advance(HOLD / 2).await;
+    publisher.flush_held(&lease).await;
+    assert_eq!(counting.written_for("c"), ["deactivating"]);
+    assert_eq!(counting.written_for("b"), ["active"]);
+    assert_eq!(publisher.next_flush(), None);
+}
