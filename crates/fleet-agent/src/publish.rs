@@ -104,7 +104,7 @@ impl Publisher {
     /// costs one etcd write, not one per unit. A transaction etcd refuses (one key it will
     /// not take: a permission, a value too large) is written again state by state, so that
     /// key alone stays unsent and retried, and the others are published.
-    /// A passing state is held instead ([`HOLD`]), unless it is being retried.
+    /// A passing state is held instead, until it has lasted [`HOLD`].
     pub(crate) async fn publish(&mut self, records: Vec<StateRecord>, lease: &Lease) {
         let now = Instant::now();
         let mut now_due = Vec::with_capacity(records.len());
@@ -114,7 +114,7 @@ impl Publisher {
             if self.published.get(&rec.name) == Some(&rec) {
                 continue;
             }
-            if passing(&rec) && !self.unsent.contains(&rec.name) {
+            if passing(&rec) {
                 let since = since.unwrap_or_else(|| {
                     self.held_order.push_back((now, rec.name.clone()));
                     now
