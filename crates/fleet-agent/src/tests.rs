@@ -725,6 +725,21 @@ impl CountingStore {
             .collect()
     }
 
+    /// [`CountingStore::run_agent`], once its machine is registered.
+    async fn run_registered_agent(
+        self: &Arc<Self>,
+        systemd: &FakeUnitManager,
+        dir: &tempfile::TempDir,
+    ) -> (CancellationToken, JoinHandle<Result<(), RegistryError>>) {
+        let running = self.run_agent(systemd, dir);
+        let store = &self.inner;
+        eventually("registered", || {
+            store.get(&store.keys().machine(M1)).is_some()
+        })
+        .await;
+        running
+    }
+
     /// Runs an agent on `M1` over this store; cancel the token to stop it.
     fn run_agent(
         self: &Arc<Self>,
@@ -838,11 +853,7 @@ async fn publishes_the_states_of_a_burst_together() {
     let (systemd, dir) = (FakeUnitManager::new(), tempfile::tempdir().expect("dir"));
     let counting = Arc::new(CountingStore::default());
     let store = counting.inner.clone();
-    let (shutdown, task) = counting.run_agent(&systemd, &dir);
-    eventually("registered", || {
-        store.get(&store.keys().machine(M1)).is_some()
-    })
-    .await;
+    let (shutdown, task) = counting.run_registered_agent(&systemd, &dir).await;
     let names: Vec<String> = (0..60).map(|i| format!("burst{i}.service")).collect();
     for (i, name) in names.iter().enumerate() {
         schedule(&store, M1, name, &body(i as u32), TargetState::Launched).await;
@@ -1138,11 +1149,7 @@ async fn states_written_for_a_start_taking(latency: Duration) -> Vec<String> {
     let dir = tempfile::tempdir().expect("dir");
     let counting = Arc::new(CountingStore::default());
     let store = counting.inner.clone();
-    let (shutdown, task) = counting.run_agent(&systemd, &dir);
-    eventually("registered", || {
-        store.get(&store.keys().machine(M1)).is_some()
-    })
-    .await;
+    let (shutdown, task) = counting.run_registered_agent(&systemd, &dir).await;
     schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
     eventually("a.service published active", || {
         state_of(&store, "a.service").is_some_and(|s| s.active_state == "active")
