@@ -279,7 +279,7 @@ fh_ensure_host() {
   # from the subnet (02:66:68 + FH_NET's three octets), unique among the host's clusters.
   local mac o1 o2 o3
   IFS=. read -r o1 o2 o3 <<<"$FH_NET"
-  mac=$(printf '02:66:68:%02x:%02x:%02x' "$o1" "$o2" "$o3")
+  mac=$(printf '02:66:68:%02x:%02x:%02x' "$((10#$o1))" "$((10#$o2))" "$((10#$o3))")
   if ! ip link show "$FH_BRIDGE" >/dev/null 2>&1; then
     ip link add "$FH_BRIDGE" address "$mac" type bridge
   fi

@@ -823,6 +823,10 @@ impl Engine {
         if self.written(written) {
             self.metrics.engine_reconcile_success(started.elapsed());
         }
+        if self.refence_due {
+            // at once: a deposed leader steps down now, not a tick later
+            self.refence().await;
+        }
     }
 
     /// The at-most-once units scheduled on machines that left less than
@@ -908,10 +912,11 @@ impl Engine {
 
     /// What the writes of a reconcile did, batch by batch (or unit by unit): the units etcd
     /// refuses are logged, counted as failed tasks and left alone for [`REFUSED_WAIT`]; a
-    /// deposed leader steps down; a write that failed otherwise (it may have landed anyway,
-    /// a timeout after commit, or land later) ends the round: the leader moves its fence and
-    /// decides again only from a listing made after that, never from a mirror that may lack
-    /// its own write. True when all was written.
+    /// write refused by the fence, or that failed otherwise (it may have landed anyway, a
+    /// timeout after commit, or land later), ends the round: the leader moves its fence (or
+    /// steps down when the leader key is no longer its own) and decides again only from a
+    /// listing made after that, never from a mirror that may lack its own write. True when
+    /// all was written.
     fn written(&mut self, written: Vec<(Vec<EngineOp>, Result<i64, RegistryError>)>) -> bool {
         let (mut deposed, mut failed, mut all) = (false, false, true);
         for (group, result) in written {
@@ -942,8 +947,11 @@ impl Engine {
             }
         }
         if deposed {
-            warn!("engine write refused: no longer leader");
-            self.step_down();
+            // the fence moved: another engine's key, or our own key written again by a
+            // refence of ours that landed late; the refence (fenced on the key's create
+            // revision) tells which
+            warn!("engine write refused: the fence moved; does this engine still lead?");
+            self.refence_due = true;
         } else if failed {
             self.refence_due = true;
         }

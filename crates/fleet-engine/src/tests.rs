@@ -1372,3 +1372,150 @@ async fn a_lost_round_of_writes_cannot_land_after_the_listing_that_followed_it()
     );
     assert!(engine.is_leader());
 }
+
+/// The in-memory store whose first decision round times out, and whose first refence times
+/// out too but lands late (after the second refence, just before the next round): the
+/// leader key's mod revision moves under a fence the leader still owns.
+struct LateRefence {
+    store: MemoryStore,
+    lost_round: std::sync::atomic::AtomicBool,
+    held: std::sync::Mutex<Option<(i64, i64, i64)>>,
+    refences: std::sync::atomic::AtomicUsize,
+    landed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl EngineStore for LateRefence {
+    fn keys(&self) -> &fleet_registry::keys::Keys {
+        self.store.keys()
+    }
+    async fn campaign(
+        &self,
+        machine_id: &str,
+        ttl: Duration,
+    ) -> fleet_registry::Result<Option<fleet_registry::Leadership>> {
+        self.store.campaign(machine_id, ttl).await
+    }
+    async fn resign(&self, leadership: fleet_registry::Leadership) {
+        self.store.resign(leadership).await
+    }
+    async fn refence(
+        &self,
+        leadership: &fleet_registry::Leadership,
+    ) -> fleet_registry::Result<i64> {
+        use std::sync::atomic::Ordering;
+        if self.refences.fetch_add(1, Ordering::SeqCst) == 0 {
+            *self.held.lock().expect("lock") = Some((
+                leadership.lease.id(),
+                leadership.create_revision,
+                leadership.fence,
+            ));
+            return Err(fleet_registry::RegistryError::Unreachable {
+                op: "moving the engine's fence",
+                key: self.store.keys().leader(),
+            });
+        }
+        self.store.refence(leadership).await
+    }
+    fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
+        self.store.watch_engine(poll)
+    }
+    fn watch_leader(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
+        self.store.watch_leader(poll)
+    }
+    async fn unit_bodies(
+        &self,
+        hashes: &[fleet_unit::UnitHash],
+    ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
+        self.store.unit_bodies(hashes).await
+    }
+    async fn apply(
+        &self,
+        leadership: &fleet_registry::Leadership,
+        ops: &[fleet_registry::EngineOp],
+    ) -> fleet_registry::Result<i64> {
+        self.store.apply(leadership, ops).await
+    }
+    async fn apply_batches(
+        &self,
+        leadership: &fleet_registry::Leadership,
+        batches: &[Vec<fleet_registry::EngineOp>],
+    ) -> Vec<fleet_registry::Result<i64>> {
+        use std::sync::atomic::Ordering;
+        if !self.lost_round.swap(true, Ordering::SeqCst) {
+            return batches
+                .iter()
+                .map(|_| {
+                    Err(fleet_registry::RegistryError::Unreachable {
+                        op: "writing engine decisions",
+                        key: self.store.keys().leader(),
+                    })
+                })
+                .collect();
+        }
+        let held = self.held.lock().expect("lock").take();
+        if let Some((lease, create_revision, fence)) = held {
+            let (_lost, lost_rx) = tokio::sync::watch::channel(false);
+            let (_renewed, renewed_rx) = tokio::sync::watch::channel(tokio::time::Instant::now());
+            let then = fleet_registry::Leadership {
+                lease: fleet_registry::Lease::new(lease, lost_rx, renewed_rx),
+                create_revision,
+                fence,
+            };
+            self.store
+                .refence(&then)
+                .await
+                .expect("the late refence lands");
+            self.landed.store(true, Ordering::SeqCst);
+        }
+        self.store.apply_batches(leadership, batches).await
+    }
+}
+
+/// A refence of unknown outcome that lands after a later one moves the mod revision of a key
+/// this engine still owns: the next round fails its compare, and the engine moves its fence
+/// again rather than step down (nobody else leads); the round's units are placed after.
+#[tokio::test(start_paused = true)]
+async fn a_late_refence_does_not_depose_the_leader() {
+    let store = MemoryStore::default();
+    add_machine(&store, "m1");
+    for i in 0..5 {
+        create(&store, &format!("u{i}.service"), i).await;
+    }
+    let late = Arc::new(LateRefence {
+        store: store.clone(),
+        lost_round: Default::default(),
+        held: Default::default(),
+        refences: Default::default(),
+        landed: Default::default(),
+    });
+    let mut engine = Engine::new(late.clone(), config("m1"), Metrics::new());
+    elect(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    for _ in 0..20 {
+        settle(&mut engine).await;
+        if late.landed.load(std::sync::atomic::Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        late.landed.load(std::sync::atomic::Ordering::SeqCst),
+        "the late refence landed"
+    );
+    assert!(
+        engine.is_leader(),
+        "stepped down though its key is still its own"
+    );
+    for _ in 0..10 {
+        settle(&mut engine).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(engine.is_leader());
+    for i in 0..5 {
+        assert_eq!(
+            placement(&store, &format!("u{i}.service")).as_deref(),
+            Some("m1")
+        );
+    }
+}

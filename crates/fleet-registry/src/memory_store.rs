@@ -948,11 +948,37 @@ mod tests {
             s.get(&s.keys().reason("a.service")),
             Some(b"no machine".to_vec())
         );
+        // the fence moved: the old one fails, the key keeps its value
+        let mut lead = lead;
+        let old = lead.fence;
+        lead.fence = s.refence(&lead).await.expect("refence");
+        assert!(lead.fence > old);
+        assert_eq!(s.get(&s.keys().leader()), Some(b"m1".to_vec()));
+        let stale = Leadership {
+            lease: crate::Lease::new(
+                lead.lease.id(),
+                watch::channel(false).1,
+                watch::channel(tokio::time::Instant::now()).1,
+            ),
+            create_revision: lead.create_revision,
+            fence: old,
+        };
+        assert!(matches!(
+            s.apply(&stale, std::slice::from_ref(&op)).await,
+            Err(RegistryError::NotLeader)
+        ));
+        s.apply(&lead, std::slice::from_ref(&op))
+            .await
+            .expect("apply with the new fence");
         // the key deleted and won again by someone else: the old leader's writes fail whole
         s.delete(&s.keys().leader());
         let other = s.campaign("m2", ttl).await.expect("campaign").expect("won");
         assert!(matches!(
             s.apply(&lead, std::slice::from_ref(&op)).await,
+            Err(RegistryError::NotLeader)
+        ));
+        assert!(matches!(
+            s.refence(&lead).await,
             Err(RegistryError::NotLeader)
         ));
         s.apply(&other, &[op]).await.expect("the new leader writes");

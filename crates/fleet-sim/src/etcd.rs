@@ -49,8 +49,10 @@ pub async fn requests_started(endpoint: &str) -> Result<f64> {
     Ok(sum_metric(&text, "grpc_server_started_total"))
 }
 
-/// etcd's counts of key-value operations applied so far: (puts, transactions, ranges), from
-/// its `/metrics` (`etcd_mvcc_*_total`; a put inside a transaction counts as a put too).
+/// etcd's own counters of its key-value store so far: (puts, transactions, ranges), from its
+/// `/metrics` (`etcd_mvcc_*_total`). Not requests: a put inside a transaction counts as a
+/// put, a transaction only when it does more than one thing, and a transaction's compares
+/// count as ranges.
 pub async fn kv_operations(endpoint: &str) -> Result<(f64, f64, f64)> {
     let text = get_metrics(endpoint).await?;
     Ok((
