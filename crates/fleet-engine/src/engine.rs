@@ -15,6 +15,7 @@ use fleet_registry::{
     AtMostOnce, ENGINE_OPS_PER_TXN, EngineModel, EngineOp, EngineStore, KeyRange, Leadership,
     RegistryError, UnitRecord, WatchEvent,
 };
+use fleet_scheduler::fasthash::{FastMap, FastSet};
 use fleet_unit::{AT_MOST_ONCE_IGNORED, Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -138,7 +139,7 @@ pub(crate) struct Engine {
     leader: Option<Leader>,
     /// Requirements by unit body, read once (bodies never change under a hash).
     /// One entry per unit (its body's hash beside it), looked up without copying the name.
-    requirements: HashMap<UnitName, (UnitHash, Result<Requirements, String>)>,
+    requirements: RequirementsCache,
     /// Units whose decisions etcd refused, until when they are left alone.
     refused: HashMap<String, Instant>,
     /// Units whose record could not be read at the last reconcile (said once each).
@@ -226,7 +227,7 @@ impl Engine {
             written_rev: 0,
             refence_due: false,
             leader: None,
-            requirements: HashMap::new(),
+            requirements: RequirementsCache::default(),
             unreadable: Default::default(),
             refused: HashMap::new(),
             tick,
@@ -573,7 +574,7 @@ impl Engine {
         self.mirror_rev = 0;
         self.decisions_rev = 0;
         self.refence_due = false;
-        self.requirements = HashMap::new();
+        self.requirements = RequirementsCache::default();
         self.unreadable = Default::default();
         self.refused = HashMap::new();
         // our own key may still be there until the resignation lands: the watch says when
@@ -654,7 +655,7 @@ impl Engine {
                         .is_none_or(|(h, _)| *h != u.hash)
             })
             .map(|u| u.hash)
-            .collect::<HashSet<UnitHash>>()
+            .collect::<FastSet<UnitHash>>()
             .into_iter()
             .collect();
         let snapshot_ms = started.elapsed().as_millis() as u64;
@@ -835,7 +836,7 @@ impl Engine {
     /// reasoning behind the wait: [`fleet_registry::AtMostOnce`].
     fn wait_for_at_most_once(&mut self, snap: &fleet_registry::EngineSnapshot) -> HashSet<String> {
         // a machine whose record cannot be read is not absent
-        let present: HashSet<&str> = snap
+        let present: FastSet<&str> = snap
             .machines
             .iter()
             .map(|m| m.id.as_str())
@@ -1087,7 +1088,7 @@ fn is_at_most_once(requirements: &RequirementsCache, unit: &UnitRecord) -> bool 
 }
 
 /// The engine's cache of requirements by unit, with the body each was read from.
-type RequirementsCache = HashMap<UnitName, (UnitHash, Result<Requirements, String>)>;
+type RequirementsCache = FastMap<UnitName, (UnitHash, Result<Requirements, String>)>;
 
 /// A leader that died between the two steps of an at-most-once move (see
 /// [`move_at_most_once_in_two_steps`]) left the unit unscheduled with its old copy perhaps

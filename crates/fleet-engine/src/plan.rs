@@ -1,9 +1,10 @@
 //! From the registry's view to the scheduler's snapshot, and from the scheduler's plan back to
 //! registry writes. Pure functions: all of the engine's decisions are testable without etcd.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use fleet_registry::{EngineOp, EngineSnapshot, UnitRecord};
+use fleet_scheduler::fasthash::{FastMap, FastSet};
 use fleet_scheduler::{Decision, Machine, Plan, Snapshot, Unit};
 use fleet_unit::{Requirements, UNIT_NAME_MAX};
 
@@ -62,10 +63,11 @@ pub fn diff(
 ) -> Vec<EngineOp> {
     // (hashed, not ordered: these are only looked up, and a reconcile at 100,000 units
     // builds and probes them for every unit)
-    let records: HashMap<&str, &UnitRecord> =
-        snap.units.iter().map(|u| (u.name.as_str(), u)).collect();
+    let mut records: FastMap<&str, &UnitRecord> = FastMap::default();
+    records.reserve(snap.units.len());
+    records.extend(snap.units.iter().map(|u| (u.name.as_str(), u)));
     let mut ops = Vec::new();
-    let mut frozen: HashSet<&str> = HashSet::new();
+    let mut frozen: FastSet<&str> = FastSet::default();
     for d in &plan.decisions {
         if let Decision::Unschedule { unit, machine } = d
             && held.contains(machine)
@@ -73,7 +75,9 @@ pub fn diff(
             frozen.insert(unit.as_str());
         }
     }
-    let mut touched: HashSet<&str> = HashSet::with_capacity(plan.decisions.len());
+    // (the units decided about; the loops below skip them)
+    let mut touched: FastSet<&str> = FastSet::default();
+    touched.reserve(plan.decisions.len());
     for d in &plan.decisions {
         match d {
             Decision::Unschedule { unit, machine } => {
@@ -125,7 +129,6 @@ pub fn diff(
                 machine: machine.clone(),
             }),
         }
-        touched.insert(name.as_str());
     }
     // Schedule keys beside the real one, or unreadable ones.
     for (unit, machine) in &snap.strays {

@@ -1,13 +1,13 @@
-//! A small, fast, non-cryptographic hasher for the scheduler's internal maps (unit names and
-//! machine IDs). The keys come from the cluster operator, not from strangers, so resistance to
-//! hash flooding is not needed, and SipHash showed up in profiles.
+//! A small, fast, non-cryptographic hasher for the scheduler's and the engine's internal maps
+//! (unit names and machine IDs). The keys come from the cluster operator, not from strangers,
+//! so resistance to hash flooding is not needed, and SipHash showed up in profiles.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 /// Multiply-rotate hashing in the style of rustc's FxHasher.
 #[derive(Default, Clone, Copy)]
-pub(crate) struct FastHasher(u64);
+pub struct FastHasher(u64);
 
 const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
 
@@ -54,5 +54,5 @@ impl Hasher for FastHasher {
     }
 }
 
-pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
-pub(crate) type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;
+pub type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+pub type FastSet<K> = HashSet<K, BuildHasherDefault<FastHasher>>;

@@ -31,7 +31,7 @@
 //! - Same snapshot, same plan: units are handled by MachineOf depth, then by name; the input
 //!   order of machines and units does not matter.
 
-mod fasthash;
+pub mod fasthash;
 mod global;
 mod patterns;
 mod reconcile;
