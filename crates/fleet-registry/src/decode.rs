@@ -3,6 +3,7 @@
 //! skipped, never fatal.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use fleet_unit::UnitFile;
 
@@ -112,7 +113,8 @@ impl UnitContext {
     }
 
     /// A unit as clients see it: its current state is what its machine reports.
-    pub(crate) fn view(&self, u: UnitRecord, file: UnitFile) -> UnitView {
+    /// (`file`: a body shared with a cache, or one of its own.)
+    pub(crate) fn view(&self, u: UnitRecord, file: impl Into<Arc<UnitFile>>) -> UnitView {
         let name = u.name.to_string();
         let machine = self.placements.get(&name).cloned();
         let state = machine
@@ -121,7 +123,7 @@ impl UnitContext {
         UnitView {
             current: current_state(machine.as_deref(), state, &u.hash),
             name: u.name,
-            file,
+            file: file.into(),
             hash: u.hash,
             desired: u.desired_state,
             global: u.global,
