@@ -282,7 +282,7 @@ impl Api {
         // only this page is read, from where the page before ended
         let items = self
             .registry
-            .units_page(&self.unit_cursors.start(token), limit)
+            .units_page_shared(&self.unit_cursors.start(token), limit)
             .await
             .map_err(|e| internal("failed fetching page of units", &e))?;
         // as in fleet, a full page gets a next token, even when nothing follows

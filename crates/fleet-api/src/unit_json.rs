@@ -6,6 +6,8 @@
 //! wire structs, serializing them, then copying the text again to escape it as Go does, was
 //! a large share of the API's time per page (most of it in the allocator).
 
+use std::sync::Arc;
+
 use fleet_registry::UnitView;
 
 #[cfg(test)]
@@ -13,7 +15,7 @@ use crate::wire;
 
 /// The JSON of a page of units (`next`: its next page token, empty when none), as fleet's
 /// `UnitPage`: fields in fleet's order, each left out when empty.
-pub(crate) fn units_page(next: &str, units: &[UnitView]) -> Vec<u8> {
+pub(crate) fn units_page(next: &str, units: &[Arc<UnitView>]) -> Vec<u8> {
     // (a guess that is right for most units: one allocation per page)
     let mut out = Vec::with_capacity(64 + units.len() * 512);
     out.push(b'{');
@@ -155,24 +157,25 @@ fn string(out: &mut Vec<u8>, s: &str) {
 
 /// The JSON of the same page the slow way, for the tests.
 #[cfg(test)]
-fn units_page_slowly(next: &str, units: &[UnitView]) -> Vec<u8> {
+fn units_page_slowly(next: &str, units: &[Arc<UnitView>]) -> Vec<u8> {
     wire::to_go_json(&wire::UnitPage {
         next_page_token: next.to_string(),
-        units: units.iter().map(crate::handlers::unit_to_wire).collect(),
+        units: units
+            .iter()
+            .map(|u| crate::handlers::unit_to_wire(u))
+            .collect(),
     })
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use fleet_unit::{TargetState, UnitFile, UnitName, UnitOption};
 
     use super::*;
 
-    fn view(name: &str, options: Vec<UnitOption>, global: bool) -> UnitView {
+    fn view(name: &str, options: Vec<UnitOption>, global: bool) -> Arc<UnitView> {
         let file = UnitFile::from_options(options);
-        UnitView {
+        Arc::new(UnitView {
             name: UnitName::parse(name).expect("a valid name"),
             hash: file.hash(),
             file: Arc::new(file),
@@ -181,10 +184,10 @@ mod tests {
             machine_id: (!global).then(|| "m1".to_string()),
             current: TargetState::Loaded,
             reason: None,
-        }
+        })
     }
 
-    fn check(next: &str, units: &[UnitView]) {
+    fn check(next: &str, units: &[Arc<UnitView>]) {
         assert_eq!(
             String::from_utf8_lossy(&units_page(next, units)),
             String::from_utf8_lossy(&units_page_slowly(next, units)),
@@ -219,14 +222,15 @@ mod tests {
             ],
             true,
         );
-        odd.reason = Some("no machine\nfits".into());
+        Arc::make_mut(&mut odd).reason = Some("no machine\nfits".into());
         let mut unplaced = view(
             "unplaced.service",
             vec![opt("Service", "ExecStart", "/bin/true")],
             false,
         );
-        unplaced.machine_id = None;
-        unplaced.current = TargetState::Inactive;
+        let u = Arc::make_mut(&mut unplaced);
+        u.machine_id = None;
+        u.current = TargetState::Inactive;
         let empty = view("empty.service", vec![], false);
         check("", &[]);
         check("tok", &[]);

@@ -54,7 +54,7 @@ pub(crate) type Kvs = Vec<(String, Vec<u8>)>;
 
 /// A chunk's units as clients see them, one per key of the chunk, in key order: `None` where
 /// the record cannot be read or its body is missing (pages skip it, as a whole listing does).
-pub(crate) type Views = Arc<[Option<UnitView>]>;
+pub(crate) type Views = Arc<[Option<Arc<UnitView>>]>;
 
 /// What one read of a range found: every key from `start` on, up to `next` (exclusive) or,
 /// when `next` is `None`, to `end`.
@@ -130,7 +130,7 @@ impl Chunk {
 #[derive(Debug)]
 pub(crate) struct Slice {
     pub(crate) kvs: Kvs,
-    pub(crate) views: Option<Vec<UnitView>>,
+    pub(crate) views: Option<Vec<Arc<UnitView>>>,
     pub(crate) next: Option<Vec<u8>>,
 }
 
@@ -413,6 +413,54 @@ mod tests {
         // ... but where a newer listing's chunk ended, that listing goes on at its revision
         chunks.keep(chunk("b", &["bb", "c"], Some("c\0"), 11), now);
         assert!(matches!(find("c\0", 2), Found::Follows { rev: 11 }));
+    }
+
+    #[test]
+    fn pages_of_a_chunk_with_views_take_the_views_of_their_keys() {
+        use fleet_unit::{TargetState, UnitFile, UnitName};
+        let view = |name: &str| {
+            let file = Arc::new(UnitFile::from_options(vec![]));
+            UnitView {
+                name: UnitName::parse(name).expect("a valid name"),
+                hash: file.hash(),
+                file,
+                desired: TargetState::Launched,
+                global: false,
+                machine_id: None,
+                current: TargetState::Inactive,
+                reason: None,
+            }
+        };
+        let mut c = chunk("a", &["b", "c", "d", "e"], Some("e\0"), 7);
+        // `c` cannot be read: pages skip it, and go on where its key says
+        c.views = Some(
+            vec![
+                Some(Arc::new(view("b.service"))),
+                None,
+                Some(Arc::new(view("d.service"))),
+                Some(Arc::new(view("e.service"))),
+            ]
+            .into(),
+        );
+        let names = |s: &Slice| {
+            s.views
+                .as_ref()
+                .expect("views")
+                .iter()
+                .map(|v| v.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        let first = c.slice(b"a", 2);
+        assert_eq!(names(&first), ["b.service"]);
+        assert!(first.kvs.is_empty(), "no keys besides the views");
+        assert_eq!(first.next.as_deref(), Some(&b"c\0"[..]));
+        let second = c.slice(b"c\0", 5);
+        assert_eq!(names(&second), ["d.service", "e.service"]);
+        assert_eq!(
+            second.next.as_deref(),
+            Some(&b"e\0"[..]),
+            "the chunk's own next"
+        );
     }
 
     #[tokio::test]

@@ -327,6 +327,8 @@ impl EtcdRegistry {
                         .await?,
                 );
             }
+            kvs.sort_by(|a, b| a.0.cmp(&b.0));
+            kvs.dedup_by(|a, b| a.0 == b.0);
             Some(self.chunk_views(&found.kvs, &kvs).await?)
         } else {
             None
@@ -356,7 +358,8 @@ impl EtcdRegistry {
             .collect();
         let hashes: Vec<UnitHash> = units.iter().flatten().map(|u| u.hash).collect();
         let bodies = self.shared_bodies(&hashes).await?;
-        let context = records::UnitContext::read(&self.keys, joined);
+        // (sorted by key: read_chunk sorts what it joins)
+        let mut context = records::SortedContext::new(&self.keys, joined);
         Ok(units
             .into_iter()
             .map(|u| {
@@ -365,7 +368,7 @@ impl EtcdRegistry {
                     warn!(unit = %u.name, hash = %u.hash, "unit body missing; skipping unit");
                     return None;
                 };
-                Some(context.view(u, file.clone()))
+                Some(Arc::new(context.view(u, file.clone())))
             })
             .collect())
     }
@@ -399,7 +402,7 @@ impl EtcdRegistry {
         &self,
         after_name: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<UnitView>> {
+    ) -> Result<Vec<Arc<UnitView>>> {
         let dir = self.keys.dir(keys::UNITS);
         let end = prefix_end(dir.as_bytes());
         let mut from = match after_name {
@@ -425,7 +428,7 @@ impl EtcdRegistry {
                 Some(views) => out.extend(views),
                 None => {
                     let units = records::units(&self.keys, &found.kvs);
-                    out.extend(self.join_units(r, units).await?);
+                    out.extend(self.join_units(r, units).await?.into_iter().map(Arc::new));
                 }
             }
             match found.next {
@@ -941,6 +944,15 @@ impl Registry for EtcdRegistry {
     }
 
     async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
+        let page = self.units_page_shared(start, limit).await?;
+        Ok(page.into_iter().map(Arc::unwrap_or_clone).collect())
+    }
+
+    async fn units_page_shared(
+        &self,
+        start: &PageStart<String>,
+        limit: usize,
+    ) -> Result<Vec<Arc<UnitView>>> {
         match start {
             PageStart::After(name) => {
                 self.page_read(|| self.units_page_once(Some(name), limit))
@@ -948,7 +960,10 @@ impl Registry for EtcdRegistry {
             }
             PageStart::Skip(0) => self.page_read(|| self.units_page_once(None, limit)).await,
             // a position without the key before it: counted in a whole listing
-            PageStart::Skip(_) => Ok(start.cut(self.units().await?, limit, |u| u.name.to_string())),
+            PageStart::Skip(_) => {
+                let page = start.cut(self.units().await?, limit, |u| u.name.to_string());
+                Ok(page.into_iter().map(Arc::new).collect())
+            }
         }
     }
 
