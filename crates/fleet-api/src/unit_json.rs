@@ -97,6 +97,24 @@ fn field(out: &mut Vec<u8>, first: &mut bool, name: &str, value: &str) {
     string(out, value);
 }
 
+/// The bytes [`string`] looks at twice: control characters, `"`, `\\`, `<`, `>`, `&`, and
+/// 0xE2, which starts U+2028 and U+2029.
+static SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[b'<' as usize] = true;
+    t[b'>' as usize] = true;
+    t[b'&' as usize] = true;
+    t[0xe2] = true;
+    t
+};
+
 /// `s` as a JSON string, escaped as serde_json does and then as [`crate::wire::to_go_json`] does
 /// (`<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes, as Go's encoder writes them).
 fn string(out: &mut Vec<u8>, s: &str) {
@@ -106,6 +124,11 @@ fn string(out: &mut Vec<u8>, s: &str) {
     let mut plain = 0;
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {
+        if !SPECIAL[usize::from(b)] {
+            // (most bytes: one look in the table)
+            i += 1;
+            continue;
+        }
         let escape: Option<&[u8]> = match b {
             b'"' => Some(b"\\\""),
             b'\\' => Some(b"\\\\"),
