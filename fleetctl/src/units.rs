@@ -194,7 +194,7 @@ async fn unit_file_for(
             // only to warn about a differing local template; the registry's copy is used
             let _ = local_differs(arg, &tmpl, replace);
             tracing::debug!("Template Unit({template}) found in registry");
-            return Ok(tmpl.file);
+            return Ok(std::sync::Arc::unwrap_or_clone(tmpl.file));
         }
         let template_path = dir(arg).join(template.as_str());
         if !template_path.exists() {
@@ -594,7 +594,7 @@ async fn create_one(
             ctx.note_created(UnitView {
                 name: unit_name.clone(),
                 hash: file.hash(),
-                file,
+                file: file.into(),
                 desired,
                 global,
                 machine_id: None,

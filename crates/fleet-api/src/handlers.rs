@@ -13,8 +13,8 @@ use hyper::body::Body;
 use tracing::{debug, error, warn};
 
 use crate::page::{Cursors, PageToken};
-use crate::wire;
 use crate::{ApiConfig, DISCOVERY_JSON};
+use crate::{unit_json, wire};
 
 /// Both prefixes fleet served the same resources under.
 const PREFIXES: [&str; 2] = ["/v1-alpha", "/fleet/v1"];
@@ -282,7 +282,7 @@ impl Api {
         // only this page is read, from where the page before ended
         let items = self
             .registry
-            .units_page(&self.unit_cursors.start(token), limit)
+            .units_page_shared(&self.unit_cursors.start(token), limit)
             .await
             .map_err(|e| internal("failed fetching page of units", &e))?;
         // as in fleet, a full page gets a next token, even when nothing follows
@@ -290,11 +290,13 @@ impl Api {
         if let (Some(next), Some(last)) = (next, items.last()) {
             self.unit_cursors.remember(next, last.name.to_string());
         }
-        let page = wire::UnitPage {
-            next_page_token: next.map(PageToken::encode).unwrap_or_default(),
-            units: items.iter().map(unit_to_wire).collect(),
-        };
-        Ok(json_reply(StatusCode::OK, &page))
+        // (written straight from the views: the bytes of a wire::UnitPage of unit_to_wire)
+        let next = next.map(PageToken::encode).unwrap_or_default();
+        Ok(bytes_reply(
+            StatusCode::OK,
+            JSON,
+            unit_json::units_page(&next, &items),
+        ))
     }
 
     /// GET of a unit. Like DELETE, it takes names up to fleet v1.0's limit, one byte longer

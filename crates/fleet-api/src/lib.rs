@@ -19,6 +19,7 @@ mod metrics;
 mod page;
 pub mod pem;
 mod server;
+mod unit_json;
 pub mod wire;
 mod write_timeout;
 

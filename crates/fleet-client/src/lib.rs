@@ -714,7 +714,7 @@ fn unit_view(u: wire::Unit) -> Result<UnitView, String> {
     Ok(UnitView {
         hash: file.hash(),
         name,
-        file,
+        file: file.into(),
         desired,
         global,
         machine_id: non_empty(u.machine_id),

@@ -3,6 +3,7 @@
 //! skipped, never fatal.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use fleet_unit::UnitFile;
 
@@ -112,7 +113,8 @@ impl UnitContext {
     }
 
     /// A unit as clients see it: its current state is what its machine reports.
-    pub(crate) fn view(&self, u: UnitRecord, file: UnitFile) -> UnitView {
+    /// (`file`: a body shared with a cache, or one of its own.)
+    pub(crate) fn view(&self, u: UnitRecord, file: impl Into<Arc<UnitFile>>) -> UnitView {
         let name = u.name.to_string();
         let machine = self.placements.get(&name).cloned();
         let state = machine
@@ -121,7 +123,7 @@ impl UnitContext {
         UnitView {
             current: current_state(machine.as_deref(), state, &u.hash),
             name: u.name,
-            file,
+            file: file.into(),
             hash: u.hash,
             desired: u.desired_state,
             global: u.global,
@@ -132,6 +134,77 @@ impl UnitContext {
                     .filter(|s| reports_hash(s, &u.hash))
                     .and_then(|s| s.reason.clone())
             }),
+        }
+    }
+}
+
+/// What clients see of units besides their records and bodies, looked up per unit in keys
+/// sorted by key (a listing's chunk): the same views as [`UnitContext`]'s, without building
+/// maps of every placement, reason and state first.
+pub(crate) struct SortedContext<'a> {
+    keys: &'a Keys,
+    kvs: &'a [(String, Vec<u8>)],
+    /// The key being looked up (one buffer for every lookup).
+    key: String,
+}
+
+impl<'a> SortedContext<'a> {
+    pub(crate) fn new(keys: &'a Keys, kvs: &'a [(String, Vec<u8>)]) -> SortedContext<'a> {
+        SortedContext {
+            keys,
+            kvs,
+            key: String::new(),
+        }
+    }
+
+    /// The value of `kind`'s key for `name` (and `machine`, for states).
+    fn find(&mut self, kind: &str, name: &str, machine: Option<&str>) -> Option<&'a [u8]> {
+        self.key.clear();
+        self.key.push_str(self.keys.prefix());
+        self.key.push_str(kind);
+        self.key.push_str(name);
+        if let Some(m) = machine {
+            self.key.push('/');
+            self.key.push_str(m);
+        }
+        let kvs = self.kvs;
+        let i = kvs
+            .binary_search_by(|(k, _)| k.as_str().cmp(self.key.as_str()))
+            .ok()?;
+        kvs.get(i).map(|(_, v)| v.as_slice())
+    }
+
+    /// A unit as clients see it (as [`UnitContext::view`]).
+    pub(crate) fn view(&mut self, u: UnitRecord, file: impl Into<Arc<UnitFile>>) -> UnitView {
+        let name = u.name.as_str();
+        let machine = self
+            .find(keys::PLACEMENT, name, None)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let state = match &machine {
+            Some(m) => self
+                .find(keys::STATES, name, Some(m))
+                .and_then(|v| decode::<StateRecord>("", v).ok())
+                // (as UnitContext: a record counts for the unit and machine it names)
+                .filter(|s| s.name == name && &s.machine_id == m),
+            None => None,
+        };
+        let reason = self
+            .find(keys::REASONS, name, None)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        UnitView {
+            current: current_state(machine.as_deref(), state.as_ref(), &u.hash),
+            file: file.into(),
+            hash: u.hash,
+            desired: u.desired_state,
+            global: u.global,
+            machine_id: machine,
+            // the engine's reason first; else the machine's, about this very body
+            reason: reason.or_else(|| {
+                state
+                    .filter(|s| reports_hash(s, &u.hash))
+                    .and_then(|s| s.reason)
+            }),
+            name: u.name,
         }
     }
 }
@@ -240,5 +313,124 @@ pub fn engine_snapshot<'a>(
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned()),
         unreadable,
         unreadable_machines,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_unit::{TargetState, UnitFile, UnitName, UnitOption};
+
+    use super::*;
+    use crate::model::encode;
+
+    fn state(name: &str, machine: &str, hash: &str, reason: Option<&str>) -> StateRecord {
+        StateRecord {
+            version: 1,
+            name: name.into(),
+            machine_id: machine.into(),
+            hash: hash.into(),
+            load_state: "loaded".into(),
+            active_state: "active".into(),
+            sub_state: "running".into(),
+            agent_state: TargetState::Launched,
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn views_looked_up_in_sorted_keys_are_those_of_the_context() {
+        let keys = Keys::new("/fleet/");
+        let file = UnitFile::from_options(vec![UnitOption::new("Service", "ExecStart", "/x")]);
+        let hash = file.hash().to_string();
+        let other = UnitFile::from_options(vec![]).hash().to_string();
+        let s = |n: &str, m: &str, h: &str, r: Option<&str>| {
+            (keys.state(n, m), encode(&state(n, m, h, r)))
+        };
+        let mut kvs = vec![
+            // running where placed
+            (keys.placement("a.service"), b"m1".to_vec()),
+            s("a.service", "m1", &hash, None),
+            // a state from another machine than its placement's: not shown
+            (keys.placement("b.service"), b"m2".to_vec()),
+            s("b.service", "m1", &hash, None),
+            // the engine's reason wins over the machine's
+            (keys.placement("c.service"), b"m1".to_vec()),
+            s("c.service", "m1", &hash, Some("cannot write")),
+            (keys.reason("c.service"), b"no room".to_vec()),
+            // the machine's reason, about this body; none about another body
+            (keys.placement("d.service"), b"m1".to_vec()),
+            s("d.service", "m1", &hash, Some("cannot write")),
+            (keys.placement("e.service"), b"m1".to_vec()),
+            s("e.service", "m1", &other, Some("old body")),
+            // unplaced, with a reason; a state record that does not decode
+            (keys.reason("f.service"), b"no machine".to_vec()),
+            (keys.placement("g.service"), b"m1".to_vec()),
+            (keys.state("g.service", "m1"), b"{".to_vec()),
+            // a record under another unit's key
+            (keys.placement("h.service"), b"m1".to_vec()),
+            (
+                keys.state("h.service", "m1"),
+                encode(&state("a.service", "m1", &hash, None)),
+            ),
+            // a name that is another's with more after it
+            (keys.placement("a.service-b.service"), b"m3".to_vec()),
+            s("a.service-b.service", "m3", &hash, None),
+        ];
+        kvs.sort();
+        let names = [
+            "a.service",
+            "b.service",
+            "c.service",
+            "d.service",
+            "e.service",
+            "f.service",
+            "g.service",
+            "h.service",
+            "a.service-b.service",
+            "z.service",
+        ];
+        let wanted = UnitContext::read(&keys, &kvs);
+        let mut sorted = SortedContext::new(&keys, &kvs);
+        let file = Arc::new(file);
+        for n in names {
+            let rec = UnitRecord::new(
+                &UnitName::parse(n).expect("a valid name"),
+                &file,
+                TargetState::Launched,
+            );
+            assert_eq!(
+                sorted.view(rec.clone(), file.clone()),
+                wanted.view(rec, file.clone()),
+                "{n}"
+            );
+        }
+        // (and the cases are what they say)
+        let rec = |n: &str| {
+            UnitRecord::new(
+                &UnitName::parse(n).expect("a valid name"),
+                &file,
+                TargetState::Launched,
+            )
+        };
+        let a = sorted.view(rec("a.service"), file.clone());
+        assert_eq!(
+            (a.current, a.machine_id.as_deref()),
+            (TargetState::Launched, Some("m1"))
+        );
+        assert_eq!(
+            sorted
+                .view(rec("c.service"), file.clone())
+                .reason
+                .as_deref(),
+            Some("no room")
+        );
+        assert_eq!(
+            sorted
+                .view(rec("d.service"), file.clone())
+                .reason
+                .as_deref(),
+            Some("cannot write")
+        );
+        assert_eq!(sorted.view(rec("e.service"), file.clone()).reason, None);
     }
 }

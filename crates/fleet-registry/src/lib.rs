@@ -114,6 +114,16 @@ pub trait Registry: Send + Sync {
     async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
         Ok(start.cut(self.units().await?, limit, |u| u.name.to_string()))
     }
+    /// [`Registry::units_page`], its views shared with what the driver keeps: a driver that
+    /// keeps a listing's views (etcd's chunks read ahead) hands them out without copying.
+    async fn units_page_shared(
+        &self,
+        start: &PageStart<String>,
+        limit: usize,
+    ) -> Result<Vec<std::sync::Arc<UnitView>>> {
+        let page = self.units_page(start, limit).await?;
+        Ok(page.into_iter().map(std::sync::Arc::new).collect())
+    }
     /// All machines present now, sorted by ID, with API-set metadata merged in.
     async fn machines(&self) -> Result<Vec<MachineView>>;
     /// All unit states reported by agents, sorted by unit name then machine ID.

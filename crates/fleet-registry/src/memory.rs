@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitName};
@@ -88,7 +88,7 @@ impl MemoryRegistry {
             current: current_state(machine.as_deref(), state, &file.hash()),
             name: name.clone(),
             hash: file.hash(),
-            file: file.clone(),
+            file: Arc::new(file.clone()),
             desired: *desired,
             global: *global,
             machine_id: machine,

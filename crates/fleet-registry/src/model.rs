@@ -1,6 +1,7 @@
 //! The values stored in etcd (records, JSON with a `version` field) and the views clients get.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use fleet_unit::{Requirements, TargetState, UnitFile, UnitHash, UnitName};
 use serde::{Deserialize, Serialize};
@@ -113,7 +114,9 @@ pub struct StateRecord {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UnitView {
     pub name: UnitName,
-    pub file: UnitFile,
+    /// Shared: a body is immutable (named by its hash) and many units have the same one, so
+    /// views, the registry's body cache and listings' chunks hold it without copying.
+    pub file: Arc<UnitFile>,
     pub hash: UnitHash,
     pub desired: TargetState,
     pub global: bool,

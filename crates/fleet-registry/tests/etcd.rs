@@ -594,7 +594,7 @@ async fn replacing_a_unit_keeps_its_placement() {
         .expect("replace");
     let u = r.unit(&hello).await.expect("unit").expect("some");
     assert_eq!(u.hash, v2.hash());
-    assert_eq!(u.file, v2);
+    assert_eq!(*u.file, v2);
     assert_eq!(u.desired, TargetState::Launched);
     assert_eq!(u.machine_id.as_deref(), Some("m1"), "placement kept");
     assert_eq!(r.body(&v2.hash()).await.expect("new body"), v2);

@@ -23,9 +23,17 @@
 //! those waits). A page that reaches a chunk still being read waits for that read rather
 //! than reading it again. A listing's first page reads nothing ahead (a client reading one
 //! page costs one chunk).
+//!
+//! Decoded once: a chunk of unit records is kept as the units' views (records decoded,
+//! joined with their placements, reasons and states, bodies shared with the registry's
+//! cache), built where the chunk is read, in the background for a chunk read ahead. A page
+//! served from it only copies its views: at 100,000 units the decoding and joining done per
+//! page was most of a `list-unit-files`' time in the API.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use crate::model::UnitView;
 
 /// How many keys a chunk reads.
 pub(crate) const CHUNK_KEYS: usize = 5_000;
@@ -44,6 +52,10 @@ pub(crate) const READS_AHEAD: usize = CHUNKS_KEPT / 2;
 /// Keys and values of a range, in key order.
 pub(crate) type Kvs = Vec<(String, Vec<u8>)>;
 
+/// A chunk's units as clients see them, one per key of the chunk, in key order: `None` where
+/// the record cannot be read or its body is missing (pages skip it, as a whole listing does).
+pub(crate) type Views = Arc<[Option<Arc<UnitView>>]>;
+
 /// What one read of a range found: every key from `start` on, up to `next` (exclusive) or,
 /// when `next` is `None`, to `end`.
 #[derive(Debug)]
@@ -54,9 +66,9 @@ pub(crate) struct Chunk {
     pub(crate) kvs: Arc<Kvs>,
     /// Where the range goes on, when the chunk did not reach its end.
     pub(crate) next: Option<Vec<u8>>,
-    /// What pages join to these keys, read at the same revision and sorted by key (for unit
-    /// records: the placements, reasons and states of their span of names).
-    pub(crate) joined: Option<Arc<Kvs>>,
+    /// For unit records: the units' views, one per key (see [`Views`]); pages take them
+    /// instead of the keys' values.
+    pub(crate) views: Option<Views>,
 }
 
 impl Chunk {
@@ -69,27 +81,57 @@ impl Chunk {
             && self.next.as_deref().is_none_or(|n| from < n)
     }
 
-    /// At most `want` keys from `from` on, and where the range goes on after them.
-    pub(crate) fn slice(&self, from: &[u8], want: usize) -> (Kvs, Option<Vec<u8>>) {
+    /// At most `want` keys from `from` on, and where the range goes on after them. A chunk
+    /// with views gives the views of those keys (the readable ones) and no keys.
+    pub(crate) fn slice(&self, from: &[u8], want: usize) -> Slice {
         let at = self.kvs.partition_point(|(k, _)| k.as_bytes() < from);
         let stop = at.saturating_add(want).min(self.kvs.len());
-        let kvs: Kvs = self
-            .kvs
-            .get(at..stop)
-            .map(<[_]>::to_vec)
-            .unwrap_or_default();
         let next = if stop < self.kvs.len() {
             // more keys of this chunk follow: the range goes on right after the last one taken
-            kvs.last().map(|(k, _)| {
-                let mut n = k.as_bytes().to_vec();
-                n.push(0);
-                n
-            })
+            stop.checked_sub(1)
+                .and_then(|last| self.kvs.get(last))
+                .map(|(k, _)| {
+                    let mut n = k.as_bytes().to_vec();
+                    n.push(0);
+                    n
+                })
         } else {
             self.next.clone()
         };
-        (kvs, next)
+        match &self.views {
+            Some(views) => Slice {
+                kvs: Vec::new(),
+                views: Some(
+                    views
+                        .get(at..stop)
+                        .unwrap_or_default()
+                        .iter()
+                        .flatten()
+                        .cloned()
+                        .collect(),
+                ),
+                next,
+            },
+            None => Slice {
+                kvs: self
+                    .kvs
+                    .get(at..stop)
+                    .map(<[_]>::to_vec)
+                    .unwrap_or_default(),
+                views: None,
+                next,
+            },
+        }
     }
+}
+
+/// What a page takes of a chunk: its keys and values, or, from a chunk with views, their
+/// views; and where the range goes on after them.
+#[derive(Debug)]
+pub(crate) struct Slice {
+    pub(crate) kvs: Kvs,
+    pub(crate) views: Option<Vec<Arc<UnitView>>>,
+    pub(crate) next: Option<Vec<u8>>,
 }
 
 /// What [`Chunks::find`] found for a page.
@@ -99,9 +141,7 @@ pub(crate) enum Found {
     /// range goes on.
     Held {
         rev: i64,
-        kvs: Kvs,
-        next: Option<Vec<u8>>,
-        joined: Option<Arc<Kvs>>,
+        slice: Slice,
         /// Where the chunk's successor starts, when the range goes on after the chunk.
         successor: Option<Vec<u8>>,
     },
@@ -201,12 +241,9 @@ impl Chunks {
         match (newest, follows) {
             (Some(k), f) if f.is_none_or(|f| f <= k.chunk.rev) => {
                 k.used = now;
-                let (kvs, next) = k.chunk.slice(from, want);
                 Found::Held {
                     rev: k.chunk.rev,
-                    kvs,
-                    next,
-                    joined: k.chunk.joined.clone(),
+                    slice: k.chunk.slice(from, want),
                     successor: k.chunk.next.clone(),
                 }
             }
@@ -322,16 +359,16 @@ mod tests {
                     .collect(),
             ),
             next: next.map(|n| n.as_bytes().to_vec()),
-            joined: None,
+            views: None,
         }
     }
 
     fn held(found: Found) -> (i64, Vec<String>, Option<String>) {
         match found {
-            Found::Held { rev, kvs, next, .. } => (
+            Found::Held { rev, slice, .. } => (
                 rev,
-                kvs.into_iter().map(|(k, _)| k).collect(),
-                next.map(|n| String::from_utf8_lossy(&n).into_owned()),
+                slice.kvs.into_iter().map(|(k, _)| k).collect(),
+                slice.next.map(|n| String::from_utf8_lossy(&n).into_owned()),
             ),
             other => panic!("not held: {other:?}"),
         }
@@ -376,6 +413,54 @@ mod tests {
         // ... but where a newer listing's chunk ended, that listing goes on at its revision
         chunks.keep(chunk("b", &["bb", "c"], Some("c\0"), 11), now);
         assert!(matches!(find("c\0", 2), Found::Follows { rev: 11 }));
+    }
+
+    #[test]
+    fn pages_of_a_chunk_with_views_take_the_views_of_their_keys() {
+        use fleet_unit::{TargetState, UnitFile, UnitName};
+        let view = |name: &str| {
+            let file = Arc::new(UnitFile::from_options(vec![]));
+            UnitView {
+                name: UnitName::parse(name).expect("a valid name"),
+                hash: file.hash(),
+                file,
+                desired: TargetState::Launched,
+                global: false,
+                machine_id: None,
+                current: TargetState::Inactive,
+                reason: None,
+            }
+        };
+        let mut c = chunk("a", &["b", "c", "d", "e"], Some("e\0"), 7);
+        // `c` cannot be read: pages skip it, and go on where its key says
+        c.views = Some(
+            vec![
+                Some(Arc::new(view("b.service"))),
+                None,
+                Some(Arc::new(view("d.service"))),
+                Some(Arc::new(view("e.service"))),
+            ]
+            .into(),
+        );
+        let names = |s: &Slice| {
+            s.views
+                .as_ref()
+                .expect("views")
+                .iter()
+                .map(|v| v.name.to_string())
+                .collect::<Vec<_>>()
+        };
+        let first = c.slice(b"a", 2);
+        assert_eq!(names(&first), ["b.service"]);
+        assert!(first.kvs.is_empty(), "no keys besides the views");
+        assert_eq!(first.next.as_deref(), Some(&b"c\0"[..]));
+        let second = c.slice(b"c\0", 5);
+        assert_eq!(names(&second), ["d.service", "e.service"]);
+        assert_eq!(
+            second.next.as_deref(),
+            Some(&b"e\0"[..]),
+            "the chunk's own next"
+        );
     }
 
     #[tokio::test]

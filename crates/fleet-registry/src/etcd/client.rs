@@ -11,7 +11,7 @@ use fleet_unit::{TargetState, UnitFile, UnitHash, UnitName};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::chunks::{Chunk, Found, Kvs};
+use super::chunks::{Chunk, Found, Kvs, Slice, Views};
 use super::{EtcdRegistry, MAX_TXN_OPS, OpKind};
 use crate::keys;
 use crate::model::{MachineView, StateRecord, UnitRecord, UnitView, decode, encode};
@@ -163,18 +163,54 @@ impl EtcdRegistry {
             .first()
             .map(|r| String::from_utf8_lossy(&r.start).into_owned())
             .unwrap_or_default();
+        let options = |r: &RangeRead| {
+            let mut opts = GetOptions::new().with_limit(r.limit);
+            if let Some(end) = &r.end {
+                opts = opts.with_range(end.clone());
+            }
+            if let Some(rev) = rev {
+                opts = opts.with_revision(rev);
+            }
+            opts
+        };
+        if let [one] = batch {
+            // one range (a chunk's keys): a plain read, whose answer is taken as it is (a
+            // transaction's answers are copied out of it, some 1 MB for a chunk)
+            let mut kv = self.kv();
+            let mut get = self
+                .timed(
+                    OpKind::GetAll,
+                    op,
+                    &first,
+                    kv.get(one.start.clone(), Some(options(one))),
+                )
+                .await?;
+            self.walked.fetch_add(
+                u64::try_from(get.count()).unwrap_or(0),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            let kvs: Vec<(String, Vec<u8>)> = get
+                .take_kvs()
+                .into_iter()
+                .map(|kv| {
+                    let (k, v) = kv.into_key_value();
+                    let k = String::from_utf8(k)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                    (k, v)
+                })
+                .collect();
+            let next = get
+                .more()
+                .then(|| kvs.last().map(|(k, _)| after(k.as_bytes())))
+                .flatten();
+            return Ok((
+                get.header().map(|h| h.revision()),
+                vec![RangeFound { kvs, next }],
+            ));
+        }
         let ops: Vec<TxnOp> = batch
             .iter()
-            .map(|r| {
-                let mut opts = GetOptions::new().with_limit(r.limit);
-                if let Some(end) = &r.end {
-                    opts = opts.with_range(end.clone());
-                }
-                if let Some(rev) = rev {
-                    opts = opts.with_revision(rev);
-                }
-                TxnOp::get(r.start.clone(), Some(opts))
-            })
+            .map(|r| TxnOp::get(r.start.clone(), Some(options(r))))
             .collect();
         let resp = self
             .txn(OpKind::GetAll, op, &first, Txn::new().and_then(ops))
@@ -235,8 +271,8 @@ impl EtcdRegistry {
     /// that follow. A chunk that ends where `from` starts is followed at its own revision,
     /// so a listing stays at one revision. `fresh` (a listing's first page) reads afresh.
     /// With `join` (unit records), a chunk read also reads, at its revision, the placements,
-    /// reasons and states of its span of names, so that its pages read nothing more; they
-    /// come back with the keys.
+    /// reasons and states of its span of names and the bodies, and keeps the units' views,
+    /// so that its pages read and decode nothing more: they come back instead of the keys.
     #[allow(clippy::too_many_arguments)]
     async fn page_range(
         &self,
@@ -247,7 +283,7 @@ impl EtcdRegistry {
         end: Vec<u8>,
         want: usize,
         rev: Option<i64>,
-    ) -> Result<(i64, RangeFound, Option<Arc<Kvs>>)> {
+    ) -> Result<(i64, Slice)> {
         let mut at = rev;
         let mut waited = false;
         // (a fresh page reads; others look twice at most: again after waiting for a read
@@ -262,15 +298,13 @@ impl EtcdRegistry {
             {
                 Found::Held {
                     rev,
-                    kvs,
-                    next,
-                    joined,
+                    slice,
                     successor,
                 } => {
                     if let Some(successor) = successor {
                         self.read_ahead(op, join, successor, end, rev);
                     }
-                    return Ok((rev, RangeFound { kvs, next }, joined));
+                    return Ok((rev, slice));
                 }
                 Found::Follows { rev } => {
                     // the chunk after is being read ahead: wait for it, then look again
@@ -288,15 +322,15 @@ impl EtcdRegistry {
         let chunk = self
             .read_chunk(op, join, from.clone(), end, want, at)
             .await?;
-        let (r, joined) = (chunk.rev, chunk.joined.clone());
-        let (kvs, next) = chunk.slice(&from, want);
+        let (r, slice) = (chunk.rev, chunk.slice(&from, want));
         self.chunks.keep(chunk, std::time::Instant::now());
-        Ok((r, RangeFound { kvs, next }, joined))
+        Ok((r, slice))
     }
 
     /// Reads the chunk of `end`'s range from `from` on (at least `want` keys) at `at` (the
     /// current revision when `None`); with `join` (unit records), also the placements,
-    /// reasons and states of its span of names, at its revision.
+    /// reasons and states of its span of names, at its revision, and their bodies: the
+    /// chunk keeps the units' views.
     async fn read_chunk(
         &self,
         op: &'static str,
@@ -316,7 +350,7 @@ impl EtcdRegistry {
             kvs: Vec::new(),
             next: None,
         });
-        let joined = if join && !found.kvs.is_empty() {
+        let views = if join && !found.kvs.is_empty() {
             // in spans of JOIN_KEYS units, one request each, so each stays small
             let mut kvs: Kvs = Vec::new();
             for group in found.kvs.chunks(JOIN_KEYS) {
@@ -331,7 +365,7 @@ impl EtcdRegistry {
             }
             kvs.sort_by(|a, b| a.0.cmp(&b.0));
             kvs.dedup_by(|a, b| a.0 == b.0);
-            Some(Arc::new(kvs))
+            Some(self.chunk_views(&found.kvs, &kvs).await?)
         } else {
             None
         };
@@ -341,8 +375,38 @@ impl EtcdRegistry {
             rev: r,
             kvs: Arc::new(found.kvs),
             next: found.next,
-            joined,
+            views,
         })
+    }
+
+    /// The views of the units whose records are `records` (a chunk's keys), one per record,
+    /// given their placements, reasons and states in `joined`: `None` for a record that
+    /// cannot be read, or whose body is missing.
+    async fn chunk_views(&self, records: &Kvs, joined: &Kvs) -> Result<Views> {
+        let units: Vec<Option<UnitRecord>> = records
+            .iter()
+            .map(|(k, v)| {
+                self.keys.strip(keys::UNITS, k)?;
+                decode::<UnitRecord>(k, v)
+                    .map_err(|e| warn!(error = %e, "skipping unit record"))
+                    .ok()
+            })
+            .collect();
+        let hashes: Vec<UnitHash> = units.iter().flatten().map(|u| u.hash).collect();
+        let bodies = self.shared_bodies(&hashes).await?;
+        // (sorted by key: read_chunk sorts what it joins)
+        let mut context = records::SortedContext::new(&self.keys, joined);
+        Ok(units
+            .into_iter()
+            .map(|u| {
+                let u = u?;
+                let Some(file) = bodies.get(&u.hash) else {
+                    warn!(unit = %u.name, hash = %u.hash, "unit body missing; skipping unit");
+                    return None;
+                };
+                Some(Arc::new(context.view(u, file.clone())))
+            })
+            .collect())
     }
 
     /// Reads the chunk of `end`'s range from `from` on at `rev` in the background and keeps
@@ -374,7 +438,7 @@ impl EtcdRegistry {
         &self,
         after_name: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<UnitView>> {
+    ) -> Result<Vec<Arc<UnitView>>> {
         let dir = self.keys.dir(keys::UNITS);
         let end = prefix_end(dir.as_bytes());
         let mut from = match after_name {
@@ -384,7 +448,7 @@ impl EtcdRegistry {
         let mut rev = None;
         let mut out = Vec::with_capacity(limit);
         while out.len() < limit {
-            let (r, found, joined) = self
+            let (r, found) = self
                 .page_range(
                     "listing a page of units",
                     after_name.is_none() && rev.is_none(),
@@ -396,8 +460,13 @@ impl EtcdRegistry {
                 )
                 .await?;
             rev = Some(r);
-            let units = records::units(&self.keys, &found.kvs);
-            out.extend(self.join_units(r, units, joined.as_deref()).await?);
+            match found.views {
+                Some(views) => out.extend(views),
+                None => {
+                    let units = records::units(&self.keys, &found.kvs);
+                    out.extend(self.join_units(r, units).await?.into_iter().map(Arc::new));
+                }
+            }
             match found.next {
                 Some(next) => from = next,
                 None => break,
@@ -408,39 +477,11 @@ impl EtcdRegistry {
 
     /// Units (sorted by name, read at `rev`) as clients see them: with their placements,
     /// reasons and states read at the same revision, and their bodies. A unit whose body is
-    /// missing is skipped, as in a whole listing. `joined`: what the chunk the units came from
-    /// read of them at `rev`, where their placements, reasons and states are looked up
-    /// instead of read.
-    async fn join_units(
-        &self,
-        rev: i64,
-        units: Vec<UnitRecord>,
-        joined: Option<&Kvs>,
-    ) -> Result<Vec<UnitView>> {
+    /// missing is skipped, as in a whole listing. (Pages served from a chunk have their views
+    /// already: see [`Self::chunk_views`].)
+    async fn join_units(&self, rev: i64, units: Vec<UnitRecord>) -> Result<Vec<UnitView>> {
         if units.is_empty() {
             return Ok(Vec::new());
-        }
-        if let Some(joined) = joined {
-            let find = |key: String| {
-                joined
-                    .binary_search_by(|(k, _)| k.as_str().cmp(key.as_str()))
-                    .ok()
-                    .and_then(|i| joined.get(i))
-                    .cloned()
-            };
-            let mut kvs = Vec::new();
-            for u in &units {
-                let n = u.name.as_str();
-                let placed = find(self.keys.placement(n));
-                if let Some((_, machine)) = &placed {
-                    // only the state the view shows: the one reported by the unit's machine
-                    let machine = String::from_utf8_lossy(machine);
-                    kvs.extend(find(self.keys.state(n, &machine)));
-                }
-                kvs.extend(placed);
-                kvs.extend(find(self.keys.reason(n)));
-            }
-            return self.views_of(units, &kvs).await;
         }
         let names: Vec<&str> = units.iter().map(|u| u.name.as_str()).collect();
         let kvs = self
@@ -500,7 +541,7 @@ impl EtcdRegistry {
     async fn views_of(&self, units: Vec<UnitRecord>, kvs: &Kvs) -> Result<Vec<UnitView>> {
         let context = records::UnitContext::read(&self.keys, kvs);
         let hashes: Vec<UnitHash> = units.iter().map(|u| u.hash).collect();
-        let bodies = self.bodies(&hashes).await?;
+        let bodies = self.shared_bodies(&hashes).await?;
         let mut out = Vec::with_capacity(units.len());
         for u in units {
             let Some(file) = bodies.get(&u.hash).cloned() else {
@@ -544,7 +585,7 @@ impl EtcdRegistry {
         while found.len() < limit {
             let want = limit - found.len() + extra;
             extra = 0;
-            let (r, range, _) = self
+            let (r, range) = self
                 .page_range(
                     "listing a page of unit states",
                     after_state.is_none() && rev.is_none(),
@@ -714,7 +755,7 @@ impl EtcdRegistry {
         match self.txn(OpKind::Set, "creating units", &first, txn).await {
             Ok(r) if r.succeeded() => {
                 for c in group {
-                    self.cache_body(c.file.hash(), c.file);
+                    self.cache_body(c.file.hash(), Arc::new(c.file));
                     let _ = c.done.send(Ok(()));
                 }
             }
@@ -768,7 +809,7 @@ impl EtcdRegistry {
         {
             return Err(RegistryError::AlreadyExists(name.to_string()));
         }
-        self.cache_body(file.hash(), file.clone());
+        self.cache_body(file.hash(), Arc::new(file.clone()));
         Ok(())
     }
 }
@@ -859,7 +900,7 @@ impl Registry for EtcdRegistry {
             Txn::new().and_then(ops),
         )
         .await?;
-        self.cache_body(file.hash(), file.clone());
+        self.cache_body(file.hash(), Arc::new(file.clone()));
         Ok(())
     }
 
@@ -939,6 +980,15 @@ impl Registry for EtcdRegistry {
     }
 
     async fn units_page(&self, start: &PageStart<String>, limit: usize) -> Result<Vec<UnitView>> {
+        let page = self.units_page_shared(start, limit).await?;
+        Ok(page.into_iter().map(Arc::unwrap_or_clone).collect())
+    }
+
+    async fn units_page_shared(
+        &self,
+        start: &PageStart<String>,
+        limit: usize,
+    ) -> Result<Vec<Arc<UnitView>>> {
         match start {
             PageStart::After(name) => {
                 self.page_read(|| self.units_page_once(Some(name), limit))
@@ -946,7 +996,10 @@ impl Registry for EtcdRegistry {
             }
             PageStart::Skip(0) => self.page_read(|| self.units_page_once(None, limit)).await,
             // a position without the key before it: counted in a whole listing
-            PageStart::Skip(_) => Ok(start.cut(self.units().await?, limit, |u| u.name.to_string())),
+            PageStart::Skip(_) => {
+                let page = start.cut(self.units().await?, limit, |u| u.name.to_string());
+                Ok(page.into_iter().map(Arc::new).collect())
+            }
         }
     }
 

@@ -62,7 +62,7 @@ pub struct EtcdRegistry {
     keys: Keys,
     timeout: Duration,
     /// Unit bodies by hash: immutable once written, so caching them is always correct.
-    bodies: Arc<Mutex<HashMap<UnitHash, UnitFile>>>,
+    bodies: Arc<Mutex<HashMap<UnitHash, Arc<UnitFile>>>>,
     /// Where every request is counted (fleet's registry operation metrics).
     metrics: fleet_metrics::Metrics,
     /// Takes dead members out of the balancer once a request failed.
@@ -343,7 +343,7 @@ impl EtcdRegistry {
     /// The unit file stored under `hash` (cached; bodies never change).
     pub async fn body(&self, hash: &UnitHash) -> Result<UnitFile> {
         if let Some(f) = self.cached_body(hash) {
-            return Ok(f);
+            return Ok(UnitFile::clone(&f));
         }
         let key = self.keys.body(&hash.to_string());
         let mut kv = self.kv();
@@ -363,12 +363,26 @@ impl EtcdRegistry {
             key,
             reason: e.to_string(),
         })?;
-        self.cache_body(*hash, file.clone());
+        self.cache_body(*hash, Arc::new(file.clone()));
         Ok(file)
     }
 
-    /// Bodies of many hashes, fetched in batched transactions.
+    /// Bodies of many hashes, fetched in batched transactions (copies, for the engine and
+    /// the agents).
     async fn bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+        Ok(self
+            .shared_bodies(hashes)
+            .await?
+            .into_iter()
+            .map(|(h, f)| (h, Arc::unwrap_or_clone(f)))
+            .collect())
+    }
+
+    /// Bodies of many hashes, fetched in batched transactions, shared with the cache.
+    pub(crate) async fn shared_bodies(
+        &self,
+        hashes: &[UnitHash],
+    ) -> Result<HashMap<UnitHash, Arc<UnitFile>>> {
         let mut out = HashMap::new();
         // (a set: a new leader asks for every unit's body at once, 100,000 hashes of which
         // many repeat; a list searched for each one took seconds)
@@ -413,7 +427,10 @@ impl EtcdRegistry {
 
     /// One transaction reading the bodies of `chunk` (at most [`MAX_TXN_OPS`]), parsed and
     /// cached; a body that does not parse is logged and left out.
-    async fn read_body_batch(&self, chunk: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>> {
+    async fn read_body_batch(
+        &self,
+        chunk: &[UnitHash],
+    ) -> Result<HashMap<UnitHash, Arc<UnitFile>>> {
         let mut out = HashMap::new();
         let Some(first) = chunk.first() else {
             return Ok(out);
@@ -446,6 +463,7 @@ impl EtcdRegistry {
                 };
                 match UnitFile::parse(&String::from_utf8_lossy(kv.value())) {
                     Ok(f) => {
+                        let f = Arc::new(f);
                         self.cache_body(hash, f.clone());
                         out.insert(hash, f);
                     }
@@ -456,11 +474,11 @@ impl EtcdRegistry {
         Ok(out)
     }
 
-    fn cached_body(&self, hash: &UnitHash) -> Option<UnitFile> {
+    fn cached_body(&self, hash: &UnitHash) -> Option<Arc<UnitFile>> {
         self.bodies.lock().ok()?.get(hash).cloned()
     }
 
-    fn cache_body(&self, hash: UnitHash, file: UnitFile) {
+    pub(crate) fn cache_body(&self, hash: UnitHash, file: Arc<UnitFile>) {
         if let Ok(mut m) = self.bodies.lock() {
             // a hard bound whoever uses the cache (a fleetd whose API never lists
             // everything would otherwise keep every body it ever read)
