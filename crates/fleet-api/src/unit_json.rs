@@ -135,8 +135,9 @@ fn string(out: &mut Vec<u8>, s: &str) {
             b'\n' => Some(b"\\n"),
             b'\r' => Some(b"\\r"),
             b'\t' => Some(b"\\t"),
-            0x08 => Some(b"\\b"),
-            0x0c => Some(b"\\f"),
+            // (fleet v1.0's Go wrote these two as \u00XX too; Go's \b and \f came later)
+            0x08 => Some(b"\\u0008"),
+            0x0c => Some(b"\\u000c"),
             b'<' => Some(b"\\u003c"),
             b'>' => Some(b"\\u003e"),
             b'&' => Some(b"\\u0026"),
@@ -231,6 +232,13 @@ mod tests {
                 "{s:?}"
             );
         }
+        // the bytes fleet v1.0 sent (Go 1.7's encoder)
+        let mut mine = Vec::new();
+        string(&mut mine, "a\u{8}b\u{c}c\\bd\u{1}<");
+        assert_eq!(
+            String::from_utf8_lossy(&mine),
+            r#""a\u0008b\u000cc\\bd\u0001\u003c""#
+        );
     }
 
     #[test]

@@ -291,8 +291,20 @@ pub fn to_go_json<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain structs with string keys: serialization cannot fail.
     let text = serde_json::to_string(value).unwrap_or_default();
     let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
         match c {
+            // serde's escapes, as fleet v1.0's Go wrote them: \b and \f as \u00XX (Go
+            // gained the short forms only in 1.22)
+            '\\' => match chars.next() {
+                Some('b') => out.push_str("\\u0008"),
+                Some('f') => out.push_str("\\u000c"),
+                Some(next) => {
+                    out.push('\\');
+                    out.push(next);
+                }
+                None => out.push('\\'),
+            },
             '<' => out.push_str("\\u003c"),
             '>' => out.push_str("\\u003e"),
             '&' => out.push_str("\\u0026"),

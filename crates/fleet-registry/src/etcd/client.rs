@@ -189,20 +189,21 @@ impl EtcdRegistry {
                 u64::try_from(get.count()).unwrap_or(0),
                 std::sync::atomic::Ordering::Relaxed,
             );
-            let kvs: Vec<(String, Vec<u8>)> = get
-                .take_kvs()
-                .into_iter()
-                .map(|kv| {
-                    let (k, v) = kv.into_key_value();
-                    let k = String::from_utf8(k)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
-                    (k, v)
-                })
-                .collect();
-            let next = get
-                .more()
-                .then(|| kvs.last().map(|(k, _)| after(k.as_bytes())))
-                .flatten();
+            let more = get.more();
+            let mut next = None;
+            let mut taken = get.take_kvs().into_iter().peekable();
+            let mut kvs: Vec<(String, Vec<u8>)> = Vec::with_capacity(taken.len());
+            while let Some(kv) = taken.next() {
+                let (k, v) = kv.into_key_value();
+                if more && taken.peek().is_none() {
+                    // from the key's own bytes: a key that is not UTF-8 reads otherwise
+                    // below, and the next range must start right after the real one
+                    next = Some(after(k.as_slice()));
+                }
+                let k = String::from_utf8(k)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                kvs.push((k, v));
+            }
             return Ok((
                 get.header().map(|h| h.revision()),
                 vec![RangeFound { kvs, next }],
