@@ -36,8 +36,8 @@ pub(crate) fn units_page(next: &str, units: &[Arc<UnitView>]) -> Vec<u8> {
     out
 }
 
-/// One unit as fleet's `Unit` (see `handlers::unit_to_wire`: `currentState` and `machineID`
-/// only for non-global units).
+/// One unit as fleet's `Unit` (see `handlers::unit_to_wire`: `currentState` only for
+/// non-global units, `machineID` whenever the unit is placed).
 fn unit(out: &mut Vec<u8>, u: &UnitView) {
     out.push(b'{');
     let mut first = true;
