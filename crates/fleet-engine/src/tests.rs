@@ -1126,62 +1126,144 @@ async fn a_body_written_after_its_unit_is_read_at_a_later_tick() {
     assert_eq!(placement(&store, "late.service").as_deref(), Some("m1"));
 }
 
-/// The in-memory store, its engine writes answered only after [`SlowWrites::LATENCY`] (an
-/// etcd busy with a mass reschedule).
-struct SlowWrites(MemoryStore);
+/// The in-memory store behind [`Intercepted`], whose writes and refences an [`Intercept`]
+/// sees first (by default it only passes them on).
+#[async_trait::async_trait]
+trait Intercept: Send + Sync {
+    async fn apply_batches(
+        &self,
+        store: &MemoryStore,
+        leadership: &fleet_registry::Leadership,
+        batches: &[Vec<fleet_registry::EngineOp>],
+    ) -> Vec<fleet_registry::Result<i64>> {
+        store.apply_batches(leadership, batches).await
+    }
+    async fn apply(
+        &self,
+        store: &MemoryStore,
+        leadership: &fleet_registry::Leadership,
+        ops: &[fleet_registry::EngineOp],
+    ) -> fleet_registry::Result<i64> {
+        store.apply(leadership, ops).await
+    }
+    async fn refence(
+        &self,
+        store: &MemoryStore,
+        leadership: &fleet_registry::Leadership,
+    ) -> fleet_registry::Result<i64> {
+        store.refence(leadership).await
+    }
+}
 
-impl SlowWrites {
-    const LATENCY: Duration = Duration::from_secs(3);
+/// An [`EngineStore`]: `store`, its decision writes and refences going through `with`.
+struct Intercepted<I> {
+    store: MemoryStore,
+    with: I,
+}
+
+impl<I: Intercept> Intercepted<I> {
+    fn new(store: &MemoryStore, with: I) -> Arc<Self> {
+        Arc::new(Intercepted {
+            store: store.clone(),
+            with,
+        })
+    }
 }
 
 #[async_trait::async_trait]
-impl EngineStore for SlowWrites {
+impl<I: Intercept> EngineStore for Intercepted<I> {
     fn keys(&self) -> &fleet_registry::keys::Keys {
-        self.0.keys()
+        self.store.keys()
     }
     async fn campaign(
         &self,
         machine_id: &str,
         ttl: Duration,
     ) -> fleet_registry::Result<Option<fleet_registry::Leadership>> {
-        self.0.campaign(machine_id, ttl).await
+        self.store.campaign(machine_id, ttl).await
     }
     async fn resign(&self, leadership: fleet_registry::Leadership) {
-        self.0.resign(leadership).await
+        self.store.resign(leadership).await
     }
     async fn refence(
         &self,
         leadership: &fleet_registry::Leadership,
     ) -> fleet_registry::Result<i64> {
-        self.0.refence(leadership).await
+        self.with.refence(&self.store, leadership).await
     }
     fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.0.watch_engine(poll)
+        self.store.watch_engine(poll)
     }
     fn watch_leader(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.0.watch_leader(poll)
+        self.store.watch_leader(poll)
     }
     async fn unit_bodies(
         &self,
         hashes: &[fleet_unit::UnitHash],
     ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
-        self.0.unit_bodies(hashes).await
+        self.store.unit_bodies(hashes).await
     }
     async fn apply(
         &self,
         leadership: &fleet_registry::Leadership,
         ops: &[fleet_registry::EngineOp],
     ) -> fleet_registry::Result<i64> {
-        tokio::time::sleep(Self::LATENCY).await;
-        self.0.apply(leadership, ops).await
+        self.with.apply(&self.store, leadership, ops).await
     }
     async fn apply_batches(
         &self,
         leadership: &fleet_registry::Leadership,
         batches: &[Vec<fleet_registry::EngineOp>],
     ) -> Vec<fleet_registry::Result<i64>> {
+        self.with
+            .apply_batches(&self.store, leadership, batches)
+            .await
+    }
+}
+
+/// A leadership as it was when a write was sent (lease, create revision, fence), to send a
+/// late copy of that write with.
+fn leadership_then((lease, create_revision, fence): (i64, i64, i64)) -> fleet_registry::Leadership {
+    let (_lost, lost_rx) = tokio::sync::watch::channel(false);
+    let (_renewed, renewed_rx) = tokio::sync::watch::channel(tokio::time::Instant::now());
+    fleet_registry::Leadership {
+        lease: fleet_registry::Lease::new(lease, lost_rx, renewed_rx),
+        create_revision,
+        fence,
+    }
+}
+
+fn proof(l: &fleet_registry::Leadership) -> (i64, i64, i64) {
+    (l.lease.id(), l.create_revision, l.fence)
+}
+
+/// Every decision write answered only after [`SlowWrites::LATENCY`] (an etcd busy with a
+/// mass reschedule).
+struct SlowWrites;
+
+impl SlowWrites {
+    const LATENCY: Duration = Duration::from_secs(3);
+}
+
+#[async_trait::async_trait]
+impl Intercept for SlowWrites {
+    async fn apply(
+        &self,
+        store: &MemoryStore,
+        leadership: &fleet_registry::Leadership,
+        ops: &[fleet_registry::EngineOp],
+    ) -> fleet_registry::Result<i64> {
         tokio::time::sleep(Self::LATENCY).await;
-        self.0.apply_batches(leadership, batches).await
+        store.apply(leadership, ops).await
+    }
+    async fn apply_batches(
+        &self,
+        store: &MemoryStore,
+        leadership: &fleet_registry::Leadership,
+        batches: &[Vec<fleet_registry::EngineOp>],
+    ) -> Vec<fleet_registry::Result<i64>> {
+        tokio::time::sleep(Self::LATENCY).await;
+        store.apply_batches(leadership, batches).await
     }
 }
 
@@ -1193,7 +1275,7 @@ async fn slow_writes_do_not_lengthen_the_rest_before_the_next_reconcile() {
     let store = MemoryStore::default();
     add_machine(&store, "m1");
     let mut engine = Engine::new(
-        Arc::new(SlowWrites(store.clone())),
+        Intercepted::new(&store, SlowWrites),
         config("m1"),
         Metrics::new(),
     );
@@ -1216,11 +1298,11 @@ async fn slow_writes_do_not_lengthen_the_rest_before_the_next_reconcile() {
 /// fence, and the batches.
 type SentRound = ((i64, i64, i64), Vec<Vec<fleet_registry::EngineOp>>);
 
-/// The in-memory store, whose first round of decision writes times out without an answer
-/// and lands only later: just before the next round's writes, with the leadership it was
-/// sent with (an etcd slow to apply what it had accepted).
+/// Decision writes whose first round times out without an answer and lands only later:
+/// just before the next round's writes, with the leadership it was sent with (an etcd slow
+/// to apply what it had accepted).
+#[derive(Default)]
 struct LateWrites {
-    store: MemoryStore,
     /// The lost round: its leadership (lease, create revision, fence) and its batches.
     held: std::sync::Mutex<Option<SentRound>>,
     /// The lost round's outcome when it finally reached the store.
@@ -1228,82 +1310,39 @@ struct LateWrites {
     lost_one: std::sync::atomic::AtomicBool,
 }
 
+/// A round's answer when etcd did not answer: each batch's outcome unknown.
+fn unanswered(store: &MemoryStore, batches: usize) -> Vec<fleet_registry::Result<i64>> {
+    (0..batches)
+        .map(|_| {
+            Err(fleet_registry::RegistryError::Unreachable {
+                op: "writing engine decisions",
+                key: store.keys().leader(),
+            })
+        })
+        .collect()
+}
+
 #[async_trait::async_trait]
-impl EngineStore for LateWrites {
-    fn keys(&self) -> &fleet_registry::keys::Keys {
-        self.store.keys()
-    }
-    async fn campaign(
-        &self,
-        machine_id: &str,
-        ttl: Duration,
-    ) -> fleet_registry::Result<Option<fleet_registry::Leadership>> {
-        self.store.campaign(machine_id, ttl).await
-    }
-    async fn resign(&self, leadership: fleet_registry::Leadership) {
-        self.store.resign(leadership).await
-    }
-    async fn refence(
-        &self,
-        leadership: &fleet_registry::Leadership,
-    ) -> fleet_registry::Result<i64> {
-        self.store.refence(leadership).await
-    }
-    fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.store.watch_engine(poll)
-    }
-    fn watch_leader(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.store.watch_leader(poll)
-    }
-    async fn unit_bodies(
-        &self,
-        hashes: &[fleet_unit::UnitHash],
-    ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
-        self.store.unit_bodies(hashes).await
-    }
-    async fn apply(
-        &self,
-        leadership: &fleet_registry::Leadership,
-        ops: &[fleet_registry::EngineOp],
-    ) -> fleet_registry::Result<i64> {
-        self.store.apply(leadership, ops).await
-    }
+impl Intercept for LateWrites {
     async fn apply_batches(
         &self,
+        store: &MemoryStore,
         leadership: &fleet_registry::Leadership,
         batches: &[Vec<fleet_registry::EngineOp>],
     ) -> Vec<fleet_registry::Result<i64>> {
-        use std::sync::atomic::Ordering;
-        if !self.lost_one.swap(true, Ordering::SeqCst) {
-            let proof = (
-                leadership.lease.id(),
-                leadership.create_revision,
-                leadership.fence,
-            );
-            *self.held.lock().expect("lock") = Some((proof, batches.to_vec()));
-            return batches
-                .iter()
-                .map(|_| {
-                    Err(fleet_registry::RegistryError::Unreachable {
-                        op: "writing engine decisions",
-                        key: self.store.keys().leader(),
-                    })
-                })
-                .collect();
+        if !self
+            .lost_one
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            *self.held.lock().expect("lock") = Some((proof(leadership), batches.to_vec()));
+            return unanswered(store, batches.len());
         }
         let held = self.held.lock().expect("lock").take();
-        if let Some(((lease, create_revision, fence), lost)) = held {
-            let (_lost, lost_rx) = tokio::sync::watch::channel(false);
-            let (_renewed, renewed_rx) = tokio::sync::watch::channel(tokio::time::Instant::now());
-            let then = fleet_registry::Leadership {
-                lease: fleet_registry::Lease::new(lease, lost_rx, renewed_rx),
-                create_revision,
-                fence,
-            };
-            let landed = self.store.apply_batches(&then, &lost).await;
+        if let Some((then, lost)) = held {
+            let landed = store.apply_batches(&leadership_then(then), &lost).await;
             *self.landed.lock().expect("lock") = Some(landed);
         }
-        self.store.apply_batches(leadership, batches).await
+        store.apply_batches(leadership, batches).await
     }
 }
 
@@ -1320,17 +1359,12 @@ async fn a_lost_round_of_writes_cannot_land_after_the_listing_that_followed_it()
     for i in 0..20 {
         create(&store, &format!("u{i}.service"), i).await;
     }
-    let late = Arc::new(LateWrites {
-        store: store.clone(),
-        held: Default::default(),
-        landed: Default::default(),
-        lost_one: Default::default(),
-    });
+    let late = Intercepted::new(&store, LateWrites::default());
     let mut engine = Engine::new(late.clone(), config("m1"), Metrics::new());
     elect(&mut engine).await;
     engine.handle(Event::Tick).await;
     assert!(
-        late.held.lock().expect("lock").is_some(),
+        late.with.held.lock().expect("lock").is_some(),
         "a round was lost"
     );
     assert!(store.list(&store.keys().placement("")).is_empty());
@@ -1341,7 +1375,7 @@ async fn a_lost_round_of_writes_cannot_land_after_the_listing_that_followed_it()
     let mut landed = None;
     for _ in 0..20 {
         settle(&mut engine).await;
-        landed = late.landed.lock().expect("lock").take();
+        landed = late.with.landed.lock().expect("lock").take();
         if landed.is_some() {
             break;
         }
@@ -1373,11 +1407,11 @@ async fn a_lost_round_of_writes_cannot_land_after_the_listing_that_followed_it()
     assert!(engine.is_leader());
 }
 
-/// The in-memory store whose first decision round times out, and whose first refence times
-/// out too but lands late (after the second refence, just before the next round): the
-/// leader key's mod revision moves under a fence the leader still owns.
+/// Decision writes whose first round times out, and whose first refence times out too but
+/// lands late (after the second refence, just before the next round): the leader key's mod
+/// revision moves under a fence the leader still owns.
+#[derive(Default)]
 struct LateRefence {
-    store: MemoryStore,
     lost_round: std::sync::atomic::AtomicBool,
     held: std::sync::Mutex<Option<(i64, i64, i64)>>,
     refences: std::sync::atomic::AtomicUsize,
@@ -1385,90 +1419,46 @@ struct LateRefence {
 }
 
 #[async_trait::async_trait]
-impl EngineStore for LateRefence {
-    fn keys(&self) -> &fleet_registry::keys::Keys {
-        self.store.keys()
-    }
-    async fn campaign(
-        &self,
-        machine_id: &str,
-        ttl: Duration,
-    ) -> fleet_registry::Result<Option<fleet_registry::Leadership>> {
-        self.store.campaign(machine_id, ttl).await
-    }
-    async fn resign(&self, leadership: fleet_registry::Leadership) {
-        self.store.resign(leadership).await
-    }
+impl Intercept for LateRefence {
     async fn refence(
         &self,
+        store: &MemoryStore,
         leadership: &fleet_registry::Leadership,
     ) -> fleet_registry::Result<i64> {
-        use std::sync::atomic::Ordering;
-        if self.refences.fetch_add(1, Ordering::SeqCst) == 0 {
-            *self.held.lock().expect("lock") = Some((
-                leadership.lease.id(),
-                leadership.create_revision,
-                leadership.fence,
-            ));
+        if self
+            .refences
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            == 0
+        {
+            *self.held.lock().expect("lock") = Some(proof(leadership));
             return Err(fleet_registry::RegistryError::Unreachable {
                 op: "moving the engine's fence",
-                key: self.store.keys().leader(),
+                key: store.keys().leader(),
             });
         }
-        self.store.refence(leadership).await
-    }
-    fn watch_engine(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.store.watch_engine(poll)
-    }
-    fn watch_leader(&self, poll: Option<Duration>) -> tokio::sync::mpsc::Receiver<WatchEvent> {
-        self.store.watch_leader(poll)
-    }
-    async fn unit_bodies(
-        &self,
-        hashes: &[fleet_unit::UnitHash],
-    ) -> fleet_registry::Result<std::collections::HashMap<fleet_unit::UnitHash, UnitFile>> {
-        self.store.unit_bodies(hashes).await
-    }
-    async fn apply(
-        &self,
-        leadership: &fleet_registry::Leadership,
-        ops: &[fleet_registry::EngineOp],
-    ) -> fleet_registry::Result<i64> {
-        self.store.apply(leadership, ops).await
+        store.refence(leadership).await
     }
     async fn apply_batches(
         &self,
+        store: &MemoryStore,
         leadership: &fleet_registry::Leadership,
         batches: &[Vec<fleet_registry::EngineOp>],
     ) -> Vec<fleet_registry::Result<i64>> {
-        use std::sync::atomic::Ordering;
-        if !self.lost_round.swap(true, Ordering::SeqCst) {
-            return batches
-                .iter()
-                .map(|_| {
-                    Err(fleet_registry::RegistryError::Unreachable {
-                        op: "writing engine decisions",
-                        key: self.store.keys().leader(),
-                    })
-                })
-                .collect();
+        if !self
+            .lost_round
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return unanswered(store, batches.len());
         }
         let held = self.held.lock().expect("lock").take();
-        if let Some((lease, create_revision, fence)) = held {
-            let (_lost, lost_rx) = tokio::sync::watch::channel(false);
-            let (_renewed, renewed_rx) = tokio::sync::watch::channel(tokio::time::Instant::now());
-            let then = fleet_registry::Leadership {
-                lease: fleet_registry::Lease::new(lease, lost_rx, renewed_rx),
-                create_revision,
-                fence,
-            };
-            self.store
-                .refence(&then)
+        if let Some(then) = held {
+            store
+                .refence(&leadership_then(then))
                 .await
                 .expect("the late refence lands");
-            self.landed.store(true, Ordering::SeqCst);
+            self.landed.store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        self.store.apply_batches(leadership, batches).await
+        store.apply_batches(leadership, batches).await
     }
 }
 
@@ -1482,25 +1472,19 @@ async fn a_late_refence_does_not_depose_the_leader() {
     for i in 0..5 {
         create(&store, &format!("u{i}.service"), i).await;
     }
-    let late = Arc::new(LateRefence {
-        store: store.clone(),
-        lost_round: Default::default(),
-        held: Default::default(),
-        refences: Default::default(),
-        landed: Default::default(),
-    });
+    let late = Intercepted::new(&store, LateRefence::default());
     let mut engine = Engine::new(late.clone(), config("m1"), Metrics::new());
     elect(&mut engine).await;
     engine.handle(Event::Tick).await;
     for _ in 0..20 {
         settle(&mut engine).await;
-        if late.landed.load(std::sync::atomic::Ordering::SeqCst) {
+        if late.with.landed.load(std::sync::atomic::Ordering::SeqCst) {
             break;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(
-        late.landed.load(std::sync::atomic::Ordering::SeqCst),
+        late.with.landed.load(std::sync::atomic::Ordering::SeqCst),
         "the late refence landed"
     );
     assert!(
