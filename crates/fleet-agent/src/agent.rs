@@ -283,12 +283,16 @@ impl Agent {
                         }
                     }
                 };
+                // (in this order when several are ready, not at random: what the agent does
+                // then depends only on what happened, which the incremental reconciles'
+                // equivalence test relies on; a lost lease and the fence come first)
                 tokio::select! {
+                    biased;
                     _ = shutdown.cancelled() => Event::Shutdown,
-                    ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
-                    ev = sys => ev,
                     _ = self.lease.lost() => Event::LeaseLost,
                     _ = self.fence.changed() => Event::Fence,
+                    ev = watch.recv() => ev.map(Event::Watch).unwrap_or(Event::WatchClosed),
+                    ev = sys => ev,
                     _ = tick.tick() => Event::Tick,
                     _ = soon => { deadline = None; Event::Due }
                     _ = flush => Event::Flush,
