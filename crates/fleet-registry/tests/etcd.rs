@@ -1369,6 +1369,16 @@ async fn list_in_pages(
     (names, walks)
 }
 
+/// An etcd with `count` placed units (`u00000.service` on), a registry listing them in
+/// chunks of `chunk`, and their names in order.
+async fn placed_in_chunks(count: usize, chunk: usize) -> (EtcdServer, EtcdRegistry, Vec<String>) {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await.with_listing_chunk(chunk);
+    placed_units(&r, 0, count).await;
+    let want = (0..count).map(|i| format!("u{i:05}.service")).collect();
+    (etcd, r, want)
+}
+
 /// etcd 3.4 answers a range read with a limit by walking its index from the read's start to
 /// the range's end: a page of 100 read by itself walked every unit after it, and a listing
 /// in pages of 100 walked U²/200 keys (28.6 s at 100,000 units). Pages are now served from
@@ -1377,12 +1387,8 @@ async fn list_in_pages(
 /// registry.
 #[tokio::test]
 async fn a_listing_walks_the_registry_once_per_chunk_not_once_per_page() {
-    let etcd = EtcdServer::start();
-    let count = 2000;
-    let chunk = 500;
-    let r = registry(&etcd).await.with_listing_chunk(chunk);
-    placed_units(&r, 0, count).await;
-    let want: Vec<String> = (0..count).map(|i| format!("u{i:05}.service")).collect();
+    let (count, chunk) = (2000, 500);
+    let (_etcd, r, want) = placed_in_chunks(count, chunk).await;
     for states in [false, true] {
         let (names, walks) = list_in_pages(&r, states, 100, &mut |_| Box::pin(async {})).await;
         assert_eq!(names, want, "states: {states}");
@@ -1409,12 +1415,8 @@ async fn a_listing_walks_the_registry_once_per_chunk_not_once_per_page() {
 /// twice (a page reaching a chunk still being read waits for that read).
 #[tokio::test]
 async fn a_listings_next_chunk_is_read_ahead() {
-    let etcd = EtcdServer::start();
-    let count = 2000;
-    let chunk = 500;
-    let r = registry(&etcd).await.with_listing_chunk(chunk);
-    placed_units(&r, 0, count).await;
-    let want: Vec<String> = (0..count).map(|i| format!("u{i:05}.service")).collect();
+    let (count, chunk) = (2000, 500);
+    let (_etcd, r, want) = placed_in_chunks(count, chunk).await;
     for states in [false, true] {
         let before = r.page_keys_walked();
         // the first page reads the first chunk; the second, served from it, starts the next
