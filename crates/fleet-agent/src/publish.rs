@@ -99,12 +99,8 @@ impl Publisher {
         self.write(records, lease).await;
     }
 
-    /// Writes the records that differ from what was published: in transactions of up to
-    /// [`STATES_PER_TXN`] states (a burst of starts reports hundreds at once), so a batch
-    /// costs one etcd write, not one per unit. A transaction etcd refuses (one key it will
-    /// not take: a permission, a value too large) is written again state by state, so that
-    /// key alone stays unsent and retried, and the others are published.
-    /// A passing state is held instead, until it has lasted [`HOLD`].
+    /// Writes the records that differ from what was published ([`Publisher::write`]); a
+    /// passing state is held instead, until it has lasted [`HOLD`].
     pub(crate) async fn publish(&mut self, records: Vec<StateRecord>, lease: &Lease) {
         let now = Instant::now();
         let mut now_due = Vec::with_capacity(records.len());
@@ -129,7 +125,11 @@ impl Publisher {
         self.write(now_due, lease).await;
     }
 
-    /// Writes `records` (that differ from what was published) in transactions.
+    /// Writes `records` in transactions of up to [`STATES_PER_TXN`] states (a burst of
+    /// starts reports hundreds at once), so a batch costs one etcd write, not one per unit. A
+    /// transaction etcd refuses (one key it will not take: a permission, a value too large)
+    /// is written again state by state, so that key alone stays unsent and retried, and the
+    /// others are published.
     async fn write(&mut self, records: Vec<StateRecord>, lease: &Lease) {
         let mut chunks = records.chunks(STATES_PER_TXN);
         while let Some(chunk) = chunks.next() {
