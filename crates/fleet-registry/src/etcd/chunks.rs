@@ -8,9 +8,10 @@
 //! 100,000 units. Reading [`CHUNK_KEYS`] keys at once and serving the next pages from them
 //! makes that U²/2C, a few walks per listing, and keeps a listing at one revision: a chunk's
 //! successor is read at the chunk's revision. A chunk of unit records (some 1 MB for 5,000)
-//! is read with their placements, reasons and states, in requests of some 1 MB each: one
-//! request for 10,000 units took more than fleet's 1 s request timeout on a busy etcd
-//! (`fleet-sim` at 1,000 x 100,000).
+//! is read with their placements, reasons and states (three range reads in one request, point
+//! reads only for the states those miss), in requests of some 1 MB each: one request for
+//! 10,000 units took more than fleet's 1 s request timeout on a busy etcd (`fleet-sim` at
+//! 1,000 x 100,000).
 //!
 //! Bounded: at most [`CHUNKS_KEPT`] chunks (the least recently used go first), each dropped
 //! [`CHUNK_AGE`] after it was read, so no page is served from a view older than that. A page
@@ -37,7 +38,7 @@ use crate::model::UnitView;
 
 /// How many keys a chunk reads.
 pub(crate) const CHUNK_KEYS: usize = 5_000;
-/// How many chunks are kept (with what units' pages join, ~4 MB each at most in practice):
+/// How many chunks are kept (records and views, some 2 MB each for a chunk of units):
 /// a listing holds two (the one its pages come from and the one read ahead), so four
 /// listings at once keep theirs.
 pub(crate) const CHUNKS_KEPT: usize = 8;

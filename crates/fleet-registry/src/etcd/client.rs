@@ -23,6 +23,11 @@ use crate::{PageStart, Registry, RegistryError, Result, decode as records};
 /// some 4 MB, took longer while 1,000 machines loaded etcd).
 const JOIN_KEYS: usize = 2_500;
 
+/// How many states a listing's range over its units' states reads per unit, at most: one for
+/// each placed unit, and room for a few global units' (a state per machine); the states the
+/// bound leaves out are read by point reads (see `unit_context`).
+const STATES_PER_NAME: usize = 2;
+
 /// How many transactions of one [`EtcdRegistry::read_ranges`] are in flight at once (etcd
 /// serves concurrent reads together).
 const RANGE_TXNS_IN_FLIGHT: usize = 8;
@@ -137,8 +142,8 @@ impl EtcdRegistry {
             rev = r;
             found.extend(f);
         }
-        // (the point reads of a chunk's states: some 40 transactions, one after another
-        // took most of a chunk's time)
+        // (a chunk's point reads of states, before they were a range: some 40 transactions,
+        // one after another took most of a chunk's time)
         // (the futures made first: a closure in the stream trips the Send check of callers)
         let reads: Vec<_> = batches
             .map(|batch| self.read_range_txn(op, rev, batch))
@@ -493,10 +498,13 @@ impl EtcdRegistry {
 
     /// What the views of the units named `names` (sorted) show besides their records, read at
     /// `rev`: their placements and reasons (two range reads over their names) and the state
-    /// the machine each is placed on reported (point reads: the states of a unit's other
-    /// machines, a global unit's on every machine, are not shown and not read; a range over
-    /// `states/` would also reach into other units', as `states/a.service-b.service/` sorts
-    /// between `states/a.service/` and its end).
+    /// the machine each is placed on reported, in one request. The states are one range read
+    /// over the names' span, bounded (a global unit has a state per machine, not shown):
+    /// `states/<first>` (no slash) to the end of `states/<last>/`. A placed unit whose state
+    /// the range did not reach is read by a point read: past the bound, or a name that sorts
+    /// within the span but whose state key does not (`a.service` before `a.service-b.service`
+    /// as names, `states/a.service/m` after `states/a.service-b.service/` as keys, since `-`
+    /// and `.` sort before `/`).
     async fn unit_context(&self, op: &'static str, rev: i64, names: &[&str]) -> Result<Kvs> {
         let (Some(first), Some(last)) = (names.first(), names.last()) else {
             return Ok(Vec::new());
@@ -506,6 +514,16 @@ impl EtcdRegistry {
             end: Some(after(key(&self.keys, last))),
             limit: 0,
         };
+        let states = RangeRead {
+            start: format!("{}{}{first}", self.keys.prefix(), keys::STATES).into_bytes(),
+            end: Some(prefix_end(self.keys.states_dir(last).as_bytes())),
+            limit: i64::try_from(names.len().saturating_mul(STATES_PER_NAME)).unwrap_or(i64::MAX),
+        };
+        let reached = |key: &[u8], found: &RangeFound| {
+            states.start.as_slice() <= key
+                && states.end.as_deref().is_none_or(|e| key < e)
+                && found.next.as_deref().is_none_or(|n| key < n)
+        };
         let (_, found) = self
             .read_ranges(
                 op,
@@ -513,26 +531,38 @@ impl EtcdRegistry {
                 vec![
                     span(crate::keys::Keys::placement),
                     span(crate::keys::Keys::reason),
+                    RangeRead {
+                        start: states.start.clone(),
+                        end: states.end.clone(),
+                        limit: states.limit,
+                    },
                 ],
             )
             .await?;
-        let mut kvs: Kvs = found.into_iter().flat_map(|f| f.kvs).collect();
-        let states: Vec<RangeRead> = kvs
+        let mut found = found.into_iter();
+        let mut kvs: Kvs = found.by_ref().take(2).flat_map(|f| f.kvs).collect();
+        let state_range = found.next().unwrap_or(RangeFound {
+            kvs: Vec::new(),
+            next: None,
+        });
+        let missed: Vec<RangeRead> = kvs
             .iter()
             .filter_map(|(k, v)| {
                 let name = self.keys.strip(keys::PLACEMENT, k)?;
-                Some(RangeRead {
-                    start: self
-                        .keys
-                        .state(name, &String::from_utf8_lossy(v))
-                        .into_bytes(),
+                let key = self
+                    .keys
+                    .state(name, &String::from_utf8_lossy(v))
+                    .into_bytes();
+                (!reached(&key, &state_range)).then_some(RangeRead {
+                    start: key,
                     end: None,
                     limit: 0,
                 })
             })
             .collect();
-        if !states.is_empty() {
-            let (_, found) = self.read_ranges(op, Some(rev), states).await?;
+        kvs.extend(state_range.kvs);
+        if !missed.is_empty() {
+            let (_, found) = self.read_ranges(op, Some(rev), missed).await?;
             kvs.extend(found.into_iter().flat_map(|f| f.kvs));
         }
         Ok(kvs)
