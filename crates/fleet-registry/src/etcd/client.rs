@@ -708,13 +708,24 @@ impl EtcdRegistry {
 /// record, global record), and etcd takes at most 128 in one transaction.
 const CREATIONS_PER_TXN: usize = MAX_TXN_OPS / 3;
 
-/// Creations asked for while another is being written (group commit): when it is done, they
-/// are written together in one transaction, so a burst of concurrent PUTs costs a few etcd
+/// How many groups of creations are written at once, at most (etcd commits concurrent
+/// writes together). With one, a creation waited for the rest of the group being written,
+/// then for its own: `fleet-sim` at 1,000 x 100,000 (32 PUTs at once through two APIs)
+/// submitted in 57 s, and in 51.4 s with four (one run each, same machine; eight: 57.2 s,
+/// with 0.68 etcd transactions a unit against 0.38).
+const CREATION_WRITERS: usize = 4;
+
+/// How many creations wait, per writer under way, before another writer starts: a group
+/// worth a transaction of its own, so that a burst is not written one creation at a time.
+const CREATIONS_TO_START: usize = 4;
+
+/// Creations asked for while others are being written (group commit): the next writer takes
+/// every one waiting into one transaction, so a burst of concurrent PUTs costs a few etcd
 /// writes, and a creation alone waits for nothing.
 #[derive(Default)]
 pub(super) struct Creations {
-    /// Whether a writer task is running (it takes what waits until nothing does).
-    writing: bool,
+    /// How many writer tasks are running (each takes what waits until nothing does).
+    writers: usize,
     waiting: Vec<Creation>,
 }
 
@@ -741,7 +752,7 @@ impl EtcdRegistry {
                 let mut q = self.creations();
                 let group = take_group(&mut q.waiting);
                 if group.is_empty() {
-                    q.writing = false;
+                    q.writers = q.writers.saturating_sub(1);
                     return;
                 }
                 group
@@ -897,7 +908,14 @@ impl Registry for EtcdRegistry {
                 desired,
                 done,
             });
-            !std::mem::replace(&mut q.writing, true)
+            // another writer only for a group worth a transaction of its own: a few
+            // creations wait for a writer under way, which takes them together
+            let start =
+                q.writers < CREATION_WRITERS && q.waiting.len() > q.writers * CREATIONS_TO_START;
+            if start {
+                q.writers += 1;
+            }
+            start
         };
         if start {
             tokio::spawn(self.clone().write_creations());
