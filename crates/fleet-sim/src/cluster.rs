@@ -283,10 +283,13 @@ async fn serve_api(
     let addr = listener.tcp_addr().context("the API listener's address")?;
     let placeholder: Arc<dyn Registry> = Arc::new(fleet_registry::MemoryRegistry::new());
     let mut host = ApiHost::new(vec![listener], placeholder);
+    // (its requests to etcd counted with the API's metrics, apart from the agents' and
+    // engines' on the same channel)
+    let registry = registry.clone().with_metrics(metrics.clone());
     let api_registry: Arc<dyn Registry> = Arc::new(registry.clone());
     host.rebuild(
         api_registry.clone(),
-        machine::api_config(cfg, registry, metrics),
+        machine::api_config(cfg, &registry, metrics),
         None,
     )
     .await;

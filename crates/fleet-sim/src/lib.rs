@@ -216,14 +216,11 @@ impl Sim {
     /// active by exactly the machine that runs it.
     pub async fn api_violations(&self) -> Result<Vec<String>> {
         let api = self.api()?;
-        let units = api
-            .units()
-            .await
-            .map_err(|e| listing_failed("listing units through the API", &e))?;
-        let states = api
-            .unit_states()
-            .await
-            .map_err(|e| listing_failed("listing unit states through the API", &e))?;
+        // both at once: each listing reads the registry at one revision, from its first page
+        let (units, states) = tokio::join!(api.units(), api.unit_states());
+        let units = units.map_err(|e| listing_failed("listing units through the API", &e))?;
+        let states =
+            states.map_err(|e| listing_failed("listing unit states through the API", &e))?;
         let placed = self.cluster.placed(self.failures);
         let mut out = Vec::new();
         let listed: BTreeMap<&str, TargetState> =
@@ -329,12 +326,17 @@ impl Sim {
     }
 
     /// Waits until the API shows what the machines run (bounded); the last violations if not.
-    async fn api_settle(&self, timeout: Duration) -> Result<()> {
+    /// Waits until the API shows every unit as it should be (see [`Sim::api_violations`]):
+    /// when the listings that showed it began. A listing shows the registry at the revision
+    /// of its first page, so that is when every unit was shown active; its length (some 1 to
+    /// 3 s at 100,000 units) is the listings' own figure.
+    async fn api_settle(&self, timeout: Duration) -> Result<Instant> {
         let end = Instant::now() + timeout;
         loop {
+            let began = Instant::now();
             let v = self.api_violations().await?;
             if v.is_empty() {
-                return Ok(());
+                return Ok(began);
             }
             if Instant::now() > end {
                 bail!(
@@ -544,6 +546,49 @@ async fn time_fleetctl(fleetctl: &PathBuf, endpoint: &str, command: &str) -> Res
     ))
 }
 
+/// A histogram's sum (seconds) and count, from the APIs' metrics.
+#[derive(Default)]
+struct SumCount(f64, f64);
+
+impl SumCount {
+    /// The mean, in milliseconds, of what was observed after `before`.
+    fn mean_ms_since(&self, before: &SumCount) -> String {
+        let n = self.1 - before.1;
+        if n > 0.0 {
+            format!("{:.1}", (self.0 - before.0) / n * 1e3)
+        } else {
+            "n/a".into()
+        }
+    }
+}
+
+/// How long the APIs' requests took, and their writes to etcd (`set` operations).
+struct ApiLatencies {
+    request: SumCount,
+    write: SumCount,
+}
+
+impl ApiLatencies {
+    fn of(metrics: &fleet_metrics::Metrics) -> ApiLatencies {
+        let text = metrics.encode();
+        let find = |line_start: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(line_start)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        ApiLatencies {
+            request: SumCount(
+                find("fleet_api_request_duration_seconds_sum "),
+                find("fleet_api_request_duration_seconds_count "),
+            ),
+            write: SumCount(
+                find("fleet_registry_operation_duration_second_sum{ops=\"set\"} "),
+                find("fleet_registry_operation_duration_second_count{ops=\"set\"} "),
+            ),
+        }
+    }
+}
+
 /// The whole benchmark: start, submit, all active, steady state, listings, 10 % killed, the
 /// leader killed, invariants.
 pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
@@ -568,11 +613,22 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
 
     // all active: from the first submission until list-units shows every unit active
     let ops_before = etcd::kv_operations(endpoint).await.ok();
+    let api_before = ApiLatencies::of(&sim.cluster.metrics);
     let t0 = Instant::now();
     sim.submit().await?;
     details.push((
         "submit_s".into(),
         format!("{:.2}", t0.elapsed().as_secs_f64()),
+    ));
+    // where a submission's time goes: the APIs' requests, and their writes to etcd
+    let api_after = ApiLatencies::of(&sim.cluster.metrics);
+    details.push((
+        "submit_api_request_ms".into(),
+        api_after.request.mean_ms_since(&api_before.request),
+    ));
+    details.push((
+        "submit_api_etcd_write_ms".into(),
+        api_after.write.mean_ms_since(&api_before.write),
     ));
     progress(&format!(
         "{} units submitted in {:.1} s",
@@ -581,8 +637,16 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
     ));
     sim.settle(opts.settle_timeout).await?;
     let mut unverified = None;
+    let mut shown = None;
     match sim.api_settle(opts.settle_timeout).await {
-        Ok(()) => {}
+        Ok(began) => {
+            // when the listing that showed it ended, beside when it began (the figure)
+            details.push((
+                "all_active_listed_s".into(),
+                format!("{:.2}", t0.elapsed().as_secs_f64()),
+            ));
+            shown = Some(began);
+        }
         // the API cannot list this many units (a range read beyond gRPC's 4 MiB): the time
         // is the machines' own, and the details say so
         Err(e) if e.downcast_ref::<ApiUnreadable>().is_some() => {
@@ -594,7 +658,12 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
         }
         Err(e) => return Err(e),
     }
-    figures.all_active_s = Some(t0.elapsed().as_secs_f64());
+    figures.all_active_s = Some(
+        shown
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(t0)
+            .as_secs_f64(),
+    );
     // what the launch cost etcd's store, per unit (puts: unit records, bodies, decisions,
     // states), by etcd's own counters (see `etcd::kv_operations`)
     if let (Some(b), Ok(a)) = (ops_before, etcd::kv_operations(endpoint).await) {
@@ -604,7 +673,8 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
         details.push(("launch_etcd_mvcc_ranges_per_unit".into(), per(a.2, b.2)));
     }
     progress(&format!(
-        "all active after {:.1} s",
+        "all active after {:.1} s (the listings that showed it ended after {:.1} s)",
+        figures.all_active_s.unwrap_or_default(),
         t0.elapsed().as_secs_f64()
     ));
 
@@ -781,7 +851,7 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
     }
     if violations.is_empty() {
         match sim.api_settle(opts.settle_timeout).await {
-            Ok(()) => {}
+            Ok(_) => {}
             Err(e) if e.downcast_ref::<ApiUnreadable>().is_some() => {
                 unverified = Some(format!("{e:#}"));
             }
