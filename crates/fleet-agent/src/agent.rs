@@ -425,6 +425,8 @@ impl Agent {
                 self.note(change);
                 true
             }
+            // (each event stands alone for an agent: one key per unit)
+            WatchEvent::Through { .. } => false,
             WatchEvent::Disconnected => {
                 // desired state unknown from now on: keep everything as it is
                 warn!("lost etcd; keeping units as they are until it is back");

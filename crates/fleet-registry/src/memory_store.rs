@@ -401,6 +401,8 @@ impl Kv {
             if w.disconnected {
                 return true;
             }
+            let mut sent = 0;
+            // (as etcd's: a write's events, then that they are all there)
             events
                 .iter()
                 .filter(|ev| match ev {
@@ -409,7 +411,11 @@ impl Kv {
                     }
                     _ => false,
                 })
-                .all(|ev| w.tx.try_send(ev.clone()).is_ok())
+                .all(|ev| {
+                    sent += 1;
+                    w.tx.try_send(ev.clone()).is_ok()
+                })
+                && (sent == 0 || w.tx.try_send(WatchEvent::Through { revision }).is_ok())
         });
         revision
     }
@@ -927,8 +933,16 @@ mod tests {
                 revision: revision + 2,
             }
         );
+        // (then that the write's events are all there, as etcd's watch says)
+        assert_eq!(
+            next(&mut rx).await,
+            WatchEvent::Through {
+                revision: revision + 2
+            }
+        );
         s.delete(&s.keys().schedule("m1", "a.service"));
         assert!(matches!(next(&mut rx).await, WatchEvent::Delete { .. }));
+        assert!(matches!(next(&mut rx).await, WatchEvent::Through { .. }));
     }
 
     #[tokio::test]

@@ -32,6 +32,14 @@ pub enum WatchEvent {
         key: String,
         revision: i64,
     },
+    /// The events sent before this one hold every change of the watched ranges up to
+    /// `revision`: none of that revision's follow. A transaction's changes (one revision)
+    /// come as one event each, and a consumer may act between them; one that must act on
+    /// whole revisions (the engine, on its own writes) waits for this. etcd never splits a
+    /// revision's events across its answers, and this follows each answer's events.
+    Through {
+        revision: i64,
+    },
     /// The watch broke; a Snapshot follows when etcd answers again.
     Disconnected,
 }
@@ -535,10 +543,12 @@ async fn watch(
                 resp.cancel_reason()
             ));
         }
+        let mut through = None;
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let revision = kv.mod_revision();
+            through = Some(revision);
             let event = match ev.event_type() {
                 EventType::Put => WatchEvent::Put {
                     key,
@@ -550,6 +560,11 @@ async fn watch(
             if tx.send(event).await.is_err() {
                 return WatchEnd::ReceiverGone;
             }
+        }
+        if let Some(revision) = through
+            && tx.send(WatchEvent::Through { revision }).await.is_err()
+        {
+            return WatchEnd::ReceiverGone;
         }
     }
 }

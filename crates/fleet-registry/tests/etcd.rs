@@ -491,6 +491,58 @@ async fn agent_watch_sees_only_its_schedule_and_globals() {
     }
 }
 
+/// A transaction comes through the watch as one event per key, then a mark that its
+/// revision is whole (the engine decides only on whole revisions of its own writes).
+#[tokio::test]
+async fn a_transactions_events_are_followed_by_a_mark_that_they_are_all_there() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let mut rx = r.watch_engine(None);
+    let next = async |rx: &mut tokio::sync::mpsc::Receiver<WatchEvent>| {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("event")
+            .expect("event")
+    };
+    assert!(matches!(next(&mut rx).await, WatchEvent::Snapshot { .. }));
+    let lead = r
+        .campaign("m1", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    let WatchEvent::Put { revision, .. } = next(&mut rx).await else {
+        panic!("no leader key");
+    };
+    assert_eq!(next(&mut rx).await, WatchEvent::Through { revision });
+    let f = file("[Service]\nExecStart=/bin/true\n");
+    let ops: Vec<EngineOp> = ["a.service", "b.service"]
+        .iter()
+        .map(|u| EngineOp::Schedule {
+            unit: u.to_string(),
+            machine: "m1".into(),
+            hash: f.hash(),
+            desired: TargetState::Launched,
+        })
+        .collect();
+    r.apply(&lead, &ops).await.expect("apply");
+    // a schedule and a placement for each (their reasons were not there to delete)
+    let mut revisions = Vec::new();
+    for _ in 0..4 {
+        match next(&mut rx).await {
+            WatchEvent::Put { revision, .. } => revisions.push(revision),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    revisions.dedup();
+    let [written] = revisions[..] else {
+        panic!("one write, one revision: {revisions:?}");
+    };
+    assert_eq!(
+        next(&mut rx).await,
+        WatchEvent::Through { revision: written }
+    );
+}
+
 #[tokio::test]
 async fn one_batch_may_schedule_and_explain_a_unit_and_strays_are_found() {
     let etcd = EtcdServer::start();
