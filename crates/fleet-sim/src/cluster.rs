@@ -241,6 +241,20 @@ impl Cluster {
         })
     }
 
+    /// How long machine `id`'s engine has spent reconciling so far, and in how many rounds.
+    pub fn reconcile_time_of(&self, id: &str) -> crate::SumCount {
+        self.machines
+            .iter()
+            .find(|m| m.id == id)
+            .map_or_else(crate::SumCount::default, |m| {
+                let text = m.metrics.encode();
+                crate::SumCount(
+                    crate::etcd::sum_metric(&text, "fleet_engine_reconcile_duration_second_sum"),
+                    crate::etcd::sum_metric(&text, "fleet_engine_reconcile_duration_second_count"),
+                )
+            })
+    }
+
     /// The reconcile rounds so far of every machine's engine, by machine ID.
     pub fn reconciles(&self) -> BTreeMap<String, f64> {
         self.machines

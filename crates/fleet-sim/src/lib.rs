@@ -289,7 +289,15 @@ impl Sim {
             last_full = Some(Instant::now());
             let v = off_workers(|| self.ground_violations());
             if let Ok(mut lasting) = self.lasting.lock() {
-                lasting.extend(v.iter().filter(|v| !is_transient(v)).cloned());
+                for broken in v.iter().filter(|v| !is_transient(v)) {
+                    if lasting.insert(broken.clone()) {
+                        // when, for the record: the phase it broke in
+                        progress(&format!(
+                            "broken {:.1} s into this wait: {broken}",
+                            start.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
             }
             v.is_empty()
         })
@@ -546,9 +554,9 @@ async fn time_fleetctl(fleetctl: &PathBuf, endpoint: &str, command: &str) -> Res
     ))
 }
 
-/// A histogram's sum (seconds) and count, from the APIs' metrics.
+/// A histogram's sum (seconds) and count, from a machine's or the APIs' metrics.
 #[derive(Default)]
-struct SumCount(f64, f64);
+pub struct SumCount(pub f64, pub f64);
 
 impl SumCount {
     /// The mean, in milliseconds, of what was observed after `before`.
@@ -750,14 +758,21 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
         }
         // when etcd has let every victim's lease expire (its machine record gone), beside
         // the wait for their units to run elsewhere: the detection phase of the figure
+        // (and when the first went, and the leader's reconciles meanwhile: what the time
+        // after the leases went is made of)
+        let reconciles_before = leader.as_deref().map(|l| sim.cluster.reconcile_time_of(l));
         let mut watcher = sim.etcd_client().await?;
+        let mut first_gone = None;
         let gone = async {
             let end = t + opts.settle_timeout;
             while Instant::now() < end {
-                if etcd::machines_present(&mut watcher, &sim.key_prefix, &victim_ids)
+                let present = etcd::machines_present(&mut watcher, &sim.key_prefix, &victim_ids)
                     .await
-                    .is_ok_and(|n| n == 0)
-                {
+                    .ok();
+                if present.is_some_and(|n| n < victim_ids.len()) && first_gone.is_none() {
+                    first_gone = Some(t.elapsed().as_secs_f64());
+                }
+                if present == Some(0) {
                     return Some(t.elapsed().as_secs_f64());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -767,8 +782,22 @@ pub async fn run(opts: &Options, endpoint: &str) -> Result<Report> {
         let (settled, gone) = tokio::join!(sim.settle(opts.settle_timeout), gone);
         settled?;
         figures.kill_10pct_reschedule_s = Some(t.elapsed().as_secs_f64());
+        if let Some(first) = first_gone {
+            details.push(("kill_first_gone_s".into(), format!("{first:.2}")));
+        }
         if let Some(gone) = gone {
             details.push(("kill_machines_gone_s".into(), format!("{gone:.2}")));
+        }
+        if let (Some(l), Some(before)) = (leader.as_deref(), reconciles_before) {
+            let after = sim.cluster.reconcile_time_of(l);
+            details.push((
+                "kill_leader_reconciles".into(),
+                format!("{:.0}", after.1 - before.1),
+            ));
+            details.push((
+                "kill_leader_reconcile_ms".into(),
+                after.mean_ms_since(&before),
+            ));
         }
         progress(&format!(
             "{} machines killed: their units active elsewhere after {:.1} s",
