@@ -395,18 +395,32 @@ impl HttpRegistry {
     where
         P: DeserializeOwned,
     {
+        self.list_pages(path, &[], split, &mut None).await
+    }
+
+    /// Every page of `path` (with `query`), and in `first` when the first page came back.
+    async fn list_pages<P, T>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        split: impl Fn(P) -> (Vec<T>, String),
+        first: &mut Option<std::time::Instant>,
+    ) -> Result<Vec<T>, ClientError>
+    where
+        P: DeserializeOwned,
+    {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let query: Vec<(&str, &str)> = if token.is_empty() {
-                Vec::new()
-            } else {
-                vec![("nextPageToken", token.as_str())]
-            };
-            let a = self.exchange(Method::GET, path, &query, None).await?;
+            let mut q: Vec<(&str, &str)> = query.to_vec();
+            if !token.is_empty() {
+                q.push(("nextPageToken", token.as_str()));
+            }
+            let a = self.exchange(Method::GET, path, &q, None).await?;
             if a.status != StatusCode::OK {
                 return Err(api_error(&a));
             }
+            first.get_or_insert_with(std::time::Instant::now);
             let (items, next) = split(decode::<P>(&a)?);
             out.extend(items);
             if next.is_empty() {
@@ -465,31 +479,56 @@ impl HttpRegistry {
         machine_id: Option<&str>,
         unit_name: Option<&str>,
     ) -> Result<Vec<wire::UnitState>, ClientError> {
-        let mut out = Vec::new();
-        let mut token = String::new();
-        loop {
-            let mut query: Vec<(&str, &str)> = Vec::new();
-            if let Some(m) = machine_id {
-                query.push(("machineID", m));
-            }
-            if let Some(u) = unit_name {
-                query.push(("unitName", u));
-            }
-            if !token.is_empty() {
-                query.push(("nextPageToken", token.as_str()));
-            }
-            let a = self.exchange(Method::GET, "state", &query, None).await?;
-            if a.status != StatusCode::OK {
-                return Err(api_error(&a));
-            }
-            let page: wire::UnitStatePage = decode(&a)?;
-            out.extend(page.states);
-            if page.next_page_token.is_empty() {
-                return Ok(out);
-            }
-            token = page.next_page_token;
+        let mut query: Vec<(&str, &str)> = Vec::new();
+        if let Some(m) = machine_id {
+            query.push(("machineID", m));
         }
+        if let Some(u) = unit_name {
+            query.push(("unitName", u));
+        }
+        self.list_pages("state", &query, split_states, &mut None)
+            .await
     }
+
+    /// All units and all unit states, listed at once, and when the later of the two first
+    /// pages came back. fleetd serves a listing's later pages at the
+    /// revision of its first (while it keeps what it read ahead), so both lists show the
+    /// registry as it was by then at the latest.
+    pub async fn units_and_states_shown(
+        &self,
+    ) -> fleet_registry::Result<(Vec<UnitView>, Vec<StateRecord>, std::time::Instant)> {
+        let (mut units_first, mut states_first) = (None, None);
+        let (units, states) = tokio::join!(
+            self.list_pages(
+                "units",
+                &[],
+                |p: wire::UnitPage| (p.units, p.next_page_token),
+                &mut units_first
+            ),
+            self.list_pages("state", &[], split_states, &mut states_first)
+        );
+        let units = units
+            .map_err(to_registry)?
+            .into_iter()
+            .map(|u| unit_view(u).map_err(|reason| self.bad_unit("units", reason)))
+            .collect::<fleet_registry::Result<Vec<UnitView>>>()?;
+        let states = states
+            .map_err(to_registry)?
+            .into_iter()
+            .map(state_record)
+            .collect();
+        let shown = units_first
+            .into_iter()
+            .chain(states_first)
+            .max()
+            .unwrap_or_else(std::time::Instant::now);
+        Ok((units, states, shown))
+    }
+}
+
+/// A page of unit states: its states, and the token of the next page.
+fn split_states(p: wire::UnitStatePage) -> (Vec<wire::UnitState>, String) {
+    (p.states, p.next_page_token)
 }
 
 #[async_trait]

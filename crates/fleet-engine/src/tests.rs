@@ -1103,6 +1103,41 @@ async fn a_reconcile_waits_for_the_whole_of_its_own_write() {
     }
 }
 
+/// A decision whose write changes nothing (its keys were deleted meanwhile by someone else,
+/// and the engine had not seen it yet) makes no revision and no watch event in etcd, which
+/// answers with its current revision, maybe that of another range: the engine waited for that
+/// revision to come back through its own range, and decided nothing more, ever.
+#[tokio::test(start_paused = true)]
+async fn a_write_that_changes_nothing_does_not_hold_the_engine_back() {
+    let (store, mut engine, _) = leading().await;
+    tokio::time::sleep(TTL).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    // a.service destroyed by another hand, record first, then its decisions; then a machine
+    // registers (another range)
+    store.delete(&store.keys().unit("a.service"));
+    store.delete(&store.keys().placement("a.service"));
+    store.delete(&store.keys().schedule("m1", "a.service"));
+    add_machine(&store, "m3");
+    // the engine sees the record go (and that revision whole), not the rest yet
+    for _ in 0..2 {
+        let ev = engine.delivered().expect("the record's deletion");
+        engine.handle(Event::Watch(ev)).await;
+    }
+    let before = store.revision();
+    engine.handle(Event::Tick).await;
+    assert_eq!(
+        store.revision(),
+        before,
+        "deleting keys already gone is no write"
+    );
+    drain(&mut engine).await;
+    create(&store, "b.service", 2).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    assert_eq!(placement(&store, "b.service").as_deref(), Some("m1"));
+}
+
 /// Regression: a tick was skipped while the mirror's revision equalled that of the last
 /// settled reconcile, but the ranges' watchers deliver out of step: a unit's event with an
 /// earlier revision than a machine's already seen changed the mirror, not its revision, and

@@ -397,6 +397,12 @@ impl Kv {
                 }
             }
         }
+        if events.is_empty() {
+            // as etcd: a transaction that changed nothing (it deleted only keys already
+            // gone) makes no revision
+            self.revision -= 1;
+            return self.revision;
+        }
         self.watchers.retain(|w| {
             if w.disconnected {
                 return true;
@@ -649,7 +655,10 @@ impl EngineStore for MemoryStore {
             return Err(RegistryError::NotLeader);
         }
         kv.engine_txns += 1;
-        Ok(kv.commit(writes, None))
+        let before = kv.revision;
+        let revision = kv.commit(writes, None);
+        // (as etcd's: a write that changed nothing is no write of the engine's to wait for)
+        Ok(if revision == before { 0 } else { revision })
     }
 }
 

@@ -281,8 +281,9 @@ pub trait EngineStore: Send + Sync {
     /// The bodies of the given hashes (those it has; the rest are missing from the map).
     async fn unit_bodies(&self, hashes: &[UnitHash]) -> Result<HashMap<UnitHash, UnitFile>>;
     /// Writes decisions, fenced on the leader key: a deposed leader's writes fail as a whole
-    /// ([`crate::RegistryError::NotLeader`]). Returns the revision of the last write (0 when
-    /// there was nothing to write).
+    /// ([`crate::RegistryError::NotLeader`]). Returns the revision of the last write that
+    /// changed something (0 when none did: a write of deletes of keys already gone makes no
+    /// revision and no watch event, so the engine must not wait to see it come back).
     async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64>;
     /// Writes each batch (at most [`ENGINE_OPS_PER_TXN`] decisions, a unit's decisions never
     /// split between batches) as one fenced transaction, several in flight at once where the

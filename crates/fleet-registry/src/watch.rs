@@ -32,11 +32,13 @@ pub enum WatchEvent {
         key: String,
         revision: i64,
     },
-    /// The events sent before this one hold every change of the watched ranges up to
-    /// `revision`: none of that revision's follow. A transaction's changes (one revision)
-    /// come as one event each, and a consumer may act between them; one that must act on
-    /// whole revisions (the engine, on its own writes) waits for this. etcd never splits a
-    /// revision's events across its answers, and this follows each answer's events.
+    /// The events sent before this one are whole revisions: this follows the events of
+    /// each of etcd's answers, and etcd never splits a revision's events across answers. A
+    /// transaction's changes come as one event each, and a consumer may act between them;
+    /// one that must act on whole revisions (the engine, on its own writes) waits for this.
+    /// `revision` is that of the last event before it. It says nothing of other ranges:
+    /// each range has a watcher of its own, and they run out of step (an answer of one may
+    /// come before older changes of another).
     Through {
         revision: i64,
     },

@@ -491,6 +491,33 @@ async fn agent_watch_sees_only_its_schedule_and_globals() {
     }
 }
 
+/// A decision write that changes nothing (its keys already gone) makes no revision in etcd:
+/// it is no write of the engine's to wait for (0), while one that changes something gives
+/// its revision.
+#[tokio::test]
+async fn a_decision_write_that_changes_nothing_has_no_revision() {
+    let etcd = EtcdServer::start();
+    let r = registry(&etcd).await;
+    let lead = r
+        .campaign("m1", Duration::from_secs(5))
+        .await
+        .expect("campaign")
+        .expect("won");
+    let gone = [EngineOp::Unschedule {
+        unit: "gone.service".into(),
+        machine: "m1".into(),
+    }];
+    assert_eq!(r.apply(&lead, &gone).await.expect("apply"), 0);
+    let f = file("[Service]\nExecStart=/bin/true\n");
+    let placed = [EngineOp::Schedule {
+        unit: "a.service".into(),
+        machine: "m1".into(),
+        hash: f.hash(),
+        desired: TargetState::Launched,
+    }];
+    assert!(r.apply(&lead, &placed).await.expect("apply") > 0);
+}
+
 /// A transaction comes through the watch as one event per key, then a mark that its
 /// revision is whole (the engine decides only on whole revisions of its own writes).
 #[tokio::test]

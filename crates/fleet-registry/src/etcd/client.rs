@@ -438,8 +438,9 @@ impl EtcdRegistry {
 
     /// A page of units: at most `limit` of those named after `after`, each read with its
     /// placement, reason, state and body, and nothing else: one range read of the unit
-    /// records (more only where records cannot be read or bodies are missing), one of their
-    /// placements and reasons, one of their machines' states, and the bodies not cached.
+    /// records (more only where records cannot be read or bodies are missing), one request
+    /// of their placements, reasons and states (see [`Self::unit_context`]), and the bodies
+    /// not cached.
     async fn units_page_once(
         &self,
         after_name: Option<&str>,
@@ -729,6 +730,22 @@ pub(super) struct Creations {
     waiting: Vec<Creation>,
 }
 
+/// A creation writer's place among the [`CREATION_WRITERS`], given back should the writer
+/// end otherwise than by finding nothing to write (a panic, its task dropped): else each such
+/// end would take a writer for good, and with none left every creation would wait forever.
+struct WriterSlot(Option<Arc<std::sync::Mutex<Creations>>>);
+
+impl Drop for WriterSlot {
+    fn drop(&mut self) {
+        if let Some(creations) = self.0.take() {
+            let mut q = creations
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            q.writers = q.writers.saturating_sub(1);
+        }
+    }
+}
+
 struct Creation {
     name: UnitName,
     file: UnitFile,
@@ -747,12 +764,15 @@ impl EtcdRegistry {
     /// Writes what waits, a group at a time, until nothing does. Runs in a task of its own,
     /// so a request that goes away (its client hung up) never leaves the others waiting.
     async fn write_creations(self) {
+        let mut slot = WriterSlot(Some(self.creations.clone()));
         loop {
             let group = {
                 let mut q = self.creations();
                 let group = take_group(&mut q.waiting);
                 if group.is_empty() {
+                    // (under the lock that queues creations: none is left behind)
                     q.writers = q.writers.saturating_sub(1);
+                    slot.0 = None;
                     return;
                 }
                 group
@@ -858,7 +878,9 @@ impl EtcdRegistry {
 
 /// Takes the next group from `waiting`: up to [`CREATIONS_PER_TXN`] creations of distinct
 /// units, in the order they came; a second creation of a unit in the group waits for the
-/// next one (it is then refused as existing, or created if the first failed).
+/// next group (it is then refused as existing, or created if the first failed; a group
+/// written meanwhile by another writer may hold it too: etcd's compare of the creation
+/// lets one of the two through).
 fn take_group(waiting: &mut Vec<Creation>) -> Vec<Creation> {
     let mut group: Vec<Creation> = Vec::new();
     let mut rest = Vec::new();
@@ -891,8 +913,8 @@ fn as_each(e: &RegistryError, key: String) -> RegistryError {
 
 #[async_trait]
 impl Registry for EtcdRegistry {
-    /// Queued for the writer task (started if none runs), which writes the creations that
-    /// gather while one is in flight as one transaction.
+    /// Queued for a writer task (one is started if none runs, or another when many wait:
+    /// see [`CREATION_WRITERS`]), which writes the creations waiting as one transaction.
     async fn create_unit(
         &self,
         name: &UnitName,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use fleet_unit::{UnitFile, UnitHash};
 use tokio::sync::mpsc;
 
@@ -152,7 +152,7 @@ impl EtcdRegistry {
 
     /// Writes decisions, each transaction fenced on the leader key: a deposed leader's writes
     /// fail as a whole ([`RegistryError::NotLeader`]). Returns the revision of the last write
-    /// (0 when there was nothing to write).
+    /// that changed something (0 when none did).
     pub async fn apply(&self, leadership: &Leadership, ops: &[EngineOp]) -> Result<i64> {
         self.apply_fenced(leadership.fence, ops).await
     }
@@ -231,7 +231,16 @@ impl EtcdRegistry {
             if !resp.succeeded() {
                 return Err(RegistryError::NotLeader);
             }
-            revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+            // a transaction that changed nothing (it deleted only keys already gone) makes no
+            // revision and no watch event: etcd answers with its current revision, perhaps
+            // another range's, which the engine waiting for its own write would never see
+            let changed = resp.op_responses().iter().any(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted() > 0,
+                _ => true,
+            });
+            if changed {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(revision);
+            }
         }
         Ok(revision)
     }
