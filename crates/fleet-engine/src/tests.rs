@@ -59,6 +59,14 @@ async fn drain(engine: &mut Engine) {
     }
 }
 
+/// Feeds the engine the first `n` events its watch has delivered, and no more.
+async fn deliver(engine: &mut Engine, n: usize) {
+    for _ in 0..n {
+        let ev = engine.delivered().expect("an event delivered");
+        engine.handle(Event::Watch(ev)).await;
+    }
+}
+
 /// Handles every event that is ready now (watch events, and ticks already due).
 async fn settle(engine: &mut Engine) {
     let never = tokio_util::sync::CancellationToken::new();
@@ -1082,8 +1090,7 @@ async fn a_reconcile_waits_for_the_whole_of_its_own_write() {
     let written = store.revision();
     assert_eq!(written, before + 1, "the six placed in one write");
     // the first of the write's events comes in, and the others wait in the watch
-    let first = engine.delivered().expect("an event of the write");
-    engine.handle(Event::Watch(first)).await;
+    deliver(&mut engine, 1).await;
     for _ in 0..3 {
         engine.handle(Event::Tick).await;
     }
@@ -1120,16 +1127,13 @@ async fn a_write_that_changes_nothing_does_not_hold_the_engine_back() {
     store.delete(&store.keys().schedule("m1", "a.service"));
     add_machine(&store, "m3");
     // the engine sees the record go (and that revision whole), not the rest yet
-    for _ in 0..2 {
-        let ev = engine.delivered().expect("the record's deletion");
-        engine.handle(Event::Watch(ev)).await;
-    }
+    deliver(&mut engine, 2).await;
     let before = store.revision();
     engine.handle(Event::Tick).await;
     assert_eq!(
         store.revision(),
         before,
-        "deleting keys already gone is no write"
+        "deleting keys already gone: no write"
     );
     drain(&mut engine).await;
     create(&store, "b.service", 2).await;
