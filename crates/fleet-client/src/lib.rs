@@ -491,9 +491,10 @@ impl HttpRegistry {
     }
 
     /// All units and all unit states, listed at once, and when the later of the two first
-    /// pages came back. fleetd serves a listing's later pages at the
-    /// revision of its first (while it keeps what it read ahead), so both lists show the
-    /// registry as it was by then at the latest.
+    /// pages came back. fleetd serves a listing's later pages at the revision of its first
+    /// while it keeps what it read ahead (a page whose chunk it dropped, after 30 s or when
+    /// more listings run at once than it keeps chunks for, is read afresh), so both lists
+    /// show the registry as it was by then at the latest.
     pub async fn units_and_states_shown(
         &self,
     ) -> fleet_registry::Result<(Vec<UnitView>, Vec<StateRecord>, std::time::Instant)> {

@@ -1128,8 +1128,13 @@ async fn a_write_that_changes_nothing_does_not_hold_the_engine_back() {
     add_machine(&store, "m3");
     // the engine sees the record go (and that revision whole), not the rest yet
     deliver(&mut engine, 2).await;
-    let before = store.revision();
+    let (before, txns) = (store.revision(), store.engine_txns());
     engine.handle(Event::Tick).await;
+    assert_eq!(
+        store.engine_txns(),
+        txns + 1,
+        "the engine wrote its decision"
+    );
     assert_eq!(
         store.revision(),
         before,

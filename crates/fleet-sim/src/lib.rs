@@ -302,10 +302,13 @@ impl Sim {
                     .collect();
                 if let Some(first) = new.first() {
                     // when, for the record: the phase it broke in (the first of them)
+                    let more = match new.len() - 1 {
+                        0 => String::new(),
+                        n => format!(" (and {n} more)"),
+                    };
                     progress(&format!(
-                        "broken {:.1} s into this wait: {first} (and {} more)",
-                        start.elapsed().as_secs_f64(),
-                        new.len() - 1
+                        "broken {:.1} s into this wait: {first}{more}",
+                        start.elapsed().as_secs_f64()
                     ));
                 }
             }
@@ -345,8 +348,9 @@ impl Sim {
 
     /// Waits until the API shows what the machines run (bounded; the last violations if
     /// not): when the listings that showed it had their first pages back. A listing shows
-    /// the registry at the revision of its first page, so every unit was active by then;
-    /// the rest of the listing (some 1 to 3 s at 100,000 units) is the listings' own figure.
+    /// the registry at the revision of its first page (while fleetd keeps what it read
+    /// ahead: see `fleet-registry`'s `etcd/chunks.rs`), so every unit was active by then; the
+    /// rest of the listings (some 2 s at 100,000 units) is their own figure.
     async fn api_settle(&self, timeout: Duration) -> Result<Instant> {
         let end = Instant::now() + timeout;
         loop {

@@ -723,9 +723,11 @@ pub(super) struct Creations {
     waiting: Vec<Creation>,
 }
 
-/// The writer task's claim to be the one running, given back should it end otherwise than
-/// by finding nothing to write (a panic, its task dropped): else no writer would ever start
-/// again, and every creation would wait forever.
+/// The writer task's claim to be the one running, taken where the task is started and given
+/// back should it end otherwise than by finding nothing to write (a panic, its task dropped
+/// before or while it runs): else no writer would ever start again, and every creation
+/// would wait forever. The creations waiting then are answered as with an etcd out of
+/// reach, rather than left until some later creation starts a writer.
 struct WriterSlot(Option<Arc<std::sync::Mutex<Creations>>>);
 
 impl Drop for WriterSlot {
@@ -735,6 +737,8 @@ impl Drop for WriterSlot {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             q.writing = false;
+            // (their answers' senders dropped: each asker gets an error)
+            q.waiting.clear();
         }
     }
 }
@@ -756,8 +760,7 @@ impl EtcdRegistry {
 
     /// Writes what waits, a group at a time, until nothing does. Runs in a task of its own,
     /// so a request that goes away (its client hung up) never leaves the others waiting.
-    async fn write_creations(self) {
-        let mut slot = WriterSlot(Some(self.creations.clone()));
+    async fn write_creations(self, mut slot: WriterSlot) {
         loop {
             let group = {
                 let mut q = self.creations();
@@ -924,7 +927,8 @@ impl Registry for EtcdRegistry {
             !std::mem::replace(&mut q.writing, true)
         };
         if start {
-            tokio::spawn(self.clone().write_creations());
+            let slot = WriterSlot(Some(self.creations.clone()));
+            tokio::spawn(self.clone().write_creations(slot));
         }
         answer.await.unwrap_or_else(|_| {
             Err(RegistryError::Unreachable {
@@ -1119,5 +1123,43 @@ impl Registry for EtcdRegistry {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A creation writer that ends otherwise than by finding nothing to write (a panic, its
+    /// task dropped) gives its claim back, and the creations waiting get an error instead of
+    /// waiting for a writer that is gone.
+    #[tokio::test]
+    async fn a_writer_that_ends_abruptly_gives_back_its_claim_and_answers_the_waiting() {
+        let creations = Arc::new(std::sync::Mutex::new(Creations::default()));
+        let (done, answer) = oneshot::channel();
+        {
+            let mut q = creations.lock().expect("lock");
+            q.writing = true;
+            q.waiting.push(Creation {
+                name: UnitName::parse("a.service").expect("name"),
+                file: UnitFile::from_options(vec![]),
+                desired: TargetState::Launched,
+                done,
+            });
+        }
+        // a writer that panics
+        let slot = WriterSlot(Some(creations.clone()));
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            panic!("a writer that fails");
+        });
+        assert!(task.await.is_err(), "the writer panicked");
+        assert!(answer.await.is_err(), "the waiting creation is answered");
+        let q = creations.lock().expect("lock");
+        assert!(
+            !q.writing,
+            "the claim given back: the next creation starts a writer"
+        );
+        assert!(q.waiting.is_empty());
     }
 }
