@@ -98,6 +98,15 @@ async fn leading() -> (MemoryStore, Engine, Metrics) {
     (store, engine, metrics)
 }
 
+/// [`leading`], once the new leader's hold (one `agent_ttl`) is over and it has reconciled.
+async fn leading_past_the_hold() -> (MemoryStore, Engine) {
+    let (store, mut engine, _) = leading().await;
+    tokio::time::sleep(TTL).await;
+    drain(&mut engine).await;
+    engine.handle(Event::Tick).await;
+    (store, engine)
+}
+
 /// Every engine write is fenced, and a refused write makes the engine step down: another
 /// engine won the leader key meanwhile, before this one's mirror showed it.
 #[tokio::test(start_paused = true)]
@@ -1116,10 +1125,7 @@ async fn a_reconcile_waits_for_the_whole_of_its_own_write() {
 /// revision to come back through its own range, and decided nothing more, ever.
 #[tokio::test(start_paused = true)]
 async fn a_write_that_changes_nothing_does_not_hold_the_engine_back() {
-    let (store, mut engine, _) = leading().await;
-    tokio::time::sleep(TTL).await;
-    drain(&mut engine).await;
-    engine.handle(Event::Tick).await;
+    let (store, mut engine) = leading_past_the_hold().await;
     // a.service destroyed by another hand, record first, then its decisions; then a machine
     // registers (another range)
     store.delete(&store.keys().unit("a.service"));
@@ -1153,10 +1159,7 @@ async fn a_write_that_changes_nothing_does_not_hold_the_engine_back() {
 /// the unit waited for some later change. A tick skips only when nothing came in at all.
 #[tokio::test(start_paused = true)]
 async fn an_event_behind_another_range_is_not_skipped() {
-    let (store, mut engine, _) = leading().await;
-    tokio::time::sleep(TTL).await;
-    drain(&mut engine).await;
-    engine.handle(Event::Tick).await;
+    let (store, mut engine) = leading_past_the_hold().await;
     create(&store, "late.service", 7).await;
     let unit_rev = store.revision();
     add_machine(&store, "m3");
@@ -1190,10 +1193,7 @@ async fn an_event_behind_another_range_is_not_skipped() {
 /// once the mirror changes (a reconcile that could not read a body is not a settled one).
 #[tokio::test(start_paused = true)]
 async fn a_body_written_after_its_unit_is_read_at_a_later_tick() {
-    let (store, mut engine, _) = leading().await;
-    tokio::time::sleep(TTL).await;
-    drain(&mut engine).await;
-    engine.handle(Event::Tick).await;
+    let (store, mut engine) = leading_past_the_hold().await;
     let file = body(7);
     let rec = records::unit("late.service", file.hash(), TargetState::Launched);
     store.put(
