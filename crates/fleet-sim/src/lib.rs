@@ -213,15 +213,10 @@ impl Sim {
 
     /// Broken invariants as the API shows them (`list-unit-files`, `list-units`): every
     /// submitted unit present (launched ones launched), each placed unit's state reported
-    /// active by exactly the machine that runs it.
-    pub async fn api_violations(&self) -> Result<Vec<String>> {
-        Ok(self.api_violations_shown().await?.0)
-    }
-
-    /// [`Sim::api_violations`], and when the API showed them: when the later of the two
-    /// listings' first pages came back (fleetd serves a listing's later pages at the revision
-    /// of its first).
-    async fn api_violations_shown(&self) -> Result<(Vec<String>, Instant)> {
+    /// active by exactly the machine that runs it; and when the API showed them: when the
+    /// later of the two listings' first pages came back (fleetd serves a listing's later
+    /// pages at the revision of its first).
+    pub async fn api_violations(&self) -> Result<(Vec<String>, Instant)> {
         let api = self.api()?;
         let (units, states, shown) = api
             .units_and_states_shown()
@@ -354,7 +349,7 @@ impl Sim {
     async fn api_settle(&self, timeout: Duration) -> Result<Instant> {
         let end = Instant::now() + timeout;
         loop {
-            let (v, shown) = self.api_violations_shown().await?;
+            let (v, shown) = self.api_violations().await?;
             if v.is_empty() {
                 return Ok(shown);
             }
