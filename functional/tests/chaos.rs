@@ -218,8 +218,14 @@ fn wait_for_each_once(c: &Cluster, n: usize, what: &str) -> Census {
         if now.len() == n && twice.is_empty() {
             Ok(now)
         } else {
+            let missing: Vec<String> = (1..=n)
+                .map(|i| format!("hello@{i}.service"))
+                .filter(|u| !now.contains_key(u))
+                .take(20)
+                .collect();
             Err(format!(
-                "{} of {n} active, on two machines: {twice:?}",
+                "{} of {n} active, on two machines: {twice:?}, not active (the first 20): \
+                 {missing:?}",
                 now.len()
             ))
         }

@@ -1,9 +1,10 @@
 //! Adoption: a restarted fleetd takes over the units its predecessor left in the units
 //! directory, keeping them as they are, instead of restarting them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use fleet_systemd::SystemdState;
 use fleet_unit::{TargetState, UnitFile};
 use tracing::{info, warn};
 
@@ -38,6 +39,7 @@ impl Agent {
                 }
             }
         }
+        let mut files = Vec::with_capacity(names.len());
         for name in names {
             let Ok(text) = self.systemd.read_unit(&name).await else {
                 continue;
@@ -45,6 +47,10 @@ impl Agent {
             let Ok(file) = UnitFile::parse(&text) else {
                 continue;
             };
+            files.push((name, text, file));
+        }
+        let files = self.link_unlinked(files, &mut states).await;
+        for (name, text, file) in files {
             let running = states.get(&name).is_some_and(|s| {
                 matches!(
                     s.active_state.as_str(),
@@ -70,6 +76,48 @@ impl Agent {
                 self.systemd_states.insert(name, s.clone());
             }
         }
+    }
+
+    /// Files systemd has never heard of (`not-found`): their fleetd was killed between
+    /// writing a batch's files and linking them. Taken as they were, their starts would
+    /// fail at every retry, since nothing would link them: they are linked now, their text
+    /// written again, and one `daemon-reload` is owed before the first jobs (the state just
+    /// read left systemd remembering them as not found). One that cannot be linked is not
+    /// adopted: the first reconcile writes it afresh if it is wanted here.
+    async fn link_unlinked(
+        &mut self,
+        files: Vec<(String, String, UnitFile)>,
+        states: &mut BTreeMap<String, SystemdState>,
+    ) -> Vec<(String, String, UnitFile)> {
+        let unlinked: Vec<(String, String)> = files
+            .iter()
+            .filter(|(name, ..)| {
+                states
+                    .get(name)
+                    .is_some_and(|s| s.load_state == "not-found")
+            })
+            .map(|(name, text, _)| (name.clone(), text.clone()))
+            .collect();
+        if unlinked.is_empty() {
+            return files;
+        }
+        let names: Vec<&str> = unlinked.iter().map(|(n, _)| n.as_str()).collect();
+        info!(units = %names.join(" "), "linking unit files a previous fleetd wrote but did not link");
+        let results = self.systemd.write_units(&unlinked).await;
+        let mut failed = BTreeSet::new();
+        for ((name, _), r) in unlinked.iter().zip(results) {
+            // the state read before the link says nothing now
+            states.remove(name);
+            if let Err(e) = r {
+                warn!(unit = %name, error = %e, "cannot link a unit file left by a previous fleetd");
+                failed.insert(name.clone());
+            }
+        }
+        self.reload_owed = true;
+        files
+            .into_iter()
+            .filter(|(name, ..)| !failed.contains(name))
+            .collect()
     }
 
     /// For units taken over at start: when the file on disk says exactly what the registry's

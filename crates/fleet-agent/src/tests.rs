@@ -287,6 +287,38 @@ async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
     second.stop(false).await;
 }
 
+/// A fleetd killed between writing a unit's file and linking it left a file systemd cannot
+/// find. Its successor adopted it as loaded and its start failed at every retry (regression:
+/// 11 of 300 units stayed down in a chaos run); now the successor links it and starts it,
+/// with one reload before the start.
+#[tokio::test(start_paused = true)]
+async fn a_unit_file_left_unlinked_by_a_killed_fleetd_is_linked_and_started() {
+    let (store, systemd, dir) = twins();
+    let first = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    first.stop(false).await; // as killed: nothing purged
+    systemd
+        .set_state("a.service", SystemdState::new("loaded", "inactive", "dead"))
+        .await;
+    systemd.unlink("a.service").await;
+    let reloads = systemd.reload_count();
+    systemd.clear_calls();
+    let second = Agent::start(&store, &systemd, &dir);
+    eventually("started again", || active(&systemd, "a.service")).await;
+    let calls = systemd.calls();
+    assert_eq!(
+        calls,
+        vec![
+            Call::WriteUnit("a.service".into()),
+            Call::Reload,
+            Call::Start("a.service".into()),
+        ],
+    );
+    assert_eq!(systemd.reload_count(), reloads + 1);
+    second.stop(false).await;
+}
+
 /// The agent's lease lost (the registry away for a whole ttl): it registers again and
 /// publishes every state again, keeping its units running.
 #[tokio::test(start_paused = true)]

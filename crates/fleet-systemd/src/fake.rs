@@ -86,6 +86,8 @@ struct State {
     starts: u64,
     /// The units directory: name → contents.
     files: BTreeMap<String, String>,
+    /// Files systemd cannot find: written but never linked ([`FakeUnitManager::unlink`]).
+    unlinked: BTreeSet<String>,
     enabled: BTreeSet<String>,
     /// Units systemd has loaded, with their state.
     units: BTreeMap<String, SystemdState>,
@@ -165,7 +167,7 @@ impl State {
     fn state_of(&self, name: &str) -> SystemdState {
         if let Some(state) = self.units.get(name) {
             state.clone()
-        } else if self.files.contains_key(name) {
+        } else if self.files.contains_key(name) && !self.unlinked.contains(name) {
             SystemdState::new("loaded", "inactive", "dead")
         } else {
             SystemdState::new("not-found", "inactive", "dead")
@@ -325,6 +327,24 @@ impl FakeUnitManager {
         self.lock().failing_stops.insert(name.to_owned(), times);
     }
 
+    /// As if fleetd died between writing `name`'s file and linking it: the file stays in
+    /// the units directory, and systemd, which forgets a stopped unit whose link is gone,
+    /// no longer finds it until it is written (and linked) again.
+    pub async fn unlink(&self, name: &str) {
+        let _ = self
+            .with(|s, out| {
+                s.unlinked.insert(name.to_owned());
+                if s.units
+                    .get(name)
+                    .is_some_and(|u| u.active_state == "inactive")
+                {
+                    s.set_state(name, None, out);
+                }
+                Ok(())
+            })
+            .await;
+    }
+
     /// A change systemd made on its own (a crash, a restart): sets the state and notifies.
     pub async fn set_state(&self, name: &str, state: SystemdState) {
         let _ = self
@@ -364,6 +384,7 @@ impl UnitManager for FakeUnitManager {
             s.log(Call::WriteUnit(name.to_owned()));
             s.take_injected("LinkUnitFiles", Some(name))?;
             s.files.insert(name.to_owned(), contents.to_owned());
+            s.unlinked.remove(name);
             Ok(())
         })
         .await
@@ -387,6 +408,7 @@ impl UnitManager for FakeUnitManager {
                 );
             }
             s.files.remove(name);
+            s.unlinked.remove(name);
             result
         })
         .await
@@ -452,7 +474,8 @@ impl UnitManager for FakeUnitManager {
             .with(|s, out| {
                 s.log(Call::Start(name.to_owned()));
                 s.take_injected("StartUnit", Some(name))?;
-                if !s.files.contains_key(name) && !s.units.contains_key(name) {
+                let found = s.files.contains_key(name) && !s.unlinked.contains(name);
+                if !found && !s.units.contains_key(name) {
                     return Err(no_such_unit(
                         name,
                         "StartUnit",
