@@ -49,15 +49,9 @@ impl Agent {
             };
             files.push((name, text, file));
         }
-        let files = self.link_unlinked(files, &mut states).await;
+        let files = self.link_unlinked(files, &states).await;
         for (name, text, file) in files {
-            let running = states.get(&name).is_some_and(|s| {
-                matches!(
-                    s.active_state.as_str(),
-                    "active" | "activating" | "reloading"
-                )
-            });
-            let state = if running {
+            let state = if states.get(&name).is_some_and(runs) {
                 TargetState::Launched
             } else {
                 TargetState::Loaded
@@ -82,12 +76,15 @@ impl Agent {
     /// writing a batch's files and linking them. Taken as they were, their starts would
     /// fail at every retry, since nothing would link them: they are linked now, their text
     /// written again, and one `daemon-reload` is owed before the first jobs (the state just
-    /// read left systemd remembering them as not found). One that cannot be linked is not
-    /// adopted: the first reconcile writes it afresh if it is wanted here.
+    /// read left systemd remembering them as not found). Their states stay as read: a unit
+    /// can still run once its link is gone (and is then stopped if it is not wanted here).
+    /// One that cannot be linked is not adopted unless it runs: the first reconcile writes
+    /// it afresh if it is wanted here (a running one is adopted as before, so that it is
+    /// stopped if it is not wanted).
     async fn link_unlinked(
         &mut self,
         files: Vec<(String, String, UnitFile)>,
-        states: &mut BTreeMap<String, SystemdState>,
+        states: &BTreeMap<String, SystemdState>,
     ) -> Vec<(String, String, UnitFile)> {
         let unlinked: Vec<(String, String)> = files
             .iter()
@@ -106,11 +103,11 @@ impl Agent {
         let results = self.systemd.write_units(&unlinked).await;
         let mut failed = BTreeSet::new();
         for ((name, _), r) in unlinked.iter().zip(results) {
-            // the state read before the link says nothing now
-            states.remove(name);
             if let Err(e) = r {
                 warn!(unit = %name, error = %e, "cannot link a unit file left by a previous fleetd");
-                failed.insert(name.clone());
+                if !states.get(name).is_some_and(runs) {
+                    failed.insert(name.clone());
+                }
             }
         }
         self.reload_owed = true;
@@ -154,4 +151,12 @@ impl Agent {
         }
         self.adopted.clear();
     }
+}
+
+/// Whether systemd runs a unit in state `s`: such a unit is adopted as launched.
+fn runs(s: &SystemdState) -> bool {
+    matches!(
+        s.active_state.as_str(),
+        "active" | "activating" | "reloading"
+    )
 }

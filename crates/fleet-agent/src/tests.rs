@@ -319,6 +319,25 @@ async fn a_unit_file_left_unlinked_by_a_killed_fleetd_is_linked_and_started() {
     second.stop(false).await;
 }
 
+/// The same left behind for a unit that still runs (its link gone, systemd reloaded) and is
+/// no longer wanted here: its successor adopts it as running, so it is stopped and removed.
+#[tokio::test(start_paused = true)]
+async fn a_running_unit_left_unlinked_and_no_longer_wanted_is_stopped() {
+    let (store, systemd, dir) = twins();
+    let first = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    first.stop(false).await; // as killed: nothing purged
+    systemd.unlink("a.service").await;
+    store.delete(&store.keys().schedule(M1, "a.service"));
+    let second = Agent::start(&store, &systemd, &dir);
+    eventually("stopped and removed", || {
+        !active(&systemd, "a.service") && systemd.file("a.service").is_none()
+    })
+    .await;
+    second.stop(false).await;
+}
+
 /// The agent's lease lost (the registry away for a whole ttl): it registers again and
 /// publishes every state again, keeping its units running.
 #[tokio::test(start_paused = true)]

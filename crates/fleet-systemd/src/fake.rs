@@ -327,18 +327,24 @@ impl FakeUnitManager {
         self.lock().failing_stops.insert(name.to_owned(), times);
     }
 
-    /// As if fleetd died between writing `name`'s file and linking it: the file stays in
-    /// the units directory, and systemd, which forgets a stopped unit whose link is gone,
-    /// no longer finds it until it is written (and linked) again.
+    /// As if fleetd died between writing `name`'s file and linking it, or its link went
+    /// and systemd reloaded: the file stays in the units directory, but systemd no longer
+    /// finds it until it is written (and linked) again. A stopped unit is forgotten; a
+    /// running one runs on, `not-found`.
     pub async fn unlink(&self, name: &str) {
         let _ = self
             .with(|s, out| {
                 s.unlinked.insert(name.to_owned());
-                if s.units
-                    .get(name)
-                    .is_some_and(|u| u.active_state == "inactive")
-                {
-                    s.set_state(name, None, out);
+                match s.units.get(name).cloned() {
+                    Some(u) if u.active_state == "inactive" => s.set_state(name, None, out),
+                    Some(u) => {
+                        let state = SystemdState {
+                            load_state: "not-found".into(),
+                            ..u
+                        };
+                        s.set_state(name, Some(state), out);
+                    }
+                    None => {}
                 }
                 Ok(())
             })
