@@ -99,6 +99,18 @@ async fn get_metrics(endpoint: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
+/// Moves etcd to a new revision by a write outside fleet's keys (`/fleet-sim/revision`).
+pub async fn new_revision(client: &mut etcd_client::Client) -> Result<()> {
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client.put("/fleet-sim/revision", "", None),
+    )
+    .await
+    .context("writing to etcd timed out")?
+    .context("writing to etcd")?;
+    Ok(())
+}
+
 /// The machine ID in the engine leader key, if there is a leader.
 pub async fn leader(client: &mut etcd_client::Client, key_prefix: &str) -> Result<Option<String>> {
     let key = fleet_registry::keys::Keys::new(key_prefix).leader();

@@ -13,6 +13,10 @@ use fleet_sim::etcd::OwnEtcd;
 use fleet_sim::{Options, run};
 use fleet_systemd::fake::Knobs;
 
+/// fleetd's allocator (see fleetd's `main.rs`), so that the simulation costs what fleetd does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// M simulated machines (fleetd's real wiring, in-memory systemd) against a real etcd.
 #[derive(Debug, Parser)]
 #[command(name = "fleet-sim", version)]
