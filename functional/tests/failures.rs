@@ -506,11 +506,12 @@ fn a_fleetd_killed_and_restarted_keeps_reporting_the_units_it_adopted() {
 /// fleetd writes a batch's unit files, then links them (one `LinkUnitFiles`). Killed in
 /// between, it left files systemd had never heard of; its successor adopted them as loaded,
 /// and their starts failed ("not found") at every retry: 11 of 300 units stayed down in a
-/// CI run of the chaos suite. Here the predecessor's state is made exactly: the unit's file
+/// CI run of the chaos suite. Now such a start links the file again and tries once more. Here the predecessor's state is made exactly: the unit's file
 /// stays, its link goes, while fleetd is stopped short of dying.
 #[test]
 fn a_unit_file_a_killed_fleetd_wrote_but_never_linked_is_linked_and_started() {
-    let c = boot(quick_spec("unlinked", 1));
+    // fleet's default agent_ttl: the old lease outlives the frozen fleetd's few seconds
+    let c = boot(ClusterSpec::new("unlinked", 1).fleet_config("agent_ttl=30s"));
     must(c.wait_for_machines(1, 1, WAIT));
     start_hellos(&c, 1, &[]);
     must(c.wait_for_active(1, 1, WAIT));
@@ -535,6 +536,13 @@ fn a_unit_file_a_killed_fleetd_wrote_but_never_linked_is_linked_and_started() {
     }));
     wait_systemd(&c, 1, "hello@1.service", Some("loaded"), "active");
     must(c.wait_for_active(1, 1, WAIT));
+    // by the new fleetd linking the file again, not by a schedule rewritten meanwhile (had
+    // the old lease expired first, the unit would have been unscheduled and written anew)
+    let journal = must(c.journal(1, &["-u", "fleet.service"]));
+    assert!(
+        journal.contains("linking them again"),
+        "no relink in fleetd's journal:\n{journal}"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Adoption: a restarted fleetd takes over the units its predecessor left in the units
 //! directory, keeping them as they are, instead of restarting them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use fleet_systemd::SystemdState;
@@ -35,11 +35,12 @@ impl Agent {
                 }
                 Err(e) => {
                     warn!(error = %e, attempt, "cannot read the states of units to adopt");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if attempt < 3 {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
                 }
             }
         }
-        let mut files = Vec::with_capacity(names.len());
         for name in names {
             let Ok(text) = self.systemd.read_unit(&name).await else {
                 continue;
@@ -47,10 +48,6 @@ impl Agent {
             let Ok(file) = UnitFile::parse(&text) else {
                 continue;
             };
-            files.push((name, text, file));
-        }
-        let files = self.link_unlinked(files, &states).await;
-        for (name, text, file) in files {
             let state = if states.get(&name).is_some_and(runs) {
                 TargetState::Launched
             } else {
@@ -70,51 +67,6 @@ impl Agent {
                 self.systemd_states.insert(name, s.clone());
             }
         }
-    }
-
-    /// Files systemd has never heard of (`not-found`): their fleetd was killed between
-    /// writing a batch's files and linking them. Taken as they were, their starts would
-    /// fail at every retry, since nothing would link them: they are linked now, their text
-    /// written again, and one `daemon-reload` is owed before the first jobs (the state just
-    /// read left systemd remembering them as not found). Their states stay as read: a unit
-    /// can still run once its link is gone (and is then stopped if it is not wanted here).
-    /// One that cannot be linked is not adopted unless it runs: the first reconcile writes
-    /// it afresh if it is wanted here (a running one is adopted as before, so that it is
-    /// stopped if it is not wanted).
-    async fn link_unlinked(
-        &mut self,
-        files: Vec<(String, String, UnitFile)>,
-        states: &BTreeMap<String, SystemdState>,
-    ) -> Vec<(String, String, UnitFile)> {
-        let unlinked: Vec<(String, String)> = files
-            .iter()
-            .filter(|(name, ..)| {
-                states
-                    .get(name)
-                    .is_some_and(|s| s.load_state == "not-found")
-            })
-            .map(|(name, text, _)| (name.clone(), text.clone()))
-            .collect();
-        if unlinked.is_empty() {
-            return files;
-        }
-        let names: Vec<&str> = unlinked.iter().map(|(n, _)| n.as_str()).collect();
-        info!(units = %names.join(" "), "linking unit files a previous fleetd wrote but did not link");
-        let results = self.systemd.write_units(&unlinked).await;
-        let mut failed = BTreeSet::new();
-        for ((name, _), r) in unlinked.iter().zip(results) {
-            if let Err(e) = r {
-                warn!(unit = %name, error = %e, "cannot link a unit file left by a previous fleetd");
-                if !states.get(name).is_some_and(runs) {
-                    failed.insert(name.clone());
-                }
-            }
-        }
-        self.reload_owed = true;
-        files
-            .into_iter()
-            .filter(|(name, ..)| !failed.contains(name))
-            .collect()
     }
 
     /// For units taken over at start: when the file on disk says exactly what the registry's
@@ -153,7 +105,8 @@ impl Agent {
     }
 }
 
-/// Whether systemd runs a unit in state `s`: such a unit is adopted as launched.
+/// Whether systemd runs a unit in state `s`: such a unit is adopted as launched. (One whose
+/// link is gone, `not-found`, may still run; it is stopped if it is not wanted here.)
 fn runs(s: &SystemdState) -> bool {
     matches!(
         s.active_state.as_str(),

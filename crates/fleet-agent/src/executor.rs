@@ -249,6 +249,26 @@ impl Agent {
                 results[i] = r;
             }
         }
+        // a start systemd answers "not found" although the unit's file is here: the file was
+        // never linked (its fleetd was killed between writing a batch's files and linking
+        // them), or its link is gone. Linked again, then one more try
+        let unfound: Vec<usize> = (0..moves.len())
+            .filter(|&i| {
+                moves[i].1 == TargetState::Launched
+                    && results[i]
+                        .as_ref()
+                        .is_err_and(fleet_systemd::Error::is_no_such_unit)
+            })
+            .collect();
+        if !unfound.is_empty() {
+            let names: Vec<String> = unfound.iter().map(|&i| moves[i].0.clone()).collect();
+            let mut retried = self.relink_and_start(&names).await;
+            for (i, name) in unfound.into_iter().zip(names) {
+                if let Some(r) = retried.remove(&name) {
+                    results[i] = r;
+                }
+            }
+        }
         for ((name, to, cur), result) in moves.into_iter().zip(results) {
             let what = if to == TargetState::Launched {
                 "start"
@@ -293,6 +313,55 @@ impl Agent {
             self.refresh_states(Some(&touched)).await;
         }
         outcome.complete && outcome.failed.is_empty()
+    }
+
+    /// Links the files of `names` (units systemd cannot find) again, as they are on disk,
+    /// enables those with an `[Install]` section, makes one `daemon-reload` (systemd
+    /// remembers a unit it did not find until then), and starts them: each unit's outcome,
+    /// the first failure of the way for those that did not get as far as their start.
+    async fn relink_and_start(
+        &mut self,
+        names: &[String],
+    ) -> BTreeMap<String, Result<(), fleet_systemd::Error>> {
+        info!(units = %names.join(" "), "systemd cannot find these units although their files are here; linking them again");
+        let mut outcome = BTreeMap::new();
+        let mut files = Vec::new();
+        for name in names {
+            match self.systemd.read_unit(name).await {
+                Ok(text) => files.push((name.clone(), text)),
+                Err(e) => {
+                    outcome.insert(name.clone(), Err(e));
+                }
+            }
+        }
+        let linked = self.systemd.write_units(&files).await;
+        let mut start = Vec::new();
+        for ((name, text), r) in files.into_iter().zip(linked) {
+            match r {
+                Ok(()) => {
+                    let install = UnitFile::parse(&text).is_ok_and(|f| f.has_section("Install"));
+                    start.push((name, install));
+                }
+                Err(e) => {
+                    outcome.insert(name, Err(e));
+                }
+            }
+        }
+        if start.is_empty() {
+            return outcome;
+        }
+        for (name, install) in &start {
+            self.attempt("load", name, Ok(())).unwrap_or_default();
+            if *install {
+                let r = self.systemd.enable(name).await;
+                self.task("enable", name, r);
+            }
+        }
+        self.reload().await;
+        let jobs: Vec<_> = start.iter().map(|(n, _)| self.systemd.start(n)).collect();
+        let started: Vec<_> = stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
+        outcome.extend(start.into_iter().map(|(n, _)| n).zip(started));
+        outcome
     }
 
     /// One daemon-reload; false (logged, and owed to the next converge) when it failed.

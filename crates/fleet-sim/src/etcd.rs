@@ -99,12 +99,14 @@ async fn get_metrics(endpoint: &str) -> Result<String> {
     Ok(body.to_string())
 }
 
-/// Moves etcd to a new revision by a write outside fleet's keys (`/fleet-sim/revision`).
+/// Moves etcd to a new revision by a write outside fleet's keys: the key
+/// `/fleet-sim/revision` is written and deleted (two revisions).
 pub async fn new_revision(client: &mut etcd_client::Client) -> Result<()> {
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        client.put("/fleet-sim/revision", "", None),
-    )
+    const KEY: &str = "/fleet-sim/revision";
+    tokio::time::timeout(Duration::from_secs(5), async {
+        client.put(KEY, "", None).await?;
+        client.delete(KEY, None).await
+    })
     .await
     .context("writing to etcd timed out")?
     .context("writing to etcd")?;

@@ -460,7 +460,7 @@ impl SystemdManager {
             .manager("ResetFailedUnit", Some(name), &name)
             .await
         {
-            Err(e) if !e.dbus().is_some_and(|d| d.is(NO_SUCH_UNIT)) => {
+            Err(e) if !e.is_no_such_unit() => {
                 first_error.get_or_insert(e);
             }
             _ => {}

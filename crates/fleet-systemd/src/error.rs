@@ -128,6 +128,12 @@ impl Error {
         }
     }
 
+    /// Whether systemd answered that it cannot find the unit (`NoSuchUnit`): no unit file
+    /// of that name in its search path, nor a unit of that name loaded.
+    pub fn is_no_such_unit(&self) -> bool {
+        self.dbus().is_some_and(|d| d.is(crate::dbus::NO_SUCH_UNIT))
+    }
+
     /// The unit this error is about, if any.
     pub fn unit(&self) -> Option<&str> {
         match self {

@@ -428,7 +428,7 @@ impl UnitManager for FakeUnitManager {
             let orphans: Vec<(String, SystemdState)> = s
                 .units
                 .iter()
-                .filter(|(name, _)| !s.files.contains_key(*name))
+                .filter(|(name, _)| !s.files.contains_key(*name) || s.unlinked.contains(*name))
                 .map(|(n, st)| (n.clone(), st.clone()))
                 .collect();
             for (name, state) in orphans {
@@ -480,8 +480,13 @@ impl UnitManager for FakeUnitManager {
             .with(|s, out| {
                 s.log(Call::Start(name.to_owned()));
                 s.take_injected("StartUnit", Some(name))?;
+                // (systemd refuses to start a unit it knows only as not found)
                 let found = s.files.contains_key(name) && !s.unlinked.contains(name);
-                if !found && !s.units.contains_key(name) {
+                let known = s
+                    .units
+                    .get(name)
+                    .is_some_and(|u| u.load_state != "not-found");
+                if !found && !known {
                     return Err(no_such_unit(
                         name,
                         "StartUnit",
@@ -535,7 +540,7 @@ impl UnitManager for FakeUnitManager {
                     });
                 }
                 let Some(current) = s.units.get(name) else {
-                    if s.files.contains_key(name) {
+                    if s.files.contains_key(name) && !s.unlinked.contains(name) {
                         return Ok(None);
                     }
                     return Err(no_such_unit(
