@@ -330,6 +330,8 @@ impl Agent {
             match self.systemd.read_unit(name).await {
                 Ok(text) => files.push((name.clone(), text)),
                 Err(e) => {
+                    // its file is gone too: written afresh when the start is tried again
+                    self.current.remove(name);
                     outcome.insert(name.clone(), Err(e));
                 }
             }

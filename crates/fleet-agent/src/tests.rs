@@ -340,6 +340,28 @@ async fn a_running_unit_whose_link_is_gone_starts_again_after_a_stop() {
     second.stop(false).await;
 }
 
+/// A unit whose file went behind fleet's back while it was stopped (and systemd forgot it):
+/// its next start finds neither unit nor file, and the file is written afresh.
+#[tokio::test(start_paused = true)]
+async fn a_unit_whose_file_is_gone_is_written_again_at_its_next_start() {
+    let (store, systemd, dir) = twins();
+    let agent = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    schedule(&store, M1, "a.service", &body(1), TargetState::Loaded).await;
+    eventually("stopped", || !active(&systemd, "a.service")).await;
+    fleet_systemd::UnitManager::remove_unit(&systemd, "a.service")
+        .await
+        .expect("remove");
+    systemd.collect("a.service").await;
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("written and started again", || {
+        active(&systemd, "a.service") && systemd.file("a.service").is_some()
+    })
+    .await;
+    agent.stop(false).await;
+}
+
 /// The same left behind for a unit that still runs (its link gone, systemd reloaded) and is
 /// no longer wanted here: its successor adopts it as running, so it is stopped and removed.
 #[tokio::test(start_paused = true)]
