@@ -506,8 +506,9 @@ fn a_fleetd_killed_and_restarted_keeps_reporting_the_units_it_adopted() {
 /// fleetd writes a batch's unit files, then links them (one `LinkUnitFiles`). Killed in
 /// between, it left files systemd had never heard of; its successor adopted them as loaded,
 /// and their starts failed ("not found") at every retry: 11 of 300 units stayed down in a
-/// CI run of the chaos suite. Now such a start links the file again and tries once more. Here the predecessor's state is made exactly: the unit's file
-/// stays, its link goes, while fleetd is stopped short of dying.
+/// CI run of the chaos suite. Now such a start links the file again and tries once more.
+/// Here the predecessor's state is made exactly: the unit's file stays, its link goes, while
+/// fleetd is stopped short of dying.
 #[test]
 fn a_unit_file_a_killed_fleetd_wrote_but_never_linked_is_linked_and_started() {
     // fleet's default agent_ttl: the old lease outlives the frozen fleetd's few seconds

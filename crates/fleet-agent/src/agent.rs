@@ -747,7 +747,7 @@ impl Agent {
             if !launched {
                 continue;
             }
-            let r = self.systemd.stop(&name).await;
+            let r = crate::executor::stopped(self.systemd.stop(&name).await);
             // a failed stop leaves it launched: a reconcile stops it again, and the guard
             // retries its own stops meanwhile
             if self.task("stop", &name, r)
@@ -825,7 +825,7 @@ impl Agent {
             self.current.iter().map(|(n, c)| (n.clone(), *c)).collect();
         for (name, cur) in &names {
             if cur.state == TargetState::Launched {
-                let r = self.systemd.stop(name).await;
+                let r = crate::executor::stopped(self.systemd.stop(name).await);
                 self.task("stop", name, r);
             }
         }

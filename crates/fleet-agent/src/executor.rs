@@ -80,7 +80,7 @@ impl Agent {
         let mut kept: HashSet<String> = HashSet::new();
         for (name, launched) in &plan.unload {
             if *launched {
-                let r = self.systemd.stop(name).await;
+                let r = stopped(self.systemd.stop(name).await);
                 if let Err(reason) = self.attempt("stop", name, r) {
                     outcome.failed(name, fault_hash(desired, &self.current, name), reason);
                     kept.insert(name.clone());
@@ -209,15 +209,11 @@ impl Agent {
             .collect();
         // the fence may have gone up since the reconcile read it (body reads and D-Bus calls
         // took time): no at-most-once unit starts while it is up
-        let moves = if self.fence.is_fenced() {
-            let guarded = self.fence.units();
-            moves
-                .into_iter()
-                .filter(|(name, to, _)| *to != TargetState::Launched || !guarded.contains(name))
-                .collect()
-        } else {
-            moves
-        };
+        let guarded = self.guarded();
+        let moves: Vec<(String, TargetState, Current)> = moves
+            .into_iter()
+            .filter(|(name, to, _)| *to != TargetState::Launched || !guarded.contains(name))
+            .collect();
         let jobs: Vec<_> = moves
             .iter()
             .map(|(name, to, _)| {
@@ -230,9 +226,16 @@ impl Agent {
             .collect();
         let mut results: Vec<Result<(), fleet_systemd::Error>> =
             stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
+        for (r, (_, to, _)) in results.iter_mut().zip(&moves) {
+            if *to == TargetState::Loaded {
+                *r = stopped(std::mem::replace(r, Ok(())));
+            }
+        }
         if reload == Reload::Skipped && results.iter().any(Result::is_err) && self.reload().await {
+            let guarded = self.guarded();
             let again: Vec<usize> = (0..moves.len())
                 .filter(|&i| results[i].is_err() && moves[i].1 == TargetState::Launched)
+                .filter(|&i| !guarded.contains(&moves[i].0))
                 .collect();
             let retries: Vec<_> = again
                 .iter()
@@ -330,8 +333,13 @@ impl Agent {
             match self.systemd.read_unit(name).await {
                 Ok(text) => files.push((name.clone(), text)),
                 Err(e) => {
-                    // its file is gone too: written afresh when the start is tried again
-                    self.current.remove(name);
+                    if matches!(&e, fleet_systemd::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                    {
+                        // its file is gone too: written afresh when the start is tried again
+                        self.current.remove(name);
+                        self.watching.remove(name);
+                        self.systemd_states.remove(name);
+                    }
                     outcome.insert(name.clone(), Err(e));
                 }
             }
@@ -360,10 +368,23 @@ impl Agent {
             }
         }
         self.reload().await;
+        // the fence may have gone up meanwhile: an at-most-once unit keeps its "not found"
+        // answer, and a later reconcile tries it again
+        let guarded = self.guarded();
+        start.retain(|(n, _)| !guarded.contains(n));
         let jobs: Vec<_> = start.iter().map(|(n, _)| self.systemd.start(n)).collect();
         let started: Vec<_> = stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
         outcome.extend(start.into_iter().map(|(n, _)| n).zip(started));
         outcome
+    }
+
+    /// The at-most-once units no start may reach now: those the fence guards while it is up.
+    fn guarded(&self) -> BTreeSet<String> {
+        if self.fence.is_fenced() {
+            self.fence.units()
+        } else {
+            BTreeSet::new()
+        }
     }
 
     /// One daemon-reload; false (logged, and owed to the next converge) when it failed.
@@ -488,4 +509,13 @@ fn fault_hash(
         .get(name)
         .map(|d| d.hash)
         .or_else(|| current.get(name).map(|c| c.hash))
+}
+
+/// A stop's outcome, where systemd not knowing the unit (`NoSuchUnit`: not loaded, e.g. a
+/// stopped unit whose link is gone, collected) counts as done: nothing of it runs.
+pub(crate) fn stopped(r: Result<(), fleet_systemd::Error>) -> Result<(), fleet_systemd::Error> {
+    match r {
+        Err(e) if e.is_no_such_unit() => Ok(()),
+        r => r,
+    }
 }

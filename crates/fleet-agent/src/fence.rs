@@ -249,9 +249,6 @@ async fn guard(
     }
 }
 
-/// systemd's answer about a unit it has not loaded.
-const NO_SUCH_UNIT: &str = "org.freedesktop.systemd1.NoSuchUnit";
-
 /// Stops `units` (StopUnit queues the job; systemd carries it out, within the unit's
 /// `TimeoutStopSec`), all at once (the D-Bus client bounds its calls in flight), each request
 /// bounded by the stop allowance. Returns those whose stop failed.
@@ -270,7 +267,7 @@ async fn stop_all(
                     info!(unit = %name, "at-most-once unit stopped");
                     None
                 }
-                Ok(Err(e)) if e.dbus().is_some_and(|d| d.is(NO_SUCH_UNIT)) => {
+                Ok(Err(e)) if e.is_no_such_unit() => {
                     // not loaded (its file not written yet): nothing runs, nothing to retry
                     debug!(unit = %name, "at-most-once unit not loaded; nothing to stop");
                     None

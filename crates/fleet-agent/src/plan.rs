@@ -95,7 +95,8 @@ pub enum Reload {
 /// be started, `owed` whether an earlier reload failed.
 ///
 /// A reload (~0.1-0.4 s with hundreds of units) is made for removed or replaced files, units
-/// only to be loaded, `[Install]` sections, and when one is owed; never more than one.
+/// only to be loaded, `[Install]` sections, and when one is owed; never more than one by
+/// this rule (a start systemd cannot find makes one more: see `executor.rs`).
 pub fn reload_rule(
     unloaded: usize,
     written: &[(String, bool)],

@@ -362,6 +362,43 @@ async fn a_unit_whose_file_is_gone_is_written_again_at_its_next_start() {
     agent.stop(false).await;
 }
 
+/// A running unit whose link went, which then ended and which systemd forgot: its stop is
+/// answered "not loaded", which means nothing runs (it used to fail at every retry, and a
+/// destroyed unit's file stayed for good); started again, it is linked again.
+#[tokio::test(start_paused = true)]
+async fn a_stop_of_a_unit_systemd_forgot_is_done_and_it_starts_again() {
+    let (store, systemd, dir) = twins();
+    let first = Agent::start(&store, &systemd, &dir);
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(&systemd, "a.service")).await;
+    first.stop(false).await; // as killed: nothing purged
+    systemd.unlink("a.service").await;
+    let agent = Agent::start(&store, &systemd, &dir);
+    idle(Duration::from_secs(5)).await;
+    // it ends by itself, and systemd collects it
+    systemd
+        .set_state(
+            "a.service",
+            SystemdState::new("not-found", "inactive", "dead"),
+        )
+        .await;
+    systemd.collect("a.service").await;
+    schedule(&store, M1, "a.service", &body(1), TargetState::Loaded).await;
+    eventually("stopped, no failure said", || {
+        state_of(&store, "a.service").is_some_and(|s| s.reason.is_none())
+            && !systemd
+                .calls()
+                .iter()
+                .all(|c| !matches!(c, Call::Stop(n) if n == "a.service"))
+    })
+    .await;
+    idle(Duration::from_secs(10)).await;
+    assert!(state_of(&store, "a.service").is_some_and(|s| s.reason.is_none()));
+    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started again", || active(&systemd, "a.service")).await;
+    agent.stop(false).await;
+}
+
 /// The same left behind for a unit that still runs (its link gone, systemd reloaded) and is
 /// no longer wanted here: its successor adopts it as running, so it is stopped and removed.
 #[tokio::test(start_paused = true)]
