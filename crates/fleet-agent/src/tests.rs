@@ -287,6 +287,26 @@ async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
     second.stop(false).await;
 }
 
+/// A first agent ran `a.service` and was killed (nothing purged), then the unit's link went
+/// (systemd reloaded); with `stopped`, the unit had ended before, and systemd forgot it.
+async fn left_unlinked(
+    store: &MemoryStore,
+    systemd: &FakeUnitManager,
+    dir: &tempfile::TempDir,
+    stopped: bool,
+) {
+    let first = Agent::start(store, systemd, dir);
+    schedule(store, M1, "a.service", &body(1), TargetState::Launched).await;
+    eventually("started", || active(systemd, "a.service")).await;
+    first.stop(false).await;
+    if stopped {
+        systemd
+            .set_state("a.service", SystemdState::new("loaded", "inactive", "dead"))
+            .await;
+    }
+    systemd.unlink("a.service").await;
+}
+
 /// A fleetd killed between writing a unit's file and linking it left a file systemd cannot
 /// find. Its successor adopted it as loaded and its start failed at every retry (regression:
 /// 11 of 300 units stayed down in a chaos run); now a start that systemd answers "not found"
@@ -294,14 +314,7 @@ async fn a_restarted_fleetd_adopts_and_republishes_its_units() {
 #[tokio::test(start_paused = true)]
 async fn a_unit_file_left_unlinked_by_a_killed_fleetd_is_linked_and_started() {
     let (store, systemd, dir) = twins();
-    let first = Agent::start(&store, &systemd, &dir);
-    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
-    eventually("started", || active(&systemd, "a.service")).await;
-    first.stop(false).await; // as killed: nothing purged
-    systemd
-        .set_state("a.service", SystemdState::new("loaded", "inactive", "dead"))
-        .await;
-    systemd.unlink("a.service").await;
+    left_unlinked(&store, &systemd, &dir, true).await;
     let reloads = systemd.reload_count();
     systemd.clear_calls();
     let second = Agent::start(&store, &systemd, &dir);
@@ -325,11 +338,7 @@ async fn a_unit_file_left_unlinked_by_a_killed_fleetd_is_linked_and_started() {
 #[tokio::test(start_paused = true)]
 async fn a_running_unit_whose_link_is_gone_starts_again_after_a_stop() {
     let (store, systemd, dir) = twins();
-    let first = Agent::start(&store, &systemd, &dir);
-    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
-    eventually("started", || active(&systemd, "a.service")).await;
-    first.stop(false).await; // as killed: nothing purged
-    systemd.unlink("a.service").await;
+    left_unlinked(&store, &systemd, &dir, false).await;
     let second = Agent::start(&store, &systemd, &dir);
     idle(Duration::from_secs(5)).await;
     assert!(active(&systemd, "a.service"), "adopted, not restarted");
@@ -368,11 +377,7 @@ async fn a_unit_whose_file_is_gone_is_written_again_at_its_next_start() {
 #[tokio::test(start_paused = true)]
 async fn a_stop_of_a_unit_systemd_forgot_is_done_and_it_starts_again() {
     let (store, systemd, dir) = twins();
-    let first = Agent::start(&store, &systemd, &dir);
-    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
-    eventually("started", || active(&systemd, "a.service")).await;
-    first.stop(false).await; // as killed: nothing purged
-    systemd.unlink("a.service").await;
+    left_unlinked(&store, &systemd, &dir, false).await;
     let agent = Agent::start(&store, &systemd, &dir);
     idle(Duration::from_secs(5)).await;
     // it ends by itself, and systemd collects it
@@ -404,11 +409,7 @@ async fn a_stop_of_a_unit_systemd_forgot_is_done_and_it_starts_again() {
 #[tokio::test(start_paused = true)]
 async fn a_running_unit_left_unlinked_and_no_longer_wanted_is_stopped() {
     let (store, systemd, dir) = twins();
-    let first = Agent::start(&store, &systemd, &dir);
-    schedule(&store, M1, "a.service", &body(1), TargetState::Launched).await;
-    eventually("started", || active(&systemd, "a.service")).await;
-    first.stop(false).await; // as killed: nothing purged
-    systemd.unlink("a.service").await;
+    left_unlinked(&store, &systemd, &dir, false).await;
     store.delete(&store.keys().schedule(M1, "a.service"));
     let second = Agent::start(&store, &systemd, &dir);
     eventually("stopped and removed", || {
