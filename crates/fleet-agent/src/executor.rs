@@ -237,16 +237,11 @@ impl Agent {
                 .filter(|&i| results[i].is_err() && moves[i].1 == TargetState::Launched)
                 .filter(|&i| !guarded.contains(&moves[i].0))
                 .collect();
-            let retries: Vec<_> = again
-                .iter()
-                .map(|&i| {
-                    debug!(unit = %moves[i].0, "start failed without a daemon-reload; trying again after one");
-                    self.systemd.start(&moves[i].0)
-                })
-                .collect();
-            let retried: Vec<_> = stream::iter(retries)
-                .buffered(JOBS_IN_FLIGHT)
-                .collect()
+            for &i in &again {
+                debug!(unit = %moves[i].0, "start failed without a daemon-reload; trying again after one");
+            }
+            let retried = self
+                .start_all(again.iter().map(|&i| moves[i].0.as_str()))
                 .await;
             for (i, r) in again.into_iter().zip(retried) {
                 results[i] = r;
@@ -372,10 +367,19 @@ impl Agent {
         // answer, and a later reconcile tries it again
         let guarded = self.guarded();
         start.retain(|(n, _)| !guarded.contains(n));
-        let jobs: Vec<_> = start.iter().map(|(n, _)| self.systemd.start(n)).collect();
-        let started: Vec<_> = stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await;
+        let started = self.start_all(start.iter().map(|(n, _)| n.as_str())).await;
         outcome.extend(start.into_iter().map(|(n, _)| n).zip(started));
         outcome
+    }
+
+    /// Starts `names` together (the D-Bus round trips overlap, [`JOBS_IN_FLIGHT`] at a
+    /// time): each one's outcome, in order.
+    async fn start_all(
+        &self,
+        names: impl Iterator<Item = &str>,
+    ) -> Vec<Result<(), fleet_systemd::Error>> {
+        let jobs: Vec<_> = names.map(|n| self.systemd.start(n)).collect();
+        stream::iter(jobs).buffered(JOBS_IN_FLIGHT).collect().await
     }
 
     /// The at-most-once units no start may reach now: those the fence guards while it is up.
